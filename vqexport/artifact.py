@@ -1,0 +1,136 @@
+"""Artifact directories: staged in a sibling temp dir and renamed into place, so a crash or a kill never
+leaves a directory that looks complete (a complete artifact always has manifest.json, written last)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+from .errors import VQExportError
+
+MANIFEST = "manifest.json"
+ARTIFACT_FORMAT = "vqexport-artifact"
+_PARTIAL = ".partial-"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(artifact: Path) -> dict:
+    artifact = Path(artifact)
+    if not artifact.is_dir():
+        raise VQExportError(f"{artifact}: artifact directory does not exist")
+    path = artifact / MANIFEST
+    if not path.is_file():
+        raise VQExportError(f"{artifact}: no {MANIFEST}; not a complete vqexport artifact (build it with 'vqexport build')")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VQExportError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+        raise VQExportError(f"{path}: not a vqexport artifact manifest")
+    return manifest
+
+
+def check_output_dir(out: Path, fingerprint: str, force: bool) -> None:
+    """Refuse an output dir that holds anything but an artifact built from the same inputs (unless force)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VQExportError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        try:
+            same = read_manifest(out).get("fingerprint") == fingerprint
+        except VQExportError:
+            same = False
+        if not same:
+            raise VQExportError(f"{out}: already holds a different artifact or other files; pass --force to replace it, or choose another --out")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VQExportError(f"{parent}: cannot create output directory ({e.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise VQExportError(f"{parent}: output location is not writable")
+
+
+def _remove_stale_partials(out: Path) -> None:
+    for p in out.parent.glob(f".{out.name}{_PARTIAL}*"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+            continue  # another live build owns it
+        except (ValueError, IndexError, ProcessLookupError):
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+class _Terminated(BaseException):
+    pass
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path):
+    """Yield a temp dir beside ``out``; on success it replaces ``out`` atomically, on any failure it is removed."""
+    out = Path(out).resolve()
+    _remove_stale_partials(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}{os.getpid()}-", dir=out.parent))
+    except OSError as e:
+        raise VQExportError(f"{out.parent}: cannot write there ({e.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    old = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    try:
+        yield tmp
+        if out.exists():
+            trash = out.parent / f".{out.name}{_PARTIAL}{os.getpid()}-old"
+            shutil.rmtree(trash, ignore_errors=True)
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except _Terminated:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(143) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    """Add sha256 and size of every file in ``directory`` and write manifest.json (last)."""
+    directory = Path(directory)
+    files = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(directory).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    manifest = {"format": ARTIFACT_FORMAT, "format_version": 1, **manifest, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest

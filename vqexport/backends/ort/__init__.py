@@ -1,0 +1,1 @@
+"""ONNX Runtime target: build (optimize, genai config) and run."""

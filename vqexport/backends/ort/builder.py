@@ -1,0 +1,49 @@
+"""Lay out an ONNX Runtime artifact: portable model.onnx, its offline-optimized twin, genai files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+
+from ...checkpoint import Checkpoint
+from ...profiles import Profile
+from .genai import genai_config, tokenizer_config
+from .session import available_providers, session_options
+
+MODEL_FILE = "model.onnx"
+OPTIMIZED_FILE = "model.optimized.onnx"
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def build_ort(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: Path) -> dict:
+    """Write the artifact's files into ``out``; return the manifest's ``runtime`` section."""
+    import onnxruntime as ort
+
+    model_path = out / MODEL_FILE
+    model_path.write_bytes(proto.SerializeToString())
+
+    providers = available_providers(profile.ort.providers)
+    so = session_options(profile.ort.saved_optimization_level, profile.ort.intra_op_num_threads)
+    so.optimized_model_filepath = str(out / OPTIMIZED_FILE)
+    ort.InferenceSession(str(model_path), so, providers=providers)
+
+    write_json(out / "genai_config.json", genai_config(ckpt.config, MODEL_FILE, providers))
+    if ckpt.tokenizer_path is not None:
+        from tokenizers import Tokenizer
+
+        (out / "tokenizer.json").write_bytes(ckpt.tokenizer_path.read_bytes())
+        vocab = {i: t for t, i in Tokenizer.from_file(str(ckpt.tokenizer_path)).get_vocab(with_added_tokens=True).items()}
+        write_json(out / "tokenizer_config.json", tokenizer_config(ckpt.config, vocab))
+    return {
+        "model_file": MODEL_FILE,
+        "optimized_file": OPTIMIZED_FILE,
+        "providers": providers,
+        "session_optimization_level": profile.ort.session_optimization_level,
+        "intra_op_num_threads": profile.ort.intra_op_num_threads,
+        "session_config": {},
+    }

@@ -1,0 +1,50 @@
+"""Run an ONNX decoder graph with onnxruntime (numpy only: no torch on this path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ...graph import cache_names
+from ..base import Runner, StepOutput
+from .session import available_providers, session_options
+
+
+class OrtRunner(Runner):
+    name = "ort"
+
+    def __init__(self, model_path, providers=("CPUExecutionProvider",), optimization_level: str = "all",
+                 threads: int = 0, session_config: dict | None = None):
+        self.model_path = Path(model_path)
+        self.providers = list(providers)
+        self.optimization_level = optimization_level
+        self.threads = threads
+        self.session_config = dict(session_config or {})
+        self.session = None
+
+    def _activate(self):
+        import onnxruntime as ort
+
+        so = session_options(self.optimization_level, self.threads, self.session_config)
+        self.session = ort.InferenceSession(str(self.model_path), so, providers=available_providers(self.providers))
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.n_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        if self.n_layers:
+            shape = inputs["past_key_values.0.key"].shape
+            self.n_kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self._past_names, _ = cache_names(self.n_layers)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        self.vocab_size = int(logits.shape[-1]) if logits is not None else None
+
+    def _deactivate(self):
+        self.session = None
+
+    def step(self, input_ids, attention_mask, past):
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        feeds.update(zip(self._past_names, past))
+        outs = dict(zip(self.output_names, self.session.run(None, feeds)))
+        present = [outs.pop(n) for n in [o for o in self.output_names if o.startswith("present.")]]
+        return StepOutput(logits=outs.pop("logits", None), present=present, extra=outs)

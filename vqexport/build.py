@@ -1,0 +1,138 @@
+"""``build``: checkpoint -> export -> target backend -> parity check -> artifact directory (atomically)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .artifact import check_output_dir, sha256_file, staged_dir, write_manifest
+from .checkpoint import DEMO_NAME, Checkpoint, demo_dir, resolve_checkpoint
+from .errors import ParityError
+from .profiles import Profile, load_profile
+from .verify import ParityReport
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict
+    parity: ParityReport
+
+
+def _noop(stage: str) -> None:
+    pass
+
+
+def source_record(ckpt: Checkpoint) -> dict:
+    files = {p.name: sha256_file(p) for p in sorted(ckpt.path.iterdir()) if p.is_file() and p.suffix in (".json", ".safetensors")}
+    is_demo = ckpt.path.resolve() == demo_dir().resolve()
+    return {"model": DEMO_NAME if is_demo else str(ckpt.path.resolve()), "sha256": files}
+
+
+def fingerprint(source: dict, profile: Profile) -> str:
+    blob = json.dumps({"source": source["sha256"], "profile": profile.to_dict(), "version": __version__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"vqexport": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def build(target: str | Profile = "ort", model=None, out=None, force: bool = False, steps: int | None = None,
+          progress=_noop) -> BuildResult:
+    """Build a verified artifact for ``target`` from ``model`` (a checkpoint dir; None = embedded demo).
+
+    Raises VQExportError for bad input (nothing written) and ParityError if the artifact does not match
+    PyTorch within the profile's tolerances (nothing written either).
+    """
+    from .backends.ort.builder import build_ort
+    from .export import export_onnx
+    from .model import from_tensors
+    from .sizes import onnx_sizes
+
+    from .backends.ort.session import available_providers
+
+    profile = target if isinstance(target, Profile) else load_profile(target)
+    available_providers(profile.ort.providers)
+    progress("loading checkpoint")
+    ckpt = resolve_checkpoint(model)
+    out = Path(out) if out is not None else Path("build") / profile.name
+    source = source_record(ckpt)
+    fp = fingerprint(source, profile)
+    check_output_dir(out, fp, force)
+
+    with staged_dir(out) as tmp:
+        progress("exporting to ONNX")
+        reference = from_tensors(ckpt.config, ckpt.tensors)
+        proto = export_onnx(reference, opset=profile.opset)
+        progress(f"building for {profile.name}")
+        runtime = build_ort(proto, profile, ckpt, tmp)
+        progress("verifying parity against PyTorch")
+        report = verify_dir(tmp, runtime, profile, ckpt, reference, steps=steps, progress=progress)
+        manifest = {
+            "fingerprint": fp,
+            "target": profile.name,
+            "profile": profile.to_dict(),
+            "source": source,
+            "config": ckpt.config.to_dict(),
+            "opset": profile.opset,
+            "versions": versions(),
+            "runtime": runtime,
+            "sizes": onnx_sizes(proto),
+            "parity": report.to_dict(),
+        }
+        if not report.passed:
+            raise ParityError(f"parity failed for target {profile.name}: {'; '.join(report.failures)}", report)
+        progress("writing manifest")
+        manifest = write_manifest(tmp, manifest)
+    return BuildResult(out=out, manifest=manifest, parity=report)
+
+
+def verify_dir(artifact: Path, runtime: dict, profile: Profile, ckpt: Checkpoint, reference=None, steps=None,
+               progress=_noop) -> ParityReport:
+    """Compare the artifact in ``artifact`` (its runtime section) with the PyTorch reference."""
+    from .backends.ort.runner import OrtRunner
+    from .backends.torch_ref import TorchRunner
+    from .model import from_tensors
+    from .verify import compare_runners, prompt_ids
+
+    reference = reference if reference is not None else from_tensors(ckpt.config, ckpt.tensors)
+    n = profile.parity.steps if steps is None else steps
+    prompts = prompt_ids(ckpt.tokenizer_path, ckpt.config.vocab_size)
+    pad = ckpt.config.pad_token_id or 0
+    target = OrtRunner(Path(artifact) / runtime["model_file"], runtime["providers"], runtime["session_optimization_level"],
+                       runtime["intra_op_num_threads"], runtime.get("session_config"))
+    with TorchRunner(reference) as ref, target as tgt:
+        return compare_runners(ref, tgt, prompts, n, profile.parity, target_name=profile.name, pad_id=pad,
+                               progress=lambda i, total: progress(f"verifying parity: step {i}/{total}"))
+
+
+def verify_artifact(artifact, steps: int | None = None, model=None, progress=_noop) -> ParityReport:
+    """Re-run parity for a built artifact against the checkpoint it was built from (or ``model``)."""
+    from .artifact import read_manifest
+    from .errors import VQExportError
+    from .profiles import parse_profile
+
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    profile = parse_profile(manifest["profile"], f"{artifact}/manifest.json")
+    src = manifest["source"]
+    ckpt = resolve_checkpoint(model if model is not None else src["model"])
+    if model is None:
+        now = source_record(ckpt)["sha256"]
+        if now != src["sha256"]:
+            raise VQExportError(f"{ckpt.path}: checkpoint changed since the artifact was built; rebuild, or pass --model")
+    for name, info in manifest["files"].items():
+        f = artifact / name
+        if not f.is_file() or sha256_file(f) != info["sha256"]:
+            raise VQExportError(f"{f}: missing or modified since the build (sha256 mismatch with manifest.json)")
+    return verify_dir(artifact, manifest["runtime"], profile, ckpt, steps=steps, progress=progress)

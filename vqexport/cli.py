@@ -1,0 +1,233 @@
+"""Command line: parses arguments and calls the public Python API (vqexport.api); nothing more."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import click
+
+from .errors import ParityError, VQExportError
+
+
+def _console(stderr=True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _clean(obj):
+    """JSON-safe: non-finite floats become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _print_json(obj) -> None:
+    click.echo(json.dumps(_clean(obj), indent=2, sort_keys=True))
+
+
+class _Group(click.Group):
+    """Turns user errors into one line + exit 2, parity failures into exit 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except VQExportError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except ParityError as e:
+            if e.report is not None and ctx.meta.get("json"):
+                _print_json(e.report.to_dict())
+            elif e.report is not None:
+                _parity_table(e.report)
+            click.echo(f"parity FAILED: {e}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+class _Progress:
+    """A one-line live status on stderr (silent when stderr is not a terminal or output is JSON)."""
+
+    def __init__(self, quiet: bool):
+        self.status = None
+        if not quiet and sys.stderr.isatty():
+            self.status = _console().status("starting")
+
+    def __enter__(self):
+        if self.status:
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.status:
+            self.status.__exit__(*exc)
+
+    def __call__(self, stage: str) -> None:
+        if self.status:
+            self.status.update(stage)
+
+
+def _parity_table(r) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"parity: {r.target} vs torch", show_header=True)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("allowed", justify="right")
+    tol = r.tolerances
+    t.add_row("max abs logit diff", f"{r.max_abs_diff:.3g}", f"atol {tol['atol']:g}, rtol {tol['rtol']:g}")
+    t.add_row("max rel logit diff", f"{r.max_rel_diff:.3g}", "")
+    t.add_row("atol / rtol needed", f"{r.required_atol:.3g} / {r.required_rtol:.3g}", "")
+    t.add_row("top-1 agreement", f"{r.top1_agreement:.4f}", f">= {tol['top1_agreement_min']}")
+    t.add_row("top-5 overlap", f"{r.top5_overlap:.4f}", f">= {tol['top5_overlap_min']}")
+    t.add_row("mean KL(torch||target)", f"{r.kl_divergence:.3g}", f"<= {tol['kl_max']:g}")
+    t.add_row("greedy steps matching", f"{r.greedy_match_steps}/{r.steps}", "all" if tol["greedy_must_match"] else "-")
+    t.add_row("KV cache max abs diff", f"{r.present_max_abs_diff:.3g}", "")
+    t.add_row("positions compared", f"{r.positions} (batch {r.batch})", "")
+    c = _console(stderr=False)
+    c.print(t)
+    c.print("[bold green]PASSED[/]" if r.passed else "[bold red]FAILED[/]: " + "; ".join(r.failures))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vqexport")
+def main():
+    """Export, optimize and verify VQ-Logits language models for deployment."""
+
+
+@main.command()
+@click.option("--target", "-t", default="ort", show_default=True, help="Target profile name (see 'vqexport targets') or a .toml file.")
+@click.option("--model", "-m", default=None, help="Checkpoint directory, or 'demo' for the embedded default model (the default).")
+@click.option("--out", "-o", default=None, type=click.Path(), help="Artifact directory [default: ./build/<target>].")
+@click.option("--force", is_flag=True, help="Replace an output directory that holds a different artifact or other files.")
+@click.option("--steps", type=click.IntRange(0, 4096), default=None, help="Greedy decode steps for the parity check [default: from the profile].")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
+@click.pass_context
+def build(ctx, target, model, out, force, steps, as_json):
+    """Export the model, build it for a target, verify parity, write the artifact.
+
+    Exit 0 when the artifact is written and matches PyTorch, 1 on parity failure, 2 on bad input.
+    """
+    from . import api
+
+    ctx.meta["json"] = as_json
+    with _Progress(as_json) as progress:
+        result = api.build(target=target, model=model, out=out, force=force, steps=steps, progress=progress)
+    if as_json:
+        _print_json(result.manifest)
+        return
+    m = result.manifest
+    c = _console(stderr=False)
+    r = result.parity
+    c.print(f"built [bold]{m['target']}[/] artifact in {result.out}")
+    for name, info in m["files"].items():
+        c.print(f"  {name:28s} {info['bytes']:>12,d} bytes")
+    s = m["sizes"]
+    c.print(f"head {s['head']['params']:,} params ({s['head']['bytes']:,} bytes) vs dense {s['dense_head']['params']:,}; "
+            f"trunk {s['trunk']['params']:,} params")
+    c.print(f"parity vs torch: max abs diff {r.max_abs_diff:.3g}, top-1 {r.top1_agreement:.4f}, "
+            f"KL {r.kl_divergence:.3g}, greedy {r.greedy_match_steps}/{r.steps} [bold green]PASSED[/]")
+
+
+@main.command()
+@click.option("--artifact", "-a", required=True, type=click.Path(), help="Artifact directory written by 'vqexport build'.")
+@click.option("--steps", type=click.IntRange(0, 4096), default=None, help="Greedy decode steps [default: from the artifact's profile].")
+@click.option("--model", "-m", default=None, help="Reference checkpoint [default: the one the artifact was built from].")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the parity report) on stdout.")
+@click.pass_context
+def verify(ctx, artifact, steps, model, as_json):
+    """Compare an artifact with the PyTorch reference: prefill, then greedy decode steps.
+
+    Exit 0 on pass, 1 on parity failure, 2 on bad input.
+    """
+    from . import api
+
+    ctx.meta["json"] = as_json
+    with _Progress(as_json) as progress:
+        report = api.verify(artifact, steps=steps, model=model, progress=progress)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _parity_table(report)
+    if not report.passed:
+        if not as_json:
+            click.echo("parity FAILED", err=True)
+        ctx.exit(1)
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def inspect(path, as_json):
+    """Show what a checkpoint dir, artifact dir or .onnx holds: I/O, ops, head vs trunk sizes."""
+    from . import api
+
+    info = api.inspect(path)
+    if as_json:
+        _print_json(info)
+        return
+    from rich.table import Table
+
+    c = _console(stderr=False)
+    c.print(f"[bold]{info['kind']}[/] {info['path']}")
+    if info["kind"] == "checkpoint":
+        cfg = info["config"]
+        c.print(f"V={cfg['vocab_size']} d={cfg['d_model']} layers={cfg['n_layers']} heads={cfg['n_heads']}/{cfg['n_kv_heads']} "
+                f"head={cfg['head']['type']} K={cfg['head']['codebook_size']} bias={cfg['head']['bias']} tokenizer={info['tokenizer']}")
+    else:
+        t = Table(title="inputs / outputs")
+        for col in ("", "name", "dtype", "shape"):
+            t.add_column(col)
+        for kind in ("inputs", "outputs"):
+            for v in info[kind]:
+                t.add_row(kind[:-1], v["name"], v["dtype"], str(v["shape"]))
+        c.print(t)
+        c.print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+        c.print("opset: " + ", ".join(f"{k} {v}" for k, v in info["opset"].items()))
+    s = info["sizes"]
+    t = Table(title="parameters")
+    for col in ("part", "params", "bytes"):
+        t.add_column(col, justify="right" if col != "part" else "left")
+    for name, part in s["head"]["tensors"].items():
+        t.add_row(f"  {name}", f"{part['params']:,}", f"{part['bytes']:,}")
+    t.add_row("head", f"{s['head']['params']:,}", f"{s['head']['bytes']:,}")
+    t.add_row("trunk", f"{s['trunk']['params']:,}", f"{s['trunk']['bytes']:,}")
+    t.add_row("dense head (same V x d, fp32)", f"{s['dense_head']['params']:,}", f"{s['dense_head']['bytes']:,}")
+    c.print(t)
+    c.print(f"head is {100 * s['head_fraction_of_params']:.1f}% of all parameters and "
+            f"{100 * s['head_params_vs_dense']:.1f}% of a dense head's")
+
+
+@main.command()
+@click.option("--artifact", "-a", required=True, type=click.Path(), help="Artifact directory written by 'vqexport build'.")
+@click.option("--prompt", "-p", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", "-n", type=int, default=32, show_default=True, help="Tokens to generate (greedy).")
+def generate(artifact, prompt, max_new_tokens):
+    """Greedy text generation with onnxruntime alone (no torch): the app-side path."""
+    from .generate import generate as run
+
+    click.echo(prompt, nl=False)
+    run(artifact, prompt, max_new_tokens, on_token=lambda piece: click.echo(piece, nl=False))
+    click.echo()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def targets(as_json):
+    """List the bundled target profiles."""
+    from . import api
+
+    profiles = {n: api.load_profile(n) for n in api.target_names()}
+    if as_json:
+        _print_json({n: p.to_dict() for n, p in profiles.items()})
+        return
+    for n, p in profiles.items():
+        click.echo(f"{n:12s} {p.description}")

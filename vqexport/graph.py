@@ -1,0 +1,137 @@
+"""ONNX-only facts about an exported decoder graph: its I/O contract, dynamic axes, and where the head is.
+
+No torch here: the app-side path (runners, generate, inspect of an .onnx) uses this module.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import VQExportError
+
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+# Which axes of each graph input/output must stay symbolic, and what they are called.
+INPUT_AXES = {"input_ids": {0: BATCH, 1: SEQ}, "attention_mask": {0: BATCH, 1: TOTAL}}
+PAST_AXES = {0: BATCH, 2: PAST}
+LOGITS_AXES = {0: BATCH, 1: SEQ}
+PRESENT_AXES = {0: BATCH, 2: TOTAL}
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+def cache_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [past_name(i, k) for i in range(n_layers) for k in ("key", "value")]
+    present = [present_name(i, k) for i in range(n_layers) for k in ("key", "value")]
+    return past, present
+
+
+def dims_of(vi: onnx.ValueInfoProto) -> list:
+    return [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else "?") for d in vi.type.tensor_type.shape.dim]
+
+
+def expected_axes(model: onnx.ModelProto) -> dict[str, dict[int, str]]:
+    """name -> {axis: dim name} for every graph input/output of the decoder contract."""
+    out: dict[str, dict[int, str]] = {}
+    for vi in model.graph.input:
+        if vi.name in INPUT_AXES:
+            out[vi.name] = INPUT_AXES[vi.name]
+        elif vi.name.startswith("past_key_values."):
+            out[vi.name] = PAST_AXES
+    for vi in model.graph.output:
+        if vi.name == "logits":
+            out[vi.name] = LOGITS_AXES
+        elif vi.name.startswith("present."):
+            out[vi.name] = PRESENT_AXES
+    return out
+
+
+def check_dynamic_axes(model: onnx.ModelProto) -> None:
+    """Fail if any batch or sequence axis of the decoder's inputs/outputs was fixed to a number."""
+    axes = expected_axes(model)
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name not in axes:
+            continue
+        dims = dims_of(vi)
+        for axis, name in axes[vi.name].items():
+            got = dims[axis] if axis < len(dims) else None
+            if got != name:
+                raise VQExportError(
+                    f"exported graph: axis {axis} of {vi.name!r} is {got!r}, expected the dynamic axis {name!r} "
+                    "(the exporter fixed a dimension that must stay dynamic)"
+                )
+    names = {vi.name for vi in model.graph.input}
+    if not {"input_ids", "attention_mask"} <= names:
+        raise VQExportError("exported graph: inputs must include input_ids and attention_mask")
+    if "logits" not in {vi.name for vi in model.graph.output}:
+        raise VQExportError("exported graph: no 'logits' output")
+
+
+@dataclass
+class HeadNodes:
+    """The head's nodes and initializers in a standard-op graph."""
+
+    kind: str  # "vq" | "dense"
+    matmul: onnx.NodeProto
+    gather: onnx.NodeProto | None
+    add: onnx.NodeProto | None
+    initializers: list[str]  # names of the head's weights
+
+
+def find_head(model: onnx.ModelProto) -> HeadNodes:
+    """Locate ``logits = Gather(MatMul(h, C_T), map, axis=-1) (+ bias)`` (or the dense ``MatMul (+ bias)``)."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    node = producer.get("logits")
+    add = None
+    if node is not None and node.op_type == "Add":
+        add = node
+        node = next((producer[i] for i in node.input if i in producer), None)
+    gather = None
+    if node is not None and node.op_type == "Gather":
+        gather = node
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "MatMul" or node.input[1] not in inits:
+        raise VQExportError("graph: cannot find the output head (MatMul with a constant weight feeding 'logits')")
+    names = [node.input[1]]
+    if gather is not None:
+        if gather.input[1] not in inits:
+            raise VQExportError("graph: the head's Gather indices are not a constant map")
+        names.append(gather.input[1])
+    if add is not None:
+        names.extend(i for i in add.input if i in inits)
+    return HeadNodes("vq" if gather is not None else "dense", node, gather, add, names)
+
+
+def initializer_stats(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """name -> (elements, bytes) of every initializer."""
+    out = {}
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        out[t.name] = (n, n * itemsize)
+    return out
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    c = Counter((f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model.graph.node)
+    return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)

@@ -1,0 +1,159 @@
+"""Target profiles: deployment targets as data (targets/*.toml).
+
+``--target NAME`` resolves to a bundled profile; ``--target path/to/file.toml`` reads the user's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import VQExportError
+
+BACKENDS = ("ort",)
+OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
+
+
+@dataclass(frozen=True)
+class Parity:
+    steps: int = 32
+    atol: float = 1e-4
+    rtol: float = 0.0
+    top1_agreement_min: float = 1.0
+    top5_overlap_min: float = 0.0
+    kl_max: float = 1e-6
+    greedy_must_match: bool = True
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    saved_optimization_level: str = "basic"
+    session_optimization_level: str = "all"
+    intra_op_num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    backend: str
+    description: str = ""
+    opset: int = 18
+    precision: str = "fp32"
+    codebook: str = "fp32"
+    head: str = "standard"
+    ort: OrtOptions = field(default_factory=OrtOptions)
+    parity: Parity = field(default_factory=Parity)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        d["ort"]["providers"] = list(d["ort"]["providers"])
+        return d
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def bundled_dir():
+    """Installed: the package's ``_targets`` (the repo's targets/ mapped in); from a source tree: targets/."""
+    installed = resources.files("vqexport") / "_targets"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parents[1] / "targets"
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.name[:-5] for p in bundled_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def load_profile(target: str) -> Profile:
+    """Resolve ``target`` (a bundled name or a .toml path) to a validated Profile."""
+    if target.endswith(".toml") or "/" in target or "\\" in target:
+        path = Path(target)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise VQExportError(f"target file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise VQExportError(f"target file {path}: cannot read ({e})") from None
+        where = str(path)
+    else:
+        res = bundled_dir() / f"{target}.toml"
+        if not res.is_file():
+            raise VQExportError(f"unknown target {target!r}; known targets: {', '.join(bundled_names())} (or pass a .toml path)")
+        text, where = res.read_text(encoding="utf-8"), f"target {target!r}"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise VQExportError(f"{where}: malformed TOML ({e})") from None
+    return parse_profile(raw, where)
+
+
+def parse_profile(raw: dict, where: str) -> Profile:
+    def fail(msg):
+        raise VQExportError(f"{where}: {msg}")
+
+    def take(table: dict, key: str, kind, default, tname: str, check=None, desc=""):
+        if key not in table:
+            return default
+        v = table[key]
+        ok = isinstance(v, kind) and not (kind in (int, (int, float)) and isinstance(v, bool))
+        if ok and isinstance(v, float) and not math.isfinite(v):
+            ok = False
+        if not ok or (check is not None and not check(v)):
+            fail(f"{tname}{key} must be {desc or kind.__name__}, got {v!r}")
+        return v
+
+    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "ort", "parity"}
+    unknown = set(raw) - known_top
+    if unknown:
+        fail(f"unknown key(s): {', '.join(sorted(unknown))}")
+    if "backend" not in raw:
+        fail("missing key 'backend'")
+    backend = take(raw, "backend", str, None, "", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}")
+    name = take(raw, "name", str, Path(where).stem, "", lambda v: bool(v.strip()), "a non-empty string")
+    opset = take(raw, "opset", int, 18, "", lambda v: 18 <= v <= 23, "an integer in [18, 23]")
+    precision = take(raw, "precision", str, "fp32", "", lambda v: v == "fp32", "'fp32' (the only precision of the ort backend)")
+    codebook = take(raw, "codebook", str, "fp32", "", lambda v: v == "fp32", "'fp32'")
+    head = take(raw, "head", str, "standard", "", lambda v: v == "standard", "'standard'")
+
+    o = raw.get("ort", {})
+    if not isinstance(o, dict):
+        fail("[ort] must be a table")
+    unknown = set(o) - {"providers", "saved_optimization_level", "session_optimization_level", "intra_op_num_threads"}
+    if unknown:
+        fail(f"unknown key(s) in [ort]: {', '.join(sorted(unknown))}")
+    providers = take(o, "providers", list, ["CPUExecutionProvider"], "ort.", lambda v: v and all(isinstance(p, str) for p in v), "a non-empty list of provider names")
+    lvl = lambda v: v in OPT_LEVELS  # noqa: E731
+    ort_opts = OrtOptions(
+        providers=tuple(providers),
+        saved_optimization_level=take(o, "saved_optimization_level", str, "basic", "ort.", lambda v: v in ("disable", "basic"), "'disable' or 'basic' (higher levels are not portable)"),
+        session_optimization_level=take(o, "session_optimization_level", str, "all", "ort.", lvl, f"one of {', '.join(OPT_LEVELS)}"),
+        intra_op_num_threads=take(o, "intra_op_num_threads", int, 0, "ort.", lambda v: v >= 0, "an integer >= 0"),
+    )
+
+    p = raw.get("parity", {})
+    if not isinstance(p, dict):
+        fail("[parity] must be a table")
+    unknown = set(p) - set(Parity.__dataclass_fields__)
+    if unknown:
+        fail(f"unknown key(s) in [parity]: {', '.join(sorted(unknown))}")
+    num = (int, float)
+    parity = Parity(
+        steps=take(p, "steps", int, 32, "parity.", lambda v: 0 <= v <= 4096, "an integer in [0, 4096]"),
+        atol=float(take(p, "atol", num, 1e-4, "parity.", lambda v: v >= 0, "a number >= 0")),
+        rtol=float(take(p, "rtol", num, 0.0, "parity.", lambda v: v >= 0, "a number >= 0")),
+        top1_agreement_min=float(take(p, "top1_agreement_min", num, 1.0, "parity.", lambda v: 0 <= v <= 1, "a number in [0, 1]")),
+        top5_overlap_min=float(take(p, "top5_overlap_min", num, 0.0, "parity.", lambda v: 0 <= v <= 1, "a number in [0, 1]")),
+        kl_max=float(take(p, "kl_max", num, 1e-6, "parity.", lambda v: v >= 0, "a number >= 0")),
+        greedy_must_match=take(p, "greedy_must_match", bool, True, "parity.", None, "true or false"),
+    )
+    return Profile(name=name, backend=backend, description=take(raw, "description", str, "", "", None, "a string"),
+                   opset=opset, precision=precision, codebook=codebook, head=head, ort=ort_opts, parity=parity, source=where)

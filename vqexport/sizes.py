@@ -1,0 +1,41 @@
+"""Parameters and bytes of the head vs the trunk, and what a dense head of the same V x d would weigh."""
+
+from __future__ import annotations
+
+import onnx
+
+from .graph import find_head, initializer_stats
+
+
+def _summary(head: dict[str, tuple[int, int]], trunk: dict[str, tuple[int, int]], vocab: int, d: int, bias: bool) -> dict:
+    hp, hb = sum(n for n, _ in head.values()), sum(b for _, b in head.values())
+    tp, tb = sum(n for n, _ in trunk.values()), sum(b for _, b in trunk.values())
+    dense_params = vocab * d + (vocab if bias else 0)
+    return {
+        "head": {"params": hp, "bytes": hb, "tensors": {k: {"params": n, "bytes": b} for k, (n, b) in sorted(head.items())}},
+        "trunk": {"params": tp, "bytes": tb},
+        "total": {"params": hp + tp, "bytes": hb + tb},
+        "dense_head": {"params": dense_params, "bytes": 4 * dense_params, "shape": [vocab, d]},
+        "head_fraction_of_params": hp / max(hp + tp, 1),
+        "head_params_vs_dense": hp / max(dense_params, 1),
+    }
+
+
+def checkpoint_sizes(ckpt) -> dict:
+    head, trunk = {}, {}
+    for name, arr in ckpt.tensors.items():
+        (head if name.startswith("head.") else trunk)[name] = (int(arr.size), int(arr.nbytes))
+    cfg = ckpt.config
+    return _summary(head, trunk, cfg.vocab_size, cfg.d_model, cfg.head.bias)
+
+
+def onnx_sizes(proto: onnx.ModelProto) -> dict:
+    stats = initializer_stats(proto)
+    h = find_head(proto)
+    head = {n: stats[n] for n in h.initializers}
+    trunk = {n: s for n, s in stats.items() if n not in head}
+    weight = next(t for t in proto.graph.initializer if t.name == h.matmul.input[1])
+    d = int(weight.dims[0])
+    out = next(o for o in proto.graph.output if o.name == "logits")
+    vocab = int(out.type.tensor_type.shape.dim[-1].dim_value)
+    return _summary(head, trunk, vocab, d, h.add is not None)

@@ -1,0 +1,152 @@
+"""Parity: the same prompts through a reference Runner and a target Runner, compared step by step.
+
+Prefill the (left-padded) prompt batch, then ``steps`` greedy decode steps. The next token is the
+reference's greedy choice, fed to both runners, each of which keeps its own KV cache. Reported, in the
+spirit of Polygraphy's comparator: max abs / rel logit difference, the atol and rtol that would have been
+needed, top-1 agreement, top-5 overlap, mean KL(reference || target), and how many decode steps from the
+first chose the same greedy token in every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .backends.base import Runner
+from .profiles import Parity
+
+DEFAULT_PROMPTS = (
+    "def fibonacci(n):\n    ",
+    "import os\nimport sys\n\n\nclass ",
+    "    for i, line in enumerate(lines):\n        if ",
+)
+
+
+@dataclass
+class ParityReport:
+    target: str
+    passed: bool
+    max_abs_diff: float
+    max_rel_diff: float
+    required_atol: float
+    required_rtol: float
+    top1_agreement: float
+    top5_overlap: float
+    kl_divergence: float
+    kl_divergence_max: float
+    present_max_abs_diff: float
+    greedy_match_steps: int
+    steps: int
+    batch: int
+    positions: int
+    tolerances: dict = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prompt_ids(tokenizer_path=None, vocab_size: int = 0, prompts=DEFAULT_PROMPTS, seed: int = 0) -> list[list[int]]:
+    """Token ids of the prompts (with the checkpoint's tokenizer), or seeded random ids without one."""
+    if tokenizer_path is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_path))
+        return [tok.encode(p).ids or [0] for p in prompts]
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, size=n).tolist() for n in (7, 4, 11)[: len(prompts)]]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+class _Stats:
+    def __init__(self, parity: Parity):
+        self.p = parity
+        self.max_abs = self.max_rel = self.req_atol = self.req_rtol = 0.0
+        self.top1 = self.top5 = self.n = 0
+        self.kl_sum = self.kl_max = 0.0
+        self.present_max = 0.0
+
+    def add(self, ref: np.ndarray, tgt: np.ndarray) -> None:
+        """ref/tgt: [N, V] logits of compared positions."""
+        ref64, tgt64 = ref.astype(np.float64), tgt.astype(np.float64)
+        diff = np.abs(tgt64 - ref64)
+        mag = np.abs(ref64)
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.max_rel = max(self.max_rel, float((diff / np.maximum(mag, 1e-12)).max()))
+        self.req_atol = max(self.req_atol, float((diff - self.p.rtol * mag).max()))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel_needed = np.where(diff > self.p.atol, (diff - self.p.atol) / mag, 0.0)
+        self.req_rtol = max(self.req_rtol, float(np.nan_to_num(rel_needed, nan=np.inf, posinf=np.inf).max()))
+        self.top1 += int((ref.argmax(-1) == tgt.argmax(-1)).sum())
+        k = min(5, ref.shape[-1])
+        r5 = np.argpartition(-ref, k - 1, axis=-1)[:, :k]
+        t5 = np.argpartition(-tgt, k - 1, axis=-1)[:, :k]
+        self.top5 += sum(len(set(a) & set(b)) / k for a, b in zip(r5.tolist(), t5.tolist()))
+        lp, lq = _log_softmax(ref), _log_softmax(tgt)
+        kl = (np.exp(lp) * (lp - lq)).sum(-1)
+        self.kl_sum += float(kl.sum())
+        self.kl_max = max(self.kl_max, float(kl.max()))
+        self.n += ref.shape[0]
+
+
+def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]], steps: int, parity: Parity,
+                    target_name: str | None = None, pad_id: int = 0, progress=None) -> ParityReport:
+    """Run both runners (already entered) on the same prompts and decode steps; return the report."""
+    ids, mask = left_pad(prompts, pad_id)
+    batch = ids.shape[0]
+    stats = _Stats(parity)
+    r = reference.step(ids, mask, reference.empty_past(batch))
+    t = target.step(ids, mask, target.empty_past(batch))
+    keep = mask.astype(bool)
+    stats.add(r.logits[keep], t.logits[keep])
+    greedy_ok, matched = True, 0
+    for step in range(steps):
+        nxt = r.logits[:, -1].argmax(-1)
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        r = reference.step(nxt[:, None], mask, r.present)
+        t = target.step(nxt[:, None], mask, t.present)
+        stats.add(r.logits[:, -1], t.logits[:, -1])
+        same = bool((r.logits[:, -1].argmax(-1) == t.logits[:, -1].argmax(-1)).all())
+        greedy_ok = greedy_ok and same
+        matched += int(greedy_ok)
+        if progress is not None:
+            progress(step + 1, steps)
+    stats.present_max = max((float(np.abs(a - b).max()) for a, b in zip(r.present, t.present) if a.size), default=0.0)
+
+    top1 = stats.top1 / stats.n
+    top5 = stats.top5 / stats.n
+    kl = stats.kl_sum / stats.n
+    failures = []
+    if stats.req_atol > parity.atol:
+        failures.append(f"logits differ by up to {stats.max_abs:.3g} (needs atol {stats.req_atol:.3g} at rtol {parity.rtol:g}; allowed atol {parity.atol:g})")
+    if top1 < parity.top1_agreement_min:
+        failures.append(f"top-1 agreement {top1:.4f} < {parity.top1_agreement_min}")
+    if top5 < parity.top5_overlap_min:
+        failures.append(f"top-5 overlap {top5:.4f} < {parity.top5_overlap_min}")
+    if kl > parity.kl_max:
+        failures.append(f"mean KL {kl:.3g} > {parity.kl_max:g}")
+    if parity.greedy_must_match and matched < steps:
+        failures.append(f"greedy tokens diverge at decode step {matched + 1} of {steps}")
+    return ParityReport(
+        target=target_name or target.name, passed=not failures, max_abs_diff=stats.max_abs, max_rel_diff=stats.max_rel,
+        required_atol=max(stats.req_atol, 0.0), required_rtol=stats.req_rtol, top1_agreement=top1, top5_overlap=top5,
+        kl_divergence=max(kl, 0.0), kl_divergence_max=max(stats.kl_max, 0.0), present_max_abs_diff=stats.present_max,
+        greedy_match_steps=matched, steps=steps, batch=batch, positions=stats.n, tolerances=asdict(parity),
+        failures=failures,
+    )
