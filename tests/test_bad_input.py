@@ -200,3 +200,14 @@ def test_config_codebook_larger_than_vocab_is_rejected_before_weights_are_read(t
     ckpt = make_checkpoint(tmp_path / "c", make_config())
     edit_config(ckpt, head={"type": "vq", "codebook_size": 98, "bias": True})
     assert_user_error(build_into(tmp_path, ckpt)[0], "codebook_size must be in [1, vocab_size=97]")
+
+
+def test_real_process_exit_code_and_single_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vqexport", "build", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+    assert proc.stdout == ""

@@ -126,6 +126,8 @@ def verify_artifact(artifact, steps: int | None = None, model=None, progress=_no
     manifest = read_manifest(artifact)
     profile = parse_profile(manifest["profile"], f"{artifact}/manifest.json")
     src = manifest["source"]
+    if model is None and src["model"] != DEMO_NAME and not Path(src["model"]).exists():
+        raise VQExportError(f"{src['model']}: the checkpoint this artifact was built from is gone; pass --model DIR")
     ckpt = resolve_checkpoint(model if model is not None else src["model"])
     if model is None:
         now = source_record(ckpt)["sha256"]

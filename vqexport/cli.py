@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from . import __version__
 from .errors import ParityError, VQExportError
 
 
@@ -98,7 +99,7 @@ def _parity_table(r) -> None:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="vqexport")
+@click.version_option(version=__version__, prog_name="vqexport")
 def main():
     """Export, optimize and verify VQ-Logits language models for deployment."""
 
@@ -188,7 +189,7 @@ def inspect(path, as_json):
             t.add_column(col)
         for kind in ("inputs", "outputs"):
             for v in info[kind]:
-                t.add_row(kind[:-1], v["name"], v["dtype"], str(v["shape"]))
+                t.add_row(kind[:-1], v["name"], v["dtype"], "[" + ", ".join(map(str, v["shape"])) + "]")
         c.print(t)
         c.print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
         c.print("opset: " + ", ".join(f"{k} {v}" for k, v in info["opset"].items()))

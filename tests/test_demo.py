@@ -1,0 +1,190 @@
+"""The embedded default model, built for ONNX Runtime: artifact contract, parity goals, determinism,
+onnxruntime-genai, the torch-free generate path, inspect."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vqexport import api
+from vqexport.artifact import read_manifest, sha256_file
+from vqexport.checkpoint import demo_dir
+
+from .conftest import run_cli
+
+PROMPT = "def read_config(path):\n    "
+
+
+def test_embedded_model_meets_its_spec():
+    ckpt = api.load_checkpoint(demo_dir())
+    cfg = ckpt.config
+    assert cfg.vocab_size >= 8192
+    assert cfg.head.type == "vq" and cfg.head.bias
+    assert cfg.head.codebook_size <= cfg.vocab_size // 16
+    assert ckpt.tokenizer_path is not None
+    assert sum(p.stat().st_size for p in demo_dir().iterdir()) < 10 * 2**20
+    card = (demo_dir() / "MODEL_CARD.md").read_text()
+    assert "dense head (baseline)" in card and "perplexity" in card
+
+
+def test_artifact_layout_and_manifest(demo_artifact):
+    names = {p.name for p in demo_artifact.iterdir()}
+    assert {"model.onnx", "model.optimized.onnx", "tokenizer.json", "tokenizer_config.json", "genai_config.json", "manifest.json"} <= names
+    m = read_manifest(demo_artifact)
+    assert set(m["files"]) == names - {"manifest.json"}
+    for name, info in m["files"].items():
+        assert sha256_file(demo_artifact / name) == info["sha256"]
+        assert (demo_artifact / name).stat().st_size == info["bytes"]
+    assert m["target"] == "ort" and m["opset"] >= 18 and m["profile"]["backend"] == "ort"
+    assert {"torch", "onnx", "onnxruntime", "vqexport", "python"} <= set(m["versions"])
+    assert m["source"]["model"] == "demo"
+    assert m["parity"]["passed"] is True
+    cfg = api.load_checkpoint(demo_dir()).config
+    V, d, K = cfg.vocab_size, cfg.d_model, cfg.head.codebook_size
+    head = m["sizes"]["head"]
+    assert head["params"] == K * d + V + V  # codebook + map + bias
+    assert head["tensors"]["head.map"]["bytes"] == 4 * V  # int32 map
+    assert m["sizes"]["dense_head"]["params"] == V * d + V
+    assert m["sizes"]["trunk"]["params"] > 0
+
+
+def test_verify_json_meets_the_fp32_goal(demo_artifact):
+    result = run_cli("verify", "--artifact", demo_artifact, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)  # exactly one JSON object on stdout
+    for key in ("target", "passed", "max_abs_diff", "top1_agreement", "kl_divergence", "greedy_match_steps", "steps"):
+        assert key in report
+    assert report["target"] == "ort" and report["passed"] is True
+    assert report["steps"] == 32 and report["greedy_match_steps"] == 32
+    assert report["max_abs_diff"] <= 1e-4
+    assert report["top1_agreement"] == 1.0
+    assert 0 <= report["kl_divergence"] <= 1e-6
+
+
+def test_verify_human_output(demo_artifact):
+    result = run_cli("verify", "--artifact", demo_artifact, "--steps", 4)
+    assert result.exit_code == 0
+    assert "PASSED" in result.stdout and "top-1 agreement" in result.stdout
+
+
+def test_verify_rejects_tampered_or_incomplete_artifacts(demo_artifact, tmp_path):
+    import shutil
+
+    copy = tmp_path / "art"
+    shutil.copytree(demo_artifact, copy)
+    with open(copy / "genai_config.json", "a") as f:
+        f.write(" ")
+    r = run_cli("verify", "--artifact", copy)
+    assert r.exit_code == 2 and "sha256 mismatch" in r.stderr
+    (copy / "manifest.json").unlink()
+    r = run_cli("verify", "--artifact", copy)
+    assert r.exit_code == 2 and "not a complete vqexport artifact" in r.stderr
+    r = run_cli("verify", "--artifact", tmp_path / "missing")
+    assert r.exit_code == 2 and "does not exist" in r.stderr
+
+
+def test_two_builds_give_byte_identical_model(demo_artifact, tmp_path):
+    out = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "-m", "vqexport", "build", "--target", "ort", "--out", str(out), "--steps", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.onnx").read_bytes() == (demo_artifact / "model.onnx").read_bytes()
+    assert (out / "model.optimized.onnx").read_bytes() == (demo_artifact / "model.optimized.onnx").read_bytes()
+
+
+def _torch_greedy(prompt_ids, n):
+    from vqexport.backends.torch_ref import TorchRunner
+
+    with TorchRunner.from_checkpoint(api.load_checkpoint(demo_dir())) as ref:
+        x = np.asarray([prompt_ids])
+        mask = np.ones_like(x)
+        out = ref.step(x, mask, ref.empty_past(1))
+        toks = []
+        for _ in range(n):
+            toks.append(int(out.logits[0, -1].argmax()))
+            mask = np.concatenate([mask, [[1]]], axis=1)
+            out = ref.step(np.asarray([[toks[-1]]]), mask, out.present)
+    return toks
+
+
+def test_onnxruntime_genai_loads_the_directory_and_matches_torch(demo_artifact):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from tokenizers import Tokenizer
+
+    model = og.Model(str(demo_artifact))
+    tok = og.Tokenizer(model)
+    ids = [int(i) for i in tok.encode(PROMPT)]
+    assert ids == Tokenizer.from_file(str(demo_artifact / "tokenizer.json")).encode(PROMPT).ids
+    n = 24
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    expected = _torch_greedy(ids, n)
+    eos = api.load_checkpoint(demo_dir()).config.eos_token_id
+    if eos in expected:  # genai stops at eos
+        expected = expected[: expected.index(eos) + 1]
+    assert got == expected
+
+
+def test_generate_runs_without_torch_and_matches_torch(demo_artifact):
+    code = (
+        "import sys, json\n"
+        "from vqexport.generate import generate\n"
+        f"g = generate({str(demo_artifact)!r}, {PROMPT!r}, max_new_tokens=12)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(json.dumps({'prompt': g.prompt_ids, 'new': g.new_ids, 'text': g.text}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    expected = _torch_greedy(out["prompt"], 12)
+    assert out["new"] == expected[: len(out["new"])] and len(out["new"]) >= 1
+
+
+def test_generate_cli(demo_artifact):
+    result = run_cli("generate", "--artifact", demo_artifact, "--prompt", PROMPT, "--max-new-tokens", 8)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(PROMPT) and len(result.stdout) > len(PROMPT)
+    bad = run_cli("generate", "--artifact", demo_artifact, "--prompt", PROMPT, "--max-new-tokens", 0)
+    assert bad.exit_code == 2 and "max-new-tokens" in bad.stderr
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "artifact", "onnx"])
+def test_inspect(demo_artifact, what):
+    path = {"checkpoint": demo_dir(), "artifact": demo_artifact, "onnx": demo_artifact / "model.onnx"}[what]
+    result = run_cli("inspect", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    cfg = api.load_checkpoint(demo_dir()).config
+    s = info["sizes"]
+    assert s["head"]["params"] == cfg.head.codebook_size * cfg.d_model + 2 * cfg.vocab_size
+    assert s["dense_head"]["params"] == cfg.vocab_size * cfg.d_model + cfg.vocab_size
+    assert s["head_params_vs_dense"] < 0.2
+    if what != "checkpoint":
+        assert [i["name"] for i in info["inputs"]][:2] == ["input_ids", "attention_mask"]
+        assert info["inputs"][0]["shape"] == ["batch_size", "sequence_length"]
+        assert info["outputs"][0]["shape"] == ["batch_size", "sequence_length", cfg.vocab_size]
+        assert info["ops"]["MatMul"] >= 1 and info["ops"]["Gather"] >= 1
+    human = run_cli("inspect", path)
+    assert human.exit_code == 0 and "dense head" in human.stdout
+
+
+def test_inspect_bad_path(tmp_path):
+    r = run_cli("inspect", tmp_path / "x.onnx")
+    assert r.exit_code == 2
+    (tmp_path / "x.onnx").write_bytes(b"garbage")
+    r = run_cli("inspect", tmp_path / "x.onnx")
+    assert r.exit_code == 2 and "cannot read ONNX model" in r.stderr
+
+
+def test_targets_listed():
+    r = run_cli("targets", "--json")
+    assert r.exit_code == 0 and "ort" in json.loads(r.stdout)

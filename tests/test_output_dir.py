@@ -1,0 +1,132 @@
+"""The output directory: refused unless safe, replaced atomically, never left half-written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vqexport import api
+from vqexport.artifact import read_manifest, sha256_file
+
+from .conftest import assert_user_error, make_checkpoint, run_cli
+
+
+def test_rebuild_same_inputs_is_allowed_and_different_model_is_refused(tmp_path):
+    a = make_checkpoint(tmp_path / "a", seed=1)
+    b = make_checkpoint(tmp_path / "b", seed=2)
+    out = tmp_path / "out"
+    assert run_cli("build", "--model", a, "--out", out, "--steps", 2).exit_code == 0
+    manifest = read_manifest(out)
+    for name, info in manifest["files"].items():
+        assert sha256_file(out / name) == info["sha256"]
+    assert run_cli("build", "--model", a, "--out", out, "--steps", 2).exit_code == 0
+    before = (out / "model.onnx").read_bytes()
+    assert_user_error(run_cli("build", "--model", b, "--out", out, "--steps", 2), "already holds a different artifact", "--force")
+    assert (out / "model.onnx").read_bytes() == before
+    result = run_cli("build", "--model", b, "--out", out, "--steps", 2, "--force")
+    assert result.exit_code == 0, result.stderr
+    assert (out / "model.onnx").read_bytes() != before
+    assert read_manifest(out)["source"]["model"] == str(b.resolve())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
+
+
+def test_directory_with_other_files_is_refused(tmp_path, tiny_ckpt):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert_user_error(run_cli("build", "--model", tiny_ckpt, "--out", out), "already holds")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_output_location_not_writable(tmp_path, tiny_ckpt):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_user_error(run_cli("build", "--model", tiny_ckpt, "--out", blocker / "sub" / "out"), "cannot create output directory")
+    assert_user_error(run_cli("build", "--model", tiny_ckpt, "--out", blocker), "exists and is not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_parent(tmp_path, tiny_ckpt):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert_user_error(run_cli("build", "--model", tiny_ckpt, "--out", ro / "out"), "not writable")
+    finally:
+        ro.chmod(0o755)
+
+
+def _start_build(ckpt, out):
+    return subprocess.Popen([sys.executable, "-m", "vqexport", "build", "--model", str(ckpt), "--out", str(out), "--steps", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for_partial(out, proc, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        partial = list(out.parent.glob(f".{out.name}.partial-*"))
+        if partial and any(p.iterdir() for p in partial if p.is_dir()):
+            return partial
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("build never started writing")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_interrupted_build_leaves_no_complete_looking_artifact(tmp_path, tiny_ckpt, sig):
+    out = tmp_path / "out"
+    proc = _start_build(tiny_ckpt, out)
+    _wait_for_partial(out, proc)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not out.exists()
+    leftovers = list(tmp_path.glob(".out.partial-*"))
+    if sig != signal.SIGKILL:
+        assert leftovers == []  # cleaned up on the way out
+    for p in leftovers:
+        assert not (p / "manifest.json").exists()
+    # the next build cleans up what a killed one left behind and succeeds
+    result = run_cli("build", "--model", tiny_ckpt, "--out", out, "--steps", 2)
+    assert result.exit_code == 0, result.stderr
+    assert list(tmp_path.glob(".out.partial-*")) == []
+    assert json.loads((out / "manifest.json").read_text())["parity"]["passed"] is True
+
+
+def test_parity_failure_exits_1_and_writes_nothing(tmp_path, tiny_ckpt, monkeypatch):
+    from vqexport.backends.torch_ref import TorchRunner
+
+    real_step = TorchRunner.step
+
+    def perturbed(self, *args):
+        out = real_step(self, *args)
+        out.logits[..., 0] += 0.05  # a reference that disagrees with the artifact by more than atol
+        return out
+
+    monkeypatch.setattr(TorchRunner, "step", perturbed)
+    out = tmp_path / "out"
+    result = run_cli("build", "--model", tiny_ckpt, "--out", out, "--json", "--steps", 3)
+    assert result.exit_code == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] is False
+    assert report["max_abs_diff"] == pytest.approx(0.05, rel=1e-3)
+    assert any("atol" in f for f in report["failures"])
+    assert "parity FAILED" in result.stderr
+    assert not out.exists() and list(tmp_path.glob(".out*")) == []
+
+
+def test_verify_against_a_different_model_fails_with_exit_1(tmp_path):
+    a = make_checkpoint(tmp_path / "a", seed=1)
+    b = make_checkpoint(tmp_path / "b", seed=2)
+    out = tmp_path / "out"
+    api.build("ort", model=a, out=out, steps=2)
+    ok = run_cli("verify", "--artifact", out, "--steps", 3, "--json")
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["passed"] is True
+    bad = run_cli("verify", "--artifact", out, "--model", b, "--steps", 3, "--json")
+    assert bad.exit_code == 1
+    report = json.loads(bad.stdout)
+    assert report["passed"] is False and report["top1_agreement"] < 1.0
