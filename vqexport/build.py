@@ -66,6 +66,7 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
     progress("loading checkpoint")
     ckpt = resolve_checkpoint(model)
     out = Path(out) if out is not None else Path("build") / profile.name
+    check_profile_fits(profile, ckpt)
     source = source_record(ckpt)
     fp = fingerprint(source, profile)
     check_output_dir(out, fp, force)
@@ -74,6 +75,7 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
         progress("exporting to ONNX")
         reference = from_tensors(ckpt.config, ckpt.tensors)
         proto = export_onnx(reference, opset=profile.opset)
+        proto = apply_passes(proto, profile, ckpt, progress)
         progress(f"building for {profile.name}")
         runtime = build_ort(proto, profile, ckpt, tmp)
         progress("verifying parity against PyTorch")
@@ -95,6 +97,29 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
         progress("writing manifest")
         manifest = write_manifest(tmp, manifest)
     return BuildResult(out=out, manifest=manifest, parity=report)
+
+
+def check_profile_fits(profile: Profile, ckpt: Checkpoint) -> None:
+    """Reject a profile the checkpoint cannot satisfy before any work starts."""
+    from .errors import VQExportError
+
+    if profile.codebook == "int8" and ckpt.config.head.type != "vq":
+        raise VQExportError(f"target {profile.name} quantizes the codebook, but {ckpt.path} has a dense head")
+
+
+def apply_passes(proto, profile: Profile, ckpt: Checkpoint, progress=_noop):
+    """The profile's graph passes, in order (each a pure ModelProto -> ModelProto)."""
+    if profile.codebook == "int8":
+        from .passes.int8_codebook import quantize_codebook
+
+        progress("quantizing the codebook to int8")
+        scale = None
+        if profile.int8.activations:
+            from .passes.calibrate import hidden_amax
+
+            scale = max(hidden_amax(proto, ckpt), 1e-8) / 127.0
+        proto = quantize_codebook(proto, activation_scale=scale)
+    return proto
 
 
 def verify_dir(artifact: Path, runtime: dict, profile: Profile, ckpt: Checkpoint, reference=None, steps=None,

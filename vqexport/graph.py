@@ -103,9 +103,12 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
     if node is not None and node.op_type == "Gather":
         gather = node
         node = producer.get(node.input[0])
-    if node is None or node.op_type != "MatMul" or node.input[1] not in inits:
+    if node is None or node.op_type != "MatMul":
         raise VQExportError("graph: cannot find the output head (MatMul with a constant weight feeding 'logits')")
-    names = [node.input[1]]
+    names = _constant_sources(node.input[1], producer, inits)
+    if names is None:
+        raise VQExportError("graph: cannot find the output head (MatMul with a constant weight feeding 'logits')")
+    names += [n for n in (_constant_sources(node.input[0], producer, inits, quant_only=True) or []) if n not in names]
     if gather is not None:
         if gather.input[1] not in inits:
             raise VQExportError("graph: the head's Gather indices are not a constant map")
@@ -113,6 +116,22 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
     if add is not None:
         names.extend(i for i in add.input if i in inits)
     return HeadNodes("vq" if gather is not None else "dense", node, gather, add, names)
+
+
+def _constant_sources(name, producer, inits, quant_only=False):
+    """Initializers behind ``name`` when it is a constant or a Q/DQ chain of constants (quant_only: just the
+    Q/DQ parameters of an activation)."""
+    if name in inits:
+        return None if quant_only else [name]
+    node = producer.get(name)
+    if node is None or node.op_type not in ("DequantizeLinear", "QuantizeLinear"):
+        return None
+    params = [i for i in node.input[1:] if i in inits]
+    if quant_only:
+        rest = _constant_sources(node.input[0], producer, inits, quant_only=True) or []
+        return params + [p for p in rest if p not in params]
+    data = _constant_sources(node.input[0], producer, inits)
+    return None if data is None else data + params
 
 
 def initializer_stats(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:

@@ -16,6 +16,8 @@ from pathlib import Path
 from .errors import VQExportError
 
 BACKENDS = ("ort",)
+CODEBOOKS = ("fp32", "int8")
+INT8_ENCODINGS = ("qdq",)
 OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
 
 
@@ -36,6 +38,13 @@ class OrtOptions:
     saved_optimization_level: str = "basic"
     session_optimization_level: str = "all"
     intra_op_num_threads: int = 0
+    session_config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    encoding: str = "qdq"  # "qdq": DequantizeLinear -> MatMul (portable)
+    activations: bool = False  # Q/DQ on the hidden state too (static scale from calibration)
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class Profile:
     precision: str = "fp32"
     codebook: str = "fp32"
     head: str = "standard"
+    int8: Int8Options = field(default_factory=Int8Options)
     ort: OrtOptions = field(default_factory=OrtOptions)
     parity: Parity = field(default_factory=Parity)
     source: str = ""
@@ -111,7 +121,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
             fail(f"{tname}{key} must be {desc or kind.__name__}, got {v!r}")
         return v
 
-    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "ort", "parity"}
+    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "int8", "ort", "parity"}
     unknown = set(raw) - known_top
     if unknown:
         fail(f"unknown key(s): {', '.join(sorted(unknown))}")
@@ -121,13 +131,13 @@ def parse_profile(raw: dict, where: str) -> Profile:
     name = take(raw, "name", str, Path(where).stem, "", lambda v: bool(v.strip()), "a non-empty string")
     opset = take(raw, "opset", int, 18, "", lambda v: 18 <= v <= 23, "an integer in [18, 23]")
     precision = take(raw, "precision", str, "fp32", "", lambda v: v == "fp32", "'fp32' (the only precision of the ort backend)")
-    codebook = take(raw, "codebook", str, "fp32", "", lambda v: v == "fp32", "'fp32'")
+    codebook = take(raw, "codebook", str, "fp32", "", lambda v: v in CODEBOOKS, " or ".join(map(repr, CODEBOOKS)))
     head = take(raw, "head", str, "standard", "", lambda v: v == "standard", "'standard'")
 
     o = raw.get("ort", {})
     if not isinstance(o, dict):
         fail("[ort] must be a table")
-    unknown = set(o) - {"providers", "saved_optimization_level", "session_optimization_level", "intra_op_num_threads"}
+    unknown = set(o) - {"providers", "saved_optimization_level", "session_optimization_level", "intra_op_num_threads", "session_config"}
     if unknown:
         fail(f"unknown key(s) in [ort]: {', '.join(sorted(unknown))}")
     providers = take(o, "providers", list, ["CPUExecutionProvider"], "ort.", lambda v: v and all(isinstance(p, str) for p in v), "a non-empty list of provider names")
@@ -137,6 +147,20 @@ def parse_profile(raw: dict, where: str) -> Profile:
         saved_optimization_level=take(o, "saved_optimization_level", str, "basic", "ort.", lambda v: v in ("disable", "basic"), "'disable' or 'basic' (higher levels are not portable)"),
         session_optimization_level=take(o, "session_optimization_level", str, "all", "ort.", lvl, f"one of {', '.join(OPT_LEVELS)}"),
         intra_op_num_threads=take(o, "intra_op_num_threads", int, 0, "ort.", lambda v: v >= 0, "an integer >= 0"),
+        session_config={str(k): str(v) for k, v in take(
+            o, "session_config", dict, {}, "ort.", lambda v: all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v.values()),
+            "a table of session config entries (strings or numbers)").items()},
+    )
+
+    q = raw.get("int8", {})
+    if not isinstance(q, dict):
+        fail("[int8] must be a table")
+    unknown = set(q) - set(Int8Options.__dataclass_fields__)
+    if unknown:
+        fail(f"unknown key(s) in [int8]: {', '.join(sorted(unknown))}")
+    int8 = Int8Options(
+        encoding=take(q, "encoding", str, "qdq", "int8.", lambda v: v in INT8_ENCODINGS, " or ".join(map(repr, INT8_ENCODINGS))),
+        activations=take(q, "activations", bool, False, "int8.", None, "true or false"),
     )
 
     p = raw.get("parity", {})
@@ -156,4 +180,4 @@ def parse_profile(raw: dict, where: str) -> Profile:
         greedy_must_match=take(p, "greedy_must_match", bool, True, "parity.", None, "true or false"),
     )
     return Profile(name=name, backend=backend, description=take(raw, "description", str, "", "", None, "a string"),
-                   opset=opset, precision=precision, codebook=codebook, head=head, ort=ort_opts, parity=parity, source=where)
+                   opset=opset, precision=precision, codebook=codebook, head=head, int8=int8, ort=ort_opts, parity=parity, source=where)

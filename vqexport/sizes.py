@@ -34,7 +34,7 @@ def onnx_sizes(proto: onnx.ModelProto) -> dict:
     h = find_head(proto)
     head = {n: stats[n] for n in h.initializers}
     trunk = {n: s for n, s in stats.items() if n not in head}
-    weight = next(t for t in proto.graph.initializer if t.name == h.matmul.input[1])
+    weight = next(t for t in proto.graph.initializer if t.name == h.initializers[0])
     d = int(weight.dims[0])
     out = next(o for o in proto.graph.output if o.name == "logits")
     vocab = int(out.type.tensor_type.shape.dim[-1].dim_value)

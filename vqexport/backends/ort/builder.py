@@ -45,5 +45,5 @@ def build_ort(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: P
         "providers": providers,
         "session_optimization_level": profile.ort.session_optimization_level,
         "intra_op_num_threads": profile.ort.intra_op_num_threads,
-        "session_config": {},
+        "session_config": dict(sorted(profile.ort.session_config.items())),
     }

@@ -1,0 +1,168 @@
+"""Exact full-vocabulary decoding from K codebook logits (numpy only; no torch, no V-sized work per step).
+
+Logits factor as ``logits[v] = z[M[v]] + b[v]`` (cluster score + token bias), so with per-cluster tables
+
+    maxb[k] = max_{v: M[v]=k} b[v]         B[k] = logsumexp_{v: M[v]=k} b[v]
+    members[k, :] = tokens of cluster k sorted by bias (descending)
+
+* the softmax normaliser over all V tokens is ``logsumexp_k(z[k] + B[k])``;
+* the top-k tokens come from the k clusters with the largest ``z[k] + maxb[k]`` (a cluster's best token
+  bounds all its others), and from at most the first k members of each: top-k over k*k candidates;
+* sampling at temperature T is a cluster draw from ``softmax(z/T + B_T)`` (``B_T = logsumexp(b/T)``),
+  then a member draw from ``softmax(b/T)`` inside that cluster — tables built once per temperature.
+
+Ties are broken towards the smaller token id, the same rule as :func:`reference_topk`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import VQExportError
+
+
+def _logsumexp(x: np.ndarray, axis=-1) -> np.ndarray:
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m).squeeze(axis)
+
+
+@dataclass(frozen=True)
+class ClusterTables:
+    """Per-cluster tables of a VQ-Logits head at one temperature (bias already divided by T)."""
+
+    codebook_size: int
+    vocab_size: int
+    temperature: float
+    max_bias: np.ndarray  # [K] float64, -inf for empty clusters
+    lse_bias: np.ndarray  # [K] float64, -inf for empty clusters
+    members: np.ndarray  # [K, width] int64, sorted by bias desc then id asc; -1 = padding
+    member_bias: np.ndarray  # [K, width] float64; -inf = padding
+    order: np.ndarray  # [V] tokens grouped by cluster (same order as members), CSR layout
+    offsets: np.ndarray  # [K + 1] start of each cluster in ``order``
+    member_cdf: np.ndarray  # [V] cumulative member probabilities inside each cluster, aligned with ``order``
+
+
+def check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not np.isfinite(t) or t <= 0:
+        raise VQExportError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return t
+
+
+def cluster_tables(mapping: np.ndarray, bias: np.ndarray | None, codebook_size: int, width: int | None = None,
+                   temperature: float = 1.0) -> ClusterTables:
+    """Build the tables once (O(V log V)); every decode step afterwards is O(K + k^2)."""
+    t = check_temperature(temperature)
+    mapping = np.asarray(mapping, dtype=np.int64)
+    V, K = mapping.shape[0], int(codebook_size)
+    b = np.zeros(V) if bias is None else np.asarray(bias, dtype=np.float64) / t
+    # group by cluster, inside a cluster by bias descending, then token id ascending
+    order = np.lexsort((np.arange(V), -b, mapping))
+    counts = np.bincount(mapping, minlength=K)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    width = int(counts.max()) if width is None else max(1, min(int(width), int(counts.max())))
+    rank = np.arange(V) - offsets[mapping[order]]
+    members = np.full((K, width), -1, dtype=np.int64)
+    member_bias = np.full((K, width), -np.inf)
+    keep = rank < width
+    members[mapping[order][keep], rank[keep]] = order[keep]
+    member_bias[mapping[order][keep], rank[keep]] = b[order][keep]
+    max_bias = np.full(K, -np.inf)
+    np.maximum.at(max_bias, mapping, b)
+    shifted = np.exp(b - max_bias[mapping])
+    sums = np.bincount(mapping, weights=shifted, minlength=K)
+    with np.errstate(divide="ignore"):
+        lse_bias = np.where(counts > 0, np.log(np.where(counts > 0, sums, 1.0)) + np.where(counts > 0, max_bias, 0.0), -np.inf)
+    cdf = np.cumsum(shifted[order])
+    start = np.repeat(np.concatenate([[0.0], cdf])[offsets[:-1]], counts)
+    total = np.repeat(sums, counts)
+    member_cdf = (cdf - start) / total
+    return ClusterTables(K, V, t, max_bias, lse_bias, members, member_bias, order, offsets, member_cdf)
+
+
+def log_normalizer(z: np.ndarray, tables: ClusterTables) -> np.ndarray:
+    """logsumexp over all V logits (at the tables' temperature) from the K codebook logits z [..., K]."""
+    return _logsumexp(np.asarray(z, dtype=np.float64) / tables.temperature + tables.lse_bias)
+
+
+def cluster_logprobs(z: np.ndarray, tables: ClusterTables) -> np.ndarray:
+    """log P(token in cluster k) [..., K]."""
+    zt = np.asarray(z, dtype=np.float64) / tables.temperature
+    return zt + tables.lse_bias - log_normalizer(z, tables)[..., None]
+
+
+def topk(z: np.ndarray, tables: ClusterTables, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k token ids [..., k] (descending) and their full-vocabulary log-probabilities."""
+    if not 1 <= k <= tables.vocab_size:
+        raise VQExportError(f"k must be in [1, vocab size {tables.vocab_size}], got {k}")
+    if tables.members.shape[1] < min(k, int(np.diff(tables.offsets).max())):
+        raise ValueError(f"tables were built for top-{tables.members.shape[1]}, not top-{k}")
+    z = np.asarray(z, dtype=np.float64)
+    zt = z / tables.temperature
+    lead = zt.shape[:-1]
+    flat = zt.reshape(-1, tables.codebook_size)
+    kc = min(k, tables.codebook_size)
+    width = min(k, tables.members.shape[1])
+    score = flat + tables.max_bias  # [N, K] best logit per cluster
+    # The kc clusters whose best tokens ("heads") come first in the global order (logit desc, id asc):
+    # any token in the top-k is preceded by its cluster's head, so only those clusters can contribute.
+    head = np.where(tables.members[:, 0] < 0, np.iinfo(np.int64).max, tables.members[:, 0])
+    cl = np.lexsort((np.broadcast_to(head, score.shape), -score), axis=-1)[:, :kc]
+    cand_logit = np.take_along_axis(flat, cl, 1)[:, :, None] + tables.member_bias[cl, :width]  # [N, kc, width]
+    cand_id = tables.members[cl, :width]
+    cand_logit = cand_logit.reshape(len(flat), -1)
+    cand_id = cand_id.reshape(len(flat), -1)
+    # sort by logit desc, then id asc (padding has -inf logit and sorts last)
+    sortkey = np.where(cand_id < 0, np.iinfo(np.int64).max, cand_id)
+    idx = np.lexsort((sortkey, -cand_logit), axis=-1)[:, :k]
+    ids = np.take_along_axis(cand_id, idx, 1)
+    logp = np.take_along_axis(cand_logit, idx, 1) - log_normalizer(z, tables).reshape(-1, 1)
+    return ids.reshape(*lead, k), logp.reshape(*lead, k)
+
+
+def full_logits(z: np.ndarray, mapping: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """The V-wide logits ``z[..., M] + b`` (the O(V) reference)."""
+    out = np.asarray(z, dtype=np.float64)[..., np.asarray(mapping, dtype=np.int64)]
+    return out if bias is None else out + np.asarray(bias, dtype=np.float64)
+
+
+def reference_topk(logits: np.ndarray, k: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of full V-wide logits (ties -> smaller id) and log_softmax values: the O(V) reference."""
+    x = np.asarray(logits, dtype=np.float64) / temperature
+    lse = _logsumexp(x)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    ids = np.stack([np.lexsort((np.arange(row.size), -row))[:k] for row in flat])
+    logp = np.take_along_axis(flat, ids, 1) - lse.reshape(-1, 1)
+    return ids.reshape(*lead, k), logp.reshape(*lead, k)
+
+
+class Sampler:
+    """Exact sampling from softmax(logits / T) over all V tokens (optionally restricted to the top-k)."""
+
+    def __init__(self, mapping, bias, codebook_size: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None):
+        V = int(np.asarray(mapping).shape[0])
+        if top_k is not None and not 1 <= int(top_k) <= V:
+            raise VQExportError(f"--top-k must be in [1, vocab size {V}], got {top_k}")
+        self.top_k = None if top_k is None else int(top_k)
+        self.tables = cluster_tables(mapping, bias, codebook_size, width=self.top_k, temperature=temperature)
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, z: np.ndarray) -> int:
+        """One token from the codebook logits z [K] of one position."""
+        t = self.tables
+        if self.top_k is not None:
+            ids, logp = topk(z, t, self.top_k)
+            p = np.exp(logp - logp.max())
+            return int(ids[self.rng.choice(len(ids), p=p / p.sum())])
+        logits = np.asarray(z, dtype=np.float64) / t.temperature + t.lse_bias
+        p = np.exp(logits - logits.max())
+        k = int(self.rng.choice(t.codebook_size, p=p / p.sum()))
+        lo, hi = t.offsets[k], t.offsets[k + 1]
+        j = int(np.searchsorted(t.member_cdf[lo:hi], self.rng.random() * t.member_cdf[hi - 1], side="right"))
+        return int(t.order[lo + min(j, hi - lo - 1)])

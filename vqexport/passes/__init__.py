@@ -1,0 +1,1 @@
+"""Graph passes: pure functions ModelProto -> ModelProto (ONNX only, no torch)."""

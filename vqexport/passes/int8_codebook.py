@@ -1,0 +1,75 @@
+"""int8 codebook: store the head's codebook as int8 with one float scale per codebook row.
+
+QDQ encoding (portable; what TensorRT needs)::
+
+    h ──────────────────────────────────────────┐
+    head.codebook_q [d, K] int8 ─ DequantizeLinear(axis=1, head.codebook_scale [K]) ─ MatMul ─ Gather ─ Add
+
+With ``activations=True`` the hidden state gets a Quantize/DequantizeLinear pair too (static per-tensor
+scale from calibration), so both MatMul inputs are explicit int8: the form int8 GEMM engines consume.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..graph import find_head
+from ..quant import quantize_rows
+
+CODEBOOK_Q = "head.codebook_q"
+CODEBOOK_SCALE = "head.codebook_scale"
+CODEBOOK_ZP = "head.codebook_zero_point"
+ACT_SCALE = "head.hidden_scale"
+ACT_ZP = "head.hidden_zero_point"
+
+
+def quantize_codebook(proto: onnx.ModelProto, activation_scale: float | None = None) -> onnx.ModelProto:
+    """Return a copy of ``proto`` whose head codebook is int8 QDQ (and the hidden state too if a scale is given)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    head = find_head(out)
+    if head.kind != "vq":
+        raise ValueError("int8 codebook quantization needs a VQ-Logits head")
+    weight_name = head.matmul.input[1]
+    idx = next(i for i, t in enumerate(g.initializer) if t.name == weight_name)
+    codebook_t = numpy_helper.to_array(g.initializer[idx])  # [d, K]
+    q, scale = quantize_rows(codebook_t.T, "head.codebook")  # rows of C = columns of C_T
+    del g.initializer[idx]
+    g.initializer.extend([
+        numpy_helper.from_array(np.ascontiguousarray(q.T), CODEBOOK_Q),
+        numpy_helper.from_array(scale, CODEBOOK_SCALE),
+        numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), CODEBOOK_ZP),
+    ])
+    nodes = [helper.make_node("DequantizeLinear", [CODEBOOK_Q, CODEBOOK_SCALE, CODEBOOK_ZP], ["head.codebook_t"],
+                              name="head/codebook/DequantizeLinear", axis=1)]
+    head.matmul.input[1] = "head.codebook_t"
+    if activation_scale is not None:
+        if not np.isfinite(activation_scale) or activation_scale <= 0:
+            raise ValueError(f"activation scale must be finite and > 0, got {activation_scale}")
+        h = head.matmul.input[0]
+        g.initializer.extend([numpy_helper.from_array(np.array(activation_scale, dtype=np.float32), ACT_SCALE),
+                              numpy_helper.from_array(np.array(0, dtype=np.int8), ACT_ZP)])
+        nodes += [
+            helper.make_node("QuantizeLinear", [h, ACT_SCALE, ACT_ZP], ["head.hidden_q"], name="head/hidden/QuantizeLinear"),
+            helper.make_node("DequantizeLinear", ["head.hidden_q", ACT_SCALE, ACT_ZP], ["head.hidden_dq"],
+                             name="head/hidden/DequantizeLinear"),
+        ]
+        head.matmul.input[0] = "head.hidden_dq"
+    _insert_before(g, head.matmul, nodes)
+    _drop_value_info(g, {weight_name})
+    return out
+
+
+def _insert_before(g: onnx.GraphProto, anchor: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
+    pos = next(i for i, n in enumerate(g.node) if n is anchor or (n.name == anchor.name and n.output == anchor.output))
+    for j, n in enumerate(nodes):
+        g.node.insert(pos + j, n)
+
+
+def _drop_value_info(g: onnx.GraphProto, names: set[str]) -> None:
+    keep = [vi for vi in g.value_info if vi.name not in names]
+    del g.value_info[:]
+    g.value_info.extend(keep)
