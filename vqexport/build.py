@@ -105,6 +105,11 @@ def check_profile_fits(profile: Profile, ckpt: Checkpoint) -> None:
 
     if profile.codebook == "int8" and ckpt.config.head.type != "vq":
         raise VQExportError(f"target {profile.name} quantizes the codebook, but {ckpt.path} has a dense head")
+    if profile.decode.mode == "topk":
+        if ckpt.config.head.type != "vq":
+            raise VQExportError(f"target {profile.name} decodes top-k from the codebook, but {ckpt.path} has a dense head")
+        if profile.decode.k > ckpt.config.vocab_size:
+            raise VQExportError(f"target {profile.name}: decode.k = {profile.decode.k} exceeds the vocabulary size {ckpt.config.vocab_size}")
 
 
 def apply_passes(proto, profile: Profile, ckpt: Checkpoint, progress=_noop):
@@ -119,6 +124,15 @@ def apply_passes(proto, profile: Profile, ckpt: Checkpoint, progress=_noop):
 
             scale = max(hidden_amax(proto, ckpt), 1e-8) / 127.0
         proto = quantize_codebook(proto, activation_scale=scale)
+    if profile.decode.last_position_only:
+        from .passes.last_position import last_position_only
+
+        proto = last_position_only(proto)
+    if profile.decode.mode == "topk":
+        from .passes.topk_decode import add_topk_outputs
+
+        progress(f"adding exact top-{profile.decode.k} outputs")
+        proto = add_topk_outputs(proto, profile.decode.k, keep_logits=profile.decode.keep_logits)
     return proto
 
 
@@ -138,6 +152,7 @@ def verify_dir(artifact: Path, runtime: dict, profile: Profile, ckpt: Checkpoint
                        runtime["intra_op_num_threads"], runtime.get("session_config"))
     with TorchRunner(reference) as ref, target as tgt:
         return compare_runners(ref, tgt, prompts, n, profile.parity, target_name=profile.name, pad_id=pad,
+                               mapping=ckpt.tensors.get("head.map"),
                                progress=lambda i, total: progress(f"verifying parity: step {i}/{total}"))
 
 

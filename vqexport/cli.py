@@ -210,14 +210,30 @@ def inspect(path, as_json):
 @main.command()
 @click.option("--artifact", "-a", required=True, type=click.Path(), help="Artifact directory written by 'vqexport build'.")
 @click.option("--prompt", "-p", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", "-n", type=int, default=32, show_default=True, help="Tokens to generate (greedy).")
-def generate(artifact, prompt, max_new_tokens):
-    """Greedy text generation with onnxruntime alone (no torch): the app-side path."""
-    from .generate import generate as run
+@click.option("--max-new-tokens", "-n", type=int, default=32, show_default=True, help="Tokens to generate.")
+@click.option("--sample", is_flag=True, help="Sample from the full-vocabulary distribution instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature (> 0).")
+@click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens only.")
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed):
+    """Generate text with onnxruntime alone (no torch): the app-side path.
 
-    click.echo(prompt, nl=False)
-    run(artifact, prompt, max_new_tokens, on_token=lambda piece: click.echo(piece, nl=False))
-    click.echo()
+    Greedy by default. With --sample, exact sampling over all V tokens; on a top-k artifact
+    (decode = "topk") it costs O(K) per step.
+    """
+    from . import api
+
+    started = []
+
+    def stream(piece: str) -> None:  # the prompt is echoed once generation is under way (errors come first)
+        if not started:
+            started.append(True)
+            click.echo(prompt, nl=False)
+        click.echo(piece, nl=False)
+
+    api.generate(artifact, prompt, max_new_tokens, on_token=stream, sample=sample,
+                 temperature=temperature, top_k=top_k, seed=seed)
+    click.echo("" if started else prompt)
 
 
 @main.command()

@@ -1,10 +1,17 @@
-"""Greedy generation with onnxruntime alone: the minimal "embed the artifact in an app" path.
+"""Text generation with onnxruntime alone: the minimal "embed the artifact in an app" path.
 
-Imports numpy, onnxruntime and tokenizers only (never torch).
+Imports numpy, onnxruntime, tokenizers and safetensors only (never torch).
+
+* greedy (default): argmax of the logits, or the first of the graph's exact top-k;
+* ``sample=True``: exact sampling from softmax(logits / T) over all V tokens (optionally only the top-k).
+  On a top-k artifact (``decode = "topk"``) this is O(K) per step: the graph's cluster log-probabilities
+  select a cluster, per-cluster tables built once per temperature select the token; with ``top_k`` the
+  graph's exact top-k is sampled. On a logits artifact it samples the V logits directly.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +19,7 @@ import numpy as np
 
 from .artifact import read_manifest
 from .backends.ort.runner import OrtRunner
+from .decoding import Sampler, check_temperature
 from .errors import VQExportError
 
 
@@ -23,14 +31,68 @@ class Generation:
     stopped_at_eos: bool
 
 
-def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None) -> Generation:
-    """Greedy-decode up to ``max_new_tokens`` after ``prompt``; ``on_token(text_piece)`` streams output."""
+class _Chooser:
+    """Picks the next token from one step's outputs (last position of row 0)."""
+
+    def __init__(self, artifact: Path, manifest: dict, sample: bool, temperature: float, top_k: int | None, seed):
+        cfg = manifest["config"]
+        self.vocab = cfg["vocab_size"]
+        self.sample = sample
+        self.decode = manifest["profile"].get("decode", {}).get("mode", "logits")
+        self.graph_k = manifest["profile"].get("decode", {}).get("k")
+        self.temperature = check_temperature(temperature) if sample else 1.0
+        if top_k is not None and not 1 <= top_k <= self.vocab:
+            raise VQExportError(f"--top-k must be in [1, vocab size {self.vocab}], got {top_k}")
+        if top_k is not None and self.decode == "topk" and top_k > self.graph_k:
+            raise VQExportError(f"--top-k {top_k} exceeds the k={self.graph_k} this artifact's graph computes; rebuild with a larger decode.k")
+        self.top_k = top_k
+        self.rng = np.random.default_rng(seed)
+        self.sampler = None
+        if sample and self.decode == "topk" and top_k is None:
+            from safetensors.numpy import load_file
+
+            tables = load_file(str(artifact / "head.safetensors"))
+            self.sampler = Sampler(tables["map"], tables.get("bias"), cfg["head"]["codebook_size"],
+                                   temperature=self.temperature, seed=seed)
+
+    def __call__(self, out) -> int:
+        if self.decode == "topk":
+            ids = out.extra["topk_ids"][0, -1]
+            if not self.sample:
+                return int(ids[0])
+            if self.sampler is not None:
+                # cluster_logprobs - B = z - logsumexp: the codebook logits up to a constant, which sampling ignores
+                z = out.extra["cluster_logprobs"][0, -1].astype(np.float64) - self.sampler.tables.lse_bias * self.temperature
+                return self.sampler.sample(np.where(np.isfinite(z), z, -np.inf))
+            return self._draw(ids[: self.top_k], out.extra["topk_logprobs"][0, -1][: self.top_k])
+        logits = out.logits[0, -1].astype(np.float64)
+        if not self.sample:
+            return int(logits.argmax())
+        ids = np.arange(logits.size)
+        if self.top_k is not None:
+            ids = np.argpartition(-logits, self.top_k - 1)[: self.top_k]
+        return self._draw(ids, logits[ids])
+
+    def _draw(self, ids, scores) -> int:
+        x = np.asarray(scores, dtype=np.float64) / self.temperature
+        p = np.exp(x - x.max())
+        return int(ids[self.rng.choice(len(ids), p=p / p.sum())])
+
+
+def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, seed: int | None = None) -> Generation:
+    """Decode up to ``max_new_tokens`` after ``prompt``; ``on_token(text_piece)`` streams the output."""
     from tokenizers import Tokenizer
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     if max_new_tokens < 1:
         raise VQExportError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not sample and (temperature != 1.0 or top_k is not None):
+        raise VQExportError("--temperature and --top-k apply to sampling; add --sample")
+    if sample and not math.isfinite(float(temperature)):
+        raise VQExportError(f"temperature must be a finite number > 0, got {temperature!r}")
+    choose = _Chooser(artifact, manifest, sample, temperature, top_k, seed)
     tok_path = artifact / "tokenizer.json"
     if not tok_path.is_file():
         raise VQExportError(f"{artifact}: no tokenizer.json in the artifact (the checkpoint had none); generate needs text in and out")
@@ -54,7 +116,7 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None) -> 
         out = runner.step(x, mask, runner.empty_past(1))
         shown = ""
         for _ in range(max_new_tokens):
-            nxt = int(out.logits[0, -1].argmax())
+            nxt = choose(out)
             if eos is not None and nxt == eos:
                 stopped = True
                 break

@@ -95,6 +95,9 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
     inits = {t.name for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     node = producer.get("logits")
+    topk = node is None and any(n.name == "topk/score" for n in g.node)
+    if topk:  # exact top-k variant without logits: the head's MatMul feeds the cluster scores
+        node = producer.get(next(n for n in g.node if n.name == "topk/score").input[0])
     add = None
     if node is not None and node.op_type == "Add":
         add = node
@@ -115,7 +118,9 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
         names.append(gather.input[1])
     if add is not None:
         names.extend(i for i in add.input if i in inits)
-    return HeadNodes("vq" if gather is not None else "dense", node, gather, add, names)
+    # tables added by passes follow the "head." naming convention
+    names += sorted(n for n in inits if n.startswith("head.") and n not in names)
+    return HeadNodes("vq" if gather is not None or topk else "dense", node, gather, add, names)
 
 
 def _constant_sources(name, producer, inits, quant_only=False):

@@ -18,6 +18,7 @@ from .errors import VQExportError
 BACKENDS = ("ort",)
 CODEBOOKS = ("fp32", "int8")
 INT8_ENCODINGS = ("qdq",)
+DECODE_MODES = ("logits", "topk")
 OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
 
 
@@ -48,6 +49,14 @@ class Int8Options:
 
 
 @dataclass(frozen=True)
+class DecodeOptions:
+    mode: str = "logits"  # "logits": V-wide logits | "topk": exact top-k + cluster log-probs, no V-sized tensor
+    k: int = 50
+    keep_logits: bool = False  # with mode "topk": keep the logits output as well
+    last_position_only: bool = False  # prefill emits outputs for the last position only
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     backend: str
@@ -57,6 +66,7 @@ class Profile:
     codebook: str = "fp32"
     head: str = "standard"
     int8: Int8Options = field(default_factory=Int8Options)
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
     ort: OrtOptions = field(default_factory=OrtOptions)
     parity: Parity = field(default_factory=Parity)
     source: str = ""
@@ -121,7 +131,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
             fail(f"{tname}{key} must be {desc or kind.__name__}, got {v!r}")
         return v
 
-    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "int8", "ort", "parity"}
+    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "int8", "decode", "ort", "parity"}
     unknown = set(raw) - known_top
     if unknown:
         fail(f"unknown key(s): {', '.join(sorted(unknown))}")
@@ -163,6 +173,19 @@ def parse_profile(raw: dict, where: str) -> Profile:
         activations=take(q, "activations", bool, False, "int8.", None, "true or false"),
     )
 
+    dtab = raw.get("decode", {})
+    if not isinstance(dtab, dict):
+        fail("[decode] must be a table")
+    unknown = set(dtab) - set(DecodeOptions.__dataclass_fields__)
+    if unknown:
+        fail(f"unknown key(s) in [decode]: {', '.join(sorted(unknown))}")
+    decode = DecodeOptions(
+        mode=take(dtab, "mode", str, "logits", "decode.", lambda v: v in DECODE_MODES, " or ".join(map(repr, DECODE_MODES))),
+        k=take(dtab, "k", int, 50, "decode.", lambda v: v >= 1, "an integer >= 1"),
+        keep_logits=take(dtab, "keep_logits", bool, False, "decode.", None, "true or false"),
+        last_position_only=take(dtab, "last_position_only", bool, False, "decode.", None, "true or false"),
+    )
+
     p = raw.get("parity", {})
     if not isinstance(p, dict):
         fail("[parity] must be a table")
@@ -180,4 +203,4 @@ def parse_profile(raw: dict, where: str) -> Profile:
         greedy_must_match=take(p, "greedy_must_match", bool, True, "parity.", None, "true or false"),
     )
     return Profile(name=name, backend=backend, description=take(raw, "description", str, "", "", None, "a string"),
-                   opset=opset, precision=precision, codebook=codebook, head=head, int8=int8, ort=ort_opts, parity=parity, source=where)
+                   opset=opset, precision=precision, codebook=codebook, head=head, int8=int8, decode=decode, ort=ort_opts, parity=parity, source=where)

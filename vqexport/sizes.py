@@ -36,6 +36,15 @@ def onnx_sizes(proto: onnx.ModelProto) -> dict:
     trunk = {n: s for n, s in stats.items() if n not in head}
     weight = next(t for t in proto.graph.initializer if t.name == h.initializers[0])
     d = int(weight.dims[0])
-    out = next(o for o in proto.graph.output if o.name == "logits")
-    vocab = int(out.type.tensor_type.shape.dim[-1].dim_value)
-    return _summary(head, trunk, vocab, d, h.add is not None)
+    vocab = _vocab_size(proto)
+    return _summary(head, trunk, vocab, d, "head.bias" in head or "head.member_bias" in head)
+
+
+def _vocab_size(proto: onnx.ModelProto) -> int:
+    for o in proto.graph.output:
+        if o.name == "logits":
+            return int(o.type.tensor_type.shape.dim[-1].dim_value)
+    for t in proto.graph.initializer:  # top-k variant: the embedding table still has V rows
+        if t.name == "embed.weight":
+            return int(t.dims[0])
+    raise ValueError("cannot tell the vocabulary size of this graph")

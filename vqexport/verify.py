@@ -40,6 +40,7 @@ class ParityReport:
     steps: int
     batch: int
     positions: int
+    compared: str = "logits"  # "logits" | "topk" (log-probs of the target's top-k ids; KL over clusters)
     tolerances: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
 
@@ -75,15 +76,16 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 class _Stats:
-    def __init__(self, parity: Parity):
+    def __init__(self, parity: Parity, mapping: np.ndarray | None):
         self.p = parity
+        self.mapping = mapping
         self.max_abs = self.max_rel = self.req_atol = self.req_rtol = 0.0
         self.top1 = self.top5 = self.n = 0
         self.kl_sum = self.kl_max = 0.0
         self.present_max = 0.0
+        self.compared = "logits"
 
-    def add(self, ref: np.ndarray, tgt: np.ndarray) -> None:
-        """ref/tgt: [N, V] logits of compared positions."""
+    def _diff(self, ref: np.ndarray, tgt: np.ndarray) -> None:
         ref64, tgt64 = ref.astype(np.float64), tgt.astype(np.float64)
         diff = np.abs(tgt64 - ref64)
         mag = np.abs(ref64)
@@ -93,37 +95,85 @@ class _Stats:
         with np.errstate(divide="ignore", invalid="ignore"):
             rel_needed = np.where(diff > self.p.atol, (diff - self.p.atol) / mag, 0.0)
         self.req_rtol = max(self.req_rtol, float(np.nan_to_num(rel_needed, nan=np.inf, posinf=np.inf).max()))
-        self.top1 += int((ref.argmax(-1) == tgt.argmax(-1)).sum())
-        k = min(5, ref.shape[-1])
-        r5 = np.argpartition(-ref, k - 1, axis=-1)[:, :k]
-        t5 = np.argpartition(-tgt, k - 1, axis=-1)[:, :k]
-        self.top5 += sum(len(set(a) & set(b)) / k for a, b in zip(r5.tolist(), t5.tolist()))
-        lp, lq = _log_softmax(ref), _log_softmax(tgt)
-        kl = (np.exp(lp) * (lp - lq)).sum(-1)
+
+    def _kl(self, lp: np.ndarray, lq: np.ndarray) -> None:
+        with np.errstate(invalid="ignore"):
+            kl = np.nansum(np.exp(lp) * (lp - lq), axis=-1)
         self.kl_sum += float(kl.sum())
         self.kl_max = max(self.kl_max, float(kl.max()))
+
+    def add(self, ref: np.ndarray, tgt: dict) -> None:
+        """ref: [N, V] reference logits; tgt: the target's outputs for the same N positions."""
+        k = min(5, ref.shape[-1])
+        r5 = np.argpartition(-ref, k - 1, axis=-1)[:, :k]
+        lp = _log_softmax(ref)
+        if tgt.get("logits") is not None:
+            logits = tgt["logits"]
+            self._diff(ref, logits)
+            t5 = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+            self.top1 += int((ref.argmax(-1) == logits.argmax(-1)).sum())
+            self._kl(lp, _log_softmax(logits))
+        else:  # exact top-k outputs: compare log-probabilities of the ids the target chose, and cluster mass
+            self.compared = "topk"
+            ids = tgt["topk_ids"]
+            self._diff(np.take_along_axis(lp, ids, -1), tgt["topk_logprobs"])
+            t5 = ids[:, :k]
+            self.top1 += int((ref.argmax(-1) == ids[:, 0]).sum())
+            ref_clusters = np.stack([np.bincount(self.mapping, weights=np.exp(row), minlength=tgt["cluster_logprobs"].shape[-1]) for row in lp])
+            with np.errstate(divide="ignore"):
+                self._kl(np.log(ref_clusters), tgt["cluster_logprobs"].astype(np.float64))
+        self.top5 += sum(len(set(a) & set(b)) / k for a, b in zip(r5.tolist(), t5.tolist()))
         self.n += ref.shape[0]
 
 
+_PER_POSITION = ("logits", "topk_ids", "topk_logprobs", "cluster_logprobs")
+
+
+def _select(out, rows) -> dict:
+    """The target's per-position outputs at ``rows`` (a boolean [B, S] mask, or "last")."""
+    picked = {}
+    for name in _PER_POSITION:
+        arr = out.logits if name == "logits" else out.extra.get(name)
+        if arr is None:
+            continue
+        if isinstance(rows, str) or arr.shape[1] == 1:  # last position only (or a last-position-only graph)
+            picked[name] = arr[:, -1]
+        else:
+            picked[name] = arr[rows]
+    return picked
+
+
+def _greedy(out) -> np.ndarray:
+    if out.logits is not None:
+        return out.logits[:, -1].argmax(-1)
+    return out.extra["topk_ids"][:, -1, 0]
+
+
 def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]], steps: int, parity: Parity,
-                    target_name: str | None = None, pad_id: int = 0, progress=None) -> ParityReport:
-    """Run both runners (already entered) on the same prompts and decode steps; return the report."""
+                    target_name: str | None = None, pad_id: int = 0, progress=None,
+                    mapping: np.ndarray | None = None) -> ParityReport:
+    """Run both runners (already entered) on the same prompts and decode steps; return the report.
+
+    ``mapping`` (the head's token -> code map) is needed only for targets that output exact top-k instead
+    of logits: their KL is measured over the K clusters.
+    """
     ids, mask = left_pad(prompts, pad_id)
     batch = ids.shape[0]
-    stats = _Stats(parity)
+    stats = _Stats(parity, mapping)
     r = reference.step(ids, mask, reference.empty_past(batch))
     t = target.step(ids, mask, target.empty_past(batch))
     keep = mask.astype(bool)
-    stats.add(r.logits[keep], t.logits[keep])
+    tgt = _select(t, keep)
+    ref_rows = r.logits[keep] if len(next(iter(tgt.values()))) == keep.sum() else r.logits[:, -1]
+    stats.add(ref_rows, tgt)
     greedy_ok, matched = True, 0
     for step in range(steps):
         nxt = r.logits[:, -1].argmax(-1)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         r = reference.step(nxt[:, None], mask, r.present)
         t = target.step(nxt[:, None], mask, t.present)
-        stats.add(r.logits[:, -1], t.logits[:, -1])
-        same = bool((r.logits[:, -1].argmax(-1) == t.logits[:, -1].argmax(-1)).all())
-        greedy_ok = greedy_ok and same
+        stats.add(r.logits[:, -1], _select(t, "last"))
+        greedy_ok = greedy_ok and bool((r.logits[:, -1].argmax(-1) == _greedy(t)).all())
         matched += int(greedy_ok)
         if progress is not None:
             progress(step + 1, steps)
@@ -134,7 +184,7 @@ def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]],
     kl = stats.kl_sum / stats.n
     failures = []
     if stats.req_atol > parity.atol:
-        failures.append(f"logits differ by up to {stats.max_abs:.3g} (needs atol {stats.req_atol:.3g} at rtol {parity.rtol:g}; allowed atol {parity.atol:g})")
+        failures.append(f"{stats.compared} differ by up to {stats.max_abs:.3g} (needs atol {stats.req_atol:.3g} at rtol {parity.rtol:g}; allowed atol {parity.atol:g})")
     if top1 < parity.top1_agreement_min:
         failures.append(f"top-1 agreement {top1:.4f} < {parity.top1_agreement_min}")
     if top5 < parity.top5_overlap_min:
@@ -147,6 +197,7 @@ def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]],
         target=target_name or target.name, passed=not failures, max_abs_diff=stats.max_abs, max_rel_diff=stats.max_rel,
         required_atol=max(stats.req_atol, 0.0), required_rtol=stats.req_rtol, top1_agreement=top1, top5_overlap=top5,
         kl_divergence=max(kl, 0.0), kl_divergence_max=max(stats.kl_max, 0.0), present_max_abs_diff=stats.present_max,
-        greedy_match_steps=matched, steps=steps, batch=batch, positions=stats.n, tolerances=asdict(parity),
+        greedy_match_steps=matched, steps=steps, batch=batch, positions=stats.n, compared=stats.compared,
+        tolerances=asdict(parity),
         failures=failures,
     )

@@ -14,6 +14,17 @@ from .session import available_providers, session_options
 
 MODEL_FILE = "model.onnx"
 OPTIMIZED_FILE = "model.optimized.onnx"
+HEAD_TABLES_FILE = "head.safetensors"
+
+
+def write_head_tables(path: Path, ckpt: Checkpoint) -> None:
+    """The head's map and bias beside a top-k artifact, for exact O(K) sampling at any temperature."""
+    from safetensors.numpy import save_file
+
+    tensors = {"map": ckpt.tensors["head.map"]}
+    if "head.bias" in ckpt.tensors:
+        tensors["bias"] = ckpt.tensors["head.bias"]
+    save_file(tensors, str(path), metadata={"codebook_size": str(ckpt.config.head.codebook_size)})
 
 
 def write_json(path: Path, obj) -> None:
@@ -32,7 +43,10 @@ def build_ort(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: P
     so.optimized_model_filepath = str(out / OPTIMIZED_FILE)
     ort.InferenceSession(str(model_path), so, providers=providers)
 
-    write_json(out / "genai_config.json", genai_config(ckpt.config, MODEL_FILE, providers))
+    if profile.decode.mode == "topk":
+        write_head_tables(out / HEAD_TABLES_FILE, ckpt)
+    else:
+        write_json(out / "genai_config.json", genai_config(ckpt.config, MODEL_FILE, providers))
     if ckpt.tokenizer_path is not None:
         from tokenizers import Tokenizer
 

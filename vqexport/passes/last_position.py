@@ -1,0 +1,45 @@
+"""Prefill emits head outputs for the last position only: the head sees ``h[:, -1:, :]``.
+
+A 512-token prompt then computes one row of logits, not 512 x V; decode steps (one token) are unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..graph import find_head
+
+HIDDEN_LAST = "head.hidden_last"
+
+
+def last_position_only(proto: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    head = find_head(out)
+    h = head.matmul.input[0]
+    # The head's readers of the hidden state: the MatMul, or the activation QuantizeLinear in front of it.
+    readers = [i for i, n in enumerate(g.node)
+               if h in n.input and (list(n.output) == list(head.matmul.output) or n.name.startswith("head/"))]
+    for i in readers:
+        node = g.node[i]
+        node.input[list(node.input).index(h)] = HIDDEN_LAST
+    g.initializer.extend([
+        numpy_helper.from_array(np.array([-1], np.int64), "head.last_start"),
+        numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "head.last_end"),
+        numpy_helper.from_array(np.array([1], np.int64), "head.seq_axis"),
+    ])
+    g.node.insert(min(readers), helper.make_node("Slice", [h, "head.last_start", "head.last_end", "head.seq_axis"],
+                                                 [HIDDEN_LAST], name="head/last_position"))
+    for o in g.output:
+        if o.name == "logits":
+            o.type.tensor_type.shape.dim[1].dim_value = 1
+    # shapes inferred for the full sequence no longer hold downstream of the slice
+    head_values = {o for n in (head.matmul, head.gather, head.add) if n is not None for o in n.output}
+    keep = [vi for vi in g.value_info if vi.name not in head_values]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    onnx.checker.check_model(out, full_check=True)
+    return out

@@ -1,0 +1,114 @@
+"""Exact top-k decoding inside the graph, with no V-sized tensor computed at run time.
+
+From the K codebook logits z = MatMul(h, C_T) and per-cluster tables (see vqexport.decoding):
+
+    score      = z + head.cluster_max_bias                      [B, S, K]
+    clusters   = TopK(score, min(k, K))                          [B, S, kc]
+    candidates = GatherElements(z, clusters)[..., None] + head.member_bias[clusters]   [B, S, kc, w]
+    top        = TopK(Reshape(candidates, [B, S, kc*w]), k)      values, positions
+    topk_ids   = GatherElements(Reshape(head.members[clusters]), positions)
+    lse        = ReduceLogSumExp(z + head.cluster_lse_bias)      [B, S, 1]
+    topk_logprobs    = top.values - lse                          [B, S, k]
+    cluster_logprobs = z + head.cluster_lse_bias - lse           [B, S, K]
+
+Values are exact; among exactly equal logits, TopK's lowest-position rule may pick a different token id
+than a by-id tie-break would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..decoding import cluster_tables
+from ..errors import VQExportError
+from ..graph import BATCH, SEQ, find_head, initializer_array
+
+OUTPUTS = ("topk_ids", "topk_logprobs", "cluster_logprobs")
+
+
+def add_topk_outputs(proto: onnx.ModelProto, k: int, keep_logits: bool = False) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    head = find_head(out)
+    if head.kind != "vq":
+        raise VQExportError("decode = 'topk' needs a VQ-Logits head")
+    mapping = initializer_array(out, head.gather.input[1])
+    bias_name = next((i for i in (head.add.input if head.add is not None else []) if i == "head.bias"), None)
+    bias = initializer_array(out, bias_name) if bias_name else None
+    V = int(mapping.shape[0])
+    K = _matmul_width(out, head)
+    if not 1 <= k <= V:
+        raise VQExportError(f"decode k must be in [1, vocab size {V}], got {k}")
+    t = cluster_tables(mapping, bias, K, width=k)
+    w = t.members.shape[1]
+    kc = min(k, K)
+    neg = np.float32(np.finfo(np.float32).min)  # finite "minus infinity" keeps Add/TopK NaN-free
+    inits = [
+        numpy_helper.from_array(np.where(np.isfinite(t.max_bias), t.max_bias, neg).astype(np.float32), "head.cluster_max_bias"),
+        numpy_helper.from_array(np.where(np.isfinite(t.lse_bias), t.lse_bias, neg).astype(np.float32), "head.cluster_lse_bias"),
+        numpy_helper.from_array(np.where(t.members >= 0, t.members, 0).astype(np.int64), "head.members"),
+        numpy_helper.from_array(np.where(np.isfinite(t.member_bias), t.member_bias, neg).astype(np.float32), "head.member_bias"),
+        numpy_helper.from_array(np.array([kc], np.int64), "head.k_clusters"),
+        numpy_helper.from_array(np.array([k], np.int64), "head.k"),
+        numpy_helper.from_array(np.array([0, 0, -1], np.int64), "head.flat_shape"),
+        numpy_helper.from_array(np.array([-1], np.int64), "head.last_axis"),
+    ]
+    z = head.matmul.output[0]
+    n = helper.make_node
+    nodes = [
+        n("Add", [z, "head.cluster_max_bias"], ["topk/score"], name="topk/score"),
+        n("TopK", ["topk/score", "head.k_clusters"], ["topk/cluster_score", "topk/clusters"], name="topk/clusters", axis=-1),
+        n("GatherElements", [z, "topk/clusters"], ["topk/z_sel"], name="topk/z_sel", axis=-1),
+        n("Unsqueeze", ["topk/z_sel", "head.last_axis"], ["topk/z_sel4"], name="topk/z_sel4"),
+        n("Gather", ["head.member_bias", "topk/clusters"], ["topk/cand_bias"], name="topk/cand_bias", axis=0),
+        n("Gather", ["head.members", "topk/clusters"], ["topk/cand_ids4"], name="topk/cand_ids4", axis=0),
+        n("Add", ["topk/z_sel4", "topk/cand_bias"], ["topk/cand4"], name="topk/cand4"),
+        n("Reshape", ["topk/cand4", "head.flat_shape"], ["topk/cand"], name="topk/cand"),
+        n("Reshape", ["topk/cand_ids4", "head.flat_shape"], ["topk/cand_ids"], name="topk/cand_ids"),
+        n("TopK", ["topk/cand", "head.k"], ["topk/values", "topk/positions"], name="topk/top", axis=-1),
+        n("GatherElements", ["topk/cand_ids", "topk/positions"], ["topk_ids"], name="topk/ids", axis=-1),
+        n("Add", [z, "head.cluster_lse_bias"], ["topk/cluster_scores"], name="topk/cluster_scores"),
+        n("ReduceLogSumExp", ["topk/cluster_scores", "head.last_axis"], ["topk/lse"], name="topk/lse", keepdims=1),
+        n("Sub", ["topk/values", "topk/lse"], ["topk_logprobs"], name="topk/logprobs"),
+        n("Sub", ["topk/cluster_scores", "topk/lse"], ["cluster_logprobs"], name="topk/cluster_logprobs"),
+    ]
+    g.initializer.extend(inits)
+    g.node.extend(nodes)
+    g.output.extend([
+        helper.make_tensor_value_info("topk_ids", TensorProto.INT64, [BATCH, SEQ, k]),
+        helper.make_tensor_value_info("topk_logprobs", TensorProto.FLOAT, [BATCH, SEQ, k]),
+        helper.make_tensor_value_info("cluster_logprobs", TensorProto.FLOAT, [BATCH, SEQ, K]),
+    ])
+    if not keep_logits:
+        _drop_logits(out, head)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def _matmul_width(proto, head) -> int:
+    for t in proto.graph.initializer:
+        if t.name == head.initializers[0]:
+            return int(t.dims[-1])
+    raise VQExportError("graph: head codebook not found")
+
+
+def _drop_logits(proto: onnx.ModelProto, head) -> None:
+    g = proto.graph
+    dead_outputs = {o for x in (head.gather, head.add) if x is not None for o in x.output}
+    keep = [nd for nd in g.node if not any(o in dead_outputs for o in nd.output)]
+    del g.node[:]
+    g.node.extend(keep)
+    outs = [o for o in g.output if o.name != "logits"]
+    del g.output[:]
+    g.output.extend(outs)
+    used = {i for nd in g.node for i in nd.input}
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    live = {o for nd in g.node for o in nd.output} | {t.name for t in g.initializer}
+    vis = [vi for vi in g.value_info if vi.name in live]
+    del g.value_info[:]
+    g.value_info.extend(vis)
