@@ -55,21 +55,41 @@ def test_graph_contract(built):
     head = find_head(proto)
     inits = {t.name: t for t in proto.graph.initializer}
     if cfg.head.type == "vq":
-        assert head.kind == "vq" and head.matmul.op_type == "MatMul" and head.gather.op_type == "Gather"
-        axis = next(a.i for a in head.gather.attribute if a.name == "axis")
-        assert axis in (-1, 2)
-        assert head.matmul.input[1] == "head.codebook_t"
-        assert list(inits["head.codebook_t"].dims) == [cfg.d_model, cfg.head.codebook_size]
-        mapping = inits["head.map"]
-        assert mapping.data_type == onnx.TensorProto.INT32
-        ckpt_map = api.load_checkpoint(built[1]).tensors["head.map"]
-        np.testing.assert_array_equal(numpy_helper.to_array(mapping), ckpt_map)
+        # the ort profile selects with Expand + GatherElements (measured faster than Gather)
+        assert head.kind == "vq" and head.matmul.op_type == "MatMul" and head.gather.op_type == "GatherElements"
+        assert_vq_head(proto, cfg, api.load_checkpoint(built[1]).tensors["head.map"])
     else:
         assert head.kind == "dense" and head.gather is None
     assert (head.add is not None) == cfg.head.bias
     if cfg.head.bias:
         assert "head.bias" in head.add.input
     onnx.checker.check_model(proto, full_check=True)
+
+
+def assert_vq_head(proto, cfg, ckpt_map):
+    head = find_head(proto)
+    inits = {t.name: t for t in proto.graph.initializer}
+    axis = next(a.i for a in head.gather.attribute if a.name == "axis")
+    assert axis in (-1, 2)
+    assert head.matmul.input[1] == "head.codebook_t"
+    assert list(inits["head.codebook_t"].dims) == [cfg.d_model, cfg.head.codebook_size]
+    mapping = inits["head.map"]
+    assert mapping.data_type == onnx.TensorProto.INT32
+    np.testing.assert_array_equal(numpy_helper.to_array(mapping).reshape(-1), ckpt_map)
+
+
+def test_plain_gather_form(tmp_path):
+    cfg = make_config(vocab=97, k=11)
+    ckpt = make_checkpoint(tmp_path / "ckpt", cfg)
+    profile = tmp_path / "gather.toml"
+    profile.write_text('backend = "ort"\nname = "gather"\nselect = "gather"\n[parity]\nsteps = 4\n')
+    result = api.build(str(profile), model=ckpt, out=tmp_path / "art")
+    proto = onnx.load(str(result.out / "model.onnx"))
+    head = find_head(proto)
+    assert head.gather.op_type == "Gather" and not any(n.op_type == "GatherElements" for n in proto.graph.node)
+    assert_vq_head(proto, cfg, api.load_checkpoint(ckpt).tensors["head.map"])
+    assert numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "head.map")).shape == (97,)
+    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
 
 
 @pytest.mark.parametrize("batch,seq,past", [(1, 1, 0), (3, 1, 7), (1, 6, 0), (4, 2, 3)])

@@ -69,7 +69,7 @@ def test_int8_parity_meets_the_goal(int8_demo):
     assert r.kl_divergence <= 1e-3
     assert r.max_abs_diff > 0  # it is really quantized
     runtime = int8_demo.manifest["runtime"]
-    assert runtime["session_config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
+    assert runtime["session_config"] == {"session.qdq_matmulnbits_accuracy_level": "4"}
 
 
 def test_int8_head_bytes_shrink(int8_demo, demo_artifact):

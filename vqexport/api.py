@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from .bench.head import SHAPES as HEAD_SHAPES
 from .build import BuildResult, build, verify_artifact as verify
 from .checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 from .errors import ParityError, VQExportError
@@ -17,7 +18,19 @@ from .inspect import inspect_path as inspect
 from .profiles import Profile, bundled_names as target_names, load_profile
 from .verify import ParityReport
 
+
+
+def bench_head(shapes=tuple(HEAD_SHAPES), threads: int = 2, min_seconds: float = 0.5, progress=None) -> dict:
+    """Head-only latency of dense / VQ / int8 / top-k variants at batch-1 decode (see vqexport.bench.head)."""
+    from .bench.head import run_head_bench
+
+    unknown = [s for s in shapes if s not in HEAD_SHAPES]
+    if unknown or not shapes:
+        raise VQExportError(f"unknown head shape(s) {', '.join(unknown) or '(none)'}; known: {', '.join(HEAD_SHAPES)}")
+    return run_head_bench(tuple(shapes), threads=threads, min_seconds=min_seconds, progress=progress)
+
+
 __all__ = [
     "BuildResult", "Checkpoint", "Generation", "ParityError", "ParityReport", "Profile", "VQExportError",
-    "build", "generate", "inspect", "load_checkpoint", "load_profile", "resolve_checkpoint", "target_names", "verify",
+    "bench_head", "build", "generate", "inspect", "load_checkpoint", "load_profile", "resolve_checkpoint", "target_names", "verify",
 ]

@@ -114,6 +114,10 @@ def check_profile_fits(profile: Profile, ckpt: Checkpoint) -> None:
 
 def apply_passes(proto, profile: Profile, ckpt: Checkpoint, progress=_noop):
     """The profile's graph passes, in order (each a pure ModelProto -> ModelProto)."""
+    if profile.select == "gather_elements" and ckpt.config.head.type == "vq":
+        from .passes.select_form import use_gather_elements
+
+        proto = use_gather_elements(proto)
     if profile.codebook == "int8":
         from .passes.int8_codebook import quantize_codebook
 

@@ -76,6 +76,34 @@ class _Progress:
             self.status.update(stage)
 
 
+class _Bar:
+    """A progress bar on stderr for long benchmarks (silent when stderr is not a terminal or output is JSON)."""
+
+    def __init__(self, quiet: bool):
+        self.progress = None
+        if not quiet and sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self.progress = Progress(console=_console(), transient=True)
+            self.task = None
+
+    def __enter__(self):
+        if self.progress:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if not self.progress:
+            return
+        if self.task is None:
+            self.task = self.progress.add_task(label, total=total)
+        self.progress.update(self.task, completed=done, description=label)
+
+
 def _parity_table(r) -> None:
     from rich.table import Table
 
@@ -234,6 +262,47 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
     api.generate(artifact, prompt, max_new_tokens, on_token=stream, sample=sample,
                  temperature=temperature, top_k=top_k, seed=seed)
     click.echo("" if started else prompt)
+
+
+@main.command()
+@click.option("--head", "head", is_flag=True, help="Benchmark the output layer alone at batch-1 decode for standard head shapes.")
+@click.option("--shapes", default=",".join(("gpt2", "qwen2.5-0.5b", "llama-3.2-1b")), show_default=True,
+              help="Comma-separated head shapes for --head.")
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--seconds", type=click.FloatRange(0.05, 60), default=0.5, show_default=True, help="Minimum timing time per variant.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bench(head, shapes, threads, seconds, as_json):
+    """Latency benchmarks; figures and ratios measured side by side in one run."""
+    from . import api
+
+    if not head:
+        raise VQExportError("choose what to benchmark: --head")
+    names = [s.strip() for s in shapes.split(",") if s.strip()]
+    with _Bar(as_json) as bar:
+        result = api.bench_head(names, threads=threads, min_seconds=seconds, progress=bar)
+    if as_json:
+        _print_json(result)
+        return
+    from rich.table import Table
+
+    c = _console(stderr=False)
+    m = result["machine"]
+    c.print(f"{m['cpu']}, {threads} threads, onnxruntime {m['onnxruntime']}; copy bandwidth {result['bandwidth_gbps']:.1f} GB/s")
+    t = Table(title="head latency, batch 1, one decode step (median ms; x = speed-up over dense fp32)")
+    for col in ("shape", "V", "d", "K", "dense", "dense int8", "vq", "vq int8", "top-k 50 (int8)"):
+        t.add_column(col, justify="right" if col != "shape" else "left")
+    for r in result["rows"]:
+        t.add_row(r["name"], str(r["V"]), str(r["d"]), str(r["K"]), f"{r['dense_ms']:.3f}", f"{r['dense_int8_ms']:.3f}",
+                  f"{r['vq_ms']:.3f} ({r['vq_speedup']:.0f}x)", f"{r['vq_int8_ms']:.3f} ({r['vq_int8_speedup']:.0f}x)",
+                  f"{r['topk_ms']:.3f} ({r['topk_speedup']:.0f}x)")
+    c.print(t)
+    t = Table(title="every variant measured (bytes it must move; fraction of copy bandwidth; >1 means cache-resident)")
+    for col in ("shape", "variant", "ms", "MB", "of bandwidth"):
+        t.add_column(col, justify="right" if col not in ("shape", "variant") else "left")
+    for v in result["variants"]:
+        t.add_row(v["shape"], v["variant"], f"{v['ms']:.3f}", f"{v['bytes'] / 1e6:.2f}", f"{v['bandwidth_fraction']:.2f}")
+    c.print(t)
+    c.print(result["notes"])
 
 
 @main.command()

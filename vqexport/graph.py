@@ -87,6 +87,7 @@ class HeadNodes:
     gather: onnx.NodeProto | None
     add: onnx.NodeProto | None
     initializers: list[str]  # names of the head's weights
+    map_name: str | None = None  # the token -> code map initializer (vq heads with logits)
 
 
 def find_head(model: onnx.ModelProto) -> HeadNodes:
@@ -102,9 +103,12 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
     if node is not None and node.op_type == "Add":
         add = node
         node = next((producer[i] for i in node.input if i in producer), None)
-    gather = None
-    if node is not None and node.op_type == "Gather":
+    gather, map_name = None, None
+    if node is not None and node.op_type in ("Gather", "GatherElements"):
         gather = node
+        map_name = node.input[1]
+        if node.op_type == "GatherElements" and map_name in producer and producer[map_name].op_type == "Expand":
+            map_name = producer[map_name].input[0]  # the map broadcast to the logits' shape
         node = producer.get(node.input[0])
     if node is None or node.op_type != "MatMul":
         raise VQExportError("graph: cannot find the output head (MatMul with a constant weight feeding 'logits')")
@@ -113,14 +117,14 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
         raise VQExportError("graph: cannot find the output head (MatMul with a constant weight feeding 'logits')")
     names += [n for n in (_constant_sources(node.input[0], producer, inits, quant_only=True) or []) if n not in names]
     if gather is not None:
-        if gather.input[1] not in inits:
+        if map_name not in inits:
             raise VQExportError("graph: the head's Gather indices are not a constant map")
-        names.append(gather.input[1])
+        names.append(map_name)
     if add is not None:
         names.extend(i for i in add.input if i in inits)
     # tables added by passes follow the "head." naming convention
     names += sorted(n for n in inits if n.startswith("head.") and n not in names)
-    return HeadNodes("vq" if gather is not None or topk else "dense", node, gather, add, names)
+    return HeadNodes("vq" if gather is not None or topk else "dense", node, gather, add, names, map_name)
 
 
 def _constant_sources(name, producer, inits, quant_only=False):
@@ -137,6 +141,27 @@ def _constant_sources(name, producer, inits, quant_only=False):
         return params + [p for p in rest if p not in params]
     data = _constant_sources(node.input[0], producer, inits)
     return None if data is None else data + params
+
+
+def prune_unused(proto: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nobody reads, then unused initializers and stale value_info (in place)."""
+    g = proto.graph
+    outputs = {o.name for o in g.output}
+    while True:
+        used = {i for n in g.node for i in n.input} | outputs
+        keep = [n for n in g.node if any(o in used for o in n.output)]
+        if len(keep) == len(g.node):
+            break
+        del g.node[:]
+        g.node.extend(keep)
+    used = {i for n in g.node for i in n.input}
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    live = {o for n in g.node for o in n.output} | {t.name for t in g.initializer}
+    vis = [vi for vi in g.value_info if vi.name in live]
+    del g.value_info[:]
+    g.value_info.extend(vis)
 
 
 def initializer_stats(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:

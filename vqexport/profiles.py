@@ -19,6 +19,7 @@ BACKENDS = ("ort",)
 CODEBOOKS = ("fp32", "int8")
 INT8_ENCODINGS = ("qdq",)
 DECODE_MODES = ("logits", "topk")
+SELECT_FORMS = ("gather", "gather_elements")
 OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
 
 
@@ -65,6 +66,7 @@ class Profile:
     precision: str = "fp32"
     codebook: str = "fp32"
     head: str = "standard"
+    select: str = "gather"  # how V logits are selected from K: "gather" | "gather_elements"
     int8: Int8Options = field(default_factory=Int8Options)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     ort: OrtOptions = field(default_factory=OrtOptions)
@@ -131,7 +133,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
             fail(f"{tname}{key} must be {desc or kind.__name__}, got {v!r}")
         return v
 
-    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "int8", "decode", "ort", "parity"}
+    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "select", "int8", "decode", "ort", "parity"}
     unknown = set(raw) - known_top
     if unknown:
         fail(f"unknown key(s): {', '.join(sorted(unknown))}")
@@ -143,6 +145,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
     precision = take(raw, "precision", str, "fp32", "", lambda v: v == "fp32", "'fp32' (the only precision of the ort backend)")
     codebook = take(raw, "codebook", str, "fp32", "", lambda v: v in CODEBOOKS, " or ".join(map(repr, CODEBOOKS)))
     head = take(raw, "head", str, "standard", "", lambda v: v == "standard", "'standard'")
+    select = take(raw, "select", str, "gather", "", lambda v: v in SELECT_FORMS, " or ".join(map(repr, SELECT_FORMS)))
 
     o = raw.get("ort", {})
     if not isinstance(o, dict):
@@ -203,4 +206,4 @@ def parse_profile(raw: dict, where: str) -> Profile:
         greedy_must_match=take(p, "greedy_must_match", bool, True, "parity.", None, "true or false"),
     )
     return Profile(name=name, backend=backend, description=take(raw, "description", str, "", "", None, "a string"),
-                   opset=opset, precision=precision, codebook=codebook, head=head, int8=int8, decode=decode, ort=ort_opts, parity=parity, source=where)
+                   opset=opset, precision=precision, codebook=codebook, head=head, select=select, int8=int8, decode=decode, ort=ort_opts, parity=parity, source=where)

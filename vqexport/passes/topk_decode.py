@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..decoding import cluster_tables
 from ..errors import VQExportError
-from ..graph import BATCH, SEQ, find_head, initializer_array
+from ..graph import BATCH, SEQ, find_head, initializer_array, prune_unused
 
 OUTPUTS = ("topk_ids", "topk_logprobs", "cluster_logprobs")
 
@@ -35,7 +35,7 @@ def add_topk_outputs(proto: onnx.ModelProto, k: int, keep_logits: bool = False) 
     head = find_head(out)
     if head.kind != "vq":
         raise VQExportError("decode = 'topk' needs a VQ-Logits head")
-    mapping = initializer_array(out, head.gather.input[1])
+    mapping = initializer_array(out, head.map_name).reshape(-1)
     bias_name = next((i for i in (head.add.input if head.add is not None else []) if i == "head.bias"), None)
     bias = initializer_array(out, bias_name) if bias_name else None
     V = int(mapping.shape[0])
@@ -96,19 +96,7 @@ def _matmul_width(proto, head) -> int:
 
 
 def _drop_logits(proto: onnx.ModelProto, head) -> None:
-    g = proto.graph
-    dead_outputs = {o for x in (head.gather, head.add) if x is not None for o in x.output}
-    keep = [nd for nd in g.node if not any(o in dead_outputs for o in nd.output)]
-    del g.node[:]
-    g.node.extend(keep)
-    outs = [o for o in g.output if o.name != "logits"]
-    del g.output[:]
-    g.output.extend(outs)
-    used = {i for nd in g.node for i in nd.input}
-    inits = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    live = {o for nd in g.node for o in nd.output} | {t.name for t in g.initializer}
-    vis = [vi for vi in g.value_info if vi.name in live]
-    del g.value_info[:]
-    g.value_info.extend(vis)
+    outs = [o for o in proto.graph.output if o.name != "logits"]
+    del proto.graph.output[:]
+    proto.graph.output.extend(outs)
+    prune_unused(proto)
