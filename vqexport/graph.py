@@ -122,7 +122,7 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
         names.append(map_name)
     if add is not None:
         names.extend(i for i in add.input if i in inits)
-    # tables added by passes follow the "head." naming convention
+    # weights and tables added by passes are named "head.*" (structural constants "head/...")
     names += sorted(n for n in inits if n.startswith("head.") and n not in names)
     return HeadNodes("vq" if gather is not None or topk else "dense", node, gather, add, names, map_name)
 

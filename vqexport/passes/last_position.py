@@ -27,11 +27,11 @@ def last_position_only(proto: onnx.ModelProto) -> onnx.ModelProto:
         node = g.node[i]
         node.input[list(node.input).index(h)] = HIDDEN_LAST
     g.initializer.extend([
-        numpy_helper.from_array(np.array([-1], np.int64), "head.last_start"),
-        numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "head.last_end"),
-        numpy_helper.from_array(np.array([1], np.int64), "head.seq_axis"),
+        numpy_helper.from_array(np.array([-1], np.int64), "head/last/start"),
+        numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "head/last/end"),
+        numpy_helper.from_array(np.array([1], np.int64), "head/last/axis"),
     ])
-    g.node.insert(min(readers), helper.make_node("Slice", [h, "head.last_start", "head.last_end", "head.seq_axis"],
+    g.node.insert(min(readers), helper.make_node("Slice", [h, "head/last/start", "head/last/end", "head/last/axis"],
                                                  [HIDDEN_LAST], name="head/last_position"))
     for o in g.output:
         if o.name == "logits":

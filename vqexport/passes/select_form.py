@@ -29,15 +29,15 @@ def use_gather_elements(proto: onnx.ModelProto) -> onnx.ModelProto:
     z, sel = head.gather.input[0], head.gather.output[0]
     g.initializer.extend([
         numpy_helper.from_array(mapping.reshape(1, 1, V), "head.map_b"),
-        numpy_helper.from_array(np.array([0], np.int64), "head.select_start"),
-        numpy_helper.from_array(np.array([2], np.int64), "head.select_end"),
-        numpy_helper.from_array(np.array([V], np.int64), "head.select_vocab"),
+        numpy_helper.from_array(np.array([0], np.int64), "head/select/start"),
+        numpy_helper.from_array(np.array([2], np.int64), "head/select/end"),
+        numpy_helper.from_array(np.array([V], np.int64), "head/select/vocab"),
     ])
     n = helper.make_node
     nodes = [
         n("Shape", [z], ["head/select/z_shape"], name="head/select/shape"),
-        n("Slice", ["head/select/z_shape", "head.select_start", "head.select_end"], ["head/select/lead"], name="head/select/lead"),
-        n("Concat", ["head/select/lead", "head.select_vocab"], ["head/select/out_shape"], name="head/select/out_shape", axis=0),
+        n("Slice", ["head/select/z_shape", "head/select/start", "head/select/end"], ["head/select/lead"], name="head/select/lead"),
+        n("Concat", ["head/select/lead", "head/select/vocab"], ["head/select/out_shape"], name="head/select/out_shape", axis=0),
         n("Expand", ["head.map_b", "head/select/out_shape"], ["head/select/index"], name="head/select/index"),
         n("GatherElements", [z, "head/select/index"], [sel], name="head/select/gather", axis=-1),
     ]
