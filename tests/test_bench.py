@@ -22,3 +22,31 @@ def test_bench_head_json_shape():
 def test_bench_needs_a_subject_and_known_shapes():
     assert_user_error(run_cli("bench"), "--head")
     assert_user_error(run_cli("bench", "--head", "--shapes", "gpt5"), "unknown head shape(s) gpt5")
+
+
+def test_bench_artifact_vs_dense(demo_artifact):
+    result = run_cli("bench", "--artifact", demo_artifact, "--vs-dense", "--prompt-length", 16, "--tokens", 4, "--json")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    for side in ("vq", "dense"):
+        for key in ("ttft_ms", "decode_ms_p50", "decode_ms_p90", "decode_ms_p99", "tokens_per_s", "peak_rss_mb", "model_bytes"):
+            assert out[side][key] > 0
+        assert out[side]["decode_ms_p50"] <= out[side]["decode_ms_p99"]
+    assert out["dense"]["model_bytes"] > out["vq"]["model_bytes"]  # the twin carries the V x d matrix
+    assert set(out["ratios"]) >= {"ttft", "decode_p50", "tokens_per_s", "model_bytes", "peak_rss"}
+
+
+def test_dense_twin_has_identical_logits(demo_artifact):
+    import numpy as np
+    import onnx
+
+    from vqexport.backends.ort.runner import OrtRunner
+    from vqexport.passes.dense_twin import dense_twin
+
+    twin = dense_twin(onnx.load(str(demo_artifact / "model.onnx")))
+    assert not any(n.op_type in ("Gather", "GatherElements") and "head" in n.name for n in twin.graph.node)
+    ids = np.arange(12).reshape(2, 6) + 100
+    with OrtRunner(demo_artifact / "model.onnx") as a, OrtRunner(twin.SerializeToString()) as b:
+        la = a.step(ids, np.ones_like(ids), a.empty_past(2)).logits
+        lb = b.step(ids, np.ones_like(ids), b.empty_past(2)).logits
+    np.testing.assert_allclose(la, lb, atol=1e-4)

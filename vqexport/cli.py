@@ -104,6 +104,29 @@ class _Bar:
         self.progress.update(self.task, completed=done, description=label)
 
 
+def _artifact_table(r) -> None:
+    from rich.table import Table
+
+    c = _console(stderr=False)
+    m = r["machine"]
+    c.print(f"{r['artifact']} ({r['target']}) on {m['cpu']}; prompt {r['prompt_length']} tokens, {r['tokens']} decode tokens timed")
+    t = Table(title="end-to-end latency (onnxruntime)")
+    cols = ["metric", "vq-logits"] + (["dense twin", "dense / vq"] if "dense" in r else [])
+    for col in cols:
+        t.add_column(col, justify="right" if col != "metric" else "left")
+    rows = [("time to first token (ms)", "ttft_ms", "ttft"), ("decode p50 (ms)", "decode_ms_p50", "decode_p50"),
+            ("decode p90 (ms)", "decode_ms_p90", None), ("decode p99 (ms)", "decode_ms_p99", None),
+            ("tokens/s", "tokens_per_s", "tokens_per_s"), ("peak RSS (MB)", "peak_rss_mb", "peak_rss"),
+            ("model bytes", "model_bytes", "model_bytes")]
+    for label, key, ratio in rows:
+        cells = [label, f"{r['vq'][key]:,.3f}" if isinstance(r["vq"][key], float) else f"{r['vq'][key]:,}"]
+        if "dense" in r:
+            d = r["dense"][key]
+            cells += [f"{d:,.3f}" if isinstance(d, float) else f"{d:,}", f"{r['ratios'][ratio]:.2f}x" if ratio else ""]
+        t.add_row(*cells)
+    c.print(t)
+
+
 def _parity_table(r) -> None:
     from rich.table import Table
 
@@ -270,13 +293,29 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
               help="Comma-separated head shapes for --head.")
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--seconds", type=click.FloatRange(0.05, 60), default=0.5, show_default=True, help="Minimum timing time per variant.")
+@click.option("--artifact", "-a", type=click.Path(), default=None, help="Benchmark a built artifact end to end.")
+@click.option("--vs-dense", is_flag=True, help="With --artifact: also measure its dense-head twin (identical logits).")
+@click.option("--prompt-length", type=int, default=128, show_default=True, help="With --artifact: prompt tokens for time to first token.")
+@click.option("--tokens", type=int, default=64, show_default=True, help="With --artifact: decode tokens timed after warm-up.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def bench(head, shapes, threads, seconds, as_json):
-    """Latency benchmarks; figures and ratios measured side by side in one run."""
+def bench(head, shapes, threads, seconds, artifact, vs_dense, prompt_length, tokens, as_json):
+    """Latency benchmarks; figures and ratios measured side by side in one run.
+
+    --head: the output layer alone for standard head shapes. --artifact DIR: time to first token,
+    per-token decode latency (p50/p90/p99), tokens/s, peak RSS and bytes of a built artifact.
+    """
     from . import api
 
-    if not head:
-        raise VQExportError("choose what to benchmark: --head")
+    if head == (artifact is not None):
+        raise VQExportError("choose what to benchmark: --head or --artifact DIR")
+    if artifact is not None:
+        with _Bar(as_json) as bar:
+            result = api.bench_artifact(artifact, vs_dense=vs_dense, prompt_len=prompt_length, tokens=tokens, progress=bar)
+        if as_json:
+            _print_json(result)
+        else:
+            _artifact_table(result)
+        return
     names = [s.strip() for s in shapes.split(",") if s.strip()]
     with _Bar(as_json) as bar:
         result = api.bench_head(names, threads=threads, min_seconds=seconds, progress=bar)

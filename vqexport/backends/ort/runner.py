@@ -16,7 +16,7 @@ class OrtRunner(Runner):
 
     def __init__(self, model_path, providers=("CPUExecutionProvider",), optimization_level: str = "all",
                  threads: int = 0, session_config: dict | None = None):
-        self.model_path = Path(model_path)
+        self.model_path = model_path if isinstance(model_path, bytes) else Path(model_path)  # a file or serialized bytes
         self.providers = list(providers)
         self.optimization_level = optimization_level
         self.threads = threads
@@ -27,7 +27,8 @@ class OrtRunner(Runner):
         import onnxruntime as ort
 
         so = session_options(self.optimization_level, self.threads, self.session_config)
-        self.session = ort.InferenceSession(str(self.model_path), so, providers=available_providers(self.providers))
+        model = self.model_path if isinstance(self.model_path, bytes) else str(self.model_path)
+        self.session = ort.InferenceSession(model, so, providers=available_providers(self.providers))
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.n_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         if self.n_layers:

@@ -1,0 +1,114 @@
+"""``bench --artifact``: end-to-end latency of a built artifact with onnxruntime (and of its dense twin).
+
+Each model is measured in a fresh worker process (so peak RSS is the model's own): time to first token
+for a 128-token prompt, then per-token decode latency over >= 64 greedy tokens after warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import read_manifest
+from ..errors import VQExportError
+
+
+def measure(model_path: str, runtime: dict, prompt_len: int, tokens: int, warmup: int, vocab: int) -> dict:
+    """Runs inside the worker: prefill + greedy decode timings for one model file."""
+    import resource
+    import time
+
+    from ..backends.ort.runner import OrtRunner
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, vocab, size=(1, prompt_len))
+    runner = OrtRunner(model_path, runtime["providers"], runtime["session_optimization_level"],
+                       runtime["intra_op_num_threads"], runtime.get("session_config"))
+
+    def choose(out):
+        if out.logits is not None:
+            return int(out.logits[0, -1].argmax())
+        return int(out.extra["topk_ids"][0, -1, 0])
+
+    with runner:
+        ttft = []
+        for i in range(4):  # the first prefill warms up; the rest are timed
+            t0 = time.perf_counter()
+            out = runner.step(prompt, np.ones_like(prompt), runner.empty_past(1))
+            nxt = choose(out)
+            if i:
+                ttft.append(time.perf_counter() - t0)
+        mask = np.ones((1, prompt_len), np.int64)
+        per_token = []
+        for i in range(warmup + tokens):
+            mask = np.concatenate([mask, [[1]]], axis=1)
+            t0 = time.perf_counter()
+            out = runner.step(np.array([[nxt]]), mask, out.present)
+            nxt = choose(out)
+            if i >= warmup:
+                per_token.append(time.perf_counter() - t0)
+    lat = np.asarray(per_token) * 1e3
+    return {
+        "ttft_ms": float(np.median(ttft) * 1e3),
+        "decode_ms_p50": float(np.percentile(lat, 50)), "decode_ms_p90": float(np.percentile(lat, 90)),
+        "decode_ms_p99": float(np.percentile(lat, 99)), "tokens_per_s": float(1e3 / lat.mean()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "model_bytes": Path(model_path).stat().st_size,
+    }
+
+
+def _in_worker(model_path: Path, runtime: dict, prompt_len: int, tokens: int, warmup: int, vocab: int) -> dict:
+    args = json.dumps([str(model_path), runtime, prompt_len, tokens, warmup, vocab])
+    code = "import json,sys; from vqexport.bench.artifact import measure; print(json.dumps(measure(*json.loads(sys.argv[1]))))"
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, tokens: int = 64, warmup: int = 8,
+                       progress=None) -> dict:
+    import onnx
+
+    from .timing import machine
+
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    if tokens < 1 or prompt_len < 1:
+        raise VQExportError("--tokens and --prompt-length must be >= 1")
+    cfg = manifest["config"]
+    if prompt_len + warmup + tokens > cfg.get("max_position", 2048):
+        raise VQExportError(f"prompt + tokens exceed the model's max_position {cfg.get('max_position')}")
+    runtime = manifest["runtime"]
+    steps = 2 if vs_dense else 1
+    if progress:
+        progress("vq-logits artifact", 0, steps)
+    vq = _in_worker(artifact / runtime["model_file"], runtime, prompt_len, tokens, warmup, cfg["vocab_size"])
+    vq["artifact_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
+    result = {"artifact": str(artifact), "target": manifest["target"], "prompt_length": prompt_len, "tokens": tokens,
+              "machine": machine(), "vq": vq}
+    if vs_dense:
+        from ..passes.dense_twin import dense_twin
+
+        if progress:
+            progress("dense-head twin", 1, steps)
+        twin = dense_twin(onnx.load(str(artifact / runtime["model_file"])))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "dense.onnx"
+            path.write_bytes(twin.SerializeToString())
+            dense = _in_worker(path, runtime, prompt_len, tokens, warmup, cfg["vocab_size"])
+        dense["artifact_bytes"] = dense["model_bytes"]
+        result["dense"] = dense
+        result["ratios"] = {
+            "ttft": dense["ttft_ms"] / vq["ttft_ms"], "decode_p50": dense["decode_ms_p50"] / vq["decode_ms_p50"],
+            "tokens_per_s": vq["tokens_per_s"] / dense["tokens_per_s"], "model_bytes": dense["model_bytes"] / vq["model_bytes"],
+            "peak_rss": dense["peak_rss_mb"] / vq["peak_rss_mb"],
+        }
+    if progress:
+        progress("done", steps, steps)
+    return result

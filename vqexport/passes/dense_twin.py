@@ -1,0 +1,48 @@
+"""The dense-head twin of a VQ-Logits graph: ``logits = h @ W_t + b`` with ``W[v] = C[M[v]]``.
+
+Same trunk, same logits (an int8 codebook is dequantized first), so a side-by-side benchmark measures
+exactly what the VQ head saves. Only graphs with a ``logits`` output have a twin.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import VQExportError
+from ..graph import find_head, initializer_array, prune_unused
+from ..quant import dequantize_rows
+
+
+def dense_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    if "logits" not in {o.name for o in g.output}:
+        raise VQExportError("this artifact has no logits output (decode = 'topk'); its dense twin cannot be built")
+    head = find_head(out)
+    if head.kind != "vq":
+        raise VQExportError("the model already has a dense head")
+    names = {t.name for t in g.initializer}
+    if "head.codebook_q" in names:
+        q = initializer_array(out, "head.codebook_q")  # [d, K]
+        codebook_t = dequantize_rows(q.T, initializer_array(out, "head.codebook_scale")).T
+    else:
+        codebook_t = initializer_array(out, head.matmul.input[1])
+    mapping = initializer_array(out, head.map_name).reshape(-1)
+    weight_t = np.ascontiguousarray(codebook_t[:, mapping], dtype=np.float32)  # [d, V]
+    sel_out = head.gather.output[0]
+    h = head.matmul.input[0]
+    h_src = h
+    producer = {o: n for n in g.node for o in n.output}
+    while h_src in producer and producer[h_src].op_type in ("DequantizeLinear", "QuantizeLinear") and producer[h_src].name.startswith("head/"):
+        h_src = producer[h_src].input[0]
+    g.initializer.append(numpy_helper.from_array(weight_t, "head.weight_t"))
+    # the selection node is replaced by a dense MatMul writing the same tensor; the codebook path dies
+    pos = next(i for i, n in enumerate(g.node) if list(n.output) == [sel_out])
+    del g.node[pos]
+    g.node.insert(pos, helper.make_node("MatMul", [h_src, "head.weight_t"], [sel_out], name="head/dense/MatMul"))
+    prune_unused(out)
+    onnx.checker.check_model(out, full_check=True)
+    return out
