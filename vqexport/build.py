@@ -48,7 +48,7 @@ def versions() -> dict:
 
 
 def build(target: str | Profile = "ort", model=None, out=None, force: bool = False, steps: int | None = None,
-          progress=_noop) -> BuildResult:
+          head: str | None = None, progress=_noop) -> BuildResult:
     """Build a verified artifact for ``target`` from ``model`` (a checkpoint dir; None = embedded demo).
 
     Raises VQExportError for bad input (nothing written) and ParityError if the artifact does not match
@@ -62,6 +62,14 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
     from .backends.ort.session import available_providers
 
     profile = target if isinstance(target, Profile) else load_profile(target)
+    if head is not None and head != profile.head:
+        import dataclasses
+
+        from .errors import VQExportError
+
+        if head not in ("standard", "fused"):
+            raise VQExportError(f"--head must be 'standard' or 'fused', got {head!r}")
+        profile = dataclasses.replace(profile, head=head, name=f"{profile.name}-{head}")
     available_providers(profile.ort.providers)
     progress("loading checkpoint")
     ckpt = resolve_checkpoint(model)
@@ -105,6 +113,15 @@ def check_profile_fits(profile: Profile, ckpt: Checkpoint) -> None:
 
     if profile.codebook == "int8" and ckpt.config.head.type != "vq":
         raise VQExportError(f"target {profile.name} quantizes the codebook, but {ckpt.path} has a dense head")
+    if profile.head == "fused":
+        if ckpt.config.head.type != "vq":
+            raise VQExportError(f"target {profile.name} fuses a VQ-Logits head, but {ckpt.path} has a dense head")
+        if profile.decode.mode == "topk":
+            raise VQExportError(f"target {profile.name}: head = 'fused' outputs logits; it cannot be combined with decode.mode = 'topk'")
+        if profile.ort.kernel == "extensions":
+            from .ops.vqlogits import register_ort_kernel
+
+            register_ort_kernel()  # fails clearly if the runtime has no way to provide the kernel
     if profile.decode.mode == "topk":
         if ckpt.config.head.type != "vq":
             raise VQExportError(f"target {profile.name} decodes top-k from the codebook, but {ckpt.path} has a dense head")
@@ -114,7 +131,12 @@ def check_profile_fits(profile: Profile, ckpt: Checkpoint) -> None:
 
 def apply_passes(proto, profile: Profile, ckpt: Checkpoint, progress=_noop):
     """The profile's graph passes, in order (each a pure ModelProto -> ModelProto)."""
-    if profile.select == "gather_elements" and ckpt.config.head.type == "vq":
+    if profile.head == "fused":
+        from .passes.fuse_head import fuse_head
+
+        progress("fusing the head into one VQLogits node")
+        proto = fuse_head(proto, select=profile.select)
+    elif profile.select == "gather_elements" and ckpt.config.head.type == "vq":
         from .passes.select_form import use_gather_elements
 
         proto = use_gather_elements(proto)
@@ -152,8 +174,7 @@ def verify_dir(artifact: Path, runtime: dict, profile: Profile, ckpt: Checkpoint
     n = profile.parity.steps if steps is None else steps
     prompts = prompt_ids(ckpt.tokenizer_path, ckpt.config.vocab_size)
     pad = ckpt.config.pad_token_id or 0
-    target = OrtRunner(Path(artifact) / runtime["model_file"], runtime["providers"], runtime["session_optimization_level"],
-                       runtime["intra_op_num_threads"], runtime.get("session_config"))
+    target = OrtRunner.from_runtime(Path(artifact) / runtime["model_file"], runtime)
     with TorchRunner(reference) as ref, target as tgt:
         return compare_runners(ref, tgt, prompts, n, profile.parity, target_name=profile.name, pad_id=pad,
                                mapping=ckpt.tensors.get("head.map"),

@@ -161,9 +161,11 @@ def main():
 @click.option("--out", "-o", default=None, type=click.Path(), help="Artifact directory [default: ./build/<target>].")
 @click.option("--force", is_flag=True, help="Replace an output directory that holds a different artifact or other files.")
 @click.option("--steps", type=click.IntRange(0, 4096), default=None, help="Greedy decode steps for the parity check [default: from the profile].")
+@click.option("--head", type=click.Choice(["standard", "fused"]), default=None,
+              help="Head form: standard ops, or one fused VQLogits node [default: from the profile].")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
 @click.pass_context
-def build(ctx, target, model, out, force, steps, as_json):
+def build(ctx, target, model, out, force, steps, head, as_json):
     """Export the model, build it for a target, verify parity, write the artifact.
 
     Exit 0 when the artifact is written and matches PyTorch, 1 on parity failure, 2 on bad input.
@@ -172,7 +174,7 @@ def build(ctx, target, model, out, force, steps, as_json):
 
     ctx.meta["json"] = as_json
     with _Progress(as_json) as progress:
-        result = api.build(target=target, model=model, out=out, force=force, steps=steps, progress=progress)
+        result = api.build(target=target, model=model, out=out, force=force, steps=steps, head=head, progress=progress)
     if as_json:
         _print_json(result.manifest)
         return

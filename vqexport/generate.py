@@ -106,8 +106,7 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
         raise VQExportError(f"prompt ({len(ids)} tokens) + {max_new_tokens} new tokens exceeds the model's max_position {limit}")
     eos = cfg.get("eos_token_id")
     rt = manifest["runtime"]
-    runner = OrtRunner(artifact / rt["model_file"], rt["providers"], rt["session_optimization_level"],
-                       rt["intra_op_num_threads"], rt.get("session_config"))
+    runner = OrtRunner.from_runtime(artifact / rt["model_file"], rt)
     new: list[int] = []
     stopped = False
     with runner:

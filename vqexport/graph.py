@@ -99,6 +99,12 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
     topk = node is None and any(n.name == "topk/score" for n in g.node)
     if topk:  # exact top-k variant without logits: the head's MatMul feeds the cluster scores
         node = producer.get(next(n for n in g.node if n.name == "topk/score").input[0])
+    if node is not None and node.op_type == "VQLogits":  # fused head: one node plays MatMul + selection + bias
+        names = _constant_sources(node.input[1], producer, inits) or []
+        names += [n for n in (_constant_sources(node.input[0], producer, inits, quant_only=True) or []) if n not in names]
+        names += [n for n in node.input[2:] if n in inits and n not in names]
+        names += sorted(n for n in inits if n.startswith("head.") and n not in names)
+        return HeadNodes("vq", node, node, None, names, node.input[2])
     add = None
     if node is not None and node.op_type == "Add":
         add = node

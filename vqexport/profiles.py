@@ -20,6 +20,8 @@ CODEBOOKS = ("fp32", "int8")
 INT8_ENCODINGS = ("qdq",)
 DECODE_MODES = ("logits", "topk")
 SELECT_FORMS = ("gather", "gather_elements")
+HEAD_FORMS = ("standard", "fused")
+KERNELS = ("extensions", "function")
 OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
 
 
@@ -41,6 +43,7 @@ class OrtOptions:
     session_optimization_level: str = "all"
     intra_op_num_threads: int = 0
     session_config: dict = field(default_factory=dict)
+    kernel: str = "extensions"  # fused head: "extensions" (registered kernel) | "function" (inline the body)
 
 
 @dataclass(frozen=True)
@@ -144,13 +147,13 @@ def parse_profile(raw: dict, where: str) -> Profile:
     opset = take(raw, "opset", int, 18, "", lambda v: 18 <= v <= 23, "an integer in [18, 23]")
     precision = take(raw, "precision", str, "fp32", "", lambda v: v == "fp32", "'fp32' (the only precision of the ort backend)")
     codebook = take(raw, "codebook", str, "fp32", "", lambda v: v in CODEBOOKS, " or ".join(map(repr, CODEBOOKS)))
-    head = take(raw, "head", str, "standard", "", lambda v: v == "standard", "'standard'")
+    head = take(raw, "head", str, "standard", "", lambda v: v in HEAD_FORMS, " or ".join(map(repr, HEAD_FORMS)))
     select = take(raw, "select", str, "gather", "", lambda v: v in SELECT_FORMS, " or ".join(map(repr, SELECT_FORMS)))
 
     o = raw.get("ort", {})
     if not isinstance(o, dict):
         fail("[ort] must be a table")
-    unknown = set(o) - {"providers", "saved_optimization_level", "session_optimization_level", "intra_op_num_threads", "session_config"}
+    unknown = set(o) - {"providers", "saved_optimization_level", "session_optimization_level", "intra_op_num_threads", "session_config", "kernel"}
     if unknown:
         fail(f"unknown key(s) in [ort]: {', '.join(sorted(unknown))}")
     providers = take(o, "providers", list, ["CPUExecutionProvider"], "ort.", lambda v: v and all(isinstance(p, str) for p in v), "a non-empty list of provider names")
@@ -163,6 +166,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
         session_config={str(k): str(v) for k, v in take(
             o, "session_config", dict, {}, "ort.", lambda v: all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v.values()),
             "a table of session config entries (strings or numbers)").items()},
+        kernel=take(o, "kernel", str, "extensions", "ort.", lambda v: v in KERNELS, " or ".join(map(repr, KERNELS))),
     )
 
     q = raw.get("int8", {})

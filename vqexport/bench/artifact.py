@@ -27,8 +27,7 @@ def measure(model_path: str, runtime: dict, prompt_len: int, tokens: int, warmup
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, vocab, size=(1, prompt_len))
-    runner = OrtRunner(model_path, runtime["providers"], runtime["session_optimization_level"],
-                       runtime["intra_op_num_threads"], runtime.get("session_config"))
+    runner = OrtRunner.from_runtime(model_path, runtime)
 
     def choose(out):
         if out.logits is not None:

@@ -40,6 +40,10 @@ def build_ort(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: P
 
     providers = available_providers(profile.ort.providers)
     so = session_options(profile.ort.saved_optimization_level, profile.ort.intra_op_num_threads)
+    if profile.head == "fused" and profile.ort.kernel == "extensions":
+        from ...ops.vqlogits import register_ort_kernel
+
+        so.register_custom_ops_library(register_ort_kernel())
     so.optimized_model_filepath = str(out / OPTIMIZED_FILE)
     ort.InferenceSession(str(model_path), so, providers=providers)
 
@@ -60,4 +64,5 @@ def build_ort(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: P
         "session_optimization_level": profile.ort.session_optimization_level,
         "intra_op_num_threads": profile.ort.intra_op_num_threads,
         "session_config": dict(sorted(profile.ort.session_config.items())),
+        "custom_ops": "onnxruntime-extensions" if profile.head == "fused" and profile.ort.kernel == "extensions" else None,
     }

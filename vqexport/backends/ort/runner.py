@@ -14,19 +14,37 @@ from .session import available_providers, session_options
 class OrtRunner(Runner):
     name = "ort"
 
+    @classmethod
+    def from_artifact(cls, artifact, model_file: str | None = None) -> "OrtRunner":
+        """A runner with the settings the artifact's manifest records (providers, levels, session config, kernels)."""
+        from ...artifact import read_manifest
+
+        rt = read_manifest(artifact)["runtime"]
+        return cls.from_runtime(Path(artifact) / (model_file or rt["model_file"]), rt)
+
+    @classmethod
+    def from_runtime(cls, model_path, rt: dict) -> "OrtRunner":
+        return cls(model_path, rt["providers"], rt["session_optimization_level"], rt["intra_op_num_threads"],
+                   rt.get("session_config"), rt.get("custom_ops"))
+
     def __init__(self, model_path, providers=("CPUExecutionProvider",), optimization_level: str = "all",
-                 threads: int = 0, session_config: dict | None = None):
+                 threads: int = 0, session_config: dict | None = None, custom_ops: str | None = None):
         self.model_path = model_path if isinstance(model_path, bytes) else Path(model_path)  # a file or serialized bytes
         self.providers = list(providers)
         self.optimization_level = optimization_level
         self.threads = threads
         self.session_config = dict(session_config or {})
+        self.custom_ops = custom_ops
         self.session = None
 
     def _activate(self):
         import onnxruntime as ort
 
         so = session_options(self.optimization_level, self.threads, self.session_config)
+        if self.custom_ops == "onnxruntime-extensions":
+            from ...ops.vqlogits import register_ort_kernel
+
+            so.register_custom_ops_library(register_ort_kernel())
         model = self.model_path if isinstance(self.model_path, bytes) else str(self.model_path)
         self.session = ort.InferenceSession(model, so, providers=available_providers(self.providers))
         inputs = {i.name: i for i in self.session.get_inputs()}
