@@ -110,3 +110,42 @@ def test_unknown_int8_encoding(tmp_path):
     f = tmp_path / "p.toml"
     f.write_text('backend = "ort"\ncodebook = "int8"\n[int8]\nencoding = "magic"\n')
     assert_user_error(run_cli("build", "--target", f), "int8.encoding must be")
+
+
+def test_native_encoding_is_matmulnbits_and_meets_the_goal(tmp_path):
+    result = api.build("ort-int8-native", out=tmp_path / "art")
+    proto = onnx.load(str(result.out / "model.onnx"))
+    (node,) = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: a.i for a in node.attribute}
+    assert node.domain == "com.microsoft" and attrs["bits"] == 8 and attrs["accuracy_level"] == 4
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert inits["head.codebook_q"].data_type == onnx.TensorProto.UINT8
+    assert not any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+    r = result.parity
+    assert r.passed and r.top1_agreement >= 0.99 and r.kl_divergence <= 1e-3
+
+
+def test_native_and_qdq_decode_to_the_same_codebook(tmp_path):
+    from vqexport.passes.int8_codebook import native_codebook, quantize_codebook
+    from vqexport.backends.ort.runner import OrtRunner
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", make_config(vocab=120, k=9, d=48, heads=4, kv_heads=4))
+    fp32 = api.build("ort", model=ckpt, out=tmp_path / "fp32", steps=1)
+    base = onnx.load(str(fp32.out / "model.onnx"))
+    ids = np.arange(10).reshape(2, 5)
+    outs = []
+    for proto, cfg in ((quantize_codebook(base), {"session.qdq_matmulnbits_accuracy_level": "0"}),
+                       (native_codebook(base, accuracy_level=0), {})):
+        with OrtRunner(proto.SerializeToString(), session_config=cfg) as r:
+            outs.append(r.step(ids, np.ones_like(ids), r.empty_past(2)).logits)
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_native_encoding_errors(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text('backend = "ort"\ncodebook = "int8"\nhead = "fused"\n[int8]\nencoding = "native"\n')
+    assert_user_error(run_cli("build", "--target", f, "--out", tmp_path / "o"), "cannot feed a fused VQLogits head")
+    f.write_text('backend = "ort"\ncodebook = "int8"\n[int8]\nencoding = "native"\nactivations = true\n')
+    assert_user_error(run_cli("build", "--target", f, "--out", tmp_path / "o"), "QDQ encoding only")
+    f.write_text('backend = "ort"\ncodebook = "int8"\n[int8]\naccuracy_level = 9\n')
+    assert_user_error(run_cli("build", "--target", f, "--out", tmp_path / "o"), "int8.accuracy_level must be")

@@ -131,3 +131,8 @@ def test_decode_k_larger_than_vocab_and_dense_head(ckpt, tmp_path):
     f = tmp_path / "bad.toml"
     f.write_text('backend = "ort"\n[decode]\nmode = "beam"\n')
     assert_user_error(run_cli("build", "--target", f), "decode.mode must be")
+
+
+def test_asking_a_topk_artifact_for_logits_is_a_user_error(demo_topk):
+    result = run_cli("bench", "--artifact", demo_topk, "--vs-dense", "--tokens", 2, "--prompt-length", 4)
+    assert_user_error(result, "no logits output", "decode = 'topk'")

@@ -113,6 +113,11 @@ def check_profile_fits(profile: Profile, ckpt: Checkpoint) -> None:
 
     if profile.codebook == "int8" and ckpt.config.head.type != "vq":
         raise VQExportError(f"target {profile.name} quantizes the codebook, but {ckpt.path} has a dense head")
+    if profile.codebook == "int8" and profile.int8.encoding == "native":
+        if profile.head == "fused":
+            raise VQExportError(f"target {profile.name}: the native int8 encoding (MatMulNBits) cannot feed a fused VQLogits head; use encoding = 'qdq'")
+        if profile.int8.activations:
+            raise VQExportError(f"target {profile.name}: int8.activations applies to the QDQ encoding only")
     if profile.head == "fused":
         if ckpt.config.head.type != "vq":
             raise VQExportError(f"target {profile.name} fuses a VQ-Logits head, but {ckpt.path} has a dense head")
@@ -140,7 +145,12 @@ def apply_passes(proto, profile: Profile, ckpt: Checkpoint, progress=_noop):
         from .passes.select_form import use_gather_elements
 
         proto = use_gather_elements(proto)
-    if profile.codebook == "int8":
+    if profile.codebook == "int8" and profile.int8.encoding == "native":
+        from .passes.int8_codebook import native_codebook
+
+        progress("quantizing the codebook to int8 (MatMulNBits)")
+        proto = native_codebook(proto, accuracy_level=profile.int8.accuracy_level)
+    elif profile.codebook == "int8":
         from .passes.int8_codebook import quantize_codebook
 
         progress("quantizing the codebook to int8")

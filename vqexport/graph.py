@@ -116,8 +116,15 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
         if node.op_type == "GatherElements" and map_name in producer and producer[map_name].op_type == "Expand":
             map_name = producer[map_name].input[0]  # the map broadcast to the logits' shape
         node = producer.get(node.input[0])
-    if node is None or node.op_type != "MatMul":
+    if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
         raise VQExportError("graph: cannot find the output head (MatMul with a constant weight feeding 'logits')")
+    if node.op_type == "MatMulNBits":  # ORT-native int8 codebook: weight and scales are its inputs
+        names = [i for i in node.input[1:] if i in inits]
+        names += [i for i in ([gather.input[1], map_name] if gather is not None else []) if i in inits and i not in names]
+        if add is not None:
+            names += [i for i in add.input if i in inits and i not in names]
+        names += sorted(n for n in inits if n.startswith("head.") and n not in names)
+        return HeadNodes("vq" if gather is not None or topk else "dense", node, gather, add, names, map_name)
     names = _constant_sources(node.input[1], producer, inits)
     if names is None:
         raise VQExportError("graph: cannot find the output head (MatMul with a constant weight feeding 'logits')")

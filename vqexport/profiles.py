@@ -17,7 +17,7 @@ from .errors import VQExportError
 
 BACKENDS = ("ort",)
 CODEBOOKS = ("fp32", "int8")
-INT8_ENCODINGS = ("qdq",)
+INT8_ENCODINGS = ("qdq", "native")
 DECODE_MODES = ("logits", "topk")
 SELECT_FORMS = ("gather", "gather_elements")
 HEAD_FORMS = ("standard", "fused")
@@ -48,7 +48,8 @@ class OrtOptions:
 
 @dataclass(frozen=True)
 class Int8Options:
-    encoding: str = "qdq"  # "qdq": DequantizeLinear -> MatMul (portable)
+    encoding: str = "qdq"  # "qdq": DequantizeLinear -> MatMul (portable) | "native": ORT's MatMulNBits (bits=8)
+    accuracy_level: int = 4  # native only: MatMulNBits accuracy level (4 = int8 activations)
     activations: bool = False  # Q/DQ on the hidden state too (static scale from calibration)
 
 
@@ -178,6 +179,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
     int8 = Int8Options(
         encoding=take(q, "encoding", str, "qdq", "int8.", lambda v: v in INT8_ENCODINGS, " or ".join(map(repr, INT8_ENCODINGS))),
         activations=take(q, "activations", bool, False, "int8.", None, "true or false"),
+        accuracy_level=take(q, "accuracy_level", int, 4, "int8.", lambda v: 0 <= v <= 4, "an integer in [0, 4]"),
     )
 
     dtab = raw.get("decode", {})

@@ -84,6 +84,8 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     if prompt_len + warmup + tokens > cfg.get("max_position", 2048):
         raise VQExportError(f"prompt + tokens exceed the model's max_position {cfg.get('max_position')}")
     runtime = manifest["runtime"]
+    if vs_dense and manifest["profile"].get("decode", {}).get("mode") == "topk":
+        raise VQExportError("this artifact has no logits output (decode = 'topk'); its dense twin cannot be built")
     steps = 2 if vs_dense else 1
     if progress:
         progress("vq-logits artifact", 0, steps)

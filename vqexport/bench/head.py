@@ -106,6 +106,11 @@ def build_variants(V: int, d: int, K: int, seed: int = 0, forms=("gather", "gath
         q = _model([n("DequantizeLinear", ["c_q", "c_s", "c_zp"], ["c_t"], axis=1), n("MatMul", ["h", "c_t"], ["z"])] + tail,
                    [numpy_helper.from_array(np.ascontiguousarray(cq.T), "c_q"), numpy_helper.from_array(cs, "c_s"),
                     numpy_helper.from_array(np.zeros(K, np.int8), "c_zp")] + inits, _logits_out(V))
+        if form == "gather_elements":  # the ORT-native encoding: MatMulNBits (bits=8) in the graph itself
+            from ..passes.int8_codebook import native_codebook
+
+            variants.append(Variant("vq_int8_native_gather_elements", native_codebook(fp32, accuracy_level=4),
+                                    K * d + 4 * K + table_bytes + extra + h_bytes + out_bytes, {}))
         for level in ("0", "4"):
             variants.append(Variant(f"vq_int8_{form}_acc{level}", q, K * d + 4 * K + table_bytes + extra + h_bytes + out_bytes,
                                     {"session.qdq_matmulnbits_accuracy_level": level}))

@@ -73,3 +73,44 @@ def _drop_value_info(g: onnx.GraphProto, names: set[str]) -> None:
     keep = [vi for vi in g.value_info if vi.name not in names]
     del g.value_info[:]
     g.value_info.extend(keep)
+
+
+NATIVE_BLOCK = 32
+
+
+def native_codebook(proto: onnx.ModelProto, accuracy_level: int = 4, block_size: int = NATIVE_BLOCK) -> onnx.ModelProto:
+    """ORT-native encoding: the codebook MatMul becomes ONNX Runtime's ``com.microsoft.MatMulNBits`` (bits=8).
+
+    The same per-row symmetric int8 codes, stored as uint8 (code + 128, the op's default zero point) in
+    blocks of ``block_size`` along d, every block of a row sharing that row's scale. ``accuracy_level`` is
+    the node's attribute (4: int8 activations, what ORT runs fastest on this CPU; see bench --head).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    head = find_head(out)
+    if head.kind != "vq" or head.matmul.op_type != "MatMul":
+        raise ValueError("the native int8 encoding needs a standard-op VQ-Logits head")
+    weight_name = head.matmul.input[1]
+    idx = next(i for i, t in enumerate(g.initializer) if t.name == weight_name)
+    codebook = numpy_helper.to_array(g.initializer[idx]).T  # [K, d]
+    K, d = codebook.shape
+    q, scale = quantize_rows(codebook, "head.codebook")
+    blocks = -(-d // block_size)
+    packed = np.full((K, blocks * block_size), 128, dtype=np.uint8)
+    packed[:, :d] = (q.astype(np.int16) + 128).astype(np.uint8)
+    del g.initializer[idx]
+    g.initializer.extend([
+        numpy_helper.from_array(packed.reshape(K, blocks, block_size), CODEBOOK_Q),
+        numpy_helper.from_array(np.repeat(scale, blocks).astype(np.float32), CODEBOOK_SCALE),
+    ])
+    node = helper.make_node("MatMulNBits", [head.matmul.input[0], CODEBOOK_Q, CODEBOOK_SCALE], list(head.matmul.output),
+                            name="head/codebook/MatMulNBits", domain="com.microsoft", K=d, N=K, bits=8,
+                            block_size=block_size, accuracy_level=accuracy_level)
+    pos = next(i for i, n in enumerate(g.node) if list(n.output) == list(head.matmul.output))
+    del g.node[pos]
+    g.node.insert(pos, node)
+    _drop_value_info(g, {weight_name})
+    if "com.microsoft" not in {o.domain for o in out.opset_import}:
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return out
