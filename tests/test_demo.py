@@ -4,7 +4,6 @@ onnxruntime-genai, the torch-free generate path, inspect."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

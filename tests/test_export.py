@@ -53,7 +53,6 @@ def test_graph_contract(built):
     assert names_in[2:] == [f"past_key_values.{i}.{k}" for i in range(cfg.n_layers) for k in ("key", "value")]
     assert names_out == ["logits"] + [f"present.{i}.{k}" for i in range(cfg.n_layers) for k in ("key", "value")]
     head = find_head(proto)
-    inits = {t.name: t for t in proto.graph.initializer}
     if cfg.head.type == "vq":
         # the ort profile selects with Expand + GatherElements (measured faster than Gather)
         assert head.kind == "vq" and head.matmul.op_type == "MatMul" and head.gather.op_type == "GatherElements"

@@ -7,7 +7,6 @@ import pytest
 from onnx import helper, TensorProto
 
 from vqexport import api
-from vqexport.backends.ort.runner import OrtRunner
 from vqexport.ops import vqlogits
 from vqexport.ops.vqlogits import DOMAIN, OP_TYPE, function_proto, kernel_calls, reference
 

@@ -1,6 +1,5 @@
 """decode = "topk" artifacts (exact top-k in the graph, no V-sized tensor), last-position prefill, sampling."""
 
-import json
 
 import numpy as np
 import onnx
@@ -9,7 +8,7 @@ import pytest
 from vqexport import api
 from vqexport.backends.ort.runner import OrtRunner
 from vqexport.backends.torch_ref import TorchRunner
-from vqexport.decoding import full_logits, reference_topk
+from vqexport.decoding import reference_topk
 
 from .conftest import assert_user_error, make_checkpoint, make_config, run_cli
 

@@ -54,54 +54,48 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
-class _Progress:
-    """A one-line live status on stderr (silent when stderr is not a terminal or output is JSON)."""
+class _Live:
+    """Live progress on stderr; silent when stderr is not a terminal or the output is JSON."""
 
-    def __init__(self, quiet: bool):
-        self.status = None
-        if not quiet and sys.stderr.isatty():
-            self.status = _console().status("starting")
+    def __init__(self, quiet: bool, make):
+        self.widget = make() if not quiet and sys.stderr.isatty() else None
 
     def __enter__(self):
-        if self.status:
-            self.status.__enter__()
+        if self.widget:
+            self.widget.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.status:
-            self.status.__exit__(*exc)
+        if self.widget:
+            self.widget.__exit__(*exc)
+
+
+class _Progress(_Live):
+    """One status line naming the current stage."""
+
+    def __init__(self, quiet: bool):
+        super().__init__(quiet, lambda: _console().status("starting"))
 
     def __call__(self, stage: str) -> None:
-        if self.status:
-            self.status.update(stage)
+        if self.widget:
+            self.widget.update(stage)
 
 
-class _Bar:
-    """A progress bar on stderr for long benchmarks (silent when stderr is not a terminal or output is JSON)."""
+class _Bar(_Live):
+    """A progress bar for long benchmarks."""
 
     def __init__(self, quiet: bool):
-        self.progress = None
-        if not quiet and sys.stderr.isatty():
-            from rich.progress import Progress
+        from rich.progress import Progress
 
-            self.progress = Progress(console=_console(), transient=True)
-            self.task = None
-
-    def __enter__(self):
-        if self.progress:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress:
-            self.progress.__exit__(*exc)
+        super().__init__(quiet, lambda: Progress(console=_console(), transient=True))
+        self.task = None
 
     def __call__(self, label: str, done: int, total: int) -> None:
-        if not self.progress:
+        if not self.widget:
             return
         if self.task is None:
-            self.task = self.progress.add_task(label, total=total)
-        self.progress.update(self.task, completed=done, description=label)
+            self.task = self.widget.add_task(label, total=total)
+        self.widget.update(self.task, completed=done, description=label)
 
 
 def _artifact_table(r) -> None:
@@ -330,11 +324,12 @@ def bench(head, shapes, threads, seconds, artifact, vs_dense, prompt_length, tok
     m = result["machine"]
     c.print(f"{m['cpu']}, {threads} threads, onnxruntime {m['onnxruntime']}; copy bandwidth {result['bandwidth_gbps']:.1f} GB/s")
     t = Table(title="head latency, batch 1, one decode step (median ms; x = speed-up over dense fp32)")
-    for col in ("shape", "V", "d", "K", "dense", "dense int8", "vq", "vq int8", "top-k 50 (int8)"):
+    for col in ("shape", "V", "d", "K", "dense", "dense int8", "vq", "vq int8", "fused", "top-k 50 (int8)"):
         t.add_column(col, justify="right" if col != "shape" else "left")
     for r in result["rows"]:
         t.add_row(r["name"], str(r["V"]), str(r["d"]), str(r["K"]), f"{r['dense_ms']:.3f}", f"{r['dense_int8_ms']:.3f}",
                   f"{r['vq_ms']:.3f} ({r['vq_speedup']:.0f}x)", f"{r['vq_int8_ms']:.3f} ({r['vq_int8_speedup']:.0f}x)",
+                  f"{r['fused_ms']:.3f} ({r['dense_ms'] / r['fused_ms']:.0f}x)",
                   f"{r['topk_ms']:.3f} ({r['topk_speedup']:.0f}x)")
     c.print(t)
     t = Table(title="every variant measured (bytes it must move; fraction of copy bandwidth; >1 means cache-resident)")

@@ -24,7 +24,7 @@ import torch
 from onnx import numpy_helper
 
 from . import __version__
-from .graph import BATCH, PAST, SEQ, TOTAL, cache_names, check_dynamic_axes, find_head
+from .graph import BATCH, PAST, SEQ, TOTAL, cache_names, check_dynamic_axes, find_head, rename_tensors
 from .model import VQLogitsLM
 
 DEFAULT_OPSET = 18
@@ -124,7 +124,7 @@ def canonicalize(proto: onnx.ModelProto, cfg) -> None:
         bias = [i for i in head.add.input if i in {t.name for t in g.initializer}]
         if bias:
             renames[bias[0]] = "head.bias"
-    _rename(proto, renames)
+    rename_tensors(proto, renames)
     if head.gather is not None:
         for t in g.initializer:
             if t.name == "head.map" and t.data_type != onnx.TensorProto.INT32:
@@ -134,18 +134,3 @@ def canonicalize(proto: onnx.ModelProto, cfg) -> None:
         g.value_info.extend(keep)
     proto.metadata_props.add(key="vqexport.head", value=cfg.head.type)
     proto.metadata_props.add(key="vqexport.config", value=cfg.to_json().replace("\n", " "))
-
-
-def _rename(proto: onnx.ModelProto, renames: dict[str, str]) -> None:
-    taken = {t.name for t in proto.graph.initializer} - set(renames)
-    for new in renames.values():
-        if new in taken:
-            raise RuntimeError(f"rename collides with an existing tensor name: {new}")
-    for t in proto.graph.initializer:
-        t.name = renames.get(t.name, t.name)
-    for node in proto.graph.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
-    for vi in proto.graph.value_info:
-        vi.name = renames.get(vi.name, vi.name)

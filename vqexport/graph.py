@@ -156,6 +156,32 @@ def _constant_sources(name, producer, inits, quant_only=False):
     return None if data is None else data + params
 
 
+def head_copy(proto: onnx.ModelProto, need_vq: str | None = None) -> tuple[onnx.ModelProto, HeadNodes]:
+    """A copy of ``proto`` to rewrite and its head; ``need_vq`` names the feature that requires a VQ head."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    head = find_head(out)
+    if need_vq and head.kind != "vq":
+        raise VQExportError(f"{need_vq} needs a VQ-Logits head")
+    return out, head
+
+
+def rename_tensors(proto: onnx.ModelProto, renames: dict[str, str]) -> None:
+    """Rename initializers (and every node input and value_info that refers to them), in place."""
+    taken = {t.name for t in proto.graph.initializer} - set(renames)
+    for new in renames.values():
+        if new in taken:
+            raise RuntimeError(f"rename collides with an existing tensor name: {new}")
+    for t in proto.graph.initializer:
+        t.name = renames.get(t.name, t.name)
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    for vi in proto.graph.value_info:
+        vi.name = renames.get(vi.name, vi.name)
+
+
 def prune_unused(proto: onnx.ModelProto) -> None:
     """Drop nodes whose outputs nobody reads, then unused initializers and stale value_info (in place)."""
     g = proto.graph

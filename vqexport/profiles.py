@@ -137,6 +137,15 @@ def parse_profile(raw: dict, where: str) -> Profile:
             fail(f"{tname}{key} must be {desc or kind.__name__}, got {v!r}")
         return v
 
+    def table(key: str, allowed) -> dict:
+        t = raw.get(key, {})
+        if not isinstance(t, dict):
+            fail(f"[{key}] must be a table")
+        unknown = set(t) - set(allowed)
+        if unknown:
+            fail(f"unknown key(s) in [{key}]: {', '.join(sorted(unknown))}")
+        return t
+
     known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "select", "int8", "decode", "ort", "parity"}
     unknown = set(raw) - known_top
     if unknown:
@@ -151,12 +160,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
     head = take(raw, "head", str, "standard", "", lambda v: v in HEAD_FORMS, " or ".join(map(repr, HEAD_FORMS)))
     select = take(raw, "select", str, "gather", "", lambda v: v in SELECT_FORMS, " or ".join(map(repr, SELECT_FORMS)))
 
-    o = raw.get("ort", {})
-    if not isinstance(o, dict):
-        fail("[ort] must be a table")
-    unknown = set(o) - {"providers", "saved_optimization_level", "session_optimization_level", "intra_op_num_threads", "session_config", "kernel"}
-    if unknown:
-        fail(f"unknown key(s) in [ort]: {', '.join(sorted(unknown))}")
+    o = table("ort", OrtOptions.__dataclass_fields__)
     providers = take(o, "providers", list, ["CPUExecutionProvider"], "ort.", lambda v: v and all(isinstance(p, str) for p in v), "a non-empty list of provider names")
     lvl = lambda v: v in OPT_LEVELS  # noqa: E731
     ort_opts = OrtOptions(
@@ -170,24 +174,14 @@ def parse_profile(raw: dict, where: str) -> Profile:
         kernel=take(o, "kernel", str, "extensions", "ort.", lambda v: v in KERNELS, " or ".join(map(repr, KERNELS))),
     )
 
-    q = raw.get("int8", {})
-    if not isinstance(q, dict):
-        fail("[int8] must be a table")
-    unknown = set(q) - set(Int8Options.__dataclass_fields__)
-    if unknown:
-        fail(f"unknown key(s) in [int8]: {', '.join(sorted(unknown))}")
+    q = table("int8", Int8Options.__dataclass_fields__)
     int8 = Int8Options(
         encoding=take(q, "encoding", str, "qdq", "int8.", lambda v: v in INT8_ENCODINGS, " or ".join(map(repr, INT8_ENCODINGS))),
         activations=take(q, "activations", bool, False, "int8.", None, "true or false"),
         accuracy_level=take(q, "accuracy_level", int, 4, "int8.", lambda v: 0 <= v <= 4, "an integer in [0, 4]"),
     )
 
-    dtab = raw.get("decode", {})
-    if not isinstance(dtab, dict):
-        fail("[decode] must be a table")
-    unknown = set(dtab) - set(DecodeOptions.__dataclass_fields__)
-    if unknown:
-        fail(f"unknown key(s) in [decode]: {', '.join(sorted(unknown))}")
+    dtab = table("decode", DecodeOptions.__dataclass_fields__)
     decode = DecodeOptions(
         mode=take(dtab, "mode", str, "logits", "decode.", lambda v: v in DECODE_MODES, " or ".join(map(repr, DECODE_MODES))),
         k=take(dtab, "k", int, 50, "decode.", lambda v: v >= 1, "an integer >= 1"),
@@ -195,12 +189,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
         last_position_only=take(dtab, "last_position_only", bool, False, "decode.", None, "true or false"),
     )
 
-    p = raw.get("parity", {})
-    if not isinstance(p, dict):
-        fail("[parity] must be a table")
-    unknown = set(p) - set(Parity.__dataclass_fields__)
-    if unknown:
-        fail(f"unknown key(s) in [parity]: {', '.join(sorted(unknown))}")
+    p = table("parity", Parity.__dataclass_fields__)
     num = (int, float)
     parity = Parity(
         steps=take(p, "steps", int, 32, "parity.", lambda v: 0 <= v <= 4096, "an integer in [0, 4096]"),

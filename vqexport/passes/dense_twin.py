@@ -11,19 +11,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import VQExportError
-from ..graph import find_head, initializer_array, prune_unused
+from ..graph import head_copy, initializer_array, prune_unused
 from ..quant import dequantize_rows
 
 
 def dense_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    g = out.graph
-    if "logits" not in {o.name for o in g.output}:
+    if "logits" not in {o.name for o in proto.graph.output}:
         raise VQExportError("this artifact has no logits output (decode = 'topk'); its dense twin cannot be built")
-    head = find_head(out)
-    if head.kind != "vq":
-        raise VQExportError("the model already has a dense head")
+    out, head = head_copy(proto, "a dense twin")
+    g = out.graph
     names = {t.name for t in g.initializer}
     if "head.codebook_q" in names:
         q = initializer_array(out, "head.codebook_q")  # [d, K]

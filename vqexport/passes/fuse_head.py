@@ -11,15 +11,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import VQExportError
-from ..graph import find_head, initializer_array, prune_unused
+from ..graph import head_copy, initializer_array, prune_unused, rename_tensors
 from ..ops.vqlogits import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, function_proto
 
 
 def fuse_head(proto: onnx.ModelProto, select: str = "gather") -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    out, head = head_copy(proto)
     g = out.graph
-    head = find_head(out)
     if head.kind != "vq" or head.gather is None or head.gather.op_type == OP_TYPE:
         raise VQExportError("--head fused needs a VQ-Logits head with a logits output")
     mapping = initializer_array(out, head.map_name).reshape(-1).astype(np.int32)
@@ -40,13 +38,7 @@ def fuse_head(proto: onnx.ModelProto, select: str = "gather") -> onnx.ModelProto
     g.node.extend(keep)
     g.node.insert(min(pos, len(g.node)), fused)
     prune_unused(out)
-    for t in g.initializer:
-        if t.name == "head.map_1d":
-            t.name = "head.map"
-    for n in g.node:
-        for i, name in enumerate(n.input):
-            if name == "head.map_1d":
-                n.input[i] = "head.map"
+    rename_tensors(out, {"head.map_1d": "head.map"})
     opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
     out.functions.append(function_proto(select, opset))
     if DOMAIN not in {o.domain for o in out.opset_import}:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import find_head
+from ..graph import head_copy
 from ..quant import quantize_rows
 
 CODEBOOK_Q = "head.codebook_q"
@@ -27,12 +27,8 @@ ACT_ZP = "head.hidden_zero_point"
 
 def quantize_codebook(proto: onnx.ModelProto, activation_scale: float | None = None) -> onnx.ModelProto:
     """Return a copy of ``proto`` whose head codebook is int8 QDQ (and the hidden state too if a scale is given)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    out, head = head_copy(proto, "int8 codebook quantization")
     g = out.graph
-    head = find_head(out)
-    if head.kind != "vq":
-        raise ValueError("int8 codebook quantization needs a VQ-Logits head")
     weight_name = head.matmul.input[1]
     idx = next(i for i, t in enumerate(g.initializer) if t.name == weight_name)
     codebook_t = numpy_helper.to_array(g.initializer[idx])  # [d, K]
@@ -85,11 +81,9 @@ def native_codebook(proto: onnx.ModelProto, accuracy_level: int = 4, block_size:
     blocks of ``block_size`` along d, every block of a row sharing that row's scale. ``accuracy_level`` is
     the node's attribute (4: int8 activations, what ORT runs fastest on this CPU; see bench --head).
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    out, head = head_copy(proto, "the native int8 encoding")
     g = out.graph
-    head = find_head(out)
-    if head.kind != "vq" or head.matmul.op_type != "MatMul":
+    if head.matmul.op_type != "MatMul":
         raise ValueError("the native int8 encoding needs a standard-op VQ-Logits head")
     weight_name = head.matmul.input[1]
     idx = next(i for i, t in enumerate(g.initializer) if t.name == weight_name)

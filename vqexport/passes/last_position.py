@@ -9,16 +9,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import find_head
+from ..graph import head_copy
 
 HIDDEN_LAST = "head.hidden_last"
 
 
 def last_position_only(proto: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    out, head = head_copy(proto)
     g = out.graph
-    head = find_head(out)
     h = head.matmul.input[0]
     # The head's readers of the hidden state: the MatMul, or the activation QuantizeLinear in front of it.
     readers = [i for i, n in enumerate(g.node)

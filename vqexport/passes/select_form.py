@@ -12,16 +12,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import find_head, initializer_array, prune_unused
+from ..graph import head_copy, initializer_array, prune_unused, rename_tensors
 
 FORMS = ("gather", "gather_elements")
 
 
 def use_gather_elements(proto: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    out, head = head_copy(proto)
     g = out.graph
-    head = find_head(out)
     if head.kind != "vq" or head.gather is None or head.gather.op_type == "GatherElements":
         return out
     mapping = initializer_array(out, head.map_name).astype(np.int32)
@@ -46,12 +44,6 @@ def use_gather_elements(proto: onnx.ModelProto) -> onnx.ModelProto:
     for j, nd in enumerate(nodes):
         g.node.insert(pos + j, nd)
     prune_unused(out)  # the old 1-D map goes
-    for t in g.initializer:
-        if t.name == "head.map_b":
-            t.name = "head.map"
-    for nd in g.node:
-        for i, name in enumerate(nd.input):
-            if name == "head.map_b":
-                nd.input[i] = "head.map"
+    rename_tensors(out, {"head.map_b": "head.map"})
     onnx.checker.check_model(out, full_check=True)
     return out

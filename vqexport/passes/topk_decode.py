@@ -23,18 +23,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..decoding import cluster_tables
 from ..errors import VQExportError
-from ..graph import BATCH, SEQ, find_head, initializer_array, prune_unused
+from ..graph import BATCH, SEQ, head_copy, initializer_array, prune_unused
 
 OUTPUTS = ("topk_ids", "topk_logprobs", "cluster_logprobs")
 
 
 def add_topk_outputs(proto: onnx.ModelProto, k: int, keep_logits: bool = False) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    out, head = head_copy(proto, "decode = 'topk'")
     g = out.graph
-    head = find_head(out)
-    if head.kind != "vq":
-        raise VQExportError("decode = 'topk' needs a VQ-Logits head")
     mapping = initializer_array(out, head.map_name).reshape(-1)
     bias_name = next((i for i in (head.add.input if head.add is not None else []) if i == "head.bias"), None)
     bias = initializer_array(out, bias_name) if bias_name else None
@@ -43,7 +39,6 @@ def add_topk_outputs(proto: onnx.ModelProto, k: int, keep_logits: bool = False) 
     if not 1 <= k <= V:
         raise VQExportError(f"decode k must be in [1, vocab size {V}], got {k}")
     t = cluster_tables(mapping, bias, K, width=k)
-    w = t.members.shape[1]
     kc = min(k, K)
     neg = np.float32(np.finfo(np.float32).min)  # finite "minus infinity" keeps Add/TopK NaN-free
     inits = [

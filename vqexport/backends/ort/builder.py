@@ -31,6 +31,19 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def keep_used_opsets(path: Path) -> None:
+    """ONNX Runtime writes an opset import for every domain it has ever registered in this process (custom-op
+    libraries included), so the saved model would depend on what ran before. Keep the domains in use, sorted."""
+    proto = onnx.load(str(path))
+    used = {"", *(n.domain for n in proto.graph.node)} | {n.domain for f in proto.functions for n in f.node}
+    used |= {f.domain for f in proto.functions}
+    keep = sorted((o for o in proto.opset_import if o.domain in used or (o.domain == "ai.onnx" and "" in used)),
+                  key=lambda o: o.domain)
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    path.write_bytes(proto.SerializeToString())
+
+
 def build_ort(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: Path) -> dict:
     """Write the artifact's files into ``out``; return the manifest's ``runtime`` section."""
     import onnxruntime as ort
@@ -46,6 +59,7 @@ def build_ort(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: P
         so.register_custom_ops_library(register_ort_kernel())
     so.optimized_model_filepath = str(out / OPTIMIZED_FILE)
     ort.InferenceSession(str(model_path), so, providers=providers)
+    keep_used_opsets(out / OPTIMIZED_FILE)
 
     if profile.decode.mode == "topk":
         write_head_tables(out / HEAD_TABLES_FILE, ckpt)
