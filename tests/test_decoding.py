@@ -144,3 +144,22 @@ def test_top_k_sampler_stays_inside_the_exact_top_k():
     p /= p.sum()
     counts = np.array([(draws == i).sum() for i in ref_ids])
     assert _chi_square_z(counts, p) < 3.5
+
+
+@pytest.mark.parametrize("T", [1.0, 0.5, 3.0])
+def test_sampling_from_graph_cluster_logprobs_is_exact_at_any_temperature(T):
+    """generate's O(K) path: recover z (up to a constant) from cluster log-probs at T=1, then sample at T."""
+    from vqexport.decoding import codebook_logits_from_cluster_logprobs
+
+    V, K = 60, 7
+    mapping, b, z = random_head(V, K, seed=13)
+    z0 = z[0] * 0.3
+    graph_cluster_lp = cluster_logprobs(z0, cluster_tables(mapping, b, K))  # what the top-k graph outputs
+    recovered = codebook_logits_from_cluster_logprobs(graph_cluster_lp, cluster_tables(mapping, b, K, width=1))
+    np.testing.assert_allclose(recovered - recovered.max(), z0 - z0.max(), atol=1e-9)
+    full = full_logits(z0, mapping, b) / T
+    probs = np.exp(full - full.max())
+    probs /= probs.sum()
+    sampler = Sampler(mapping, b, K, temperature=T, seed=5)
+    counts = np.bincount([sampler.sample(recovered) for _ in range(20000)], minlength=V)
+    assert _chi_square_z(counts, probs) < 3.5

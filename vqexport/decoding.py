@@ -95,6 +95,16 @@ def cluster_logprobs(z: np.ndarray, tables: ClusterTables) -> np.ndarray:
     return zt + tables.lse_bias - log_normalizer(z, tables)[..., None]
 
 
+def codebook_logits_from_cluster_logprobs(cluster_lp: np.ndarray, tables_t1: ClusterTables) -> np.ndarray:
+    """``z - logsumexp`` from a graph's ``cluster_logprobs`` (= z + B - lse at T = 1): the codebook logits up to
+    a per-position constant, which sampling ignores. ``tables_t1`` must be built at temperature 1."""
+    if tables_t1.temperature != 1.0:
+        raise ValueError("cluster log-probabilities are at temperature 1; pass tables built at temperature 1")
+    with np.errstate(invalid="ignore"):
+        z = np.asarray(cluster_lp, dtype=np.float64) - tables_t1.lse_bias
+    return np.where(np.isfinite(tables_t1.lse_bias), z, -np.inf)  # empty clusters never get drawn
+
+
 def topk(z: np.ndarray, tables: ClusterTables, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k token ids [..., k] (descending) and their full-vocabulary log-probabilities."""
     if not 1 <= k <= tables.vocab_size:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .artifact import read_manifest
 from .backends.ort.runner import OrtRunner
-from .decoding import Sampler, check_temperature
+from .decoding import Sampler, check_temperature, cluster_tables, codebook_logits_from_cluster_logprobs
 from .errors import VQExportError
 
 
@@ -52,8 +52,9 @@ class _Chooser:
             from safetensors.numpy import load_file
 
             tables = load_file(str(artifact / "head.safetensors"))
-            self.sampler = Sampler(tables["map"], tables.get("bias"), cfg["head"]["codebook_size"],
-                                   temperature=self.temperature, seed=seed)
+            K = cfg["head"]["codebook_size"]
+            self.sampler = Sampler(tables["map"], tables.get("bias"), K, temperature=self.temperature, seed=seed)
+            self.tables_t1 = cluster_tables(tables["map"], tables.get("bias"), K, width=1)
 
     def __call__(self, out) -> int:
         if self.decode == "topk":
@@ -61,9 +62,8 @@ class _Chooser:
             if not self.sample:
                 return int(ids[0])
             if self.sampler is not None:
-                # cluster_logprobs - B = z - logsumexp: the codebook logits up to a constant, which sampling ignores
-                z = out.extra["cluster_logprobs"][0, -1].astype(np.float64) - self.sampler.tables.lse_bias * self.temperature
-                return self.sampler.sample(np.where(np.isfinite(z), z, -np.inf))
+                z = codebook_logits_from_cluster_logprobs(out.extra["cluster_logprobs"][0, -1], self.tables_t1)
+                return self.sampler.sample(z)
             return self._draw(ids[: self.top_k], out.extra["topk_logprobs"][0, -1][: self.top_k])
         logits = out.logits[0, -1].astype(np.float64)
         if not self.sample:
