@@ -24,7 +24,7 @@ def test_bench_needs_a_subject_and_known_shapes():
 
 
 def test_bench_artifact_vs_dense(demo_artifact):
-    result = run_cli("bench", "--artifact", demo_artifact, "--vs-dense", "--prompt-length", 16, "--tokens", 4, "--json")
+    result = run_cli("bench", "--artifact", demo_artifact, "--vs-dense", "--prompt-length", 16, "--tokens", 4, "--repeats", 2, "--json")
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     for side in ("vq", "dense"):
@@ -33,6 +33,7 @@ def test_bench_artifact_vs_dense(demo_artifact):
         assert out[side]["decode_ms_p50"] <= out[side]["decode_ms_p99"]
     assert out["dense"]["model_bytes"] > out["vq"]["model_bytes"]  # the twin carries the V x d matrix
     assert set(out["ratios"]) >= {"ttft", "decode_p50", "tokens_per_s", "model_bytes", "peak_rss"}
+    assert out["repeats"] == 2
 
 
 def test_dense_twin_has_identical_logits(demo_artifact):

@@ -30,11 +30,13 @@ def bench_head(shapes=tuple(HEAD_SHAPES), threads: int = 2, min_seconds: float =
     return run_head_bench(tuple(shapes), threads=threads, min_seconds=min_seconds, progress=progress)
 
 
-def bench_artifact(artifact, vs_dense: bool = False, prompt_len: int = 128, tokens: int = 64, progress=None) -> dict:
+def bench_artifact(artifact, vs_dense: bool = False, prompt_len: int = 128, tokens: int = 64, repeats: int = 3,
+                   progress=None) -> dict:
     """End-to-end latency of a built artifact (and of its dense-head twin; see vqexport.bench.artifact)."""
     from .bench.artifact import run_artifact_bench
 
-    return run_artifact_bench(artifact, vs_dense=vs_dense, prompt_len=prompt_len, tokens=tokens, progress=progress)
+    return run_artifact_bench(artifact, vs_dense=vs_dense, prompt_len=prompt_len, tokens=tokens, repeats=repeats,
+                              progress=progress)
 
 
 __all__ = [

@@ -103,7 +103,8 @@ def _artifact_table(r) -> None:
 
     c = _console(stderr=False)
     m = r["machine"]
-    c.print(f"{r['artifact']} ({r['target']}) on {m['cpu']}; prompt {r['prompt_length']} tokens, {r['tokens']} decode tokens timed")
+    c.print(f"{r['artifact']} ({r['target']}) on {m['cpu']}; prompt {r['prompt_length']} tokens, {r['tokens']} decode tokens timed; "
+            f"medians of {r['repeats']} fresh runs")
     t = Table(title="end-to-end latency (onnxruntime)")
     cols = ["metric", "vq-logits"] + (["dense twin", "dense / vq"] if "dense" in r else [])
     for col in cols:
@@ -111,6 +112,7 @@ def _artifact_table(r) -> None:
     rows = [("time to first token (ms)", "ttft_ms", "ttft"), ("decode p50 (ms)", "decode_ms_p50", "decode_p50"),
             ("decode p90 (ms)", "decode_ms_p90", None), ("decode p99 (ms)", "decode_ms_p99", None),
             ("tokens/s", "tokens_per_s", "tokens_per_s"), ("peak RSS (MB)", "peak_rss_mb", "peak_rss"),
+            ("RSS added by the session (MB)", "session_rss_mb", "session_rss"),
             ("model bytes", "model_bytes", "model_bytes")]
     for label, key, ratio in rows:
         cells = [label, f"{r['vq'][key]:,.3f}" if isinstance(r["vq"][key], float) else f"{r['vq'][key]:,}"]
@@ -293,8 +295,10 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
 @click.option("--vs-dense", is_flag=True, help="With --artifact: also measure its dense-head twin (identical logits).")
 @click.option("--prompt-length", type=int, default=128, show_default=True, help="With --artifact: prompt tokens for time to first token.")
 @click.option("--tokens", type=int, default=64, show_default=True, help="With --artifact: decode tokens timed after warm-up.")
+@click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True,
+              help="With --artifact: fresh worker runs per model (alternating with the dense twin); medians reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def bench(head, shapes, threads, seconds, artifact, vs_dense, prompt_length, tokens, as_json):
+def bench(head, shapes, threads, seconds, artifact, vs_dense, prompt_length, tokens, repeats, as_json):
     """Latency benchmarks; figures and ratios measured side by side in one run.
 
     --head: the output layer alone for standard head shapes. --artifact DIR: time to first token,
@@ -306,7 +310,8 @@ def bench(head, shapes, threads, seconds, artifact, vs_dense, prompt_length, tok
         raise VQExportError("choose what to benchmark: --head or --artifact DIR")
     if artifact is not None:
         with _Bar(as_json) as bar:
-            result = api.bench_artifact(artifact, vs_dense=vs_dense, prompt_len=prompt_length, tokens=tokens, progress=bar)
+            result = api.bench_artifact(artifact, vs_dense=vs_dense, prompt_len=prompt_length, tokens=tokens,
+                                        repeats=repeats, progress=bar)
         if as_json:
             _print_json(result)
         else:

@@ -34,6 +34,7 @@ def measure(model_path: str, runtime: dict, prompt_len: int, tokens: int, warmup
             return int(out.logits[0, -1].argmax())
         return int(out.extra["topk_ids"][0, -1, 0])
 
+    rss_before = _rss_mb()
     with runner:
         ttft = []
         for i in range(4):  # the first prefill warms up; the rest are timed
@@ -51,14 +52,25 @@ def measure(model_path: str, runtime: dict, prompt_len: int, tokens: int, warmup
             nxt = choose(out)
             if i >= warmup:
                 per_token.append(time.perf_counter() - t0)
+        rss_loaded = _rss_mb()
     lat = np.asarray(per_token) * 1e3
     return {
         "ttft_ms": float(np.median(ttft) * 1e3),
         "decode_ms_p50": float(np.percentile(lat, 50)), "decode_ms_p90": float(np.percentile(lat, 90)),
         "decode_ms_p99": float(np.percentile(lat, 99)), "tokens_per_s": float(1e3 / lat.mean()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "session_rss_mb": rss_loaded - rss_before,  # resident memory the loaded, running model added
         "model_bytes": Path(model_path).stat().st_size,
     }
+
+
+def _rss_mb() -> float:
+    """Current resident set size (Linux /proc; 0.0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return 0.0
 
 
 def _in_worker(model_path: Path, runtime: dict, prompt_len: int, tokens: int, warmup: int, vocab: int) -> dict:
@@ -70,8 +82,12 @@ def _in_worker(model_path: Path, runtime: dict, prompt_len: int, tokens: int, wa
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _median(values):
+    return float(np.median(values))
+
+
 def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, tokens: int = 64, warmup: int = 8,
-                       progress=None) -> dict:
+                       repeats: int = 3, progress=None) -> dict:
     import onnx
 
     from .timing import machine
@@ -86,29 +102,34 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     runtime = manifest["runtime"]
     if vs_dense and manifest["profile"].get("decode", {}).get("mode") == "topk":
         raise VQExportError("this artifact has no logits output (decode = 'topk'); its dense twin cannot be built")
-    steps = 2 if vs_dense else 1
-    if progress:
-        progress("vq-logits artifact", 0, steps)
-    vq = _in_worker(artifact / runtime["model_file"], runtime, prompt_len, tokens, warmup, cfg["vocab_size"])
-    vq["artifact_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
-    result = {"artifact": str(artifact), "target": manifest["target"], "prompt_length": prompt_len, "tokens": tokens,
-              "machine": machine(), "vq": vq}
-    if vs_dense:
-        from ..passes.dense_twin import dense_twin
+    models = {"vq": artifact / runtime["model_file"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        if vs_dense:
+            from ..passes.dense_twin import dense_twin
 
-        if progress:
-            progress("dense-head twin", 1, steps)
-        twin = dense_twin(onnx.load(str(artifact / runtime["model_file"])))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "dense.onnx"
-            path.write_bytes(twin.SerializeToString())
-            dense = _in_worker(path, runtime, prompt_len, tokens, warmup, cfg["vocab_size"])
+            models["dense"] = Path(tmp) / "dense.onnx"
+            models["dense"].write_bytes(dense_twin(onnx.load(str(models["vq"]))).SerializeToString())
+        # the sides alternate, `repeats` times each, so drift on the machine hits both alike; medians reported
+        runs: dict[str, list[dict]] = {k: [] for k in models}
+        steps = repeats * len(models)
+        for r in range(repeats):
+            for i, (side, path) in enumerate(models.items()):
+                if progress:
+                    progress(f"{side}: run {r + 1}/{repeats}", r * len(models) + i, steps)
+                runs[side].append(_in_worker(path, runtime, prompt_len, tokens, warmup, cfg["vocab_size"]))
+    result = {"artifact": str(artifact), "target": manifest["target"], "prompt_length": prompt_len, "tokens": tokens,
+              "repeats": repeats, "machine": machine()}
+    for side, measured in runs.items():
+        result[side] = {k: _median([m[k] for m in measured]) if isinstance(v, float) else v for k, v in measured[0].items()}
+    result["vq"]["artifact_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
+    if vs_dense:
+        vq, dense = result["vq"], result["dense"]
         dense["artifact_bytes"] = dense["model_bytes"]
-        result["dense"] = dense
         result["ratios"] = {
             "ttft": dense["ttft_ms"] / vq["ttft_ms"], "decode_p50": dense["decode_ms_p50"] / vq["decode_ms_p50"],
             "tokens_per_s": vq["tokens_per_s"] / dense["tokens_per_s"], "model_bytes": dense["model_bytes"] / vq["model_bytes"],
             "peak_rss": dense["peak_rss_mb"] / vq["peak_rss_mb"],
+            "session_rss": dense["session_rss_mb"] / max(vq["session_rss_mb"], 1e-9),
         }
     if progress:
         progress("done", steps, steps)
