@@ -30,6 +30,15 @@ def bench_head(shapes=tuple(HEAD_SHAPES), threads: int = 2, min_seconds: float =
     return run_head_bench(tuple(shapes), threads=threads, min_seconds=min_seconds, progress=progress)
 
 
+def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, steps: int = 300, seed: int = 0,
+            clustering: str = "auto", progress=None):
+    """Dense-head checkpoint -> VQ-Logits checkpoint (see vqexport.convert)."""
+    from .convert import convert as run
+
+    return run(src, codebook_size, out, bias=bias, distill_text=distill_text, steps=steps, seed=seed,
+               clustering=clustering, progress=progress or (lambda *a: None))
+
+
 def bench_artifact(artifact, vs_dense: bool = False, prompt_len: int = 128, tokens: int = 64, repeats: int = 3,
                    progress=None) -> dict:
     """End-to-end latency of a built artifact (and of its dense-head twin; see vqexport.bench.artifact)."""
@@ -41,5 +50,5 @@ def bench_artifact(artifact, vs_dense: bool = False, prompt_len: int = 128, toke
 
 __all__ = [
     "BuildResult", "Checkpoint", "Generation", "ParityError", "ParityReport", "Profile", "VQExportError",
-    "bench_artifact", "bench_head", "build", "generate", "inspect", "load_checkpoint", "load_profile", "resolve_checkpoint", "target_names", "verify",
+    "bench_artifact", "bench_head", "build", "convert", "generate", "inspect", "load_checkpoint", "load_profile", "resolve_checkpoint", "target_names", "verify",
 ]

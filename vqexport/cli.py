@@ -347,6 +347,35 @@ def bench(head, shapes, threads, seconds, artifact, vs_dense, prompt_length, tok
 
 
 @main.command()
+@click.option("--from", "src", required=True, type=click.Path(), help="Checkpoint directory with a dense head.")
+@click.option("--codebook-size", "-k", required=True, type=int, help="K, the number of codebook rows (1 <= K <= V).")
+@click.option("--no-bias", is_flag=True, help="No per-token bias in the VQ head.")
+@click.option("--distill-text", type=click.Path(), default=None,
+              help="UTF-8 text: distill the head on its first 90%, report perplexity on the rest.")
+@click.option("--steps", type=int, default=300, show_default=True, help="Head-only distillation steps (with --distill-text).")
+@click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical"]), default="auto", show_default=True,
+              help="k-means variant for the map; auto tries both and keeps the lower held-out perplexity.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the output is deterministic for a seed).")
+@click.option("--out", "-o", required=True, type=click.Path(), help="New checkpoint directory (must not exist).")
+@click.option("--json", "as_json", is_flag=True, help="Print the conversion report as one JSON object on stdout.")
+def convert(src, codebook_size, no_bias, distill_text, steps, clustering, seed, out, as_json):
+    """Convert a dense-head checkpoint into a VQ-Logits checkpoint (map, codebook, bias, distillation)."""
+    from . import api
+
+    with _Bar(as_json) as bar:
+        result = api.convert(src, codebook_size, out, bias=not no_bias, distill_text=distill_text, steps=steps,
+                             seed=seed, clustering=clustering, progress=bar)
+    if as_json:
+        _print_json(result.report)
+        return
+    click.echo(f"wrote {result.out}")
+    r = result.report.get("after_distillation")
+    if r:
+        click.echo(f"held-out perplexity: dense {r['dense_ppl']:.2f}, VQ {r['vq_ppl']:.2f} ({100 * r['ppl_change']:+.1f}%), "
+                   f"top-1 agreement {r['top1_agreement']:.3f}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def targets(as_json):
     """List the bundled target profiles."""
