@@ -7,7 +7,8 @@
                  next-token distribution (KL), trunk frozen
     5. report    held-out perplexity of dense vs VQ and top-1 agreement, written into MODEL_CARD.md
 
-Sources: a vqexport checkpoint whose head is dense (``head.type = "dense"``).
+Sources: a vqexport checkpoint whose head is dense (``head.type = "dense"``), or a local Hugging Face
+Llama / Qwen2 directory (vqexport.hf), tied or untied embeddings, single or sharded safetensors.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def _noop(label: str, done: int, total: int) -> None:
 def _check_inputs(src: Path, k: int, out: Path, text: Path | None) -> Checkpoint:
     if out.exists():
         raise VQExportError(f"{out}: already exists; choose a new --out directory")
-    ckpt = load_checkpoint(src)
+    from .hf import is_hf_dir, load_hf
+
+    ckpt = load_hf(src) if src.is_dir() and is_hf_dir(src) else load_checkpoint(src)
     if ckpt.config.head.type != "dense":
         raise VQExportError(f"{src}: its head is already VQ-Logits; convert takes a checkpoint with a dense head")
     V = ckpt.config.vocab_size
