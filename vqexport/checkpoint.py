@@ -11,6 +11,9 @@ Tensor names (all float tensors float32, float16 or bfloat16; the map int32 or i
     layers.{i}.mlp.{gate,up}_proj.weight  [d_ff, d]
     layers.{i}.mlp.down_proj.weight       [d, d_ff]
     norm.weight                           [d]
+    GPT-2 style configs add: pos_embed.weight [max_position, d] (position = "learned"); *.bias of every norm
+    (norm = "layernorm"); mlp.fc / mlp.proj instead of gate/up/down (mlp = "gelu_tanh"); o_proj and MLP
+    biases (linear_bias).
     head.codebook                         [K, d]   (vq head)
     head.map                              [V]      (vq head; integers in [0, K))
     head.weight                           [V, d]   (dense head)
@@ -43,22 +46,36 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
     d, hd, V = cfg.d_model, cfg.head_dim, cfg.vocab_size
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     f = FLOAT_DTYPES
-    out = {"embed.weight": ((V, d), f), "norm.weight": ((d,), f)}
+    out = {"embed.weight": ((V, d), f)}
+    if cfg.position == "learned":
+        out["pos_embed.weight"] = ((cfg.max_position, d), f)
+
+    def linear(name, rows, cols, bias):
+        out[name + ".weight"] = ((rows, cols), f)
+        if bias:
+            out[name + ".bias"] = ((rows,), f)
+
+    def norm(name):
+        out[name + ".weight"] = ((d,), f)
+        if cfg.norm == "layernorm":
+            out[name + ".bias"] = ((d,), f)
+
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        out[p + "attn_norm.weight"] = ((d,), f)
-        out[p + "attn.q_proj.weight"] = ((q, d), f)
-        out[p + "attn.k_proj.weight"] = ((kv, d), f)
-        out[p + "attn.v_proj.weight"] = ((kv, d), f)
-        if cfg.qkv_bias:
-            out[p + "attn.q_proj.bias"] = ((q,), f)
-            out[p + "attn.k_proj.bias"] = ((kv,), f)
-            out[p + "attn.v_proj.bias"] = ((kv,), f)
-        out[p + "attn.o_proj.weight"] = ((d, q), f)
-        out[p + "mlp_norm.weight"] = ((d,), f)
-        out[p + "mlp.gate_proj.weight"] = ((cfg.d_ff, d), f)
-        out[p + "mlp.up_proj.weight"] = ((cfg.d_ff, d), f)
-        out[p + "mlp.down_proj.weight"] = ((d, cfg.d_ff), f)
+        norm(p + "attn_norm")
+        linear(p + "attn.q_proj", q, d, cfg.qkv_bias)
+        linear(p + "attn.k_proj", kv, d, cfg.qkv_bias)
+        linear(p + "attn.v_proj", kv, d, cfg.qkv_bias)
+        linear(p + "attn.o_proj", d, q, cfg.linear_bias)
+        norm(p + "mlp_norm")
+        if cfg.mlp == "swiglu":
+            linear(p + "mlp.gate_proj", cfg.d_ff, d, cfg.linear_bias)
+            linear(p + "mlp.up_proj", cfg.d_ff, d, cfg.linear_bias)
+            linear(p + "mlp.down_proj", d, cfg.d_ff, cfg.linear_bias)
+        else:
+            linear(p + "mlp.fc", cfg.d_ff, d, cfg.linear_bias)
+            linear(p + "mlp.proj", d, cfg.d_ff, cfg.linear_bias)
+    norm("norm")
     if cfg.head.type == "vq":
         out["head.codebook"] = ((cfg.head.codebook_size, d), f)
         out["head.map"] = ((V,), INT_DTYPES)

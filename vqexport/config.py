@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import VQExportError
 
 HEAD_TYPES = ("vq", "dense")
+ARCH_CHOICES = {"norm": ("rmsnorm", "layernorm"), "position": ("rope", "learned"), "mlp": ("swiglu", "gelu_tanh")}
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer (pre-norm, RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+    """A decoder-only pre-norm transformer: Llama/Qwen2 style (RMSNorm, RoPE, SwiGLU, grouped-query attention)
+    by default, GPT-2 style with norm="layernorm", position="learned", mlp="gelu_tanh", qkv_bias, linear_bias."""
 
     vocab_size: int
     d_model: int
@@ -36,6 +38,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qkv_bias: bool = False
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm" (with bias)
+    position: str = "rope"  # "rope" | "learned" (absolute position embeddings, max_position rows)
+    mlp: str = "swiglu"  # "swiglu" (gate/up/down) | "gelu_tanh" (fc/proj, GPT-2's)
+    linear_bias: bool = False  # biases on o_proj and the MLP projections (GPT-2)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -118,10 +124,16 @@ def _parse(raw: dict, where: str) -> ModelConfig:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 fail(f"{name} must be a positive number, got {v!r}")
             kw[name] = float(v)
-    if "qkv_bias" in raw:
-        if not isinstance(raw["qkv_bias"], bool):
-            fail(f"qkv_bias must be true or false, got {raw['qkv_bias']!r}")
-        kw["qkv_bias"] = raw["qkv_bias"]
+    for name in ("qkv_bias", "linear_bias"):
+        if name in raw:
+            if not isinstance(raw[name], bool):
+                fail(f"{name} must be true or false, got {raw[name]!r}")
+            kw[name] = raw[name]
+    for name, choices in ARCH_CHOICES.items():
+        if name in raw:
+            if raw[name] not in choices:
+                fail(f"{name} must be one of {', '.join(choices)}, got {raw[name]!r}")
+            kw[name] = raw[name]
     for name in _OPTIONAL_TOKEN_FIELDS:
         v = raw.get(name)
         if v is None:
@@ -134,7 +146,7 @@ def _parse(raw: dict, where: str) -> ModelConfig:
         fail(f"d_model={kw['d_model']} is not divisible by n_heads={kw['n_heads']}")
     if kw["n_heads"] % kw["n_kv_heads"]:
         fail(f"n_heads={kw['n_heads']} is not divisible by n_kv_heads={kw['n_kv_heads']}")
-    if (kw["d_model"] // kw["n_heads"]) % 2:
+    if kw.get("position", "rope") == "rope" and (kw["d_model"] // kw["n_heads"]) % 2:
         fail(f"head dimension d_model/n_heads={kw['d_model'] // kw['n_heads']} must be even for rotary embeddings")
 
     head = raw.get("head")
@@ -159,7 +171,8 @@ def _parse(raw: dict, where: str) -> ModelConfig:
     unknown = set(head) - {"type", "codebook_size", "bias"}
     if unknown:
         fail(f"unknown key(s) in head: {', '.join(sorted(unknown))}")
-    known = set(_INT_FIELDS) | {"rope_theta", "norm_eps", "qkv_bias", "head", "format", "format_version"} | set(_OPTIONAL_TOKEN_FIELDS)
+    known = (set(_INT_FIELDS) | {"rope_theta", "norm_eps", "qkv_bias", "linear_bias", "head", "format", "format_version"}
+             | set(_OPTIONAL_TOKEN_FIELDS) | set(ARCH_CHOICES))
     unknown = set(raw) - known
     if unknown:
         fail(f"unknown key(s): {', '.join(sorted(unknown))}")

@@ -1,4 +1,4 @@
-"""Read a local Hugging Face causal-LM directory (Llama or Qwen2 family) as a dense-head vqexport checkpoint.
+"""Read a local Hugging Face causal-LM directory (GPT-2, Llama or Qwen2 family) as a dense-head vqexport checkpoint.
 
 Nothing is downloaded: config.json + model.safetensors (or model.safetensors.index.json and its shards)
 + tokenizer.json are read from the directory. numpy + safetensors only; transformers is not needed.
@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, check_tokenizer
 from .config import HeadConfig, ModelConfig
 from .errors import VQExportError
 
-SUPPORTED = ("llama", "qwen2")
+SUPPORTED = ("gpt2", "llama", "qwen2")
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -30,6 +30,8 @@ def _config(raw: dict, where: str) -> ModelConfig:
     mt = raw.get("model_type")
     if mt not in SUPPORTED:
         raise VQExportError(f"{where}: unsupported architecture {mt!r}; supported: {', '.join(SUPPORTED)}")
+    if mt == "gpt2":
+        return _gpt2_config(raw, where)
     if raw.get("rope_scaling"):
         raise VQExportError(f"{where}: rope_scaling {raw['rope_scaling'].get('rope_type', raw['rope_scaling'])!r} is not supported yet")
     if mt == "qwen2" and raw.get("use_sliding_window"):
@@ -53,6 +55,59 @@ def _config(raw: dict, where: str) -> ModelConfig:
         raise VQExportError(f"{where}: missing key {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise VQExportError(f"{where}: malformed value ({e})") from None
+
+
+def _gpt2_config(raw: dict, where: str) -> ModelConfig:
+    act = raw.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise VQExportError(f"{where}: GPT-2 activation {act!r} is not supported (gelu_new)")
+    try:
+        d = int(raw["n_embd"])
+        return ModelConfig(
+            vocab_size=int(raw["vocab_size"]), d_model=d, n_layers=int(raw["n_layer"]), n_heads=int(raw["n_head"]),
+            n_kv_heads=int(raw["n_head"]), d_ff=int(raw.get("n_inner") or 4 * d), max_position=int(raw["n_positions"]),
+            norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)), qkv_bias=True, linear_bias=True, norm="layernorm",
+            position="learned", mlp="gelu_tanh", bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"),
+            pad_token_id=raw.get("pad_token_id"), head=HeadConfig(type="dense", bias=False),
+        )
+    except KeyError as e:
+        raise VQExportError(f"{where}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise VQExportError(f"{where}: malformed value ({e})") from None
+
+
+def _gpt2_tensors(hf: dict[str, np.ndarray], d: int) -> dict[str, np.ndarray]:
+    """GPT-2 names -> ours. Its Conv1D weights are [in, out]: transpose; c_attn holds q, k, v side by side."""
+    out = {}
+    for name, arr in hf.items():
+        name = name.removeprefix("transformer.")
+        if name == "wte.weight":
+            out["embed.weight"] = arr
+        elif name == "wpe.weight":
+            out["pos_embed.weight"] = arr
+        elif name.startswith("ln_f."):
+            out["norm." + name.split(".")[-1]] = arr
+        elif name == "lm_head.weight":
+            out["head.weight"] = arr
+        elif name.startswith("h."):
+            _, i, rest = name.split(".", 2)
+            p = f"layers.{i}."
+            kind = rest.rsplit(".", 1)[-1]  # weight | bias
+            if rest.startswith("ln_1."):
+                out[p + "attn_norm." + kind] = arr
+            elif rest.startswith("ln_2."):
+                out[p + "mlp_norm." + kind] = arr
+            elif rest.startswith("attn.c_attn."):
+                parts = np.split(arr, 3, axis=-1)
+                for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts):
+                    out[p + f"attn.{proj}.{kind}"] = part.T if kind == "weight" else part
+            elif rest.startswith("attn.c_proj."):
+                out[p + "attn.o_proj." + kind] = arr.T if kind == "weight" else arr
+            elif rest.startswith("mlp.c_fc."):
+                out[p + "mlp.fc." + kind] = arr.T if kind == "weight" else arr
+            elif rest.startswith("mlp.c_proj."):
+                out[p + "mlp.proj." + kind] = arr.T if kind == "weight" else arr
+    return out
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -104,6 +159,15 @@ _LAYER = {
 }
 
 
+def _token_ids_in_range(cfg: ModelConfig) -> ModelConfig:
+    """Special-token ids outside the vocabulary (left over from a base config) cannot be used: drop them."""
+    import dataclasses
+
+    fix = {k: None for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if getattr(cfg, k) is not None and not 0 <= getattr(cfg, k) < cfg.vocab_size}
+    return dataclasses.replace(cfg, **fix) if fix else cfg
+
+
 def load_hf(path) -> Checkpoint:
     """A Llama/Qwen2 Hugging Face directory as an in-memory dense-head Checkpoint (vqexport tensor names)."""
     path = Path(path)
@@ -112,10 +176,10 @@ def load_hf(path) -> Checkpoint:
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise VQExportError(f"{where}: cannot read ({e})") from None
-    cfg = _config(raw, where)
+    cfg = _token_ids_in_range(_config(raw, where))
     hf = _read_tensors(path)
-    out: dict[str, np.ndarray] = {}
-    for name, arr in hf.items():
+    out: dict[str, np.ndarray] = _gpt2_tensors(hf, cfg.d_model) if raw.get("model_type") == "gpt2" else {}
+    for name, arr in ({} if out else hf).items():
         if name == "model.embed_tokens.weight":
             out["embed.weight"] = arr
         elif name == "model.norm.weight":
@@ -127,7 +191,7 @@ def load_hf(path) -> Checkpoint:
             if rest in _LAYER:
                 out[f"layers.{i}.{_LAYER[rest]}"] = arr
     if "head.weight" not in out:
-        if not raw.get("tie_word_embeddings", False) or "embed.weight" not in out:
+        if not raw.get("tie_word_embeddings", raw.get("model_type") == "gpt2") or "embed.weight" not in out:
             raise VQExportError(f"{path}: no lm_head.weight and the embeddings are not tied")
         out["head.weight"] = out["embed.weight"]
     from .checkpoint import expected_tensors

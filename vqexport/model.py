@@ -72,6 +72,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -79,14 +83,15 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.linear_bias)
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cos is not None:  # rotary positions (learned positions were added to the embeddings instead)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k = torch.cat([past_k, k], dim=2)
         v = torch.cat([past_v, v], dim=2)
         present = (k, v)
@@ -102,22 +107,32 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU (gate/up/down) or GPT-2's tanh-GELU (fc/proj)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        b = cfg.linear_bias
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=b)
+            self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=b)
+            self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=b)
+        else:
+            self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=b)
+            self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=b)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
@@ -143,8 +158,9 @@ class VQLogitsLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_position, cfg.d_model) if cfg.position == "learned" else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.head = make_head(cfg)
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -160,14 +176,18 @@ class VQLogitsLM(nn.Module):
         total = attention_mask.shape[1]
         keep = attention_mask.to(torch.bool)
         positions = (attention_mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)[:, total - s :]
-        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [B, S, hd/2]
-        cos, sin = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+        cos = sin = None
+        if self.pos_embed is None:
+            angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [B, S, hd/2]
+            cos, sin = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
         # query i sits at absolute index (total - s + i) and sees keys j <= that index that are not padding.
         q_idx = torch.arange(s, device=input_ids.device) + (total - s)
         k_idx = torch.arange(total, device=input_ids.device)
         causal = k_idx.unsqueeze(0) <= q_idx.unsqueeze(1)  # [S, T]
         mask = causal.unsqueeze(0).unsqueeze(0) & keep.unsqueeze(1).unsqueeze(2)  # [B, 1, S, T]
         x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
         present = []
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
