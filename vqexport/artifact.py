@@ -40,12 +40,15 @@ def read_manifest(artifact: Path) -> dict:
         raise VQExportError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
         raise VQExportError(f"{path}: not a vqexport artifact manifest")
+    missing = [k for k in ("target", "profile", "runtime", "config", "source", "files") if not isinstance(manifest.get(k), dict | str)]
+    if missing:
+        raise VQExportError(f"{path}: manifest lacks {', '.join(missing)}; rebuild the artifact")
     return manifest
 
 
 def check_output_dir(out: Path, fingerprint: str, force: bool) -> None:
     """Refuse an output dir that holds anything but an artifact built from the same inputs (unless force)."""
-    out = Path(out)
+    out = Path(out).resolve()  # the same path staged_dir will replace
     if out.exists() and not out.is_dir():
         raise VQExportError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -103,7 +106,11 @@ def staged_dir(out: Path):
             trash = out.parent / f".{out.name}{_PARTIAL}{os.getpid()}-old"
             shutil.rmtree(trash, ignore_errors=True)
             out.rename(trash)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                trash.rename(out)  # put the previous artifact back
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             tmp.rename(out)

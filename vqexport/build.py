@@ -69,11 +69,12 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
 
         if head not in ("standard", "fused"):
             raise VQExportError(f"--head must be 'standard' or 'fused', got {head!r}")
-        profile = dataclasses.replace(profile, head=head, name=f"{profile.name}-{head}")
+        profile = dataclasses.replace(profile, head=head, name=f"{profile.name}-{head}",
+                                      description=f"{profile.description} (head = {head!r} by --head)")
     available_providers(profile.ort.providers)
     progress("loading checkpoint")
     ckpt = resolve_checkpoint(model)
-    out = Path(out) if out is not None else Path("build") / profile.name
+    out = (Path(out) if out is not None else Path("build") / profile.name).resolve()
     check_profile_fits(profile, ckpt)
     source = source_record(ckpt)
     fp = fingerprint(source, profile)
@@ -204,6 +205,11 @@ def verify_artifact(artifact, steps: int | None = None, model=None, progress=_no
     if model is None and src["model"] != DEMO_NAME and not Path(src["model"]).exists():
         raise VQExportError(f"{src['model']}: the checkpoint this artifact was built from is gone; pass --model DIR")
     ckpt = resolve_checkpoint(model if model is not None else src["model"])
+    built = manifest["config"]
+    for key in ("vocab_size", "n_layers", "n_kv_heads", "d_model", "n_heads"):
+        if getattr(ckpt.config, key) != built.get(key):
+            raise VQExportError(f"{ckpt.path}: {key} = {getattr(ckpt.config, key)} but the artifact was built with "
+                                f"{key} = {built.get(key)}; pass the checkpoint it was built from")
     if model is None:
         now = source_record(ckpt)["sha256"]
         if now != src["sha256"]:

@@ -187,9 +187,12 @@ def _read_header(file: Path, data: bytes) -> dict:
     for name, info in header.items():
         try:
             start, end = info["data_offsets"]
-            info["shape"], info["dtype"]
+            ok = (isinstance(info["shape"], list) and all(isinstance(x, int) and x >= 0 for x in info["shape"])
+                  and isinstance(info["dtype"], str) and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end)
         except (TypeError, KeyError, ValueError):
-            raise VQExportError(f"{file}: corrupt safetensors header entry for {name!r}") from None
+            ok = False
+        if not ok:
+            raise VQExportError(f"{file}: corrupt safetensors header entry for {name!r}")
         if end > body:
             raise VQExportError(f"{file}: truncated safetensors file (tensor {name} ends at byte {end} of a {body}-byte body)")
     return header

@@ -154,12 +154,13 @@ def main():
 @main.command()
 @click.option("--target", "-t", default="ort", show_default=True, help="Target profile name (see 'vqexport targets') or a .toml file.")
 @click.option("--model", "-m", default=None, help="Checkpoint directory, or 'demo' for the embedded default model (the default).")
-@click.option("--out", "-o", default=None, type=click.Path(), help="Artifact directory [default: ./build/<target>].")
+@click.option("--out", "-o", default=None, type=click.Path(), help="Artifact directory [default: ./build/<profile name>].")
 @click.option("--force", is_flag=True, help="Replace an output directory that holds a different artifact or other files.")
 @click.option("--steps", type=click.IntRange(0, 4096), default=None, help="Greedy decode steps for the parity check [default: from the profile].")
 @click.option("--head", type=click.Choice(["standard", "fused"]), default=None,
               help="Head form: standard ops, or one fused VQLogits node [default: from the profile].")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the manifest (on a parity failure: the parity report) as one JSON object on stdout.")
 @click.pass_context
 def build(ctx, target, model, out, force, steps, head, as_json):
     """Export the model, build it for a target, verify parity, write the artifact.
@@ -289,10 +290,12 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
 @click.option("--head", "head", is_flag=True, help="Benchmark the output layer alone at batch-1 decode for standard head shapes.")
 @click.option("--shapes", default=",".join(("gpt2", "qwen2.5-0.5b", "llama-3.2-1b")), show_default=True,
               help="Comma-separated head shapes for --head.")
-@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True,
+              help="onnxruntime intra-op threads for --head (--artifact uses the threads its profile recorded).")
 @click.option("--seconds", type=click.FloatRange(0.05, 60), default=0.5, show_default=True, help="Minimum timing time per variant.")
 @click.option("--artifact", "-a", type=click.Path(), default=None, help="Benchmark a built artifact end to end.")
-@click.option("--vs-dense", is_flag=True, help="With --artifact: also measure its dense-head twin (identical logits).")
+@click.option("--vs-dense", is_flag=True,
+              help="With --artifact: also measure its dense-head twin (W[v] = C[M[v]], same bias; an int8 codebook dequantized).")
 @click.option("--prompt-length", type=int, default=128, show_default=True, help="With --artifact: prompt tokens for time to first token.")
 @click.option("--tokens", type=int, default=64, show_default=True, help="With --artifact: decode tokens timed after warm-up.")
 @click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True,

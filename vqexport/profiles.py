@@ -87,6 +87,12 @@ class Profile:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
+def _safe_name(v: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v)) and v not in (".", "..")
+
+
 def bundled_dir():
     """Installed: the package's ``_targets`` (the repo's targets/ mapped in); from a source tree: targets/."""
     installed = resources.files("vqexport") / "_targets"
@@ -153,7 +159,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
     if "backend" not in raw:
         fail("missing key 'backend'")
     backend = take(raw, "backend", str, None, "", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}")
-    name = take(raw, "name", str, Path(where).stem, "", lambda v: bool(v.strip()), "a non-empty string")
+    name = take(raw, "name", str, Path(where).stem, "", _safe_name, "a non-empty name of letters, digits, '.', '_' or '-' (it names the output directory)")
     opset = take(raw, "opset", int, 18, "", lambda v: 18 <= v <= 23, "an integer in [18, 23]")
     precision = take(raw, "precision", str, "fp32", "", lambda v: v == "fp32", "'fp32' (the only precision of the ort backend)")
     codebook = take(raw, "codebook", str, "fp32", "", lambda v: v in CODEBOOKS, " or ".join(map(repr, CODEBOOKS)))

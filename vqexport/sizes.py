@@ -34,10 +34,16 @@ def onnx_sizes(proto: onnx.ModelProto) -> dict:
     h = find_head(proto)
     head = {n: stats[n] for n in h.initializers}
     trunk = {n: s for n, s in stats.items() if n not in head}
-    weight = next(t for t in proto.graph.initializer if t.name == h.initializers[0])
-    d = int(weight.dims[0])
+    d = _hidden_size(proto, h)
     vocab = _vocab_size(proto)
     return _summary(head, trunk, vocab, d, "head.bias" in head or "head.member_bias" in head)
+
+
+def _hidden_size(proto: onnx.ModelProto, head) -> int:
+    if head.matmul.op_type == "MatMulNBits":
+        return next(a.i for a in head.matmul.attribute if a.name == "K")
+    weight = next(t for t in proto.graph.initializer if t.name == head.initializers[0])
+    return int(weight.dims[0])  # [d, K] (or [d, V] for a dense head), fp32 or int8
 
 
 def _vocab_size(proto: onnx.ModelProto) -> int:

@@ -83,11 +83,15 @@ class _Stats:
         self.top1 = self.top5 = self.n = 0
         self.kl_sum = self.kl_max = 0.0
         self.present_max = 0.0
+        self.nonfinite = 0
         self.compared = "logits"
 
     def _diff(self, ref: np.ndarray, tgt: np.ndarray) -> None:
         ref64, tgt64 = ref.astype(np.float64), tgt.astype(np.float64)
-        diff = np.abs(tgt64 - ref64)
+        with np.errstate(invalid="ignore"):
+            diff = np.where(tgt64 == ref64, 0.0, np.abs(tgt64 - ref64))  # equal infinities match
+        diff = np.where(np.isnan(diff), np.inf, diff)  # a NaN never matches
+        self.nonfinite += int((~np.isfinite(tgt64) & np.isfinite(ref64)).sum())
         mag = np.abs(ref64)
         self.max_abs = max(self.max_abs, float(diff.max()))
         self.max_rel = max(self.max_rel, float((diff / np.maximum(mag, 1e-12)).max()))
@@ -97,8 +101,10 @@ class _Stats:
         self.req_rtol = max(self.req_rtol, float(np.nan_to_num(rel_needed, nan=np.inf, posinf=np.inf).max()))
 
     def _kl(self, lp: np.ndarray, lq: np.ndarray) -> None:
+        p = np.exp(lp)
         with np.errstate(invalid="ignore"):
-            kl = np.nansum(np.exp(lp) * (lp - lq), axis=-1)
+            kl = np.where(p > 0, p * (lp - lq), 0.0).sum(-1)
+        kl = np.where(np.isnan(kl), np.inf, kl)  # NaN in the target is an infinite divergence, not zero
         self.kl_sum += float(kl.sum())
         self.kl_max = max(self.kl_max, float(kl.max()))
 
@@ -117,6 +123,8 @@ class _Stats:
             self.compared = "topk"
             ids = tgt["topk_ids"]
             self._diff(np.take_along_axis(lp, ids, -1), tgt["topk_logprobs"])
+            k = min(k, ids.shape[-1])  # a top-k graph with k < 5 is compared on its k ids
+            r5 = np.argpartition(-ref, k - 1, axis=-1)[:, :k]
             t5 = ids[:, :k]
             self.top1 += int((ref.argmax(-1) == ids[:, 0]).sum())
             ref_clusters = np.stack([np.bincount(self.mapping, weights=np.exp(row), minlength=tgt["cluster_logprobs"].shape[-1]) for row in lp])
@@ -183,6 +191,8 @@ def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]],
     top5 = stats.top5 / stats.n
     kl = stats.kl_sum / stats.n
     failures = []
+    if stats.nonfinite:
+        failures.append(f"the target produced {stats.nonfinite} non-finite values where the reference is finite")
     if stats.req_atol > parity.atol:
         failures.append(f"{stats.compared} differ by up to {stats.max_abs:.3g} (needs atol {stats.req_atol:.3g} at rtol {parity.rtol:g}; allowed atol {parity.atol:g})")
     if top1 < parity.top1_agreement_min:

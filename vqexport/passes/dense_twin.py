@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import VQExportError
 from ..graph import head_copy, initializer_array, prune_unused
-from ..quant import dequantize_rows
+from .int8_codebook import codebook_t
 
 
 def dense_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -20,14 +20,8 @@ def dense_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
         raise VQExportError("this artifact has no logits output (decode = 'topk'); its dense twin cannot be built")
     out, head = head_copy(proto, "a dense twin")
     g = out.graph
-    names = {t.name for t in g.initializer}
-    if "head.codebook_q" in names:
-        q = initializer_array(out, "head.codebook_q")  # [d, K]
-        codebook_t = dequantize_rows(q.T, initializer_array(out, "head.codebook_scale")).T
-    else:
-        codebook_t = initializer_array(out, head.matmul.input[1])
     mapping = initializer_array(out, head.map_name).reshape(-1)
-    weight_t = np.ascontiguousarray(codebook_t[:, mapping], dtype=np.float32)  # [d, V]
+    weight_t = np.ascontiguousarray(codebook_t(out, head)[:, mapping], dtype=np.float32)  # [d, V]
     sel_out = head.gather.output[0]
     h = head.matmul.input[0]
     h_src = h
@@ -37,8 +31,14 @@ def dense_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
     g.initializer.append(numpy_helper.from_array(weight_t, "head.weight_t"))
     # the selection node is replaced by a dense MatMul writing the same tensor; the codebook path dies
     pos = next(i for i, n in enumerate(g.node) if list(n.output) == [sel_out])
+    fused_bias = head.gather.input[3] if head.gather.op_type == "VQLogits" else None
     del g.node[pos]
-    g.node.insert(pos, helper.make_node("MatMul", [h_src, "head.weight_t"], [sel_out], name="head/dense/MatMul"))
+    if fused_bias is None:
+        g.node.insert(pos, helper.make_node("MatMul", [h_src, "head.weight_t"], [sel_out], name="head/dense/MatMul"))
+    else:  # the fused node also added the bias
+        g.node.insert(pos, helper.make_node("MatMul", [h_src, "head.weight_t"], ["head/dense/z"], name="head/dense/MatMul"))
+        g.node.insert(pos + 1, helper.make_node("Add", ["head/dense/z", fused_bias], [sel_out], name="head/dense/Add"))
+        del out.functions[:]
     prune_unused(out)
     onnx.checker.check_model(out, full_check=True)
     return out

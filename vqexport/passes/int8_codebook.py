@@ -108,3 +108,21 @@ def native_codebook(proto: onnx.ModelProto, accuracy_level: int = 4, block_size:
     if "com.microsoft" not in {o.domain for o in out.opset_import}:
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out
+
+
+def codebook_t(proto: onnx.ModelProto, head) -> np.ndarray:
+    """The head's codebook as float32 [d, K], whatever its encoding (fp32, QDQ int8, MatMulNBits)."""
+    from ..graph import initializer_array
+    from ..quant import dequantize_rows
+
+    if head.matmul.op_type == "MatMulNBits":
+        attrs = {a.name: a.i for a in head.matmul.attribute}
+        packed = initializer_array(proto, head.matmul.input[1]).astype(np.float32)  # [K, blocks, block]
+        K, blocks, block = packed.shape
+        scales = initializer_array(proto, head.matmul.input[2]).reshape(K, blocks, 1)
+        return np.ascontiguousarray(((packed - 128.0) * scales).reshape(K, blocks * block)[:, : attrs["K"]].T)
+    names = {t.name for t in proto.graph.initializer}
+    if CODEBOOK_Q in names:
+        q = initializer_array(proto, CODEBOOK_Q)  # [d, K]
+        return np.ascontiguousarray(dequantize_rows(q.T, initializer_array(proto, CODEBOOK_SCALE)).T)
+    return initializer_array(proto, head.matmul.input[1]).astype(np.float32)

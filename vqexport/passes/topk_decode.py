@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..decoding import cluster_tables
 from ..errors import VQExportError
 from ..graph import BATCH, SEQ, head_copy, initializer_array, prune_unused
+from .int8_codebook import codebook_t
 
 OUTPUTS = ("topk_ids", "topk_logprobs", "cluster_logprobs")
 
@@ -35,7 +36,7 @@ def add_topk_outputs(proto: onnx.ModelProto, k: int, keep_logits: bool = False) 
     bias_name = next((i for i in (head.add.input if head.add is not None else []) if i == "head.bias"), None)
     bias = initializer_array(out, bias_name) if bias_name else None
     V = int(mapping.shape[0])
-    K = _matmul_width(out, head)
+    K = int(codebook_t(out, head).shape[1])
     if not 1 <= k <= V:
         raise VQExportError(f"decode k must be in [1, vocab size {V}], got {k}")
     t = cluster_tables(mapping, bias, K, width=k)
@@ -81,13 +82,6 @@ def add_topk_outputs(proto: onnx.ModelProto, k: int, keep_logits: bool = False) 
         _drop_logits(out, head)
     onnx.checker.check_model(out, full_check=True)
     return out
-
-
-def _matmul_width(proto, head) -> int:
-    for t in proto.graph.initializer:
-        if t.name == head.initializers[0]:
-            return int(t.dims[-1])
-    raise VQExportError("graph: head codebook not found")
 
 
 def _drop_logits(proto: onnx.ModelProto, head) -> None:

@@ -10,7 +10,7 @@ import onnx
 from ...checkpoint import Checkpoint
 from ...profiles import Profile
 from .genai import genai_config, tokenizer_config
-from .session import available_providers, session_options
+from .session import available_providers, create_session, session_options
 
 MODEL_FILE = "model.onnx"
 OPTIMIZED_FILE = "model.optimized.onnx"
@@ -46,8 +46,6 @@ def keep_used_opsets(path: Path) -> None:
 
 def build_ort(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: Path) -> dict:
     """Write the artifact's files into ``out``; return the manifest's ``runtime`` section."""
-    import onnxruntime as ort
-
     model_path = out / MODEL_FILE
     model_path.write_bytes(proto.SerializeToString())
 
@@ -58,7 +56,7 @@ def build_ort(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: P
 
         so.register_custom_ops_library(register_ort_kernel())
     so.optimized_model_filepath = str(out / OPTIMIZED_FILE)
-    ort.InferenceSession(str(model_path), so, providers=providers)
+    create_session(str(model_path), so, providers)
     keep_used_opsets(out / OPTIMIZED_FILE)
 
     if profile.decode.mode == "topk":

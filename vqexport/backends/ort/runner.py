@@ -8,7 +8,7 @@ import numpy as np
 
 from ...graph import cache_names
 from ..base import Runner, StepOutput
-from .session import available_providers, session_options
+from .session import available_providers, create_session, session_options
 
 
 class OrtRunner(Runner):
@@ -38,15 +38,13 @@ class OrtRunner(Runner):
         self.session = None
 
     def _activate(self):
-        import onnxruntime as ort
-
         so = session_options(self.optimization_level, self.threads, self.session_config)
         if self.custom_ops == "onnxruntime-extensions":
             from ...ops.vqlogits import register_ort_kernel
 
             so.register_custom_ops_library(register_ort_kernel())
         model = self.model_path if isinstance(self.model_path, bytes) else str(self.model_path)
-        self.session = ort.InferenceSession(model, so, providers=available_providers(self.providers))
+        self.session = create_session(model, so, available_providers(self.providers))
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.n_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         if self.n_layers:

@@ -40,3 +40,14 @@ def available_providers(requested) -> list[str]:
             f"onnxruntime here lacks execution provider(s) {', '.join(missing)} (available: {', '.join(have)})"
         )
     return list(requested)
+
+
+def create_session(model, so, providers):
+    """An InferenceSession; a model or setting onnxruntime refuses is a one-line error, not a traceback."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(model, so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail / InvalidArgument / InvalidGraph types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VQExportError(f"onnxruntime could not load the model with these settings: {msg[:300]}") from None

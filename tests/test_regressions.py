@@ -1,0 +1,130 @@
+"""Regression tests for defects found in review: each failed before its fix."""
+
+import json
+import struct
+
+import numpy as np
+import onnx
+import pytest
+
+from vqexport import api
+from vqexport.backends.base import Runner, StepOutput
+from vqexport.backends.ort.runner import OrtRunner
+from vqexport.profiles import Parity
+from vqexport.verify import compare_runners
+
+from .conftest import assert_user_error, make_checkpoint, make_config, run_cli
+
+
+def test_dotdot_output_path_cannot_replace_a_directory_without_force(tmp_path, tiny_ckpt, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(run_cli("build", "--model", tiny_ckpt, "--out", "nosuch/../victim"), "already holds")
+    assert (victim / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", "", "../x"])
+def test_profile_names_cannot_escape_the_build_dir(tmp_path, name):
+    f = tmp_path / "p.toml"
+    f.write_text(f'backend = "ort"\nname = "{name}"\n')
+    assert_user_error(run_cli("build", "--target", f), "name must be")
+
+
+class _Fake(Runner):
+    def __init__(self, vocab, corrupt=None):
+        self.n_layers, self.n_kv_heads, self.head_dim, self.vocab_size = 1, 1, 2, vocab
+        self.corrupt = corrupt
+
+    def step(self, input_ids, attention_mask, past):
+        b, s = input_ids.shape
+        logits = np.tile(np.linspace(-1, 1, self.vocab_size, dtype=np.float32), (b, s, 1))
+        present = [np.zeros((b, 1, attention_mask.shape[1], 2), np.float32)] * 2
+        out = StepOutput(logits=logits, present=present)
+        if self.corrupt == "nan-logits":
+            out.logits[..., 3] = np.nan
+        if self.corrupt == "nan-topk":
+            ids = np.argsort(-logits, -1)[..., :4]
+            out = StepOutput(logits=None, present=present, extra={
+                "topk_ids": ids, "topk_logprobs": np.full(ids.shape, np.nan, np.float32),
+                "cluster_logprobs": np.full((b, s, 2), np.nan, np.float32)})
+        return out
+
+
+@pytest.mark.parametrize("corrupt", ["nan-logits", "nan-topk"])
+def test_non_finite_target_outputs_fail_parity(corrupt):
+    with _Fake(10) as ref, _Fake(10, corrupt) as tgt:
+        report = compare_runners(ref, tgt, [[1, 2, 3]], 2, Parity(atol=1.0, kl_max=1.0, top1_agreement_min=0.0),
+                                 mapping=np.arange(10) % 2)
+    assert not report.passed
+    assert any("non-finite" in f for f in report.failures)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("s") / "ckpt", make_config(vocab=150, k=12, d=64, heads=4, kv_heads=4))
+
+
+def _profile(tmp_path, body):
+    f = tmp_path / "p.toml"
+    f.write_text('backend = "ort"\nname = "p"\n' + body + '\n[parity]\nsteps = 3\natol = 1.0\nkl_max = 1e-2\n'
+                 'top1_agreement_min = 0.9\ntop5_overlap_min = 0.9\ngreedy_must_match = false\n')
+    return str(f)
+
+
+def test_native_int8_sizes_and_topk(small, tmp_path):
+    result = api.build(_profile(tmp_path, 'codebook = "int8"\n[int8]\nencoding = "native"\n[decode]\nmode = "topk"\nk = 2'),
+                       model=small, out=tmp_path / "art")
+    assert result.parity.passed, result.parity.failures  # top-5 overlap is judged on the graph's 2 ids
+    assert result.manifest["sizes"]["dense_head"]["shape"] == [150, 64]
+
+
+@pytest.mark.parametrize("body,atol", [('head = "fused"\n[ort]\nkernel = "function"', 1e-4),
+                                       ('codebook = "int8"\n[int8]\nencoding = "native"\naccuracy_level = 0', 1e-3)])
+def test_dense_twin_reproduces_the_head(small, tmp_path, body, atol):
+    from vqexport.passes.dense_twin import dense_twin
+
+    result = api.build(_profile(tmp_path, body), model=small, out=tmp_path / "art")
+    proto = onnx.load(str(result.out / "model.onnx"))
+    twin = dense_twin(proto)
+    ids = np.arange(8).reshape(2, 4)
+    with OrtRunner.from_artifact(result.out) as a, OrtRunner(twin.SerializeToString()) as b:
+        la = a.step(ids, np.ones_like(ids), a.empty_past(2)).logits
+        lb = b.step(ids, np.ones_like(ids), b.empty_past(2)).logits
+    np.testing.assert_allclose(la, lb, atol=atol)
+
+
+def test_verify_with_an_incompatible_model(small, tmp_path):
+    api.build("ort", model=small, out=tmp_path / "art", steps=1)
+    other = make_checkpoint(tmp_path / "other", make_config(vocab=151, k=12, d=64, heads=4, kv_heads=4))
+    assert_user_error(run_cli("verify", "--artifact", tmp_path / "art", "--model", other), "vocab_size = 151")
+
+
+def test_manifest_without_runtime(small, tmp_path):
+    api.build("ort", model=small, out=tmp_path / "art", steps=1)
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    del m["runtime"]
+    (tmp_path / "art" / "manifest.json").write_text(json.dumps(m))
+    for args in (["generate", "--artifact", tmp_path / "art", "--prompt", "x"], ["inspect", tmp_path / "art"]):
+        assert_user_error(run_cli(*args), "manifest lacks runtime")
+
+
+def test_safetensors_header_with_wrong_types(tiny_ckpt, tmp_path):
+    f = tiny_ckpt / "model.safetensors"
+    data = f.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = 128
+    raw = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    assert_user_error(run_cli("build", "--model", tiny_ckpt, "--out", tmp_path / "o"), "corrupt safetensors header entry")
+
+
+def test_session_setting_onnxruntime_rejects(tiny_ckpt, tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text('backend = "ort"\nname = "p"\n[ort]\nsession_config = { "session.qdq_matmulnbits_accuracy_level" = "x" }\n')
+    result = run_cli("build", "--target", f, "--model", tiny_ckpt, "--out", tmp_path / "o")
+    assert_user_error(result, "onnxruntime could not load the model")
+    assert not (tmp_path / "o").exists()
