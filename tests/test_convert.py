@@ -95,3 +95,22 @@ def test_bad_sources_and_outputs(dense_ckpt, text_file, tmp_path):
     binary.write_bytes(b"ok \xff\xfe bytes")
     assert_user_error(run_cli("convert", "--from", dense_ckpt, "-k", 4, "--distill-text", binary, "--out", tmp_path / "o"), "not UTF-8")
     assert not (tmp_path / "o").exists()
+
+
+def test_kmeans_is_deterministic_uses_every_code_and_beats_random():
+    import torch
+
+    from vqexport.vq_init import kmeans
+
+    torch.manual_seed(0)
+    centers = torch.randn(40, 16) * 5
+    x = centers[torch.randint(0, 40, (6000,))] + torch.randn(6000, 16) * 0.1  # 40 well-separated blobs
+    c, a = kmeans(x, 40, seed=3, max_seed_rows=2000)  # more rows than one distance chunk; seeding on a subset
+    c2, a2 = kmeans(x, 40, seed=3, max_seed_rows=2000)
+    assert torch.equal(a, a2) and torch.equal(c, c2)
+    assert len(torch.unique(a)) == 40
+    inertia = float(((x - c[a]) ** 2).sum(1).mean())
+    random_codes = x[torch.randperm(6000)[:40]]
+    assert inertia < 0.5 * float(((x[:, None] - random_codes[None]) ** 2).sum(-1).min(1).values.mean())
+    _, every = kmeans(x[:300], 300, iters=2)
+    assert len(torch.unique(every)) == 300  # K = N: one row per code

@@ -10,37 +10,54 @@ from __future__ import annotations
 import torch
 
 
-def kmeans(rows: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest(x: torch.Tensor, sq: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096):
+    """(squared distance, index) of each row's nearest centroid, computed in row chunks (bounded memory)."""
+    c_sq = centroids.pow(2).sum(1)
+    dist = torch.empty(x.shape[0])
+    idx = torch.empty(x.shape[0], dtype=torch.int64)
+    for i in range(0, x.shape[0], chunk):
+        d2 = sq[i : i + chunk, None] - 2 * x[i : i + chunk] @ centroids.T + c_sq
+        dist[i : i + chunk], idx[i : i + chunk] = d2.min(1)
+    return dist.clamp_(min=0), idx
+
+
+def _seed(x: torch.Tensor, sq: torch.Tensor, k: int, g: torch.Generator, max_rows: int) -> torch.Tensor:
+    """k-means++ seeding, on a random subset of at most ``max_rows`` rows when there are more."""
+    n = x.shape[0]
+    pool = torch.randperm(n, generator=g)[:max_rows] if n > max_rows else torch.arange(n)
+    xs, sqs = x[pool], sq[pool]
+    first = int(torch.randint(len(pool), (1,), generator=g))
+    picks = [first]
+    dist = (sqs - 2 * xs @ xs[first] + sqs[first]).clamp(min=0)
+    for _ in range(1, k):
+        total = float(dist.sum())
+        idx = int(torch.multinomial(dist / total, 1, generator=g)) if total > 0 else int(torch.randint(len(pool), (1,), generator=g))
+        picks.append(idx)
+        dist = torch.minimum(dist, (sqs - 2 * xs @ xs[idx] + sqs[idx]).clamp(min=0))
+    return xs[picks].clone()
+
+
+def kmeans(rows: torch.Tensor, k: int, iters: int = 25, seed: int = 0, max_seed_rows: int = 32768) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on rows [N, d] (k-means++ seeding). Returns (centroids [k, d], assignment [N] int64).
 
-    Empty clusters are re-seeded with the points farthest from their centroid, so every code is used
-    whenever N >= k.
+    Distances are computed in row chunks, so memory stays O(chunk x k) even at V = 152k, K = 4.7k; seeding
+    runs on at most ``max_seed_rows`` rows. Empty clusters are re-seeded with the points farthest from their
+    centroid, so every code is used whenever N >= k. Deterministic for a seed.
     """
     n = rows.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     g = torch.Generator().manual_seed(seed)
-    x = rows.detach().float()
+    x = rows.detach().float().contiguous()
     sq = (x * x).sum(1)
-    centroids = x[torch.randint(n, (1,), generator=g)].clone()
-    dist = (sq - 2 * x @ centroids[0] + centroids[0].pow(2).sum()).clamp(min=0)
-    picks = []
-    for _ in range(1, k):
-        total = float(dist.sum())
-        idx = int(torch.multinomial(dist / total, 1, generator=g)) if total > 0 else int(torch.randint(n, (1,), generator=g))
-        picks.append(idx)
-        c = x[idx]
-        dist = torch.minimum(dist, (sq - 2 * x @ c + c.pow(2).sum()).clamp(min=0))
-    if picks:
-        centroids = torch.cat([centroids, x[picks]], 0)
-    assign = torch.zeros(n, dtype=torch.int64)
+    centroids = _seed(x, sq, k, g, max(max_seed_rows, k))
+    assign = torch.full((n,), -1, dtype=torch.int64)
     for _ in range(iters):
-        d2 = sq[:, None] - 2 * x @ centroids.T + (centroids * centroids).sum(1)[None, :]
-        new_assign = d2.argmin(1)
+        dist, new_assign = _nearest(x, sq, centroids)
         counts = torch.bincount(new_assign, minlength=k)
         empty = torch.nonzero(counts == 0).flatten()
         if len(empty):
-            far = d2.gather(1, new_assign[:, None]).squeeze(1).argsort(descending=True)
+            far = dist.argsort(descending=True)
             taken = 0
             for e in empty.tolist():
                 while counts[new_assign[far[taken]]] <= 1:
