@@ -116,21 +116,25 @@ def _chi_square_z(counts, probs):
     return ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
 
 
+def _full_probs(z0, mapping, b, T):
+    full = full_logits(z0, mapping, b) / T
+    probs = np.exp(full - full.max())
+    return probs / probs.sum()
+
+
+def _counts(sampler, z0, V, n=20000):
+    return np.bincount([sampler.sample(z0) for _ in range(n)], minlength=V)
+
+
 @pytest.mark.parametrize("T", [1.0, 0.6, 2.0])
 def test_sampler_matches_full_vocabulary_distribution(T):
     V, K = 60, 7
     mapping, b, z = random_head(V, K, seed=11)
     z0 = z[0] * 0.3
-    full = full_logits(z0, mapping, b) / T
-    probs = np.exp(full - full.max())
-    probs /= probs.sum()
-    sampler = Sampler(mapping, b, K, temperature=T, seed=123)
-    counts = np.bincount([sampler.sample(z0) for _ in range(20000)], minlength=V)
-    assert _chi_square_z(counts, probs) < 3.5
+    probs = _full_probs(z0, mapping, b, T)
+    assert _chi_square_z(_counts(Sampler(mapping, b, K, temperature=T, seed=123), z0, V), probs) < 3.5
     # the same test rejects a sampler that ignores the bias (it can fail)
-    wrong = Sampler(mapping, None, K, temperature=T, seed=123)
-    wrong_counts = np.bincount([wrong.sample(z0) for _ in range(20000)], minlength=V)
-    assert _chi_square_z(wrong_counts, probs) > 3.5
+    assert _chi_square_z(_counts(Sampler(mapping, None, K, temperature=T, seed=123), z0, V), probs) > 3.5
 
 
 def test_top_k_sampler_stays_inside_the_exact_top_k():
@@ -157,9 +161,5 @@ def test_sampling_from_graph_cluster_logprobs_is_exact_at_any_temperature(T):
     graph_cluster_lp = cluster_logprobs(z0, cluster_tables(mapping, b, K))  # what the top-k graph outputs
     recovered = codebook_logits_from_cluster_logprobs(graph_cluster_lp, cluster_tables(mapping, b, K, width=1))
     np.testing.assert_allclose(recovered - recovered.max(), z0 - z0.max(), atol=1e-9)
-    full = full_logits(z0, mapping, b) / T
-    probs = np.exp(full - full.max())
-    probs /= probs.sum()
     sampler = Sampler(mapping, b, K, temperature=T, seed=5)
-    counts = np.bincount([sampler.sample(recovered) for _ in range(20000)], minlength=V)
-    assert _chi_square_z(counts, probs) < 3.5
+    assert _chi_square_z(_counts(sampler, recovered, V), _full_probs(z0, mapping, b, T)) < 3.5
