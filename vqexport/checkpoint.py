@@ -86,10 +86,6 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
     return out
 
 
-def head_tensor_names(cfg: ModelConfig) -> list[str]:
-    return [n for n in expected_tensors(cfg) if n.startswith("head.")]
-
-
 @dataclass
 class Checkpoint:
     """A validated checkpoint: config, float32/int32 numpy tensors, and the tokenizer file if present."""
@@ -121,8 +117,6 @@ def load_checkpoint(path) -> Checkpoint:
 
 
 def _read_weights(file: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
 
     if not file.exists():
         raise VQExportError(f"{file}: weights file not found (expected {WEIGHTS_FILE} beside {CONFIG_FILE})")
@@ -145,10 +139,7 @@ def _read_weights(file: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
             raise VQExportError(f"{file}: tensor {name} has dtype {got_dtype}, expected {kind} ({', '.join(dtypes)})")
         if got_shape != shape:
             raise VQExportError(f"{file}: tensor {name} has shape {list(got_shape)}, config.json implies {list(shape)}")
-    try:
-        raw = load(data) if not _has_bf16(header) else _load_via_torch(data)
-    except (SafetensorError, ValueError) as e:
-        raise VQExportError(f"{file}: corrupt safetensors data ({e})") from None
+    raw = load_arrays(file, data, header)
     tensors: dict[str, np.ndarray] = {}
     for name in expected:
         arr = raw[name]
@@ -198,16 +189,30 @@ def _read_header(file: Path, data: bytes) -> dict:
     return header
 
 
-def _has_bf16(header: dict) -> bool:
-    return any(info["dtype"] == "BF16" for info in header.values())
+def load_arrays(file: Path, data: bytes, header: dict) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file (its bytes and checked header) as numpy; bfloat16 becomes float32."""
+    from safetensors import SafetensorError
+
+    try:
+        if not any(info["dtype"] == "BF16" for info in header.values()):
+            from safetensors.numpy import load
+
+            return load(data)
+        import torch
+        from safetensors.torch import load
+
+        return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in load(data).items()}
+    except (SafetensorError, ValueError) as e:
+        raise VQExportError(f"{file}: corrupt safetensors data ({e})") from None
 
 
-def _load_via_torch(data: bytes) -> dict[str, np.ndarray]:
-    from safetensors.torch import load
-
-    import torch
-
-    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in load(data).items()}
+def read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """Read, check the header of, and load one safetensors file; every problem is a one-line VQExportError."""
+    try:
+        data = Path(file).read_bytes()
+    except OSError as e:
+        raise VQExportError(f"{file}: cannot read weights ({e.strerror})") from None
+    return load_arrays(file, data, _read_header(file, data))
 
 
 def check_tokenizer(path: Path, vocab_size: int) -> None:

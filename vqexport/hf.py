@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint, check_tokenizer
+from .checkpoint import Checkpoint, check_tokenizer, read_safetensors
 from .config import HeadConfig, ModelConfig
 from .errors import VQExportError
 
@@ -111,9 +111,6 @@ def _gpt2_tensors(hf: dict[str, np.ndarray], d: int) -> dict[str, np.ndarray]:
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     single, index = path / "model.safetensors", path / INDEX_FILE
     if single.exists():
         files = [single]
@@ -130,22 +127,8 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
         raise VQExportError(f"{path}: no model.safetensors and no {INDEX_FILE}")
     tensors: dict[str, np.ndarray] = {}
     for f in files:
-        try:
-            if _has_bf16(f):
-                from safetensors.torch import load_file as load_torch
-
-                tensors.update({k: v.float().numpy() for k, v in load_torch(str(f)).items()})
-            else:
-                tensors.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise VQExportError(f"{f}: corrupt or truncated safetensors ({e})") from None
+        tensors.update(read_safetensors(f))
     return tensors
-
-
-def _has_bf16(f: Path) -> bool:
-    with open(f, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return b'"BF16"' in fh.read(min(n, 1 << 24))
 
 
 _LAYER = {

@@ -110,8 +110,8 @@ class _Stats:
 
     def add(self, ref: np.ndarray, tgt: dict) -> None:
         """ref: [N, V] reference logits; tgt: the target's outputs for the same N positions."""
-        k = min(5, ref.shape[-1])
-        r5 = np.argpartition(-ref, k - 1, axis=-1)[:, :k]
+        k = min(5, ref.shape[-1]) if tgt.get("logits") is not None else min(5, ref.shape[-1], tgt["topk_ids"].shape[-1])
+        r5 = np.argpartition(-ref, k - 1, axis=-1)[:, :k]  # a top-k graph with k < 5 is compared on its k ids
         lp = _log_softmax(ref)
         if tgt.get("logits") is not None:
             logits = tgt["logits"]
@@ -123,8 +123,6 @@ class _Stats:
             self.compared = "topk"
             ids = tgt["topk_ids"]
             self._diff(np.take_along_axis(lp, ids, -1), tgt["topk_logprobs"])
-            k = min(k, ids.shape[-1])  # a top-k graph with k < 5 is compared on its k ids
-            r5 = np.argpartition(-ref, k - 1, axis=-1)[:, :k]
             t5 = ids[:, :k]
             self.top1 += int((ref.argmax(-1) == ids[:, 0]).sum())
             ref_clusters = np.stack([np.bincount(self.mapping, weights=np.exp(row), minlength=tgt["cluster_logprobs"].shape[-1]) for row in lp])
