@@ -12,10 +12,11 @@ from vqexport.checkpoint import save_checkpoint  # noqa: E402
 from vqexport.config import HeadConfig, ModelConfig  # noqa: E402
 
 
-def make_config(vocab=97, d=32, layers=2, heads=4, kv_heads=2, d_ff=48, head="vq", k=11, bias=True, qkv_bias=False, max_position=256):
+def make_config(vocab=97, d=32, layers=2, heads=4, kv_heads=2, d_ff=48, head="vq", k=11, bias=True, qkv_bias=False, max_position=256,
+                rank=0):
     return ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, d_ff=d_ff,
                        qkv_bias=qkv_bias, max_position=max_position, eos_token_id=None,
-                       head=HeadConfig(type=head, codebook_size=k if head == "vq" else 0, bias=bias))
+                       head=HeadConfig(type=head, codebook_size=k if head == "vq" else 0, bias=bias, rank=rank))
 
 
 def make_tensors(cfg: ModelConfig, seed=0) -> dict[str, np.ndarray]:
@@ -35,6 +36,8 @@ def make_tensors(cfg: ModelConfig, seed=0) -> dict[str, np.ndarray]:
             tensors[name] = rng.standard_normal(arr.shape).astype(np.float32)
         elif name == "head.codebook":
             tensors[name] = rng.standard_normal(arr.shape).astype(np.float32) * cfg.d_model**-0.5 * 4
+        elif name in ("head.lowrank_p", "head.lowrank_u"):  # a correction big enough to change rankings
+            tensors[name] = rng.standard_normal(arr.shape).astype(np.float32) * (cfg.d_model**-0.5 if name.endswith("_p") else 1.5)
     if cfg.head.type == "vq":
         k, v = cfg.head.codebook_size, cfg.vocab_size
         m = np.concatenate([np.arange(min(k, v)), rng.integers(0, k, size=max(v - k, 0))])

@@ -125,6 +125,9 @@ def check_profile_fits(profile: Profile, ckpt: Checkpoint) -> None:
         if profile.decode.mode == "topk":
             raise VQExportError(f"target {profile.name}: head = 'fused' outputs logits; it cannot be combined with decode.mode = 'topk'")
         if profile.ort.kernel == "extensions":
+            if ckpt.config.head.rank:
+                raise VQExportError(f"target {profile.name}: the onnxruntime-extensions VQLogits kernel takes the 4-input form only, and "
+                                    f"{ckpt.path} has a rank-{ckpt.config.head.rank} correction; use a target with [ort] kernel = \"function\"")
             from .ops.vqlogits import register_ort_kernel
 
             register_ort_kernel()  # fails clearly if the runtime has no way to provide the kernel
@@ -155,12 +158,12 @@ def apply_passes(proto, profile: Profile, ckpt: Checkpoint, progress=_noop):
         from .passes.int8_codebook import quantize_codebook
 
         progress("quantizing the codebook to int8")
-        scale = None
+        scales = {}
         if profile.int8.activations:
-            from .passes.calibrate import hidden_amax
+            from .passes.calibrate import head_amax
 
-            scale = max(hidden_amax(proto, ckpt), 1e-8) / 127.0
-        proto = quantize_codebook(proto, activation_scale=scale)
+            scales = {k: max(v, 1e-8) / 127.0 for k, v in head_amax(proto, ckpt).items()}
+        proto = quantize_codebook(proto, activation_scale=scales.get("hidden"), lowrank_activation_scale=scales.get("lowrank"))
     if profile.decode.last_position_only:
         from .passes.last_position import last_position_only
 

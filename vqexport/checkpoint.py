@@ -18,6 +18,8 @@ Tensor names (all float tensors float32, float16 or bfloat16; the map int32 or i
     head.map                              [V]      (vq head; integers in [0, K))
     head.weight                           [V, d]   (dense head)
     head.bias                             [V]      (when head.bias is true)
+    head.lowrank_p                        [r, d]   (vq head with rank r > 0: P of the correction (h·Pᵀ)·Uᵀ)
+    head.lowrank_u                        [V, r]   (vq head with rank r > 0: U)
 
 This module needs numpy and safetensors only (no torch).
 """
@@ -79,6 +81,9 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
     if cfg.head.type == "vq":
         out["head.codebook"] = ((cfg.head.codebook_size, d), f)
         out["head.map"] = ((V,), INT_DTYPES)
+        if cfg.head.rank:
+            out["head.lowrank_p"] = ((cfg.head.rank, d), f)
+            out["head.lowrank_u"] = ((V, cfg.head.rank), f)
     else:
         out["head.weight"] = ((V, d), f)
     if cfg.head.bias:

@@ -21,6 +21,7 @@ class HeadConfig:
     type: str = "vq"
     codebook_size: int = 0  # K; only for type == "vq"
     bias: bool = True
+    rank: int = 0  # r: low-rank per-token correction (h·Pᵀ)·Uᵀ, P [r, d], U [V, r]; 0 = none (vq heads only)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if not self.head.rank:  # rank 0 is the plain head: config.json stays exactly as before the key existed
+            del d["head"]["rank"]
         d["format"] = FORMAT_NAME
         d["format_version"] = FORMAT_VERSION
         return d
@@ -168,7 +171,14 @@ def _parse(raw: dict, where: str) -> ModelConfig:
             fail(f"head.codebook_size must be in [1, vocab_size={kw['vocab_size']}], got {k}")
     else:
         k = 0
-    unknown = set(head) - {"type", "codebook_size", "bias"}
+    rank = head.get("rank", 0)
+    if not _is_int(rank):
+        fail(f"head.rank must be an integer, got {type(rank).__name__} {rank!r}")
+    if rank and htype != "vq":
+        fail("head.rank applies to a vq head only (a dense head has no low-rank correction)")
+    if not 0 <= rank <= min(kw["vocab_size"], kw["d_model"]):
+        fail(f"head.rank must be in [0, min(vocab_size, d_model) = {min(kw['vocab_size'], kw['d_model'])}], got {rank}")
+    unknown = set(head) - {"type", "codebook_size", "bias", "rank"}
     if unknown:
         fail(f"unknown key(s) in head: {', '.join(sorted(unknown))}")
     known = (set(_INT_FIELDS) | {"rope_theta", "norm_eps", "qkv_bias", "linear_bias", "head", "format", "format_version"}
@@ -176,4 +186,4 @@ def _parse(raw: dict, where: str) -> ModelConfig:
     unknown = set(raw) - known
     if unknown:
         fail(f"unknown key(s): {', '.join(sorted(unknown))}")
-    return ModelConfig(head=HeadConfig(type=htype, codebook_size=k, bias=bias), **kw)
+    return ModelConfig(head=HeadConfig(type=htype, codebook_size=k, bias=bias, rank=rank), **kw)

@@ -8,7 +8,8 @@ The graph follows the names Optimum and onnxruntime-genai use:
     outputs  logits [batch_size, sequence_length, vocab] float32
              present.{i}.key|value [batch_size, n_kv_heads, total_sequence_length, head_dim] float32
 
-and its head is ``Add(Gather(MatMul(h, head.codebook_t), head.map, axis=-1), head.bias)``.
+and its head is ``Add(Gather(MatMul(h, head.codebook_t), head.map, axis=-1), head.bias)``; with a rank-r
+correction that sum gets ``+ MatMul(MatMul(h, head.lowrank_p_t), head.lowrank_u_t)``.
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ def canonicalize(proto: onnx.ModelProto, cfg) -> None:
         bias = [i for i in head.add.input if i in {t.name for t in g.initializer}]
         if bias:
             renames[bias[0]] = "head.bias"
+    if head.lowrank is not None:
+        renames[head.lowrank.p.input[1]] = "head.lowrank_p_t"
+        renames[head.lowrank.u.input[1]] = "head.lowrank_u_t"
     rename_tensors(proto, renames)
     if head.gather is not None:
         for t in g.initializer:

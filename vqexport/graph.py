@@ -79,6 +79,15 @@ def check_dynamic_axes(model: onnx.ModelProto) -> None:
 
 
 @dataclass
+class LowRankNodes:
+    """The rank-r correction ``logits = base + MatMul(MatMul(h, head.lowrank_p_t), head.lowrank_u_t)``."""
+
+    add: onnx.NodeProto  # base + correction
+    p: onnx.NodeProto  # MatMul (or MatMulNBits) h [.., d] -> [.., r]
+    u: onnx.NodeProto  # MatMul (or MatMulNBits) [.., r] -> [.., V]
+
+
+@dataclass
 class HeadNodes:
     """The head's nodes and initializers in a standard-op graph."""
 
@@ -88,6 +97,46 @@ class HeadNodes:
     add: onnx.NodeProto | None
     initializers: list[str]  # names of the head's weights
     map_name: str | None = None  # the token -> code map initializer (vq heads with logits)
+    lowrank: LowRankNodes | None = None  # the rank-r correction, when the head has one (standard-op form)
+
+
+def _weight_matmul(node, inits, producer) -> bool:
+    if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
+        return False
+    if node.op_type == "MatMulNBits":
+        return node.input[1] in inits
+    return _constant_sources(node.input[1], producer, inits) is not None
+
+
+def activation_source(name: str, producer: dict) -> str:
+    """The tensor behind an activation Quantize/DequantizeLinear pair (``name`` itself when there is none)."""
+    while name in producer and producer[name].op_type == "DequantizeLinear":
+        q = producer.get(producer[name].input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            break
+        name = q.input[0]
+    return name
+
+
+def _lowrank_branch(add: onnx.NodeProto, producer: dict, inits: set) -> tuple[LowRankNodes, str] | None:
+    """``Add(base, MatMul(MatMul(h, P_t), U_t))`` -> (its nodes, the base tensor); None if ``add`` is not that."""
+    if len(add.input) != 2 or any(i in inits for i in add.input):
+        return None
+    for j, name in enumerate(add.input):
+        u = producer.get(name)
+        if not _weight_matmul(u, inits, producer):
+            continue
+        p = producer.get(activation_source(u.input[0], producer))
+        if _weight_matmul(p, inits, producer):
+            return LowRankNodes(add, p, u), add.input[1 - j]
+    return None
+
+
+def _weight_names(node: onnx.NodeProto, producer: dict, inits: set) -> list[str]:
+    if node.op_type == "MatMulNBits":
+        return [i for i in node.input[1:] if i in inits]
+    names = _constant_sources(node.input[1], producer, inits) or []
+    return names + [n for n in (_constant_sources(node.input[0], producer, inits, quant_only=True) or []) if n not in names]
 
 
 def find_head(model: onnx.ModelProto) -> HeadNodes:
@@ -102,9 +151,17 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
     if node is not None and node.op_type == "VQLogits":  # fused head: one node plays MatMul + selection + bias
         names = _constant_sources(node.input[1], producer, inits) or []
         names += [n for n in (_constant_sources(node.input[0], producer, inits, quant_only=True) or []) if n not in names]
-        names += [n for n in node.input[2:] if n in inits and n not in names]
+        names += [n for n in node.input[2:4] if n in inits and n not in names]
+        for extra in node.input[4:6]:  # optional rank-r factors, fp32 or through a DequantizeLinear
+            names += [n for n in (_constant_sources(extra, producer, inits) or []) if n not in names]
         names += sorted(n for n in inits if n.startswith("head.") and n not in names)
         return HeadNodes("vq", node, node, None, names, node.input[2])
+    lowrank = None
+    if node is not None and node.op_type == "Add":
+        found = _lowrank_branch(node, producer, inits)
+        if found is not None:
+            lowrank, base = found
+            node = producer.get(base)
     add = None
     if node is not None and node.op_type == "Add":
         add = node
@@ -123,8 +180,9 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
         names += [i for i in ([gather.input[1], map_name] if gather is not None else []) if i in inits and i not in names]
         if add is not None:
             names += [i for i in add.input if i in inits and i not in names]
+        names += _lowrank_names(lowrank, producer, inits, names)
         names += sorted(n for n in inits if n.startswith("head.") and n not in names)
-        return HeadNodes("vq" if gather is not None or topk else "dense", node, gather, add, names, map_name)
+        return HeadNodes("vq" if gather is not None or topk else "dense", node, gather, add, names, map_name, lowrank)
     names = _constant_sources(node.input[1], producer, inits)
     if names is None:
         raise VQExportError("graph: cannot find the output head (MatMul with a constant weight feeding 'logits')")
@@ -135,9 +193,19 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
         names.append(map_name)
     if add is not None:
         names.extend(i for i in add.input if i in inits)
+    names += _lowrank_names(lowrank, producer, inits, names)
     # weights and tables added by passes are named "head.*" (structural constants "head/...")
     names += sorted(n for n in inits if n.startswith("head.") and n not in names)
-    return HeadNodes("vq" if gather is not None or topk else "dense", node, gather, add, names, map_name)
+    return HeadNodes("vq" if gather is not None or topk else "dense", node, gather, add, names, map_name, lowrank)
+
+
+def _lowrank_names(lowrank: LowRankNodes | None, producer: dict, inits: set, taken: list[str]) -> list[str]:
+    if lowrank is None:
+        return []
+    out: list[str] = []
+    for node in (lowrank.p, lowrank.u):
+        out += [n for n in _weight_names(node, producer, inits) if n not in taken and n not in out]
+    return out
 
 
 def _constant_sources(name, producer, inits, quant_only=False):

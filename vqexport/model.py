@@ -2,7 +2,7 @@
 
     h       = trunk(input_ids, attention_mask, past)         # [B, S, d]
     z       = h @ C.T                                        # [B, S, K]   codebook logits
-    logits  = z[..., M] (+ b)                                # [B, S, V]
+    logits  = z[..., M] (+ b) (+ (h @ P.T) @ U.T)            # [B, S, V]   optional rank-r correction
 
 The KV cache is a flat tuple ``(k0, v0, k1, v1, ...)`` with each tensor [B, n_kv_heads, past, head_dim],
 the same layout the exported ONNX graph uses for ``past_key_values.{i}.key|value``.
@@ -18,17 +18,23 @@ from .config import ModelConfig
 
 
 class VQLogitsHead(nn.Module):
-    """``logits[..., v] = (h @ C.T)[..., M[v]] + b[v]`` as a sum of terms (codebook term, bias term).
+    """``logits[..., v] = (h @ C.T)[..., M[v]] + b[v] + ((h @ P.T) @ U.T)[..., v]`` as a sum of terms (codebook
+    term, bias term, rank-r correction term).
 
-    C (``codebook`` [K, d]) and b (``bias`` [V]) are trained; M (``map`` [V] int32, values in [0, K)) is fixed.
+    C (``codebook`` [K, d]), b (``bias`` [V]), P (``lowrank_p`` [r, d]) and U (``lowrank_u`` [V, r]) are trained;
+    M (``map`` [V] int32, values in [0, K)) is fixed. Rank 0 has no correction tensors at all.
     """
 
-    def __init__(self, d_model: int, vocab_size: int, codebook_size: int, bias: bool = True):
+    def __init__(self, d_model: int, vocab_size: int, codebook_size: int, bias: bool = True, rank: int = 0):
         super().__init__()
         self.codebook = nn.Parameter(torch.empty(codebook_size, d_model))
         self.register_buffer("map", torch.zeros(vocab_size, dtype=torch.int32))
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
+        self.lowrank_p = nn.Parameter(torch.empty(rank, d_model)) if rank else None
+        self.lowrank_u = nn.Parameter(torch.zeros(vocab_size, rank)) if rank else None
         nn.init.normal_(self.codebook, std=d_model**-0.5)
+        if rank:  # U = 0: a fresh correction starts as the plain head
+            nn.init.normal_(self.lowrank_p, std=d_model**-0.5)
 
     def codebook_logits(self, h: torch.Tensor) -> torch.Tensor:
         return torch.matmul(h, self.codebook.t())
@@ -37,7 +43,13 @@ class VQLogitsHead(nn.Module):
         logits = torch.index_select(self.codebook_logits(h), -1, self.map)
         if self.bias is not None:
             logits = logits + self.bias
+        if self.lowrank_p is not None:
+            logits = logits + self.correction(h)
         return logits
+
+    def correction(self, h: torch.Tensor) -> torch.Tensor:
+        """The rank-r term ``(h @ P.T) @ U.T`` [..., V]."""
+        return torch.matmul(torch.matmul(h, self.lowrank_p.t()), self.lowrank_u.t())
 
 
 class DenseHead(nn.Module):
@@ -143,7 +155,7 @@ class Block(nn.Module):
 
 def make_head(cfg: ModelConfig) -> nn.Module:
     if cfg.head.type == "vq":
-        return VQLogitsHead(cfg.d_model, cfg.vocab_size, cfg.head.codebook_size, cfg.head.bias)
+        return VQLogitsHead(cfg.d_model, cfg.vocab_size, cfg.head.codebook_size, cfg.head.bias, cfg.head.rank)
     return DenseHead(cfg.d_model, cfg.vocab_size, cfg.head.bias)
 
 

@@ -1,11 +1,13 @@
 """``VQLogits``: the whole VQ-Logits head as one node (contract documented in ops/vqlogits/README.md).
 
-    logits = VQLogits(hidden, codebook_t, map, bias)        domain ai.onnx.contrib, since version 1
-        hidden      [..., d]  float32
-        codebook_t  [d, K]    float32 (an int8 codebook reaches it through DequantizeLinear)
-        map         [V]       int32, values in [0, K)
-        bias        [V]       float32 (zeros for a head without bias)
-        logits      [..., V]  float32 = (hidden @ codebook_t)[..., map] + bias
+    logits = VQLogits(hidden, codebook_t, map, bias[, lowrank_p_t, lowrank_u_t])   domain ai.onnx.contrib, version 1
+        hidden       [..., d]  float32
+        codebook_t   [d, K]    float32 (an int8 codebook reaches it through DequantizeLinear)
+        map          [V]       int32, values in [0, K)
+        bias         [V]       float32 (zeros for a head without bias)
+        lowrank_p_t  [d, r]    float32, optional (both or neither): the rank-r correction's P, transposed
+        lowrank_u_t  [r, V]    float32, optional: its U, transposed
+        logits       [..., V]  float32 = (hidden @ codebook_t)[..., map] + bias (+ (hidden @ lowrank_p_t) @ lowrank_u_t)
     attributes: plugin_namespace (string), plugin_version (string): how TensorRT's parser names the plugin.
 
 Every runtime can run it: the model carries a local function with the standard-op body; ONNX Runtime uses a
@@ -23,16 +25,25 @@ DOMAIN = "ai.onnx.contrib"  # onnxruntime-extensions registers Python kernels in
 PLUGIN_NAMESPACE = "vqexport"
 PLUGIN_VERSION = "1"
 INPUTS = ("hidden", "codebook_t", "map", "bias")
+LOWRANK_INPUTS = ("lowrank_p_t", "lowrank_u_t")
 
 
-def reference(hidden: np.ndarray, codebook_t: np.ndarray, mapping: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def reference(hidden: np.ndarray, codebook_t: np.ndarray, mapping: np.ndarray, bias: np.ndarray,
+              lowrank_p_t: np.ndarray | None = None, lowrank_u_t: np.ndarray | None = None) -> np.ndarray:
     """The op's definition; every kernel is tested against this."""
-    z = np.matmul(hidden.astype(np.float32), codebook_t.astype(np.float32))
-    return (np.take(z, mapping.astype(np.int64), axis=-1) + bias.astype(np.float32)).astype(np.float32)
+    if (lowrank_p_t is None) != (lowrank_u_t is None):
+        raise ValueError("lowrank_p_t and lowrank_u_t come together")
+    h = hidden.astype(np.float32)
+    z = np.matmul(h, codebook_t.astype(np.float32))
+    out = np.take(z, mapping.astype(np.int64), axis=-1) + bias.astype(np.float32)
+    if lowrank_p_t is not None:
+        out = out + np.matmul(np.matmul(h, lowrank_p_t.astype(np.float32)), lowrank_u_t.astype(np.float32))
+    return out.astype(np.float32)
 
 
-def function_proto(select: str = "gather", opset: int = 18) -> onnx.FunctionProto:
-    """The standard-op body ONNX runtimes inline when they have no kernel for the op."""
+def function_proto(select: str = "gather", opset: int = 18, lowrank: bool = False) -> onnx.FunctionProto:
+    """The standard-op body ONNX runtimes inline when they have no kernel for the op (``lowrank``: the 6-input
+    form; a model carries the body for the form its node uses)."""
     n = helper.make_node
     if select == "gather":
         nodes = [n("MatMul", ["hidden", "codebook_t"], ["z"]), n("Gather", ["z", "map"], ["sel"], axis=-1),
@@ -56,7 +67,13 @@ def function_proto(select: str = "gather", opset: int = 18) -> onnx.FunctionProt
         ]
     else:
         raise ValueError(select)
-    return helper.make_function(DOMAIN, OP_TYPE, list(INPUTS), ["logits"], nodes,
+    inputs = list(INPUTS)
+    if lowrank:
+        nodes[-1].output[0] = "base"
+        nodes += [n("MatMul", ["hidden", "lowrank_p_t"], ["proj"]), n("MatMul", ["proj", "lowrank_u_t"], ["correction"]),
+                  n("Add", ["base", "correction"], ["logits"])]
+        inputs += LOWRANK_INPUTS
+    return helper.make_function(DOMAIN, OP_TYPE, inputs, ["logits"], nodes,
                                 [helper.make_opsetid("", opset)], attributes=["plugin_namespace", "plugin_version"])
 
 

@@ -9,6 +9,11 @@ from ..graph import find_head
 
 
 def hidden_amax(proto: onnx.ModelProto, ckpt) -> float:
+    return head_amax(proto, ckpt)["hidden"]
+
+
+def head_amax(proto: onnx.ModelProto, ckpt) -> dict[str, float]:
+    """{"hidden": max |h|} and, with a rank-r correction, {"lowrank": max |h·Pᵀ|} over the verify prompts."""
     import onnxruntime as ort
 
     from ..backends.ort.session import session_options
@@ -17,12 +22,18 @@ def hidden_amax(proto: onnx.ModelProto, ckpt) -> float:
 
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
-    h = find_head(probe).matmul.input[0]
+    head = find_head(probe)
+    h = head.matmul.input[0]
     probe.graph.output.add().name = h
+    names = {"hidden": h}
+    if head.lowrank is not None:
+        names["lowrank"] = head.lowrank.p.output[0]
+        probe.graph.output.add().name = names["lowrank"]
     sess = ort.InferenceSession(probe.SerializeToString(), session_options("basic"), providers=["CPUExecutionProvider"])
     ids, mask = left_pad(prompt_ids(ckpt.tokenizer_path, ckpt.config.vocab_size))
     cfg = ckpt.config
     past = np.zeros((ids.shape[0], cfg.n_kv_heads, 0, cfg.head_dim), np.float32)
     feeds = {"input_ids": ids, "attention_mask": mask, **{n: past for n in cache_names(cfg.n_layers)[0]}}
-    hidden = sess.run([h], feeds)[0]
-    return float(np.abs(hidden[mask.astype(bool)]).max())
+    values = sess.run(list(names.values()), feeds)
+    keep = mask.astype(bool)
+    return {key: float(np.abs(v[keep]).max()) for key, v in zip(names, values)}

@@ -1,7 +1,9 @@
 """Fuse the standard-op head into one ``VQLogits`` node (see vqexport.ops.vqlogits), carrying its function body.
 
 Before:  logits = Add(Gather(MatMul(h, head.codebook_t), head.map, axis=-1), head.bias)
-After:   logits = VQLogits(h, head.codebook_t, head.map, head.bias)   + model-local function VQLogits
+                  (+ MatMul(MatMul(h, head.lowrank_p_t), head.lowrank_u_t) with a rank-r correction)
+After:   logits = VQLogits(h, head.codebook_t, head.map, head.bias[, head.lowrank_p_t, head.lowrank_u_t])
+         + the model-local function VQLogits for the form used (4 or 6 inputs)
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ def fuse_head(proto: onnx.ModelProto, select: str = "gather") -> onnx.ModelProto
     if bias is None:  # the op always takes a bias; a head without one gets zeros
         bias = "head.bias"
         g.initializer.append(numpy_helper.from_array(np.zeros(V, np.float32), bias))
-    logits = (head.add or head.gather).output[0]
-    fused = helper.make_node(OP_TYPE, [head.matmul.input[0], head.matmul.input[1], "head.map_1d", bias], [logits],
-                             name="head/VQLogits", domain=DOMAIN, plugin_namespace=PLUGIN_NAMESPACE,
-                             plugin_version=PLUGIN_VERSION)
+    inputs = [head.matmul.input[0], head.matmul.input[1], "head.map_1d", bias]
     kill = set(head.matmul.output) | set(head.gather.output) | (set(head.add.output) if head.add is not None else set())
+    logits = (head.add or head.gather).output[0]
+    if head.lowrank is not None:
+        inputs += [head.lowrank.p.input[1], head.lowrank.u.input[1]]
+        kill |= set(head.lowrank.p.output) | set(head.lowrank.u.output) | set(head.lowrank.add.output)
+        logits = head.lowrank.add.output[0]
+    fused = helper.make_node(OP_TYPE, inputs, [logits], name="head/VQLogits", domain=DOMAIN,
+                             plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
     pos = next(i for i, n in enumerate(g.node) if list(n.output) == list(head.matmul.output))
     keep = [n for n in g.node if not set(n.output) & kill]
     del g.node[:]
@@ -40,7 +46,7 @@ def fuse_head(proto: onnx.ModelProto, select: str = "gather") -> onnx.ModelProto
     prune_unused(out)
     rename_tensors(out, {"head.map_1d": "head.map"})
     opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
-    out.functions.append(function_proto(select, opset))
+    out.functions.append(function_proto(select, opset, lowrank=head.lowrank is not None))
     if DOMAIN not in {o.domain for o in out.opset_import}:
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     onnx.checker.check_model(out, full_check=True)

@@ -19,8 +19,9 @@ def last_position_only(proto: onnx.ModelProto) -> onnx.ModelProto:
     g = out.graph
     h = head.matmul.input[0]
     # The head's readers of the hidden state: the MatMul, or the activation QuantizeLinear in front of it.
-    readers = [i for i, n in enumerate(g.node)
-               if h in n.input and (list(n.output) == list(head.matmul.output) or n.name.startswith("head/"))]
+    # With a rank-r correction, its first MatMul reads the hidden state too.
+    firsts = [list(head.matmul.output)] + ([list(head.lowrank.p.output)] if head.lowrank is not None else [])
+    readers = [i for i, n in enumerate(g.node) if h in n.input and (list(n.output) in firsts or n.name.startswith("head/"))]
     for i in readers:
         node = g.node[i]
         node.input[list(node.input).index(h)] = HIDDEN_LAST
@@ -35,7 +36,8 @@ def last_position_only(proto: onnx.ModelProto) -> onnx.ModelProto:
         if o.name == "logits":
             o.type.tensor_type.shape.dim[1].dim_value = 1
     # shapes inferred for the full sequence no longer hold downstream of the slice
-    head_values = {o for n in (head.matmul, head.gather, head.add) if n is not None for o in n.output}
+    lowrank = (head.lowrank.p, head.lowrank.u, head.lowrank.add) if head.lowrank is not None else ()
+    head_values = {o for n in (head.matmul, head.gather, head.add, *lowrank) if n is not None for o in n.output}
     keep = [vi for vi in g.value_info if vi.name not in head_values]
     del g.value_info[:]
     g.value_info.extend(keep)
