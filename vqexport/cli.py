@@ -232,7 +232,8 @@ def inspect(path, as_json):
     if info["kind"] == "checkpoint":
         cfg = info["config"]
         c.print(f"V={cfg['vocab_size']} d={cfg['d_model']} layers={cfg['n_layers']} heads={cfg['n_heads']}/{cfg['n_kv_heads']} "
-                f"head={cfg['head']['type']} K={cfg['head']['codebook_size']} bias={cfg['head']['bias']} tokenizer={info['tokenizer']}")
+                f"head={cfg['head']['type']} K={cfg['head']['codebook_size']} bias={cfg['head']['bias']} rank={cfg['head'].get('rank', 0)} "
+                f"tokenizer={info['tokenizer']}")
     else:
         t = Table(title="inputs / outputs")
         for col in ("", "name", "dtype", "shape"):
@@ -252,6 +253,12 @@ def inspect(path, as_json):
     t.add_row("head", f"{s['head']['params']:,}", f"{s['head']['bytes']:,}")
     t.add_row("trunk", f"{s['trunk']['params']:,}", f"{s['trunk']['bytes']:,}")
     t.add_row("dense head (same V x d, fp32)", f"{s['dense_head']['params']:,}", f"{s['dense_head']['bytes']:,}")
+    c.print(t)
+    t = Table(title="head terms")
+    for col in ("term", "params", "bytes", "% of dense head params"):
+        t.add_column(col, justify="right" if col != "term" else "left")
+    for name, term in s["head"]["terms"].items():
+        t.add_row(name, f"{term['params']:,}", f"{term['bytes']:,}", f"{100 * term['params_vs_dense']:.2f}%")
     c.print(t)
     c.print(f"head is {100 * s['head_fraction_of_params']:.1f}% of all parameters and "
             f"{100 * s['head_params_vs_dense']:.1f}% of a dense head's")

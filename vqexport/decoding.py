@@ -176,3 +176,110 @@ class Sampler:
         lo, hi = t.offsets[k], t.offsets[k + 1]
         j = int(np.searchsorted(t.member_cdf[lo:hi], self.rng.random() * t.member_cdf[hi - 1], side="right"))
         return int(t.order[lo + min(j, hi - lo - 1)])
+
+
+# --- heads with a rank-r correction: logits[v] = z[M[v]] + b[v] + U[v] . q, with q = h . P^T (r values) -----------
+#
+# The correction depends on q, so per-cluster tables of b alone no longer bound a cluster. Two exact methods:
+#
+# * top-k ids (greedy): a per-cluster box bound. With umax[k, j] / umin[k, j] the largest / smallest U[v, j] in
+#   cluster k, every member satisfies U[v] . q <= sum_j max(umax[k, j] q_j, umin[k, j] q_j), so
+#   ub[k] = z[k] + maxb[k] + that sum bounds the whole cluster in O(K r). Clusters are visited in ub order and
+#   their members scored exactly until the k-th best exact logit beats the next cluster's bound.
+# * the normaliser (log-probabilities, sampling over all V): no per-cluster shortcut is exact, so the rank-r
+#   term is computed for all V tokens, O(V r) (r / d of a dense head's work), plus the O(V) gather and sum.
+
+
+@dataclass(frozen=True)
+class LowRankTables:
+    """Per-cluster bounds of a rank-r correction, on top of the ClusterTables of the same head."""
+
+    u: np.ndarray  # [V, r] float64 (U as given; temperature applies to q)
+    u_max: np.ndarray  # [K, r] per-cluster maxima of U's columns (0 for empty clusters, whose bound is -inf anyway)
+    u_min: np.ndarray  # [K, r]
+    mapping: np.ndarray  # [V] int64
+    bias: np.ndarray  # [V] float64, already divided by the temperature
+
+
+def lowrank_tables(mapping: np.ndarray, bias: np.ndarray | None, lowrank_u: np.ndarray, tables: ClusterTables) -> LowRankTables:
+    u = np.asarray(lowrank_u, dtype=np.float64)
+    mapping = np.asarray(mapping, dtype=np.int64)
+    if u.ndim != 2 or u.shape[0] != tables.vocab_size:
+        raise ValueError(f"U must be [V={tables.vocab_size}, r], got {list(u.shape)}")
+    K, r = tables.codebook_size, u.shape[1]
+    u_max, u_min = np.zeros((K, r)), np.zeros((K, r))
+    counts = np.diff(tables.offsets)
+    nonempty = counts > 0
+    if r and nonempty.any():
+        grouped = u[tables.order]
+        starts = tables.offsets[:-1][nonempty]
+        u_max[nonempty] = np.maximum.reduceat(grouped, starts, axis=0)
+        u_min[nonempty] = np.minimum.reduceat(grouped, starts, axis=0)
+    b = np.zeros(tables.vocab_size) if bias is None else np.asarray(bias, dtype=np.float64) / tables.temperature
+    return LowRankTables(u, u_max, u_min, mapping, b)
+
+
+def lowrank_logits(z: np.ndarray, proj: np.ndarray, tables: ClusterTables, lr: LowRankTables) -> np.ndarray:
+    """All V logits / T of one position (z [K], proj = h . P^T [r]): the O(V r) path."""
+    t = tables.temperature
+    return np.asarray(z, np.float64)[lr.mapping] / t + lr.bias + lr.u @ (np.asarray(proj, np.float64) / t)
+
+
+def lowrank_topk(z: np.ndarray, proj: np.ndarray, tables: ClusterTables, lr: LowRankTables, k: int,
+                 logprobs: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Exact top-k token ids of one position (descending logit, ties -> smaller id) by cluster bounds, their
+    log-probabilities when ``logprobs`` (the O(V r) normaliser), and {"clusters_visited", "tokens_scored"}."""
+    V, K = tables.vocab_size, tables.codebook_size
+    if not 1 <= k <= V:
+        raise VQExportError(f"k must be in [1, vocab size {V}], got {k}")
+    zt = np.asarray(z, np.float64) / tables.temperature
+    qt = np.asarray(proj, np.float64) / tables.temperature
+    ub = zt + tables.max_bias + np.maximum(lr.u_max * qt, lr.u_min * qt).sum(1)
+    with np.errstate(invalid="ignore"):  # the bound is exact in real numbers; keep it above float64 rounding
+        ub = np.where(np.isfinite(ub), ub + 1e-9 * (1.0 + np.abs(ub)), ub)
+    corder = np.argsort(-ub, kind="stable")
+    best_ids = np.empty(0, np.int64)
+    best_val = np.empty(0)
+    pos, chunk, scored = 0, max(1, min(k, K)), 0
+    while pos < K and np.isfinite(ub[corder[pos]]):
+        if len(best_ids) >= k and best_val[k - 1] > ub[corder[pos]]:
+            break
+        take = corder[pos : pos + chunk]
+        pos += len(take)
+        chunk *= 2
+        ids = np.concatenate([tables.order[tables.offsets[c] : tables.offsets[c + 1]] for c in take])
+        vals = zt[lr.mapping[ids]] + lr.bias[ids] + lr.u[ids] @ qt
+        scored += len(ids)
+        all_ids = np.concatenate([best_ids, ids])
+        all_val = np.concatenate([best_val, vals])
+        keep = np.lexsort((all_ids, -all_val))[:k]
+        best_ids, best_val = all_ids[keep], all_val[keep]
+    stats = {"clusters_visited": int(pos), "tokens_scored": int(scored)}
+    if not logprobs:
+        return best_ids, None, stats
+    lse = float(_logsumexp(lowrank_logits(z, proj, tables, lr)))
+    return best_ids, best_val - lse, stats
+
+
+class LowRankSampler:
+    """Exact sampling from softmax(logits / T) over all V tokens of a head with a rank-r correction: the
+    normaliser needs every token's correction, so each draw is O(V r) (optionally restricted to the top-k)."""
+
+    def __init__(self, mapping, bias, codebook_size: int, lowrank_u, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None):
+        V = int(np.asarray(mapping).shape[0])
+        if top_k is not None and not 1 <= int(top_k) <= V:
+            raise VQExportError(f"--top-k must be in [1, vocab size {V}], got {top_k}")
+        self.top_k = None if top_k is None else int(top_k)
+        self.tables = cluster_tables(mapping, bias, codebook_size, width=1, temperature=temperature)
+        self.lr = lowrank_tables(mapping, bias, lowrank_u, self.tables)
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, z: np.ndarray, proj: np.ndarray) -> int:
+        if self.top_k is not None:
+            ids, logp, _ = lowrank_topk(z, proj, self.tables, self.lr, self.top_k)
+            p = np.exp(logp - logp.max())
+            return int(ids[self.rng.choice(len(ids), p=p / p.sum())])
+        x = lowrank_logits(z, proj, self.tables, self.lr)
+        p = np.exp(x - x.max())
+        return int(self.rng.choice(x.size, p=p / p.sum()))

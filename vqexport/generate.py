@@ -6,7 +6,8 @@ Imports numpy, onnxruntime, tokenizers and safetensors only (never torch).
 * ``sample=True``: exact sampling from softmax(logits / T) over all V tokens (optionally only the top-k).
   On a top-k artifact (``decode = "topk"``) this is O(K) per step: the graph's cluster log-probabilities
   select a cluster, per-cluster tables built once per temperature select the token; with ``top_k`` the
-  graph's exact top-k is sampled. On a logits artifact it samples the V logits directly.
+  graph's exact top-k is sampled. On a logits artifact it samples the V logits directly (and so does a top-k
+  artifact of a head with a rank-r correction, which must then keep its logits output).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ class _Chooser:
         self.top_k = top_k
         self.rng = np.random.default_rng(seed)
         self.sampler = None
+        if sample and self.decode == "topk" and top_k is None and cfg["head"].get("rank", 0):
+            # a rank-r correction changes the order inside a cluster with h: exact sampling needs all V logits
+            if not manifest["profile"].get("decode", {}).get("keep_logits"):
+                raise VQExportError(f"this artifact's head has a rank-{cfg['head']['rank']} correction and no logits output: exact sampling "
+                                    "over all V needs the logits (rebuild with decode.keep_logits = true), or pass --top-k N")
+            self.decode = "logits"
         if sample and self.decode == "topk" and top_k is None:
             from safetensors.numpy import load_file
 

@@ -7,12 +7,39 @@ import onnx
 from .graph import find_head, initializer_stats
 
 
+# The head's terms, by tensor name: logits = codebook term (C, M) + bias term + rank-r correction (P, U).
+TERMS = (("codebook", ("head.codebook", "head.weight")), ("map", ("head.map",)), ("bias", ("head.bias",)),
+         ("lowrank", ("head.lowrank_",)))
+
+
+def term_of(name: str) -> str:
+    """Which term of the head a tensor belongs to ("tables" for decode tables and other pass-made constants)."""
+    for term, prefixes in TERMS:
+        if any(name.startswith(p) for p in prefixes):
+            return term
+    if name.startswith("head.hidden") or name.startswith("head.lowrank_proj"):
+        return "quantization"
+    return "tables"
+
+
+def _terms(head: dict[str, tuple[int, int]], dense_params: int) -> dict:
+    out: dict[str, dict] = {}
+    for name, (n, b) in sorted(head.items()):
+        t = out.setdefault(term_of(name), {"params": 0, "bytes": 0})
+        t["params"] += n
+        t["bytes"] += b
+    for t in out.values():
+        t["params_vs_dense"] = t["params"] / max(dense_params, 1)
+    return out
+
+
 def _summary(head: dict[str, tuple[int, int]], trunk: dict[str, tuple[int, int]], vocab: int, d: int, bias: bool) -> dict:
     hp, hb = sum(n for n, _ in head.values()), sum(b for _, b in head.values())
     tp, tb = sum(n for n, _ in trunk.values()), sum(b for _, b in trunk.values())
     dense_params = vocab * d + (vocab if bias else 0)
     return {
-        "head": {"params": hp, "bytes": hb, "tensors": {k: {"params": n, "bytes": b} for k, (n, b) in sorted(head.items())}},
+        "head": {"params": hp, "bytes": hb, "tensors": {k: {"params": n, "bytes": b} for k, (n, b) in sorted(head.items())},
+                 "terms": _terms(head, dense_params)},
         "trunk": {"params": tp, "bytes": tb},
         "total": {"params": hp + tp, "bytes": hb + tb},
         "dense_head": {"params": dense_params, "bytes": 4 * dense_params, "shape": [vocab, d]},

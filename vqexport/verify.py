@@ -125,11 +125,21 @@ class _Stats:
             self._diff(np.take_along_axis(lp, ids, -1), tgt["topk_logprobs"])
             t5 = ids[:, :k]
             self.top1 += int((ref.argmax(-1) == ids[:, 0]).sum())
-            ref_clusters = np.stack([np.bincount(self.mapping, weights=np.exp(row), minlength=tgt["cluster_logprobs"].shape[-1]) for row in lp])
-            with np.errstate(divide="ignore"):
-                self._kl(np.log(ref_clusters), tgt["cluster_logprobs"].astype(np.float64))
+            if tgt.get("cluster_logprobs") is not None:
+                ref_clusters = np.stack([np.bincount(self.mapping, weights=np.exp(row), minlength=tgt["cluster_logprobs"].shape[-1]) for row in lp])
+                with np.errstate(divide="ignore"):
+                    self._kl(np.log(ref_clusters), tgt["cluster_logprobs"].astype(np.float64))
+            else:  # a head with a rank-r correction: KL over {each of the target's top-k ids, every other token}
+                self._kl(_with_rest(np.take_along_axis(lp, ids, -1)), _with_rest(tgt["topk_logprobs"].astype(np.float64)))
         self.top5 += sum(len(set(a) & set(b)) / k for a, b in zip(r5.tolist(), t5.tolist()))
         self.n += ref.shape[0]
+
+
+def _with_rest(logp: np.ndarray) -> np.ndarray:
+    """Log-probabilities of k tokens plus one entry for the remaining mass (floored at 1e-12: float32 top-k
+    probabilities can sum to a hair over 1 when they hold nearly all the mass)."""
+    rest = np.log(np.clip(1.0 - np.exp(logp).sum(-1, keepdims=True), 1e-12, None))
+    return np.concatenate([logp, rest], axis=-1)
 
 
 _PER_POSITION = ("logits", "topk_ids", "topk_logprobs", "cluster_logprobs")

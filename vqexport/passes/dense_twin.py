@@ -1,4 +1,4 @@
-"""The dense-head twin of a VQ-Logits graph: ``logits = h @ W_t + b`` with ``W[v] = C[M[v]]``.
+"""The dense-head twin of a VQ-Logits graph: ``logits = h @ W_t + b`` with ``W[v] = C[M[v]] (+ U[v] P)``.
 
 Same trunk, same logits (an int8 codebook is dequantized first), so a side-by-side benchmark measures
 exactly what the VQ head saves. Only graphs with a ``logits`` output have a twin.
@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import VQExportError
 from ..graph import head_copy, initializer_array, prune_unused
-from .int8_codebook import codebook_t
+from .int8_codebook import codebook_t, lowrank_t
 
 
 def dense_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -21,7 +21,16 @@ def dense_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
     out, head = head_copy(proto, "a dense twin")
     g = out.graph
     mapping = initializer_array(out, head.map_name).reshape(-1)
-    weight_t = np.ascontiguousarray(codebook_t(out, head)[:, mapping], dtype=np.float32)  # [d, V]
+    weight_t = codebook_t(out, head)[:, mapping].astype(np.float64)  # [d, V]
+    factors = lowrank_t(out, head)
+    if factors is not None:  # the rank-r correction folds into the dense weight: W_t += P_t @ U_t
+        weight_t += factors[0].astype(np.float64) @ factors[1].astype(np.float64)
+        if head.lowrank is not None:
+            add = head.lowrank.add
+            base = next(i for i in add.input if i != head.lowrank.u.output[0])
+            pos = next(i for i, n in enumerate(g.node) if n is add)
+            g.node[pos].CopyFrom(helper.make_node("Identity", [base], list(add.output), name="head/dense/Identity"))
+    weight_t = np.ascontiguousarray(weight_t, dtype=np.float32)
     sel_out = head.gather.output[0]
     h = head.matmul.input[0]
     h_src = h

@@ -13,6 +13,12 @@ From the K codebook logits z = MatMul(h, C_T) and per-cluster tables (see vqexpo
 
 Values are exact; among exactly equal logits, TopK's lowest-position rule may pick a different token id
 than a by-id tie-break would.
+
+A head with a rank-r correction has no exact cluster shortcut inside a static graph (a cluster's best token
+depends on h through U[v] . (h P^T)), so its top-k is taken from the V logits, which cost O(V r) beyond the
+codebook: ``topk_ids, values = TopK(logits, k)``, ``topk_logprobs = values - ReduceLogSumExp(logits)``, and no
+``cluster_logprobs`` output (cluster mass is no longer enough to sample tokens). The per-cluster bound that
+avoids the V-wide work for top-k ids lives in vqexport.decoding (``lowrank_topk``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ OUTPUTS = ("topk_ids", "topk_logprobs", "cluster_logprobs")
 
 def add_topk_outputs(proto: onnx.ModelProto, k: int, keep_logits: bool = False) -> onnx.ModelProto:
     out, head = head_copy(proto, "decode = 'topk'")
+    if head.lowrank is not None or (head.gather is not None and head.gather.op_type == "VQLogits" and len(head.gather.input) >= 6):
+        return _topk_from_logits(out, k, keep_logits)
     g = out.graph
     mapping = initializer_array(out, head.map_name).reshape(-1)
     bias_name = next((i for i in (head.add.input if head.add is not None else []) if i == "head.bias"), None)
@@ -80,6 +88,29 @@ def add_topk_outputs(proto: onnx.ModelProto, k: int, keep_logits: bool = False) 
     ])
     if not keep_logits:
         _drop_logits(out, head)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def _topk_from_logits(out: onnx.ModelProto, k: int, keep_logits: bool) -> onnx.ModelProto:
+    g = out.graph
+    V = int(next(o for o in g.output if o.name == "logits").type.tensor_type.shape.dim[-1].dim_value)
+    if not 1 <= k <= V:
+        raise VQExportError(f"decode k must be in [1, vocab size {V}], got {k}")
+    g.initializer.extend([numpy_helper.from_array(np.array([k], np.int64), "head/topk/k"),
+                          numpy_helper.from_array(np.array([-1], np.int64), "head/topk/last_axis")])
+    n = helper.make_node
+    g.node.extend([
+        n("TopK", ["logits", "head/topk/k"], ["topk/values", "topk_ids"], name="topk/top", axis=-1),
+        n("ReduceLogSumExp", ["logits", "head/topk/last_axis"], ["topk/lse"], name="topk/lse", keepdims=1),
+        n("Sub", ["topk/values", "topk/lse"], ["topk_logprobs"], name="topk/logprobs"),
+    ])
+    g.output.extend([
+        helper.make_tensor_value_info("topk_ids", TensorProto.INT64, [BATCH, SEQ, k]),
+        helper.make_tensor_value_info("topk_logprobs", TensorProto.FLOAT, [BATCH, SEQ, k]),
+    ])
+    if not keep_logits:
+        _drop_logits(out, None)
     onnx.checker.check_model(out, full_check=True)
     return out
 
