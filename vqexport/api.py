@@ -31,12 +31,12 @@ def bench_head(shapes=tuple(HEAD_SHAPES), threads: int = 2, min_seconds: float =
 
 
 def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, steps: int = 300, seed: int = 0,
-            clustering: str = "auto", progress=None):
-    """Dense-head checkpoint -> VQ-Logits checkpoint (see vqexport.convert)."""
+            clustering: str = "auto", rank: int = 0, finetune_trunk: bool = False, progress=None):
+    """Dense-head checkpoint -> VQ-Logits checkpoint, optionally with a rank-r correction (see vqexport.convert)."""
     from .convert import convert as run
 
     return run(src, codebook_size, out, bias=bias, distill_text=distill_text, steps=steps, seed=seed,
-               clustering=clustering, progress=progress or (lambda *a: None))
+               clustering=clustering, rank=rank, finetune_trunk=finetune_trunk, progress=progress or (lambda *a: None))
 
 
 def bench_artifact(artifact, vs_dense: bool = False, prompt_len: int = 128, tokens: int = 64, repeats: int = 3,

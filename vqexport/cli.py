@@ -365,16 +365,21 @@ def bench(head, shapes, threads, seconds, artifact, vs_dense, prompt_length, tok
 @click.option("--steps", type=int, default=300, show_default=True, help="Head-only distillation steps (with --distill-text).")
 @click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical"]), default="auto", show_default=True,
               help="k-means variant for the map; auto tries both and keeps the lower held-out perplexity.")
+@click.option("--rank", "-r", type=int, default=0, show_default=True,
+              help="Rank r of the per-token correction (h·Pᵀ)·Uᵀ, initialised from the SVD of the residual; 0 = the plain head.")
+@click.option("--finetune-trunk", is_flag=True,
+              help="Distill end to end: the trunk trains too (map fixed), against a frozen copy of the dense model. Needs --distill-text.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the output is deterministic for a seed).")
 @click.option("--out", "-o", required=True, type=click.Path(), help="New checkpoint directory (must not exist).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as one JSON object on stdout.")
-def convert(src, codebook_size, no_bias, distill_text, steps, clustering, seed, out, as_json):
-    """Convert a dense-head checkpoint into a VQ-Logits checkpoint (map, codebook, bias, distillation)."""
+def convert(src, codebook_size, no_bias, distill_text, steps, clustering, rank, finetune_trunk, seed, out, as_json):
+    """Convert a dense-head checkpoint into a VQ-Logits checkpoint (map, codebook, bias, optional rank-r correction,
+    distillation)."""
     from . import api
 
     with _Bar(as_json) as bar:
         result = api.convert(src, codebook_size, out, bias=not no_bias, distill_text=distill_text, steps=steps,
-                             seed=seed, clustering=clustering, progress=bar)
+                             seed=seed, clustering=clustering, rank=rank, finetune_trunk=finetune_trunk, progress=bar)
     if as_json:
         _print_json(result.report)
         return

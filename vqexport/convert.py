@@ -3,8 +3,10 @@
     1. map       M = k-means of the head rows W [V, d] into K codes (euclidean or spherical: measured, best kept)
     2. codebook  C[k] = mean of the rows in code k
     3. bias      b[v] = b_dense[v] + (W[v] - C[M[v]]) . mean hidden state   (with --no-bias: none)
-    4. distill   optionally train C (and b) on a text file so the VQ head matches the dense model's
-                 next-token distribution (KL), trunk frozen
+    3b. rank r   optional correction (h·Pᵀ)·Uᵀ: truncated SVD of the residual W - C[M] = U P (best rank-r fit)
+    4. distill   optionally train C, b (and P, U) on a text file so the VQ head matches the dense model's
+                 next-token distribution (KL), trunk frozen; with finetune_trunk the trunk trains too
+                 (the map stays fixed), against a frozen copy of the dense model
     5. report    held-out perplexity of dense vs VQ and top-1 agreement, written into MODEL_CARD.md
 
 Sources: a vqexport checkpoint whose head is dense (``head.type = "dense"``), or a local Hugging Face
@@ -43,17 +45,22 @@ def _noop(label: str, done: int, total: int) -> None:
     pass
 
 
-def _check_inputs(src: Path, k: int, out: Path, text: Path | None) -> Checkpoint:
+def _check_inputs(src: Path, k: int, out: Path, text: Path | None, rank: int = 0) -> Checkpoint:
     if out.exists():
         raise VQExportError(f"{out}: already exists; choose a new --out directory")
     from .hf import is_hf_dir, load_hf
 
     ckpt = load_hf(src) if src.is_dir() and is_hf_dir(src) else load_checkpoint(src)
     if ckpt.config.head.type != "dense":
+        if rank:
+            raise VQExportError(f"{src}: its head is already VQ-Logits, so --rank has no dense head to fit the correction against; "
+                                "convert takes a checkpoint with a dense head")
         raise VQExportError(f"{src}: its head is already VQ-Logits; convert takes a checkpoint with a dense head")
-    V = ckpt.config.vocab_size
+    V, d = ckpt.config.vocab_size, ckpt.config.d_model
     if not 1 <= k <= V:
         raise VQExportError(f"--codebook-size must be in [1, vocab size {V}], got {k}")
+    if not 0 <= rank <= min(V, d):
+        raise VQExportError(f"--rank must be in [0, min(vocab size, d_model) = {min(V, d)}], got {rank}")
     if text is not None and ckpt.tokenizer_path is None:
         raise VQExportError(f"{src}: --distill-text needs the checkpoint's tokenizer.json")
     return ckpt
@@ -95,15 +102,17 @@ def _hidden(model: VQLogitsLM, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(dense: VQLogitsLM, vq: VQLogitsLM, ids: torch.Tensor) -> dict:
-    """Held-out perplexity of both heads on the same hidden states, and top-1 agreement."""
+def evaluate(dense: VQLogitsLM, vq: VQLogitsLM, ids: torch.Tensor, own_trunk: bool = False) -> dict:
+    """Held-out perplexity of both models and top-1 agreement: the VQ head on the dense trunk's hidden states,
+    or with ``own_trunk`` (after end-to-end fine-tuning) on its own trunk's."""
     n = (len(ids) - 1) // SEQ
     x = ids[: n * SEQ].view(n, SEQ)
     y = ids[1 : n * SEQ + 1].view(n, SEQ)
     nll_d = nll_v = agree = kl = 0.0
     for i in range(0, n, 8):
         h = _hidden(dense, x[i : i + 8])
-        ld, lv = F.log_softmax(dense.head(h), -1), F.log_softmax(vq.head(h), -1)
+        hv = _hidden(vq, x[i : i + 8]) if own_trunk else h
+        ld, lv = F.log_softmax(dense.head(h), -1), F.log_softmax(vq.head(hv), -1)
         nll_d += float(F.nll_loss(ld.flatten(0, 1), y[i : i + 8].flatten(), reduction="sum"))
         nll_v += float(F.nll_loss(lv.flatten(0, 1), y[i : i + 8].flatten(), reduction="sum"))
         kl += float(F.kl_div(lv, ld, log_target=True, reduction="sum"))
@@ -114,8 +123,8 @@ def evaluate(dense: VQLogitsLM, vq: VQLogitsLM, ids: torch.Tensor) -> dict:
             "kl_to_dense": kl / count, "tokens": count}
 
 
-def _vq_model(cfg: ModelConfig, k: int, bias: bool, trunk: dict) -> VQLogitsLM:
-    vq_cfg = dataclasses.replace(cfg, head=HeadConfig(type="vq", codebook_size=k, bias=bias))
+def _vq_model(cfg: ModelConfig, k: int, bias: bool, trunk: dict, rank: int = 0) -> VQLogitsLM:
+    vq_cfg = dataclasses.replace(cfg, head=HeadConfig(type="vq", codebook_size=k, bias=bias, rank=rank))
     model = VQLogitsLM(vq_cfg)
     model.load_state_dict(trunk, strict=False)
     return model.eval()
@@ -130,33 +139,69 @@ def _init_head(model: VQLogitsLM, weight: torch.Tensor, dense_bias, assign: torc
             model.head.bias.copy_(bias)
 
 
-def _distill(dense: VQLogitsLM, vq: VQLogitsLM, ids: torch.Tensor, steps: int, seed: int, progress) -> None:
+def init_lowrank(model: VQLogitsLM, weight: torch.Tensor) -> dict:
+    """U, P from the truncated SVD of the residual E = W - C[M] (the best rank-r fit of what the codebook misses):
+    E ≈ (U_r S_r) V_rᵀ, so U = U_r S_r [V, r] and P = V_rᵀ [r, d]. Returns the residual's relative size before
+    and after."""
+    head = model.head
+    with torch.no_grad():
+        resid = weight.double() - head.codebook.double()[head.map.long()]
+        u, s, vt = torch.linalg.svd(resid, full_matrices=False)
+        r = head.lowrank_p.shape[0]
+        # fix each singular vector's sign (largest |entry| of U's column positive): the same factors on every machine
+        flip = torch.sign(u[u[:, :r].abs().argmax(0), torch.arange(r)])
+        flip[flip == 0] = 1
+        head.lowrank_u.copy_((u[:, :r] * s[:r] * flip).float())
+        head.lowrank_p.copy_((vt[:r] * flip[:, None]).float())
+        norm = float(weight.double().norm())
+        after = float((resid - head.lowrank_u.double() @ head.lowrank_p.double()).norm())
+    return {"residual_vs_weight": float(resid.norm()) / norm, "residual_after_lowrank_vs_weight": after / norm}
+
+
+def _distill(dense: VQLogitsLM, vq: VQLogitsLM, ids: torch.Tensor, steps: int, seed: int, progress,
+             finetune_trunk: bool = False) -> None:
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in vq.head.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=3e-3)
+    if finetune_trunk:  # end to end: the VQ model's own trunk trains too (map fixed); the dense model is the teacher
+        for p in vq.parameters():
+            p.requires_grad_(True)
+        params = [p for p in vq.parameters() if p.requires_grad]
+        opt = torch.optim.Adam([{"params": [p for n, p in vq.named_parameters() if n.startswith("head.")], "lr": 3e-3},
+                                {"params": [p for n, p in vq.named_parameters() if not n.startswith("head.")], "lr": 1e-4}])
+        vq.train()
+    else:
+        params = [p for p in vq.head.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=3e-3)
     it = _batches(ids, 8, gen)
     for step in range(steps):
         x, _ = next(it)
         h = _hidden(dense, x)
         with torch.no_grad():
             target = F.log_softmax(dense.head(h), -1)
+        if finetune_trunk:
+            h = vq.hidden(x, torch.ones_like(x), *vq.empty_cache(x.shape[0]))[0]
         loss = F.kl_div(F.log_softmax(vq.head(h), -1), target, log_target=True, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         progress(f"distilling (KL {loss.item():.3f})", step + 1, steps)
+    vq.eval()
+    for p in vq.parameters():
+        p.requires_grad_(False)
 
 
 def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, steps: int = 300, seed: int = 0,
-            clustering: str = "auto", progress=_noop) -> ConvertResult:
-    """Convert the dense-head checkpoint ``src`` into a VQ-Logits checkpoint at ``out`` (written atomically)."""
+            clustering: str = "auto", rank: int = 0, finetune_trunk: bool = False, progress=_noop) -> ConvertResult:
+    """Convert the dense-head checkpoint ``src`` into a VQ-Logits checkpoint at ``out`` (written atomically);
+    ``rank`` > 0 adds the rank-r correction (SVD of the residual, then distilled with the rest of the head)."""
     src, out = Path(src), Path(out)
     text = Path(distill_text) if distill_text is not None else None
     if clustering not in ("auto", "euclidean", "spherical"):
         raise VQExportError(f"--clustering must be auto, euclidean or spherical, got {clustering!r}")
     if steps < 0:
         raise VQExportError(f"--steps must be >= 0, got {steps}")
-    ckpt = _check_inputs(src, codebook_size, out, text)
+    if finetune_trunk and distill_text is None:
+        raise VQExportError("--finetune-trunk trains on text: give --distill-text FILE")
+    ckpt = _check_inputs(src, codebook_size, out, text, rank)
     ids = _read_tokens(text, ckpt.tokenizer_path) if text is not None else None
     torch.manual_seed(seed)
     dense = from_tensors(ckpt.config, ckpt.tensors)
@@ -189,12 +234,20 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         candidates[name] = (score, model)
     chosen = min(candidates, key=lambda n: candidates[n][0])
     vq = candidates[chosen][1]
+    lowrank = None
+    if rank:
+        progress(f"fitting the rank-{rank} correction (SVD of the residual)", 0, 1)
+        plain = vq
+        vq = _vq_model(ckpt.config, codebook_size, bias, trunk, rank)
+        vq.load_state_dict(plain.state_dict(), strict=False)
+        lowrank = init_lowrank(vq, weight)
     before = evaluate(dense, vq, held) if held is not None else None
     if ids is not None and steps:
-        _distill(dense, vq, train, steps, seed, progress)
-    after = evaluate(dense, vq, held) if held is not None else None
-    report = {"source": str(src.resolve()), "codebook_size": codebook_size, "bias": bias, "clustering": chosen,
+        _distill(dense, vq, train, steps, seed, progress, finetune_trunk=finetune_trunk)
+    after = evaluate(dense, vq, held, own_trunk=finetune_trunk) if held is not None else None
+    report = {"source": str(src.resolve()), "codebook_size": codebook_size, "bias": bias, "rank": rank, "clustering": chosen,
               "clustering_scores": {n: s for n, (s, _) in candidates.items()}, "distill_steps": steps if ids is not None else 0,
+              "finetune_trunk": finetune_trunk, "lowrank_init": lowrank,
               "seed": seed, "before_distillation": before, "after_distillation": after}
     _write(out, vq, ckpt, report)
     return ConvertResult(out=out, report=report)
@@ -213,8 +266,8 @@ def _write(out: Path, vq: VQLogitsLM, ckpt: Checkpoint, report: dict) -> None:
 
 
 def model_card(report: dict, cfg: ModelConfig) -> str:
-    V, d, K = cfg.vocab_size, cfg.d_model, cfg.head.codebook_size
-    head_vq = K * d + (V if cfg.head.bias else 0)
+    V, d, K, r = cfg.vocab_size, cfg.d_model, cfg.head.codebook_size, cfg.head.rank
+    head_vq = K * d + (V if cfg.head.bias else 0) + r * (V + d)
     head_dense = V * d + V
     lines = [
         "# VQ-Logits conversion", "",
@@ -222,8 +275,10 @@ def model_card(report: dict, cfg: ModelConfig) -> str:
         "| | |", "|---|---|",
         f"| codebook | K = {K} codes for V = {V} tokens (clustering: {report['clustering']}) |",
         f"| bias | {'per-token bias' if cfg.head.bias else 'none'} |",
+        f"| low-rank correction | {f'rank {r}: P [{r}, {d}], U [{V}, {r}], initialised from the SVD of the residual' if r else 'none'} |",
         f"| head parameters | {head_vq:,} vs {head_dense:,} dense ({100 * (1 - head_vq / head_dense):.1f}% fewer) |",
-        f"| head-only distillation | {report['distill_steps']} steps |", "",
+        f"| {'end-to-end fine-tuning (trunk + head, map fixed)' if report.get('finetune_trunk') else 'head-only distillation'} | "
+        f"{report['distill_steps']} steps |", "",
     ]
     for label, key in (("after conversion", "before_distillation"), ("after distillation", "after_distillation")):
         r = report.get(key)

@@ -180,7 +180,8 @@ class VQLogitsLM(nn.Module):
 
     def empty_cache(self, batch: int, dtype=torch.float32) -> tuple[torch.Tensor, ...]:
         shape = (batch, self.cfg.n_kv_heads, 0, self.cfg.head_dim)
-        return tuple(torch.zeros(shape, dtype=dtype) for _ in range(2 * self.cfg.n_layers))
+        device = self.embed.weight.device
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * self.cfg.n_layers))
 
     def hidden(self, input_ids, attention_mask, *past):
         """The trunk: final normed hidden states [B, S, d] and the new cache."""

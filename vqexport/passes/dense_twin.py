@@ -28,10 +28,14 @@ def dense_twin(proto: onnx.ModelProto) -> onnx.ModelProto:
         if head.lowrank is not None:
             add = head.lowrank.add
             base = next(i for i in add.input if i != head.lowrank.u.output[0])
+            for n in g.node:  # the base sum now writes the logits itself; the correction's nodes die
+                for j, o in enumerate(n.output):
+                    if o == base:
+                        n.output[j] = add.output[0]
             pos = next(i for i, n in enumerate(g.node) if n is add)
-            g.node[pos].CopyFrom(helper.make_node("Identity", [base], list(add.output), name="head/dense/Identity"))
+            del g.node[pos]
     weight_t = np.ascontiguousarray(weight_t, dtype=np.float32)
-    sel_out = head.gather.output[0]
+    sel_out = head.gather.output[0]  # (read after the rename above: without a bias the selection writes the logits)
     h = head.matmul.input[0]
     h_src = h
     producer = {o: n for n in g.node for o in n.output}
