@@ -16,6 +16,21 @@ def test_bench_head_json_shape():
         assert row[key] > 0
     assert {v["variant"] for v in out["variants"]} >= {"dense", "vq_gather", "vq_gather_elements", "topk_int8_acc4", "fused_kernel", "fused_function", "vq_int8_native_gather_elements"}
     assert all(v["bytes"] > 0 for v in out["variants"])
+    # the rank-8 correction's rows: logits path, exact top-k over the V logits, exact top-k by cluster bounds
+    assert row["rank"] == 8
+    for key in ("vq_lowrank_ms", "vq_lowrank_best_ms", "topk_lowrank_logits_ms", "topk_lowrank_bounds_ms"):
+        assert row[key] > 0
+    assert 0 < row["topk_lowrank_bounds_tokens_scored"] <= 4099
+    assert not row["vq_form"].startswith("vq_r")  # the plain head's figures are the plain head's
+    assert {"vq_r8_gather_elements", "vq_r8_int8_native", "topk_r8_logits_int8", "prune_r8_numpy"} <= {v["variant"] for v in out["variants"]}
+
+
+def test_bench_head_table_and_rank_zero():
+    result = run_cli("bench", "--head", "--shapes", "tiny", "--seconds", "0.05")
+    assert result.exit_code == 0, result.stderr
+    assert "rank-8" in result.stdout and "bounds" in result.stdout  # the correction's table (wrapping varies with width)
+    out = json.loads(run_cli("bench", "--head", "--shapes", "tiny", "--seconds", "0.05", "--rank", "0", "--json").stdout)
+    assert "rank" not in out["rows"][0] and not [v for v in out["variants"] if "_r" in v["variant"]]
 
 
 def test_bench_needs_a_subject_and_known_shapes():

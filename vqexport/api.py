@@ -20,14 +20,16 @@ from .verify import ParityReport
 
 
 
-def bench_head(shapes=tuple(HEAD_SHAPES), threads: int = 2, min_seconds: float = 0.5, progress=None) -> dict:
+def bench_head(shapes=tuple(HEAD_SHAPES), threads: int = 2, min_seconds: float = 0.5, progress=None, rank: int = 8) -> dict:
     """Head-only latency of dense / VQ / int8 / top-k variants at batch-1 decode (see vqexport.bench.head)."""
     from .bench.head import run_head_bench
 
     unknown = [s for s in shapes if s not in HEAD_SHAPES]
     if unknown or not shapes:
         raise VQExportError(f"unknown head shape(s) {', '.join(unknown) or '(none)'}; known: {', '.join(HEAD_SHAPES)}")
-    return run_head_bench(tuple(shapes), threads=threads, min_seconds=min_seconds, progress=progress)
+    if not 0 <= rank <= 256:
+        raise VQExportError(f"--rank must be in [0, 256], got {rank}")
+    return run_head_bench(tuple(shapes), threads=threads, min_seconds=min_seconds, progress=progress, rank=rank)
 
 
 def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, steps: int = 300, seed: int = 0,

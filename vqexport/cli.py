@@ -300,6 +300,8 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True,
               help="onnxruntime intra-op threads for --head (--artifact uses the threads its profile recorded).")
 @click.option("--seconds", type=click.FloatRange(0.05, 60), default=0.5, show_default=True, help="Minimum timing time per variant.")
+@click.option("--rank", type=int, default=8, show_default=True,
+              help="With --head: rank of the low-rank correction rows (logits, exact top-k by TopK and by cluster bounds); 0 = none.")
 @click.option("--artifact", "-a", type=click.Path(), default=None, help="Benchmark a built artifact end to end.")
 @click.option("--vs-dense", is_flag=True,
               help="With --artifact: also measure its dense-head twin (W[v] = C[M[v]], same bias; an int8 codebook dequantized).")
@@ -308,7 +310,7 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
 @click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True,
               help="With --artifact: fresh worker runs per model (alternating with the dense twin); medians reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def bench(head, shapes, threads, seconds, artifact, vs_dense, prompt_length, tokens, repeats, as_json):
+def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, prompt_length, tokens, repeats, as_json):
     """Latency benchmarks; figures and ratios measured side by side in one run.
 
     --head: the output layer alone for standard head shapes. --artifact DIR: time to first token,
@@ -329,7 +331,7 @@ def bench(head, shapes, threads, seconds, artifact, vs_dense, prompt_length, tok
         return
     names = [s.strip() for s in shapes.split(",") if s.strip()]
     with _Bar(as_json) as bar:
-        result = api.bench_head(names, threads=threads, min_seconds=seconds, progress=bar)
+        result = api.bench_head(names, threads=threads, min_seconds=seconds, progress=bar, rank=rank)
     if as_json:
         _print_json(result)
         return
@@ -347,6 +349,19 @@ def bench(head, shapes, threads, seconds, artifact, vs_dense, prompt_length, tok
                   f"{r['fused_ms']:.3f} ({r['dense_ms'] / r['fused_ms']:.0f}x)",
                   f"{r['topk_ms']:.3f} ({r['topk_speedup']:.0f}x)")
     c.print(t)
+    if result["rows"] and "rank" in result["rows"][0]:
+        r0 = result["rows"][0]["rank"]
+        t = Table(title=f"with a rank-{r0} correction (h·Pᵀ)·Uᵀ (median ms; x = speed-up over dense fp32)")
+        for col in ("shape", "vq + r fp32 (logits)", "vq + r best (logits)", "exact top-50: TopK over V logits",
+                    "exact top-50: cluster bounds", "tokens scored"):
+            t.add_column(col, justify="right" if col != "shape" else "left")
+        for r in result["rows"]:
+            t.add_row(r["name"], f"{r['vq_lowrank_ms']:.3f} ({r['vq_lowrank_speedup']:.0f}x)",
+                      f"{r['vq_lowrank_best_ms']:.3f} ({r['vq_lowrank_best_speedup']:.0f}x, {r['vq_lowrank_best_form']})",
+                      f"{r['topk_lowrank_logits_ms']:.3f} ({r['dense_ms'] / r['topk_lowrank_logits_ms']:.0f}x)",
+                      f"{r['topk_lowrank_bounds_ms']:.3f} ({r['topk_lowrank_bounds_speedup']:.0f}x)",
+                      f"{r['topk_lowrank_bounds_tokens_scored']} of {r['V']}")
+        c.print(t)
     t = Table(title="every variant measured (bytes it must move; fraction of copy bandwidth; >1 means cache-resident)")
     for col in ("shape", "variant", "ms", "MB", "of bandwidth"):
         t.add_column(col, justify="right" if col not in ("shape", "variant") else "left")

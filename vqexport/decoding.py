@@ -247,7 +247,7 @@ def lowrank_topk(z: np.ndarray, proj: np.ndarray, tables: ClusterTables, lr: Low
         take = corder[pos : pos + chunk]
         pos += len(take)
         chunk *= 2
-        ids = np.concatenate([tables.order[tables.offsets[c] : tables.offsets[c + 1]] for c in take])
+        ids = tables.order[_csr_positions(tables.offsets, take)]
         vals = zt[lr.mapping[ids]] + lr.bias[ids] + lr.u[ids] @ qt
         scored += len(ids)
         all_ids = np.concatenate([best_ids, ids])
@@ -259,6 +259,16 @@ def lowrank_topk(z: np.ndarray, proj: np.ndarray, tables: ClusterTables, lr: Low
         return best_ids, None, stats
     lse = float(_logsumexp(lowrank_logits(z, proj, tables, lr)))
     return best_ids, best_val - lse, stats
+
+
+def _csr_positions(offsets: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """Positions in ``order`` of every member of ``clusters`` (CSR rows), in cluster order, vectorised."""
+    starts, lengths = offsets[clusters], offsets[clusters + 1] - offsets[clusters]
+    total = int(lengths.sum())
+    if not total:
+        return np.empty(0, np.int64)
+    first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.repeat(starts - first, lengths) + np.arange(total)
 
 
 class LowRankSampler:

@@ -5,6 +5,11 @@ the fair baseline for int8); VQ fp32 and VQ int8 in the graph form the exporter 
 (k=50, int8 codebook). Also the alternative forms of the V-wide selection, so the fastest portable
 form is chosen by measurement. Reports medians, bytes each variant must move, and the fraction of the
 machine's measured copy bandwidth that reaches.
+
+With a rank-r correction (r = 8 by default): the logits path (codebook + bias + (h·Pᵀ)·Uᵀ, fp32, int8 QDQ and
+int8 MatMulNBits), the exact top-k graph (TopK over the V logits), and the exact top-k by per-cluster bounds
+(vqexport.decoding.lowrank_topk: a graph computing z and h·Pᵀ, then numpy). U is drawn with std 0.05, so the
+correction's spread is about a seventh of the codebook logits' (the bound method's cost depends on that ratio).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ SHAPES = {
     "tiny": (4099, 64, 256),  # a quick smoke shape (not in the default set)
 }
 TOPK = 50
+RANK = 8
+U_STD = 0.05
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Variant:
     model: onnx.ModelProto
     bytes_moved: int
     session_config: dict
+    data: dict | None = None  # what a numpy stage timed after the graph needs (the bound method's tables)
 
 
 def _model(nodes, inits, outputs) -> onnx.ModelProto:
@@ -67,7 +75,52 @@ def _select(form: str, z: str, V: int, K: int) -> tuple[list, list]:
     raise ValueError(form)
 
 
-def build_variants(V: int, d: int, K: int, seed: int = 0, forms=("gather", "gather_t", "gather_elements")) -> list[Variant]:
+def lowrank_factors(V: int, d: int, rank: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """P_t [d, r] with unit-norm columns and U_t [r, V] with std U_STD (see the module docstring)."""
+    p = rng.standard_normal((d, rank), dtype=np.float32)
+    p /= np.linalg.norm(p, axis=0, keepdims=True)
+    return p, (rng.standard_normal((rank, V), dtype=np.float32) * U_STD)
+
+
+def _lowrank_variants(c, mapping, bias, rank, rng, base_bytes) -> list[Variant]:
+    from ..passes.int8_codebook import native_codebook, quantize_codebook
+    from ..passes.topk_decode import add_topk_outputs
+
+    K, d = c.shape
+    V = mapping.shape[0]
+    p_t, u_t = lowrank_factors(V, d, rank, rng)
+    n = helper.make_node
+    nodes = [n("MatMul", ["h", "head.codebook_t"], ["z"])] + _select("gather_elements", "z", V, K)[0] + [
+        n("Add", ["sel", "head.bias"], ["base"]), n("MatMul", ["h", "head.lowrank_p_t"], ["proj"]),
+        n("MatMul", ["proj", "head.lowrank_u_t"], ["correction"]), n("Add", ["base", "correction"], ["logits"])]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(c.T), "head.codebook_t"), numpy_helper.from_array(bias, "head.bias"),
+             numpy_helper.from_array(mapping.astype(np.int64).reshape(1, 1, V), "map3"),
+             numpy_helper.from_array(p_t, "head.lowrank_p_t"), numpy_helper.from_array(u_t, "head.lowrank_u_t"),
+             numpy_helper.from_array(np.zeros((1, d), np.float32), "embed.weight")] + _select("gather_elements", "z", V, K)[1]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, d])], _logits_out(V), inits)
+    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    lr_fp32 = 4 * (K * d + d * rank + rank * V)
+    lr_int8 = K * d + d * rank + rank * V + 4 * (K + rank + V)
+    tag = f"r{rank}"
+    qdq = quantize_codebook(fp32)
+    out = [Variant(f"vq_{tag}_gather_elements", fp32, lr_fp32 + base_bytes, {}),
+           Variant(f"vq_{tag}_int8_native", native_codebook(fp32, accuracy_level=4), lr_int8 + base_bytes, {})]
+    for level in ("0", "4"):
+        out.append(Variant(f"vq_{tag}_int8_acc{level}", qdq, lr_int8 + base_bytes, {"session.qdq_matmulnbits_accuracy_level": level}))
+    topk = add_topk_outputs(native_codebook(fp32, accuracy_level=4), TOPK)
+    out.append(Variant(f"topk_{tag}_logits_int8", topk, lr_int8 + base_bytes, {}))
+    # the bound method's graph part: z and h·Pᵀ only (K + r values leave the graph)
+    scores = native_codebook(fp32, accuracy_level=4)
+    del scores.graph.output[:]
+    scores.graph.output.extend([helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 1, K]),
+                                helper.make_tensor_value_info("proj", TensorProto.FLOAT, [1, 1, rank])])
+    prune_unused(scores)
+    out.append(Variant(f"scores_{tag}_int8", scores, K * d + d * rank + 4 * (K + rank) + 4 * d, {},
+                       {"mapping": mapping, "bias": bias, "u": u_t.T}))
+    return out
+
+
+def build_variants(V: int, d: int, K: int, seed: int = 0, forms=("gather", "gather_t", "gather_elements"), rank: int = RANK) -> list[Variant]:
     rng = np.random.default_rng(seed)
     n = helper.make_node
     h_bytes = 4 * d
@@ -117,6 +170,8 @@ def build_variants(V: int, d: int, K: int, seed: int = 0, forms=("gather", "gath
                                     {"session.qdq_matmulnbits_accuracy_level": level}))
 
     variants += _fused_variants(c, mapping, bias, 4 * K * d + table_bytes + h_bytes + out_bytes)
+    if rank:
+        variants += _lowrank_variants(c, mapping, bias, rank, rng, table_bytes + 8 * V + h_bytes + out_bytes)
     t = cluster_tables(mapping, bias, K, width=TOPK)
     topk = _topk_model(cq, cs, mapping, bias, d)
     for level in ("0", "4"):
@@ -172,7 +227,35 @@ def _topk_model(cq, cs, mapping, bias, d) -> onnx.ModelProto:
     return out
 
 
-def run_head_bench(shapes=tuple(SHAPES), threads: int = 2, min_seconds: float = 0.5, progress=None) -> dict:
+def _lowrank_timing(V, d, K, rank, timed, sessions, h, min_seconds, details, name, bandwidth) -> dict:
+    """Rows for the rank-r head, and the bound method's numpy part timed on the scores graph's own outputs."""
+    from ..decoding import cluster_tables, lowrank_tables, lowrank_topk
+
+    tag = f"r{rank}"
+    sess, data = sessions[f"scores_{tag}_int8"]
+    tables = cluster_tables(data["mapping"], data["bias"], K, width=1)
+    lr = lowrank_tables(data["mapping"], data["bias"], data["u"], tables)
+    z, proj = sess.run(["z", "proj"], {"h": h})
+    stats = {}
+
+    def prune():
+        stats.update(lowrank_topk(z[0, 0], proj[0, 0], tables, lr, TOPK, logprobs=False)[2])
+
+    prune_s = float(np.median(time_calls(prune, min_seconds=min_seconds)))
+    nbytes = 2 * 8 * K * rank + stats["tokens_scored"] * (8 * rank + 8 + 8 + 4)  # bounds, then U rows, bias, ids, map
+    details.append({"shape": name, "variant": f"prune_{tag}_numpy", "ms": prune_s * 1e3, "bytes": nbytes,
+                    "bandwidth_fraction": nbytes / prune_s / bandwidth})
+    vq_r = min((v, k) for k, v in timed.items() if k.startswith(f"vq_{tag}_"))
+    vq_r_fp32 = timed[f"vq_{tag}_gather_elements"]
+    pruned = timed[f"scores_{tag}_int8"] + prune_s
+    return {"rank": rank, "vq_lowrank_ms": vq_r_fp32 * 1e3, "vq_lowrank_speedup": timed["dense"] / vq_r_fp32,
+            "vq_lowrank_best_ms": vq_r[0] * 1e3, "vq_lowrank_best_form": vq_r[1], "vq_lowrank_best_speedup": timed["dense"] / vq_r[0],
+            "topk_lowrank_logits_ms": timed[f"topk_{tag}_logits_int8"] * 1e3,
+            "topk_lowrank_bounds_ms": pruned * 1e3, "topk_lowrank_bounds_speedup": timed["dense"] / pruned,
+            "topk_lowrank_bounds_tokens_scored": stats.get("tokens_scored"), "topk_lowrank_bounds_clusters_visited": stats.get("clusters_visited")}
+
+
+def run_head_bench(shapes=tuple(SHAPES), threads: int = 2, min_seconds: float = 0.5, progress=None, rank: int = RANK) -> dict:
     """Time every variant of every shape in one run; returns {"machine", "bandwidth_gbps", "rows", "forms"}."""
     import onnxruntime as ort
 
@@ -183,8 +266,8 @@ def run_head_bench(shapes=tuple(SHAPES), threads: int = 2, min_seconds: float = 
     for si, name in enumerate(shapes):
         V, d, K = SHAPES[name]
         h = np.random.default_rng(1).standard_normal((1, 1, d), dtype=np.float32)
-        timed = {}
-        variants = build_variants(V, d, K)
+        timed, sessions = {}, {}
+        variants = build_variants(V, d, K, rank=rank)
         for vi, var in enumerate(variants):
             if progress is not None:
                 progress(f"{name}: {var.name}", si * len(variants) + vi, len(shapes) * len(variants))
@@ -199,11 +282,16 @@ def run_head_bench(shapes=tuple(SHAPES), threads: int = 2, min_seconds: float = 
             out_names = [o.name for o in sess.get_outputs()]
             med = float(np.median(time_calls(lambda s=sess: s.run(out_names, {"h": h}), min_seconds=min_seconds)))
             timed[var.name] = med
+            if var.data is not None:
+                sessions[var.name] = (sess, var.data)
             details.append({"shape": name, "variant": var.name, "ms": med * 1e3, "bytes": var.bytes_moved,
                             "bandwidth_fraction": var.bytes_moved / med / bandwidth})
+        lowrank_row = {}
+        if rank:
+            lowrank_row = _lowrank_timing(V, d, K, rank, timed, sessions, h, min_seconds, details, name, bandwidth)
         best = lambda prefix: min((v, k) for k, v in timed.items() if k.startswith(prefix))  # noqa: E731
         dense8, dense8_name = best("dense_int8_")
-        vq_name = min((k for k in timed if k.startswith("vq_") and "int8" not in k), key=timed.get)
+        vq_name = min((k for k in timed if k.startswith("vq_") and "int8" not in k and not k.startswith("vq_r")), key=timed.get)
         vq8, vq8_name = best("vq_int8_")
         tk, tk_name = best("topk_int8_")
         rows.append({
@@ -213,7 +301,7 @@ def run_head_bench(shapes=tuple(SHAPES), threads: int = 2, min_seconds: float = 
             "topk_ms": tk * 1e3,
             "vq_form": vq_name, "vq_int8_form": vq8_name, "dense_int8_form": dense8_name, "topk_form": tk_name,
             "vq_speedup": timed["dense"] / timed[vq_name], "vq_int8_speedup": timed["dense"] / vq8,
-            "topk_speedup": timed["dense"] / tk, "vq_int8_vs_dense_int8": dense8 / vq8,
+            "topk_speedup": timed["dense"] / tk, "vq_int8_vs_dense_int8": dense8 / vq8, **lowrank_row,
         })
     return {"machine": machine(), "threads": threads, "bandwidth_gbps": bandwidth / 1e9, "rows": rows, "variants": details,
             "notes": ("medians of batch-1 single-step head calls; fused_ms: the VQLogits node run by its registered "
