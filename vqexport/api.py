@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from .bench.head import SHAPES as HEAD_SHAPES
-from .build import BuildResult, build, verify_artifact as verify
+from .build import BuildResult, build, check_readiness, verify_artifact as verify
 from .checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 from .errors import ParityError, VQExportError
 from .generate import Generation, generate
@@ -28,6 +28,13 @@ def bench_head(shapes=tuple(HEAD_SHAPES), threads: int = 2, min_seconds: float =
     if unknown or not shapes:
         raise VQExportError(f"unknown head shape(s) {', '.join(unknown) or '(none)'}; known: {', '.join(HEAD_SHAPES)}")
     return run_head_bench(tuple(shapes), threads=threads, min_seconds=min_seconds, progress=progress)
+
+
+def doctor() -> dict:
+    """Which bundled targets this machine can build and run, and why not (see vqexport.doctor)."""
+    from .doctor import doctor as run
+
+    return run()
 
 
 def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, steps: int = 300, seed: int = 0,
@@ -50,5 +57,5 @@ def bench_artifact(artifact, vs_dense: bool = False, prompt_len: int = 128, toke
 
 __all__ = [
     "BuildResult", "Checkpoint", "Generation", "ParityError", "ParityReport", "Profile", "VQExportError",
-    "bench_artifact", "bench_head", "build", "convert", "generate", "inspect", "load_checkpoint", "load_profile", "resolve_checkpoint", "target_names", "verify",
+    "bench_artifact", "bench_head", "build", "check_readiness", "convert", "doctor", "generate", "inspect", "load_checkpoint", "load_profile", "resolve_checkpoint", "target_names", "verify",
 ]

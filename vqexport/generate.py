@@ -106,6 +106,8 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
         raise VQExportError(f"prompt ({len(ids)} tokens) + {max_new_tokens} new tokens exceeds the model's max_position {limit}")
     eos = cfg.get("eos_token_id")
     rt = manifest["runtime"]
+    if rt.get("backend", "ort") != "ort":
+        raise VQExportError(f"{artifact}: generate runs ONNX Runtime artifacts; this one is a {rt['backend']} engine (use verify or bench)")
     runner = OrtRunner.from_runtime(artifact / rt["model_file"], rt)
     new: list[int] = []
     stopped = False
