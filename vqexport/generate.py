@@ -92,6 +92,9 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
         raise VQExportError("--temperature and --top-k apply to sampling; add --sample")
     if sample and not math.isfinite(float(temperature)):
         raise VQExportError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if manifest["runtime"].get("backend", "ort") != "ort":
+        raise VQExportError(f"{artifact}: generate runs ONNX Runtime artifacts; this one is a {manifest['runtime']['backend']} "
+                            "engine (use verify or bench)")
     choose = _Chooser(artifact, manifest, sample, temperature, top_k, seed)
     tok_path = artifact / "tokenizer.json"
     if not tok_path.is_file():
@@ -106,8 +109,6 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
         raise VQExportError(f"prompt ({len(ids)} tokens) + {max_new_tokens} new tokens exceeds the model's max_position {limit}")
     eos = cfg.get("eos_token_id")
     rt = manifest["runtime"]
-    if rt.get("backend", "ort") != "ort":
-        raise VQExportError(f"{artifact}: generate runs ONNX Runtime artifacts; this one is a {rt['backend']} engine (use verify or bench)")
     runner = OrtRunner.from_runtime(artifact / rt["model_file"], rt)
     new: list[int] = []
     stopped = False
