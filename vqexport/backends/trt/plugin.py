@@ -7,11 +7,12 @@ TensorRT's ONNX parser finds them by the node's op type and its ``plugin_namespa
 Each runs the Triton kernel in ops/vqlogits/gpu on TensorRT's stream, reading and writing TensorRT's buffers in
 place. fp32 in and out, int32 map, linear layout. These are JIT plugins: the process that runs the engine must
 call ``register()`` before deserializing it (TrtRunner does).
+
+No ``from __future__ import annotations`` here: tensorrt.plugin reads the decorated functions' type hints, which
+must be real objects, not strings naming locals of ``register()``.
 """
 
-from __future__ import annotations
-
-from typing import Tuple
+from typing import List, Tuple
 
 from .prepare import LOWRANK_OP_TYPE
 from ...ops.vqlogits import OP_TYPE, PLUGIN_NAMESPACE
@@ -19,7 +20,7 @@ from ...ops.vqlogits import OP_TYPE, PLUGIN_NAMESPACE
 _done: list = []
 
 
-def plugin_ids() -> tuple[str, str]:
+def plugin_ids() -> Tuple[str, str]:
     return f"{PLUGIN_NAMESPACE}::{OP_TYPE}", f"{PLUGIN_NAMESPACE}::{LOWRANK_OP_TYPE}"
 
 
@@ -52,7 +53,7 @@ def register() -> None:
 
     @trtp.autotune(base_id)
     def _tune(hidden: trtp.TensorDesc, codebook_t: trtp.TensorDesc, mapping: trtp.TensorDesc, bias: trtp.TensorDesc,
-              outputs: Tuple[trtp.TensorDesc]) -> list:
+              outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination("FP32, FP32, INT32, FP32, FP32", "LINEAR")]
 
     @trtp.impl(base_id)
@@ -67,7 +68,7 @@ def register() -> None:
 
     @trtp.autotune(lowrank_id)
     def _tune_lr(hidden: trtp.TensorDesc, codebook_t: trtp.TensorDesc, mapping: trtp.TensorDesc, bias: trtp.TensorDesc,
-                 lowrank_p_t: trtp.TensorDesc, lowrank_u_t: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> list:
+                 lowrank_p_t: trtp.TensorDesc, lowrank_u_t: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination("FP32, FP32, INT32, FP32, FP32, FP32, FP32", "LINEAR")]
 
     @trtp.impl(lowrank_id)
