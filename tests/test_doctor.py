@@ -12,7 +12,7 @@ from .conftest import run_cli
 FULL = {"onnxruntime": "1.32.0", "ort_providers": ["CPUExecutionProvider", "CUDAExecutionProvider"],
         "onnxruntime_extensions": "0.15.2", "tritonclient": "2.73.0", "triton": "3.6.0", "tensorrt": "10.15.1",
         "tensorrt_error": None, "gpu": {"name": "NVIDIA H100", "compute_capability": "9.0"}, "gpu_error": None,
-        "tensorrt_fp16_flag": True, "tensorrt_plugin_api": True}
+        "tensorrt_strongly_typed": True, "tensorrt_plugin_api": True}
 
 
 @pytest.mark.parametrize("name", bundled_names())
@@ -24,7 +24,7 @@ def test_a_complete_machine_builds_every_target(name):
     ({"tensorrt": None, "tensorrt_error": "the tensorrt package is not installed"}, "trt-int8", ["tensorrt package is not installed", "vqexport[trt]"]),
     ({"gpu": None, "gpu_error": "torch sees no CUDA device"}, "trt-int8", ["no NVIDIA GPU", "no CUDA device"]),
     ({"tensorrt": "8.6.1"}, "trt-int8", ["TensorRT 8.6.1 is older than 10.x"]),
-    ({"tensorrt": "11.4.0", "tensorrt_fp16_flag": False}, "trt-fp16", ["fp16 builder flag", "11.4.0"]),
+    ({"tensorrt": "9.0.1", "tensorrt_strongly_typed": False}, "trt-fp16", ["older than 10.x", "strongly typed"]),
     ({"tensorrt_plugin_api": False}, "trt", ["tensorrt.plugin"]),
     ({"triton": None}, "trt", ["Triton"]),
     ({"onnxruntime_extensions": None}, "ort-fused", ["onnxruntime-extensions"]),

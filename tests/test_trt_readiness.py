@@ -184,3 +184,19 @@ def test_check_only_cli_names_each_reason_exit_2(ckpt, tmp_path, monkeypatch):
 
 def test_check_only_refuses_a_non_trt_target(ckpt):
     assert_user_error(run_cli("build", "--target", "ort", "--model", ckpt.path, "--check-only"), "--check-only", "backend 'ort'")
+
+
+def test_fp16_trunk_keeps_the_head_fp32(exported, ckpt):
+    graph, profile = graph_for(exported, ckpt, "triton-trt")
+    assert check(graph, profile, ckpt.config).passed
+    types = {t.name: t.data_type for t in graph.graph.initializer}
+    assert types["head.codebook_t"] == onnx.TensorProto.FLOAT and types["head.bias"] == onnx.TensorProto.FLOAT
+    assert any(t == onnx.TensorProto.FLOAT16 for n, t in types.items() if n.startswith("layers."))
+
+
+def test_a_head_left_in_fp16_is_named(exported, ckpt, monkeypatch):
+    from vqexport.passes import fp16_trunk
+
+    monkeypatch.setattr(fp16_trunk, "head_nodes", lambda proto: set())  # a cast that forgets the head
+    graph, profile = graph_for(exported, ckpt, "triton-trt")
+    one_reason(check(graph, profile, ckpt.config), "FLOAT16", "the head must compute in fp32")

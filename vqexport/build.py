@@ -253,6 +253,11 @@ def apply_passes(proto, profile: Profile, ckpt: Checkpoint, progress=_noop):
 
         progress(f"adding exact top-{profile.decode.k} outputs")
         proto = add_topk_outputs(proto, profile.decode.k, keep_logits=profile.decode.keep_logits)
+    if profile.precision == "fp16":
+        from .passes.fp16_trunk import fp16_trunk
+
+        progress("casting the trunk to fp16 (head stays fp32)")
+        proto = fp16_trunk(proto)
     return proto
 
 

@@ -39,11 +39,11 @@ def machine_facts() -> dict:
     facts["triton"] = _version("triton") if importlib.util.find_spec("triton") else None
     trt = probe()
     facts.update(tensorrt=trt["tensorrt"], tensorrt_error=trt["tensorrt_error"], gpu=trt["gpu"], gpu_error=trt["gpu_error"])
-    facts["tensorrt_fp16_flag"] = facts["tensorrt_plugin_api"] = False
+    facts["tensorrt_strongly_typed"] = facts["tensorrt_plugin_api"] = False
     if trt["tensorrt"] is not None:
         import tensorrt
 
-        facts["tensorrt_fp16_flag"] = hasattr(tensorrt.BuilderFlag, "FP16")
+        facts["tensorrt_strongly_typed"] = hasattr(tensorrt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
         facts["tensorrt_plugin_api"] = importlib.util.find_spec("tensorrt.plugin") is not None
     return facts
 
@@ -66,8 +66,8 @@ def target_status(profile: Profile, facts: dict) -> dict:
             major = int(str(facts["tensorrt"]).split(".")[0])
             if major < TRT_MIN_MAJOR:
                 build.append(f"TensorRT {facts['tensorrt']} is older than {TRT_MIN_MAJOR}.x")
-            if profile.precision == "fp16" and not facts.get("tensorrt_fp16_flag"):
-                build.append(f"precision fp16 uses TensorRT 10's fp16 builder flag, which TensorRT {facts['tensorrt']} removed")
+            if not facts.get("tensorrt_strongly_typed"):
+                build.append(f"TensorRT {facts['tensorrt']} cannot build strongly typed networks (the precision is in the graph)")
             if profile.head == "fused" and not facts.get("tensorrt_plugin_api"):
                 build.append(f"the fused head's plugin needs tensorrt.plugin (TensorRT >= 10.7), not in {facts['tensorrt']}")
         if facts.get("gpu") is None:

@@ -17,7 +17,7 @@ from .errors import VQExportError
 from .target_options import TritonOptions, TrtOptions, parse_trt, parse_triton
 
 BACKENDS = ("ort", "trt")
-PRECISIONS = {"ort": ("fp32",), "trt": ("fp32", "fp16")}
+PRECISIONS = {"ort": ("fp32", "fp16"), "trt": ("fp32", "fp16")}  # fp16: trunk in fp16, head in fp32 (passes/fp16_trunk.py)
 CODEBOOKS = ("fp32", "int8")
 INT8_ENCODINGS = ("qdq", "native")
 DECODE_MODES = ("logits", "topk")

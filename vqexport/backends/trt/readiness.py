@@ -6,7 +6,8 @@
 * index tensors are int32 where TensorRT needs them (the plugin's map), and every dtype is one TensorRT has;
 * no tensor exceeds 2^31 elements at either optimization profile's max shapes;
 * every QuantizeLinear feeds DequantizeLinear only and every quantized activation has its Q; with an int8
-  codebook both inputs of the head's MatMul come through DequantizeLinear (TensorRT's int8 GEMM form).
+  codebook both inputs of the head's MatMul come through DequantizeLinear (TensorRT's int8 GEMM form);
+* with an fp16 trunk, the head (hidden state, codebook, codebook logits, logits) still computes in fp32.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def check(proto: onnx.ModelProto, profile: Profile, cfg: ModelConfig) -> Readine
     reasons += _qdq_reasons(g, inits, producer, consumers)
     if profile.codebook == "int8":
         reasons += _int8_gemm_reasons(proto, producer)
+    if profile.precision == "fp16":
+        reasons += _fp32_head_reasons(proto)
     largest, unresolved, size_reasons = _size_reasons(proto, profile)
     reasons += size_reasons
     return Readiness(target=profile.name, passed=not reasons, reasons=reasons, ops=dict(sorted(counts.items())),
@@ -186,6 +189,36 @@ def _int8_gemm_reasons(proto, producer) -> list[str]:
             out.append(f"head MatMul {head.matmul.name!r}: input {i} ({src!r}) does not come through DequantizeLinear; "
                        "TensorRT runs int8 GEMMs only with explicit Q/DQ on both inputs ([int8] activations = true)")
     return out
+
+
+def _fp32_head_reasons(proto) -> list[str]:
+    """Under an fp16 trunk the head's codebook logits and the logits output must still be computed in fp32."""
+    from ...graph import find_head
+
+    try:
+        g = shape_inference.infer_shapes(proto).graph
+    except Exception:  # a graph onnx cannot type (other reasons name why): nothing to say about the head here
+        return []
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    producer = {o: n for n in g.node for o in n.output}
+    node = producer.get("logits")
+    if node is None:
+        return []
+    if node.op_type == "Cast" and types.get(node.input[0]) not in (None, TensorProto.FLOAT):
+        return [f"the logits are computed in {TensorProto.DataType.Name(types[node.input[0]])} and cast up by {node.name!r}; "
+                "the head must compute in fp32"]
+    if node.op_type in PLUGIN_OPS:
+        checks = [(node, node.input[0], "hidden state"), (node, node.input[1], "codebook")]
+    else:
+        try:
+            head = find_head(proto)
+        except VQExportError:
+            return []
+        checks = [(head.matmul, head.matmul.input[0], "hidden state"), (head.matmul, head.matmul.input[1], "codebook"),
+                  (head.matmul, head.matmul.output[0], "codebook logits")]
+    return [f"head node {n.name!r}: its {what} {t!r} is {TensorProto.DataType.Name(types[t])}; the head must compute in fp32"
+            for n, t, what in checks if types.get(t) not in (None, TensorProto.FLOAT)]
 
 
 def _size_reasons(proto, profile: Profile) -> tuple[dict, int, list[str]]:
