@@ -61,9 +61,9 @@ def test_trt_table_on_an_ort_profile(tmp_path):
     assert_user_error(run_cli("build", "--target", path), "[trt] applies to backend = 'trt' only")
 
 
-def test_fp16_is_not_an_ort_precision(tmp_path):
-    path = user_toml(tmp_path, "ort", **{'precision = "fp32"': 'precision = "fp16"'})
-    assert_user_error(run_cli("build", "--target", path), "precision must be 'fp32'", "ort backend")
+def test_unknown_precision(tmp_path):
+    path = user_toml(tmp_path, "ort", **{'precision = "fp32"': 'precision = "bf16"'})
+    assert_user_error(run_cli("build", "--target", path), "precision must be 'fp32' or 'fp16'", "ort backend")
 
 
 @pytest.mark.parametrize("old,new,fragment", [
