@@ -1,7 +1,5 @@
 """fp16 trunk with an fp32 head: the precision TensorRT builds strongly typed, proven on CPU with ONNX Runtime."""
 
-import json
-
 import numpy as np
 import onnx
 import pytest
@@ -14,12 +12,16 @@ from vqexport.model import from_tensors
 from vqexport.passes.fp16_trunk import fp16_trunk
 from vqexport.profiles import bundled_dir
 
-from .conftest import make_checkpoint, run_cli
+from .conftest import make_checkpoint
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    ckpt = resolve_checkpoint(make_checkpoint(tmp_path_factory.mktemp("fp16") / "ckpt"))
+def ckpt(tmp_path_factory):
+    return resolve_checkpoint(make_checkpoint(tmp_path_factory.mktemp("fp16") / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def pair(ckpt):
     proto = export_onnx(from_tensors(ckpt.config, ckpt.tensors), opset=18)
     return proto, fp16_trunk(proto)
 
@@ -46,13 +48,24 @@ def test_mask_fill_stays_finite(pair):
             assert np.isfinite(onnx.numpy_helper.to_array(t)).all(), t.name
 
 
-def test_fp16_build_passes_parity_on_cpu(tmp_path):
-    text = (bundled_dir() / "ort.toml").read_text()
-    text = text.replace('name = "ort"', 'name = "ort-fp16"').replace('precision = "fp32"', 'precision = "fp16"')
-    text = text[: text.index("[parity]")] + "[parity]\nsteps = 8\natol = 0.1\ntop1_agreement_min = 0.95\nkl_max = 1e-3\ngreedy_must_match = false\n"
+def test_fp16_graph_matches_pytorch_on_cpu(pair, ckpt):
+    from vqexport.backends.ort.runner import OrtRunner
+    from vqexport.backends.torch_ref import TorchRunner
+    from vqexport.profiles import Parity
+    from vqexport.verify import compare_runners, prompt_ids
+
+    _, fp16 = pair
+    tolerance = Parity(steps=8, atol=0.1, top1_agreement_min=0.95, kl_max=1e-3, greedy_must_match=False)
+    with TorchRunner(from_tensors(ckpt.config, ckpt.tensors)) as ref, OrtRunner(fp16.SerializeToString()) as tgt:
+        report = compare_runners(ref, tgt, prompt_ids(None, ckpt.config.vocab_size), 8, tolerance)
+    assert report.passed, report.failures
+    assert 0 < report.max_abs_diff < 0.1  # really computed in fp16 (not bit-equal), and still close
+
+
+def test_fp16_is_a_profile_precision(tmp_path):
+    from vqexport.profiles import load_profile
+
+    text = (bundled_dir() / "ort.toml").read_text().replace('precision = "fp32"', 'precision = "fp16"')
     (tmp_path / "ort-fp16.toml").write_text(text)
-    result = run_cli("build", "--target", tmp_path / "ort-fp16.toml", "--model", make_checkpoint(tmp_path / "ckpt"),
-                     "--out", tmp_path / "out", "--json")
-    assert result.exit_code == 0, result.stderr
-    parity = json.loads(result.stdout)["parity"]
-    assert parity["passed"] and 0 < parity["max_abs_diff"] < 0.1, parity  # really fp16 (not 0) and still close
+    assert load_profile(str(tmp_path / "ort-fp16.toml")).precision == "fp16"
+    assert load_profile("trt").precision == "fp16" and load_profile("trt-int8").precision == "fp32"
