@@ -59,10 +59,11 @@ def build_trt(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: P
     if opts.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if opts.hardware_compatibility != "none":
-        config.hardware_compatibility_level = {
-            "ampere_plus": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
-            "same_compute_capability": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY,
-        }[opts.hardware_compatibility]
+        level = getattr(trt.HardwareCompatibilityLevel, opts.hardware_compatibility.upper(), None)
+        if level is None:
+            raise VQExportError(f"target {profile.name}: TensorRT {trt.__version__} has no hardware compatibility level "
+                                f"{opts.hardware_compatibility!r}")
+        config.hardware_compatibility_level = level
     config.builder_optimization_level = opts.builder_optimization_level
     if opts.workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mib << 20)
