@@ -98,8 +98,9 @@ class TrtRunner(Runner):
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"{self.plan_path}: TensorRT execution failed")
         self.stream.synchronize()
-        res = {name: t.cpu().numpy()[: int(np.prod(shape)) if shape else 1].reshape(shape).astype(np.float32, copy=False)
-               if self._dtypes[name].kind == "f" else t.cpu().numpy()[: int(np.prod(shape))].reshape(shape)
-               for name, (t, shape) in outs.items()}
+        res = {}
+        for name, (t, shape) in outs.items():
+            n = int(np.prod(shape)) if shape else 1
+            res[name] = t[:n].cpu().numpy().reshape(shape)  # the graph's outputs are fp32 / int64 (fp16 stays inside)
         present = [res.pop(n) for n in [o for o in self.output_names if o.startswith("present.")]]
         return StepOutput(logits=res.pop("logits", None), present=present, extra=res)
