@@ -164,3 +164,17 @@ def test_verify_and_bench_without_tensorrt(fake_trt_artifact):
     assert_user_error(run_cli("bench", "--artifact", fake_trt_artifact, "--repeats", "1", "--tokens", "2"), "running a TensorRT engine needs")
     assert_user_error(run_cli("bench", "--artifact", fake_trt_artifact, "--vs-dense"), "--vs-dense", "TensorRT artifact")
     assert_user_error(run_cli("generate", "--artifact", fake_trt_artifact, "--prompt", "x"), "generate runs ONNX Runtime artifacts")
+
+
+def test_rebuild_reuses_the_previous_timing_cache(fake_trt_artifact, tmp_path):
+    from vqexport.build import _previous_timing_cache
+
+    assert _previous_timing_cache(fake_trt_artifact) is None  # the artifact recorded no cache
+    manifest = json.loads((fake_trt_artifact / "manifest.json").read_text())
+    (fake_trt_artifact / "timing.cache").write_bytes(b"\x01cache")
+    manifest["runtime"]["timing_cache"] = "timing.cache"
+    manifest.pop("files")
+    manifest.pop("format"), manifest.pop("format_version")
+    write_manifest(fake_trt_artifact, manifest)
+    assert _previous_timing_cache(fake_trt_artifact) == b"\x01cache"
+    assert _previous_timing_cache(tmp_path / "nothing-here") is None
