@@ -84,8 +84,7 @@ def test_build_verify_bench(ckpt, tmp_path, target):
     assert eng["tensorrt"] == HERE["tensorrt"] and eng["compute_capability"] == HERE["gpu"]["compute_capability"]
     assert set(eng["profiles"]) == {"prefill", "decode"} and m["readiness"]["passed"]
     assert {"model.plan", "model.onnx", "timing.cache"} <= set(m["files"])
-    if target == "trt-fp16":
-        assert eng["fp32_head_layers"] >= 1
+    assert eng["strongly_typed"] and eng["precision"] == ("fp16" if target == "trt-fp16" else "fp32")
     assert run_cli("verify", "--artifact", out, "--steps", "4").exit_code == 0
     bench = run_cli("bench", "--artifact", out, "--repeats", "1", "--tokens", "4", "--prompt-length", "16", "--json")
     assert bench.exit_code == 0, bench.stderr
