@@ -17,3 +17,11 @@ def test_bundled_targets_and_demo_files_exist():
     assert (ROOT / "targets" / "ort.toml").is_file()
     for name in ("config.json", "model.safetensors", "tokenizer.json", "MODEL_CARD.md"):
         assert (ROOT / "vqexport" / "data" / "demo" / name).is_file()
+
+
+def test_trt_op_list_and_gpu_kernel_are_package_data():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert cfg["package-dir"]["vqexport._ops_gpu"] == "ops/vqlogits/gpu"
+    assert (ROOT / "ops" / "vqlogits" / "gpu" / "vqlogits_triton.py").is_file()
+    assert "*.toml" in cfg["package-data"]["vqexport.backends.trt"]
+    assert (ROOT / "vqexport" / "backends" / "trt" / "onnx_ops.toml").is_file()

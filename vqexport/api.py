@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from .bench.head import SHAPES as HEAD_SHAPES
-from .build import BuildResult, build, verify_artifact as verify
+from .build import BuildResult, build, check_readiness, verify_artifact as verify
 from .checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 from .errors import ParityError, VQExportError
 from .generate import Generation, generate
@@ -30,6 +30,13 @@ def bench_head(shapes=tuple(HEAD_SHAPES), threads: int = 2, min_seconds: float =
     if not 0 <= rank <= 256:
         raise VQExportError(f"--rank must be in [0, 256], got {rank}")
     return run_head_bench(tuple(shapes), threads=threads, min_seconds=min_seconds, progress=progress, rank=rank)
+
+
+def doctor() -> dict:
+    """Which bundled targets this machine can build and run, and why not (see vqexport.doctor)."""
+    from .doctor import doctor as run
+
+    return run()
 
 
 def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, steps: int = 300, seed: int = 0,
@@ -52,5 +59,5 @@ def bench_artifact(artifact, vs_dense: bool = False, prompt_len: int = 128, toke
 
 __all__ = [
     "BuildResult", "Checkpoint", "Generation", "ParityError", "ParityReport", "Profile", "VQExportError",
-    "bench_artifact", "bench_head", "build", "convert", "generate", "inspect", "load_checkpoint", "load_profile", "resolve_checkpoint", "target_names", "verify",
+    "bench_artifact", "bench_head", "build", "check_readiness", "convert", "doctor", "generate", "inspect", "load_checkpoint", "load_profile", "resolve_checkpoint", "target_names", "verify",
 ]

@@ -38,29 +38,20 @@ def fingerprint(source: dict, profile: Profile) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def versions() -> dict:
+def versions(runtime: dict | None = None) -> dict:
     import onnx
     import onnxruntime
     import torch
 
-    return {"vqexport": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    out = {"vqexport": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    if runtime and runtime.get("backend") == "trt":
+        out["tensorrt"] = runtime["engine"]["tensorrt"]
+    return out
 
 
-def build(target: str | Profile = "ort", model=None, out=None, force: bool = False, steps: int | None = None,
-          head: str | None = None, progress=_noop) -> BuildResult:
-    """Build a verified artifact for ``target`` from ``model`` (a checkpoint dir; None = embedded demo).
-
-    Raises VQExportError for bad input (nothing written) and ParityError if the artifact does not match
-    PyTorch within the profile's tolerances (nothing written either).
-    """
-    from .backends.ort.builder import build_ort
-    from .export import export_onnx
-    from .model import from_tensors
-    from .sizes import onnx_sizes
-
-    from .backends.ort.session import available_providers
-
+def resolve_profile(target: str | Profile, head: str | None = None) -> Profile:
+    """The profile for ``target``, with the head form overridden by ``--head`` if given."""
     profile = target if isinstance(target, Profile) else load_profile(target)
     if head is not None and head != profile.head:
         import dataclasses
@@ -71,7 +62,22 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
             raise VQExportError(f"--head must be 'standard' or 'fused', got {head!r}")
         profile = dataclasses.replace(profile, head=head, name=f"{profile.name}-{head}",
                                       description=f"{profile.description} (head = {head!r} by --head)")
-    available_providers(profile.ort.providers)
+    return profile
+
+
+def build(target: str | Profile = "ort", model=None, out=None, force: bool = False, steps: int | None = None,
+          head: str | None = None, progress=_noop) -> BuildResult:
+    """Build a verified artifact for ``target`` from ``model`` (a checkpoint dir; None = embedded demo).
+
+    Raises VQExportError for bad input (nothing written) and ParityError if the artifact does not match
+    PyTorch within the profile's tolerances (nothing written either).
+    """
+    from .export import export_onnx
+    from .model import from_tensors
+    from .sizes import onnx_sizes
+
+    profile = resolve_profile(target, head)
+    check_machine(profile)
     progress("loading checkpoint")
     ckpt = resolve_checkpoint(model)
     out = (Path(out) if out is not None else Path("build") / profile.name).resolve()
@@ -79,16 +85,35 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
     source = source_record(ckpt)
     fp = fingerprint(source, profile)
     check_output_dir(out, fp, force)
+    previous_cache = _previous_timing_cache(out) if profile.backend == "trt" else None
 
     with staged_dir(out) as tmp:
         progress("exporting to ONNX")
         reference = from_tensors(ckpt.config, ckpt.tensors)
         proto = export_onnx(reference, opset=profile.opset)
         proto = apply_passes(proto, profile, ckpt, progress)
+        readiness = None
         progress(f"building for {profile.name}")
-        runtime = build_ort(proto, profile, ckpt, tmp)
+        if profile.backend == "trt":
+            from .backends.trt.builder import build_trt
+            from .backends.trt.prepare import prepare_for_trt
+            from .backends.trt.readiness import check, enforce
+
+            progress("checking TensorRT readiness")
+            readiness = check(prepare_for_trt(proto), profile, ckpt.config)
+            enforce(readiness)
+            runtime = build_trt(proto, profile, ckpt, tmp, timing_cache=previous_cache)
+        else:
+            from .backends.ort.builder import build_ort
+
+            runtime = build_ort(proto, profile, ckpt, tmp)
         progress("verifying parity against PyTorch")
         report = verify_dir(tmp, runtime, profile, ckpt, reference, steps=steps, progress=progress)
+        if profile.triton.enabled:
+            from .serving.triton import layout
+
+            progress("laying out the Triton model repository")
+            runtime = layout(tmp, runtime, proto, profile)
         manifest = {
             "fingerprint": fp,
             "target": profile.name,
@@ -96,16 +121,70 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
             "source": source,
             "config": ckpt.config.to_dict(),
             "opset": profile.opset,
-            "versions": versions(),
+            "versions": versions(runtime),
             "runtime": runtime,
             "sizes": onnx_sizes(proto),
             "parity": report.to_dict(),
         }
+        if readiness is not None:
+            manifest["readiness"] = readiness.to_dict()
         if not report.passed:
             raise ParityError(f"parity failed for target {profile.name}: {'; '.join(report.failures)}", report)
         progress("writing manifest")
         manifest = write_manifest(tmp, manifest)
     return BuildResult(out=out, manifest=manifest, parity=report)
+
+
+def check_machine(profile: Profile) -> None:
+    """What the target needs from this machine, before anything is exported or written."""
+    if profile.backend == "trt":
+        from .backends.trt.env import require
+
+        require(f"target {profile.name}")
+    else:
+        from .backends.ort.session import available_providers
+
+        available_providers(profile.ort.providers)
+    if profile.triton.enabled:
+        from .serving.triton import model_config_schema
+
+        model_config_schema()
+
+
+def _previous_timing_cache(out: Path) -> bytes | None:
+    """The timing cache of the TensorRT artifact being replaced, so a rebuild reuses its measurements."""
+    from .artifact import read_manifest
+    from .errors import VQExportError
+
+    try:
+        name = read_manifest(out)["runtime"].get("timing_cache")
+    except VQExportError:
+        return None
+    path = out / name if name else None
+    return path.read_bytes() if path is not None and path.is_file() else None
+
+
+def check_readiness(target: str | Profile, model=None, head: str | None = None, progress=_noop):
+    """``build --check-only``: export and apply the profile's passes, then the TensorRT readiness check, on CPU.
+
+    Returns the Readiness report (``passed``, ``reasons``); writes nothing and needs neither TensorRT nor a GPU.
+    """
+    from .backends.trt.prepare import prepare_for_trt
+    from .backends.trt.readiness import check
+    from .errors import VQExportError
+    from .export import export_onnx
+    from .model import from_tensors
+
+    profile = resolve_profile(target, head)
+    if profile.backend != "trt":
+        raise VQExportError(f"--check-only checks TensorRT readiness; target {profile.name} has backend {profile.backend!r}")
+    ckpt = resolve_checkpoint(model)
+    check_profile_fits(profile, ckpt)
+    progress("exporting to ONNX")
+    proto = export_onnx(from_tensors(ckpt.config, ckpt.tensors), opset=profile.opset)
+    proto = apply_passes(proto, profile, ckpt, progress)
+    progress("checking TensorRT readiness")
+    return check(prepare_for_trt(proto), profile, ckpt.config)
 
 
 def check_profile_fits(profile: Profile, ckpt: Checkpoint) -> None:
@@ -119,12 +198,16 @@ def check_profile_fits(profile: Profile, ckpt: Checkpoint) -> None:
             raise VQExportError(f"target {profile.name}: the native int8 encoding (MatMulNBits) cannot feed a fused VQLogits head; use encoding = 'qdq'")
         if profile.int8.activations:
             raise VQExportError(f"target {profile.name}: int8.activations applies to the QDQ encoding only")
+    if profile.backend == "trt":
+        from .backends.trt.checks import check_trt_profile
+
+        check_trt_profile(profile, ckpt)
     if profile.head == "fused":
         if ckpt.config.head.type != "vq":
             raise VQExportError(f"target {profile.name} fuses a VQ-Logits head, but {ckpt.path} has a dense head")
         if profile.decode.mode == "topk":
             raise VQExportError(f"target {profile.name}: head = 'fused' outputs logits; it cannot be combined with decode.mode = 'topk'")
-        if profile.ort.kernel == "extensions":
+        if profile.backend == "ort" and profile.ort.kernel == "extensions":
             if ckpt.config.head.rank:
                 raise VQExportError(f"target {profile.name}: the onnxruntime-extensions VQLogits kernel takes the 4-input form only, and "
                                     f"{ckpt.path} has a rank-{ckpt.config.head.rank} correction; use a target with [ort] kernel = \"function\"")
@@ -173,13 +256,18 @@ def apply_passes(proto, profile: Profile, ckpt: Checkpoint, progress=_noop):
 
         progress(f"adding exact top-{profile.decode.k} outputs")
         proto = add_topk_outputs(proto, profile.decode.k, keep_logits=profile.decode.keep_logits)
+    if profile.precision == "fp16":
+        from .passes.fp16_trunk import fp16_trunk
+
+        progress("casting the trunk to fp16 (head stays fp32)")
+        proto = fp16_trunk(proto)
     return proto
 
 
 def verify_dir(artifact: Path, runtime: dict, profile: Profile, ckpt: Checkpoint, reference=None, steps=None,
                progress=_noop) -> ParityReport:
     """Compare the artifact in ``artifact`` (its runtime section) with the PyTorch reference."""
-    from .backends.ort.runner import OrtRunner
+    from .backends.runners import runner_from_runtime
     from .backends.torch_ref import TorchRunner
     from .model import from_tensors
     from .verify import compare_runners, prompt_ids
@@ -188,7 +276,11 @@ def verify_dir(artifact: Path, runtime: dict, profile: Profile, ckpt: Checkpoint
     n = profile.parity.steps if steps is None else steps
     prompts = prompt_ids(ckpt.tokenizer_path, ckpt.config.vocab_size)
     pad = ckpt.config.pad_token_id or 0
-    target = OrtRunner.from_runtime(Path(artifact) / runtime["model_file"], runtime)
+    if profile.backend == "trt":
+        from .backends.trt.shapes import check_fits_run
+
+        check_fits_run(profile.trt, len(prompts), max(len(p) for p in prompts), n, f"target {profile.name} parity check")
+    target = runner_from_runtime(Path(artifact) / runtime["model_file"], runtime)
     with TorchRunner(reference) as ref, target as tgt:
         return compare_runners(ref, tgt, prompts, n, profile.parity, target_name=profile.name, pad_id=pad,
                                mapping=ckpt.tensors.get("head.map"),

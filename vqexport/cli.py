@@ -159,17 +159,34 @@ def main():
 @click.option("--steps", type=click.IntRange(0, 4096), default=None, help="Greedy decode steps for the parity check [default: from the profile].")
 @click.option("--head", type=click.Choice(["standard", "fused"]), default=None,
               help="Head form: standard ops, or one fused VQLogits node [default: from the profile].")
+@click.option("--check-only", is_flag=True,
+              help="TensorRT targets: export and run the readiness check only (ops, int32 indices, 2^31 sizes, Q/DQ, "
+                   "plugin names); needs no GPU, writes nothing.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print the manifest (on a parity failure: the parity report) as one JSON object on stdout.")
+              help="Print the manifest (on a parity failure: the parity report; with --check-only: the readiness "
+                   "report) as one JSON object on stdout.")
 @click.pass_context
-def build(ctx, target, model, out, force, steps, head, as_json):
+def build(ctx, target, model, out, force, steps, head, check_only, as_json):
     """Export the model, build it for a target, verify parity, write the artifact.
 
-    Exit 0 when the artifact is written and matches PyTorch, 1 on parity failure, 2 on bad input.
+    Exit 0 when the artifact is written and matches PyTorch, 1 on parity failure, 2 on bad input
+    (including a graph that fails the TensorRT readiness check, or a machine without TensorRT or a GPU).
     """
     from . import api
 
     ctx.meta["json"] = as_json
+    if check_only:
+        with _Progress(as_json) as progress:
+            ready = api.check_readiness(target, model=model, head=head, progress=progress)
+        if as_json:
+            _print_json(ready.to_dict())
+        else:
+            _readiness_text(ready)
+        if not ready.passed:
+            from .backends.trt.readiness import enforce
+
+            enforce(ready)
+        return
     with _Progress(as_json) as progress:
         result = api.build(target=target, model=model, out=out, force=force, steps=steps, head=head, progress=progress)
     if as_json:
@@ -403,6 +420,40 @@ def convert(src, codebook_size, no_bias, distill_text, steps, clustering, rank, 
     if r:
         click.echo(f"held-out perplexity: dense {r['dense_ppl']:.2f}, VQ {r['vq_ppl']:.2f} ({100 * r['ppl_change']:+.1f}%), "
                    f"top-1 agreement {r['top1_agreement']:.3f}")
+
+
+def _readiness_text(r) -> None:
+    c = _console(stderr=False)
+    lst = r.op_list
+    c.print(f"TensorRT readiness of {r.target}: {sum(r.ops.values())} nodes, {len(r.ops)} op types, checked against "
+            f"{lst['source']} (TensorRT {lst['tensorrt']}, opset {lst['opset'][0]}-{lst['opset'][1]})")
+    for which, t in r.largest.items():
+        c.print(f"  largest tensor at the {which} profile's max shapes: {t['tensor']} {t['shape']} = {t['elements']:,} elements")
+    if r.unresolved:
+        c.print(f"  ({r.unresolved} tensors whose size shape inference cannot pin down)")
+    for reason in r.reasons:
+        c.print(f"  x {reason}", markup=False, soft_wrap=True)
+    c.print("[bold green]READY[/]" if r.passed else f"[bold red]NOT READY[/] ({len(r.reasons)} reasons)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def doctor(as_json):
+    """Which targets this machine can build and run, and why not (packages, versions, GPU)."""
+    from . import api
+
+    d = api.doctor()
+    if as_json:
+        _print_json(d)
+        return
+    m = d["machine"]
+    c = _console(stderr=False)
+    gpu = f"{m['gpu']['name']} (compute capability {m['gpu']['compute_capability']})" if m["gpu"] else f"none ({m['gpu_error']})"
+    c.print(f"python {m['python']} on {m['machine']}; onnxruntime {m['onnxruntime']} ({', '.join(m['ort_providers'])}); "
+            f"TensorRT {m['tensorrt'] or 'not installed'}; GPU {gpu}", markup=False)
+    for name, t in d["targets"].items():
+        state = "build + run" if t["build"] else ("run only" if t["run"] else "no")
+        c.print(f"{name:16s} {state:12s} {'; '.join(t['why_not'])}", markup=False, soft_wrap=True)
 
 
 @main.command()

@@ -99,6 +99,9 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
         raise VQExportError("--temperature and --top-k apply to sampling; add --sample")
     if sample and not math.isfinite(float(temperature)):
         raise VQExportError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if manifest["runtime"].get("backend", "ort") != "ort":
+        raise VQExportError(f"{artifact}: generate runs ONNX Runtime artifacts; this one is a {manifest['runtime']['backend']} "
+                            "engine (use verify or bench)")
     choose = _Chooser(artifact, manifest, sample, temperature, top_k, seed)
     tok_path = artifact / "tokenizer.json"
     if not tok_path.is_file():

@@ -18,7 +18,7 @@ def inspect_path(path) -> dict:
             from .artifact import read_manifest
 
             manifest = read_manifest(path)
-            info = inspect_onnx(path / manifest["runtime"]["model_file"])
+            info = inspect_onnx(path / manifest["runtime"].get("onnx_file", manifest["runtime"]["model_file"]))
             info.update(kind="artifact", path=str(path), target=manifest["target"], parity=manifest.get("parity"))
             return info
         if (path / "config.json").is_file():

@@ -14,8 +14,10 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import VQExportError
+from .target_options import TritonOptions, TrtOptions, parse_trt, parse_triton
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "trt")
+PRECISIONS = {"ort": ("fp32", "fp16"), "trt": ("fp32", "fp16")}  # fp16: trunk in fp16, head in fp32 (passes/fp16_trunk.py)
 CODEBOOKS = ("fp32", "int8")
 INT8_ENCODINGS = ("qdq", "native")
 DECODE_MODES = ("logits", "topk")
@@ -75,12 +77,25 @@ class Profile:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     ort: OrtOptions = field(default_factory=OrtOptions)
     parity: Parity = field(default_factory=Parity)
+    trt: TrtOptions = field(default_factory=TrtOptions)
+    triton: TritonOptions = field(default_factory=TritonOptions)
     source: str = ""
 
     def to_dict(self) -> dict:
+        """The profile as its TOML tables (parse_profile reads it back)."""
         d = asdict(self)
         d.pop("source")
         d["ort"]["providers"] = list(d["ort"]["providers"])
+        trt, triton = d.pop("trt"), d.pop("triton")
+        if self.backend == "trt":
+            shapes = {k: trt.pop(k) for k in ("prefill_batch", "prefill_sequence", "decode_batch", "decode_past")}
+            trt["prefill"] = {"batch": list(shapes["prefill_batch"].values()), "sequence": list(shapes["prefill_sequence"].values())}
+            trt["decode"] = {"batch": list(shapes["decode_batch"].values()), "past": list(shapes["decode_past"].values())}
+            d["trt"] = trt
+        if self.triton.enabled:
+            triton.pop("enabled")
+            triton["preferred_batch_sizes"] = list(triton["preferred_batch_sizes"])
+            d["triton"] = triton
         return d
 
     def digest(self) -> str:
@@ -152,7 +167,8 @@ def parse_profile(raw: dict, where: str) -> Profile:
             fail(f"unknown key(s) in [{key}]: {', '.join(sorted(unknown))}")
         return t
 
-    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "select", "int8", "decode", "ort", "parity"}
+    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "select", "int8", "decode", "ort", "parity",
+                 "trt", "triton"}
     unknown = set(raw) - known_top
     if unknown:
         fail(f"unknown key(s): {', '.join(sorted(unknown))}")
@@ -161,7 +177,10 @@ def parse_profile(raw: dict, where: str) -> Profile:
     backend = take(raw, "backend", str, None, "", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}")
     name = take(raw, "name", str, Path(where).stem, "", _safe_name, "a non-empty name of letters, digits, '.', '_' or '-' (it names the output directory)")
     opset = take(raw, "opset", int, 18, "", lambda v: 18 <= v <= 23, "an integer in [18, 23]")
-    precision = take(raw, "precision", str, "fp32", "", lambda v: v == "fp32", "'fp32' (the only precision of the ort backend)")
+    precision = take(raw, "precision", str, "fp32", "", lambda v: v in PRECISIONS[backend],
+                     " or ".join(map(repr, PRECISIONS[backend])) + f" (precisions of the {backend} backend)")
+    if "trt" in raw and backend != "trt":
+        fail("[trt] applies to backend = 'trt' only")
     codebook = take(raw, "codebook", str, "fp32", "", lambda v: v in CODEBOOKS, " or ".join(map(repr, CODEBOOKS)))
     head = take(raw, "head", str, "standard", "", lambda v: v in HEAD_FORMS, " or ".join(map(repr, HEAD_FORMS)))
     select = take(raw, "select", str, "gather", "", lambda v: v in SELECT_FORMS, " or ".join(map(repr, SELECT_FORMS)))
@@ -207,4 +226,5 @@ def parse_profile(raw: dict, where: str) -> Profile:
         greedy_must_match=take(p, "greedy_must_match", bool, True, "parity.", None, "true or false"),
     )
     return Profile(name=name, backend=backend, description=take(raw, "description", str, "", "", None, "a string"),
-                   opset=opset, precision=precision, codebook=codebook, head=head, select=select, int8=int8, decode=decode, ort=ort_opts, parity=parity, source=where)
+                   opset=opset, precision=precision, codebook=codebook, head=head, select=select, int8=int8, decode=decode, ort=ort_opts, parity=parity,
+                   trt=parse_trt(raw, fail), triton=parse_triton(raw, fail), source=where)

@@ -23,11 +23,11 @@ def measure(model_path: str, runtime: dict, prompt_len: int, tokens: int, warmup
     import resource
     import time
 
-    from ..backends.ort.runner import OrtRunner
+    from ..backends.runners import runner_from_runtime
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, vocab, size=(1, prompt_len))
-    runner = OrtRunner.from_runtime(model_path, runtime)
+    runner = runner_from_runtime(model_path, runtime)
 
     def choose(out):
         if out.logits is not None:
@@ -82,6 +82,19 @@ def _in_worker(model_path: Path, runtime: dict, prompt_len: int, tokens: int, wa
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _check_trt_bench(manifest: dict, artifact: Path, vs_dense: bool, prompt_len: int, steps: int) -> None:
+    """A TensorRT artifact: this machine must run its engine, and the engine's profiles must hold the run."""
+    from ..backends.trt.env import check_engine_runs_here, probe
+    from ..backends.trt.shapes import check_fits_run
+    from ..profiles import parse_profile
+
+    if vs_dense:
+        raise VQExportError("--vs-dense builds an ONNX Runtime twin; it is not available for a TensorRT artifact")
+    profile = parse_profile(manifest["profile"], f"{artifact}/manifest.json")
+    check_fits_run(profile.trt, 1, prompt_len, steps, f"{artifact}: bench")
+    check_engine_runs_here(manifest["runtime"].get("engine", {}), probe(), str(artifact))
+
+
 def _median(values):
     return float(np.median(values))
 
@@ -102,6 +115,8 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     runtime = manifest["runtime"]
     if vs_dense and manifest["profile"].get("decode", {}).get("mode") == "topk":
         raise VQExportError("this artifact has no logits output (decode = 'topk'); its dense twin cannot be built")
+    if runtime.get("backend") == "trt":
+        _check_trt_bench(manifest, artifact, vs_dense, prompt_len, warmup + tokens)
     models = {"vq": artifact / runtime["model_file"]}
     with tempfile.TemporaryDirectory() as tmp:
         if vs_dense:

@@ -1,0 +1,59 @@
+"""vqexport doctor: which targets this machine can build and run, and why not."""
+
+import json
+
+import pytest
+
+from vqexport.doctor import target_status
+from vqexport.profiles import bundled_names, load_profile
+
+from .conftest import run_cli
+
+FULL = {"onnxruntime": "1.32.0", "ort_providers": ["CPUExecutionProvider", "CUDAExecutionProvider"],
+        "onnxruntime_extensions": "0.15.2", "tritonclient": "2.73.0", "triton": "3.6.0", "tensorrt": "10.15.1",
+        "tensorrt_error": None, "gpu": {"name": "NVIDIA H100", "compute_capability": "9.0"}, "gpu_error": None,
+        "tensorrt_strongly_typed": True, "tensorrt_plugin_api": True}
+
+
+@pytest.mark.parametrize("name", bundled_names())
+def test_a_complete_machine_builds_every_target(name):
+    assert target_status(load_profile(name), FULL) == {"build": True, "run": True, "why_not": []}
+
+
+@pytest.mark.parametrize("change,target,fragments", [
+    ({"tensorrt": None, "tensorrt_error": "the tensorrt package is not installed"}, "trt-int8", ["tensorrt package is not installed", "vqexport[trt]"]),
+    ({"gpu": None, "gpu_error": "torch sees no CUDA device"}, "trt-int8", ["no NVIDIA GPU", "no CUDA device"]),
+    ({"tensorrt": "8.6.1"}, "trt-int8", ["TensorRT 8.6.1 is older than 10.x"]),
+    ({"tensorrt": "9.0.1", "tensorrt_strongly_typed": False}, "trt-fp16", ["older than 10.x", "strongly typed"]),
+    ({"tensorrt_plugin_api": False}, "trt", ["tensorrt.plugin"]),
+    ({"triton": None}, "trt", ["Triton"]),
+    ({"onnxruntime_extensions": None}, "ort-fused", ["onnxruntime-extensions"]),
+    ({"ort_providers": ["AzureExecutionProvider"]}, "ort", ["lacks CPUExecutionProvider"]),
+])
+def test_each_missing_piece_is_named(change, target, fragments):
+    status = target_status(load_profile(target), {**FULL, **change})
+    assert not status["build"] and not status["run"]
+    text = "; ".join(status["why_not"])
+    for f in fragments:
+        assert f in text, (f, text)
+
+
+def test_no_tritonclient_still_runs_but_cannot_build_the_repository():
+    status = target_status(load_profile("triton-ort"), {**FULL, "tritonclient": None})
+    assert status["run"] and not status["build"] and "tritonclient" in status["why_not"][0]
+    assert target_status(load_profile("ort"), {**FULL, "tritonclient": None})["build"]
+
+
+def test_doctor_cli_reports_this_machine():
+    result = run_cli("doctor", "--json")
+    assert result.exit_code == 0, result.stderr
+    d = json.loads(result.stdout)
+    assert set(d["targets"]) == set(bundled_names())
+    assert d["targets"]["ort"]["build"] is True  # CPU onnxruntime is a hard dependency
+    m = d["machine"]
+    trt_ok = m["tensorrt"] is not None and m["gpu"] is not None
+    assert d["targets"]["trt-int8"]["build"] is trt_ok
+    if not trt_ok:
+        assert d["targets"]["trt-int8"]["why_not"]
+    text = run_cli("doctor")
+    assert text.exit_code == 0 and "trt-int8" in text.stdout and "TensorRT" in text.stdout

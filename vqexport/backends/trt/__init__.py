@@ -1,0 +1,1 @@
+"""TensorRT target: readiness check (CPU), engine build, runner, plugin for the fused head. tensorrt is imported lazily."""

@@ -1,0 +1,1 @@
+"""Serving layouts beyond one process: a Triton Inference Server model repository."""
