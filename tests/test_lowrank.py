@@ -288,3 +288,20 @@ def test_convert_rank_bad_input(dense_src, lr_ckpt, tmp_path):
     assert_user_error(run_cli("convert", "--from", dense_src, "-k", 8, "--finetune-trunk", "--out", tmp_path / "o"),
                       "--distill-text")
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_on_a_rank_r_topk_artifact(tmp_path, small_tokenizer):
+    import dataclasses
+
+    from vqexport.profiles import load_profile
+
+    ckpt = make_checkpoint(tmp_path / "c", make_config(vocab=300, rank=4), tokenizer=small_tokenizer)
+    art = tmp_path / "topk"
+    fp32_topk = dataclasses.replace(load_profile("ort-topk"), codebook="fp32")  # random weights: int8 would flip near-ties
+    assert api.build(fp32_topk, model=ckpt, out=art, steps=2).parity.passed
+    greedy = api.generate(art, "def main(", max_new_tokens=4)
+    assert len(greedy.new_ids) + greedy.stopped_at_eos >= 1
+    drawn = api.generate(art, "def main(", max_new_tokens=4, sample=True, top_k=5, seed=1)  # the graph's exact top-k
+    assert all(0 <= t < 300 for t in drawn.new_ids)
+    # sampling over all V needs every token's correction: the logits, which this top-k graph does not output
+    assert_user_error(run_cli("generate", "--artifact", art, "--prompt", "x", "--sample"), "rank-4 correction", "keep_logits")
