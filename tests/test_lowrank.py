@@ -305,3 +305,22 @@ def test_generate_on_a_rank_r_topk_artifact(tmp_path, small_tokenizer):
     assert all(0 <= t < 300 for t in drawn.new_ids)
     # sampling over all V needs every token's correction: the logits, which this top-k graph does not output
     assert_user_error(run_cli("generate", "--artifact", art, "--prompt", "x", "--sample"), "rank-4 correction", "keep_logits")
+
+
+def test_int8_with_activation_qdq_on_every_head_matmul(lr_ckpt, lr_proto):
+    from vqexport.passes.calibrate import head_amax
+    from vqexport.passes.int8_codebook import quantize_codebook
+
+    ckpt = api.load_checkpoint(lr_ckpt)
+    amax = head_amax(lr_proto, ckpt)
+    assert set(amax) == {"hidden", "lowrank"} and all(v > 0 for v in amax.values())
+    q = quantize_codebook(lr_proto, amax["hidden"] / 127, amax["lowrank"] / 127)
+    head = find_head(q)
+    producer = {o: n for n in q.graph.node for o in n.output}
+    for node in (head.matmul, head.lowrank.p, head.lowrank.u):  # both inputs of each MatMul come out of a DequantizeLinear
+        assert [producer[i].op_type for i in node.input] == ["DequantizeLinear", "DequantizeLinear"], node.name
+    ids = np.array([[4, 8, 15, 16, 23, 42]], np.int64)
+    ref = _logits(lr_proto, ids, ckpt.config)["logits"]
+    got = _logits(q, ids, ckpt.config)["logits"]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
