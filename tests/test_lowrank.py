@@ -32,17 +32,20 @@ def lr_proto(lr_ckpt):
     return export_onnx(from_tensors(ckpt.config, ckpt.tensors))
 
 
-def _logits(proto, ids, cfg):
+def _logits(proto, ids, cfg, basic=False):
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    if basic:  # no QDQ -> MatMulNBits rewrite (its default accuracy level quantizes activations too)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     for i in sess.get_inputs()[2:]:
         feeds[i.name] = np.zeros((ids.shape[0], cfg.n_kv_heads, 0, cfg.head_dim), np.float32)
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
-def test_rank_zero_is_the_plain_head(tmp_path):
+def test_rank_zero_is_the_plain_head(lr_proto):
     cfg = make_config()
     assert "rank" not in json.loads(cfg.to_json())["head"]  # config.json unchanged for the plain head
     model = from_tensors(cfg, make_tensors(cfg))
@@ -50,7 +53,16 @@ def test_rank_zero_is_the_plain_head(tmp_path):
     proto = export_onnx(model)
     assert find_head(proto).lowrank is None
     assert not [t.name for t in proto.graph.initializer if "lowrank" in t.name]
-    assert [n.op_type for n in proto.graph.node].count("MatMul") == [n.op_type for n in export_onnx(model).graph.node].count("MatMul")
+    # the rank-4 graph is the plain graph plus exactly the correction's MatMul, MatMul, Add at the end
+    plain, lowrank = [n.op_type for n in proto.graph.node], [n.op_type for n in lr_proto.graph.node]
+    assert lowrank[: len(plain)] == plain and lowrank[len(plain):] == ["MatMul", "MatMul", "Add"]
+    assert {t.name for t in lr_proto.graph.initializer} - {t.name for t in proto.graph.initializer} == {"head.lowrank_p_t", "head.lowrank_u_t"}
+
+
+def test_a_dense_head_has_no_correction(tmp_path):
+    cfg = make_config(head="dense")
+    head = find_head(export_onnx(from_tensors(cfg, make_tensors(cfg))))
+    assert head.kind == "dense" and head.lowrank is None
 
 
 def test_export_names_and_matches_torch(lr_ckpt, lr_proto):
@@ -98,7 +110,44 @@ def test_topk_graph_is_exact(lr_ckpt, lr_proto):
     assert "logits" not in out
     ref_ids, ref_lp = reference_topk(full, 7)
     assert np.allclose(out["topk_logprobs"], ref_lp, atol=1e-4)
-    assert (np.sort(out["topk_ids"], -1) == np.sort(ref_ids, -1)).all()
+    assert (out["topk_ids"] == ref_ids).all()  # random weights: no ties, so the order is the reference's
+
+
+def test_last_position_and_int8_twin_with_correction(lr_ckpt, lr_proto):
+    from vqexport.passes.dense_twin import dense_twin
+    from vqexport.passes.int8_codebook import quantize_codebook
+    from vqexport.passes.last_position import last_position_only
+
+    ckpt = api.load_checkpoint(lr_ckpt)
+    ids = np.array([[3, 1, 4, 1, 5]], np.int64)
+    full = _logits(lr_proto, ids, ckpt.config)["logits"]
+    last = _logits(last_position_only(lr_proto), ids, ckpt.config)["logits"]
+    assert last.shape[1] == 1 and np.abs(last[:, 0] - full[:, -1]).max() < 1e-4
+    q = quantize_codebook(lr_proto)
+    twin = dense_twin(q)
+    assert np.abs(_logits(twin, ids, ckpt.config)["logits"] - _logits(q, ids, ckpt.config, basic=True)["logits"]).max() < 1e-3
+
+
+def test_lowrank_init_keeps_the_dense_logits_at_the_mean_hidden_state():
+    from vqexport.convert import _init_head, _vq_model, init_lowrank
+    from vqexport.vq_init import kmeans
+
+    cfg = make_config(vocab=120, head="dense", d=32, layers=1)
+    torch.manual_seed(0)
+    weight, dense_bias, mean_h = torch.randn(120, 32), torch.randn(120), torch.randn(32) * 3
+    vq = _vq_model(cfg, 10, True, {}, rank=4)
+    _init_head(vq, weight, dense_bias, kmeans(weight, 10, seed=0)[1], mean_h)
+    plain = vq.head(mean_h).detach().clone()
+    report = init_lowrank(vq, weight, mean_h)
+    with torch.no_grad():
+        dense_at_mean = weight @ mean_h + dense_bias
+        assert torch.allclose(plain, dense_at_mean, atol=1e-4)  # the bias rule: exact at h̄ ...
+        assert torch.allclose(vq.head(mean_h), dense_at_mean, atol=1e-3)  # ... and still exact with the correction
+        h = torch.randn(64, 32)
+        closer = (vq.head(h) - (h @ weight.T + dense_bias)).pow(2).mean()
+        vq.head.lowrank_u.zero_()
+        assert closer < (vq.head(h) - (h @ weight.T + dense_bias)).pow(2).mean()  # and closer elsewhere
+    assert report["residual_after_lowrank_vs_weight"] < report["residual_vs_weight"]
 
 
 def test_fused_op_takes_the_factors(lr_ckpt, tmp_path):
@@ -287,6 +336,7 @@ def test_convert_rank_bad_input(dense_src, lr_ckpt, tmp_path):
                       "--rank has no dense head")
     assert_user_error(run_cli("convert", "--from", dense_src, "-k", 8, "--finetune-trunk", "--out", tmp_path / "o"),
                       "--distill-text")
+    assert_user_error(run_cli("convert", "--from", dense_src, "-k", 8, "--rank", "-1", "--out", tmp_path / "o"), "--rank must be in")
     assert not (tmp_path / "o").exists()
 
 

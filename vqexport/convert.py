@@ -139,22 +139,31 @@ def _init_head(model: VQLogitsLM, weight: torch.Tensor, dense_bias, assign: torc
             model.head.bias.copy_(bias)
 
 
-def init_lowrank(model: VQLogitsLM, weight: torch.Tensor) -> dict:
-    """U, P from the truncated SVD of the residual E = W - C[M] (the best rank-r fit of what the codebook misses):
-    E ≈ (U_r S_r) V_rᵀ, so U = U_r S_r [V, r] and P = V_rᵀ [r, d]. Returns the residual's relative size before
-    and after."""
+def init_lowrank(model: VQLogitsLM, weight: torch.Tensor, mean_h: torch.Tensor | None = None) -> dict:
+    """U, P from the best rank-r fit of the residual E = W - C[M] (what the codebook misses): with the top r
+    eigenvectors Q [d, r] of EᵀE (E's right singular vectors), P = Qᵀ [r, d] and U = E Q [V, r] = U_r S_r.
+    The eigendecomposition is of a d x d matrix, so the cost is one pass over E, not an SVD of V x d.
+
+    The bias was set so that the head equals the dense head at the mean hidden state h̄; the correction adds
+    U P h̄ there, so that much comes off the bias again. Deterministic on one machine (each eigenvector's sign
+    is fixed: largest |entry| positive); another BLAS may round differently. Returns the residual's size
+    relative to W before and after the fit."""
     head = model.head
+    r = head.lowrank_p.shape[0]
     with torch.no_grad():
         resid = weight.double() - head.codebook.double()[head.map.long()]
-        u, s, vt = torch.linalg.svd(resid, full_matrices=False)
-        r = head.lowrank_p.shape[0]
-        # fix each singular vector's sign (largest |entry| of U's column positive): the same factors on every machine
-        flip = torch.sign(u[u[:, :r].abs().argmax(0), torch.arange(r)])
-        flip[flip == 0] = 1
-        head.lowrank_u.copy_((u[:, :r] * s[:r] * flip).float())
-        head.lowrank_p.copy_((vt[:r] * flip[:, None]).float())
+        _, vecs = torch.linalg.eigh(resid.T @ resid)  # ascending eigenvalues
+        q = vecs[:, -r:].flip(1)  # [d, r], largest first
+        sign = torch.sign(q[q.abs().argmax(0), torch.arange(r)])
+        sign[sign == 0] = 1
+        q = q * sign
+        u = resid @ q
+        head.lowrank_u.copy_(u.float())
+        head.lowrank_p.copy_(q.T.float())
+        if head.bias is not None and mean_h is not None:
+            head.bias.sub_((u @ (q.T @ mean_h.double())).float())
         norm = float(weight.double().norm())
-        after = float((resid - head.lowrank_u.double() @ head.lowrank_p.double()).norm())
+        after = float((resid - u @ q.T).norm())
     return {"residual_vs_weight": float(resid.norm()) / norm, "residual_after_lowrank_vs_weight": after / norm}
 
 
@@ -164,7 +173,6 @@ def _distill(dense: VQLogitsLM, vq: VQLogitsLM, ids: torch.Tensor, steps: int, s
     if finetune_trunk:  # end to end: the VQ model's own trunk trains too (map fixed); the dense model is the teacher
         for p in vq.parameters():
             p.requires_grad_(True)
-        params = [p for p in vq.parameters() if p.requires_grad]
         opt = torch.optim.Adam([{"params": [p for n, p in vq.named_parameters() if n.startswith("head.")], "lr": 3e-3},
                                 {"params": [p for n, p in vq.named_parameters() if not n.startswith("head.")], "lr": 1e-4}])
         vq.train()
@@ -199,8 +207,10 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         raise VQExportError(f"--clustering must be auto, euclidean or spherical, got {clustering!r}")
     if steps < 0:
         raise VQExportError(f"--steps must be >= 0, got {steps}")
-    if finetune_trunk and distill_text is None:
-        raise VQExportError("--finetune-trunk trains on text: give --distill-text FILE")
+    if finetune_trunk and (distill_text is None or steps == 0):
+        raise VQExportError("--finetune-trunk trains on text: give --distill-text FILE and --steps N > 0")
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise VQExportError(f"--rank must be an integer, got {rank!r}")
     ckpt = _check_inputs(src, codebook_size, out, text, rank)
     ids = _read_tokens(text, ckpt.tokenizer_path) if text is not None else None
     torch.manual_seed(seed)
@@ -240,7 +250,7 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         plain = vq
         vq = _vq_model(ckpt.config, codebook_size, bias, trunk, rank)
         vq.load_state_dict(plain.state_dict(), strict=False)
-        lowrank = init_lowrank(vq, weight)
+        lowrank = init_lowrank(vq, weight, mean_h)
     before = evaluate(dense, vq, held) if held is not None else None
     if ids is not None and steps:
         _distill(dense, vq, train, steps, seed, progress, finetune_trunk=finetune_trunk)

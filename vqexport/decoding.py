@@ -228,12 +228,15 @@ def lowrank_logits(z: np.ndarray, proj: np.ndarray, tables: ClusterTables, lr: L
 def lowrank_topk(z: np.ndarray, proj: np.ndarray, tables: ClusterTables, lr: LowRankTables, k: int,
                  logprobs: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Exact top-k token ids of one position (descending logit, ties -> smaller id) by cluster bounds, their
-    log-probabilities when ``logprobs`` (the O(V r) normaliser), and {"clusters_visited", "tokens_scored"}."""
+    log-probabilities when ``logprobs`` (the O(V r) normaliser), and {"clusters_visited", "tokens_scored",
+    "logits": the ids' logits / T}."""
     V, K = tables.vocab_size, tables.codebook_size
     if not 1 <= k <= V:
         raise VQExportError(f"k must be in [1, vocab size {V}], got {k}")
     zt = np.asarray(z, np.float64) / tables.temperature
     qt = np.asarray(proj, np.float64) / tables.temperature
+    if not (np.isfinite(zt).all() and np.isfinite(qt).all()):
+        raise ValueError("codebook logits and the projection h·Pᵀ must be finite (after dividing by the temperature)")
     ub = zt + tables.max_bias + np.maximum(lr.u_max * qt, lr.u_min * qt).sum(1)
     with np.errstate(invalid="ignore"):  # the bound is exact in real numbers; keep it above float64 rounding
         ub = np.where(np.isfinite(ub), ub + 1e-9 * (1.0 + np.abs(ub)), ub)
@@ -254,7 +257,11 @@ def lowrank_topk(z: np.ndarray, proj: np.ndarray, tables: ClusterTables, lr: Low
         all_val = np.concatenate([best_val, vals])
         keep = np.lexsort((all_ids, -all_val))[:k]
         best_ids, best_val = all_ids[keep], all_val[keep]
-    stats = {"clusters_visited": int(pos), "tokens_scored": int(scored)}
+    if len(best_ids) < min(k, V):  # cannot happen with finite inputs and bounds; kept as a guard: score everything
+        all_val = lowrank_logits(z, proj, tables, lr)
+        keep = np.lexsort((np.arange(V), -all_val))[:k]
+        best_ids, best_val, pos, scored = keep.astype(np.int64), all_val[keep], K, V
+    stats = {"clusters_visited": int(pos), "tokens_scored": int(scored), "logits": best_val}
     if not logprobs:
         return best_ids, None, stats
     lse = float(_logsumexp(lowrank_logits(z, proj, tables, lr)))
@@ -286,8 +293,9 @@ class LowRankSampler:
         self.rng = np.random.default_rng(seed)
 
     def sample(self, z: np.ndarray, proj: np.ndarray) -> int:
-        if self.top_k is not None:
-            ids, logp, _ = lowrank_topk(z, proj, self.tables, self.lr, self.top_k)
+        if self.top_k is not None:  # the top-k's own softmax: no normaliser over all V needed
+            ids, _, stats = lowrank_topk(z, proj, self.tables, self.lr, self.top_k, logprobs=False)
+            logp = stats["logits"]
             p = np.exp(logp - logp.max())
             return int(ids[self.rng.choice(len(ids), p=p / p.sum())])
         x = lowrank_logits(z, proj, self.tables, self.lr)

@@ -139,7 +139,7 @@ def _weight_names(node: onnx.NodeProto, producer: dict, inits: set) -> list[str]
     return names + [n for n in (_constant_sources(node.input[0], producer, inits, quant_only=True) or []) if n not in names]
 
 
-def find_head(model: onnx.ModelProto) -> HeadNodes:
+def find_head(model: onnx.ModelProto, _lowrank: bool = True) -> HeadNodes:
     """Locate ``logits = Gather(MatMul(h, C_T), map, axis=-1) (+ bias)`` (or the dense ``MatMul (+ bias)``)."""
     g = model.graph
     inits = {t.name for t in g.initializer}
@@ -157,7 +157,7 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
         names += sorted(n for n in inits if n.startswith("head.") and n not in names)
         return HeadNodes("vq", node, node, None, names, node.input[2])
     lowrank = None
-    if node is not None and node.op_type == "Add":
+    if _lowrank and node is not None and node.op_type == "Add":
         found = _lowrank_branch(node, producer, inits)
         if found is not None:
             lowrank, base = found
@@ -173,6 +173,9 @@ def find_head(model: onnx.ModelProto) -> HeadNodes:
         if node.op_type == "GatherElements" and map_name in producer and producer[map_name].op_type == "Expand":
             map_name = producer[map_name].input[0]  # the map broadcast to the logits' shape
         node = producer.get(node.input[0])
+    if lowrank is not None and (gather is None or node is None or node.op_type not in ("MatMul", "MatMulNBits")
+                                or activation_source(lowrank.p.input[0], producer) != activation_source(node.input[0], producer)):
+        return find_head(model, _lowrank=False)  # not a VQ head's correction (it must read the codebook's hidden state)
     if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
         raise VQExportError("graph: cannot find the output head (MatMul with a constant weight feeding 'logits')")
     if node.op_type == "MatMulNBits":  # ORT-native int8 codebook: weight and scales are its inputs

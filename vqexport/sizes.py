@@ -14,11 +14,11 @@ TERMS = (("codebook", ("head.codebook", "head.weight")), ("map", ("head.map",)),
 
 def term_of(name: str) -> str:
     """Which term of the head a tensor belongs to ("tables" for decode tables and other pass-made constants)."""
+    if name.startswith(("head.hidden", "head.lowrank_proj")):  # activation Q/DQ scales
+        return "quantization"
     for term, prefixes in TERMS:
         if any(name.startswith(p) for p in prefixes):
             return term
-    if name.startswith("head.hidden") or name.startswith("head.lowrank_proj"):
-        return "quantization"
     return "tables"
 
 

@@ -239,7 +239,8 @@ def _lowrank_timing(V, d, K, rank, timed, sessions, h, min_seconds, details, nam
     stats = {}
 
     def prune():
-        stats.update(lowrank_topk(z[0, 0], proj[0, 0], tables, lr, TOPK, logprobs=False)[2])
+        found = lowrank_topk(z[0, 0], proj[0, 0], tables, lr, TOPK, logprobs=False)[2]
+        stats.update(clusters_visited=found["clusters_visited"], tokens_scored=found["tokens_scored"])
 
     prune_s = float(np.median(time_calls(prune, min_seconds=min_seconds)))
     nbytes = 2 * 8 * K * rank + stats["tokens_scored"] * (8 * rank + 8 + 8 + 4)  # bounds, then U rows, bias, ids, map
