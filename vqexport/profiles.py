@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import VQExportError
 from .target_options import TritonOptions, TrtOptions, parse_trt, parse_triton
+from .target_options import _table as read_table
 
 BACKENDS = ("ort", "trt")
 PRECISIONS = {"ort": ("fp32", "fp16"), "trt": ("fp32", "fp16")}  # fp16: trunk in fp16, head in fp32 (passes/fp16_trunk.py)
@@ -159,13 +160,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
         return v
 
     def table(key: str, allowed) -> dict:
-        t = raw.get(key, {})
-        if not isinstance(t, dict):
-            fail(f"[{key}] must be a table")
-        unknown = set(t) - set(allowed)
-        if unknown:
-            fail(f"unknown key(s) in [{key}]: {', '.join(sorted(unknown))}")
-        return t
+        return read_table(raw, key, allowed, fail)
 
     known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "select", "int8", "decode", "ort", "parity",
                  "trt", "triton"}

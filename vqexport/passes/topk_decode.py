@@ -81,15 +81,7 @@ def add_topk_outputs(proto: onnx.ModelProto, k: int, keep_logits: bool = False) 
     ]
     g.initializer.extend(inits)
     g.node.extend(nodes)
-    g.output.extend([
-        helper.make_tensor_value_info("topk_ids", TensorProto.INT64, [BATCH, SEQ, k]),
-        helper.make_tensor_value_info("topk_logprobs", TensorProto.FLOAT, [BATCH, SEQ, k]),
-        helper.make_tensor_value_info("cluster_logprobs", TensorProto.FLOAT, [BATCH, SEQ, K]),
-    ])
-    if not keep_logits:
-        _drop_logits(out, head)
-    onnx.checker.check_model(out, full_check=True)
-    return out
+    return _finish(out, k, K, keep_logits)
 
 
 def _topk_from_logits(out: onnx.ModelProto, k: int, keep_logits: bool) -> onnx.ModelProto:
@@ -105,17 +97,23 @@ def _topk_from_logits(out: onnx.ModelProto, k: int, keep_logits: bool) -> onnx.M
         n("ReduceLogSumExp", ["logits", "head/topk/last_axis"], ["topk/lse"], name="topk/lse", keepdims=1),
         n("Sub", ["topk/values", "topk/lse"], ["topk_logprobs"], name="topk/logprobs"),
     ])
-    g.output.extend([
-        helper.make_tensor_value_info("topk_ids", TensorProto.INT64, [BATCH, SEQ, k]),
-        helper.make_tensor_value_info("topk_logprobs", TensorProto.FLOAT, [BATCH, SEQ, k]),
-    ])
+    return _finish(out, k, None, keep_logits)
+
+
+def _finish(out: onnx.ModelProto, k: int, clusters: int | None, keep_logits: bool) -> onnx.ModelProto:
+    """Declare the top-k outputs (and cluster_logprobs over ``clusters`` codes), drop logits unless kept, check."""
+    outs = [helper.make_tensor_value_info("topk_ids", TensorProto.INT64, [BATCH, SEQ, k]),
+            helper.make_tensor_value_info("topk_logprobs", TensorProto.FLOAT, [BATCH, SEQ, k])]
+    if clusters is not None:
+        outs.append(helper.make_tensor_value_info("cluster_logprobs", TensorProto.FLOAT, [BATCH, SEQ, clusters]))
+    out.graph.output.extend(outs)
     if not keep_logits:
-        _drop_logits(out, None)
+        _drop_logits(out)
     onnx.checker.check_model(out, full_check=True)
     return out
 
 
-def _drop_logits(proto: onnx.ModelProto, head) -> None:
+def _drop_logits(proto: onnx.ModelProto) -> None:
     outs = [o for o in proto.graph.output if o.name != "logits"]
     del proto.graph.output[:]
     proto.graph.output.extend(outs)
