@@ -356,8 +356,9 @@ def bench(head, shapes, threads, seconds, artifact, vs_dense, prompt_length, tok
 @click.option("--distill-text", type=click.Path(), default=None,
               help="UTF-8 text: distill the head on its first 90%, report perplexity on the rest.")
 @click.option("--steps", type=int, default=300, show_default=True, help="Head-only distillation steps (with --distill-text).")
-@click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical"]), default="auto", show_default=True,
-              help="k-means variant for the map; auto tries both and keeps the lower held-out perplexity.")
+@click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical", "balanced", "balanced-spherical"]), default="auto",
+              show_default=True, help="How the map is clustered: k-means (euclidean or spherical), optionally size-balanced; "
+              "auto tries all four and keeps the lowest held-out perplexity.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the output is deterministic for a seed).")
 @click.option("--out", "-o", required=True, type=click.Path(), help="New checkpoint directory (must not exist).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as one JSON object on stdout.")

@@ -1,6 +1,8 @@
 """``convert``: a dense-head checkpoint -> a VQ-Logits checkpoint, seeded and deterministic.
 
-    1. map       M = k-means of the head rows W [V, d] into K codes (euclidean or spherical: measured, best kept)
+    1. map       M = clustering of the head rows W [V, d] into K codes (vqexport.clustering: k-means, euclidean
+                 or spherical, optionally size-balanced; with --clustering auto every method is measured on
+                 held-out text and the lowest perplexity kept)
     2. codebook  C[k] = mean of the rows in code k
     3. bias      b[v] = b_dense[v] + (W[v] - C[M[v]]) . mean hidden state   (with --no-bias: none)
     4. distill   optionally train C (and b) on a text file so the VQ head matches the dense model's
@@ -24,10 +26,11 @@ import torch.nn.functional as F
 
 from .artifact import staged_dir
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .clustering import METHODS, cluster
 from .config import HeadConfig, ModelConfig
 from .errors import VQExportError
 from .model import VQLogitsLM, from_tensors, to_tensors
-from .vq_init import head_from_assignment, kmeans
+from .vq_init import head_from_assignment
 
 SEQ = 128
 MIN_TEXT_TOKENS = 4 * SEQ
@@ -152,8 +155,8 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     """Convert the dense-head checkpoint ``src`` into a VQ-Logits checkpoint at ``out`` (written atomically)."""
     src, out = Path(src), Path(out)
     text = Path(distill_text) if distill_text is not None else None
-    if clustering not in ("auto", "euclidean", "spherical"):
-        raise VQExportError(f"--clustering must be auto, euclidean or spherical, got {clustering!r}")
+    if clustering not in ("auto", *METHODS):
+        raise VQExportError(f"--clustering must be one of auto, {', '.join(METHODS)}; got {clustering!r}")
     if steps < 0:
         raise VQExportError(f"--steps must be >= 0, got {steps}")
     ckpt = _check_inputs(src, codebook_size, out, text)
@@ -177,24 +180,26 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     else:
         mean_h = torch.zeros(weight.shape[1])
 
-    variants = ["euclidean", "spherical"] if clustering == "auto" else [clustering]
-    candidates = {}
+    variants = list(METHODS) if clustering == "auto" else [clustering]
+    scores, shared = {}, {}  # shared: the balanced variants start from the k-means of their geometry
+    chosen, vq = None, None  # only the best model so far is kept (each holds a copy of the trunk)
     for i, name in enumerate(variants):
         progress(f"clustering {weight.shape[0]} rows into {codebook_size} codes ({name})", i, len(variants))
-        rows = F.normalize(weight, dim=1) if name == "spherical" else weight
-        _, assign = kmeans(rows, codebook_size, seed=seed)
+        assign = cluster(weight, codebook_size, name, seed=seed, _cache=shared)
         model = _vq_model(ckpt.config, codebook_size, bias, trunk)
         _init_head(model, weight, dense_bias, assign, mean_h)
-        score = evaluate(dense, model, held)["vq_ppl"] if held is not None else _reconstruction_error(weight, model)
-        candidates[name] = (score, model)
-    chosen = min(candidates, key=lambda n: candidates[n][0])
-    vq = candidates[chosen][1]
+        scores[name] = evaluate(dense, model, held)["vq_ppl"] if held is not None else _reconstruction_error(weight, model)
+        if chosen is None or scores[name] < scores[chosen]:
+            chosen, vq = name, model
+    shared.clear()
     before = evaluate(dense, vq, held) if held is not None else None
     if ids is not None and steps:
         _distill(dense, vq, train, steps, seed, progress)
     after = evaluate(dense, vq, held) if held is not None else None
     report = {"source": str(src.resolve()), "codebook_size": codebook_size, "bias": bias, "clustering": chosen,
-              "clustering_scores": {n: s for n, (s, _) in candidates.items()}, "distill_steps": steps if ids is not None else 0,
+              "clustering_scores": scores,
+              "clustering_score": "held-out perplexity" if held is not None else "mean squared distance of head rows to their code",
+              "distill_steps": steps if ids is not None else 0,
               "seed": seed, "before_distillation": before, "after_distillation": after}
     _write(out, vq, ckpt, report)
     return ConvertResult(out=out, report=report)
