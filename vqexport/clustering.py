@@ -1,20 +1,21 @@
 """Clustering the rows of an output layer into K codes: k-means (euclidean or spherical), fast at V = 152k.
 
     lloyd(x, k)                   exact Lloyd's k-means: the reference (every iteration is a full N x K x d pass)
-    kmeans(x, k)                  the default: the same objective, most iterations on candidate centroids
+    kmeans(x, k)                  the default: the same objective, most passes in a principal-component projection
     balanced(x, k, centroids)     size-balanced assignment: no cluster above ceil(slack * N / K) rows
     cluster(x, k, method)         the methods ``convert`` offers, by name (METHODS)
 
 ``kmeans`` projects the rows onto their top principal directions (``proj_dim``; randomized subspace
 iteration on a row subsample), seeds with k-means++ on a row subsample in the top ``seed_dim`` of them
-(approximate D^2 sampling, for speed: K sequential steps), then runs Lloyd
-passes whose assignment step is done in the projected space (an N x K x proj_dim matmul instead of
-N x K x d; the centroids are means of the full rows) until the projected inertia stops improving
-(relative change below ``tol``), and finishes with exact float32 full-assignment passes until the
-assignment is stable or ``exact_iters`` are done: a Lloyd fixed point whenever that limit is not hit.
-``balanced`` makes its proposals in the same projected space. Every method fills empty clusters (the rows farthest
-from their centroid, taken from clusters of two or more), so all K codes are used whenever N >= K; all are
-deterministic for a seed (no unseeded randomness, ties broken by index).
+(approximate D^2 sampling, for speed: K sequential steps), then runs Lloyd passes whose assignment step
+is done in the projected space (an N x K x proj_dim matmul instead of N x K x d; the centroids are means
+of the full rows) until the projected inertia stops improving (relative change below ``tol``), and
+finishes with exact float32 full-assignment passes until the assignment is stable or ``exact_iters``
+are done (a Lloyd fixed point whenever that limit is not hit). ``balanced`` makes its proposals in the
+same projected space. With d <= ``proj_dim`` there is no projection and ``kmeans`` is Lloyd with early
+stopping. Every method fills empty clusters (the rows farthest from their centroid, taken from clusters
+of two or more), so all K codes are used whenever N >= K; all are deterministic for a seed on a given
+machine and thread count (no unseeded randomness; ties broken by index).
 """
 
 from __future__ import annotations

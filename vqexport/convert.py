@@ -98,14 +98,17 @@ def _hidden(model: VQLogitsLM, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(dense: VQLogitsLM, vq: VQLogitsLM, ids: torch.Tensor) -> dict:
-    """Held-out perplexity of both heads on the same hidden states, and top-1 agreement."""
+def evaluate(dense: VQLogitsLM, vq: VQLogitsLM, ids: torch.Tensor, cache: dict | None = None) -> dict:
+    """Held-out perplexity of both heads on the same hidden states, and top-1 agreement. ``cache`` (a dict
+    kept across calls with the same dense model and ids) saves the trunk's hidden states for the next call."""
     n = (len(ids) - 1) // SEQ
     x = ids[: n * SEQ].view(n, SEQ)
     y = ids[1 : n * SEQ + 1].view(n, SEQ)
     nll_d = nll_v = agree = kl = 0.0
     for i in range(0, n, 8):
-        h = _hidden(dense, x[i : i + 8])
+        h = cache[i] if cache is not None and i in cache else _hidden(dense, x[i : i + 8])
+        if cache is not None:
+            cache[i] = h
         ld, lv = F.log_softmax(dense.head(h), -1), F.log_softmax(vq.head(h), -1)
         nll_d += float(F.nll_loss(ld.flatten(0, 1), y[i : i + 8].flatten(), reduction="sum"))
         nll_v += float(F.nll_loss(lv.flatten(0, 1), y[i : i + 8].flatten(), reduction="sum"))
@@ -181,21 +184,21 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         mean_h = torch.zeros(weight.shape[1])
 
     variants = list(METHODS) if clustering == "auto" else [clustering]
-    scores, shared = {}, {}  # shared: the balanced variants start from the k-means of their geometry
+    scores, shared, held_h = {}, {}, {}  # shared: the balanced variants start from the k-means of their geometry
     chosen, vq = None, None  # only the best model so far is kept (each holds a copy of the trunk)
     for i, name in enumerate(variants):
         progress(f"clustering {weight.shape[0]} rows into {codebook_size} codes ({name})", i, len(variants))
         assign = cluster(weight, codebook_size, name, seed=seed, _cache=shared)
         model = _vq_model(ckpt.config, codebook_size, bias, trunk)
         _init_head(model, weight, dense_bias, assign, mean_h)
-        scores[name] = evaluate(dense, model, held)["vq_ppl"] if held is not None else _reconstruction_error(weight, model)
+        scores[name] = evaluate(dense, model, held, held_h)["vq_ppl"] if held is not None else _reconstruction_error(weight, model)
         if chosen is None or scores[name] < scores[chosen]:
             chosen, vq = name, model
     shared.clear()
-    before = evaluate(dense, vq, held) if held is not None else None
+    before = evaluate(dense, vq, held, held_h) if held is not None else None
     if ids is not None and steps:
         _distill(dense, vq, train, steps, seed, progress)
-    after = evaluate(dense, vq, held) if held is not None else None
+    after = evaluate(dense, vq, held, held_h) if held is not None else None
     report = {"source": str(src.resolve()), "codebook_size": codebook_size, "bias": bias, "clustering": chosen,
               "clustering_scores": scores,
               "clustering_score": "held-out perplexity" if held is not None else "mean squared distance of head rows to their code",
