@@ -39,6 +39,7 @@ import train_demo  # noqa: E402
 from vqexport import api  # noqa: E402
 from vqexport.artifact import staged_dir  # noqa: E402
 from vqexport.checkpoint import demo_dir, save_checkpoint  # noqa: E402
+from vqexport.clustering import METHODS  # noqa: E402
 from vqexport.config import HeadConfig  # noqa: E402
 from vqexport.model import VQLogitsLM, to_tensors  # noqa: E402
 
@@ -89,15 +90,18 @@ def distill_text(held_bytes: int) -> str:
 
 
 def table(rows: list[dict], d: int) -> str:
-    lines = ["| K | bias | clustering | dense ppl | VQ ppl converted | change | VQ ppl distilled | change | top-1 agreement | head params vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    methods = sorted({m for r in rows for m in r["clustering_scores"]}, key=lambda m: list(METHODS).index(m))
+    lines = ["| K | bias | clustering | dense ppl | VQ ppl converted | change | VQ ppl distilled | change | top-1 agreement | "
+             f"head params vs dense | converted ppl by method ({' / '.join(methods)}) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         before, after = r["before_distillation"], r["after_distillation"]
         K, V = r["codebook_size"], r["vocab_size"]
         head = K * d + (V if r["bias"] else 0)
+        scores = " / ".join(f"{r['clustering_scores'][m]:.1f}" if m in r["clustering_scores"] else "-" for m in methods)
         lines.append(f"| V/{r['divisor']} = {K} | {'yes' if r['bias'] else 'no'} | {r['clustering']} | {before['dense_ppl']:.2f} | "
                      f"{before['vq_ppl']:.2f} | {100 * before['ppl_change']:+.0f}% | {after['vq_ppl']:.2f} | "
-                     f"{100 * after['ppl_change']:+.0f}% | {after['top1_agreement']:.3f} | {100 * head / (V * d + V):.1f}% |")
+                     f"{100 * after['ppl_change']:+.0f}% | {after['top1_agreement']:.3f} | {100 * head / (V * d + V):.1f}% | {scores} |")
     return "\n".join(lines)
 
 
