@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vqexport import api
+from vqexport.clustering import METHODS
 
 from .conftest import assert_user_error, make_checkpoint, make_config, run_cli
 
@@ -53,7 +54,10 @@ def test_report_measures_quality_and_distillation_helps(converted):
         assert r["dense_ppl"] > 1 and r["vq_ppl"] > 1 and 0 <= r["top1_agreement"] <= 1
     assert after["dense_ppl"] == pytest.approx(before["dense_ppl"])  # trunk and dense head untouched
     assert after["kl_to_dense"] < before["kl_to_dense"]  # the KL distillation generalises to held-out text
-    assert report["clustering"] in ("euclidean", "spherical") and set(report["clustering_scores"]) == {"euclidean", "spherical"}
+    scores = report["clustering_scores"]
+    assert set(scores) == set(METHODS) and report["clustering_score"] == "held-out perplexity"  # auto measured all
+    assert report["clustering"] == min(scores, key=scores.get)
+    assert scores[report["clustering"]] == pytest.approx(before["vq_ppl"])  # the kept candidate is the one reported
 
 
 def test_deterministic(dense_ckpt, text_file, converted, tmp_path):
@@ -97,20 +101,15 @@ def test_bad_sources_and_outputs(dense_ckpt, text_file, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_kmeans_is_deterministic_uses_every_code_and_beats_random():
-    import torch
+def test_balanced_from_the_cli(dense_ckpt, tmp_path):
+    from vqexport.clustering import capacity
 
-    from vqexport.vq_init import kmeans
-
-    torch.manual_seed(0)
-    centers = torch.randn(40, 16) * 5
-    x = centers[torch.randint(0, 40, (6000,))] + torch.randn(6000, 16) * 0.1  # 40 well-separated blobs
-    c, a = kmeans(x, 40, seed=3, max_seed_rows=2000)  # more rows than one distance chunk; seeding on a subset
-    c2, a2 = kmeans(x, 40, seed=3, max_seed_rows=2000)
-    assert torch.equal(a, a2) and torch.equal(c, c2)
-    assert len(torch.unique(a)) == 40
-    inertia = float(((x - c[a]) ** 2).sum(1).mean())
-    random_codes = x[torch.randperm(6000)[:40]]
-    assert inertia < 0.5 * float(((x[:, None] - random_codes[None]) ** 2).sum(-1).min(1).values.mean())
-    _, every = kmeans(x[:300], 300, iters=2)
-    assert len(torch.unique(every)) == 300  # K = N: one row per code
+    result = run_cli("convert", "--from", dense_ckpt, "-k", 8, "--clustering", "balanced", "--out", tmp_path / "b", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["clustering"] == "balanced" and set(report["clustering_scores"]) == {"balanced"}
+    sizes = np.bincount(api.load_checkpoint(tmp_path / "b").tensors["head.map"], minlength=8)
+    assert sizes.min() >= 1 and sizes.max() <= capacity(300, 8, 1.5)
+    with pytest.raises(api.VQExportError, match="--clustering must be one of auto, euclidean, spherical, balanced, balanced-spherical"):
+        api.convert(dense_ckpt, 8, tmp_path / "w", clustering="ward")
+    assert not (tmp_path / "w").exists()

@@ -395,10 +395,11 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, prompt_lengt
 @click.option("--distill-text", type=click.Path(), default=None,
               help="UTF-8 text: distill the head on its first 90%, report perplexity on the rest.")
 @click.option("--steps", type=int, default=300, show_default=True, help="Head-only distillation steps (with --distill-text).")
-@click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical"]), default="auto", show_default=True,
-              help="k-means variant for the map; auto tries both and keeps the lower held-out perplexity.")
+@click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical", "balanced", "balanced-spherical"]), default="auto",
+              show_default=True, help="How the map is clustered: k-means (euclidean or spherical), optionally size-balanced; "
+              "auto tries all four and keeps the lowest held-out perplexity.")
 @click.option("--rank", "-r", type=int, default=0, show_default=True,
-              help="Rank r of the per-token correction (h·Pᵀ)·Uᵀ, initialised from the SVD of the residual; 0 = the plain head.")
+              help="Rank r of the per-token correction (h·Pᵀ)·Uᵀ, fitted to the residual W - C[M]; 0 = the plain head.")
 @click.option("--finetune-trunk", is_flag=True,
               help="Distill end to end: the trunk trains too (map fixed), against a frozen copy of the dense model. Needs --distill-text.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the output is deterministic for a seed).")

@@ -1,9 +1,11 @@
 """``convert``: a dense-head checkpoint -> a VQ-Logits checkpoint, seeded and deterministic.
 
-    1. map       M = k-means of the head rows W [V, d] into K codes (euclidean or spherical: measured, best kept)
+    1. map       M = clustering of the head rows W [V, d] into K codes (vqexport.clustering: k-means, euclidean
+                 or spherical, optionally size-balanced; with --clustering auto every method is measured on
+                 held-out text and the lowest perplexity kept)
     2. codebook  C[k] = mean of the rows in code k
     3. bias      b[v] = b_dense[v] + (W[v] - C[M[v]]) . mean hidden state   (with --no-bias: none)
-    3b. rank r   optional correction (h·Pᵀ)·Uᵀ: truncated SVD of the residual W - C[M] = U P (best rank-r fit)
+    3b. rank r   optional correction (h·Pᵀ)·Uᵀ: the best rank-r fit U P of the residual W - C[M]
     4. distill   optionally train C, b (and P, U) on a text file so the VQ head matches the dense model's
                  next-token distribution (KL), trunk frozen; with finetune_trunk the trunk trains too
                  (the map stays fixed), against a frozen copy of the dense model
@@ -26,10 +28,11 @@ import torch.nn.functional as F
 
 from .artifact import staged_dir
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .clustering import METHODS, cluster
 from .config import HeadConfig, ModelConfig
 from .errors import VQExportError
 from .model import VQLogitsLM, from_tensors, to_tensors
-from .vq_init import head_from_assignment, kmeans
+from .vq_init import head_from_assignment
 
 SEQ = 128
 MIN_TEXT_TOKENS = 4 * SEQ
@@ -102,15 +105,18 @@ def _hidden(model: VQLogitsLM, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(dense: VQLogitsLM, vq: VQLogitsLM, ids: torch.Tensor, own_trunk: bool = False) -> dict:
-    """Held-out perplexity of both models and top-1 agreement: the VQ head on the dense trunk's hidden states,
-    or with ``own_trunk`` (after end-to-end fine-tuning) on its own trunk's."""
+def evaluate(dense: VQLogitsLM, vq: VQLogitsLM, ids: torch.Tensor, cache: dict | None = None, own_trunk: bool = False) -> dict:
+    """Held-out perplexity of both models and top-1 agreement: the VQ head on the dense trunk's hidden states, or
+    with ``own_trunk`` (after end-to-end fine-tuning) on its own trunk's. ``cache`` (a dict kept across calls with
+    the same dense model and ids) saves the dense trunk's hidden states for the next call."""
     n = (len(ids) - 1) // SEQ
     x = ids[: n * SEQ].view(n, SEQ)
     y = ids[1 : n * SEQ + 1].view(n, SEQ)
     nll_d = nll_v = agree = kl = 0.0
     for i in range(0, n, 8):
-        h = _hidden(dense, x[i : i + 8])
+        h = cache[i] if cache is not None and i in cache else _hidden(dense, x[i : i + 8])
+        if cache is not None:
+            cache[i] = h
         hv = _hidden(vq, x[i : i + 8]) if own_trunk else h
         ld, lv = F.log_softmax(dense.head(h), -1), F.log_softmax(vq.head(hv), -1)
         nll_d += float(F.nll_loss(ld.flatten(0, 1), y[i : i + 8].flatten(), reduction="sum"))
@@ -203,8 +209,8 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     ``rank`` > 0 adds the rank-r correction (SVD of the residual, then distilled with the rest of the head)."""
     src, out = Path(src), Path(out)
     text = Path(distill_text) if distill_text is not None else None
-    if clustering not in ("auto", "euclidean", "spherical"):
-        raise VQExportError(f"--clustering must be auto, euclidean or spherical, got {clustering!r}")
+    if clustering not in ("auto", *METHODS):
+        raise VQExportError(f"--clustering must be one of auto, {', '.join(METHODS)}; got {clustering!r}")
     if steps < 0:
         raise VQExportError(f"--steps must be >= 0, got {steps}")
     if finetune_trunk and (distill_text is None or steps == 0):
@@ -232,32 +238,33 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     else:
         mean_h = torch.zeros(weight.shape[1])
 
-    variants = ["euclidean", "spherical"] if clustering == "auto" else [clustering]
-    candidates = {}
+    variants = list(METHODS) if clustering == "auto" else [clustering]
+    scores, shared, held_h = {}, {}, {}  # shared: the balanced variants start from the k-means of their geometry
+    chosen, vq = None, None  # only the best model so far is kept (each holds a copy of the trunk)
     for i, name in enumerate(variants):
         progress(f"clustering {weight.shape[0]} rows into {codebook_size} codes ({name})", i, len(variants))
-        rows = F.normalize(weight, dim=1) if name == "spherical" else weight
-        _, assign = kmeans(rows, codebook_size, seed=seed)
+        assign = cluster(weight, codebook_size, name, seed=seed, _cache=shared)
         model = _vq_model(ckpt.config, codebook_size, bias, trunk)
         _init_head(model, weight, dense_bias, assign, mean_h)
-        score = evaluate(dense, model, held)["vq_ppl"] if held is not None else _reconstruction_error(weight, model)
-        candidates[name] = (score, model)
-    chosen = min(candidates, key=lambda n: candidates[n][0])
-    vq = candidates[chosen][1]
+        scores[name] = evaluate(dense, model, held, held_h)["vq_ppl"] if held is not None else _reconstruction_error(weight, model)
+        if chosen is None or scores[name] < scores[chosen]:
+            chosen, vq = name, model
+    shared.clear()
     lowrank = None
     if rank:
-        progress(f"fitting the rank-{rank} correction (SVD of the residual)", 0, 1)
+        progress(f"fitting the rank-{rank} correction to the residual", 0, 1)
         plain = vq
         vq = _vq_model(ckpt.config, codebook_size, bias, trunk, rank)
         vq.load_state_dict(plain.state_dict(), strict=False)
         lowrank = init_lowrank(vq, weight, mean_h)
-    before = evaluate(dense, vq, held) if held is not None else None
+    before = evaluate(dense, vq, held, held_h) if held is not None else None
     if ids is not None and steps:
         _distill(dense, vq, train, steps, seed, progress, finetune_trunk=finetune_trunk)
-    after = evaluate(dense, vq, held, own_trunk=finetune_trunk) if held is not None else None
+    after = evaluate(dense, vq, held, held_h, own_trunk=finetune_trunk) if held is not None else None
     report = {"source": str(src.resolve()), "codebook_size": codebook_size, "bias": bias, "rank": rank, "clustering": chosen,
-              "clustering_scores": {n: s for n, (s, _) in candidates.items()}, "distill_steps": steps if ids is not None else 0,
-              "finetune_trunk": finetune_trunk, "lowrank_init": lowrank,
+              "clustering_scores": scores,
+              "clustering_score": "held-out perplexity" if held is not None else "mean squared distance of head rows to their code",
+              "distill_steps": steps if ids is not None else 0, "finetune_trunk": finetune_trunk, "lowrank_init": lowrank,
               "seed": seed, "before_distillation": before, "after_distillation": after}
     _write(out, vq, ckpt, report)
     return ConvertResult(out=out, report=report)
@@ -285,7 +292,7 @@ def model_card(report: dict, cfg: ModelConfig) -> str:
         "| | |", "|---|---|",
         f"| codebook | K = {K} codes for V = {V} tokens (clustering: {report['clustering']}) |",
         f"| bias | {'per-token bias' if cfg.head.bias else 'none'} |",
-        f"| low-rank correction | {f'rank {r}: P [{r}, {d}], U [{V}, {r}], initialised from the SVD of the residual' if r else 'none'} |",
+        f"| low-rank correction | {f'rank {r}: P [{r}, {d}], U [{V}, {r}], fitted to the residual W - C[M], then distilled' if r else 'none'} |",
         f"| head parameters | {head_vq:,} vs {head_dense:,} dense ({100 * (1 - head_vq / head_dense):.1f}% fewer) |",
         f"| {'end-to-end fine-tuning (trunk + head, map fixed)' if report.get('finetune_trunk') else 'head-only distillation'} | "
         f"{report['distill_steps']} steps |", "",

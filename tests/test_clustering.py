@@ -1,0 +1,93 @@
+"""The map's clustering (vqexport.clustering): every code used, capacity bound, determinism, quality vs Lloyd."""
+
+import pytest
+import torch
+
+from vqexport.clustering import METHODS, balanced, capacity, cluster, kmeans, lloyd
+
+D = 136  # above the default projection (128 dims): the projected passes run
+
+
+def blobs(n=3000, d=D, k=30, seed=0, noise=0.2, skew=0.0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 3
+    weights = 1.0 / torch.arange(1, k + 1, dtype=torch.float64) ** skew
+    labels = torch.multinomial(weights / weights.sum(), n, replacement=True, generator=g)
+    return centres[labels] + noise * torch.randn(n, d, generator=g), labels
+
+
+def inertia(x, assign, k):
+    counts = torch.bincount(assign, minlength=k).clamp(min=1)
+    means = torch.zeros(k, x.shape[1]).index_add_(0, assign, x) / counts[:, None]
+    return float((x - means[assign]).pow(2).sum(1).mean())
+
+
+def adversarial():
+    g = torch.Generator().manual_seed(5)
+    few = torch.randn(12, D, generator=g)
+    return {
+        "duplicates": (few.repeat(20, 1), 40),  # 12 distinct rows, 40 codes
+        "all_equal": (torch.ones(50, D), 7),
+        "k_near_n": (torch.randn(64, D, generator=g), 61),
+        "k_equals_n": (torch.randn(64, D, generator=g), 64),
+        "k_is_one": (torch.randn(64, D, generator=g), 1),
+        "zero_rows": (torch.cat([torch.zeros(30, D), torch.randn(30, D, generator=g)]), 20),  # spherical: normalising zeros
+    }
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", list(adversarial()))
+def test_every_code_used_and_valid(method, case):
+    x, k = adversarial()[case]
+    a = cluster(x, k, method, seed=1)
+    assert a.shape == (x.shape[0],) and a.dtype == torch.int64
+    assert a.min() >= 0 and a.max() < k
+    assert len(torch.unique(a)) == k  # no empty cluster
+    if method.startswith("balanced"):
+        assert int(torch.bincount(a, minlength=k).max()) <= capacity(x.shape[0], k, 1.5)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_balanced_respects_its_capacity(spherical):
+    x, _ = blobs(n=2000, k=25, skew=1.2)  # very uneven blob sizes: plain k-means' largest cluster is far over the cap
+    k = 40
+    c, plain = kmeans(x, k, seed=0, spherical=spherical)
+    cap = capacity(len(x), k, 1.5)
+    assert int(torch.bincount(plain, minlength=k).max()) > cap
+    for slack in (1.0, 1.5, 3.0):
+        _, a = balanced(x, k, c, slack=slack, spherical=spherical)
+        sizes = torch.bincount(a, minlength=k)
+        assert int(sizes.max()) <= capacity(len(x), k, slack) and int(sizes.min()) >= 1
+    assert capacity(2000, 40, 1.0) == 50 and capacity(10, 3, 1.0) == 4 and capacity(10, 10, 1.5) == 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic_for_a_seed(method):
+    x, _ = blobs(n=1500, k=20, skew=0.5)
+    a = cluster(x, 24, method, seed=7)
+    b = cluster(x.clone(), 24, method, seed=7)
+    assert a.numpy().tobytes() == b.numpy().tobytes()
+
+
+def test_projected_kmeans_is_as_good_as_lloyd():
+    x, labels = blobs(n=6000, k=40, noise=0.5, skew=0.6)  # more rows than one distance chunk
+    planted = inertia(x, labels, 40)
+    stats = {}
+    _, fast = kmeans(x, 40, seed=3, proj_dim=16, stats=stats)  # assignments in 16 of 136 dims, then exact passes
+    _, ref = lloyd(x, 40, seed=3)
+    assert stats["approx_iters"] >= 1 and stats["exact_iters"] >= 1 and stats["projected_dim"] == 16
+    assert inertia(x, fast, 40) <= 1.05 * inertia(x, ref, 40)
+    assert inertia(x, fast, 40) <= 3 * planted  # nearly the planted blobs (merging two costs ~30 on top of ~34)
+    random_codes = x[torch.randperm(6000, generator=torch.Generator().manual_seed(0))[:40]]
+    assert inertia(x, fast, 40) < 0.5 * float(torch.cdist(x, random_codes).pow(2).min(1).values.mean())
+
+
+def test_k_equals_n_gives_one_row_per_code_and_bad_k_is_refused():
+    x, _ = blobs(n=300, k=10)
+    _, every = kmeans(x, 300, iters=2)
+    assert sorted(every.tolist()) == list(range(300))
+    for bad in (0, 301):
+        with pytest.raises(ValueError, match="k must be in"):
+            kmeans(x, bad)
+    with pytest.raises(ValueError, match="unknown clustering method"):
+        cluster(x, 4, "random")
