@@ -61,7 +61,8 @@ def test_read_only_parent(tmp_path, tiny_ckpt):
 
 
 def _start_build(ckpt, out):
-    return subprocess.Popen([sys.executable, "-m", "vqexport", "build", "--model", str(ckpt), "--out", str(out), "--steps", "2"],
+    # 100 verify steps after the files are written: a wide enough window to interrupt, even on a loaded machine
+    return subprocess.Popen([sys.executable, "-m", "vqexport", "build", "--model", str(ckpt), "--out", str(out), "--steps", "100"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
