@@ -56,7 +56,7 @@ def test_report_measures_quality_and_distillation_helps(converted):
     assert after["kl_to_dense"] < before["kl_to_dense"]  # the KL distillation generalises to held-out text
     scores = report["clustering_scores"]
     assert set(scores) == set(METHODS) and report["clustering_score"] == "held-out perplexity"  # auto measured all
-    assert report["clustering"] == min(scores, key=scores.get)
+    assert scores[report["clustering"]] == min(scores.values())  # (a balanced variant that moved nothing ties its base)
     assert scores[report["clustering"]] == pytest.approx(before["vq_ppl"])  # the kept candidate is the one reported
 
 
