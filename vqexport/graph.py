@@ -99,6 +99,11 @@ class HeadNodes:
     map_name: str | None = None  # the token -> code map initializer (vq heads with logits)
     lowrank: LowRankNodes | None = None  # the rank-r correction, when the head has one (standard-op form)
 
+    def outputs(self) -> set[str]:
+        """Every tensor the head's nodes write (the codebook MatMul, selection, bias Add, correction)."""
+        nodes = (self.matmul, self.gather, self.add) + ((self.lowrank.p, self.lowrank.u, self.lowrank.add) if self.lowrank else ())
+        return {o for n in nodes if n is not None for o in n.output}
+
 
 def _weight_matmul(node, inits, producer) -> bool:
     if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
@@ -149,8 +154,7 @@ def find_head(model: onnx.ModelProto, _lowrank: bool = True) -> HeadNodes:
     if topk:  # exact top-k variant without logits: the head's MatMul feeds the cluster scores
         node = producer.get(next(n for n in g.node if n.name == "topk/score").input[0])
     if node is not None and node.op_type == "VQLogits":  # fused head: one node plays MatMul + selection + bias
-        names = _constant_sources(node.input[1], producer, inits) or []
-        names += [n for n in (_constant_sources(node.input[0], producer, inits, quant_only=True) or []) if n not in names]
+        names = _weight_names(node, producer, inits)
         names += [n for n in node.input[2:4] if n in inits and n not in names]
         for extra in node.input[4:6]:  # optional rank-r factors, fp32 or through a DequantizeLinear
             names += [n for n in (_constant_sources(extra, producer, inits) or []) if n not in names]
@@ -179,17 +183,16 @@ def find_head(model: onnx.ModelProto, _lowrank: bool = True) -> HeadNodes:
     if node is None or node.op_type not in ("MatMul", "MatMulNBits"):
         raise VQExportError("graph: cannot find the output head (MatMul with a constant weight feeding 'logits')")
     if node.op_type == "MatMulNBits":  # ORT-native int8 codebook: weight and scales are its inputs
-        names = [i for i in node.input[1:] if i in inits]
+        names = _weight_names(node, producer, inits)
         names += [i for i in ([gather.input[1], map_name] if gather is not None else []) if i in inits and i not in names]
         if add is not None:
             names += [i for i in add.input if i in inits and i not in names]
         names += _lowrank_names(lowrank, producer, inits, names)
         names += sorted(n for n in inits if n.startswith("head.") and n not in names)
         return HeadNodes("vq" if gather is not None or topk else "dense", node, gather, add, names, map_name, lowrank)
-    names = _constant_sources(node.input[1], producer, inits)
-    if names is None:
+    if _constant_sources(node.input[1], producer, inits) is None:
         raise VQExportError("graph: cannot find the output head (MatMul with a constant weight feeding 'logits')")
-    names += [n for n in (_constant_sources(node.input[0], producer, inits, quant_only=True) or []) if n not in names]
+    names = _weight_names(node, producer, inits)
     if gather is not None:
         if map_name not in inits:
             raise VQExportError("graph: the head's Gather indices are not a constant map")

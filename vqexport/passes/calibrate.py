@@ -1,4 +1,5 @@
-"""Calibration: the largest |hidden state| entering the head, over the verify prompts, with onnxruntime."""
+"""Calibration: the largest |activation| entering the head's MatMuls (hidden state, rank-r projection), over the
+verify prompts, with onnxruntime."""
 
 from __future__ import annotations
 
@@ -6,10 +7,6 @@ import numpy as np
 import onnx
 
 from ..graph import find_head
-
-
-def hidden_amax(proto: onnx.ModelProto, ckpt) -> float:
-    return head_amax(proto, ckpt)["hidden"]
 
 
 def head_amax(proto: onnx.ModelProto, ckpt) -> dict[str, float]:

@@ -34,8 +34,7 @@ F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 def head_nodes(proto: onnx.ModelProto) -> set[str]:
     """Output names identifying the head's nodes (kept fp32)."""
     head = find_head(proto)
-    lowrank = (head.lowrank.p, head.lowrank.u, head.lowrank.add) if head.lowrank is not None else ()
-    keep = {o for n in (head.matmul, head.gather, head.add, *lowrank) if n is not None for o in n.output}
+    keep = head.outputs()
     keep |= {o for n in proto.graph.node if n.name.startswith(("head/", "topk/")) for o in n.output}
     return keep
 

@@ -18,13 +18,6 @@ from onnx import helper, numpy_helper
 from ..graph import head_copy
 from ..quant import quantize_rows
 
-CODEBOOK_Q = "head.codebook_q"
-CODEBOOK_SCALE = "head.codebook_scale"
-CODEBOOK_ZP = "head.codebook_zero_point"
-ACT_SCALE = "head.hidden_scale"
-ACT_ZP = "head.hidden_zero_point"
-
-
 def _weight_base(name: str) -> str:
     return name[:-2] if name.endswith("_t") else name
 
@@ -126,9 +119,8 @@ def native_codebook(proto: onnx.ModelProto, accuracy_level: int = 4, block_size:
     g = out.graph
     if any(m.op_type != "MatMul" for m in head_weight_matmuls(head)):
         raise ValueError("the native int8 encoding needs a standard-op VQ-Logits head")
-    for matmul in head_weight_matmuls(head):
+    for matmul, _, base in _head_weights(head):
         weight_name = matmul.input[1]
-        base = _weight_base(weight_name) if matmul is not head.matmul else "head.codebook"
         idx = next(i for i, t in enumerate(g.initializer) if t.name == weight_name)
         weight = numpy_helper.to_array(g.initializer[idx]).T  # [N, K]: one row per output
         N, K = weight.shape

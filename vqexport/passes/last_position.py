@@ -36,8 +36,7 @@ def last_position_only(proto: onnx.ModelProto) -> onnx.ModelProto:
         if o.name == "logits":
             o.type.tensor_type.shape.dim[1].dim_value = 1
     # shapes inferred for the full sequence no longer hold downstream of the slice
-    lowrank = (head.lowrank.p, head.lowrank.u, head.lowrank.add) if head.lowrank is not None else ()
-    head_values = {o for n in (head.matmul, head.gather, head.add, *lowrank) if n is not None for o in n.output}
+    head_values = head.outputs()
     keep = [vi for vi in g.value_info if vi.name not in head_values]
     del g.value_info[:]
     g.value_info.extend(keep)
