@@ -100,9 +100,10 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
             from .backends.trt.readiness import check, enforce
 
             progress("checking TensorRT readiness")
-            readiness = check(prepare_for_trt(proto), profile, ckpt.config)
+            graph = prepare_for_trt(proto)  # what TensorRT's parser sees: checked here, built below
+            readiness = check(graph, profile, ckpt.config)
             enforce(readiness)
-            runtime = build_trt(proto, profile, ckpt, tmp, timing_cache=previous_cache)
+            runtime = build_trt(proto, profile, ckpt, tmp, timing_cache=previous_cache, graph=graph)
         else:
             from .backends.ort.builder import build_ort
 

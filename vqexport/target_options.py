@@ -24,9 +24,6 @@ class ShapeRange:
     opt: int
     max: int
 
-    def as_list(self) -> list[int]:
-        return [self.min, self.opt, self.max]
-
 
 @dataclass(frozen=True)
 class TrtOptions:

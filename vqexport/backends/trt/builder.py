@@ -19,6 +19,7 @@ from ...checkpoint import Checkpoint
 from ...errors import VQExportError
 from ...profiles import Profile
 from .env import probe, require
+from .plugin import plugin_ids
 from .prepare import prepare_for_trt
 from .shapes import PROFILES, input_shapes
 
@@ -27,11 +28,13 @@ PLAN_FILE = "model.plan"
 TIMING_CACHE_FILE = "timing.cache"
 
 
-def build_trt(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: Path, timing_cache: bytes | None = None) -> dict:
+def build_trt(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: Path, timing_cache: bytes | None = None,
+              graph: onnx.ModelProto | None = None) -> dict:
+    """``proto`` is written as model.onnx; ``graph`` is its prepare_for_trt form (made here when not given)."""
     here = probe()
     trt = require(f"target {profile.name}", here)
     (out / MODEL_FILE).write_bytes(proto.SerializeToString())
-    graph = prepare_for_trt(proto)
+    graph = prepare_for_trt(proto) if graph is None else graph
     fused = profile.head == "fused"
     if fused:
         from .plugin import register
@@ -81,7 +84,7 @@ def build_trt(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: P
         "model_file": PLAN_FILE,
         "onnx_file": MODEL_FILE,
         "timing_cache": TIMING_CACHE_FILE if opts.timing_cache else None,
-        "plugins": ["vqexport::VQLogits", "vqexport::VQLogitsLowRank"] if fused else [],
+        "plugins": list(plugin_ids()) if fused else [],
         "engine": {
             "tensorrt": trt.__version__,
             "gpu": here["gpu"]["name"],

@@ -23,16 +23,16 @@ from onnx import TensorProto, numpy_helper, shape_inference
 from ...config import ModelConfig
 from ...errors import VQExportError
 from ...profiles import Profile
+from ...ops.vqlogits import PLUGIN_NAMESPACE
 from .prepare import PLUGIN_OPS
 from .shapes import PROFILES, dim_values
 
 MAX_ELEMENTS = 2**31 - 1
-PLUGIN_NAMESPACE = "vqexport"
 # dtypes TensorRT has (UINT8 only at network I/O; DOUBLE is cast down to FLOAT by the parser)
 DTYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT32, TensorProto.INT64,
           TensorProto.INT8, TensorProto.BOOL, TensorProto.DOUBLE, TensorProto.FLOAT8E4M3FN, TensorProto.INT4}
 # plugin input positions that must be int32 (TensorRT plugins get raw buffers: no implicit int64 -> int32)
-INT32_INPUTS = {"VQLogits": (2,), "VQLogitsLowRank": (2,)}
+INT32_INPUTS = {op: (2,) for op in PLUGIN_OPS}
 
 
 @dataclass
@@ -261,7 +261,7 @@ def _sizes_at(proto, dims: dict[str, int]) -> tuple[list[tuple[int, str, list[in
         inferred = shape_inference.infer_shapes(m, data_prop=True)
     except Exception:  # a graph onnx cannot infer: fall back to the declared outputs
         inferred = m
-    out, unknown, seen = [], 0, set()
+    out, unknown = [], 0
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         shape = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
         if vi.name in declared and None in shape:
@@ -269,6 +269,5 @@ def _sizes_at(proto, dims: dict[str, int]) -> tuple[list[tuple[int, str, list[in
         if not vi.type.tensor_type.HasField("shape") or None in shape:
             unknown += 1
             continue
-        seen.add(vi.name)
         out.append((int(np.prod(shape, dtype=np.int64)) if shape else 1, vi.name, shape))
     return out, unknown
