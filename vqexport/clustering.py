@@ -30,6 +30,8 @@ METHODS = ("euclidean", "spherical", "balanced", "balanced-spherical")
 CHUNK = 4096
 
 
+PROJ_DIM = 128  # the principal directions the k-means passes and the balanced assignment work in
+
 def _prep(rows: torch.Tensor, k: int, spherical: bool) -> torch.Tensor:
     n = rows.shape[0]
     if not 1 <= k <= n:
@@ -157,23 +159,21 @@ def lloyd(rows: torch.Tensor, k: int, iters: int = 25, seed: int = 0, spherical:
 
 
 def kmeans(rows: torch.Tensor, k: int, iters: int = 30, seed: int = 0, spherical: bool = False, max_seed_rows: int = 16384,
-           proj_dim: int = 128, seed_dim: int = 32, tol: float = 1e-3, exact_iters: int = 2,
+           proj_dim: int = PROJ_DIM, seed_dim: int = 32, tol: float = 1e-3, exact_iters: int = 2,
            stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means of rows [N, d] (module docstring). Returns (centroids [k, d], assignment [N] int64).
 
     ``stats``, if given, receives the pass counts."""
-    x = _prep(rows, k, spherical)
-    g = torch.Generator().manual_seed(seed)
+    x, g, proj, xp = _projected(rows, k, spherical, seed, proj_dim)
     sq = x.pow(2).sum(1)
-    proj = _principal_directions(x, proj_dim, g)
-    xp = x @ proj if proj is not None else x
+    xp_sq = xp.pow(2).sum(1)
     dims = proj.shape[1] if proj is not None else x.shape[1]
     centroids = x[_seed(xp[:, :seed_dim] if proj is not None else x, k, g, max(max_seed_rows, k))].clone()
     assign = torch.full((x.shape[0],), -1, dtype=torch.int64)
     approx = exact = 0
     prev = math.inf
     for _ in range(iters if proj is not None else 0):  # passes in the projected space
-        dist, new = _nearest(xp, xp.pow(2).sum(1), centroids @ proj)
+        dist, new = _nearest(xp, xp_sq, centroids @ proj)
         approx += 1
         inertia = float(dist.mean())
         centroids = _means(x, new, _fill_empty(dist, new, k), k, spherical)
@@ -197,16 +197,21 @@ def kmeans(rows: torch.Tensor, k: int, iters: int = 30, seed: int = 0, spherical
     return centroids, assign
 
 
+def _projected(rows: torch.Tensor, k: int, spherical: bool, seed: int, proj_dim: int):
+    """(prepared rows x, the seeded generator after use, principal directions or None, x in those directions)."""
+    x = _prep(rows, k, spherical)
+    g = torch.Generator().manual_seed(seed)
+    proj = _principal_directions(x, proj_dim, g)
+    return x, g, proj, (x @ proj if proj is not None else x)
+
+
 def balanced(rows: torch.Tensor, k: int, centroids: torch.Tensor, slack: float = 1.5, iters: int = 4, seed: int = 0,
-             spherical: bool = False, proj_dim: int = 128, n_cand: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+             spherical: bool = False, proj_dim: int = PROJ_DIM, n_cand: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-balanced clustering starting from ``centroids``: no cluster has more than ``capacity(N, k, slack)``
     rows. Each pass assigns rows by proposals in order of distance (a row tries its nearest centroids first;
     a full centroid keeps its nearest proposers), rows whose ``n_cand`` candidates are all full go to their
     nearest centroid with room, then centroids move to the means of their rows."""
-    x = _prep(rows, k, spherical)
-    g = torch.Generator().manual_seed(seed)
-    proj = _principal_directions(x, proj_dim, g)
-    xp = x @ proj if proj is not None else x
+    x, _, proj, xp = _projected(rows, k, spherical, seed, proj_dim)
     cap = capacity(x.shape[0], k, slack)
     centroids = centroids.float().clone()
     assign = torch.full((x.shape[0],), -1, dtype=torch.int64)
