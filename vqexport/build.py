@@ -72,8 +72,6 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
     Raises VQExportError for bad input (nothing written) and ParityError if the artifact does not match
     PyTorch within the profile's tolerances (nothing written either).
     """
-    from .export import export_onnx
-    from .model import from_tensors
     from .sizes import onnx_sizes
 
     profile = resolve_profile(target, head)
@@ -88,10 +86,7 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
     previous_cache = _previous_timing_cache(out) if profile.backend == "trt" else None
 
     with staged_dir(out) as tmp:
-        progress("exporting to ONNX")
-        reference = from_tensors(ckpt.config, ckpt.tensors)
-        proto = export_onnx(reference, opset=profile.opset)
-        proto = apply_passes(proto, profile, ckpt, progress)
+        reference, proto = export_for(profile, ckpt, progress)
         readiness = None
         progress(f"building for {profile.name}")
         if profile.backend == "trt":
@@ -165,6 +160,16 @@ def _previous_timing_cache(out: Path) -> bytes | None:
     return path.read_bytes() if path is not None and path.is_file() else None
 
 
+def export_for(profile: Profile, ckpt: Checkpoint, progress=_noop):
+    """The PyTorch reference model and its ONNX export with the profile's passes applied."""
+    from .export import export_onnx
+    from .model import from_tensors
+
+    progress("exporting to ONNX")
+    reference = from_tensors(ckpt.config, ckpt.tensors)
+    return reference, apply_passes(export_onnx(reference, opset=profile.opset), profile, ckpt, progress)
+
+
 def check_readiness(target: str | Profile, model=None, head: str | None = None, progress=_noop):
     """``build --check-only``: export and apply the profile's passes, then the TensorRT readiness check, on CPU.
 
@@ -173,17 +178,13 @@ def check_readiness(target: str | Profile, model=None, head: str | None = None, 
     from .backends.trt.prepare import prepare_for_trt
     from .backends.trt.readiness import check
     from .errors import VQExportError
-    from .export import export_onnx
-    from .model import from_tensors
 
     profile = resolve_profile(target, head)
     if profile.backend != "trt":
         raise VQExportError(f"--check-only checks TensorRT readiness; target {profile.name} has backend {profile.backend!r}")
     ckpt = resolve_checkpoint(model)
     check_profile_fits(profile, ckpt)
-    progress("exporting to ONNX")
-    proto = export_onnx(from_tensors(ckpt.config, ckpt.tensors), opset=profile.opset)
-    proto = apply_passes(proto, profile, ckpt, progress)
+    _, proto = export_for(profile, ckpt, progress)
     progress("checking TensorRT readiness")
     return check(prepare_for_trt(proto), profile, ckpt.config)
 
