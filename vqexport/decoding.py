@@ -151,6 +151,12 @@ def reference_topk(logits: np.ndarray, k: int, temperature: float = 1.0) -> tupl
     return ids.reshape(*lead, k), logp.reshape(*lead, k)
 
 
+def softmax_draw(rng: np.random.Generator, scores: np.ndarray) -> int:
+    """An index drawn with probability softmax(scores)."""
+    p = np.exp(scores - scores.max())
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
 class Sampler:
     """Exact sampling from softmax(logits / T) over all V tokens (optionally restricted to the top-k)."""
 
@@ -168,11 +174,8 @@ class Sampler:
         t = self.tables
         if self.top_k is not None:
             ids, logp = topk(z, t, self.top_k)
-            p = np.exp(logp - logp.max())
-            return int(ids[self.rng.choice(len(ids), p=p / p.sum())])
-        logits = np.asarray(z, dtype=np.float64) / t.temperature + t.lse_bias
-        p = np.exp(logits - logits.max())
-        k = int(self.rng.choice(t.codebook_size, p=p / p.sum()))
+            return int(ids[softmax_draw(self.rng, logp)])
+        k = softmax_draw(self.rng, np.asarray(z, dtype=np.float64) / t.temperature + t.lse_bias)
         lo, hi = t.offsets[k], t.offsets[k + 1]
         j = int(np.searchsorted(t.member_cdf[lo:hi], self.rng.random() * t.member_cdf[hi - 1], side="right"))
         return int(t.order[lo + min(j, hi - lo - 1)])
@@ -295,9 +298,5 @@ class LowRankSampler:
     def sample(self, z: np.ndarray, proj: np.ndarray) -> int:
         if self.top_k is not None:  # the top-k's own softmax: no normaliser over all V needed
             ids, _, stats = lowrank_topk(z, proj, self.tables, self.lr, self.top_k, logprobs=False)
-            logp = stats["logits"]
-            p = np.exp(logp - logp.max())
-            return int(ids[self.rng.choice(len(ids), p=p / p.sum())])
-        x = lowrank_logits(z, proj, self.tables, self.lr)
-        p = np.exp(x - x.max())
-        return int(self.rng.choice(x.size, p=p / p.sum()))
+            return int(ids[softmax_draw(self.rng, stats["logits"])])
+        return softmax_draw(self.rng, lowrank_logits(z, proj, self.tables, self.lr))

@@ -20,7 +20,7 @@ import numpy as np
 
 from .artifact import read_manifest
 from .backends.ort.runner import OrtRunner
-from .decoding import Sampler, check_temperature, cluster_tables, codebook_logits_from_cluster_logprobs
+from .decoding import Sampler, check_temperature, cluster_tables, codebook_logits_from_cluster_logprobs, softmax_draw
 from .errors import VQExportError
 
 
@@ -82,8 +82,7 @@ class _Chooser:
 
     def _draw(self, ids, scores) -> int:
         x = np.asarray(scores, dtype=np.float64) / self.temperature
-        p = np.exp(x - x.max())
-        return int(ids[self.rng.choice(len(ids), p=p / p.sum())])
+        return int(ids[softmax_draw(self.rng, x)])
 
 
 def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sample: bool = False,
