@@ -3,57 +3,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from vqexport.checkpoint import save_checkpoint  # noqa: E402
-from vqexport.config import HeadConfig, ModelConfig  # noqa: E402
-
-
-def make_config(vocab=97, d=32, layers=2, heads=4, kv_heads=2, d_ff=48, head="vq", k=11, bias=True, qkv_bias=False, max_position=256,
-                rank=0):
-    return ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, d_ff=d_ff,
-                       qkv_bias=qkv_bias, max_position=max_position, eos_token_id=None,
-                       head=HeadConfig(type=head, codebook_size=k if head == "vq" else 0, bias=bias, rank=rank))
-
-
-def make_tensors(cfg: ModelConfig, seed=0) -> dict[str, np.ndarray]:
-    """Random weights for every tensor the config implies (a map that uses every code when V >= K)."""
-    import torch
-
-    from vqexport.model import VQLogitsLM, to_tensors
-
-    torch.manual_seed(seed)
-    model = VQLogitsLM(cfg)
-    tensors = to_tensors(model)
-    rng = np.random.default_rng(seed)
-    for name, arr in tensors.items():
-        if arr.dtype == np.float32 and name.endswith("norm.weight"):
-            tensors[name] = (1 + 0.1 * rng.standard_normal(arr.shape)).astype(np.float32)
-        elif name == "head.bias":
-            tensors[name] = rng.standard_normal(arr.shape).astype(np.float32)
-        elif name == "head.codebook":
-            tensors[name] = rng.standard_normal(arr.shape).astype(np.float32) * cfg.d_model**-0.5 * 4
-        elif name in ("head.lowrank_p", "head.lowrank_u"):  # a correction big enough to change rankings
-            tensors[name] = rng.standard_normal(arr.shape).astype(np.float32) * (cfg.d_model**-0.5 if name.endswith("_p") else 1.5)
-    if cfg.head.type == "vq":
-        k, v = cfg.head.codebook_size, cfg.vocab_size
-        m = np.concatenate([np.arange(min(k, v)), rng.integers(0, k, size=max(v - k, 0))])
-        tensors["head.map"] = rng.permutation(m).astype(np.int32)
-    return tensors
-
-
-def make_checkpoint(path: Path, cfg: ModelConfig | None = None, seed=0, tokenizer: Path | None = None, **kw) -> Path:
-    cfg = cfg or make_config(**kw)
-    save_checkpoint(path, cfg, make_tensors(cfg, seed), tokenizer_path=tokenizer)
-    return path
+from .models import make_model  # noqa: E402
 
 
 @pytest.fixture
-def tiny_ckpt(tmp_path) -> Path:
-    return make_checkpoint(tmp_path / "ckpt")
+def tiny_model(tmp_path) -> Path:
+    """A random-weight Llama (V 97, d 32, 2 layers, GQA) with a random VQ-Logits head (K 11, bias)."""
+    return make_model(tmp_path / "model")
 
 
 @pytest.fixture(scope="session")

@@ -1,212 +1,212 @@
-"""Every way a user can hand us a broken checkpoint or target: one line, exit 2, nothing written."""
+"""Every problem with a model directory or its head is one clear line, exit code 2, and nothing written."""
 
 import json
-import struct
+import shutil
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from .conftest import assert_user_error, make_checkpoint, make_config, run_cli
+from vqexport.head.spec import CONFIG_FILE, WEIGHTS_FILE
+
+from .conftest import assert_user_error, run_cli
+from .models import make_model
 
 
-def build_into(tmp_path, model, *extra):
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("good") / "model", rank=2)
+
+
+@pytest.fixture
+def model(good, tmp_path):
+    """A fresh copy of a valid model directory to break."""
+    return shutil.copytree(good, tmp_path / "model")
+
+
+def _build_fails(tmp_path, model, *fragments):
     out = tmp_path / "out"
-    result = run_cli("build", "--target", "ort", "--model", model, "--out", out, *extra)
-    return result, out
-
-
-def assert_nothing_written(tmp_path, out):
+    assert_user_error(run_cli("build", "--model", model, "--out", out), *fragments)
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging directory left behind
 
 
-def rewrite_tensors(ckpt, **changes):
-    tensors = load_file(str(ckpt / "model.safetensors"))
-    for k, v in changes.items():
-        name = k.replace("__", ".")
-        if v is None:
-            del tensors[name]
-        else:
-            tensors[name] = v
-    save_file(tensors, str(ckpt / "model.safetensors"))
-
-
-def edit_config(ckpt, **changes):
-    cfg = json.loads((ckpt / "config.json").read_text())
+def _edit_json(path, **changes):
+    raw = json.loads(path.read_text())
     for k, v in changes.items():
         if v is None:
-            cfg.pop(k)
+            raw.pop(k, None)
         else:
-            cfg[k] = v
-    (ckpt / "config.json").write_text(json.dumps(cfg))
+            raw[k] = v
+    path.write_text(json.dumps(raw))
 
 
-def test_missing_checkpoint_dir(tmp_path):
-    result, out = build_into(tmp_path, tmp_path / "nope")
-    assert_user_error(result, "does not exist")
-    assert_nothing_written(tmp_path, out)
+def test_missing_directory_and_a_file_instead(tmp_path):
+    _build_fails(tmp_path, tmp_path / "nope", "does not exist")
+    (tmp_path / "file").write_text("x")
+    _build_fails(tmp_path, tmp_path / "file", "not a directory")
 
 
-def test_checkpoint_is_a_file(tmp_path):
-    (tmp_path / "f").write_text("x")
-    result, out = build_into(tmp_path, tmp_path / "f")
-    assert_user_error(result, "not a directory")
+def test_config_missing_or_not_json_or_not_hf(model, tmp_path):
+    (model / "config.json").write_text("{not json")
+    _build_fails(tmp_path, model, "config.json", "not valid JSON")
+    (model / "config.json").write_text(json.dumps({"hidden_size": 4}))
+    _build_fails(tmp_path, model, "not a Hugging Face config")
+    (model / "config.json").unlink()
+    _build_fails(tmp_path, model, "no config.json")
 
 
-def test_unreadable_config(tiny_ckpt, tmp_path):
-    (tiny_ckpt / "config.json").write_text("{not json")
-    result, out = build_into(tmp_path, tiny_ckpt)
-    assert_user_error(result, "config.json", "not valid JSON")
-    assert_nothing_written(tmp_path, out)
+def test_missing_weights_and_pickles(model, tmp_path):
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    _build_fails(tmp_path, model, "only safetensors weights are read")
+    (model / "pytorch_model.bin").unlink()
+    _build_fails(tmp_path, model, "no model.safetensors")
 
 
-def test_missing_config(tiny_ckpt, tmp_path):
-    (tiny_ckpt / "config.json").unlink()
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], "config.json not found")
+def test_truncated_and_garbage_safetensors(model, tmp_path):
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _build_fails(tmp_path, model, "model.safetensors", "truncated")
+    (model / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    _build_fails(tmp_path, model, "corrupt safetensors header")
+    (model / "model.safetensors").write_bytes(b"abc")
+    _build_fails(tmp_path, model, "truncated safetensors file")
 
 
-@pytest.mark.parametrize("key", ["vocab_size", "d_model", "n_layers", "head"])
-def test_config_missing_key(tiny_ckpt, tmp_path, key):
-    edit_config(tiny_ckpt, **{key: None})
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], f"missing key '{key}'")
+def _shard(model):
+    """Split model.safetensors into two shards with an index."""
+    tensors = load_file(str(model / "model.safetensors"))
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(model / file), metadata={"format": "pt"})
+    (model / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    return shards
 
 
-@pytest.mark.parametrize("key,value,fragment", [
-    ("d_model", "32", "d_model must be an integer"),
-    ("n_layers", 2.0, "n_layers must be an integer"),
-    ("n_heads", True, "n_heads must be an integer"),
-    ("vocab_size", 0, "vocab_size must be >= 1"),
-    ("rope_theta", "big", "rope_theta must be a positive number"),
-    ("head", {"type": "vq", "codebook_size": "11", "bias": True}, "codebook_size must be an integer"),
-    ("head", {"type": "vq", "codebook_size": 0, "bias": True}, "codebook_size must be in [1, vocab_size=97]"),
-    ("head", {"type": "mystery", "codebook_size": 3}, "head.type must be one of"),
-    ("head", {"type": "vq", "codebook_size": 11, "bias": "yes"}, "head.bias must be true or false"),
-    ("n_heads", 3, "not divisible by n_heads"),
+def test_sharded_weights_build_and_missing_shards_or_index_are_named(model, tmp_path):
+    shards = _shard(model)
+    r = run_cli("build", "--model", model, "--out", tmp_path / "sharded", "--steps", 1)
+    assert r.exit_code == 0, r.stderr
+    first = next(iter(shards))
+    data = (model / first).read_bytes()
+    (model / first).unlink()
+    _build_fails(tmp_path, model, "shard(s) model-00001-of-00002.safetensors", "missing")
+    (model / first).write_bytes(data)
+    (model / "model.safetensors.index.json").write_text("{}")
+    _build_fails(tmp_path, model, "malformed shard index")
+    (model / "model.safetensors.index.json").unlink()
+    _build_fails(tmp_path, model, "no model.safetensors and no model.safetensors.index.json")
+
+
+def test_an_index_whose_shards_lack_tensors(model, tmp_path):
+    shards = _shard(model)
+    last = list(shards)[-1]
+    tensors = load_file(str(model / last))
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(model / last), metadata={"format": "pt"})
+    _build_fails(tmp_path, model, "lack", dropped)
+
+
+def test_a_weight_with_the_wrong_shape(model, tmp_path):
+    tensors = load_file(str(model / "model.safetensors"))
+    name = next(k for k in sorted(tensors) if k.endswith("q_proj.weight"))
+    tensors[name] = np.zeros((3, 3), np.float32)
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    _build_fails(tmp_path, model, "cannot load")
+
+
+def test_no_head_says_how_to_make_one(model, tmp_path):
+    (model / CONFIG_FILE).unlink()
+    (model / WEIGHTS_FILE).unlink()
+    _build_fails(tmp_path, model, "no VQ-Logits head", "vqexport convert")
+
+
+def test_head_file_without_its_json_and_the_reverse(model, tmp_path):
+    cfg = (model / CONFIG_FILE).read_bytes()
+    (model / CONFIG_FILE).unlink()
+    _build_fails(tmp_path, model, "head weights without their config", CONFIG_FILE)
+    (model / CONFIG_FILE).write_bytes(cfg)
+    (model / WEIGHTS_FILE).unlink()
+    _build_fails(tmp_path, model, "head config without its weights", WEIGHTS_FILE)
+
+
+def test_head_vocabulary_or_hidden_size_disagreeing_with_the_trunk(model, tmp_path):
+    raw = json.loads((model / CONFIG_FILE).read_text())
+    _edit_json(model / "config.json", vocab_size=raw["vocab_size"] + 1)
+    _build_fails(tmp_path, model, "the head has vocab_size 97", "says 98")
+    _edit_json(model / "config.json", vocab_size=raw["vocab_size"], hidden_size=64)
+    _build_fails(tmp_path, model, "the head has hidden_size 32", "says 64")
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"codebook_size": 1000}, "codebook_size must be in [1, vocab_size=97]"),
+    ({"rank": 40}, "rank must be in [0, min(vocab_size, hidden_size) = 32]"),
+    ({"rank": 1.5}, "rank must be an integer"),
+    ({"bias": "yes"}, "bias must be true or false"),
+    ({"type": "magic"}, "type must be one of"),
+    ({"colour": 1}, "unknown key(s): colour"),
+    ({"vocab_size": None}, "missing key 'vocab_size'"),
+    ({"format_version": 9}, "format_version 9 is not supported"),
 ])
-def test_config_wrong_types_and_values(tiny_ckpt, tmp_path, key, value, fragment):
-    edit_config(tiny_ckpt, **{key: value})
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], fragment)
+def test_bad_head_config(model, tmp_path, change, fragment):
+    _edit_json(model / CONFIG_FILE, **change)
+    _build_fails(tmp_path, model, CONFIG_FILE, fragment)
 
 
-def test_missing_weights(tiny_ckpt, tmp_path):
-    (tiny_ckpt / "model.safetensors").unlink()
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], "weights file not found")
+def _edit_head(model, **tensors):
+    t = load_file(str(model / WEIGHTS_FILE))
+    for k, v in tensors.items():
+        if v is None:
+            t.pop(k)
+        else:
+            t[k] = v
+    save_file(t, str(model / WEIGHTS_FILE))
 
 
-def test_truncated_safetensors(tiny_ckpt, tmp_path):
-    f = tiny_ckpt / "model.safetensors"
-    data = f.read_bytes()
-    f.write_bytes(data[: len(data) - 1000])
-    result, out = build_into(tmp_path, tiny_ckpt)
-    assert_user_error(result, "truncated")
-    assert_nothing_written(tmp_path, out)
+def test_bad_head_tensors(model, tmp_path):
+    good = load_file(str(model / WEIGHTS_FILE))
+    _edit_head(model, codebook=good["codebook"][:, :5].copy())
+    _build_fails(tmp_path, model, "tensor codebook has shape [11, 5]", "implies [11, 32]")
+    _edit_head(model, codebook=good["codebook"], map=good["map"].astype(np.float32))
+    _build_fails(tmp_path, model, "tensor map has dtype F32", "integer")
+    m = good["map"].copy()
+    m[7] = 11
+    _edit_head(model, map=m)
+    _build_fails(tmp_path, model, "map[7] = 11 is outside [0, codebook_size=11)")
+    c = good["codebook"].copy()
+    c[2, 3] = np.nan
+    _edit_head(model, map=good["map"], codebook=c)
+    _build_fails(tmp_path, model, "tensor codebook has a non-finite value at index [2, 3]")
+    _edit_head(model, codebook=good["codebook"], lowrank_u=None)
+    _build_fails(tmp_path, model, "missing tensor(s) lowrank_u")
+    _edit_head(model, lowrank_u=good["lowrank_u"], extra=np.zeros(3, np.float32))
+    _build_fails(tmp_path, model, "unexpected tensor(s) extra")
 
 
-def test_corrupt_safetensors_header(tiny_ckpt, tmp_path):
-    f = tiny_ckpt / "model.safetensors"
-    data = bytearray(f.read_bytes())
-    n = struct.unpack("<Q", data[:8])[0]
-    data[8 : 8 + n] = b"\xff" * n
-    f.write_bytes(bytes(data))
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], "corrupt safetensors header")
+def test_tokenizer_larger_than_the_vocabulary(model, tmp_path, small_tokenizer):
+    shutil.copy(small_tokenizer, model / "tokenizer.json")  # ~300 tokens, the model has 97
+    _build_fails(tmp_path, model, "tokenizer has", "vocab_size is 97")
+    (model / "tokenizer.json").write_text("{broken")
+    _build_fails(tmp_path, model, "cannot load tokenizer")
 
 
-def test_garbage_file(tiny_ckpt, tmp_path):
-    (tiny_ckpt / "model.safetensors").write_bytes(b"abc")
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], "truncated safetensors")
-
-
-def test_tensor_shape_mismatch(tiny_ckpt, tmp_path):
-    rewrite_tensors(tiny_ckpt, head__codebook=np.zeros((12, 32), np.float32))
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], "head.codebook has shape [12, 32]", "[11, 32]")
-
-
-def test_tensor_dtype_mismatch(tiny_ckpt, tmp_path):
-    rewrite_tensors(tiny_ckpt, embed__weight=np.zeros((97, 32), np.int32))
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], "embed.weight has dtype I32")
-
-
-def test_missing_and_extra_tensors(tiny_ckpt, tmp_path):
-    rewrite_tensors(tiny_ckpt, head__bias=None)
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], "missing tensor(s) head.bias")
-    rewrite_tensors(tiny_ckpt, head__bias=np.zeros(97, np.float32), extra=np.zeros(3, np.float32))
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], "unexpected tensor(s) extra")
-
-
-def test_map_not_integer(tiny_ckpt, tmp_path):
-    rewrite_tensors(tiny_ckpt, head__map=np.zeros(97, np.float32))
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], "head.map has dtype F32", "integer")
-
-
-@pytest.mark.parametrize("bad", [-1, 11, 1000])
-def test_map_out_of_range(tiny_ckpt, tmp_path, bad):
-    m = load_file(str(tiny_ckpt / "model.safetensors"))["head.map"].copy()
-    m[5] = bad
-    rewrite_tensors(tiny_ckpt, head__map=m)
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], f"head.map[5] = {bad}", "outside [0, codebook_size=11)")
-
-
-@pytest.mark.parametrize("name,value", [("head.codebook", np.nan), ("head.bias", np.inf), ("head.bias", -np.inf)])
-def test_non_finite_head(tiny_ckpt, tmp_path, name, value):
-    t = load_file(str(tiny_ckpt / "model.safetensors"))[name].copy()
-    t.flat[3] = value
-    rewrite_tensors(tiny_ckpt, **{name.replace(".", "__"): t})
-    result, out = build_into(tmp_path, tiny_ckpt)
-    assert_user_error(result, f"{name} has a non-finite value")
-    assert_nothing_written(tmp_path, out)
-
-
-def test_tokenizer_vocab_larger_than_model(tmp_path, small_tokenizer):
-    ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer=small_tokenizer, vocab=97)
-    assert_user_error(build_into(tmp_path, ckpt)[0], "tokenizer has 300 tokens", "vocab_size is 97")
-
-
-def test_tokenizer_unreadable(tiny_ckpt, tmp_path):
-    (tiny_ckpt / "tokenizer.json").write_text("{}")
-    assert_user_error(build_into(tmp_path, tiny_ckpt)[0], "cannot load tokenizer")
-
-
-def test_unknown_target(tmp_path):
-    result = run_cli("build", "--target", "nosuch", "--out", tmp_path / "o")
-    assert_user_error(result, "unknown target 'nosuch'", "ort")
-    assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("text,fragment", [
-    ("backend = ", "malformed TOML"),
-    ('name = "x"\n', "missing key 'backend'"),
-    ('backend = "cuda-magic"\n', "backend must be one of"),
-    ('backend = "ort"\nopset = 11\n', "opset must be an integer in [18, 23]"),
-    ('backend = "ort"\n[parity]\natol = -1\n', "parity.atol must be a number >= 0"),
-    ('backend = "ort"\n[parity]\nwhatever = 1\n', "unknown key(s) in [parity]: whatever"),
-    ('backend = "ort"\n[ort]\nproviders = []\n', "ort.providers must be a non-empty list"),
-    ('backend = "ort"\n[ort]\nproviders = ["NoSuchExecutionProvider"]\n', "lacks execution provider"),
-    ('backend = "ort"\nsurprise = true\n', "unknown key(s): surprise"),
-])
-def test_malformed_target_file(tiny_ckpt, tmp_path, text, fragment):
-    f = tmp_path / "mine.toml"
-    f.write_text(text)
-    result = run_cli("build", "--target", f, "--model", tiny_ckpt, "--out", tmp_path / "o")
-    assert_user_error(result, fragment)
-    assert_nothing_written(tmp_path, tmp_path / "o")
-
-
-def test_missing_target_file(tmp_path):
-    assert_user_error(run_cli("build", "--target", tmp_path / "none.toml"), "does not exist")
-
-
-def test_config_codebook_larger_than_vocab_is_rejected_before_weights_are_read(tmp_path):
-    ckpt = make_checkpoint(tmp_path / "c", make_config())
-    edit_config(ckpt, head={"type": "vq", "codebook_size": 98, "bias": True})
-    assert_user_error(build_into(tmp_path, ckpt)[0], "codebook_size must be in [1, vocab_size=97]")
+def test_unknown_and_malformed_targets(model, tmp_path):
+    assert_user_error(run_cli("build", "--target", "nope", "--model", model), "unknown target 'nope'", "known targets")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("backend = [")
+    assert_user_error(run_cli("build", "--target", bad, "--model", model), "malformed TOML")
+    assert_user_error(run_cli("build", "--target", tmp_path / "missing.toml", "--model", model), "does not exist")
 
 
 def test_real_process_exit_code_and_single_line(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "vqexport", "build", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+    proc = subprocess.run([sys.executable, "-m", "vqexport", "build", "--model", str(tmp_path / "nope")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")

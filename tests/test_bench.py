@@ -14,7 +14,8 @@ def test_bench_head_json_shape():
     assert (row["name"], row["V"], row["d"], row["K"]) == ("tiny", 4099, 64, 256)
     for key in ("dense_ms", "dense_int8_ms", "vq_ms", "vq_int8_ms", "fused_ms", "fused_function_ms", "topk_ms"):
         assert row[key] > 0
-    assert {v["variant"] for v in out["variants"]} >= {"dense", "vq_gather", "vq_gather_elements", "topk_int8_acc4", "fused_kernel", "fused_function", "vq_int8_native_gather_elements"}
+    assert {v["variant"] for v in out["variants"]} >= {"dense", "vq_gather", "vq_gather_elements", "topk_int8_acc4", "fused_kernel",
+                                                       "fused_function", "vq_int8_native_gather_elements"}
     assert all(v["bytes"] > 0 for v in out["variants"])
     # the rank-8 correction's rows: logits path, exact top-k over the V logits, exact top-k by cluster bounds
     assert row["rank"] == 8
@@ -51,17 +52,22 @@ def test_bench_artifact_vs_dense(demo_artifact):
     assert out["repeats"] == 2
 
 
-def test_dense_twin_has_identical_logits(demo_artifact):
+def test_dense_twin_has_identical_logits(demo_artifact, tmp_path):
+    """The twin is the artifact's own trunk with one V x d MatMul computing the same logits as the VQ head."""
     import numpy as np
-    import onnx
 
     from vqexport.backends.ort.runner import OrtRunner
-    from vqexport.passes.dense_twin import dense_twin
+    from vqexport.bench.artifact import dense_twin
+    from vqexport.graph_io import load_graph
 
-    twin = dense_twin(onnx.load(str(demo_artifact / "model.onnx")))
-    assert not any(n.op_type in ("Gather", "GatherElements") and "head" in n.name for n in twin.graph.node)
+    twin = dense_twin(demo_artifact, "model.onnx", tmp_path)
+    proto = load_graph(twin)
+    names = {n.name for n in proto.graph.node}
+    assert "head/dense/MatMul" in names and not any(n.startswith(("head/select", "head/codebook")) for n in names)
+    trunk = {t.name for t in load_graph(demo_artifact / "model.onnx").graph.initializer if not t.name.startswith("head")}
+    assert trunk <= {t.name for t in proto.graph.initializer}
     ids = np.arange(12).reshape(2, 6) + 100
-    with OrtRunner(demo_artifact / "model.onnx") as a, OrtRunner(twin.SerializeToString()) as b:
+    with OrtRunner(demo_artifact / "model.onnx") as a, OrtRunner(twin) as b:
         la = a.step(ids, np.ones_like(ids), a.empty_past(2)).logits
         lb = b.step(ids, np.ones_like(ids), b.empty_past(2)).logits
     np.testing.assert_allclose(la, lb, atol=1e-4)

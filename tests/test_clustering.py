@@ -1,9 +1,9 @@
-"""The map's clustering (vqexport.clustering): every code used, capacity bound, determinism, quality vs Lloyd."""
+"""The map's clustering (vqexport.convert.clustering): every code used, capacity bound, determinism, quality vs Lloyd."""
 
 import pytest
 import torch
 
-from vqexport.clustering import METHODS, balanced, capacity, cluster, kmeans, lloyd
+from vqexport.convert.clustering import METHODS, balanced, capacity, cluster, kmeans, lloyd
 
 D = 136  # above the default projection (128 dims): the projected passes run
 

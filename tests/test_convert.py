@@ -1,4 +1,5 @@
-"""convert: dense-head checkpoint -> VQ-Logits checkpoint; determinism, quality report, export, bad input."""
+"""convert: a Hugging Face model directory -> the same directory with a VQ-Logits head; the trunk's files are
+copied unchanged; determinism, quality report, build, bad input."""
 
 import json
 from pathlib import Path
@@ -7,17 +8,22 @@ import numpy as np
 import pytest
 
 from vqexport import api
-from vqexport.clustering import METHODS
+from vqexport.convert.clustering import METHODS
 
-from .conftest import assert_user_error, make_checkpoint, make_config, run_cli
+from vqexport.head.spec import read_head
+from vqexport.source import load_source
+
+from .conftest import assert_user_error, run_cli
+from .models import make_model
 
 TEXT = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("test_*.py")))
 
 
 @pytest.fixture(scope="module")
 def dense_ckpt(tmp_path_factory, small_tokenizer):
+    """A dense model (no VQ head): a random tied Qwen2 with a ~300-token tokenizer."""
     tmp = tmp_path_factory.mktemp("dense")
-    return make_checkpoint(tmp / "ckpt", make_config(vocab=300, head="dense", d=32, layers=1), tokenizer=small_tokenizer)
+    return make_model(tmp / "model", arch="qwen2", vocab=300, hidden=32, layers=1, head=False, tokenizer=small_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +42,16 @@ def converted(dense_ckpt, text_file, tmp_path_factory):
     return out, json.loads(result.stdout)
 
 
-def test_output_is_a_valid_vq_checkpoint(converted):
+def test_output_is_the_source_plus_a_head(converted, dense_ckpt):
     out, report = converted
-    ckpt = api.load_checkpoint(out)
-    assert ckpt.config.head.type == "vq" and ckpt.config.head.codebook_size == 24 and ckpt.config.head.bias
-    assert ckpt.tokenizer_path is not None
-    m = ckpt.tensors["head.map"]
+    source = load_source(out)
+    head = source.head.config
+    assert head.type == "vq" and head.codebook_size == 24 and head.bias and source.tokenizer_path is not None
+    for f in load_source(dense_ckpt, need_head=False).files():  # the trunk's files are the source's, byte for byte
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert {p.name for p in out.iterdir()} - {p.name for p in dense_ckpt.iterdir()} == {"vq_head.json", "vq_head.safetensors", "MODEL_CARD.md"}
+    assert report["architecture"] == "qwen2"
+    m = source.head.map
     assert m.min() >= 0 and m.max() < 24 and len(np.unique(m)) == 24  # every code used
     card = (out / "MODEL_CARD.md").read_text()
     assert "VQ ppl" in card and "top-1 agreement" in card
@@ -65,10 +75,10 @@ def test_deterministic(dense_ckpt, text_file, converted, tmp_path):
     again = tmp_path / "again"
     assert run_cli("convert", "--from", dense_ckpt, "--codebook-size", 24, "--distill-text", text_file,
                    "--steps", 30, "--out", again).exit_code == 0
-    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert (again / "vq_head.safetensors").read_bytes() == (out / "vq_head.safetensors").read_bytes()
 
 
-def test_converted_checkpoint_builds_and_passes_parity(converted, tmp_path):
+def test_converted_model_builds_and_passes_parity(converted, tmp_path):
     out, _ = converted
     result = api.build("ort", model=out, out=tmp_path / "art", steps=4)
     assert result.parity.passed
@@ -76,8 +86,21 @@ def test_converted_checkpoint_builds_and_passes_parity(converted, tmp_path):
 
 def test_without_text_or_bias(dense_ckpt, tmp_path):
     result = api.convert(dense_ckpt, 8, tmp_path / "nb", bias=False, clustering="spherical")
-    ckpt = api.load_checkpoint(result.out)
-    assert "head.bias" not in ckpt.tensors and result.report["after_distillation"] is None
+    head = read_head(result.out)
+    assert "bias" not in head.tensors and not head.config.bias and result.report["after_distillation"] is None
+
+
+def test_a_vq_model_converts_again_from_its_dense_layer(converted, tmp_path):
+    """A VQ-Logits model directory is still the dense model: converting it makes a new head and leaves the old alone."""
+    out, _ = converted
+    again = api.convert(out, 12, tmp_path / "again", clustering="spherical")
+    assert read_head(again.out).config.codebook_size == 12 and read_head(out).config.codebook_size == 24
+
+
+def test_convert_the_embedded_model(tmp_path):
+    result = run_cli("convert", "--from", "demo", "-k", 64, "--clustering", "spherical", "--out", tmp_path / "d")
+    assert result.exit_code == 0, result.stderr
+    assert read_head(tmp_path / "d").config.codebook_size == 64
 
 
 @pytest.mark.parametrize("k", [0, 301])
@@ -87,8 +110,6 @@ def test_bad_codebook_size(dense_ckpt, tmp_path, k):
 
 
 def test_bad_sources_and_outputs(dense_ckpt, text_file, tmp_path):
-    vq = make_checkpoint(tmp_path / "vq", make_config())
-    assert_user_error(run_cli("convert", "--from", vq, "-k", 4, "--out", tmp_path / "o"), "already VQ-Logits")
     (tmp_path / "exists").mkdir()
     assert_user_error(run_cli("convert", "--from", dense_ckpt, "-k", 4, "--out", tmp_path / "exists"), "already exists")
     assert_user_error(run_cli("convert", "--from", tmp_path / "missing", "-k", 4, "--out", tmp_path / "o"), "does not exist")
@@ -102,13 +123,13 @@ def test_bad_sources_and_outputs(dense_ckpt, text_file, tmp_path):
 
 
 def test_balanced_from_the_cli(dense_ckpt, tmp_path):
-    from vqexport.clustering import capacity
+    from vqexport.convert.clustering import capacity
 
     result = run_cli("convert", "--from", dense_ckpt, "-k", 8, "--clustering", "balanced", "--out", tmp_path / "b", "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["clustering"] == "balanced" and set(report["clustering_scores"]) == {"balanced"}
-    sizes = np.bincount(api.load_checkpoint(tmp_path / "b").tensors["head.map"], minlength=8)
+    sizes = np.bincount(read_head(tmp_path / "b").map, minlength=8)
     assert sizes.min() >= 1 and sizes.max() <= capacity(300, 8, 1.5)
     with pytest.raises(api.VQExportError, match="--clustering must be one of auto, euclidean, spherical, balanced, balanced-spherical"):
         api.convert(dense_ckpt, 8, tmp_path / "w", clustering="ward")

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from vqexport.decoding import (Sampler, cluster_logprobs, cluster_tables, full_logits, log_normalizer,
+from vqexport.head.decoding import (Sampler, cluster_logprobs, cluster_tables, full_logits, log_normalizer,
                                reference_topk, topk)
 from vqexport.errors import VQExportError
 
@@ -153,7 +153,7 @@ def test_top_k_sampler_stays_inside_the_exact_top_k():
 @pytest.mark.parametrize("T", [1.0, 0.5, 3.0])
 def test_sampling_from_graph_cluster_logprobs_is_exact_at_any_temperature(T):
     """generate's O(K) path: recover z (up to a constant) from cluster log-probs at T=1, then sample at T."""
-    from vqexport.decoding import codebook_logits_from_cluster_logprobs
+    from vqexport.head.decoding import codebook_logits_from_cluster_logprobs
 
     V, K = 60, 7
     mapping, b, z = random_head(V, K, seed=13)

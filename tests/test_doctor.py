@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from vqexport.backends.trt import env
 from vqexport.doctor import target_status
 from vqexport.profiles import bundled_names, load_profile
 
@@ -21,14 +22,17 @@ def test_a_complete_machine_builds_every_target(name):
 
 
 @pytest.mark.parametrize("change,target,fragments", [
-    ({"tensorrt": None, "tensorrt_error": "the tensorrt package is not installed"}, "trt-int8", ["tensorrt package is not installed", "vqexport[trt]"]),
+    ({"tensorrt": None, "tensorrt_error": "the tensorrt package is not installed"}, "trt-int8",
+     ["tensorrt package is not installed", "vqexport[trt]"]),
     ({"gpu": None, "gpu_error": "torch sees no CUDA device"}, "trt-int8", ["no NVIDIA GPU", "no CUDA device"]),
     ({"tensorrt": "8.6.1"}, "trt-int8", ["TensorRT 8.6.1 is older than 10.x"]),
     ({"tensorrt": "9.0.1", "tensorrt_strongly_typed": False}, "trt-fp16", ["older than 10.x", "strongly typed"]),
     ({"tensorrt_plugin_api": False}, "trt", ["tensorrt.plugin"]),
     ({"triton": None}, "trt", ["Triton"]),
+    ({"gpu": None, "gpu_error": "torch sees no CUDA device"}, "triton-trt", ["no NVIDIA GPU"]),
     ({"onnxruntime_extensions": None}, "ort-fused", ["onnxruntime-extensions"]),
     ({"ort_providers": ["AzureExecutionProvider"]}, "ort", ["lacks CPUExecutionProvider"]),
+    ({"onnxruntime": None, "ort_providers": []}, "ort-int8", ["onnxruntime is not installed"]),
 ])
 def test_each_missing_piece_is_named(change, target, fragments):
     status = target_status(load_profile(target), {**FULL, **change})
@@ -38,9 +42,27 @@ def test_each_missing_piece_is_named(change, target, fragments):
         assert f in text, (f, text)
 
 
+def test_every_missing_piece_is_named_at_once():
+    status = target_status(load_profile("trt"), {**FULL, "tensorrt": None, "tensorrt_error": "not installed", "gpu": None,
+                                                 "gpu_error": "torch sees no CUDA device", "triton": None})
+    text = "; ".join(status["why_not"])
+    assert len(status["why_not"]) == 3 and "TensorRT" in text and "GPU" in text and "Triton" in text
+
+
+def test_trt_needs_nothing_an_ort_target_needs():
+    """A machine without TensorRT or a GPU still builds the ONNX Runtime targets, and vice versa."""
+    no_trt = {**FULL, "tensorrt": None, "tensorrt_error": "not installed", "gpu": None, "gpu_error": "none"}
+    assert target_status(load_profile("ort"), no_trt)["build"]
+    assert not target_status(load_profile("trt-int8"), no_trt)["build"]
+    no_ext = {**FULL, "onnxruntime_extensions": None}
+    assert target_status(load_profile("trt"), no_ext)["build"]
+
+
 def test_no_tritonclient_still_runs_but_cannot_build_the_repository():
-    status = target_status(load_profile("triton-ort"), {**FULL, "tritonclient": None})
-    assert status["run"] and not status["build"] and "tritonclient" in status["why_not"][0]
+    for name in ("triton-ort", "triton-trt"):
+        status = target_status(load_profile(name), {**FULL, "tritonclient": None})
+        assert status["run"] and not status["build"], name
+        assert len(status["why_not"]) == 1 and "tritonclient" in status["why_not"][0]
     assert target_status(load_profile("ort"), {**FULL, "tritonclient": None})["build"]
 
 
@@ -51,9 +73,17 @@ def test_doctor_cli_reports_this_machine():
     assert set(d["targets"]) == set(bundled_names())
     assert d["targets"]["ort"]["build"] is True  # CPU onnxruntime is a hard dependency
     m = d["machine"]
+    here = env.probe()
+    assert m["tensorrt"] == here["tensorrt"] and (m["gpu"] is None) == (here["gpu"] is None)
+    for name, t in d["targets"].items():
+        assert t["backend"] == load_profile(name).backend
+        assert t == {"backend": t["backend"], **target_status(load_profile(name), m)}  # the rules, on this machine's facts
+        assert t["build"] or t["why_not"], name  # a target that cannot be built says why
     trt_ok = m["tensorrt"] is not None and m["gpu"] is not None
-    assert d["targets"]["trt-int8"]["build"] is trt_ok
     if not trt_ok:
-        assert d["targets"]["trt-int8"]["why_not"]
+        assert d["targets"]["trt-int8"]["build"] is False and d["targets"]["trt-int8"]["why_not"]
+    assert d["targets"]["triton-ort"]["build"] is (m["tritonclient"] is not None)
     text = run_cli("doctor")
     assert text.exit_code == 0 and "trt-int8" in text.stdout and "TensorRT" in text.stdout
+    for name in bundled_names():
+        assert name in text.stdout

@@ -12,12 +12,13 @@ import pytest
 from vqexport import api
 from vqexport.artifact import read_manifest, sha256_file
 
-from .conftest import assert_user_error, make_checkpoint, run_cli
+from .conftest import assert_user_error, run_cli
+from .models import make_model
 
 
 def test_rebuild_same_inputs_is_allowed_and_different_model_is_refused(tmp_path):
-    a = make_checkpoint(tmp_path / "a", seed=1)
-    b = make_checkpoint(tmp_path / "b", seed=2)
+    a = make_model(tmp_path / "a", seed=1)
+    b = make_model(tmp_path / "b", seed=2)
     out = tmp_path / "out"
     assert run_cli("build", "--model", a, "--out", out, "--steps", 2).exit_code == 0
     manifest = read_manifest(out)
@@ -34,34 +35,34 @@ def test_rebuild_same_inputs_is_allowed_and_different_model_is_refused(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
 
 
-def test_directory_with_other_files_is_refused(tmp_path, tiny_ckpt):
+def test_directory_with_other_files_is_refused(tmp_path, tiny_model):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert_user_error(run_cli("build", "--model", tiny_ckpt, "--out", out), "already holds")
+    assert_user_error(run_cli("build", "--model", tiny_model, "--out", out), "already holds")
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_output_location_not_writable(tmp_path, tiny_ckpt):
+def test_output_location_not_writable(tmp_path, tiny_model):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_user_error(run_cli("build", "--model", tiny_ckpt, "--out", blocker / "sub" / "out"), "cannot create output directory")
-    assert_user_error(run_cli("build", "--model", tiny_ckpt, "--out", blocker), "exists and is not a directory")
+    assert_user_error(run_cli("build", "--model", tiny_model, "--out", blocker / "sub" / "out"), "cannot create output directory")
+    assert_user_error(run_cli("build", "--model", tiny_model, "--out", blocker), "exists and is not a directory")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_parent(tmp_path, tiny_ckpt):
+def test_read_only_parent(tmp_path, tiny_model):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        assert_user_error(run_cli("build", "--model", tiny_ckpt, "--out", ro / "out"), "not writable")
+        assert_user_error(run_cli("build", "--model", tiny_model, "--out", ro / "out"), "not writable")
     finally:
         ro.chmod(0o755)
 
 
 def _start_build(ckpt, out):
-    # 100 verify steps after the files are written: a wide enough window to interrupt, even on a loaded machine
+    # 100 verify steps after the graph is written: a wide enough window to interrupt, even on a loaded machine
     # A test run started in the background (``cmd &`` without job control) ignores SIGINT, and a child inherits an
     # ignored signal; the build must see Ctrl-C as a user's terminal delivers it, so restore the default first.
     return subprocess.Popen([sys.executable, "-m", "vqexport", "build", "--model", str(ckpt), "--out", str(out), "--steps", "100"],
@@ -69,11 +70,11 @@ def _start_build(ckpt, out):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _wait_for_partial(out, proc, timeout=60):
+def _wait_for_partial(out, proc, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         partial = list(out.parent.glob(f".{out.name}.partial-*"))
-        if partial and any(p.iterdir() for p in partial if p.is_dir()):
+        if partial and any((p / "model.onnx").exists() for p in partial if p.is_dir()):
             return partial
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
@@ -81,9 +82,9 @@ def _wait_for_partial(out, proc, timeout=60):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_interrupted_build_leaves_no_complete_looking_artifact(tmp_path, tiny_ckpt, sig):
+def test_interrupted_build_leaves_no_complete_looking_artifact(tmp_path, tiny_model, sig):
     out = tmp_path / "out"
-    proc = _start_build(tiny_ckpt, out)
+    proc = _start_build(tiny_model, out)
     _wait_for_partial(out, proc)
     proc.send_signal(sig)
     proc.wait(timeout=60)
@@ -95,13 +96,13 @@ def test_interrupted_build_leaves_no_complete_looking_artifact(tmp_path, tiny_ck
     for p in leftovers:
         assert not (p / "manifest.json").exists()
     # the next build cleans up what a killed one left behind and succeeds
-    result = run_cli("build", "--model", tiny_ckpt, "--out", out, "--steps", 2)
+    result = run_cli("build", "--model", tiny_model, "--out", out, "--steps", 2)
     assert result.exit_code == 0, result.stderr
     assert list(tmp_path.glob(".out.partial-*")) == []
     assert json.loads((out / "manifest.json").read_text())["parity"]["passed"] is True
 
 
-def test_parity_failure_exits_1_and_writes_nothing(tmp_path, tiny_ckpt, monkeypatch):
+def test_parity_failure_exits_1_and_writes_nothing(tmp_path, tiny_model, monkeypatch):
     from vqexport.backends.torch_ref import TorchRunner
 
     real_step = TorchRunner.step
@@ -113,7 +114,7 @@ def test_parity_failure_exits_1_and_writes_nothing(tmp_path, tiny_ckpt, monkeypa
 
     monkeypatch.setattr(TorchRunner, "step", perturbed)
     out = tmp_path / "out"
-    result = run_cli("build", "--model", tiny_ckpt, "--out", out, "--json", "--steps", 3)
+    result = run_cli("build", "--model", tiny_model, "--out", out, "--json", "--steps", 3)
     assert result.exit_code == 1, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] is False
@@ -124,8 +125,8 @@ def test_parity_failure_exits_1_and_writes_nothing(tmp_path, tiny_ckpt, monkeypa
 
 
 def test_verify_against_a_different_model_fails_with_exit_1(tmp_path):
-    a = make_checkpoint(tmp_path / "a", seed=1)
-    b = make_checkpoint(tmp_path / "b", seed=2)
+    a = make_model(tmp_path / "a", seed=1)
+    b = make_model(tmp_path / "b", seed=2)
     out = tmp_path / "out"
     api.build("ort", model=a, out=out, steps=2)
     ok = run_cli("verify", "--artifact", out, "--steps", 3, "--json")

@@ -15,7 +15,8 @@ def test_every_subpackage_is_listed_in_pyproject():
 
 def test_bundled_targets_and_demo_files_exist():
     assert (ROOT / "targets" / "ort.toml").is_file()
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "MODEL_CARD.md"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vq_head.json",
+                 "vq_head.safetensors", "MODEL_CARD.md"):
         assert (ROOT / "vqexport" / "data" / "demo" / name).is_file()
 
 

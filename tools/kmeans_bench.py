@@ -1,4 +1,4 @@
-"""Speed and quality of the map's clustering (vqexport.clustering) on random but structured rows.
+"""Speed and quality of the map's clustering (vqexport.convert.clustering) on random but structured rows.
 
     python tools/kmeans_bench.py [--small-only] [--lloyd-big] [--json out.json]
 
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vqexport.clustering import balanced, capacity, kmeans, lloyd  # noqa: E402
+from vqexport.convert.clustering import balanced, capacity, kmeans, lloyd  # noqa: E402
 
 
 def structured(n: int, d: int, k: int, seed: int = 0) -> torch.Tensor:

@@ -1,21 +1,23 @@
 """The public Python API. The CLI calls these and nothing else.
 
     from vqexport import api
-    result = api.build("ort")                      # embedded demo model -> ./build/ort
-    report = api.verify("build/ort", steps=32)
-    info   = api.inspect("build/ort/model.onnx")
-    gen    = api.generate("build/ort", "def main(", max_new_tokens=16)
+    result = api.build("ort")                      # embedded demo model -> ./artifacts/ort
+    result = api.build("ort", model="my-model")    # a Hugging Face model directory with vq_head.json beside it
+    report = api.verify("artifacts/ort", steps=32)
+    info   = api.inspect("artifacts/ort/model.onnx")
+    gen    = api.generate("artifacts/ort", "def main(", max_new_tokens=16)
 """
 
 from __future__ import annotations
 
 from .bench.head import SHAPES as HEAD_SHAPES
 from .build import BuildResult, build, check_readiness, verify_artifact as verify
-from .checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from .head.spec import Head, HeadConfig, make_head, read_head, write_head
+from .source import Source, load_source, resolve_source
 from .errors import ParityError, VQExportError
 from .generate import Generation, generate
 from .inspect import inspect_path as inspect
-from .profiles import Profile, bundled_names as target_names, load_profile
+from .profiles import Profile, aliases as target_aliases, bundled_names as target_names, load_profile
 from .verify import ParityReport
 
 
@@ -39,13 +41,31 @@ def doctor() -> dict:
     return run()
 
 
-def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, steps: int = 300, seed: int = 0,
-            clustering: str = "auto", rank: int = 0, finetune_trunk: bool = False, progress=None):
-    """Dense-head checkpoint -> VQ-Logits checkpoint, optionally with a rank-r correction (see vqexport.convert)."""
-    from .convert import convert as run
+def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, steps: int | None = None, seed: int = 0,
+            clustering: str = "auto", rank: int = 0, head: str = "vq", probes: int | None = None, progress=None):
+    """A Hugging Face model directory -> the same model with a VQ-Logits head beside it (see vqexport.convert);
+    ``head = "two-stage"``: the codebook routes, the model's own rows rescore the best ``probes`` clusters."""
+    from .convert.convert import convert as run
 
     return run(src, codebook_size, out, bias=bias, distill_text=distill_text, steps=steps, seed=seed,
-               clustering=clustering, rank=rank, finetune_trunk=finetune_trunk, progress=progress or (lambda *a: None))
+               clustering=clustering, rank=rank, head=head, probes=probes, progress=progress or (lambda *a: None))
+
+
+def fidelity(model, text, probes: int | None = None, max_tokens: int | None = None, progress=None) -> dict:
+    """The head against the dense output layer it replaces, on ``text`` (see vqexport.convert.fidelity)."""
+    from .convert.fidelity import fidelity as run
+
+    return run(model, text, probes=probes, max_tokens=max_tokens, progress=progress)
+
+
+def bench_e2e(model=None, shape: str | None = None, target: str = "ort-int4", prompt_len: int = 64, tokens: int = 64,
+              repeats: int = 3, work=None, progress=None) -> dict:
+    """The artifact against onnxruntime-genai's own dense model of the same trunk, through onnxruntime-genai
+    (see vqexport.bench.e2e)."""
+    from .bench.e2e import run_e2e_bench
+
+    return run_e2e_bench(model=model, shape=shape, target=target, prompt_len=prompt_len, tokens=tokens, repeats=repeats,
+                         work=work, progress=progress)
 
 
 def bench_artifact(artifact, vs_dense: bool = False, prompt_len: int = 128, tokens: int = 64, repeats: int = 3,
@@ -58,6 +78,7 @@ def bench_artifact(artifact, vs_dense: bool = False, prompt_len: int = 128, toke
 
 
 __all__ = [
-    "BuildResult", "Checkpoint", "Generation", "ParityError", "ParityReport", "Profile", "VQExportError",
-    "bench_artifact", "bench_head", "build", "check_readiness", "convert", "doctor", "generate", "inspect", "load_checkpoint", "load_profile", "resolve_checkpoint", "target_names", "verify",
+    "BuildResult", "Generation", "Head", "HeadConfig", "ParityError", "ParityReport", "Profile", "Source", "VQExportError",
+    "bench_artifact", "bench_e2e", "bench_head", "build", "check_readiness", "convert", "doctor", "fidelity", "generate", "inspect", "load_profile",
+    "load_source", "make_head", "read_head", "resolve_source", "target_aliases", "target_names", "verify", "write_head",
 ]

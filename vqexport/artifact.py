@@ -27,6 +27,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def source_hashes(files) -> dict[str, str]:
+    """name -> sha256 of a model's files."""
+    return {Path(p).name: sha256_file(Path(p)) for p in files}
+
+
 def read_manifest(artifact: Path) -> dict:
     artifact = Path(artifact)
     if not artifact.is_dir():
@@ -44,6 +49,49 @@ def read_manifest(artifact: Path) -> dict:
     if missing:
         raise VQExportError(f"{path}: manifest lacks {', '.join(missing)}; rebuild the artifact")
     return manifest
+
+
+def check_files(artifact: Path, manifest: dict, hashes: bool = False) -> None:
+    """Every file the manifest lists is there with its size (and, with ``hashes``, its sha256): one line if not."""
+    for name, info in manifest["files"].items():
+        f = Path(artifact) / name
+        if not f.is_file():
+            raise VQExportError(f"{f}: missing from the artifact (manifest.json lists it); rebuild the artifact")
+        if f.stat().st_size != info["bytes"] or (hashes and sha256_file(f) != info["sha256"]):
+            raise VQExportError(f"{f}: modified since the build (size or sha256 differs from manifest.json); rebuild the artifact")
+
+
+@contextlib.contextmanager
+def build_lock(out: Path):
+    """Serialise builds into one output directory: a second build waits here, then sees the first one's artifact.
+    The lock file (``.<name>.lock`` beside the directory) is removed when the build ends; a waiter that finds it
+    replaced by a newer one starts over, so two builds never both hold the lock."""
+    import fcntl
+
+    out = Path(out).resolve()
+    path = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(path, "a+")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()  # the file we waited on was removed by the build before us: lock the current one
+    except OSError as e:
+        raise VQExportError(f"{out.parent}: cannot create output directory ({e.strerror})") from None
+    try:
+        yield
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def check_output_dir(out: Path, fingerprint: str, force: bool) -> None:

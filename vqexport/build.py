@@ -1,4 +1,11 @@
-"""``build``: checkpoint -> export -> target backend -> parity check -> artifact directory (atomically)."""
+"""``build``: model directory -> trunk graph + head graph -> target backend -> parity check -> artifact (atomically).
+
+    source     the Hugging Face model directory and its head (vqexport.source)
+    trunk      torch.onnx of transformers' decoder (vqexport.trunk.portable), fp16 for fp16 targets
+    head       the profile's head form built from the head's tensors (vqexport.head.graph), joined to the trunk
+    backend    ONNX Runtime or TensorRT lay out and build the artifact (vqexport.backends)
+    parity     the artifact against transformers' model + the head's torch module (vqexport.verify)
+"""
 
 from __future__ import annotations
 
@@ -9,11 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .artifact import check_output_dir, sha256_file, staged_dir, write_manifest
-from .checkpoint import DEMO_NAME, Checkpoint, demo_dir, resolve_checkpoint
-from .errors import ParityError
+from .artifact import build_lock, check_files, check_output_dir, read_manifest, source_hashes, staged_dir, write_manifest
+from .errors import ParityError, VQExportError
 from .profiles import Profile, load_profile
+from .source import DEMO_NAME, Source, is_demo, resolve_source
 from .verify import ParityReport
+
+DEFAULT_OUT = "artifacts"  # ./artifacts/<target>/ (not ./build/, where setuptools builds)
+_TRUNKS: dict = {}  # exported trunks of small models, reused within one process (tests, several targets)
+_MEMO_MAX_BYTES = 256 << 20  # per trunk
+_MEMO_ENTRIES = 8
 
 
 @dataclass
@@ -27,10 +39,9 @@ def _noop(stage: str) -> None:
     pass
 
 
-def source_record(ckpt: Checkpoint) -> dict:
-    files = {p.name: sha256_file(p) for p in sorted(ckpt.path.iterdir()) if p.is_file() and p.suffix in (".json", ".safetensors")}
-    is_demo = ckpt.path.resolve() == demo_dir().resolve()
-    return {"model": DEMO_NAME if is_demo else str(ckpt.path.resolve()), "sha256": files}
+def source_record(source: Source) -> dict:
+    files = source_hashes(source.files())
+    return {"model": DEMO_NAME if is_demo(source.path) else str(source.path.resolve()), "sha256": files}
 
 
 def fingerprint(source: dict, profile: Profile) -> str:
@@ -42,9 +53,10 @@ def versions(runtime: dict | None = None) -> dict:
     import onnx
     import onnxruntime
     import torch
+    import transformers
 
     out = {"vqexport": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+           "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
     if runtime and runtime.get("backend") == "trt":
         out["tensorrt"] = runtime["engine"]["tensorrt"]
     return out
@@ -56,8 +68,6 @@ def resolve_profile(target: str | Profile, head: str | None = None) -> Profile:
     if head is not None and head != profile.head:
         import dataclasses
 
-        from .errors import VQExportError
-
         if head not in ("standard", "fused"):
             raise VQExportError(f"--head must be 'standard' or 'fused', got {head!r}")
         profile = dataclasses.replace(profile, head=head, name=f"{profile.name}-{head}",
@@ -67,59 +77,65 @@ def resolve_profile(target: str | Profile, head: str | None = None) -> Profile:
 
 def build(target: str | Profile = "ort", model=None, out=None, force: bool = False, steps: int | None = None,
           head: str | None = None, progress=_noop) -> BuildResult:
-    """Build a verified artifact for ``target`` from ``model`` (a checkpoint dir; None = embedded demo).
+    """Build a verified artifact for ``target`` from ``model`` (a model directory; None = the embedded demo).
 
-    Raises VQExportError for bad input (nothing written) and ParityError if the artifact does not match
-    PyTorch within the profile's tolerances (nothing written either).
+    Raises VQExportError for bad input (nothing written) and ParityError if the artifact does not match the
+    PyTorch reference within the profile's tolerances (nothing written either).
     """
-    from .sizes import onnx_sizes
-
     profile = resolve_profile(target, head)
     check_machine(profile)
-    progress("loading checkpoint")
-    ckpt = resolve_checkpoint(model)
-    out = (Path(out) if out is not None else Path("build") / profile.name).resolve()
-    check_profile_fits(profile, ckpt)
-    source = source_record(ckpt)
-    fp = fingerprint(source, profile)
+    progress("reading the model")
+    source = resolve_source(model)
+    out = (Path(out) if out is not None else Path(DEFAULT_OUT) / profile.name).resolve()
+    check_profile_fits(profile, source)
+    source = for_target(source, profile)
+    record = source_record(source)
+    fp = fingerprint(record, profile)
     check_output_dir(out, fp, force)
-    previous_cache = _previous_timing_cache(out) if profile.backend == "trt" else None
+    with build_lock(out):  # another build into the same directory finishes first; then this one decides again
+        check_output_dir(out, fp, force)
+        return _build(profile, source, record, fp, out, steps, progress)
 
+
+def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, steps, progress) -> BuildResult:
+    previous_cache = _previous_timing_cache(out) if profile.backend == "trt" else None
     with staged_dir(out) as tmp:
-        reference, proto = export_for(profile, ckpt, progress)
+        reference = reference_runner(source, progress)
+        trunk = write_graph(tmp, profile, source, reference, progress)
         readiness = None
         progress(f"building for {profile.name}")
         if profile.backend == "trt":
             from .backends.trt.builder import build_trt
             from .backends.trt.prepare import prepare_for_trt
             from .backends.trt.readiness import check, enforce
+            from .graph_io import load_graph
 
             progress("checking TensorRT readiness")
-            graph = prepare_for_trt(proto)  # what TensorRT's parser sees: checked here, built below
-            readiness = check(graph, profile, ckpt.config)
+            graph = prepare_for_trt(load_graph(tmp / "model.onnx"))  # what TensorRT's parser sees: checked, then built
+            readiness = check(graph, profile, source.geometry)
             enforce(readiness)
-            runtime = build_trt(proto, profile, ckpt, tmp, timing_cache=previous_cache, graph=graph)
+            runtime = build_trt(tmp, profile, source, timing_cache=previous_cache, graph=graph)
         else:
             from .backends.ort.builder import build_ort
 
-            runtime = build_ort(proto, profile, ckpt, tmp)
+            runtime = build_ort(tmp, profile, source, trunk)
         progress("verifying parity against PyTorch")
-        report = verify_dir(tmp, runtime, profile, ckpt, reference, steps=steps, progress=progress)
+        report = verify_dir(tmp, runtime, profile, source, reference, steps=steps, progress=progress)
         if profile.triton.enabled:
             from .serving.triton import layout
 
             progress("laying out the Triton model repository")
-            runtime = layout(tmp, runtime, proto, profile)
+            runtime = layout(tmp, runtime, profile)
         manifest = {
             "fingerprint": fp,
             "target": profile.name,
             "profile": profile.to_dict(),
-            "source": source,
-            "config": ckpt.config.to_dict(),
+            "source": record,
+            "config": {**source.geometry.to_dict(), "head": source.head.config.to_dict()},
             "opset": profile.opset,
             "versions": versions(runtime),
             "runtime": runtime,
-            "sizes": onnx_sizes(proto),
+            "sizes": _sizes(tmp, runtime),
             "parity": report.to_dict(),
         }
         if readiness is not None:
@@ -129,6 +145,85 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
         progress("writing manifest")
         manifest = write_manifest(tmp, manifest)
     return BuildResult(out=out, manifest=manifest, parity=report)
+
+
+def _sizes(directory: Path, runtime: dict) -> dict:
+    from .graph_io import load_graph
+    from .sizes import onnx_sizes
+
+    return onnx_sizes(load_graph(directory / runtime.get("onnx_file", runtime["model_file"])))
+
+
+def reference_runner(source: Source, progress=_noop):
+    """transformers' model of ``source`` + its head's torch module, as the Runner parity compares against."""
+    from .backends.torch_ref import TorchRunner
+
+    progress(f"loading the {source.model_type} model with transformers")
+    return TorchRunner.from_source(source)
+
+
+def export_trunk(profile: Profile, source: Source, reference, progress=_noop):
+    """The trunk graph (onnx_ir) of ``source``: exported once per process for small models, then copied."""
+    from .trunk.portable import export_trunk as export, memo_key
+
+    key = memo_key(source, profile.opset)
+    if key in _TRUNKS:
+        return _TRUNKS[key].clone()
+    progress(f"exporting the {source.model_type} trunk with torch.onnx")
+    model = export(reference.trunk, source, opset=profile.opset)
+    if sum(p.numel() * p.element_size() for p in reference.trunk.parameters()) <= _MEMO_MAX_BYTES:
+        while len(_TRUNKS) >= _MEMO_ENTRIES:
+            _TRUNKS.pop(next(iter(_TRUNKS)))
+        _TRUNKS[key] = model.clone()
+    return model
+
+
+def write_graph(directory: Path, profile: Profile, source: Source, reference, progress=_noop) -> dict:
+    """Make the trunk (portable export or onnxruntime-genai's builder), attach the profile's head, write
+    model.onnx + model.onnx.data into ``directory``. Returns what the backend needs to know about the trunk."""
+    import tempfile
+
+    import onnx_ir as ir
+
+    from .join import check, join, save
+
+    form = profile.head_form()
+    scales = None
+    if form.codebook == "int8" and form.int8_encoding == "qdq" and form.activations:
+        from .calibrate import activation_scales
+
+        progress("calibrating the head's int8 activations")
+        scales = activation_scales(reference, source)
+    with tempfile.TemporaryDirectory(prefix="vqexport-trunk-") as work:
+        if profile.trunk.source == "genai":
+            from .trunk.genai import build_trunk, genai_config
+
+            progress(f"building the {profile.precision} trunk with onnxruntime-genai's model builder")
+            trunk_dir = build_trunk(source, profile.precision, profile.trunk.execution_provider, profile.trunk.extra_options,
+                                    Path(work))
+            trunk = ir.load(str(trunk_dir / "model.onnx"))
+            info = {"trunk": "genai", "past_present_share_buffer": True,
+                    "genai_config": genai_config(trunk_dir, logits="logits" in form.outputs(source.head))}
+        else:
+            trunk = export_trunk(profile, source, reference, progress)
+            if profile.precision == "fp16":
+                from .trunk.fp16 import fp16_trunk
+
+                progress("casting the trunk to fp16 (head stays fp32)")
+                trunk = fp16_trunk(trunk)
+            info = {"trunk": "portable", "past_present_share_buffer": False}
+        progress(f"building the head ({source.head.config.type}, {profile.head}, {profile.codebook}, {profile.decode.mode})")
+        rows = rows_bias = None
+        if source.head.two_stage:  # exact rows: the model's output layer (shared with the embedding when tied)
+            rows = reference.head.rows.numpy()
+            rows_bias = reference.head.rows_bias.numpy() if reference.head.rows_bias is not None else None
+        model = join(trunk, source.head, form, scales, metadata={"vqexport.target": profile.name}, rows=rows,
+                     rows_bias=rows_bias, tied=source.geometry.tie_word_embeddings)
+        progress("writing model.onnx with external data")
+        info["files"] = save(model, directory)
+    if info["trunk"] == "portable":  # the builder's graph uses onnxruntime's own ops, which onnx's checker does not know
+        check(directory)
+    return info
 
 
 def check_machine(profile: Profile) -> None:
@@ -149,9 +244,6 @@ def check_machine(profile: Profile) -> None:
 
 def _previous_timing_cache(out: Path) -> bytes | None:
     """The timing cache of the TensorRT artifact being replaced, so a rebuild reuses its measurements."""
-    from .artifact import read_manifest
-    from .errors import VQExportError
-
     try:
         name = read_manifest(out)["runtime"].get("timing_cache")
     except VQExportError:
@@ -160,41 +252,47 @@ def _previous_timing_cache(out: Path) -> bytes | None:
     return path.read_bytes() if path is not None and path.is_file() else None
 
 
-def export_for(profile: Profile, ckpt: Checkpoint, progress=_noop):
-    """The PyTorch reference model and its ONNX export with the profile's passes applied."""
-    from .export import export_onnx
-    from .model import from_tensors
-
-    progress("exporting to ONNX")
-    reference = from_tensors(ckpt.config, ckpt.tensors)
-    return reference, apply_passes(export_onnx(reference, opset=profile.opset), profile, ckpt, progress)
-
-
 def check_readiness(target: str | Profile, model=None, head: str | None = None, progress=_noop):
-    """``build --check-only``: export and apply the profile's passes, then the TensorRT readiness check, on CPU.
+    """``build --check-only``: export, attach the profile's head, then the TensorRT readiness check, on CPU.
 
     Returns the Readiness report (``passed``, ``reasons``); writes nothing and needs neither TensorRT nor a GPU.
     """
+    import tempfile
+
     from .backends.trt.prepare import prepare_for_trt
     from .backends.trt.readiness import check
-    from .errors import VQExportError
+    from .graph_io import load_graph
 
     profile = resolve_profile(target, head)
     if profile.backend != "trt":
         raise VQExportError(f"--check-only checks TensorRT readiness; target {profile.name} has backend {profile.backend!r}")
-    ckpt = resolve_checkpoint(model)
-    check_profile_fits(profile, ckpt)
-    _, proto = export_for(profile, ckpt, progress)
-    progress("checking TensorRT readiness")
-    return check(prepare_for_trt(proto), profile, ckpt.config)
+    source = resolve_source(model)
+    check_profile_fits(profile, source)
+    source = for_target(source, profile)
+    reference = reference_runner(source, progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_graph(Path(tmp), profile, source, reference, progress)
+        progress("checking TensorRT readiness")
+        return check(prepare_for_trt(load_graph(Path(tmp) / "model.onnx")), profile, source.geometry)
 
 
-def check_profile_fits(profile: Profile, ckpt: Checkpoint) -> None:
-    """Reject a profile the checkpoint cannot satisfy before any work starts."""
-    from .errors import VQExportError
+def for_target(source: Source, profile: Profile) -> Source:
+    """The model as the target builds it: a two-stage head with the profile's probes when the profile sets them."""
+    import dataclasses
 
-    if profile.codebook == "int8" and ckpt.config.head.type != "vq":
-        raise VQExportError(f"target {profile.name} quantizes the codebook, but {ckpt.path} has a dense head")
+    head = source.head
+    if head is None or not head.two_stage or not profile.two_stage.probes or profile.two_stage.probes == head.config.probes:
+        return source
+    if profile.two_stage.probes > head.config.codebook_size:
+        raise VQExportError(f"target {profile.name}: two_stage.probes = {profile.two_stage.probes} exceeds the head's "
+                            f"codebook_size {head.config.codebook_size}")
+    config = dataclasses.replace(head.config, probes=profile.two_stage.probes)
+    return dataclasses.replace(source, head=dataclasses.replace(head, config=config))
+
+
+def check_profile_fits(profile: Profile, source: Source) -> None:
+    """Reject a profile the model cannot satisfy before any work starts."""
+    head = source.head.config
     if profile.codebook == "int8" and profile.int8.encoding == "native":
         if profile.head == "fused":
             raise VQExportError(f"target {profile.name}: the native int8 encoding (MatMulNBits) cannot feed a fused VQLogits head; use encoding = 'qdq'")
@@ -203,96 +301,55 @@ def check_profile_fits(profile: Profile, ckpt: Checkpoint) -> None:
     if profile.backend == "trt":
         from .backends.trt.checks import check_trt_profile
 
-        check_trt_profile(profile, ckpt)
+        check_trt_profile(profile, source)
     if profile.head == "fused":
-        if ckpt.config.head.type != "vq":
-            raise VQExportError(f"target {profile.name} fuses a VQ-Logits head, but {ckpt.path} has a dense head")
         if profile.decode.mode == "topk":
             raise VQExportError(f"target {profile.name}: head = 'fused' outputs logits; it cannot be combined with decode.mode = 'topk'")
         if profile.backend == "ort" and profile.ort.kernel == "extensions":
-            if ckpt.config.head.rank:
+            if head.rank:
                 raise VQExportError(f"target {profile.name}: the onnxruntime-extensions VQLogits kernel takes the 4-input form only, and "
-                                    f"{ckpt.path} has a rank-{ckpt.config.head.rank} correction; use a target with [ort] kernel = \"function\"")
+                                    f"{source.path} has a rank-{head.rank} correction; use a target with [ort] kernel = \"function\"")
             from .ops.vqlogits import register_ort_kernel
 
             register_ort_kernel()  # fails clearly if the runtime has no way to provide the kernel
-    if profile.decode.mode == "topk":
-        if ckpt.config.head.type != "vq":
-            raise VQExportError(f"target {profile.name} decodes top-k from the codebook, but {ckpt.path} has a dense head")
-        if profile.decode.k > ckpt.config.vocab_size:
-            raise VQExportError(f"target {profile.name}: decode.k = {profile.decode.k} exceeds the vocabulary size {ckpt.config.vocab_size}")
+    if head.type == "two-stage":
+        if profile.head == "fused":
+            raise VQExportError(f"target {profile.name}: the fused VQLogits op has no second stage; {source.path} has a "
+                                "two-stage head (use head = 'standard')")
+        if profile.two_stage.probes > head.codebook_size:
+            raise VQExportError(f"target {profile.name}: two_stage.probes = {profile.two_stage.probes} exceeds the head's "
+                                f"codebook_size {head.codebook_size}")
+        if profile.backend == "trt" and profile.two_stage.rows == "int8":
+            raise VQExportError(f"target {profile.name}: two_stage.rows = 'int8' uses MatMulInteger, which TensorRT does not run")
+    if profile.decode.mode == "topk" and profile.decode.k > head.vocab_size:
+        raise VQExportError(f"target {profile.name}: decode.k = {profile.decode.k} exceeds the vocabulary size {head.vocab_size}")
 
 
-def apply_passes(proto, profile: Profile, ckpt: Checkpoint, progress=_noop):
-    """The profile's graph passes, in order (each a pure ModelProto -> ModelProto)."""
-    if profile.head == "fused":
-        from .passes.fuse_head import fuse_head
-
-        progress("fusing the head into one VQLogits node")
-        proto = fuse_head(proto, select=profile.select)
-    elif profile.select == "gather_elements" and ckpt.config.head.type == "vq":
-        from .passes.select_form import use_gather_elements
-
-        proto = use_gather_elements(proto)
-    if profile.codebook == "int8" and profile.int8.encoding == "native":
-        from .passes.int8_codebook import native_codebook
-
-        progress("quantizing the codebook to int8 (MatMulNBits)")
-        proto = native_codebook(proto, accuracy_level=profile.int8.accuracy_level)
-    elif profile.codebook == "int8":
-        from .passes.int8_codebook import quantize_codebook
-
-        progress("quantizing the codebook to int8")
-        scales = {}
-        if profile.int8.activations:
-            from .passes.calibrate import head_amax
-
-            scales = {k: max(v, 1e-8) / 127.0 for k, v in head_amax(proto, ckpt).items()}
-        proto = quantize_codebook(proto, activation_scale=scales.get("hidden"), lowrank_activation_scale=scales.get("lowrank"))
-    if profile.decode.last_position_only:
-        from .passes.last_position import last_position_only
-
-        proto = last_position_only(proto)
-    if profile.decode.mode == "topk":
-        from .passes.topk_decode import add_topk_outputs
-
-        progress(f"adding exact top-{profile.decode.k} outputs")
-        proto = add_topk_outputs(proto, profile.decode.k, keep_logits=profile.decode.keep_logits)
-    if profile.precision == "fp16":
-        from .passes.fp16_trunk import fp16_trunk
-
-        progress("casting the trunk to fp16 (head stays fp32)")
-        proto = fp16_trunk(proto)
-    return proto
-
-
-def verify_dir(artifact: Path, runtime: dict, profile: Profile, ckpt: Checkpoint, reference=None, steps=None,
+def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, reference=None, steps=None,
                progress=_noop) -> ParityReport:
     """Compare the artifact in ``artifact`` (its runtime section) with the PyTorch reference."""
     from .backends.runners import runner_from_runtime
-    from .backends.torch_ref import TorchRunner
-    from .model import from_tensors
     from .verify import compare_runners, prompt_ids
 
-    reference = reference if reference is not None else from_tensors(ckpt.config, ckpt.tensors)
+    reference = reference if reference is not None else reference_runner(source, progress)
     n = profile.parity.steps if steps is None else steps
-    prompts = prompt_ids(ckpt.tokenizer_path, ckpt.config.vocab_size)
-    pad = ckpt.config.pad_token_id or 0
+    geo = source.geometry
+    prompts = prompt_ids(source.tokenizer_path, geo.vocab_size)
+    pad = geo.pad_token_id if geo.pad_token_id is not None else (geo.eos_token_id or 0)
     if profile.backend == "trt":
         from .backends.trt.shapes import check_fits_run
 
         check_fits_run(profile.trt, len(prompts), max(len(p) for p in prompts), n, f"target {profile.name} parity check")
     target = runner_from_runtime(Path(artifact) / runtime["model_file"], runtime)
-    with TorchRunner(reference) as ref, target as tgt:
+    batched = not runtime.get("past_present_share_buffer", False)  # GroupQueryAttention takes no left-padded batch
+    with reference as ref, target as tgt:
         return compare_runners(ref, tgt, prompts, n, profile.parity, target_name=profile.name, pad_id=pad,
-                               mapping=ckpt.tensors.get("head.map"),
+                               mapping=source.head.map, batched=batched,
                                progress=lambda i, total: progress(f"verifying parity: step {i}/{total}"))
 
 
 def verify_artifact(artifact, steps: int | None = None, model=None, progress=_noop) -> ParityReport:
-    """Re-run parity for a built artifact against the checkpoint it was built from (or ``model``)."""
-    from .artifact import read_manifest
-    from .errors import VQExportError
+    """Re-run parity for a built artifact against the model it was built from (or ``model``)."""
     from .profiles import parse_profile
 
     artifact = Path(artifact)
@@ -300,19 +357,16 @@ def verify_artifact(artifact, steps: int | None = None, model=None, progress=_no
     profile = parse_profile(manifest["profile"], f"{artifact}/manifest.json")
     src = manifest["source"]
     if model is None and src["model"] != DEMO_NAME and not Path(src["model"]).exists():
-        raise VQExportError(f"{src['model']}: the checkpoint this artifact was built from is gone; pass --model DIR")
-    ckpt = resolve_checkpoint(model if model is not None else src["model"])
+        raise VQExportError(f"{src['model']}: the model this artifact was built from is gone; pass --model DIR")
+    source = resolve_source(model if model is not None else src["model"])
+    check_profile_fits(profile, source)
+    source = for_target(source, profile)
     built = manifest["config"]
-    for key in ("vocab_size", "n_layers", "n_kv_heads", "d_model", "n_heads"):
-        if getattr(ckpt.config, key) != built.get(key):
-            raise VQExportError(f"{ckpt.path}: {key} = {getattr(ckpt.config, key)} but the artifact was built with "
-                                f"{key} = {built.get(key)}; pass the checkpoint it was built from")
-    if model is None:
-        now = source_record(ckpt)["sha256"]
-        if now != src["sha256"]:
-            raise VQExportError(f"{ckpt.path}: checkpoint changed since the artifact was built; rebuild, or pass --model")
-    for name, info in manifest["files"].items():
-        f = artifact / name
-        if not f.is_file() or sha256_file(f) != info["sha256"]:
-            raise VQExportError(f"{f}: missing or modified since the build (sha256 mismatch with manifest.json)")
-    return verify_dir(artifact, manifest["runtime"], profile, ckpt, steps=steps, progress=progress)
+    for key in ("vocab_size", "n_layers", "n_kv_heads", "hidden_size", "head_dim"):
+        if getattr(source.geometry, key) != built.get(key):
+            raise VQExportError(f"{source.path}: {key} = {getattr(source.geometry, key)} but the artifact was built with "
+                                f"{key} = {built.get(key)}; pass the model it was built from")
+    if model is None and source_record(source)["sha256"] != src["sha256"]:
+        raise VQExportError(f"{source.path}: the model changed since the artifact was built; rebuild, or pass --model")
+    check_files(artifact, manifest, hashes=True)
+    return verify_dir(artifact, manifest["runtime"], profile, source, steps=steps, progress=progress)

@@ -123,6 +123,30 @@ def _artifact_table(r) -> None:
     c.print(t)
 
 
+def _e2e_table(r) -> None:
+    from rich.table import Table
+
+    c = _console(stderr=False)
+    m = r["machine"]
+    c.print(f"{r['model']}, {r['target']} ({r['precision']} trunk) vs onnxruntime-genai's dense {r['precision']} model, both "
+            f"through onnxruntime-genai on {m['cpu']} ({m['cores']} cores); prompt {r['prompt_length']} tokens, "
+            f"{r['tokens']} decode tokens, medians of {r['repeats']} alternating runs; copy bandwidth {r['bandwidth_gbps']:.1f} GB/s")
+    t = Table(title="end to end (onnxruntime-genai)")
+    for col in ("metric", "vq-logits artifact", "builder dense", "ratio"):
+        t.add_column(col, justify="right" if col != "metric" else "left")
+    vq, d, ratio = r["vq"], r["dense"], r["ratios"]
+    rows = [("decode tokens/s", f"{vq['tokens_per_s']:.1f}", f"{d['tokens_per_s']:.1f}", f"{ratio['tokens_per_s']:.2f}x"),
+            ("time to first token (ms)", f"{vq['ttft_ms']:.0f}", f"{d['ttft_ms']:.0f}", f"{ratio['ttft']:.2f}x"),
+            ("peak RSS (MB)", f"{vq['peak_rss_mb']:.0f}", f"{d['peak_rss_mb']:.0f}", f"{ratio['peak_rss']:.2f}x"),
+            ("bytes on disk", f"{vq['model_bytes']:,}", f"{d['model_bytes']:,}", f"{ratio['model_bytes']:.2f}x"),
+            ("bytes read per token", f"{vq['bytes_per_token']:,}", f"{d['bytes_per_token']:,}", f"{ratio['bytes_per_token']:.2f}x"),
+            ("bandwidth bound (ms/token)", f"{vq['bound_ms']:.2f}", f"{d['bound_ms']:.2f}", ""),
+            ("decode time at the bound", f"{100 * vq['bound_fraction']:.0f}%", f"{100 * d['bound_fraction']:.0f}%", "")]
+    for row in rows:
+        t.add_row(*row)
+    c.print(t)
+
+
 def _parity_table(r) -> None:
     from rich.table import Table
 
@@ -153,8 +177,9 @@ def main():
 
 @main.command()
 @click.option("--target", "-t", default="ort", show_default=True, help="Target profile name (see 'vqexport targets') or a .toml file.")
-@click.option("--model", "-m", default=None, help="Checkpoint directory, or 'demo' for the embedded default model (the default).")
-@click.option("--out", "-o", default=None, type=click.Path(), help="Artifact directory [default: ./build/<profile name>].")
+@click.option("--model", "-m", default=None,
+              help="Hugging Face model directory with a VQ-Logits head (vq_head.json), or 'demo' for the embedded model (the default).")
+@click.option("--out", "-o", default=None, type=click.Path(), help="Artifact directory [default: ./artifacts/<profile name>].")
 @click.option("--force", is_flag=True, help="Replace an output directory that holds a different artifact or other files.")
 @click.option("--steps", type=click.IntRange(0, 4096), default=None, help="Greedy decode steps for the parity check [default: from the profile].")
 @click.option("--head", type=click.Choice(["standard", "fused"]), default=None,
@@ -198,6 +223,7 @@ def build(ctx, target, model, out, force, steps, head, check_only, as_json):
     c.print(f"built [bold]{m['target']}[/] artifact in {result.out}")
     for name, info in m["files"].items():
         c.print(f"  {name:28s} {info['bytes']:>12,d} bytes")
+    c.print(f"  {'manifest.json':28s} {(result.out / 'manifest.json').stat().st_size:>12,d} bytes")
     s = m["sizes"]
     c.print(f"head {s['head']['params']:,} params ({s['head']['bytes']:,} bytes) vs dense {s['dense_head']['params']:,}; "
             f"trunk {s['trunk']['params']:,} params")
@@ -208,7 +234,7 @@ def build(ctx, target, model, out, force, steps, head, check_only, as_json):
 @main.command()
 @click.option("--artifact", "-a", required=True, type=click.Path(), help="Artifact directory written by 'vqexport build'.")
 @click.option("--steps", type=click.IntRange(0, 4096), default=None, help="Greedy decode steps [default: from the artifact's profile].")
-@click.option("--model", "-m", default=None, help="Reference checkpoint [default: the one the artifact was built from].")
+@click.option("--model", "-m", default=None, help="Reference model directory [default: the one the artifact was built from].")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the parity report) on stdout.")
 @click.pass_context
 def verify(ctx, artifact, steps, model, as_json):
@@ -235,7 +261,7 @@ def verify(ctx, artifact, steps, model, as_json):
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def inspect(path, as_json):
-    """Show what a checkpoint dir, artifact dir or .onnx holds: I/O, ops, head vs trunk sizes."""
+    """Show what a model dir, artifact dir or .onnx holds: I/O, ops, head vs trunk sizes."""
     from . import api
 
     info = api.inspect(path)
@@ -243,21 +269,25 @@ def inspect(path, as_json):
         _print_json(info)
         return
     from rich.table import Table
+    from rich.text import Text
 
     c = _console(stderr=False)
     c.print(f"[bold]{info['kind']}[/] {info['path']}")
-    if info["kind"] == "checkpoint":
+    if info["kind"] == "model":
         cfg = info["config"]
-        c.print(f"V={cfg['vocab_size']} d={cfg['d_model']} layers={cfg['n_layers']} heads={cfg['n_heads']}/{cfg['n_kv_heads']} "
-                f"head={cfg['head']['type']} K={cfg['head']['codebook_size']} bias={cfg['head']['bias']} rank={cfg['head'].get('rank', 0)} "
-                f"tokenizer={info['tokenizer']}")
+        head = cfg["head"]
+        head_text = (f"VQ-Logits head K={head['codebook_size']} bias={head['bias']} rank={head['rank']}" if head
+                     else "no VQ-Logits head (a dense model: vqexport convert makes one)")
+        c.print(f"{cfg['model_type']}: V={cfg['vocab_size']} d={cfg['hidden_size']} layers={cfg['n_layers']} "
+                f"heads={cfg['n_heads']}/{cfg['n_kv_heads']} head_dim={cfg['head_dim']} tied={cfg['tie_word_embeddings']}; "
+                f"{head_text}; tokenizer={info['tokenizer']}", markup=False)
     else:
         t = Table(title="inputs / outputs")
         for col in ("", "name", "dtype", "shape"):
             t.add_column(col)
         for kind in ("inputs", "outputs"):
             for v in info[kind]:
-                t.add_row(kind[:-1], v["name"], v["dtype"], "[" + ", ".join(map(str, v["shape"])) + "]")
+                t.add_row(kind[:-1], v["name"], v["dtype"], Text("[" + ", ".join(map(str, v["shape"])) + "]"))
         c.print(t)
         c.print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
         c.print("opset: " + ", ".join(f"{k} {v}" for k, v in info["opset"].items()))
@@ -321,25 +351,47 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
               help="With --head: rank of the low-rank correction rows (logits, exact top-k by TopK and by cluster bounds); 0 = none.")
 @click.option("--artifact", "-a", type=click.Path(), default=None, help="Benchmark a built artifact end to end.")
 @click.option("--vs-dense", is_flag=True,
-              help="With --artifact: also measure its dense-head twin (W[v] = C[M[v]], same bias; an int8 codebook dequantized).")
-@click.option("--prompt-length", type=int, default=128, show_default=True, help="With --artifact: prompt tokens for time to first token.")
-@click.option("--tokens", type=int, default=64, show_default=True, help="With --artifact: decode tokens timed after warm-up.")
+              help="With --artifact: also measure its dense-head twin (the same trunk, one V x d MatMul with the same logits).")
+@click.option("--e2e", is_flag=True,
+              help="A genai-trunk artifact against onnxruntime-genai's own dense model of the same trunk and precision, "
+                   "both through onnxruntime-genai, alternating (needs --model or --shape).")
+@click.option("--model", "-m", "model", type=click.Path(), default=None,
+              help="With --e2e: a Hugging Face model directory (converted at K = V/32 if it has no head).")
+@click.option("--shape", type=click.Choice(["qwen2.5-0.5b", "llama-3.2-1b"]), default=None,
+              help="With --e2e: a random-weight model of this shape, made locally (no download).")
+@click.option("--target", "-t", default="ort-int4", show_default=True, help="With --e2e: the artifact's target (a genai trunk).")
+@click.option("--work", type=click.Path(), default=None,
+              help="With --e2e: keep the models and artifacts here (reused by the next run) instead of a temporary directory.")
+@click.option("--prompt-length", type=int, default=None,
+              help="Prompt tokens for time to first token [default: 128 with --artifact, 64 with --e2e].")
+@click.option("--tokens", type=int, default=64, show_default=True, help="Decode tokens timed.")
 @click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True,
-              help="With --artifact: fresh worker runs per model (alternating with the dense twin); medians reported.")
+              help="With --artifact / --e2e: fresh worker runs per model (the sides alternating); medians reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, prompt_length, tokens, repeats, as_json):
+def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, shape, target, work, prompt_length, tokens,
+          repeats, as_json):
     """Latency benchmarks; figures and ratios measured side by side in one run.
 
     --head: the output layer alone for standard head shapes. --artifact DIR: time to first token,
-    per-token decode latency (p50/p90/p99), tokens/s, peak RSS and bytes of a built artifact.
+    per-token decode latency (p50/p90/p99), tokens/s, peak RSS and bytes of a built artifact. --e2e: a genai-trunk
+    artifact against onnxruntime-genai's own dense model, through onnxruntime-genai.
     """
     from . import api
 
-    if head == (artifact is not None):
-        raise VQExportError("choose what to benchmark: --head or --artifact DIR")
+    if sum((head, artifact is not None, e2e)) != 1:
+        raise VQExportError("choose what to benchmark: --head, --artifact DIR or --e2e")
+    if e2e:
+        with _Bar(as_json) as bar:
+            result = api.bench_e2e(model=model, shape=shape, target=target, prompt_len=prompt_length or 64, tokens=tokens,
+                                   repeats=repeats, work=work, progress=bar)
+        if as_json:
+            _print_json(result)
+        else:
+            _e2e_table(result)
+        return
     if artifact is not None:
         with _Bar(as_json) as bar:
-            result = api.bench_artifact(artifact, vs_dense=vs_dense, prompt_len=prompt_length, tokens=tokens,
+            result = api.bench_artifact(artifact, vs_dense=vs_dense, prompt_len=prompt_length or 128, tokens=tokens,
                                         repeats=repeats, progress=bar)
         if as_json:
             _print_json(result)
@@ -379,6 +431,19 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, prompt_lengt
                       f"{r['topk_lowrank_bounds_ms']:.3f} ({r['topk_lowrank_bounds_speedup']:.0f}x)",
                       f"{r['topk_lowrank_bounds_tokens_scored']} of {r['V']}")
         c.print(t)
+    if result["rows"] and result["rows"][0].get("two_stage"):
+        t = Table(title="two-stage head: K = V/16 clusters of 16, int4 codebook routes, the best P clusters rescored exactly "
+                        "(median ms; x = speed-up over the dense int4 MatMulNBits head)")
+        for col in ("shape", "dense int4", "dense int8", "P", "rows fp32 (Gather)", "rows int8 (MatMulInteger)",
+                    "rows int4 (GatherBlockQuantized)"):
+            t.add_column(col, justify="right" if col != "shape" else "left")
+        for r in result["rows"]:
+            base = r["dense_int4_nbits_ms"]
+            for P in sorted({int(k.split("_")[2][1:]) for k in r["two_stage"]}):
+                cells = [f"{r['two_stage'][f'two_stage_P{P}_{f}']:.3f} ({base / r['two_stage'][f'two_stage_P{P}_{f}']:.1f}x)"
+                         for f in ("fp32", "int8", "int4")]
+                t.add_row(r["name"], f"{base:.3f}", f"{r['dense_int8_nbits_ms']:.3f}", str(P), *cells)
+        c.print(t)
     t = Table(title="every variant measured (bytes it must move; fraction of copy bandwidth; >1 means cache-resident)")
     for col in ("shape", "variant", "ms", "MB", "of bandwidth"):
         t.add_column(col, justify="right" if col not in ("shape", "variant") else "left")
@@ -389,30 +454,37 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, prompt_lengt
 
 
 @main.command()
-@click.option("--from", "src", required=True, type=click.Path(), help="Checkpoint directory with a dense head.")
+@click.option("--from", "src", required=True, type=click.Path(),
+              help="A Hugging Face causal-LM directory (config.json, safetensors, tokenizer), or 'demo'.")
 @click.option("--codebook-size", "-k", required=True, type=int, help="K, the number of codebook rows (1 <= K <= V).")
 @click.option("--no-bias", is_flag=True, help="No per-token bias in the VQ head.")
 @click.option("--distill-text", type=click.Path(), default=None,
               help="UTF-8 text: distill the head on its first 90%, report perplexity on the rest.")
-@click.option("--steps", type=int, default=300, show_default=True, help="Head-only distillation steps (with --distill-text).")
-@click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical", "balanced", "balanced-spherical"]), default="auto",
-              show_default=True, help="How the map is clustered: k-means (euclidean or spherical), optionally size-balanced; "
-              "auto tries all four and keeps the lowest held-out perplexity.")
+@click.option("--steps", type=int, default=None,
+              help="Head-only distillation steps (with --distill-text) [default: 300; 0 for --head two-stage].")
+@click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical", "balanced", "balanced-spherical", "equal-spherical"]),
+              default="auto", show_default=True,
+              help="How the map is clustered: k-means (euclidean or spherical), optionally size-balanced, or equal-size "
+              "spherical clusters; auto tries the first four and keeps the lowest held-out perplexity (two-stage: equal-spherical).")
+@click.option("--head", "head", type=click.Choice(["vq", "two-stage"]), default="vq", show_default=True,
+              help="vq: the plain VQ-Logits head; two-stage: the codebook routes and the model's own output-layer rows "
+              "give the best P clusters exact logits (training-free by default).")
+@click.option("--probes", type=int, default=None,
+              help="--head two-stage: clusters rescored per position [default: the fewest whose clusters hold the dense "
+              "argmax at 99.5% of held-out positions, measured on --distill-text; K/16 without text].")
 @click.option("--rank", "-r", type=int, default=0, show_default=True,
               help="Rank r of the per-token correction (h·Pᵀ)·Uᵀ, fitted to the residual W - C[M]; 0 = the plain head.")
-@click.option("--finetune-trunk", is_flag=True,
-              help="Distill end to end: the trunk trains too (map fixed), against a frozen copy of the dense model. Needs --distill-text.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the output is deterministic for a seed).")
-@click.option("--out", "-o", required=True, type=click.Path(), help="New checkpoint directory (must not exist).")
+@click.option("--out", "-o", required=True, type=click.Path(), help="New model directory (must not exist).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as one JSON object on stdout.")
-def convert(src, codebook_size, no_bias, distill_text, steps, clustering, rank, finetune_trunk, seed, out, as_json):
-    """Convert a dense-head checkpoint into a VQ-Logits checkpoint (map, codebook, bias, optional rank-r correction,
-    distillation)."""
+def convert(src, codebook_size, no_bias, distill_text, steps, clustering, head, probes, rank, seed, out, as_json):
+    """Give a Hugging Face model a VQ-Logits head: the model's files are copied unchanged and vq_head.json +
+    vq_head.safetensors (map, codebook, bias, optional rank-r correction, distilled) written beside them."""
     from . import api
 
     with _Bar(as_json) as bar:
         result = api.convert(src, codebook_size, out, bias=not no_bias, distill_text=distill_text, steps=steps,
-                             seed=seed, clustering=clustering, rank=rank, finetune_trunk=finetune_trunk, progress=bar)
+                             seed=seed, clustering=clustering, rank=rank, head=head, probes=probes, progress=bar)
     if as_json:
         _print_json(result.report)
         return
@@ -421,6 +493,33 @@ def convert(src, codebook_size, no_bias, distill_text, steps, clustering, rank, 
     if r:
         click.echo(f"held-out perplexity: dense {r['dense_ppl']:.2f}, VQ {r['vq_ppl']:.2f} ({100 * r['ppl_change']:+.1f}%), "
                    f"top-1 agreement {r['top1_agreement']:.3f}")
+    t = result.report.get("two_stage")
+    if t:
+        click.echo(f"two-stage at P = {t['probes']}: perplexity {t['vq_ppl']:.2f} ({100 * t['ppl_change']:+.2f}%), top-1 agreement "
+                   f"{t['top1_agreement']:.4f}, dense argmax inside the probed clusters {t['probe_recall']:.4f}")
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help="Model directory with a VQ-Logits head, or 'demo' (the default).")
+@click.option("--text", required=True, type=click.Path(), help="UTF-8 text to score (tokenized with the model's tokenizer).")
+@click.option("--probes", type=int, default=None, help="A two-stage head's probes for this measurement [default: its own].")
+@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of the text.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def fidelity(model, text, probes, max_tokens, as_json):
+    """How close the head is to the dense output layer it replaces, on a text: perplexity of both, top-1 agreement,
+    KL, and (two-stage) how often the dense argmax fell inside the probed clusters."""
+    from . import api
+
+    with _Progress(as_json) as progress:
+        r = api.fidelity(model, text, probes=probes, max_tokens=max_tokens, progress=progress)
+    if as_json:
+        _print_json(r)
+        return
+    line = (f"{r['tokens']:,} tokens: dense ppl {r['dense_ppl']:.3f}, {r['head']['type']} head ppl {r['vq_ppl']:.3f} "
+            f"({100 * r['ppl_change']:+.2f}%), top-1 agreement {r['top1_agreement']:.4f}, KL {r['kl_to_dense']:.5f} nats/token")
+    if "probe_recall" in r:
+        line += f", dense argmax inside the {r['probes']} probed clusters {r['probe_recall']:.4f}"
+    click.echo(line)
 
 
 def _readiness_text(r) -> None:
@@ -467,5 +566,7 @@ def targets(as_json):
     if as_json:
         _print_json({n: p.to_dict() for n, p in profiles.items()})
         return
+    aliases = api.target_aliases()
     for n, p in profiles.items():
-        click.echo(f"{n:12s} {p.description}")
+        note = f" (alias of {aliases[n]})" if n in aliases else ""
+        click.echo(f"{n:16s} {p.description}{note}")

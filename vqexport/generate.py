@@ -20,7 +20,7 @@ import numpy as np
 
 from .artifact import read_manifest
 from .backends.ort.runner import OrtRunner
-from .decoding import Sampler, check_temperature, cluster_tables, codebook_logits_from_cluster_logprobs, softmax_draw
+from .head.decoding import Sampler, check_temperature, cluster_tables, codebook_logits_from_cluster_logprobs, softmax_draw
 from .errors import VQExportError
 
 
@@ -56,12 +56,15 @@ class _Chooser:
                                     "over all V needs the logits (rebuild with decode.keep_logits = true), or pass --top-k N")
             self.decode = "logits"
         if sample and self.decode == "topk" and top_k is None:
-            from safetensors.numpy import load_file
+            from .head.spec import read_head
 
-            tables = load_file(str(artifact / "head.safetensors"))
-            K = cfg["head"]["codebook_size"]
-            self.sampler = Sampler(tables["map"], tables.get("bias"), K, temperature=self.temperature, seed=seed)
-            self.tables_t1 = cluster_tables(tables["map"], tables.get("bias"), K, width=1)
+            head = read_head(artifact)
+            if head is None:
+                raise VQExportError(f"{artifact}: the head's definition (vq_head.json + vq_head.safetensors) is missing; "
+                                    "exact sampling from cluster log-probabilities needs its map and bias")
+            K = head.config.codebook_size
+            self.sampler = Sampler(head.map, head.bias, K, temperature=self.temperature, seed=seed)
+            self.tables_t1 = cluster_tables(head.map, head.bias, K, width=1)
 
     def __call__(self, out) -> int:
         if self.decode == "topk":
@@ -94,17 +97,20 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
     manifest = read_manifest(artifact)
     if max_new_tokens < 1:
         raise VQExportError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if not sample and (temperature != 1.0 or top_k is not None):
-        raise VQExportError("--temperature and --top-k apply to sampling; add --sample")
+    if not sample and (temperature != 1.0 or top_k is not None or seed is not None):
+        raise VQExportError("--temperature, --top-k and --seed apply to sampling; add --sample")
     if sample and not math.isfinite(float(temperature)):
         raise VQExportError(f"temperature must be a finite number > 0, got {temperature!r}")
     if manifest["runtime"].get("backend", "ort") != "ort":
         raise VQExportError(f"{artifact}: generate runs ONNX Runtime artifacts; this one is a {manifest['runtime']['backend']} "
                             "engine (use verify or bench)")
+    from .artifact import check_files
+
+    check_files(artifact, manifest)
     choose = _Chooser(artifact, manifest, sample, temperature, top_k, seed)
     tok_path = artifact / "tokenizer.json"
     if not tok_path.is_file():
-        raise VQExportError(f"{artifact}: no tokenizer.json in the artifact (the checkpoint had none); generate needs text in and out")
+        raise VQExportError(f"{artifact}: no tokenizer.json in the artifact (the model had none); generate needs text in and out")
     tok = Tokenizer.from_file(str(tok_path))
     ids = tok.encode(prompt).ids
     if not ids:
@@ -113,7 +119,7 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
     limit = cfg.get("max_position", 2048)
     if len(ids) + max_new_tokens > limit:
         raise VQExportError(f"prompt ({len(ids)} tokens) + {max_new_tokens} new tokens exceeds the model's max_position {limit}")
-    eos = cfg.get("eos_token_id")
+    eos = set(cfg.get("eos_token_ids") or [])
     rt = manifest["runtime"]
     runner = OrtRunner.from_runtime(artifact / rt["model_file"], rt)
     new: list[int] = []
@@ -125,7 +131,7 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
         shown = ""
         for _ in range(max_new_tokens):
             nxt = choose(out)
-            if eos is not None and nxt == eos:
+            if nxt in eos:
                 stopped = True
                 break
             new.append(nxt)

@@ -1,12 +1,17 @@
-"""``inspect``: what is inside a checkpoint directory, an artifact directory or an .onnx file. No torch."""
+"""``inspect``: what is inside a model directory, an artifact directory or an .onnx file. No torch; external
+weights are never loaded (sizes come from tensor headers and dims)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .errors import VQExportError
-from .graph import dims_of, op_histogram
-from .sizes import checkpoint_sizes, onnx_sizes
+from .graph_io import dims_of, load_graph, op_histogram
+from .sizes import onnx_sizes, summary
+
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def inspect_path(path) -> dict:
@@ -18,43 +23,57 @@ def inspect_path(path) -> dict:
             from .artifact import read_manifest
 
             manifest = read_manifest(path)
-            info = inspect_onnx(path / manifest["runtime"].get("onnx_file", manifest["runtime"]["model_file"]))
-            info.update(kind="artifact", path=str(path), target=manifest["target"], parity=manifest.get("parity"))
+            rt = manifest["runtime"]
+            graph = path / rt.get("onnx_file", rt["model_file"])
+            if not graph.is_file():
+                raise VQExportError(f"{graph}: missing from the artifact; rebuild it")
+            info = inspect_onnx(graph)
+            info.update(kind="artifact", path=str(path), target=manifest["target"], parity=manifest.get("parity"),
+                        config=manifest["config"])
             return info
         if (path / "config.json").is_file():
-            return inspect_checkpoint(path)
-        raise VQExportError(f"{path}: neither a checkpoint (config.json) nor an artifact (manifest.json)")
+            return inspect_model(path)
+        raise VQExportError(f"{path}: neither a model directory (config.json) nor an artifact (manifest.json)")
     if path.suffix == ".onnx":
         return inspect_onnx(path)
-    raise VQExportError(f"{path}: expected a checkpoint directory, an artifact directory or an .onnx file")
+    raise VQExportError(f"{path}: expected a model directory, an artifact directory or an .onnx file")
 
 
-def inspect_checkpoint(path: Path) -> dict:
-    from .checkpoint import load_checkpoint
+def inspect_model(path: Path) -> dict:
+    from .safetensors_io import read_header
+    from .source import load_source
 
-    ckpt = load_checkpoint(path)
+    source = load_source(path, need_head=False)
+    trunk = {}
+    for f in source.weight_files:
+        for name, info in read_header(f).items():
+            n = int(np.prod(info["shape"])) if info["shape"] else 1
+            trunk[name] = (n, n * _BYTES.get(info["dtype"], 4))
+    head = {f"head.{k}": (int(v.size), int(v.nbytes)) for k, v in (source.head.tensors.items() if source.head else ())}
+    geo = source.geometry
     return {
-        "kind": "checkpoint",
+        "kind": "model",
         "path": str(path),
-        "config": ckpt.config.to_dict(),
-        "tokenizer": ckpt.tokenizer_path is not None,
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(ckpt.tensors.items())},
-        "sizes": checkpoint_sizes(ckpt),
+        "config": {**geo.to_dict(), "head": source.head.config.to_dict() if source.head else None},
+        "tokenizer": source.tokenizer_path is not None,
+        "head_tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted((source.head.tensors if source.head else {}).items())},
+        "sizes": summary(head, trunk, geo.vocab_size, geo.hidden_size, bool(source.head and source.head.config.bias)),
     }
 
 
 def inspect_onnx(path: Path) -> dict:
     import onnx
 
-    try:
-        proto = onnx.load(str(path))
-    except Exception as e:  # onnx raises DecodeError / OSError variants
-        raise VQExportError(f"{path}: cannot read ONNX model ({str(e).splitlines()[0][:200]})") from None
+    proto = load_graph(path)
 
     def io(vis):
         return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
                  "shape": dims_of(v)} for v in vis]
 
+    try:
+        sizes = onnx_sizes(proto)
+    except ValueError:
+        raise VQExportError(f"{path}: not a vqexport graph (no head metadata)") from None
     return {
         "kind": "onnx",
         "path": str(path),
@@ -63,5 +82,5 @@ def inspect_onnx(path: Path) -> dict:
         "outputs": io(proto.graph.output),
         "ops": op_histogram(proto),
         "nodes": len(proto.graph.node),
-        "sizes": onnx_sizes(proto),
+        "sizes": sizes,
     }

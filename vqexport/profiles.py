@@ -18,8 +18,12 @@ from .target_options import TritonOptions, TrtOptions, parse_trt, parse_triton
 from .target_options import _table as read_table
 
 BACKENDS = ("ort", "trt")
-PRECISIONS = {"ort": ("fp32", "fp16"), "trt": ("fp32", "fp16")}  # fp16: trunk in fp16, head in fp32 (passes/fp16_trunk.py)
-CODEBOOKS = ("fp32", "int8")
+# The trunk's precision: the portable trunk is fp32 or fp16 (trunk/fp16.py; the head stays fp32); the genai
+# trunk takes what onnxruntime-genai's builder makes (vqexport.trunk.genai.PRECISIONS).
+PRECISIONS = {"ort": ("fp32", "fp16"), "trt": ("fp32", "fp16")}
+TRUNK_SOURCES = ("portable", "genai")
+ROW_FORMS = ("shared", "fp32", "int8")  # a two-stage head's exact rows
+CODEBOOKS = ("fp32", "int8", "int4")  # int4: MatMulNBits (bits = 4), the native encoding only
 INT8_ENCODINGS = ("qdq", "native")
 DECODE_MODES = ("logits", "topk")
 SELECT_FORMS = ("gather", "gather_elements")
@@ -42,7 +46,7 @@ class Parity:
 @dataclass(frozen=True)
 class OrtOptions:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    saved_optimization_level: str = "basic"
+    saved_optimization_level: str = "none"  # "basic": also write model.optimized.onnx (a second copy of the weights)
     session_optimization_level: str = "all"
     intra_op_num_threads: int = 0
     session_config: dict = field(default_factory=dict)
@@ -50,10 +54,30 @@ class OrtOptions:
 
 
 @dataclass(frozen=True)
+class TrunkOptions:
+    source: str = "portable"  # "portable": torch.onnx of transformers' decoder | "genai": onnxruntime-genai's builder
+    execution_provider: str = "cpu"  # genai: the builder's -e (cpu | cuda | dml | webgpu | NvTensorRtRtx)
+    extra_options: dict = field(default_factory=dict)  # genai: more of the builder's --extra_options (key = value)
+
+
+@dataclass(frozen=True)
+class TwoStageOptions:
+    probes: int = 0  # clusters rescored exactly; 0 = the head's own probes (vq_head.json)
+    rows: str = "shared"  # "shared": the trunk's embedding table (tied models) | "fp32" | "int8": a copy of the rows
+
+
+@dataclass(frozen=True)
 class Int8Options:
     encoding: str = "qdq"  # "qdq": DequantizeLinear -> MatMul (portable) | "native": ORT's MatMulNBits (bits=8)
     accuracy_level: int = 4  # native only: MatMulNBits accuracy level (4 = int8 activations)
     activations: bool = False  # Q/DQ on the hidden state too (static scale from calibration)
+    # 7-bit weight codes: x86 int8 GEMMs without VNNI sum u8 x s8 pairs in int16, which saturates with 8-bit
+    # weights. None = decide by backend: on for ONNX Runtime with int8 activations, off elsewhere.
+    reduce_range: bool | None = None
+
+    def weight_bits(self, backend: str) -> int:
+        reduce = self.reduce_range if self.reduce_range is not None else (backend == "ort" and self.activations)
+        return 7 if reduce and self.encoding == "qdq" else 8
 
 
 @dataclass(frozen=True)
@@ -73,8 +97,10 @@ class Profile:
     precision: str = "fp32"
     codebook: str = "fp32"
     head: str = "standard"
-    select: str = "gather"  # how V logits are selected from K: "gather" | "gather_elements"
+    select: str = "gather_elements"  # how V logits are selected from K: "gather" | "gather_elements"
     int8: Int8Options = field(default_factory=Int8Options)
+    trunk: TrunkOptions = field(default_factory=TrunkOptions)
+    two_stage: TwoStageOptions = field(default_factory=TwoStageOptions)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     ort: OrtOptions = field(default_factory=OrtOptions)
     parity: Parity = field(default_factory=Parity)
@@ -87,6 +113,10 @@ class Profile:
         d = asdict(self)
         d.pop("source")
         d["ort"]["providers"] = list(d["ort"]["providers"])
+        if d["int8"]["reduce_range"] is None:  # "decide by backend" is the absence of the key
+            del d["int8"]["reduce_range"]
+        if self.trunk.source != "genai":
+            d["trunk"] = {"source": self.trunk.source}
         trt, triton = d.pop("trt"), d.pop("triton")
         if self.backend == "trt":
             shapes = {k: trt.pop(k) for k in ("prefill_batch", "prefill_sequence", "decode_batch", "decode_past")}
@@ -98,6 +128,16 @@ class Profile:
             triton["preferred_batch_sizes"] = list(triton["preferred_batch_sizes"])
             d["triton"] = triton
         return d
+
+    def head_form(self):
+        """How the head is built for this target (vqexport.head.graph.HeadForm)."""
+        from .head.graph import HeadForm
+
+        return HeadForm(select=self.select, fused=self.head == "fused", codebook=self.codebook, int8_encoding=self.int8.encoding,
+                        accuracy_level=self.int8.accuracy_level, activations=self.int8.activations,
+                        weight_bits=self.int8.weight_bits(self.backend), decode=self.decode.mode, k=self.decode.k,
+                        keep_logits=self.decode.keep_logits, last_position_only=self.decode.last_position_only,
+                        probes=self.two_stage.probes, rows=self.two_stage.rows)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
@@ -119,6 +159,23 @@ def bundled_dir():
 
 def bundled_names() -> list[str]:
     return sorted(p.name[:-5] for p in bundled_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def aliases() -> dict[str, str]:
+    """Bundled targets that build exactly what another one does (all but name and description): alias -> target."""
+    def body(p):
+        d = p.to_dict()
+        d.pop("name")
+        d.pop("description")
+        return json.dumps(d, sort_keys=True)
+
+    names = bundled_names()
+    out = {}
+    for n in names:
+        twin = next((m for m in names if m != n and body(load_profile(m)) == body(load_profile(n))), None)
+        if twin is not None and len(twin) < len(n):  # the shorter name is the target, the longer its alias
+            out[n] = twin
+    return out
 
 
 def load_profile(target: str) -> Profile:
@@ -144,6 +201,19 @@ def load_profile(target: str) -> Profile:
     return parse_profile(raw, where)
 
 
+def _trunk(t: dict, backend: str, fail, take) -> TrunkOptions:
+    source = take(t, "source", str, "portable", "trunk.", lambda v: v in TRUNK_SOURCES, " or ".join(map(repr, TRUNK_SOURCES)))
+    if source == "genai" and backend != "ort":
+        fail("trunk.source = 'genai' (onnxruntime-genai's builder) applies to backend = 'ort' only")
+    if source != "genai" and set(t) - {"source"}:
+        fail(f"trunk.{sorted(set(t) - {'source'})[0]} applies to trunk.source = 'genai' only")
+    ep = take(t, "execution_provider", str, "cpu", "trunk.", None, "a string")
+    extra = take(t, "extra_options", dict, {}, "trunk.", lambda v: all(isinstance(x, (str, int, float, bool)) for x in v.values()),
+                 "a table of the builder's options (strings, numbers or booleans)")
+    return TrunkOptions(source=source, execution_provider=ep,
+                        extra_options={str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in sorted(extra.items())})
+
+
 def parse_profile(raw: dict, where: str) -> Profile:
     def fail(msg):
         raise VQExportError(f"{where}: {msg}")
@@ -162,7 +232,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
     def table(key: str, allowed) -> dict:
         return read_table(raw, key, allowed, fail)
 
-    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "select", "int8", "decode", "ort", "parity",
+    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "select", "int8", "trunk", "two_stage", "decode", "ort", "parity",
                  "trt", "triton"}
     unknown = set(raw) - known_top
     if unknown:
@@ -172,20 +242,30 @@ def parse_profile(raw: dict, where: str) -> Profile:
     backend = take(raw, "backend", str, None, "", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}")
     name = take(raw, "name", str, Path(where).stem, "", _safe_name, "a non-empty name of letters, digits, '.', '_' or '-' (it names the output directory)")
     opset = take(raw, "opset", int, 18, "", lambda v: 18 <= v <= 23, "an integer in [18, 23]")
-    precision = take(raw, "precision", str, "fp32", "", lambda v: v in PRECISIONS[backend],
-                     " or ".join(map(repr, PRECISIONS[backend])) + f" (precisions of the {backend} backend)")
+    trunk = _trunk(table("trunk", TrunkOptions.__dataclass_fields__), backend, fail, take)
+    if trunk.source == "genai":
+        precision = take(raw, "precision", str, "fp32", "", lambda v: isinstance(v, str), "a string")
+        from .trunk.genai import check_options
+
+        check_options(precision, trunk.execution_provider, trunk.extra_options, fail)
+    else:
+        precision = take(raw, "precision", str, "fp32", "", lambda v: v in PRECISIONS[backend],
+                         " or ".join(map(repr, PRECISIONS[backend])) + f" (precisions of the {backend} backend's portable trunk)")
     if "trt" in raw and backend != "trt":
         fail("[trt] applies to backend = 'trt' only")
     codebook = take(raw, "codebook", str, "fp32", "", lambda v: v in CODEBOOKS, " or ".join(map(repr, CODEBOOKS)))
+    if codebook == "int4" and (raw.get("int8", {}).get("encoding") != "native" or raw.get("head", "standard") != "standard"):
+        fail("codebook = 'int4' is ONNX Runtime's MatMulNBits (bits = 4): set [int8] encoding = 'native' and head = 'standard'")
     head = take(raw, "head", str, "standard", "", lambda v: v in HEAD_FORMS, " or ".join(map(repr, HEAD_FORMS)))
-    select = take(raw, "select", str, "gather", "", lambda v: v in SELECT_FORMS, " or ".join(map(repr, SELECT_FORMS)))
+    select = take(raw, "select", str, "gather_elements", "", lambda v: v in SELECT_FORMS, " or ".join(map(repr, SELECT_FORMS)))
 
     o = table("ort", OrtOptions.__dataclass_fields__)
     providers = take(o, "providers", list, ["CPUExecutionProvider"], "ort.", lambda v: v and all(isinstance(p, str) for p in v), "a non-empty list of provider names")
     lvl = lambda v: v in OPT_LEVELS  # noqa: E731
     ort_opts = OrtOptions(
         providers=tuple(providers),
-        saved_optimization_level=take(o, "saved_optimization_level", str, "basic", "ort.", lambda v: v in ("disable", "basic"), "'disable' or 'basic' (higher levels are not portable)"),
+        saved_optimization_level=take(o, "saved_optimization_level", str, "none", "ort.", lambda v: v in ("none", "basic"),
+                                      "'none' or 'basic' (higher levels are not portable)"),
         session_optimization_level=take(o, "session_optimization_level", str, "all", "ort.", lvl, f"one of {', '.join(OPT_LEVELS)}"),
         intra_op_num_threads=take(o, "intra_op_num_threads", int, 0, "ort.", lambda v: v >= 0, "an integer >= 0"),
         session_config={str(k): str(v) for k, v in take(
@@ -199,6 +279,13 @@ def parse_profile(raw: dict, where: str) -> Profile:
         encoding=take(q, "encoding", str, "qdq", "int8.", lambda v: v in INT8_ENCODINGS, " or ".join(map(repr, INT8_ENCODINGS))),
         activations=take(q, "activations", bool, False, "int8.", None, "true or false"),
         accuracy_level=take(q, "accuracy_level", int, 4, "int8.", lambda v: 0 <= v <= 4, "an integer in [0, 4]"),
+        reduce_range=take(q, "reduce_range", bool, None, "int8.", None, "true or false"),
+    )
+
+    ts = table("two_stage", TwoStageOptions.__dataclass_fields__)
+    two_stage = TwoStageOptions(
+        probes=take(ts, "probes", int, 0, "two_stage.", lambda v: v >= 0, "an integer >= 0 (0: the head's own)"),
+        rows=take(ts, "rows", str, "shared", "two_stage.", lambda v: v in ROW_FORMS, " or ".join(map(repr, ROW_FORMS))),
     )
 
     dtab = table("decode", DecodeOptions.__dataclass_fields__)
@@ -220,6 +307,15 @@ def parse_profile(raw: dict, where: str) -> Profile:
         kl_max=float(take(p, "kl_max", num, 1e-6, "parity.", lambda v: v >= 0, "a number >= 0")),
         greedy_must_match=take(p, "greedy_must_match", bool, True, "parity.", None, "true or false"),
     )
+    if trunk.source == "genai":
+        from .trunk.genai import EXECUTION_PROVIDERS
+
+        wanted = EXECUTION_PROVIDERS[trunk.execution_provider]
+        if ort_opts.providers[0] != wanted:
+            fail(f"the genai trunk for execution provider {trunk.execution_provider!r} runs on {wanted}: set [ort] providers = "
+                 f"[\"{wanted}\"] (got {list(ort_opts.providers)})")
     return Profile(name=name, backend=backend, description=take(raw, "description", str, "", "", None, "a string"),
-                   opset=opset, precision=precision, codebook=codebook, head=head, select=select, int8=int8, decode=decode, ort=ort_opts, parity=parity,
+                   opset=opset, precision=precision, codebook=codebook, head=head, select=select, int8=int8, trunk=trunk,
+                   two_stage=two_stage,
+                   decode=decode, ort=ort_opts, parity=parity,
                    trt=parse_trt(raw, fail), triton=parse_triton(raw, fail), source=where)

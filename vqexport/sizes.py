@@ -1,19 +1,24 @@
-"""Parameters and bytes of the head vs the trunk, and what a dense head of the same V x d would weigh."""
+"""Parameters and bytes of the head vs the trunk, and what a dense head of the same V x d would weigh.
+
+The head's tensors are the initializers named ``head.*`` (the head builder names them), so this reads a graph's
+initializer dims only: external weights are never loaded.
+"""
 
 from __future__ import annotations
 
+import json
+
 import onnx
 
-from .graph import find_head, initializer_stats
-
+from .graph_io import HEAD_PREFIX, initializer_stats, metadata
 
 # The head's terms, by tensor name: logits = codebook term (C, M) + bias term + rank-r correction (P, U).
 TERMS = (("codebook", ("head.codebook", "head.weight")), ("map", ("head.map",)), ("bias", ("head.bias",)),
-         ("lowrank", ("head.lowrank_",)))
+         ("lowrank", ("head.lowrank_p", "head.lowrank_u")))
 
 
 def term_of(name: str) -> str:
-    """Which term of the head a tensor belongs to ("tables" for decode tables and other pass-made constants)."""
+    """Which term of the head a tensor belongs to ("tables" for decode tables and other constants)."""
     if name.startswith(("head.hidden", "head.lowrank_proj")):  # activation Q/DQ scales
         return "quantization"
     for term, prefixes in TERMS:
@@ -33,7 +38,7 @@ def _terms(head: dict[str, tuple[int, int]], dense_params: int) -> dict:
     return out
 
 
-def _summary(head: dict[str, tuple[int, int]], trunk: dict[str, tuple[int, int]], vocab: int, d: int, bias: bool) -> dict:
+def summary(head: dict[str, tuple[int, int]], trunk: dict[str, tuple[int, int]], vocab: int, d: int, bias: bool) -> dict:
     hp, hb = sum(n for n, _ in head.values()), sum(b for _, b in head.values())
     tp, tb = sum(n for n, _ in trunk.values()), sum(b for _, b in trunk.values())
     dense_params = vocab * d + (vocab if bias else 0)
@@ -48,36 +53,18 @@ def _summary(head: dict[str, tuple[int, int]], trunk: dict[str, tuple[int, int]]
     }
 
 
-def checkpoint_sizes(ckpt) -> dict:
-    head, trunk = {}, {}
-    for name, arr in ckpt.tensors.items():
-        (head if name.startswith("head.") else trunk)[name] = (int(arr.size), int(arr.nbytes))
-    cfg = ckpt.config
-    return _summary(head, trunk, cfg.vocab_size, cfg.d_model, cfg.head.bias)
+def head_file_sizes(head) -> dict:
+    """Sizes of a head's own tensors (a model directory's vq_head.safetensors)."""
+    stats = {f"head.{k}": (int(v.size), int(v.nbytes)) for k, v in head.tensors.items()}
+    cfg = head.config
+    return summary(stats, {}, cfg.vocab_size, cfg.hidden_size, cfg.bias)
 
 
 def onnx_sizes(proto: onnx.ModelProto) -> dict:
     stats = initializer_stats(proto)
-    h = find_head(proto)
-    head = {n: stats[n] for n in h.initializers}
+    head = {n: s for n, s in stats.items() if n.startswith(HEAD_PREFIX)}
     trunk = {n: s for n, s in stats.items() if n not in head}
-    d = _hidden_size(proto, h)
-    vocab = _vocab_size(proto)
-    return _summary(head, trunk, vocab, d, "head.bias" in head or "head.member_bias" in head)
-
-
-def _hidden_size(proto: onnx.ModelProto, head) -> int:
-    if head.matmul.op_type == "MatMulNBits":
-        return next(a.i for a in head.matmul.attribute if a.name == "K")
-    weight = next(t for t in proto.graph.initializer if t.name == head.initializers[0])
-    return int(weight.dims[0])  # [d, K] (or [d, V] for a dense head), fp32 or int8
-
-
-def _vocab_size(proto: onnx.ModelProto) -> int:
-    for o in proto.graph.output:
-        if o.name == "logits":
-            return int(o.type.tensor_type.shape.dim[-1].dim_value)
-    for t in proto.graph.initializer:  # top-k variant: the embedding table still has V rows
-        if t.name == "embed.weight":
-            return int(t.dims[0])
-    raise ValueError("cannot tell the vocabulary size of this graph")
+    cfg = json.loads(metadata(proto).get("vqexport.head", "{}") or "{}")
+    if not cfg:
+        raise ValueError("this graph carries no vqexport head metadata")
+    return summary(head, trunk, cfg["vocab_size"], cfg["hidden_size"], cfg.get("bias", False))

@@ -5,6 +5,10 @@ reference's greedy choice, fed to both runners, each of which keeps its own KV c
 spirit of Polygraphy's comparator: max abs / rel logit difference, the atol and rtol that would have been
 needed, top-1 agreement, top-5 overlap, mean KL(reference || target), and how many decode steps from the
 first chose the same greedy token in every row.
+
+Rankings are tie-aware: when the reference gives several tokens exactly the same logit (a VQ head without a bias
+gives every member of a cluster its code's score), any of them is a correct argmax or k-th token, and the target
+is not failed for picking another one of them. "Exactly" is within ``TIE`` (relative) in the reference's float32.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class ParityReport:
 
 
 def prompt_ids(tokenizer_path=None, vocab_size: int = 0, prompts=DEFAULT_PROMPTS, seed: int = 0) -> list[list[int]]:
-    """Token ids of the prompts (with the checkpoint's tokenizer), or seeded random ids without one."""
+    """Token ids of the prompts (with the model's tokenizer), or seeded random ids without one."""
     if tokenizer_path is not None:
         from tokenizers import Tokenizer
 
@@ -67,6 +71,17 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
         ids[i, width - len(p):] = p
         mask[i, width - len(p):] = 1
     return ids, mask
+
+
+TIE = 1e-6
+
+
+def _tied_at_or_above(ref: np.ndarray, chosen: np.ndarray, rank: int) -> np.ndarray:
+    """[N, c] booleans: does the reference rank each chosen token at or above its ``rank``-th best logit (ties
+    counted as equal)? ``ref`` [N, V], ``chosen`` [N, c] token ids."""
+    kth = -np.partition(-ref, rank - 1, axis=-1)[:, rank - 1 : rank]
+    got = np.take_along_axis(ref, chosen, -1)
+    return got >= kth - TIE * np.maximum(1.0, np.abs(kth))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -111,27 +126,26 @@ class _Stats:
     def add(self, ref: np.ndarray, tgt: dict) -> None:
         """ref: [N, V] reference logits; tgt: the target's outputs for the same N positions."""
         k = min(5, ref.shape[-1]) if tgt.get("logits") is not None else min(5, ref.shape[-1], tgt["topk_ids"].shape[-1])
-        r5 = np.argpartition(-ref, k - 1, axis=-1)[:, :k]  # a top-k graph with k < 5 is compared on its k ids
-        lp = _log_softmax(ref)
+        lp = _log_softmax(ref)  # a top-k graph with k < 5 is compared on its k ids
         if tgt.get("logits") is not None:
             logits = tgt["logits"]
             self._diff(ref, logits)
             t5 = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
-            self.top1 += int((ref.argmax(-1) == logits.argmax(-1)).sum())
+            self.top1 += int(_tied_at_or_above(ref, logits.argmax(-1)[:, None], 1).sum())
             self._kl(lp, _log_softmax(logits))
         else:  # exact top-k outputs: compare log-probabilities of the ids the target chose, and cluster mass
             self.compared = "topk"
             ids = tgt["topk_ids"]
             self._diff(np.take_along_axis(lp, ids, -1), tgt["topk_logprobs"])
             t5 = ids[:, :k]
-            self.top1 += int((ref.argmax(-1) == ids[:, 0]).sum())
+            self.top1 += int(_tied_at_or_above(ref, ids[:, :1], 1).sum())
             if tgt.get("cluster_logprobs") is not None:
                 ref_clusters = np.stack([np.bincount(self.mapping, weights=np.exp(row), minlength=tgt["cluster_logprobs"].shape[-1]) for row in lp])
                 with np.errstate(divide="ignore"):
                     self._kl(np.log(ref_clusters), tgt["cluster_logprobs"].astype(np.float64))
             else:  # a head with a rank-r correction: KL over {each of the target's top-k ids, every other token}
                 self._kl(_with_rest(np.take_along_axis(lp, ids, -1)), _with_rest(tgt["topk_logprobs"].astype(np.float64)))
-        self.top5 += sum(len(set(a) & set(b)) / k for a, b in zip(r5.tolist(), t5.tolist()))
+        self.top5 += float(_tied_at_or_above(ref, t5, k).sum()) / k
         self.n += ref.shape[0]
 
 
@@ -159,23 +173,10 @@ def _select(out, rows) -> dict:
     return picked
 
 
-def _greedy(out) -> np.ndarray:
-    if out.logits is not None:
-        return out.logits[:, -1].argmax(-1)
-    return out.extra["topk_ids"][:, -1, 0]
-
-
-def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]], steps: int, parity: Parity,
-                    target_name: str | None = None, pad_id: int = 0, progress=None,
-                    mapping: np.ndarray | None = None) -> ParityReport:
-    """Run both runners (already entered) on the same prompts and decode steps; return the report.
-
-    ``mapping`` (the head's token -> code map) is needed only for targets that output exact top-k instead
-    of logits: their KL is measured over the K clusters.
-    """
+def _run(reference: Runner, target: Runner, prompts: list[list[int]], steps: int, stats, pad_id: int, tick) -> int:
+    """Prefill one (left-padded) batch, then ``steps`` greedy decode steps; returns how many steps matched."""
     ids, mask = left_pad(prompts, pad_id)
     batch = ids.shape[0]
-    stats = _Stats(parity, mapping)
     r = reference.step(ids, mask, reference.empty_past(batch))
     t = target.step(ids, mask, target.empty_past(batch))
     keep = mask.astype(bool)
@@ -189,12 +190,42 @@ def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]],
         r = reference.step(nxt[:, None], mask, r.present)
         t = target.step(nxt[:, None], mask, t.present)
         stats.add(r.logits[:, -1], _select(t, "last"))
-        greedy_ok = greedy_ok and bool((r.logits[:, -1].argmax(-1) == _greedy(t)).all())
+        greedy_ok = greedy_ok and bool(_tied_at_or_above(r.logits[:, -1], _greedy(t)[:, None], 1).all())
         matched += int(greedy_ok)
-        if progress is not None:
-            progress(step + 1, steps)
-    stats.present_max = max((float(np.abs(a - b).max()) for a, b in zip(r.present, t.present) if a.size), default=0.0)
+        tick(step + 1)
+    # the KV cache at real positions only: a padded position's keys are masked out and may differ freely
+    real = mask.astype(bool)[:, None, :, None]
+    diffs = [float(np.where(real, np.abs(a - b), 0.0).max()) for a, b in zip(r.present, t.present) if a.size]
+    stats.present_max = max([stats.present_max, *diffs])
+    return matched
 
+
+def _greedy(out) -> np.ndarray:
+    if out.logits is not None:
+        return out.logits[:, -1].argmax(-1)
+    return out.extra["topk_ids"][:, -1, 0]
+
+
+def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]], steps: int, parity: Parity,
+                    target_name: str | None = None, pad_id: int = 0, progress=None,
+                    mapping: np.ndarray | None = None, batched: bool = True) -> ParityReport:
+    """Run both runners (already entered) on the same prompts and decode steps; return the report.
+
+    ``batched``: the prompts go in as one left-padded batch; else one at a time (graphs whose attention kernel
+    takes no left padding, such as onnxruntime-genai's GroupQueryAttention). ``mapping`` (the head's token -> code
+    map) is needed only for targets that output exact top-k instead of logits: their KL is measured over the K
+    clusters.
+    """
+    stats = _Stats(parity, mapping)
+    groups = [prompts] if batched else [[p] for p in prompts]
+    matched = steps
+    for g, group in enumerate(groups):
+        def tick(i, g=g):
+            if progress is not None:
+                progress(g * steps + i, len(groups) * steps)
+
+        matched = min(matched, _run(reference, target, group, steps, stats, pad_id, tick))
+    batch = len(prompts)
     top1 = stats.top1 / stats.n
     top5 = stats.top5 / stats.n
     kl = stats.kl_sum / stats.n

@@ -1,32 +1,52 @@
-"""The PyTorch reference runner: the checkpoint's own model, float32, on the CPU."""
+"""The PyTorch reference: transformers' own model (its decoder's final hidden state) followed by the head's torch
+module, float32 on the CPU. Nothing here is a hand-written trunk."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint
-from ..model import VQLogitsLM, from_tensors
+from ..head.module import head_module
+from ..source import Source
+from ..trunk.hf import Trunk, make_trunk
 from .base import Runner, StepOutput
 
 
 class TorchRunner(Runner):
     name = "torch"
 
-    def __init__(self, model: VQLogitsLM):
-        cfg = model.cfg
-        self.model = model.eval()
-        self.n_layers, self.n_kv_heads, self.head_dim, self.vocab_size = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size
+    def __init__(self, trunk: Trunk, head: torch.nn.Module, n_kv_heads: int, head_dim: int, vocab_size: int):
+        self.trunk, self.head = trunk.eval(), head.eval()
+        self.n_layers, self.n_kv_heads, self.head_dim, self.vocab_size = trunk.n_layers, n_kv_heads, head_dim, vocab_size
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint) -> "TorchRunner":
-        return cls(from_tensors(ckpt.config, ckpt.tensors))
+    def from_source(cls, source: Source, trunk: Trunk | None = None) -> "TorchRunner":
+        from ..errors import VQExportError
+        from ..trunk import hf
+
+        g = source.geometry
+        if trunk is None:
+            model = hf.load_causal_lm(source)
+            trunk = make_trunk(source, model)
+        else:
+            model = None
+        rows = rows_bias = None
+        if source.head.two_stage:  # exact rows: the model's own output layer (the tied embedding table, or lm_head)
+            model = model if model is not None else hf.load_causal_lm(source)
+            rows, rows_bias = hf.output_weight(model), hf.output_bias(model)
+            if tuple(rows.shape) != (g.vocab_size, g.hidden_size):
+                raise VQExportError(f"{source.path}: the model's output layer is {list(rows.shape)}; a two-stage head reads "
+                                    f"its exact rows there and needs [{g.vocab_size}, {g.hidden_size}]")
+        return cls(trunk, head_module(source.head, rows, rows_bias), g.n_kv_heads, g.head_dim, g.vocab_size)
+
+    @torch.no_grad()
+    def hidden(self, input_ids, attention_mask, past) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        out = self.trunk(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)),
+                         torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)),
+                         *(torch.from_numpy(np.ascontiguousarray(p, dtype=np.float32)) for p in past))
+        return out[0], out[1:]
 
     @torch.no_grad()
     def step(self, input_ids, attention_mask, past):
-        out = self.model(
-            torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)),
-            torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)),
-            *(torch.from_numpy(np.ascontiguousarray(p)) for p in past),
-        )
-        return StepOutput(logits=out[0].numpy(), present=[t.numpy() for t in out[1:]])
+        h, present = self.hidden(input_ids, attention_mask, past)
+        return StepOutput(logits=self.head(h).numpy(), present=[t.numpy() for t in present])

@@ -60,8 +60,31 @@ def measure(model_path: str, runtime: dict, prompt_len: int, tokens: int, warmup
         "decode_ms_p99": float(np.percentile(lat, 99)), "tokens_per_s": float(1e3 / lat.mean()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "session_rss_mb": rss_loaded - rss_before,  # resident memory the loaded, running model added
-        "model_bytes": Path(model_path).stat().st_size,
+        "model_bytes": _model_bytes(Path(model_path)),
     }
+
+
+def _model_bytes(path: Path) -> int:
+    """The graph file and its external data."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def dense_twin(artifact: Path, model_file: str, out: Path) -> Path:
+    """The artifact's trunk with the dense-head twin of its head (W[v] = C[M[v]] (+ U[v] P), same bias), written to
+    ``out``/dense.onnx: the same logits as the VQ head, from one V x d MatMul."""
+    import onnx_ir as ir
+
+    from ..head.graph import HeadForm
+    from ..head.spec import read_head
+    from ..join import detach_head, join, save
+
+    head = read_head(artifact)
+    if head is None:
+        raise VQExportError(f"{artifact}: the head's definition (vq_head.json + vq_head.safetensors) is missing; rebuild the artifact")
+    model = join(detach_head(ir.load(str(artifact / model_file))), head, HeadForm(dense=True))
+    save(model, out, "dense.onnx")
+    return out / "dense.onnx"
 
 
 def _rss_mb() -> float:
@@ -101,12 +124,13 @@ def _median(values):
 
 def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, tokens: int = 64, warmup: int = 8,
                        repeats: int = 3, progress=None) -> dict:
-    import onnx
-
     from .timing import machine
+
+    from ..artifact import check_files
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
+    check_files(artifact, manifest)
     if tokens < 1 or prompt_len < 1:
         raise VQExportError("--tokens and --prompt-length must be >= 1")
     cfg = manifest["config"]
@@ -120,10 +144,7 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     models = {"vq": artifact / runtime["model_file"]}
     with tempfile.TemporaryDirectory() as tmp:
         if vs_dense:
-            from ..passes.dense_twin import dense_twin
-
-            models["dense"] = Path(tmp) / "dense.onnx"
-            models["dense"].write_bytes(dense_twin(onnx.load(str(models["vq"]))).SerializeToString())
+            models["dense"] = dense_twin(artifact, runtime["model_file"], Path(tmp))
         # the sides alternate, `repeats` times each, so drift on the machine hits both alike; medians reported
         runs: dict[str, list[dict]] = {k: [] for k in models}
         steps = repeats * len(models)

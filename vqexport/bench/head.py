@@ -1,14 +1,14 @@
 """``bench --head``: the output layer alone, batch 1, one decode step, through onnxruntime on this CPU.
 
 Variants per head shape (random weights, seeded): dense fp32 MatMul; dense int8 (per-row int8 weights,
-the fair baseline for int8); VQ fp32 and VQ int8 in the graph form the exporter emits; exact top-k
-(k=50, int8 codebook). Also the alternative forms of the V-wide selection, so the fastest portable
-form is chosen by measurement. Reports medians, bytes each variant must move, and the fraction of the
+the fair baseline for int8); VQ fp32 and VQ int8, fused, and exact top-k (k=50, int8 codebook), each the graph
+the head builder puts into artifacts (vqexport.head.graph). Both forms of the V-wide selection (Gather,
+Expand + GatherElements) are measured, so the faster portable form is chosen by measurement. Reports medians, bytes each variant must move, and the fraction of the
 machine's measured copy bandwidth that reaches.
 
 With a rank-r correction (r = 8 by default): the logits path (codebook + bias + (h·Pᵀ)·Uᵀ, fp32, int8 QDQ and
 int8 MatMulNBits), the exact top-k graph (TopK over the V logits), and the exact top-k by per-cluster bounds
-(vqexport.decoding.lowrank_topk: a graph computing z and h·Pᵀ, then numpy). U is drawn with std 0.05, so the
+(vqexport.head.decoding.lowrank_topk: a graph computing z and h·Pᵀ, then numpy). U is drawn with std 0.05, so the
 correction's spread is about a seventh of the codebook logits' (the bound method's cost depends on that ratio).
 """
 
@@ -20,9 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..decoding import cluster_tables
-from ..graph import prune_unused
-from ..quant import quantize_rows
+from ..head.decoding import cluster_tables
+from ..head.quant import quantize_rows
 from .timing import copy_bandwidth, machine, time_calls
 
 SHAPES = {
@@ -46,7 +45,7 @@ class Variant:
 
 
 def _model(nodes, inits, outputs) -> onnx.ModelProto:
-    d = next(t for t in inits if t.name in ("w_t", "c_t", "w_q", "c_q")).dims[0]
+    d = next(t for t in inits if t.name in ("w_t", "w_q")).dims[0]
     graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, d])], outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
@@ -55,24 +54,20 @@ def _logits_out(V):
     return [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, V])]
 
 
-def _select(form: str, z: str, V: int, K: int) -> tuple[list, list]:
-    """Nodes computing ``sel = z[..., map]`` in one of the measured forms."""
-    n = helper.make_node
-    if form == "gather":  # what the exporter emits: Gather on the last axis
-        return [n("Gather", [z, "map"], ["sel"], axis=-1)], []
-    if form == "gather_t":  # [B*S, K] -> [K, B*S] -> Gather axis 0 -> [V, B*S] -> back
-        return [n("Reshape", [z, "flat2"], ["z2"]), n("Transpose", ["z2"], ["zt"], perm=[1, 0]),
-                n("Gather", ["zt", "map"], ["selt"], axis=0), n("Transpose", ["selt"], ["sel2"], perm=[1, 0]),
-                n("Reshape", ["sel2", "shape3"], ["sel"])], [
-            numpy_helper.from_array(np.array([-1, K], np.int64), "flat2"),
-            numpy_helper.from_array(np.array([1, 1, V], np.int64), "shape3")]
-    if form == "gather_elements":  # indices broadcast to the output shape at run time
-        return [n("Shape", [z], ["zs"]), n("Slice", ["zs", "zero1", "two1"], ["lead"]),
-                n("Concat", ["lead", "v1"], ["oshape"], axis=0), n("Expand", ["map3", "oshape"], ["idx"]),
-                n("GatherElements", [z, "idx"], ["sel"], axis=-1)], [
-            numpy_helper.from_array(np.array([0], np.int64), "zero1"), numpy_helper.from_array(np.array([2], np.int64), "two1"),
-            numpy_helper.from_array(np.array([V], np.int64), "v1")]
-    raise ValueError(form)
+def _head(head, w=None, **form) -> onnx.ModelProto:
+    """The head builder's graph for ``form`` (the same nodes an artifact gets), input renamed ``h``; ``w``: the
+    dense rows a two-stage head rescores with."""
+    import onnx_ir as ir
+
+    from ..head.graph import HeadForm, head_model
+
+    proto = ir.to_proto(head_model(head, HeadForm(**form), batch=1, seq=1, rows=w))
+    proto.graph.input[0].name = "h"
+    for node in list(proto.graph.node) + [n for f in proto.functions for n in f.node]:
+        for i, name in enumerate(node.input):
+            if name == "hidden_states":
+                node.input[i] = "h"
+    return proto
 
 
 def lowrank_factors(V: int, d: int, rank: int, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -82,45 +77,101 @@ def lowrank_factors(V: int, d: int, rank: int, rng) -> tuple[np.ndarray, np.ndar
     return p, (rng.standard_normal((rank, V), dtype=np.float32) * U_STD)
 
 
-def _lowrank_variants(c, mapping, bias, rank, rng, base_bytes) -> list[Variant]:
-    from ..passes.int8_codebook import native_codebook, quantize_codebook
-    from ..passes.topk_decode import add_topk_outputs
+def _lowrank_variants(head, rank, rng, base_bytes) -> list[Variant]:
+    from ..head.spec import make_head
 
-    K, d = c.shape
-    V = mapping.shape[0]
+    K, d = head.codebook.shape
+    V = head.map.shape[0]
     p_t, u_t = lowrank_factors(V, d, rank, rng)
-    n = helper.make_node
-    nodes = [n("MatMul", ["h", "head.codebook_t"], ["z"])] + _select("gather_elements", "z", V, K)[0] + [
-        n("Add", ["sel", "head.bias"], ["base"]), n("MatMul", ["h", "head.lowrank_p_t"], ["proj"]),
-        n("MatMul", ["proj", "head.lowrank_u_t"], ["correction"]), n("Add", ["base", "correction"], ["logits"])]
-    inits = [numpy_helper.from_array(np.ascontiguousarray(c.T), "head.codebook_t"), numpy_helper.from_array(bias, "head.bias"),
-             numpy_helper.from_array(mapping.astype(np.int64).reshape(1, 1, V), "map3"),
-             numpy_helper.from_array(p_t, "head.lowrank_p_t"), numpy_helper.from_array(u_t, "head.lowrank_u_t"),
-             numpy_helper.from_array(np.zeros((1, d), np.float32), "embed.weight")] + _select("gather_elements", "z", V, K)[1]
-    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, d])], _logits_out(V), inits)
-    fp32 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    lr = make_head({**head.tensors, "lowrank_p": np.ascontiguousarray(p_t.T), "lowrank_u": np.ascontiguousarray(u_t.T)})
     lr_fp32 = 4 * (K * d + d * rank + rank * V)
     lr_int8 = K * d + d * rank + rank * V + 4 * (K + rank + V)
     tag = f"r{rank}"
-    qdq = quantize_codebook(fp32)
-    out = [Variant(f"vq_{tag}_gather_elements", fp32, lr_fp32 + base_bytes, {}),
-           Variant(f"vq_{tag}_int8_native", native_codebook(fp32, accuracy_level=4), lr_int8 + base_bytes, {})]
+    qdq = _head(lr, codebook="int8")
+    out = [Variant(f"vq_{tag}_gather_elements", _head(lr), lr_fp32 + base_bytes, {}),
+           Variant(f"vq_{tag}_int8_native", _head(lr, codebook="int8", int8_encoding="native"), lr_int8 + base_bytes, {})]
     for level in ("0", "4"):
         out.append(Variant(f"vq_{tag}_int8_acc{level}", qdq, lr_int8 + base_bytes, {"session.qdq_matmulnbits_accuracy_level": level}))
-    topk = add_topk_outputs(native_codebook(fp32, accuracy_level=4), TOPK)
+    topk = _head(lr, codebook="int8", int8_encoding="native", decode="topk", k=TOPK)
     out.append(Variant(f"topk_{tag}_logits_int8", topk, lr_int8 + base_bytes, {}))
     # the bound method's graph part: z and h·Pᵀ only (K + r values leave the graph)
-    scores = native_codebook(fp32, accuracy_level=4)
+    scores = _head(lr, codebook="int8", int8_encoding="native")
+    producer = {o: n for n in scores.graph.node for o in n.output}
+    z = producer[next(n.output[0] for n in scores.graph.node if n.name == "head/codebook/MatMulNBits")].output[0]
+    proj = next(n.output[0] for n in scores.graph.node if n.name == "head/lowrank_p/MatMulNBits")
     del scores.graph.output[:]
-    scores.graph.output.extend([helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 1, K]),
-                                helper.make_tensor_value_info("proj", TensorProto.FLOAT, [1, 1, rank])])
-    prune_unused(scores)
+    scores.graph.output.extend([helper.make_tensor_value_info(z, TensorProto.FLOAT, [1, 1, K]),
+                                helper.make_tensor_value_info(proj, TensorProto.FLOAT, [1, 1, rank])])
+    _prune(scores)
     out.append(Variant(f"scores_{tag}_int8", scores, K * d + d * rank + 4 * (K + rank) + 4 * d, {},
-                       {"mapping": mapping, "bias": bias, "u": u_t.T}))
+                       {"mapping": head.map, "bias": head.bias, "u": u_t.T, "outputs": [z, proj]}))
     return out
 
 
-def build_variants(V: int, d: int, K: int, seed: int = 0, forms=("gather", "gather_t", "gather_elements"), rank: int = RANK) -> list[Variant]:
+def _prune(proto: onnx.ModelProto) -> None:
+    """Drop nodes nobody reads (then unused initializers)."""
+    g = proto.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        keep = [n for n in g.node if any(o in used for o in n.output)]
+        if len(keep) == len(g.node):
+            break
+        del g.node[:]
+        g.node.extend(keep)
+    used = {i for n in g.node for i in n.input}
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+
+
+def _dense_nbits(w: np.ndarray, bits: int) -> onnx.ModelProto:
+    """The dense head as ONNX Runtime's MatMulNBits (block 32, accuracy level 4): the builder's int4 / int8 lm_head."""
+    import onnx_ir as ir
+
+    from ..head.graph import HeadForm, _Builder
+
+    V, d = w.shape
+    h = ir.Value(name="h", shape=ir.Shape([1, 1, d]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph(inputs=[h], outputs=[], nodes=[], opset_imports={"": 18}, name="dense")
+    b = _Builder(graph, HeadForm(codebook=f"int{bits}", int8_encoding="native"), None)
+    out = b._matmul_nbits(h, np.ascontiguousarray(w.T), "w", bits)
+    out.name = "logits"
+    graph.outputs.append(out)
+    graph.opset_imports.update(b.domains)
+    return ir.to_proto(ir.Model(graph, ir_version=10))
+
+
+TWO_STAGE_ROWS = ("fp32", "int8", "int4")
+
+
+def _two_stage_variants(V: int, d: int, w: np.ndarray, rng, h_bytes: int, out_bytes: int) -> list[Variant]:
+    """A two-stage head over the dense rows ``w``: K = V/16 equal clusters of 16, stage 1 an int4 codebook, stage 2
+    at P = K/32 and K/16 in each row form (fp32 Gather, int8 copy + MatMulInteger, int4 GatherBlockQuantized)."""
+    from ..head.spec import make_head
+
+    K = max(1, V // 16)
+    members = rng.permutation(V).astype(np.int32)
+    cap = -(-V // K)
+    table = np.full(K * cap, -1, np.int32)
+    table[:V] = members
+    table = table.reshape(cap, K).T.copy()  # cluster k holds every K-th token of the permutation: sizes differ by <= 1
+    c = rng.standard_normal((K, d), dtype=np.float32) * d**-0.5
+    out = []
+    for P in (max(1, K // 32), max(1, K // 16)):
+        head = make_head({"codebook": c, "members": table, "bias": rng.standard_normal(V, dtype=np.float32)}, probes=P)
+        n = P * cap
+        stage1 = K * d // 2 + 8 * V + out_bytes + h_bytes
+        for rows in TWO_STAGE_ROWS:
+            nbytes = stage1 + n * d * {"fp32": 4, "int8": 1, "int4": 0.5}[rows] + n * 8
+            out.append(Variant(f"two_stage_P{P}_{rows}", _head(head, codebook="int4", int8_encoding="native", rows=rows, w=w),
+                               int(nbytes), {}))
+    return out
+
+
+def build_variants(V: int, d: int, K: int, seed: int = 0, forms=("gather", "gather_elements"), rank: int = RANK,
+                   two_stage: bool = True) -> list[Variant]:
+    from ..head.spec import make_head
+
     rng = np.random.default_rng(seed)
     n = helper.make_node
     h_bytes = 4 * d
@@ -130,6 +181,10 @@ def build_variants(V: int, d: int, K: int, seed: int = 0, forms=("gather", "gath
     w = rng.standard_normal((V, d), dtype=np.float32) * d**-0.5
     dense = _model([n("MatMul", ["h", "w_t"], ["logits"])], [numpy_helper.from_array(np.ascontiguousarray(w.T), "w_t")], _logits_out(V))
     variants.append(Variant("dense", dense, 4 * V * d + h_bytes + out_bytes, {}))
+    variants.append(Variant("dense_int4_nbits", _dense_nbits(w, 4), V * d // 2 + 4 * V * d // 32 + h_bytes + out_bytes, {}))
+    variants.append(Variant("dense_int8_nbits", _dense_nbits(w, 8), V * d + 4 * V * d // 32 + h_bytes + out_bytes, {}))
+    if two_stage:
+        variants += _two_stage_variants(V, d, w, rng, h_bytes, out_bytes)
     wq, ws = quantize_rows(w)
     del w
     dq_inits = [numpy_helper.from_array(np.ascontiguousarray(wq.T), "w_q"), numpy_helper.from_array(ws, "w_s"),
@@ -144,36 +199,27 @@ def build_variants(V: int, d: int, K: int, seed: int = 0, forms=("gather", "gath
     c = rng.standard_normal((K, d), dtype=np.float32) * d**-0.5
     mapping = rng.permutation(np.concatenate([np.arange(K), rng.integers(0, K, V - K)])).astype(np.int32)
     bias = rng.standard_normal(V, dtype=np.float32)
-    cq, cs = quantize_rows(c)
-    vq_common = [numpy_helper.from_array(mapping, "map"), numpy_helper.from_array(bias, "bias"),
-                 numpy_helper.from_array(mapping.astype(np.int64).reshape(1, 1, V), "map3")]
+    head = make_head({"codebook": c, "map": mapping, "bias": bias})
     table_bytes = 4 * V + 4 * V  # map (int32) + bias
     for form in forms:
-        sel_nodes, sel_inits = _select(form, "z", V, K)
-        tail = sel_nodes + [n("Add", ["sel", "bias"], ["logits"])]
-        inits = vq_common + sel_inits
-        if form != "gather_elements":
-            inits = [t for t in inits if t.name != "map3"]
         extra = 8 * V if form == "gather_elements" else 0
-        fp32 = _model([n("MatMul", ["h", "c_t"], ["z"])] + tail, [numpy_helper.from_array(np.ascontiguousarray(c.T), "c_t")] + inits, _logits_out(V))
-        variants.append(Variant(f"vq_{form}", fp32, 4 * K * d + table_bytes + extra + h_bytes + out_bytes, {}))
-        q = _model([n("DequantizeLinear", ["c_q", "c_s", "c_zp"], ["c_t"], axis=1), n("MatMul", ["h", "c_t"], ["z"])] + tail,
-                   [numpy_helper.from_array(np.ascontiguousarray(cq.T), "c_q"), numpy_helper.from_array(cs, "c_s"),
-                    numpy_helper.from_array(np.zeros(K, np.int8), "c_zp")] + inits, _logits_out(V))
+        variants.append(Variant(f"vq_{form}", _head(head, select=form), 4 * K * d + table_bytes + extra + h_bytes + out_bytes, {}))
+        q = _head(head, select=form, codebook="int8")
         if form == "gather_elements":  # the ORT-native encoding: MatMulNBits (bits=8) in the graph itself
-            from ..passes.int8_codebook import native_codebook
-
-            variants.append(Variant("vq_int8_native_gather_elements", native_codebook(fp32, accuracy_level=4),
+            variants.append(Variant("vq_int8_native_gather_elements", _head(head, select=form, codebook="int8", int8_encoding="native"),
                                     K * d + 4 * K + table_bytes + extra + h_bytes + out_bytes, {}))
         for level in ("0", "4"):
             variants.append(Variant(f"vq_int8_{form}_acc{level}", q, K * d + 4 * K + table_bytes + extra + h_bytes + out_bytes,
                                     {"session.qdq_matmulnbits_accuracy_level": level}))
 
-    variants += _fused_variants(c, mapping, bias, 4 * K * d + table_bytes + h_bytes + out_bytes)
+    nbytes = 4 * K * d + table_bytes + h_bytes + out_bytes
+    fused = _head(head, fused=True)
+    variants += [Variant("fused_kernel", fused, nbytes, {"vqexport.custom_ops": "onnxruntime-extensions"}),
+                 Variant("fused_function", fused, nbytes, {})]
     if rank:
-        variants += _lowrank_variants(c, mapping, bias, rank, rng, table_bytes + 8 * V + h_bytes + out_bytes)
+        variants += _lowrank_variants(head, rank, rng, table_bytes + 8 * V + h_bytes + out_bytes)
     t = cluster_tables(mapping, bias, K, width=TOPK)
-    topk = _topk_model(cq, cs, mapping, bias, d)
+    topk = _head(head, codebook="int8", decode="topk", k=TOPK)
     for level in ("0", "4"):
         w_tab = t.members.shape[1]
         variants.append(Variant(f"topk_int8_acc{level}", topk, K * d + 4 * K + 3 * 4 * K + 12 * K * w_tab + h_bytes,
@@ -181,61 +227,15 @@ def build_variants(V: int, d: int, K: int, seed: int = 0, forms=("gather", "gath
     return variants
 
 
-def _fused_variants(c, mapping, bias, nbytes) -> list[Variant]:
-    """One VQLogits node: run by the registered kernel, and by ORT inlining its function body."""
-    from ..ops.vqlogits import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, function_proto
-
-    K, d = c.shape
-    V = mapping.shape[0]
-    node = helper.make_node(OP_TYPE, ["h", "c_t", "map", "bias"], ["logits"], domain=DOMAIN,
-                            plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION)
-    inits = [numpy_helper.from_array(np.ascontiguousarray(c.T), "c_t"), numpy_helper.from_array(mapping, "map"),
-             numpy_helper.from_array(bias, "bias")]
-    graph = helper.make_graph([node], "head", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, d])], _logits_out(V), inits)
-    out = []
-    for kernel in ("kernel", "function"):
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)],
-                                  functions=[function_proto("gather_elements")])
-        out.append(Variant(f"fused_{kernel}", model, nbytes, {"vqexport.custom_ops": "onnxruntime-extensions"} if kernel == "kernel" else {}))
-    return out
-
-
-def _topk_model(cq, cs, mapping, bias, d) -> onnx.ModelProto:
-    """The same exact top-k subgraph the topk_decode pass emits, on an int8 codebook."""
-    import copy
-
-    from ..passes.topk_decode import add_topk_outputs
-
-    K, V = cq.shape[0], mapping.shape[0]
-    n = helper.make_node
-    # a minimal "decoder" whose head the pass can find: logits = Gather(MatMul(h, DQ(c_q)), head.map) + head.bias
-    inits = [numpy_helper.from_array(np.ascontiguousarray(cq.T), "head.codebook_q"), numpy_helper.from_array(cs, "head.codebook_scale"),
-             numpy_helper.from_array(np.zeros(K, np.int8), "head.codebook_zero_point"),
-             numpy_helper.from_array(mapping, "head.map"), numpy_helper.from_array(bias, "head.bias"),
-             numpy_helper.from_array(np.zeros((1, d), np.float32), "embed.weight")]
-    nodes = [n("DequantizeLinear", ["head.codebook_q", "head.codebook_scale", "head.codebook_zero_point"], ["head.codebook_t"], axis=1),
-             n("MatMul", ["h", "head.codebook_t"], ["z"]), n("Gather", ["z", "head.map"], ["sel"], axis=-1),
-             n("Add", ["sel", "head.bias"], ["logits"])]
-    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch_size", "sequence_length", d])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", V])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    out = add_topk_outputs(copy.deepcopy(model), TOPK)
-    keep = [o for o in out.graph.output if o.name in ("topk_ids", "topk_logprobs")]
-    del out.graph.output[:]
-    out.graph.output.extend(keep)
-    prune_unused(out)
-    return out
-
-
 def _lowrank_timing(V, d, K, rank, timed, sessions, h, min_seconds, details, name, bandwidth) -> dict:
     """Rows for the rank-r head, and the bound method's numpy part timed on the scores graph's own outputs."""
-    from ..decoding import cluster_tables, lowrank_tables, lowrank_topk
+    from ..head.decoding import cluster_tables, lowrank_tables, lowrank_topk
 
     tag = f"r{rank}"
     sess, data = sessions[f"scores_{tag}_int8"]
     tables = cluster_tables(data["mapping"], data["bias"], K, width=1)
     lr = lowrank_tables(data["mapping"], data["bias"], data["u"], tables)
-    z, proj = sess.run(["z", "proj"], {"h": h})
+    z, proj = sess.run(data["outputs"], {"h": h})
     stats = {}
 
     def prune():
@@ -303,6 +303,8 @@ def run_head_bench(shapes=tuple(SHAPES), threads: int = 2, min_seconds: float = 
             "vq_form": vq_name, "vq_int8_form": vq8_name, "dense_int8_form": dense8_name, "topk_form": tk_name,
             "vq_speedup": timed["dense"] / timed[vq_name], "vq_int8_speedup": timed["dense"] / vq8,
             "topk_speedup": timed["dense"] / tk, "vq_int8_vs_dense_int8": dense8 / vq8, **lowrank_row,
+            "dense_int4_nbits_ms": timed["dense_int4_nbits"] * 1e3, "dense_int8_nbits_ms": timed["dense_int8_nbits"] * 1e3,
+            "two_stage": {k: v * 1e3 for k, v in timed.items() if k.startswith("two_stage_")},
         })
     return {"machine": machine(), "threads": threads, "bandwidth_gbps": bandwidth / 1e9, "rows": rows, "variants": details,
             "notes": ("medians of batch-1 single-step head calls; fused_ms: the VQLogits node run by its registered "

@@ -121,10 +121,14 @@ def validate_config(text: str, proto: onnx.ModelProto, profile: Profile, where: 
     return cfg
 
 
-def layout(out: Path, runtime: dict, proto: onnx.ModelProto, profile: Profile) -> dict:
-    """Move the runtime's model file into ``<model_name>/1/`` beside a checked config.pbtxt; returns the new runtime."""
+def layout(out: Path, runtime: dict, profile: Profile) -> dict:
+    """Move the runtime's model file (and its external data) into ``<model_name>/1/`` beside a checked
+    config.pbtxt; returns the new runtime section."""
+    from ..graph_io import load_graph
+
     _, filename = PLATFORMS[profile.backend]
     name = profile.triton.model_name
+    proto = load_graph(out / runtime.get("onnx_file", runtime["model_file"]))
     text = config_text(proto, profile)
     validate_config(text, proto, profile, f"{name}/{CONFIG_FILE}")
     version_dir = out / name / "1"
@@ -133,9 +137,13 @@ def layout(out: Path, runtime: dict, proto: onnx.ModelProto, profile: Profile) -
     src = out / runtime["model_file"]
     shutil.move(str(src), version_dir / filename)
     if profile.backend == "ort":
+        data = out / (runtime["model_file"] + ".data")
+        if data.exists():  # the graph names its external data relative to itself: they move together
+            shutil.move(str(data), version_dir / (filename + ".data"))
         for extra in (runtime.get("optimized_file"), "genai_config.json"):
-            if extra and (out / extra).exists():
-                (out / extra).unlink()  # Triton's onnxruntime backend optimizes at load; genai does not read a repository
+            for f in ((out / extra), (out / f"{extra}.data")) if extra else ():
+                if f.exists():
+                    f.unlink()  # Triton's onnxruntime backend optimizes at load; genai does not read a repository
         runtime = {**runtime, "optimized_file": None}
     return {**runtime, "model_file": f"{name}/1/{filename}", "triton": {"model_name": name, "config": f"{name}/{CONFIG_FILE}",
                                                                         "platform": PLATFORMS[profile.backend][0]}}

@@ -1,77 +1,76 @@
-"""Lay out an ONNX Runtime artifact: portable model.onnx, its offline-optimized twin, genai files."""
+"""Lay out an ONNX Runtime artifact: model.onnx + model.onnx.data (already written), the head's definition,
+onnxruntime-genai's genai_config.json and the tokenizer files, and optionally an offline-optimized copy."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import onnx
-
-from ...checkpoint import Checkpoint
+from ...head.spec import write_head
 from ...profiles import Profile
+from ...source import TOKENIZER_FILES, Source
 from .genai import genai_config, tokenizer_config
 from .session import available_providers, create_session, session_options
 
 MODEL_FILE = "model.onnx"
 OPTIMIZED_FILE = "model.optimized.onnx"
-HEAD_TABLES_FILE = "head.safetensors"
-
-
-def write_head_tables(path: Path, ckpt: Checkpoint) -> None:
-    """The head's map and bias beside a top-k artifact, for exact O(K) sampling at any temperature."""
-    from safetensors.numpy import save_file
-
-    tensors = {"map": ckpt.tensors["head.map"]}
-    if "head.bias" in ckpt.tensors:
-        tensors["bias"] = ckpt.tensors["head.bias"]
-    save_file(tensors, str(path), metadata={"codebook_size": str(ckpt.config.head.codebook_size)})
 
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def keep_used_opsets(path: Path) -> None:
-    """ONNX Runtime writes an opset import for every domain it has ever registered in this process (custom-op
-    libraries included), so the saved model would depend on what ran before. Keep the domains in use, sorted."""
-    proto = onnx.load(str(path))
-    used = {"", *(n.domain for n in proto.graph.node)} | {n.domain for f in proto.functions for n in f.node}
-    used |= {f.domain for f in proto.functions}
-    keep = sorted((o for o in proto.opset_import if o.domain in used or (o.domain == "ai.onnx" and "" in used)),
-                  key=lambda o: o.domain)
-    del proto.opset_import[:]
-    proto.opset_import.extend(keep)
-    path.write_bytes(proto.SerializeToString())
+def write_app_files(out: Path, source: Source, providers: list[str], logits: bool, trunk: dict) -> None:
+    """What an app needs beside the graph: the head's definition (exact sampling, inspect), genai_config.json
+    (onnxruntime-genai loads graphs with a ``logits`` output; the builder's own for a genai trunk) and the tokenizer
+    files."""
+    write_head(out, source.head)
+    if logits:
+        cfg = trunk.get("genai_config") or genai_config(source.geometry, MODEL_FILE, providers)
+        write_json(out / "genai_config.json", cfg)
+    copy_tokenizer(source, out)
 
 
-def build_ort(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: Path) -> dict:
-    """Write the artifact's files into ``out``; return the manifest's ``runtime`` section."""
-    model_path = out / MODEL_FILE
-    model_path.write_bytes(proto.SerializeToString())
+def copy_tokenizer(source: Source, out: Path) -> None:
+    if source.tokenizer_path is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (source.path / name).is_file():
+            (out / name).write_bytes((source.path / name).read_bytes())
+    if not (out / "tokenizer_config.json").is_file():
+        from tokenizers import Tokenizer
 
-    providers = available_providers(profile.ort.providers)
+        vocab = {i: t for t, i in Tokenizer.from_file(str(source.tokenizer_path)).get_vocab(with_added_tokens=True).items()}
+        write_json(out / "tokenizer_config.json", tokenizer_config(source.geometry, vocab))
+
+
+def write_optimized(out: Path, profile: Profile, providers: list[str]) -> None:
+    """model.optimized.onnx (+ its own external data) at the profile's portable level: a second copy of the weights."""
     so = session_options(profile.ort.saved_optimization_level, profile.ort.intra_op_num_threads)
     if profile.head == "fused" and profile.ort.kernel == "extensions":
         from ...ops.vqlogits import register_ort_kernel
 
         so.register_custom_ops_library(register_ort_kernel())
     so.optimized_model_filepath = str(out / OPTIMIZED_FILE)
-    create_session(str(model_path), so, providers)
-    keep_used_opsets(out / OPTIMIZED_FILE)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", OPTIMIZED_FILE + ".data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    create_session(str(out / MODEL_FILE), so, providers)
 
-    if profile.decode.mode == "topk":
-        write_head_tables(out / HEAD_TABLES_FILE, ckpt)
-    else:
-        write_json(out / "genai_config.json", genai_config(ckpt.config, MODEL_FILE, providers))
-    if ckpt.tokenizer_path is not None:
-        from tokenizers import Tokenizer
 
-        (out / "tokenizer.json").write_bytes(ckpt.tokenizer_path.read_bytes())
-        vocab = {i: t for t, i in Tokenizer.from_file(str(ckpt.tokenizer_path)).get_vocab(with_added_tokens=True).items()}
-        write_json(out / "tokenizer_config.json", tokenizer_config(ckpt.config, vocab))
+def build_ort(out: Path, profile: Profile, source: Source, trunk: dict) -> dict:
+    """Write the artifact's files beside model.onnx in ``out``; return the manifest's ``runtime`` section.
+    ``trunk``: what write_graph says of the trunk (its source, cache convention, the builder's genai_config)."""
+    providers = available_providers(profile.ort.providers)
+    if profile.ort.saved_optimization_level != "none":
+        write_optimized(out, profile, providers)
+    write_app_files(out, source, providers, profile.decode.mode == "logits" or profile.decode.keep_logits, trunk)
     return {
+        "backend": "ort",
         "model_file": MODEL_FILE,
-        "optimized_file": OPTIMIZED_FILE,
+        "trunk": trunk["trunk"],
+        "past_present_share_buffer": trunk["past_present_share_buffer"],
+        "head_dim": source.geometry.head_dim,
+        "optimized_file": OPTIMIZED_FILE if profile.ort.saved_optimization_level != "none" else None,
         "providers": providers,
         "session_optimization_level": profile.ort.session_optimization_level,
         "intra_op_num_threads": profile.ort.intra_op_num_threads,

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from ...config import ModelConfig
+from ...source import Geometry
 
 
-def genai_config(cfg: ModelConfig, model_file: str, providers: list[str], context_length: int | None = None) -> dict:
-    ctx = min(cfg.max_position, context_length or cfg.max_position)
-    eos = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+def genai_config(geo: Geometry, model_file: str, providers: list[str], context_length: int | None = None,
+                 past_present_share_buffer: bool = False, model_type: str = "llama") -> dict:
+    ctx = min(geo.max_position, context_length or geo.max_position)
+    eos = list(geo.eos_token_ids) or [0]
     provider_options = [{_GENAI_PROVIDER[p]: {}} for p in providers if p in _GENAI_PROVIDER]
     return {
         "model": {
-            "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else eos,
+            "bos_token_id": geo.bos_token_id if geo.bos_token_id is not None else eos[0],
             "context_length": ctx,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
                 "filename": model_file,
-                "head_size": cfg.head_dim,
-                "hidden_size": cfg.d_model,
+                "head_size": geo.head_dim,
+                "hidden_size": geo.hidden_size,
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
@@ -29,16 +30,16 @@ def genai_config(cfg: ModelConfig, model_file: str, providers: list[str], contex
                     "present_key_names": "present.%d.key",
                     "present_value_names": "present.%d.value",
                 },
-                "num_attention_heads": cfg.n_heads,
-                "num_hidden_layers": cfg.n_layers,
-                "num_key_value_heads": cfg.n_kv_heads,
+                "num_attention_heads": geo.n_heads,
+                "num_hidden_layers": geo.n_layers,
+                "num_key_value_heads": geo.n_kv_heads,
             },
-            "eos_token_id": eos,
-            "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else eos,
-            # A llama-style decoder to onnxruntime-genai: names above, no position_ids input
+            "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "pad_token_id": geo.pad_token_id if geo.pad_token_id is not None else eos[0],
+            # A llama-style decoder to onnxruntime-genai: the names above, no position_ids input
             # (positions come from attention_mask inside the graph).
-            "type": "llama",
-            "vocab_size": cfg.vocab_size,
+            "type": model_type,
+            "vocab_size": geo.vocab_size,
         },
         "search": {
             "diversity_penalty": 0.0,
@@ -50,8 +51,9 @@ def genai_config(cfg: ModelConfig, model_file: str, providers: list[str], contex
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            # The graph concatenates past and new keys (no in-place cache), so buffers are not shared.
-            "past_present_share_buffer": False,
+            # The portable graph concatenates past and new keys (no in-place cache): buffers are not shared.
+            # A GroupQueryAttention graph writes into a preallocated cache: they are.
+            "past_present_share_buffer": past_present_share_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -63,8 +65,8 @@ def genai_config(cfg: ModelConfig, model_file: str, providers: list[str], contex
 _GENAI_PROVIDER = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
 
 
-def tokenizer_config(cfg: ModelConfig, vocab: dict[int, str]) -> dict:
-    """Minimal Hugging Face tokenizer_config.json for a byte-level BPE tokenizer.json."""
+def tokenizer_config(geo: Geometry, vocab: dict[int, str]) -> dict:
+    """Minimal Hugging Face tokenizer_config.json for a byte-level BPE tokenizer.json that came without one."""
 
     def tok(i):
         return vocab.get(i) if i is not None else None
@@ -72,10 +74,10 @@ def tokenizer_config(cfg: ModelConfig, vocab: dict[int, str]) -> dict:
     return {
         "add_bos_token": False,
         "add_eos_token": False,
-        "bos_token": tok(cfg.bos_token_id),
+        "bos_token": tok(geo.bos_token_id),
         "clean_up_tokenization_spaces": False,
-        "eos_token": tok(cfg.eos_token_id),
-        "model_max_length": cfg.max_position,
-        "pad_token": tok(cfg.pad_token_id),
+        "eos_token": tok(geo.eos_token_id),
+        "model_max_length": geo.max_position,
+        "pad_token": tok(geo.pad_token_id),
         "tokenizer_class": "GPT2Tokenizer",
     }

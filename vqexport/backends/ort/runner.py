@@ -1,4 +1,13 @@
-"""Run an ONNX decoder graph with onnxruntime (numpy only: no torch on this path)."""
+"""Run an ONNX decoder graph with onnxruntime (numpy only: no torch on this path).
+
+Two KV-cache conventions:
+
+* concatenating (the portable graph): ``present`` = ``past`` + the new positions, fed back as the next ``past``;
+* shared buffer (onnxruntime-genai's GroupQueryAttention graphs, ``past_present_share_buffer``): past and present
+  are one preallocated buffer per layer that the graph writes the new positions into, as onnxruntime-genai runs
+  it. The runner keeps those buffers (growing them when a sequence outgrows them) and returns views of the valid
+  positions, so callers see the same ``present`` as with a concatenating graph.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...graph import cache_names
+from ...graph_io import cache_names
 from ..base import Runner, StepOutput
 from .session import available_providers, create_session, session_options
 
@@ -25,16 +34,20 @@ class OrtRunner(Runner):
     @classmethod
     def from_runtime(cls, model_path, rt: dict) -> "OrtRunner":
         return cls(model_path, rt["providers"], rt["session_optimization_level"], rt["intra_op_num_threads"],
-                   rt.get("session_config"), rt.get("custom_ops"))
+                   rt.get("session_config"), rt.get("custom_ops"), rt.get("head_dim"), rt.get("past_present_share_buffer", False))
 
     def __init__(self, model_path, providers=("CPUExecutionProvider",), optimization_level: str = "all",
-                 threads: int = 0, session_config: dict | None = None, custom_ops: str | None = None):
+                 threads: int = 0, session_config: dict | None = None, custom_ops: str | None = None,
+                 head_dim: int | None = None, share_buffer: bool = False):
         self.model_path = model_path if isinstance(model_path, bytes) else Path(model_path)  # a file or serialized bytes
         self.providers = list(providers)
         self.optimization_level = optimization_level
         self.threads = threads
         self.session_config = dict(session_config or {})
         self.custom_ops = custom_ops
+        self.head_dim = head_dim  # for graphs whose cache declares its head size symbolically
+        self.share_buffer = share_buffer
+        self._buffers: list[np.ndarray] = []
         self.session = None
 
     def _activate(self):
@@ -49,19 +62,51 @@ class OrtRunner(Runner):
         self.n_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         if self.n_layers:
             shape = inputs["past_key_values.0.key"].shape
-            self.n_kv_heads, self.head_dim = int(shape[1]), int(shape[3])
-        self._past_names, _ = cache_names(self.n_layers)
+            self.n_kv_heads = int(shape[1])
+            if isinstance(shape[3], int):
+                self.head_dim = shape[3]
+            elif self.head_dim is None:
+                raise ValueError(f"{self.model_path}: the KV cache's head size is symbolic ({shape[3]!r}); pass head_dim")
+        self._past_names, self._present_names = cache_names(self.n_layers)
         self.output_names = [o.name for o in self.session.get_outputs()]
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         self.vocab_size = int(logits.shape[-1]) if logits is not None else None
 
     def _deactivate(self):
         self.session = None
+        self._buffers = []
 
     def step(self, input_ids, attention_mask, past):
+        if self.share_buffer:
+            return self._step_shared(input_ids, attention_mask, past)
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
         feeds.update(zip(self._past_names, past))
         outs = dict(zip(self.output_names, self.session.run(None, feeds)))
         present = [outs.pop(n) for n in [o for o in self.output_names if o.startswith("present.")]]
+        return StepOutput(logits=outs.pop("logits", None), present=present, extra=outs)
+
+    def _step_shared(self, input_ids, attention_mask, past):
+        """One step on preallocated cache buffers bound as both past input and present output."""
+        batch, total = attention_mask.shape
+        valid = past[0].shape[2] if past else 0
+        ours = bool(self._buffers) and all(np.shares_memory(p, b) for p, b in zip(past, self._buffers))
+        if not ours or self._buffers[0].shape[0] != batch or self._buffers[0].shape[2] < total:
+            length = max(total, 2 * self._buffers[0].shape[2] if self._buffers else 0, 256)
+            fresh = [np.zeros((batch, self.n_kv_heads, length, self.head_dim), np.float32) for _ in past]
+            for buf, p in zip(fresh, past):
+                buf[:, :, :valid] = p
+            self._buffers = fresh
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        for name_in, name_out, buf in zip(self._past_names, self._present_names, self._buffers):
+            io.bind_input(name_in, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            io.bind_output(name_out, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        others = [n for n in self.output_names if not n.startswith("present.")]
+        for name in others:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        outs = dict(zip(others, io.copy_outputs_to_cpu()[len(self._buffers):]))
+        present = [buf[:, :, :total] for buf in self._buffers]
         return StepOutput(logits=outs.pop("logits", None), present=present, extra=outs)

@@ -1,7 +1,7 @@
 """Build a TensorRT engine from the exported graph: parse, two optimization profiles, precision, timing cache.
 
-Writes ``model.onnx`` (the portable graph, as for every target), ``model.plan`` (the serialized engine) and
-``timing.cache``; returns the manifest's ``runtime`` section with the engine's metadata (TensorRT version,
+Beside ``model.onnx`` + ``model.onnx.data`` (the portable graph, as for every target) it writes ``model.plan`` (the
+serialized engine), ``timing.cache`` and the head's definition; returns the manifest's ``runtime`` section with the engine's metadata (TensorRT version,
 GPU and compute capability, compatibility level, profiles).
 
 Precision lives in the graph and the network is built strongly typed (TensorRT 10's STRONGLY_TYPED flag; the
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import onnx
 
-from ...checkpoint import Checkpoint
+from ...head.spec import write_head
+from ...source import Source
 from ...errors import VQExportError
 from ...profiles import Profile
 from .env import probe, require
@@ -28,13 +29,16 @@ PLAN_FILE = "model.plan"
 TIMING_CACHE_FILE = "timing.cache"
 
 
-def build_trt(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: Path, timing_cache: bytes | None = None,
+def build_trt(out: Path, profile: Profile, source: Source, timing_cache: bytes | None = None,
               graph: onnx.ModelProto | None = None) -> dict:
-    """``proto`` is written as model.onnx; ``graph`` is its prepare_for_trt form (made here when not given)."""
+    """Build from ``out``/model.onnx; ``graph`` is its prepare_for_trt form, loaded without its external weights
+    (made here when not given); the parser reads the weights from beside model.onnx."""
     here = probe()
     trt = require(f"target {profile.name}", here)
-    (out / MODEL_FILE).write_bytes(proto.SerializeToString())
-    graph = prepare_for_trt(proto) if graph is None else graph
+    if graph is None:
+        from ...graph_io import load_graph
+
+        graph = prepare_for_trt(load_graph(out / MODEL_FILE))
     fused = profile.head == "fused"
     if fused:
         from .plugin import register
@@ -48,11 +52,11 @@ def build_trt(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: P
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(graph.SerializeToString()):
+    if not parser.parse(graph.SerializeToString(), str(out / MODEL_FILE)):
         errors = "; ".join(str(parser.get_error(i)).strip().replace("\n", " ")[:300] for i in range(parser.num_errors))
         raise VQExportError(f"target {profile.name}: TensorRT's ONNX parser refused the graph: {errors}")
     config = builder.create_builder_config()
-    shapes = input_shapes(profile.trt, ckpt.config)
+    shapes = input_shapes(profile.trt, source.geometry)
     for per_input in shapes:
         p = builder.create_optimization_profile()
         for name, (lo, opt, hi) in per_input.items():
@@ -77,6 +81,7 @@ def build_trt(proto: onnx.ModelProto, profile: Profile, ckpt: Checkpoint, out: P
     if plan is None:
         raise VQExportError(f"target {profile.name}: TensorRT could not build the engine (its log above says why)")
     (out / PLAN_FILE).write_bytes(bytes(plan))
+    write_head(out, source.head)
     if opts.timing_cache:
         (out / TIMING_CACHE_FILE).write_bytes(bytes(config.get_timing_cache().serialize()))
     return {

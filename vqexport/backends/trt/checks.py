@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from ...checkpoint import Checkpoint
+from ...source import Source
 from ...errors import VQExportError
 from ...profiles import Profile
 from .shapes import check_fits_model
 
 
-def check_trt_profile(profile: Profile, ckpt: Checkpoint) -> None:
+def check_trt_profile(profile: Profile, source: Source) -> None:
     where = f"target {profile.name}"
-    check_fits_model(profile.trt, ckpt.config, where)
+    check_fits_model(profile.trt, source.geometry, where)
     if profile.codebook == "int8":
         if profile.int8.encoding != "qdq" or not profile.int8.activations:
             raise VQExportError(f"{where}: TensorRT runs int8 GEMMs only with explicit Q/DQ on both MatMul inputs; "

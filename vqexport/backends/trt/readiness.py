@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
 
-from ...config import ModelConfig
+from ...source import Geometry
 from ...errors import VQExportError
 from ...profiles import Profile
 from ...ops.vqlogits import PLUGIN_NAMESPACE
@@ -54,7 +54,7 @@ def op_list() -> dict:
         return tomllib.load(f)
 
 
-def check(proto: onnx.ModelProto, profile: Profile, cfg: ModelConfig) -> Readiness:
+def check(proto: onnx.ModelProto, profile: Profile, cfg: Geometry) -> Readiness:
     ops = op_list()
     supported = set(ops["supported"])
     reasons: list[str] = []
@@ -176,25 +176,29 @@ def _qdq_reasons(g, inits, producer, consumers) -> list[str]:
     return out
 
 
-def _int8_gemm_reasons(proto, producer) -> list[str]:
-    from ...graph import find_head
+def _codebook_matmul(g) -> onnx.NodeProto | None:
+    from ...head.graph import CODEBOOK_MATMUL
 
-    head = find_head(proto)
-    if head.matmul.op_type != "MatMul":
-        return [f"node {head.matmul.name!r}: the int8 head must be a standard MatMul for TensorRT, not {head.matmul.op_type}"]
+    return next((n for n in g.node if n.name == CODEBOOK_MATMUL), None)
+
+
+def _int8_gemm_reasons(proto, producer) -> list[str]:
+    matmul = _codebook_matmul(proto.graph)
+    if matmul is None:
+        head = next((n for n in proto.graph.node if n.name.startswith("head/") and "MatMul" in n.op_type), None)
+        kind = head.op_type if head is not None else "none"
+        return [f"the int8 head's codebook product must be a standard MatMul for TensorRT, not {kind}"]
     out = []
-    for i, src in enumerate(head.matmul.input[:2]):
+    for i, src in enumerate(matmul.input[:2]):
         p = producer.get(src)
         if p is None or p.op_type != "DequantizeLinear":
-            out.append(f"head MatMul {head.matmul.name!r}: input {i} ({src!r}) does not come through DequantizeLinear; "
+            out.append(f"head MatMul {matmul.name!r}: input {i} ({src!r}) does not come through DequantizeLinear; "
                        "TensorRT runs int8 GEMMs only with explicit Q/DQ on both inputs ([int8] activations = true)")
     return out
 
 
 def _fp32_head_reasons(proto) -> list[str]:
     """Under an fp16 trunk the head's codebook logits and the logits output must still be computed in fp32."""
-    from ...graph import find_head
-
     try:
         g = shape_inference.infer_shapes(proto).graph
     except Exception:  # a graph onnx cannot type (other reasons name why): nothing to say about the head here
@@ -211,12 +215,11 @@ def _fp32_head_reasons(proto) -> list[str]:
     if node.op_type in PLUGIN_OPS:
         checks = [(node, node.input[0], "hidden state"), (node, node.input[1], "codebook")]
     else:
-        try:
-            head = find_head(proto)
-        except VQExportError:
+        matmul = _codebook_matmul(g)
+        if matmul is None:
             return []
-        checks = [(head.matmul, head.matmul.input[0], "hidden state"), (head.matmul, head.matmul.input[1], "codebook"),
-                  (head.matmul, head.matmul.output[0], "codebook logits")]
+        checks = [(matmul, matmul.input[0], "hidden state"), (matmul, matmul.input[1], "codebook"),
+                  (matmul, matmul.output[0], "codebook logits")]
     return [f"head node {n.name!r}: its {what} {t!r} is {TensorProto.DataType.Name(types[t])}; the head must compute in fp32"
             for n, t, what in checks if types.get(t) not in (None, TensorProto.FLOAT)]
 

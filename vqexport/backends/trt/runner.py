@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import VQExportError
-from ...graph import cache_names
+from ...graph_io import cache_names
 from ..base import Runner, StepOutput
 from .env import check_engine_runs_here, probe, require
 from .shapes import profile_for

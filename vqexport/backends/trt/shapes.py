@@ -7,9 +7,9 @@ Used by the engine builder and, on CPU, by the readiness check (tensor sizes at 
 
 from __future__ import annotations
 
-from ...config import ModelConfig
 from ...errors import VQExportError
-from ...graph import BATCH, PAST, SEQ, TOTAL, cache_names
+from ...graph_io import BATCH, PAST, SEQ, TOTAL, cache_names
+from ...source import Geometry
 from ...target_options import TrtOptions
 
 PROFILES = ("prefill", "decode")
@@ -24,7 +24,7 @@ def dim_values(trt: TrtOptions, which: str, point: str) -> dict[str, int]:
     return {BATCH: b, SEQ: 1, PAST: p, TOTAL: p + 1}
 
 
-def input_shapes(trt: TrtOptions, cfg: ModelConfig) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
+def input_shapes(trt: TrtOptions, cfg: Geometry) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
     """Per profile: input name -> (min, opt, max) shapes, for IOptimizationProfile.set_shape."""
     past, _ = cache_names(cfg.n_layers)
     out = []
@@ -43,7 +43,7 @@ def profile_for(past_len: int) -> int:
     return 0 if past_len == 0 else 1
 
 
-def check_fits_model(trt: TrtOptions, cfg: ModelConfig, where: str) -> None:
+def check_fits_model(trt: TrtOptions, cfg: Geometry, where: str) -> None:
     if trt.prefill_sequence.max > cfg.max_position:
         raise VQExportError(f"{where}: trt.prefill.sequence max {trt.prefill_sequence.max} exceeds the model's "
                             f"max_position {cfg.max_position}")

@@ -1,0 +1,87 @@
+"""Random-weight Hugging Face models made locally with transformers' config classes (no downloads), and heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def hf_config(arch: str = "llama", vocab: int = 97, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+              ffn: int = 48, max_position: int = 256, tie: bool = True, **extra):
+    """A tiny transformers config of ``arch`` (llama, qwen2, qwen3, gemma3, phi3, mistral, gpt2)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_position,
+                  tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_position,
+                             n_inner=ffn, bos_token_id=None, eos_token_id=None, tie_word_embeddings=tie, **extra)
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config, "gemma3": tf.Gemma3TextConfig,
+           "phi3": tf.Phi3Config, "mistral": tf.MistralConfig}[arch]
+    if arch in ("qwen3", "gemma3"):
+        common["head_dim"] = hidden // heads
+    common.update(extra)
+    return cls(**common)
+
+
+def save_hf(path: Path, config, seed: int = 0, tokenizer: Path | None = None) -> Path:
+    """A random-weight model of ``config`` written with save_pretrained (safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms away from exactly 1 so that their weights matter
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(path))
+    if tokenizer is not None:
+        (Path(path) / "tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
+    return Path(path)
+
+
+def random_head(vocab: int, hidden: int, k: int, bias: bool = True, rank: int = 0, seed: int = 0):
+    """A head whose map uses every code (when V >= K), with weights large enough to move the logits."""
+    from vqexport.head.spec import make_head
+
+    rng = np.random.default_rng(seed)
+    m = np.concatenate([np.arange(min(k, vocab)), rng.integers(0, k, size=max(vocab - k, 0))])
+    t = {"codebook": rng.standard_normal((k, hidden)).astype(np.float32) * hidden**-0.5 * 4,
+         "map": rng.permutation(m).astype(np.int32)}
+    if bias:
+        t["bias"] = rng.standard_normal(vocab).astype(np.float32)
+    if rank:
+        t["lowrank_p"] = rng.standard_normal((rank, hidden)).astype(np.float32) * hidden**-0.5
+        t["lowrank_u"] = rng.standard_normal((vocab, rank)).astype(np.float32) * 1.5
+    return make_head(t)
+
+
+def identity_head(model_dir: Path):
+    """K = V, every token its own code, no bias, codebook = the dense output layer: the dense model exactly."""
+    import torch
+
+    from vqexport.head.spec import make_head
+    from vqexport.source import load_source
+    from vqexport.trunk.hf import load_causal_lm, output_weight
+
+    src = load_source(model_dir, need_head=False)
+    with torch.no_grad():
+        w = output_weight(load_causal_lm(src)).float().numpy()
+    return make_head({"codebook": w, "map": np.arange(w.shape[0], dtype=np.int32)})
+
+
+def make_model(path: Path, arch: str = "llama", k: int = 11, bias: bool = True, rank: int = 0, seed: int = 0,
+               tokenizer: Path | None = None, head=None, **config) -> Path:
+    """An HF model directory with a random VQ-Logits head beside it (``head=False``: a dense model only)."""
+    from vqexport.head.spec import write_head
+
+    cfg = hf_config(arch, **config)
+    save_hf(path, cfg, seed=seed, tokenizer=tokenizer)
+    if head is None:
+        head = random_head(cfg.vocab_size, cfg.hidden_size if arch != "gpt2" else cfg.n_embd, k, bias=bias, rank=rank, seed=seed)
+    if head is not False:
+        write_head(path, head)
+    return Path(path)

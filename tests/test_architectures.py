@@ -1,0 +1,146 @@
+"""Any transformers causal LM: the artifact of a tiny random model whose head is its own dense output layer (K = V,
+every token its own code, no bias) equals transformers' dense logits — an oracle that shares none of our code."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vqexport import api
+from vqexport.backends.ort.runner import OrtRunner
+from vqexport.head.spec import write_head
+
+from .conftest import assert_user_error, run_cli
+from .models import hf_config, identity_head, save_hf
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+ARCHS = {
+    "llama-llama3-rope": ("llama", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0}),
+    "qwen2-rope-parameters": ("qwen2", {"rope_theta": 1e6}),
+    "qwen3": ("qwen3", {}),
+    "gemma3": ("gemma3", {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": ("phi3", {"pad_token_id": 0}),
+    "mistral": ("mistral", {"sliding_window": 4}),
+    "gpt2": ("gpt2", {}),
+}
+
+
+def _dense_model(path, arch, **extra):
+    save_hf(path, hf_config(arch, vocab=101, hidden=32, layers=2, heads=4, kv_heads=2 if arch != "gpt2" else 4, **extra))
+    write_head(path, identity_head(path))
+    return path
+
+
+def _transformers_logits(path, ids, mask):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    positions = (torch.from_numpy(mask).cumsum(-1) - 1).clamp(min=0)  # what generate() passes for left padding
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=positions).logits.numpy()
+
+
+def _artifact_logits(artifact, ids, mask, extra_token):
+    """Prefill on (ids, mask), then one decode step with the KV cache on ``extra_token``."""
+    with OrtRunner.from_artifact(artifact) as r:
+        out = r.step(ids, mask, r.empty_past(ids.shape[0]))
+        mask2 = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], 1)
+        step = r.step(extra_token, mask2, out.present)
+    return out.logits, step.logits[:, -1]
+
+
+def _oracle(tmp_path, model_dir):
+    result = api.build("ort", model=model_dir, out=tmp_path / "art", steps=4)
+    assert result.parity.passed
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 101, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
+    nxt = rng.integers(0, 101, size=(2, 1))
+    prefill, decode = _artifact_logits(result.out, ids, mask, nxt)
+    ref = _transformers_logits(model_dir, ids, mask)
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(prefill[keep], ref[keep], atol=1e-4, rtol=0)
+    full_mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    ref_next = _transformers_logits(model_dir, np.concatenate([ids, nxt], 1), full_mask)[:, -1]
+    np.testing.assert_allclose(decode, ref_next, atol=1e-4, rtol=0)
+    return result, ref
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_identity_head_artifact_equals_transformers_dense_logits(tmp_path, name):
+    arch, extra = ARCHS[name]
+    model_dir = _dense_model(tmp_path / "model", arch, **extra)
+    result, _ = _oracle(tmp_path, model_dir)
+    assert result.manifest["config"]["model_type"] == json.loads((model_dir / "config.json").read_text())["model_type"]
+
+
+def test_rope_theta_under_the_legacy_top_level_key_is_honoured(tmp_path):
+    """transformers 5 writes rope settings under rope_parameters; configs written before keep top-level rope_theta.
+    Both must reach the graph: the artifact equals transformers' logits over 160 positions, and those differ from
+    the default theta's."""
+    model_dir = _dense_model(tmp_path / "model", "qwen2", rope_theta=1e6)
+    raw = json.loads((model_dir / "config.json").read_text())
+    raw.pop("rope_parameters")
+    raw["rope_theta"] = 1e6
+    (model_dir / "config.json").write_text(json.dumps(raw))
+    result, _ = _oracle(tmp_path, model_dir)
+    ids = np.random.default_rng(1).integers(0, 101, size=(1, 160))
+    mask = np.ones_like(ids)
+    with OrtRunner.from_artifact(result.out) as r:
+        got = r.step(ids, mask, r.empty_past(1)).logits
+    ref = _transformers_logits(model_dir, ids, mask)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    raw["rope_theta"] = 10000.0
+    (model_dir / "config.json").write_text(json.dumps(raw))
+    assert np.abs(_transformers_logits(model_dir, ids, mask) - ref).max() > 1e-3  # 10x the tolerance above: theta matters
+
+
+def test_llama3_rope_scaling_under_the_legacy_top_level_key(tmp_path):
+    model_dir = _dense_model(tmp_path / "model", "llama", rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)
+    raw = json.loads((model_dir / "config.json").read_text())
+    params = raw.pop("rope_parameters")
+    raw["rope_theta"] = params.pop("rope_theta")
+    raw["rope_scaling"] = params
+    (model_dir / "config.json").write_text(json.dumps(raw))
+    _oracle(tmp_path, model_dir)
+
+
+def test_an_unknown_architecture_is_one_line(tmp_path):
+    model_dir = _dense_model(tmp_path / "model", "llama")
+    raw = json.loads((model_dir / "config.json").read_text())
+    raw["model_type"] = "not-a-model"
+    (model_dir / "config.json").write_text(json.dumps(raw))
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"), "cannot load this config")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_that_is_not_a_causal_lm_is_one_line(tmp_path):
+    from transformers import T5Config
+
+    ok = _dense_model(tmp_path / "ok", "llama")
+    model_dir = tmp_path / "t5"
+    T5Config(vocab_size=101, d_model=32).save_pretrained(str(model_dir))
+    (model_dir / "model.safetensors").write_bytes((ok / "model.safetensors").read_bytes())
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"), "not a causal language model", "t5")
+    assert not (tmp_path / "o").exists()
+
+
+def test_final_logit_softcapping_is_refused_by_name(tmp_path):
+    model_dir = _dense_model(tmp_path / "model", "gemma3", final_logit_softcapping=30.0)
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"), "final_logit_softcapping")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_architecture_torch_onnx_cannot_export_is_one_line(tmp_path, monkeypatch):
+    model_dir = _dense_model(tmp_path / "model", "mistral")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported: data-dependent control flow in the decoder\nmore detail")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    result = run_cli("build", "--model", model_dir, "--out", tmp_path / "o")
+    assert_user_error(result, "torch.onnx cannot export the mistral decoder", "data-dependent control flow")
+    assert not (tmp_path / "o").exists()

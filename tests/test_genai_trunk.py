@@ -1,0 +1,183 @@
+"""The trunk built by onnxruntime-genai's model builder (GroupQueryAttention, MatMulNBits, int4), the head attached to
+its hidden state: parity against the fp32 PyTorch reference, onnxruntime-genai running the artifact as is, bad input."""
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from vqexport import api
+from vqexport.backends.ort.runner import OrtRunner
+from vqexport.build import reference_runner
+from vqexport.graph_io import load_graph
+from vqexport.source import demo_dir, load_source
+
+from .conftest import assert_user_error, run_cli
+from .models import make_model
+
+og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (its model builder) is not installed")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, small_tokenizer):
+    """A tiny Qwen2 (V 320 >= the ~300-token tokenizer) with a VQ head: the builder needs a tokenizer."""
+    return make_model(tmp_path_factory.mktemp("g") / "model", arch="qwen2", vocab=320, hidden=64, heads=4, kv_heads=2,
+                      k=20, max_position=512, tokenizer=small_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny, tmp_path_factory):
+    return api.build("ort-genai", model=tiny, out=tmp_path_factory.mktemp("a") / "fp32", steps=8)
+
+
+@pytest.fixture(scope="module")
+def int4_demo(tmp_path_factory):
+    return api.build("ort-int4", out=tmp_path_factory.mktemp("a") / "int4")
+
+
+def test_fp32_genai_trunk_matches_pytorch(fp32):
+    r = fp32.parity
+    assert r.passed and r.max_abs_diff <= 1e-4 and r.top1_agreement == 1.0 and r.greedy_match_steps == 8
+    rt = fp32.manifest["runtime"]
+    assert rt["trunk"] == "genai" and rt["past_present_share_buffer"] is True
+    ops = {n.op_type for n in load_graph(fp32.out / "model.onnx").graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops  # the builder's graph, not ours
+    cfg = json.loads((fp32.out / "genai_config.json").read_text())
+    assert cfg["search"]["past_present_share_buffer"] is True
+    assert cfg["model"]["decoder"]["outputs"]["logits"] == "logits"
+
+
+def test_onnxruntime_genai_generates_from_the_artifact_unchanged(fp32, tiny):
+    """Greedy tokens through onnxruntime-genai equal the PyTorch reference's (transformers' model + the head)."""
+    prompt = [5, 17, 200, 33, 7]
+    model = og.Model(str(fp32.out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 10, min_length=len(prompt) + 10, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    with reference_runner(load_source(tiny)) as ref:
+        x = np.array([prompt])
+        mask = np.ones_like(x)
+        out = ref.step(x, mask, ref.empty_past(1))
+        expected = []
+        for _ in range(10):
+            expected.append(int(out.logits[0, -1].argmax()))
+            mask = np.concatenate([mask, [[1]]], 1)
+            out = ref.step(np.array([[expected[-1]]]), mask, out.present)
+    assert got == expected
+
+
+def test_the_runner_drives_the_shared_cache_like_onnxruntime_genai(fp32, tiny):
+    """Decode steps on the builder's preallocated cache (one buffer per layer, written in place) equal the reference,
+    including when the sequence outgrows the first buffer."""
+    with OrtRunner.from_artifact(fp32.out) as tgt, reference_runner(load_source(tiny)) as ref:
+        ids = np.arange(250).reshape(1, 250) % 320
+        mask = np.ones_like(ids)
+        t, r = tgt.step(ids, mask, tgt.empty_past(1)), ref.step(ids, mask, ref.empty_past(1))
+        for tok in (3, 9, 27, 81, 243, 100, 50, 25):  # past 256 positions: the runner grows its buffers
+            mask = np.concatenate([mask, [[1]]], 1)
+            t, r = tgt.step(np.array([[tok]]), mask, t.present), ref.step(np.array([[tok]]), mask, r.present)
+            np.testing.assert_allclose(t.logits, r.logits, atol=1e-4)
+        assert t.present[0].shape == r.present[0].shape == (1, 2, 258, 16)
+
+
+def test_int4_trunk_meets_its_measured_tolerances(int4_demo):
+    r = int4_demo.parity
+    assert r.passed, r.failures
+    assert r.max_abs_diff > 1e-3  # really an int4 trunk, compared with the fp32 reference
+    proto = load_graph(int4_demo.out / "model.onnx")
+    ops = [n.op_type for n in proto.graph.node]
+    assert "MatMulNBits" in ops and "GroupQueryAttention" in ops
+    bits = {next(a.i for a in n.attribute if a.name == "bits") for n in proto.graph.node if n.op_type == "MatMulNBits"
+            and not n.name.startswith("head/")}
+    assert bits == {4}
+    names = {t.name for t in proto.graph.initializer}
+    assert not any(n.startswith("lm_head") for n in names)  # the dense output layer is never shipped
+    embed = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(embed) == 1  # the tied int4 table stays one table, read by the embedding lookup
+    assert any(n.startswith("head.codebook") for n in names)
+
+
+def test_int4_artifact_runs_in_onnxruntime_genai_and_generate(int4_demo):
+    result = run_cli("generate", "--artifact", int4_demo.out, "--prompt", "def main(", "--max-new-tokens", 6)
+    assert result.exit_code == 0, result.stderr
+    model = og.Model(str(int4_demo.out))
+    tok = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=20, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(tok.encode("def main("))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert tok.decode(gen.get_sequence(0)).startswith("def main(")
+
+
+def _profile(tmp_path, body):
+    f = tmp_path / "p.toml"
+    f.write_text('backend = "ort"\nname = "p"\n' + body)
+    return f
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ('precision = "int3"\n[trunk]\nsource = "genai"\n', "precision 'int3' is not one onnxruntime-genai's builder makes"),
+    ('precision = "fp16"\n[trunk]\nsource = "genai"\n', "no fp16 graph for execution provider 'cpu'"),
+    ('[trunk]\nsource = "genai"\nexecution_provider = "tpu"\n', "trunk.execution_provider must be one of"),
+    ('[trunk]\nsource = "genai"\nextra_options = { exclude_lm_head = false }\n', "may not set exclude_lm_head"),
+    ('precision = "fp16"\n[trunk]\nsource = "genai"\nexecution_provider = "cuda"\n', "runs on CUDAExecutionProvider"),
+    ('[trunk]\nsource = "portable"\nexecution_provider = "cuda"\n', "applies to trunk.source = 'genai' only"),
+    ('[trunk]\nsource = "builder"\n', "trunk.source must be"),
+])
+def test_a_profile_the_builder_cannot_serve_is_one_line(tmp_path, body, fragment):
+    assert_user_error(run_cli("build", "--target", _profile(tmp_path, body), "--out", tmp_path / "o"), fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_genai_trunk_on_tensorrt_is_refused(tmp_path):
+    f = tmp_path / "t.toml"
+    f.write_text('backend = "trt"\nname = "t"\n[trunk]\nsource = "genai"\n')
+    assert_user_error(run_cli("build", "--target", f, "--check-only"), "applies to backend = 'ort' only")
+
+
+@pytest.mark.parametrize("missing", ["onnxruntime_genai", "transformers"])
+def test_missing_builder_or_transformers_is_one_line_with_the_hint(tmp_path, monkeypatch, missing):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    result = run_cli("build", "--target", "ort-genai", "--out", tmp_path / "o")
+    assert_user_error(result, missing, "pip install")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_an_architecture_the_builder_refuses_points_to_the_portable_trunk(tmp_path, small_tokenizer):
+    model = make_model(tmp_path / "gpt2", arch="gpt2", vocab=320, hidden=32, tokenizer=small_tokenizer)
+    result = run_cli("build", "--target", "ort-genai", "--model", model, "--out", tmp_path / "o")
+    assert_user_error(result, "onnxruntime-genai's builder cannot build this gpt2 model", 'source = "portable"')
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_tokenizer_is_one_line(tmp_path):
+    model = make_model(tmp_path / "m", arch="llama")
+    assert_user_error(run_cli("build", "--target", "ort-genai", "--model", model, "--out", tmp_path / "o"), "no tokenizer.json")
+
+
+def test_bench_e2e_runs_both_sides_through_onnxruntime_genai(tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(demo_dir(), tmp_path / "demo")
+    result = run_cli("bench", "--e2e", "--model", tmp_path / "demo", "--work", work, "--tokens", 4, "--prompt-length", 8,
+                     "--repeats", 1, "--json")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    for side in ("vq", "dense"):
+        assert out[side]["tokens_per_s"] > 0 and out[side]["ttft_ms"] > 0 and out[side]["model_bytes"] > 0
+        assert 0 < out[side]["bound_fraction"]
+    assert out["dense"]["bytes_per_token"] > out["vq"]["bytes_per_token"]  # the dense head reads V x d
+    assert out["parity"]["passed"] and out["target"] == "ort-int4"
+    dense_ops = {n.name for n in load_graph(work / "demo-builder-int4" / "model.onnx").graph.node}
+    assert any("lm_head" in n for n in dense_ops)
+    assert_user_error(run_cli("bench", "--e2e", "--target", "ort", "--model", tmp_path / "demo"), "has a portable trunk")
+    assert_user_error(run_cli("bench", "--e2e"), "--model DIR or --shape NAME")

@@ -1,0 +1,81 @@
+"""The head's torch module and its numpy definition; the trunk reference's KV cache and padding (transformers' own)."""
+
+import numpy as np
+import pytest
+import torch
+
+from vqexport.head.module import VQLogitsHead
+from vqexport.head.spec import HeadConfig
+from vqexport.source import load_source
+from vqexport.trunk.hf import make_trunk
+
+from .models import make_model, random_head
+
+
+def test_vq_head_matches_definition():
+    head = random_head(50, 8, 5, bias=True, rank=2)
+    module = VQLogitsHead.from_head(head)
+    h = torch.randn(2, 3, 8)
+    z = h @ module.codebook.T
+    expected = torch.stack([z[..., int(module.map[v])] + module.bias[v] for v in range(50)], dim=-1)
+    expected = expected + (h @ module.lowrank_p.T) @ module.lowrank_u.T
+    torch.testing.assert_close(module(h), expected)
+    np.testing.assert_allclose(head.logits(h.numpy()), expected.detach().numpy(), atol=1e-5)
+
+
+def test_round_trip_through_the_files_format():
+    head = random_head(40, 6, 4, bias=True, rank=3)
+    back = VQLogitsHead.from_head(head).to_head()
+    assert back.config == head.config
+    for k, v in head.tensors.items():
+        np.testing.assert_array_equal(back.tensors[k], v)
+
+
+def test_vq_head_without_bias_has_no_bias_parameter():
+    head = VQLogitsHead(HeadConfig(vocab_size=50, hidden_size=8, codebook_size=5, bias=False))
+    assert head.bias is None
+    assert [n for n, _ in head.named_parameters()] == ["codebook"]
+
+
+def test_gradients_reach_codebook_bias_and_factors_not_map():
+    torch.manual_seed(0)
+    head = VQLogitsHead(HeadConfig(vocab_size=30, hidden_size=8, codebook_size=4, bias=True, rank=2))
+    head.map.copy_(torch.arange(30) % 4)
+    with torch.no_grad():
+        head.lowrank_u.normal_()
+    loss = torch.nn.functional.cross_entropy(head(torch.randn(5, 8)), torch.randint(0, 30, (5,)))
+    loss.backward()
+    for p in (head.codebook, head.bias, head.lowrank_p, head.lowrank_u):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert not head.map.requires_grad and "map" in dict(head.named_buffers())
+
+
+@pytest.fixture(scope="module")
+def trunk(tmp_path_factory):
+    source = load_source(make_model(tmp_path_factory.mktemp("m") / "model", kv_heads=1))
+    return make_trunk(source), source.geometry
+
+
+def test_incremental_decoding_matches_full_forward(trunk):
+    trunk, geo = trunk
+    ids = torch.randint(0, geo.vocab_size, (2, 9))
+    empty = trunk.empty_past(2, geo.n_kv_heads, geo.head_dim)
+    with torch.no_grad():
+        full = trunk(ids, torch.ones_like(ids), *empty)[0]
+        out = trunk(ids[:, :5], torch.ones(2, 5, dtype=torch.int64), *empty)
+        pieces = [out[0]]
+        for t in range(5, 9):
+            out = trunk(ids[:, t : t + 1], torch.ones(2, t + 1, dtype=torch.int64), *out[1:])
+            pieces.append(out[0])
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_gives_the_same_hidden_states_as_no_padding(trunk):
+    trunk, geo = trunk
+    ids = torch.randint(0, geo.vocab_size, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.int64), ids], 1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        a = trunk(ids, torch.ones_like(ids), *trunk.empty_past(1, geo.n_kv_heads, geo.head_dim))[0]
+        b = trunk(padded, mask, *trunk.empty_past(1, geo.n_kv_heads, geo.head_dim))[0][:, 3:]
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)

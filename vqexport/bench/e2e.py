@@ -1,0 +1,218 @@
+"""``bench --e2e``: the artifact against onnxruntime-genai's own dense-head model of the same trunk at the same
+precision, both run by onnxruntime-genai, in one run and alternating.
+
+    model      --model DIR (a Hugging Face directory, with or without a VQ head), or --shape NAME: a random-weight
+               model of a real shape made locally with transformers' config classes (no download), with a small
+               byte-level tokenizer (prompts are token ids, so its size does not matter)
+    head       a model without one gets `convert` (K = V/32, spherical clustering, no text)
+    artifact   `build` with the target (default ort-int4: the builder's int4 trunk + the VQ head), parity included
+    baseline   `python -m onnxruntime_genai.models.builder` on the same directory with the same precision, execution
+               provider and options, its own output layer included: what a user gets in one command
+    timing     each side in a fresh worker process, sides alternating: time to first token (prefill of the prompt and
+               the first token), decode tokens/s (median over repeats), peak RSS; bytes on disk
+    bound      bytes read per decode token (every MatMul weight, the head's V-wide tables and logits; an embedding
+               lookup reads one row) over the measured copy bandwidth: the fastest a token could possibly be
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import VQExportError
+
+SHAPES = {  # transformers config class, sizes; tied embeddings as the real models have
+    "qwen2.5-0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                                   rope_theta=1000000.0, tie_word_embeddings=True)),
+    "llama-3.2-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                                   rope_theta=500000.0, tie_word_embeddings=True, head_dim=64,
+                                   rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+}
+
+
+def make_shape_model(name: str, out: Path, seed: int = 0) -> Path:
+    """A random-weight Hugging Face model of a real shape, saved with save_pretrained, plus a small tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    if name not in SHAPES:
+        raise VQExportError(f"unknown --shape {name!r}; known: {', '.join(SHAPES)}")
+    arch, sizes = SHAPES[name]
+    cfg = AutoConfig.for_model(arch, **sizes, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(str(out))
+    del model
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["vqexport " * 64], trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(str(out))
+    return out
+
+
+def builder_dense(source, profile, out: Path, work: Path) -> Path:
+    """onnxruntime-genai's builder on the same directory and settings, its output layer included."""
+    import os
+
+    from ..trunk.genai import BUILDER, require_builder
+
+    require_builder()
+    options = [f"{k}={v}" for k, v in sorted(profile.trunk.extra_options.items())]
+    cmd = [sys.executable, "-m", BUILDER, "-i", str(source.path.resolve()), "-o", str(out), "-p", profile.precision,
+           "-e", profile.trunk.execution_provider, "-c", str(work / "cache")] + (["--extra_options", *options] if options else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(work), env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0 or not (out / "model.onnx").is_file():
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise VQExportError(f"{source.path}: onnxruntime-genai's builder could not build the dense baseline ({tail[:200]})")
+    return out
+
+
+def measure(model_dir: str, prompt_len: int, tokens: int, vocab: int, seed: int = 0) -> dict:
+    """Runs inside the worker: one generation through onnxruntime-genai, timed."""
+    import resource
+    import time
+
+    import onnxruntime_genai as og
+
+    model = og.Model(model_dir)
+    prompt = np.random.default_rng(seed).integers(3, min(vocab, 32000), size=prompt_len).tolist()
+    total = prompt_len + tokens
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)  # no early stop at EOS
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt)
+    gen.generate_next_token()
+    ttft = time.perf_counter() - t0
+    steps = []
+    while not gen.is_done():
+        t = time.perf_counter()
+        gen.generate_next_token()
+        steps.append(time.perf_counter() - t)
+    ms = np.asarray(steps) * 1e3
+    return {"ttft_ms": ttft * 1e3, "decode_ms_p50": float(np.median(ms)), "tokens_per_s": float(1e3 / np.median(ms)),
+            "tokens": len(steps) + 1, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _worker(model_dir: Path, prompt_len: int, tokens: int, vocab: int) -> dict:
+    args = json.dumps([str(model_dir), prompt_len, tokens, vocab])
+    code = "import json,sys; from vqexport.bench.e2e import measure; print(json.dumps(measure(*json.loads(sys.argv[1]))))"
+    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bytes_per_token(model_path: Path) -> dict:
+    """Bytes one decode step reads: every weight of a MatMul-like node in full, the head's V-wide tables, the logits
+    written; a Gather / GatherBlockQuantized of an embedding table reads one row (counted as nothing)."""
+    from ..graph_io import initializer_stats, load_graph
+
+    proto = load_graph(model_path)
+    stats = initializer_stats(proto)
+    matmul = {"MatMul", "MatMulNBits", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul"}
+    total = weights = head = 0
+    seen = set()
+    for node in proto.graph.node:
+        for name in node.input:
+            if name not in stats or name in seen:
+                continue
+            lookup = node.op_type in ("Gather", "GatherBlockQuantized") and not name.startswith("head.")
+            if lookup:
+                continue
+            if node.op_type in matmul or name.startswith("head.") or node.op_type == "DequantizeLinear":
+                seen.add(name)
+                weights += stats[name][1]
+                head += stats[name][1] if name.startswith(("head.", "lm_head")) else 0
+    logits = next((o for o in proto.graph.output if o.name == "logits"), None)
+    out_bytes = 4 * int(logits.type.tensor_type.shape.dim[-1].dim_value) if logits is not None else 0
+    total = weights + out_bytes
+    return {"bytes_per_token": total, "weights": weights, "head": head, "logits": out_bytes}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.name.startswith("model.onnx"))
+
+
+def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4", prompt_len: int = 64, tokens: int = 64,
+                  repeats: int = 3, work=None, progress=None) -> dict:
+    import importlib.util
+
+    from ..build import build
+    from ..convert.convert import convert
+    from ..head.spec import has_head
+    from ..profiles import load_profile
+    from ..source import load_source
+    from .timing import copy_bandwidth, machine
+
+    if (model is None) == (shape is None):
+        raise VQExportError("bench --e2e needs a model: --model DIR or --shape NAME")
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise VQExportError("bench --e2e runs both models with onnxruntime-genai (pip install 'vqexport[genai]')")
+    if prompt_len < 1 or tokens < 2 or repeats < 1:
+        raise VQExportError("--prompt-length must be >= 1, --tokens >= 2 and --repeats >= 1")
+    profile = load_profile(target)
+    if profile.trunk.source != "genai":
+        raise VQExportError(f"target {profile.name} has a {profile.trunk.source} trunk; bench --e2e compares a genai-trunk "
+                            "artifact with the builder's own model (e.g. --target ort-int4)")
+
+    def say(label, i=0, n=1):
+        if progress is not None:
+            progress(label, i, n)
+
+    with tempfile.TemporaryDirectory(prefix="vqexport-e2e-") as tmp:
+        root = Path(work) if work is not None else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        src = Path(model) if model is not None else root / shape
+        if shape is not None and not (src / "config.json").is_file():
+            say(f"making a random-weight {shape} model")
+            make_shape_model(shape, src)
+        source = load_source(src, need_head=False)
+        vq_dir = src
+        if not has_head(src):
+            vq_dir = root / f"{src.name}-vq"
+            if not has_head(vq_dir):
+                say(f"converting (K = V/32 = {source.geometry.vocab_size // 32})")
+                convert(src, source.geometry.vocab_size // 32, vq_dir, clustering="spherical")
+        art = root / f"{src.name}-{profile.name}"
+        say(f"building {profile.name} (parity included)")
+        built = build(profile, model=vq_dir, out=art, force=True)
+        dense = root / f"{src.name}-builder-{profile.precision}"
+        if not (dense / "model.onnx").is_file():
+            say(f"building onnxruntime-genai's dense {profile.precision} model")
+            builder_dense(source, profile, dense, root)
+        sides = {"vq": art, "dense": dense}
+        runs: dict[str, list] = {k: [] for k in sides}
+        for r in range(repeats):
+            for i, (side, path) in enumerate(sides.items()):
+                say(f"{side}: run {r + 1}/{repeats}", r * 2 + i, 2 * repeats)
+                runs[side].append(_worker(path, prompt_len, tokens, source.geometry.vocab_size))
+        bandwidth = copy_bandwidth()
+        result = {"model": str(src) if model is not None else f"random {shape}", "target": profile.name,
+                  "precision": profile.precision, "prompt_length": prompt_len, "tokens": tokens, "repeats": repeats,
+                  "machine": machine(), "bandwidth_gbps": bandwidth / 1e9, "parity": built.parity.to_dict()}
+        for side, path in sides.items():
+            med = {k: float(np.median([m[k] for m in runs[side]])) for k in ("ttft_ms", "decode_ms_p50", "tokens_per_s", "peak_rss_mb")}
+            traffic = bytes_per_token(path / "model.onnx")
+            bound_ms = traffic["bytes_per_token"] / bandwidth * 1e3
+            result[side] = {**med, "runs": runs[side], "model_bytes": _dir_bytes(path), **traffic,
+                            "bound_ms": bound_ms, "bound_fraction": bound_ms / med["decode_ms_p50"]}
+        vq, d = result["vq"], result["dense"]
+        result["ratios"] = {"tokens_per_s": vq["tokens_per_s"] / d["tokens_per_s"], "ttft": d["ttft_ms"] / vq["ttft_ms"],
+                            "model_bytes": d["model_bytes"] / vq["model_bytes"], "peak_rss": d["peak_rss_mb"] / vq["peak_rss_mb"],
+                            "bytes_per_token": d["bytes_per_token"] / vq["bytes_per_token"]}
+        say("done", 2 * repeats, 2 * repeats)
+    return result

@@ -1,0 +1,1 @@
+"""Dense output layer -> VQ-Logits head: clustering, initialisation, distillation, the model card."""

@@ -1,0 +1,288 @@
+"""Clustering the rows of an output layer into K codes: k-means (euclidean or spherical), fast at V = 152k.
+
+    lloyd(x, k)                   exact Lloyd's k-means: the reference (every iteration is a full N x K x d pass)
+    kmeans(x, k)                  the default: the same objective, most passes in a principal-component projection
+    balanced(x, k, centroids)     size-balanced assignment: no cluster above ceil(slack * N / K) rows
+    cluster(x, k, method)         the methods ``convert`` offers, by name (METHODS, and EQUAL for two-stage heads)
+
+``kmeans`` projects the rows onto their top principal directions (``proj_dim``; randomized subspace
+iteration on a row subsample), seeds with k-means++ on a row subsample in the top ``seed_dim`` of them
+(approximate D^2 sampling, for speed: K sequential steps), then runs Lloyd passes whose assignment step
+is done in the projected space (an N x K x proj_dim matmul instead of N x K x d; the centroids are means
+of the full rows) until the projected inertia stops improving (relative change below ``tol``), and
+finishes with exact float32 full-assignment passes until the assignment is stable or ``exact_iters``
+are done (a Lloyd fixed point whenever that limit is not hit). ``balanced`` makes its proposals in the
+same projected space. With d <= ``proj_dim`` there is no projection and ``kmeans`` is Lloyd with early
+stopping. Every method fills empty clusters (the rows farthest from their centroid, taken from clusters
+of two or more), so all K codes are used whenever N >= K; all are deterministic for a seed on a given
+machine and thread count (no unseeded randomness; ties broken by index).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+
+METHODS = ("euclidean", "spherical", "balanced", "balanced-spherical")  # what --clustering auto tries
+EQUAL = "equal-spherical"  # clusters of exactly ceil(N / K) rows (a two-stage head's member table), spherical geometry
+CHUNK = 4096
+
+
+PROJ_DIM = 128  # the principal directions the k-means passes and the balanced assignment work in
+
+def _prep(rows: torch.Tensor, k: int, spherical: bool) -> torch.Tensor:
+    n = rows.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    x = rows.detach().float().contiguous()
+    return torch.nn.functional.normalize(x, dim=1) if spherical else x
+
+
+def _nearest(x: torch.Tensor, sq: torch.Tensor, centroids: torch.Tensor, chunk: int = CHUNK):
+    """(squared distance, index) of each row's nearest centroid, exact, in row chunks (bounded memory)."""
+    c_sq = centroids.pow(2).sum(1)
+    dist = torch.empty(x.shape[0])
+    idx = torch.empty(x.shape[0], dtype=torch.int64)
+    for i in range(0, x.shape[0], chunk):
+        d2 = torch.addmm(c_sq, x[i : i + chunk], centroids.T, alpha=-2).add_(sq[i : i + chunk, None])
+        dist[i : i + chunk], idx[i : i + chunk] = d2.min(1)
+    return dist.clamp_(min=0), idx
+
+
+def _candidates(xp: torch.Tensor, cp: torch.Tensor, n_cand: int, chunk: int = CHUNK):
+    """Squared distances [N, n_cand] (ascending) from each row of ``xp`` to its ``n_cand`` nearest rows of
+    ``cp``, and their indices."""
+    n_cand = min(n_cand, cp.shape[0])
+    xp_sq, cp_sq = xp.pow(2).sum(1), cp.pow(2).sum(1)
+    dist = torch.empty(xp.shape[0], n_cand)
+    idx = torch.empty(xp.shape[0], n_cand, dtype=torch.int64)
+    for i in range(0, xp.shape[0], chunk):
+        d2 = torch.addmm(cp_sq, xp[i : i + chunk], cp.T, alpha=-2).add_(xp_sq[i : i + chunk, None])
+        d2, cand = d2.topk(n_cand, dim=1, largest=False, sorted=False)
+        d2, order = d2.clamp_(min=0).sort(dim=1, stable=True)
+        dist[i : i + chunk], idx[i : i + chunk] = d2, torch.gather(cand, 1, order)
+    return dist, idx
+
+
+def _principal_directions(x: torch.Tensor, dim: int, g: torch.Generator, max_rows: int = 16384,
+                          power_iters: int = 3) -> torch.Tensor | None:
+    """[d, dim] orthonormal top principal directions of the rows (randomized subspace iteration on a row
+    subsample), or None when dim >= d."""
+    n, d = x.shape
+    if dim >= d:
+        return None
+    sample = x[torch.randperm(n, generator=g)[:max_rows]] if n > max_rows else x
+    centred = sample - sample.mean(0)
+    q = torch.randn(d, min(d, dim + 16), generator=g)
+    for _ in range(power_iters):
+        q = torch.linalg.qr(centred.T @ (centred @ q)).Q
+    b = centred @ q
+    _, vecs = torch.linalg.eigh(b.T @ b)
+    return (q @ vecs[:, -dim:].flip(1)).contiguous()
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """k-means++ is thousands of small sequential steps: one thread avoids paying a thread barrier for each."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _seed(xp: torch.Tensor, k: int, g: torch.Generator, max_rows: int) -> torch.Tensor:
+    """Row indices of k-means++ seeds, chosen on a random subset of at most ``max_rows`` rows of ``xp``."""
+    with _one_thread():
+        return _seed_rows(xp, k, g, max_rows)
+
+
+def _seed_rows(xp: torch.Tensor, k: int, g: torch.Generator, max_rows: int) -> torch.Tensor:
+    n = xp.shape[0]
+    pool = torch.randperm(n, generator=g)[:max_rows] if n > max_rows else torch.arange(n)
+    xs = xp[pool].contiguous()
+    sqs = xs.pow(2).sum(1)
+    first = int(torch.randint(len(pool), (1,), generator=g))
+    picks = [first]
+    dist = (sqs - 2 * xs @ xs[first] + sqs[first]).clamp(min=0)
+    for _ in range(1, k):
+        cum = dist.cumsum(0)
+        u = float(torch.rand(1, generator=g, dtype=torch.float64)) * float(cum[-1])
+        idx = min(int(torch.searchsorted(cum, torch.tensor([u], dtype=cum.dtype), right=True)), len(pool) - 1)
+        picks.append(idx)
+        dist = torch.minimum(dist, (sqs - 2 * xs @ xs[idx] + sqs[idx]).clamp(min=0))
+    return pool[picks]
+
+
+def _fill_empty(dist: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """Give each empty cluster the farthest row (from its centroid) whose cluster has >= 2 rows. In place."""
+    counts = torch.bincount(assign, minlength=k)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        far = dist.argsort(descending=True, stable=True).tolist()
+        taken = 0
+        for e in empty:
+            while counts[assign[far[taken]]] <= 1:
+                taken += 1
+            p = far[taken]
+            counts[assign[p]] -= 1
+            assign[p] = e
+            counts[e] = 1
+            taken += 1
+    return counts
+
+
+def _means(x: torch.Tensor, assign: torch.Tensor, counts: torch.Tensor, k: int, spherical: bool) -> torch.Tensor:
+    sums = torch.zeros(k, x.shape[1]).index_add_(0, assign, x)
+    c = sums / counts.clamp(min=1)[:, None].to(x.dtype)
+    return torch.nn.functional.normalize(c, dim=1) if spherical else c
+
+
+def lloyd(rows: torch.Tensor, k: int, iters: int = 25, seed: int = 0, spherical: bool = False,
+          max_seed_rows: int = 32768) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact Lloyd's k-means, k-means++ seeded on a row subset. (centroids [k, d], assignment [N] int64)."""
+    x = _prep(rows, k, spherical)
+    g = torch.Generator().manual_seed(seed)
+    sq = x.pow(2).sum(1)
+    centroids = x[_seed(x, k, g, max(max_seed_rows, k))].clone()
+    assign = torch.full((x.shape[0],), -1, dtype=torch.int64)
+    for _ in range(iters):
+        dist, new = _nearest(x, sq, centroids)
+        centroids = _means(x, new, _fill_empty(dist, new, k), k, spherical)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return centroids, assign
+
+
+def kmeans(rows: torch.Tensor, k: int, iters: int = 30, seed: int = 0, spherical: bool = False, max_seed_rows: int = 16384,
+           proj_dim: int = PROJ_DIM, seed_dim: int = 32, tol: float = 1e-3, exact_iters: int = 2,
+           stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means of rows [N, d] (module docstring). Returns (centroids [k, d], assignment [N] int64).
+
+    ``stats``, if given, receives the pass counts."""
+    x, g, proj, xp = _projected(rows, k, spherical, seed, proj_dim)
+    sq = x.pow(2).sum(1)
+    xp_sq = xp.pow(2).sum(1)
+    dims = proj.shape[1] if proj is not None else x.shape[1]
+    centroids = x[_seed(xp[:, :seed_dim] if proj is not None else x, k, g, max(max_seed_rows, k))].clone()
+    assign = torch.full((x.shape[0],), -1, dtype=torch.int64)
+    approx = exact = 0
+    prev = math.inf
+    for _ in range(iters if proj is not None else 0):  # passes in the projected space
+        dist, new = _nearest(xp, xp_sq, centroids @ proj)
+        approx += 1
+        inertia = float(dist.mean())
+        centroids = _means(x, new, _fill_empty(dist, new, k), k, spherical)
+        stable, assign, improved = torch.equal(new, assign), new, prev - inertia
+        prev = inertia
+        if stable or improved <= tol * inertia:
+            break
+    prev = math.inf
+    for _ in range(exact_iters if proj is not None else iters):  # exact passes
+        dist, new = _nearest(x, sq, centroids)
+        exact += 1
+        inertia = float(dist.mean())
+        centroids = _means(x, new, _fill_empty(dist, new, k), k, spherical)
+        stable, assign, improved = torch.equal(new, assign), new, prev - inertia
+        prev = inertia
+        if stable or (proj is None and improved <= tol * inertia):
+            break
+    if stats is not None:
+        stats.update(approx_iters=approx, exact_iters=exact, seeded_rows=min(x.shape[0], max(max_seed_rows, k)),
+                     projected_dim=dims)
+    return centroids, assign
+
+
+def _projected(rows: torch.Tensor, k: int, spherical: bool, seed: int, proj_dim: int):
+    """(prepared rows x, the seeded generator after use, principal directions or None, x in those directions)."""
+    x = _prep(rows, k, spherical)
+    g = torch.Generator().manual_seed(seed)
+    proj = _principal_directions(x, proj_dim, g)
+    return x, g, proj, (x @ proj if proj is not None else x)
+
+
+def balanced(rows: torch.Tensor, k: int, centroids: torch.Tensor, slack: float = 1.5, iters: int = 4, seed: int = 0,
+             spherical: bool = False, proj_dim: int = PROJ_DIM, n_cand: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-balanced clustering starting from ``centroids``: no cluster has more than ``capacity(N, k, slack)``
+    rows. Each pass assigns rows by proposals in order of distance (a row tries its nearest centroids first;
+    a full centroid keeps its nearest proposers), rows whose ``n_cand`` candidates are all full go to their
+    nearest centroid with room, then centroids move to the means of their rows."""
+    x, _, proj, xp = _projected(rows, k, spherical, seed, proj_dim)
+    cap = capacity(x.shape[0], k, slack)
+    centroids = centroids.float().clone()
+    assign = torch.full((x.shape[0],), -1, dtype=torch.int64)
+    for _ in range(iters):
+        cp = centroids @ proj if proj is not None else centroids
+        dist, cand = _candidates(xp, cp, n_cand)
+        new, row_dist = _capacity_assign(xp, cp, dist, cand, cap)
+        counts = _fill_empty(row_dist, new, k)
+        centroids = _means(x, new, counts, k, spherical)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return centroids, assign
+
+
+def capacity(n: int, k: int, slack: float) -> int:
+    """The most rows one cluster may hold in ``balanced``: ceil(slack * n / k), at least ceil(n / k)."""
+    return max(math.ceil(slack * n / k - 1e-9), math.ceil(n / k))
+
+
+def _capacity_assign(xp, cp, dist, cand, cap: int):
+    """Deferred acceptance over each row's sorted candidates, then the nearest non-full centroid for the rest."""
+    n, c = cand.shape
+    k = cp.shape[0]
+    dist_np, cand_np = dist.numpy(), cand.numpy()
+    assign = np.full(n, -1, dtype=np.int64)
+    row_dist = np.zeros(n, dtype=np.float32)
+    held = np.zeros(k, dtype=np.int64)
+    ptr = np.zeros(n, dtype=np.int64)
+    rows = np.arange(n)
+    while len(rows):
+        ks, ds = cand_np[rows, ptr[rows]], dist_np[rows, ptr[rows]]
+        order = np.lexsort((rows, ds, ks))  # by centroid, then distance, then row index
+        rows, ks, ds = rows[order], ks[order], ds[order]
+        first = np.r_[0, np.flatnonzero(np.diff(ks)) + 1]
+        rank = np.arange(len(ks)) - np.repeat(first, np.diff(np.r_[first, len(ks)]))
+        ok = rank < cap - held[ks]
+        assign[rows[ok]], row_dist[rows[ok]] = ks[ok], ds[ok]
+        np.add.at(held, ks[ok], 1)
+        rows = np.sort(rows[~ok])
+        ptr[rows] += 1
+        rows = rows[ptr[rows] < c]
+    rest = torch.from_numpy(np.flatnonzero(assign < 0))
+    if len(rest):
+        sq, c_sq = xp.pow(2).sum(1), cp.pow(2).sum(1)
+        best, _ = _nearest(xp[rest], sq[rest], cp)
+        rest = rest[best.argsort(stable=True)]  # the rows nearest to some centroid choose first
+        for i in range(0, len(rest), CHUNK):
+            part = rest[i : i + CHUNK]
+            d2 = torch.addmm(c_sq, xp[part], cp.T, alpha=-2).add_(sq[part, None]).clamp_(min=0).numpy()
+            for r, row in zip(part.tolist(), d2):
+                row[held >= cap] = np.inf
+                j = int(row.argmin())
+                assign[r], row_dist[r] = j, row[j]
+                held[j] += 1
+    return torch.from_numpy(assign), torch.from_numpy(row_dist)
+
+
+def cluster(rows: torch.Tensor, k: int, method: str, seed: int = 0, _cache: dict | None = None) -> torch.Tensor:
+    """Assignment [N] int64 of the rows to k codes by ``method`` (one of METHODS). ``_cache`` (a dict shared
+    across calls on the same rows) lets the balanced variants start from the k-means of their geometry."""
+    if method not in (*METHODS, EQUAL):
+        raise ValueError(f"unknown clustering method {method!r}; known: {', '.join((*METHODS, EQUAL))}")
+    spherical = method.endswith("spherical")
+    base = "spherical" if spherical else "euclidean"
+    cache = _cache if _cache is not None else {}
+    if base not in cache:
+        cache[base] = kmeans(rows, k, seed=seed, spherical=spherical)
+    if method == EQUAL:  # no cluster above ceil(N / K): with N a multiple of K every cluster has exactly N / K rows
+        return balanced(rows, k, cache[base][0], slack=1.0, iters=6, seed=seed, spherical=True)[1]
+    if not method.startswith("balanced"):
+        return cache[base][1]
+    return balanced(rows, k, cache[base][0], seed=seed, spherical=spherical)[1]

@@ -1,0 +1,404 @@
+"""``convert``: a Hugging Face model directory -> the same model with a VQ-Logits head beside it.
+
+The trunk's files (config, weights, tokenizer) are copied byte for byte; only ``vq_head.json``,
+``vq_head.safetensors`` and ``MODEL_CARD.md`` are new. Seeded and deterministic.
+
+    1. map       M = clustering of the dense output layer's rows W [V, d] into K codes (vqexport.convert.clustering:
+                 k-means, euclidean or spherical, optionally size-balanced; with --clustering auto every method is
+                 measured on held-out text and the lowest perplexity kept)
+    2. codebook  C[k] = mean of the rows in code k
+    3. bias      b[v] = b_dense[v] + (W[v] - C[M[v]]) . mean hidden state   (with --no-bias: none)
+    3b. rank r   optional correction (h·Pᵀ)·Uᵀ: the best rank-r fit U P of the residual W - C[M]
+    4. distill   optionally train C, b (and P, U) on a text file so the VQ head matches the dense model's
+                 next-token distribution (KL); the trunk stays frozen (and untouched on disk)
+    5. report    held-out perplexity of dense vs VQ and top-1 agreement, written into MODEL_CARD.md
+
+The hidden states come from transformers' own model of the directory (any architecture it loads as a causal LM).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..artifact import staged_dir
+from ..errors import VQExportError
+from ..head.module import DenseHead, VQLogitsHead
+from ..head.spec import HeadConfig, write_head
+from ..source import Source, load_source
+from .clustering import EQUAL, METHODS, cluster
+from .init import head_from_assignment
+
+SEQ = 128
+MIN_TEXT_TOKENS = 4 * SEQ
+CARD = "MODEL_CARD.md"
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    report: dict
+
+
+def _noop(label: str, done: int, total: int) -> None:
+    pass
+
+
+def _check_inputs(src: Path, k: int, out: Path, text: Path | None, rank: int = 0) -> Source:
+    if out.exists():
+        raise VQExportError(f"{out}: already exists; choose a new --out directory")
+    source = load_source(src, need_head=False)
+    V, d = source.geometry.vocab_size, source.geometry.hidden_size
+    if not 1 <= k <= V:
+        raise VQExportError(f"--codebook-size must be in [1, vocab size {V}], got {k}")
+    if not 0 <= rank <= min(V, d):
+        raise VQExportError(f"--rank must be in [0, min(vocab size, hidden size) = {min(V, d)}], got {rank}")
+    if text is not None and source.tokenizer_path is None:
+        raise VQExportError(f"{src}: --distill-text needs the model's tokenizer.json")
+    return source
+
+
+def _read_tokens(text: Path, tokenizer_path: Path) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    try:
+        raw = text.read_bytes()
+    except OSError as e:
+        raise VQExportError(f"{text}: cannot read distillation text ({e.strerror})") from None
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise VQExportError(f"{text}: not UTF-8 text (bad byte at offset {e.start})") from None
+    ids = np.asarray(Tokenizer.from_file(str(tokenizer_path)).encode(content).ids, dtype=np.int64)
+    if len(ids) < MIN_TEXT_TOKENS:
+        raise VQExportError(f"{text}: too short for distillation ({len(ids)} tokens; need at least {MIN_TEXT_TOKENS})")
+    return ids
+
+
+def _windows(ids: np.ndarray) -> torch.Tensor:
+    n = (len(ids) - 1) // SEQ
+    return torch.from_numpy(ids[: n * SEQ + 1].copy())
+
+
+def _batches(ids: torch.Tensor, batch: int, gen: torch.Generator):
+    n = len(ids) - SEQ - 1
+    while True:
+        starts = torch.randint(n, (batch,), generator=gen)
+        chunk = torch.stack([ids[s : s + SEQ + 1] for s in starts.tolist()])
+        yield chunk[:, :-1], chunk[:, 1:]
+
+
+class _Hidden:
+    """The trunk's final hidden states for token windows (transformers' decoder, frozen)."""
+
+    def __init__(self, trunk, geo):
+        self.trunk, self.geo = trunk, geo
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        past = self.trunk.empty_past(x.shape[0], self.geo.n_kv_heads, self.geo.head_dim)
+        return self.trunk(x, torch.ones_like(x), *past)[0]
+
+
+@torch.no_grad()
+def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Tensor, cache: dict | None = None) -> dict:
+    """Held-out perplexity of the dense and the VQ head on the same hidden states, top-1 agreement and KL; for a
+    two-stage head also ``probe_recall``: the share of positions whose dense argmax fell inside the probed clusters.
+    ``cache`` (a dict kept across calls with the same ids) keeps the hidden states for the next call."""
+    n = (len(ids) - 1) // SEQ
+    x = ids[: n * SEQ].view(n, SEQ)
+    y = ids[1 : n * SEQ + 1].view(n, SEQ)
+    nll_d = nll_v = agree = kl = recall = 0.0
+    probes = getattr(vq, "probes", 0)
+    for i in range(0, n, 8):
+        h = cache[i] if cache is not None and i in cache else hidden(x[i : i + 8])
+        if cache is not None:
+            cache[i] = h
+        ld, lv = F.log_softmax(dense(h), -1), F.log_softmax(vq(h), -1)
+        nll_d += float(F.nll_loss(ld.flatten(0, 1), y[i : i + 8].flatten(), reduction="sum"))
+        nll_v += float(F.nll_loss(lv.flatten(0, 1), y[i : i + 8].flatten(), reduction="sum"))
+        kl += float(F.kl_div(lv, ld, log_target=True, reduction="sum"))
+        agree += float((ld.argmax(-1) == lv.argmax(-1)).sum())
+        if probes:
+            recall += float(probe_hits(vq, h, ld.argmax(-1), probes).sum())
+    count = n * SEQ
+    ppl_d, ppl_v = math.exp(nll_d / count), math.exp(nll_v / count)
+    out = {"dense_ppl": ppl_d, "vq_ppl": ppl_v, "ppl_change": ppl_v / ppl_d - 1, "top1_agreement": agree / count,
+           "kl_to_dense": kl / count, "tokens": count}
+    if probes:
+        out["probes"], out["probe_recall"] = probes, recall / count
+    return out
+
+
+def probe_hits(head: VQLogitsHead, h: torch.Tensor, tokens: torch.Tensor, probes: int) -> torch.Tensor:
+    """Booleans [...]: is each token's cluster among the ``probes`` best clusters by z at its position?"""
+    top = torch.topk(head.codebook_logits(h), probes, dim=-1).indices
+    return (top == head.map[tokens].unsqueeze(-1)).any(-1)
+
+
+@torch.no_grad()
+def recall_curve(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torch.Tensor, cache: dict) -> dict[int, float]:
+    """probes P -> share of held-out positions whose dense argmax lies in the P best clusters by z (P = 1, 2, 4, ... K)."""
+    K = head.config.codebook_size
+    ps = sorted({min(2**i, K) for i in range(K.bit_length() + 1)})
+    hits = dict.fromkeys(ps, 0.0)
+    count = 0
+    n = (len(ids) - 1) // SEQ
+    x = ids[: n * SEQ].view(n, SEQ)
+    for i in range(0, n, 8):
+        h = cache[i] if i in cache else hidden(x[i : i + 8])
+        cache[i] = h
+        target = dense(h).argmax(-1)
+        rank = (head.codebook_logits(h) > head.codebook_logits(h).gather(-1, head.map[target].unsqueeze(-1))).sum(-1)
+        for p in ps:
+            hits[p] += float((rank < p).sum())
+        count += target.numel()
+    return {p: v / count for p, v in hits.items()}
+
+
+RECALL_GOAL = 0.995  # the recommended probes: the fewest whose probed clusters hold the dense argmax this often
+
+
+def _init_head(cfg: HeadConfig, weight: torch.Tensor, dense_bias, assign: torch.Tensor, mean_h: torch.Tensor) -> VQLogitsHead:
+    head = VQLogitsHead(cfg)
+    codebook, mapping, bias = head_from_assignment(weight, dense_bias, assign, cfg.codebook_size, mean_h)
+    with torch.no_grad():
+        head.codebook.copy_(codebook)
+        head.map.copy_(mapping.long())
+        if head.bias is not None:
+            head.bias.copy_(bias)
+    return head.eval()
+
+
+def init_lowrank(head: VQLogitsHead, weight: torch.Tensor, mean_h: torch.Tensor | None = None) -> dict:
+    """U, P from the best rank-r fit of the residual E = W - C[M] (what the codebook misses): with the top r
+    eigenvectors Q [d, r] of EᵀE (E's right singular vectors), P = Qᵀ [r, d] and U = E Q [V, r] = U_r S_r.
+    The eigendecomposition is of a d x d matrix, so the cost is one pass over E, not an SVD of V x d.
+
+    The bias was set so that the head equals the dense head at the mean hidden state h̄; the correction adds
+    U P h̄ there, so that much comes off the bias again. Deterministic on one machine (each eigenvector's sign
+    is fixed: largest |entry| positive); another BLAS may round differently. Returns the residual's size
+    relative to W before and after the fit."""
+    r = head.lowrank_p.shape[0]
+    with torch.no_grad():
+        resid = weight.double() - head.codebook.double()[head.map]
+        _, vecs = torch.linalg.eigh(resid.T @ resid)  # ascending eigenvalues
+        q = vecs[:, -r:].flip(1)  # [d, r], largest first
+        sign = torch.sign(q[q.abs().argmax(0), torch.arange(r)])
+        sign[sign == 0] = 1
+        q = q * sign
+        u = resid @ q
+        head.lowrank_u.copy_(u.float())
+        head.lowrank_p.copy_(q.T.float())
+        if head.bias is not None and mean_h is not None:
+            head.bias.sub_((u @ (q.T @ mean_h.double())).float())
+        norm = float(weight.double().norm())
+        after = float((resid - u @ q.T).norm())
+    return {"residual_vs_weight": float(resid.norm()) / norm, "residual_after_lowrank_vs_weight": after / norm}
+
+
+def _distill(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Tensor, steps: int, seed: int, progress) -> None:
+    """Head-only KL distillation: the VQ head learns the dense head's next-token distribution on the same hidden states."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in vq.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    it = _batches(ids, 8, gen)
+    vq.train()
+    for step in range(steps):
+        x, _ = next(it)
+        h = hidden(x)
+        with torch.no_grad():
+            target = F.log_softmax(dense(h), -1)
+        loss = F.kl_div(F.log_softmax(vq(h), -1), target, log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress(f"distilling (KL {loss.item():.3f})", step + 1, steps)
+    vq.eval()
+
+
+def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, steps: int | None = None, seed: int = 0,
+            clustering: str = "auto", rank: int = 0, head: str = "vq", probes: int | None = None, progress=_noop) -> ConvertResult:
+    """Write the model directory ``src`` to ``out`` (atomically) with a VQ-Logits head of ``codebook_size`` codes
+    beside it; ``rank`` > 0 adds the rank-r correction (fitted to the residual, then distilled with the head).
+
+    ``head = "two-stage"``: equal-size spherical clusters (auto), the tail's bias from the mean hidden state, no
+    distillation unless ``steps`` says so (training-free), and ``probes`` recommended from the held-out recall curve
+    (the fewest P whose clusters hold the dense argmax at RECALL_GOAL of positions; K/16 without text)."""
+    from ..trunk.hf import load_causal_lm, make_trunk, output_bias, output_weight
+
+    from ..source import DEMO_NAME, demo_dir
+
+    src, out = (demo_dir() if str(src) == DEMO_NAME else Path(src)), Path(out)
+    text = Path(distill_text) if distill_text is not None else None
+    if head not in ("vq", "two-stage"):
+        raise VQExportError(f"--head must be 'vq' or 'two-stage', got {head!r}")
+    two_stage = head == "two-stage"
+    steps = (0 if two_stage else 300) if steps is None else steps
+    if clustering not in ("auto", *METHODS, EQUAL):
+        raise VQExportError(f"--clustering must be one of auto, {', '.join((*METHODS, EQUAL))}; got {clustering!r}")
+    if clustering == "auto" and two_stage:
+        clustering = EQUAL
+    if probes is not None and (not isinstance(probes, int) or not 1 <= probes <= codebook_size):
+        raise VQExportError(f"--probes must be in [1, codebook size {codebook_size}], got {probes!r}")
+    if probes is not None and not two_stage:
+        raise VQExportError("--probes applies to --head two-stage only")
+    if steps < 0:
+        raise VQExportError(f"--steps must be >= 0, got {steps}")
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise VQExportError(f"--rank must be an integer, got {rank!r}")
+    source = _check_inputs(src, codebook_size, out, text, rank)
+    ids = _read_tokens(text, source.tokenizer_path) if text is not None else None
+    torch.manual_seed(seed)
+    progress(f"loading the {source.model_type} model with transformers", 0, 1)
+    model = load_causal_lm(source)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hidden = _Hidden(make_trunk(source, model), source.geometry)
+    weight = output_weight(model).detach().float()
+    dense_b = output_bias(model)
+    dense = DenseHead(weight, dense_b)
+    dense_bias = dense_b.detach().float() if dense_b is not None else None
+    V, d = weight.shape
+
+    held = train = None
+    if ids is not None:
+        cut = int(len(ids) * 0.9)
+        train, held = _windows(ids[:cut]), _windows(ids[cut:])
+        if len(held) <= SEQ + 1 or len(train) <= SEQ + 1:
+            raise VQExportError(f"{text}: too short to split into training and held-out text")
+        sample = next(_batches(train, 16, torch.Generator().manual_seed(seed)))[0]
+        mean_h = hidden(sample).reshape(-1, d).mean(0)
+    else:
+        mean_h = torch.zeros(d)
+
+    plain = HeadConfig(vocab_size=V, hidden_size=d, codebook_size=codebook_size, bias=bias)
+    variants = list(METHODS) if clustering == "auto" else [clustering]
+    scores, shared, held_h = {}, {}, {}  # shared: the balanced variants start from the k-means of their geometry
+    chosen, vq = None, None
+    for i, name in enumerate(variants):
+        progress(f"clustering {V} rows into {codebook_size} codes ({name})", i, len(variants))
+        assign = cluster(weight, codebook_size, name, seed=seed, _cache=shared)
+        candidate = _init_head(plain, weight, dense_bias, assign, mean_h)
+        scores[name] = (evaluate(hidden, dense, candidate, held, held_h)["vq_ppl"] if held is not None
+                        else _reconstruction_error(weight, candidate))
+        if chosen is None or scores[name] < scores[chosen]:
+            chosen, vq = name, candidate
+    shared.clear()
+    lowrank = None
+    if rank:
+        progress(f"fitting the rank-{rank} correction to the residual", 0, 1)
+        with_rank = VQLogitsHead(HeadConfig(vocab_size=V, hidden_size=d, codebook_size=codebook_size, bias=bias, rank=rank))
+        with_rank.load_state_dict(vq.state_dict(), strict=False)
+        vq = with_rank.eval()
+        lowrank = init_lowrank(vq, weight, mean_h)
+    before = evaluate(hidden, dense, vq, held, held_h) if held is not None else None
+    if ids is not None and steps:
+        _distill(hidden, dense, vq, train, steps, seed, progress)
+    after = evaluate(hidden, dense, vq, held, held_h) if held is not None else None
+    for p in vq.parameters():
+        p.requires_grad_(False)
+    report = {"source": str(src.resolve()), "architecture": source.model_type, "head": head, "codebook_size": codebook_size,
+              "bias": bias, "rank": rank, "clustering": chosen, "clustering_scores": scores,
+              "clustering_score": "held-out perplexity" if held is not None else "mean squared distance of head rows to their code",
+              "distill_steps": steps if ids is not None else 0, "lowrank_init": lowrank,
+              "seed": seed, "before_distillation": before, "after_distillation": after}
+    result = vq.to_head()
+    if two_stage:
+        result, stage = _two_stage(vq, weight, dense_b, hidden, dense, held, held_h, probes, progress)
+        report.update(stage)
+    _write(out, source, result, report)
+    return ConvertResult(out=out, report=report)
+
+
+def _two_stage(vq: VQLogitsHead, weight, dense_b, hidden, dense, held, held_h, probes, progress) -> tuple:
+    """The two-stage head over ``vq`` (its codebook routes, the model's rows rescore): probes chosen from the held-out
+    recall curve unless given, and its fidelity on held-out text."""
+    from ..head.module import head_module
+
+    cfg = vq.config
+    cap = math.ceil(cfg.vocab_size / cfg.codebook_size)
+    sizes = torch.bincount(vq.map, minlength=cfg.codebook_size)
+    cap = max(cap, int(sizes.max()))
+    stage: dict = {"cluster_size": cap}
+    if held is not None:
+        progress("measuring the probe recall curve", 0, 1)
+        curve = recall_curve(hidden, dense, vq, held, held_h)
+        stage["recall_curve"] = {str(p): r for p, r in curve.items()}
+        recommended = next((p for p, r in sorted(curve.items()) if r >= RECALL_GOAL), cfg.codebook_size)
+    else:
+        recommended = max(1, cfg.codebook_size // 16)
+    P = probes or recommended
+    head = vq.to_head(probes=P, cluster_size=cap)
+    stage.update(probes=P, probes_recommended=recommended, scored=head.config.scored,
+                 scored_share=head.config.scored / cfg.vocab_size)
+    if held is not None:
+        progress(f"measuring two-stage fidelity at P = {P}", 0, 1)
+        stage["two_stage"] = evaluate(hidden, dense, head_module(head, weight, dense_b), held, held_h)
+    return head, stage
+
+
+def _reconstruction_error(weight: torch.Tensor, head: VQLogitsHead) -> float:
+    """Without text: mean squared distance of the head rows to their codebook rows."""
+    with torch.no_grad():
+        return float((weight - head.codebook[head.map]).pow(2).sum(1).mean())
+
+
+def _write(out: Path, source: Source, head, report: dict) -> None:
+    """The source's files, unchanged, and the new head beside them (any head the source had is replaced)."""
+    from ..head.spec import CONFIG_FILE, WEIGHTS_FILE
+
+    with staged_dir(out) as tmp:
+        for f in source.files():
+            if f.name not in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(f, tmp / f.name)
+        write_head(tmp, head)
+        (tmp / CARD).write_text(model_card(report, head.config), encoding="utf-8")
+
+
+def model_card(report: dict, cfg: HeadConfig) -> str:
+    V, d, K, r = cfg.vocab_size, cfg.hidden_size, cfg.codebook_size, cfg.rank
+    head_vq = K * d + (V if cfg.bias else 0) + r * (V + d)
+    head_dense = V * d
+    lines = [
+        "# VQ-Logits conversion", "",
+        f"Converted from `{report['source']}` ({report['architecture']}) by `vqexport convert` (seed {report['seed']}). "
+        "The trunk's files are the source's, unchanged; the head is `vq_head.json` + `vq_head.safetensors`.", "",
+        "| | |", "|---|---|",
+        f"| codebook | K = {K} codes for V = {V} tokens (clustering: {report['clustering']}) |",
+        f"| bias | {'per-token bias' if cfg.bias else 'none'} |",
+        f"| low-rank correction | {f'rank {r}: P [{r}, {d}], U [{V}, {r}], fitted to the residual W - C[M], then distilled' if r else 'none'} |",
+        f"| head parameters | {head_vq:,} vs {head_dense:,} dense ({100 * (1 - head_vq / head_dense):.1f}% fewer) |",
+        f"| head-only distillation (trunk frozen) | {report['distill_steps']} steps |", "",
+    ]
+    for label, key in (("after conversion", "before_distillation"), ("after distillation", "after_distillation")):
+        m = report.get(key)
+        if m:
+            lines.append(f"Held-out ({m['tokens']} tokens), {label}: dense ppl {m['dense_ppl']:.2f}, VQ ppl {m['vq_ppl']:.2f} "
+                         f"({100 * m['ppl_change']:+.1f}%), top-1 agreement {m['top1_agreement']:.3f}, "
+                         f"KL(dense || VQ) {m['kl_to_dense']:.4f} nats/token.")
+    if not report.get("after_distillation"):
+        lines.append("No text was given, so no perplexity was measured.")
+    if cfg.type == "two-stage":
+        lines += ["", "## Two-stage head", "",
+                  f"The codebook routes: the P = {cfg.probes} best clusters by codebook score (clusters of {cfg.cluster_size} "
+                  f"tokens) get exact logits from the model's own output layer; every other token keeps its VQ logit. "
+                  f"{cfg.scored:,} of {V:,} logits are computed per position ({100 * cfg.scored / V:.1f}%); "
+                  f"P recommended from the recall curve below: {report.get('probes_recommended')}."]
+        m = report.get("two_stage")
+        if m:
+            lines += ["", f"Held-out ({m['tokens']} tokens) at P = {m['probes']}: dense ppl {m['dense_ppl']:.2f}, two-stage ppl "
+                          f"{m['vq_ppl']:.2f} ({100 * m['ppl_change']:+.2f}%), top-1 agreement {m['top1_agreement']:.4f}, "
+                          f"dense argmax inside the probed clusters {m['probe_recall']:.4f}, KL(dense || two-stage) "
+                          f"{m['kl_to_dense']:.5f} nats/token."]
+        curve = report.get("recall_curve")
+        if curve:
+            lines += ["", "| probes P | logits computed | dense argmax inside the probed clusters |", "|---|---|---|"]
+            lines += [f"| {p} | {100 * (K + int(p) * cfg.cluster_size) / V:.1f}% of V | {r:.4f} |" for p, r in curve.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,48 @@
+"""``fidelity``: how close a model's VQ-Logits head is to the dense output layer it replaces, on a given text.
+
+Both heads read the same hidden states (transformers' model of the directory); reported: perplexity of each,
+its change, top-1 agreement, KL(dense || head) per token, and for a two-stage head the share of positions whose
+dense argmax fell inside the probed clusters (probes: the head's own, or ``probes``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..errors import VQExportError
+from ..source import resolve_source
+from .convert import SEQ, _Hidden, _read_tokens, _windows, evaluate
+
+
+def fidelity(model, text, probes: int | None = None, max_tokens: int | None = None, progress=None) -> dict:
+    from ..head.module import DenseHead, head_module
+    from ..trunk.hf import load_causal_lm, make_trunk, output_bias, output_weight
+
+    source = resolve_source(model)
+    if source.tokenizer_path is None:
+        raise VQExportError(f"{source.path}: fidelity tokenizes the text with the model's tokenizer.json, and there is none")
+    head = source.head
+    if probes is not None:
+        if not head.two_stage:
+            raise VQExportError("--probes applies to a two-stage head; this model's head is a plain VQ head")
+        if not 1 <= probes <= head.config.codebook_size:
+            raise VQExportError(f"--probes must be in [1, codebook size {head.config.codebook_size}], got {probes}")
+        head = dataclasses.replace(head, config=dataclasses.replace(head.config, probes=probes))
+    ids = _read_tokens(Path(text), source.tokenizer_path)
+    if max_tokens is not None:
+        ids = ids[: max(max_tokens, 2 * SEQ) + 1]
+    if progress is not None:
+        progress(f"loading the {source.model_type} model with transformers")
+    model_ = load_causal_lm(source)
+    for p in model_.parameters():
+        p.requires_grad_(False)
+    hidden = _Hidden(make_trunk(source, model_), source.geometry)
+    weight, bias = output_weight(model_).detach().float(), output_bias(model_)
+    if progress is not None:
+        progress(f"scoring {len(ids)} tokens with both heads")
+    with torch.no_grad():
+        report = evaluate(hidden, DenseHead(weight, bias), head_module(head, weight, bias), _windows(ids))
+    return {"model": str(source.path), "head": head.config.to_dict(), "text": str(text), **report}

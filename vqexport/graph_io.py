@@ -1,0 +1,116 @@
+"""The decoder graph's I/O contract (the names Optimum and onnxruntime-genai use) and ONNX-only facts about a
+saved graph. No torch here: the app-side path (runners, generate, inspect) uses this module.
+
+    inputs   input_ids [batch_size, sequence_length], attention_mask [batch_size, total_sequence_length],
+             past_key_values.{i}.key|value [batch_size, n_kv_heads, past_sequence_length, head_dim]
+    outputs  logits [batch_size, sequence_length, V] (or the top-k outputs), present.{i}.key|value
+             [batch_size, n_kv_heads, total_sequence_length, head_dim]
+
+Inside every joined graph the trunk's final hidden state is the value ``hidden_states``; the head's initializers
+are named ``head.*`` and its nodes ``head/*``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+
+from .errors import VQExportError
+
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+HIDDEN = "hidden_states"
+HEAD_PREFIX = "head."
+HEAD_NODE_PREFIX = "head/"
+
+INPUT_AXES = {"input_ids": {0: BATCH, 1: SEQ}, "attention_mask": {0: BATCH, 1: TOTAL}}
+PAST_AXES = {0: BATCH, 2: PAST}
+PER_POSITION_AXES = {0: BATCH, 1: SEQ}
+PRESENT_AXES = {0: BATCH, 2: TOTAL}
+PER_POSITION_OUTPUTS = ("logits", "topk_ids", "topk_logprobs", "cluster_logprobs", HIDDEN)
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+def cache_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [past_name(i, k) for i in range(n_layers) for k in ("key", "value")]
+    present = [present_name(i, k) for i in range(n_layers) for k in ("key", "value")]
+    return past, present
+
+
+def dims_of(vi: onnx.ValueInfoProto) -> list:
+    return [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else "?") for d in vi.type.tensor_type.shape.dim]
+
+
+def expected_axes(model: onnx.ModelProto) -> dict[str, dict[int, str]]:
+    """name -> {axis: dim name} for every graph input/output of the decoder contract."""
+    out: dict[str, dict[int, str]] = {}
+    for vi in model.graph.input:
+        if vi.name in INPUT_AXES:
+            out[vi.name] = INPUT_AXES[vi.name]
+        elif vi.name.startswith("past_key_values."):
+            out[vi.name] = PAST_AXES
+    for vi in model.graph.output:
+        if vi.name in PER_POSITION_OUTPUTS:
+            out[vi.name] = PER_POSITION_AXES
+        elif vi.name.startswith("present."):
+            out[vi.name] = PRESENT_AXES
+    return out
+
+
+def check_dynamic_axes(model: onnx.ModelProto, last_position_only: bool = False) -> None:
+    """Fail if any batch or sequence axis of the decoder's inputs/outputs was fixed to a number."""
+    axes = expected_axes(model)
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name not in axes:
+            continue
+        dims = dims_of(vi)
+        for axis, name in axes[vi.name].items():
+            got = dims[axis] if axis < len(dims) else None
+            if last_position_only and name == SEQ and vi.name in PER_POSITION_OUTPUTS:
+                name = 1
+            if got != name:
+                raise VQExportError(
+                    f"exported graph: axis {axis} of {vi.name!r} is {got!r}, expected the dynamic axis {name!r} "
+                    "(the exporter fixed a dimension that must stay dynamic)"
+                )
+    names = {vi.name for vi in model.graph.input}
+    if not {"input_ids", "attention_mask"} <= names:
+        raise VQExportError("exported graph: inputs must include input_ids and attention_mask")
+
+
+def initializer_stats(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """name -> (elements, bytes) of every initializer (read from its dims: external data need not be loaded)."""
+    out = {}
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            nbytes = (n + 1) // 2
+        else:
+            nbytes = n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        out[t.name] = (n, nbytes)
+    return out
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    c = Counter((f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model.graph.node)
+    return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def load_graph(path, load_weights: bool = False) -> onnx.ModelProto:
+    """A saved model.onnx; by default without its external weights (enough for names, shapes and small constants)."""
+    try:
+        return onnx.load(str(path), load_external_data=load_weights)
+    except Exception as e:  # onnx raises DecodeError / OSError variants
+        raise VQExportError(f"{path}: cannot read ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}

@@ -1,0 +1,383 @@
+"""The head as ONNX nodes, built from the head's tensors and attached to a hidden-state value (onnx_ir; no torch).
+
+Every form is a sum of terms, each a few standard ops (axes always written non-negative)::
+
+    codebook   z = MatMul(h, head.codebook_t)                                  [B, S, K]
+    select     sel = GatherElements(z, Expand(head.map, [B, S, V]), axis=2)    (or Gather(z, head.map, axis=2))
+    bias       + head.bias                                                    [V]
+    rank-r     + MatMul(MatMul(h, head.lowrank_p_t), head.lowrank_u_t)        [d, r] and [r, V]
+
+A weight MatMul is fp32, int8 QDQ (``DequantizeLinear(head.X_q, head.X_scale, axis=1)``, optionally with a
+calibrated Quantize/DequantizeLinear pair on its activation) or ORT's ``com.microsoft.MatMulNBits`` (bits = 8).
+The fused form is one ``VQLogits`` node (vqexport.ops.vqlogits) with its function body. Decode outputs are
+``logits`` or the exact top-k (``topk_ids``, ``topk_logprobs``, ``cluster_logprobs``; see vqexport.head.decoding).
+Initializers are named ``head.*``, nodes ``head/*``: nothing ever has to find the head again by its pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from ..graph_io import BATCH, HIDDEN, SEQ
+from .decoding import cluster_tables
+from .quant import quantize_rows
+from .spec import Head
+
+NATIVE_BLOCK = 32
+SELECT_FORMS = ("gather", "gather_elements")
+CODEBOOK_MATMUL = "head/codebook/MatMul"  # the node computing z (every standard form)
+FUSED_NODE = "head/VQLogits"
+
+
+@dataclass(frozen=True)
+class HeadForm:
+    """How the head is built (a target profile decides; see vqexport.profiles)."""
+
+    select: str = "gather_elements"  # "gather" | "gather_elements"
+    fused: bool = False
+    codebook: str = "fp32"  # "fp32" | "int8" | "int4" (MatMulNBits only): the head's weights (codebook, rank-r factors)
+    int8_encoding: str = "qdq"  # "qdq" | "native" (MatMulNBits, bits = 8)
+    accuracy_level: int = 4  # native: MatMulNBits accuracy level
+    activations: bool = False  # qdq: also Q/DQ the MatMuls' activations (static scales from calibration)
+    weight_bits: int = 8  # qdq: 7 = "reduce range" codes in [-63, 63]
+    decode: str = "logits"  # "logits" | "topk"
+    k: int = 50
+    keep_logits: bool = False
+    last_position_only: bool = False
+    dense: bool = False  # the dense twin: one MatMul with W[v] = C[M[v]] (+ U[v] P), same bias (benchmarks)
+    probes: int = 0  # two-stage: clusters rescored exactly (0: the head's own setting)
+    rows: str = "shared"  # two-stage exact rows: "shared" (the trunk's own embedding table, whatever its encoding) |
+    #                       "fp32" (a head.rows copy) | "int8" (7-bit row codes + DynamicQuantizeLinear + MatMulInteger) |
+    #                       "int4" (an int4 block-quantized copy read by GatherBlockQuantized, as the builder's table)
+
+    def outputs(self, head: Head) -> list[str]:
+        if self.decode == "logits":
+            return ["logits"]
+        out = ["topk_ids", "topk_logprobs"] + ([] if head.config.rank or head.two_stage else ["cluster_logprobs"])
+        return (["logits"] if self.keep_logits else []) + out
+
+
+@dataclass
+class Built:
+    outputs: dict[str, ir.Value]
+    functions: list = field(default_factory=list)  # ir.Function bodies the nodes need (the fused op's)
+    domains: dict[str, int] = field(default_factory=dict)  # opset imports beyond the default domain
+
+
+class _Builder:
+    def __init__(self, graph: ir.Graph, form: HeadForm, scales: dict[str, float] | None):
+        self.graph, self.form, self.scales = graph, form, dict(scales or {})
+        self.tape = ir.tape.Tape(graph)
+        self.domains: dict[str, int] = {}
+        self._quantized: dict[str, ir.Value] = {}  # activation -> its Q/DQ output (one pair per activation)
+
+    def init(self, name: str, array: np.ndarray) -> ir.Value:
+        if name in self.graph.initializers:
+            return self.graph.initializers[name]
+        return self.tape.initializer(ir.tensor(np.ascontiguousarray(array), name=name))
+
+    def op(self, op_type: str, inputs: list, name: str, domain: str = "", **attrs) -> ir.Value:
+        return self.tape.op(op_type, inputs, attrs or None, domain=domain, name=name)
+
+    def ops(self, op_type: str, inputs: list, name: str, n: int, **attrs) -> tuple[ir.Value, ...]:
+        return tuple(self.tape.op_multi_out(op_type, inputs, attrs or None, num_outputs=n, name=name))
+
+    def const(self, name: str, values, dtype=np.int64) -> ir.Value:
+        return self.init(name, np.asarray(values, dtype=dtype))
+
+    # -- weights ---------------------------------------------------------------------------------------------
+    def weight(self, w_t: np.ndarray, base: str) -> ir.Value:
+        """A weight [in, out] as a value a MatMul (or the fused node) reads: fp32, or int8 through DequantizeLinear."""
+        if self.form.codebook == "fp32":
+            return self.init(base + "_t", w_t.astype(np.float32))
+        q, scale = quantize_rows(w_t.T, base, bits=self.form.weight_bits)  # one scale per output column
+        stem = base.replace(".", "/")
+        return self.op("DequantizeLinear", [self.init(base + "_q", np.ascontiguousarray(q.T)), self.init(base + "_scale", scale),
+                                            self.init(base + "_zero_point", np.zeros_like(scale, dtype=np.int8))],
+                       f"{stem}/DequantizeLinear", axis=1)
+
+    def activation(self, x: ir.Value, key: str, base: str) -> ir.Value:
+        """``x`` through a calibrated Quantize/DequantizeLinear pair (int8 activations), when the form has them."""
+        if not (self.form.codebook == "int8" and self.form.int8_encoding == "qdq" and self.form.activations):
+            return x
+        if key in self._quantized:
+            return self._quantized[key]
+        scale = self.scales.get(key)
+        if scale is None or not np.isfinite(scale) or scale <= 0:
+            raise ValueError(f"activation scale {key!r} must be calibrated (finite, > 0), got {scale}")
+        s, zp = self.init(base + "_scale", np.array(scale, np.float32)), self.init(base + "_zero_point", np.array(0, np.int8))
+        stem = base.replace(".", "/")
+        q = self.op("QuantizeLinear", [x, s, zp], f"{stem}/QuantizeLinear")
+        self._quantized[key] = self.op("DequantizeLinear", [q, s, zp], f"{stem}/DequantizeLinear")
+        return self._quantized[key]
+
+    def matmul(self, x: ir.Value, w_t: np.ndarray, base: str, act: str) -> ir.Value:
+        """``x @ w_t`` in the form's encoding; ``act`` names the activation's calibration scale."""
+        stem = base.replace(".", "/")
+        if self.form.codebook == "int4" or (self.form.codebook == "int8" and self.form.int8_encoding == "native"):
+            return self._matmul_nbits(x, w_t, base, 4 if self.form.codebook == "int4" else 8)
+        w = self.weight(w_t, base)
+        return self.op("MatMul", [self.activation(x, act, _act_base(act)), w], f"{stem}/MatMul")
+
+    def _matmul_nbits(self, x: ir.Value, w_t: np.ndarray, base: str, bits: int) -> ir.Value:
+        """ONNX Runtime's MatMulNBits: 8 bits with the per-row int8 codes of the QDQ form (one scale per row, repeated
+        per block), or 4 bits with one scale per block of NATIVE_BLOCK (symmetric, codes in [-7, 7], zero point 8)."""
+        K, N = w_t.shape
+        blocks = -(-K // NATIVE_BLOCK)
+        w = np.zeros((N, blocks * NATIVE_BLOCK), np.float32)
+        w[:, :K] = w_t.T
+        if bits == 8:
+            q, scale = quantize_rows(w_t.T, base)  # [N, K]: one row per output
+            packed = np.full((N, blocks * NATIVE_BLOCK), 128, dtype=np.uint8)
+            packed[:, :K] = (q.astype(np.int16) + 128).astype(np.uint8)
+            packed = packed.reshape(N, blocks, NATIVE_BLOCK)
+            scales = np.repeat(scale, blocks).astype(np.float32)
+        else:
+            q, scale = quantize_rows(w.reshape(N * blocks, NATIVE_BLOCK), base, bits=4)  # one scale per block
+            codes = (q.astype(np.int16) + 8).astype(np.uint8).reshape(N, blocks, NATIVE_BLOCK)
+            packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)  # two codes a byte, low nibble first
+            scales = scale.astype(np.float32)
+        self.domains["com.microsoft"] = 1
+        return self.op("MatMulNBits", [x, self.init(base + "_q", packed), self.init(base + "_scale", scales)],
+                       f"{base.replace('.', '/')}/MatMulNBits", domain="com.microsoft", K=K, N=N, bits=bits,
+                       block_size=NATIVE_BLOCK, accuracy_level=self.form.accuracy_level)
+
+    # -- terms -----------------------------------------------------------------------------------------------
+    def select(self, z: ir.Value, mapping: np.ndarray) -> ir.Value:
+        V = mapping.shape[0]
+        if self.form.select == "gather":
+            return self.op("Gather", [z, self.init("head.map", mapping.astype(np.int32))], "head/select/gather", axis=2)
+        lead = self.op("Slice", [self.op("Shape", [z], "head/select/shape"), self.const("head/select/start", [0]),
+                                 self.const("head/select/end", [2])], "head/select/lead")
+        shape = self.op("Concat", [lead, self.const("head/select/vocab", [V])], "head/select/out_shape", axis=0)
+        index = self.op("Expand", [self.init("head.map", mapping.astype(np.int32).reshape(1, 1, V)), shape], "head/select/index")
+        return self.op("GatherElements", [z, index], "head/select/gather", axis=2)
+
+    def logits(self, h: ir.Value, z: ir.Value, head: Head) -> ir.Value:
+        out = self.select(z, head.map)
+        if head.bias is not None:
+            out = self.op("Add", [out, self.init("head.bias", head.bias)], "head/bias/Add")
+        if head.lowrank is not None:
+            p, u = head.lowrank
+            proj = self.matmul(h, p.T, "head.lowrank_p", "hidden")
+            corr = self.matmul(proj, u.T, "head.lowrank_u", "lowrank")
+            out = self.op("Add", [out, corr], "head/lowrank/Add")
+        return out
+
+    def fused(self, h: ir.Value, head: Head) -> tuple[ir.Value, ir.Function]:
+        from ..ops.vqlogits import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, function_proto
+
+        V = head.config.vocab_size
+        bias = head.bias if head.bias is not None else np.zeros(V, np.float32)  # the op always takes a bias
+        inputs = [self.activation(h, "hidden", "head.hidden"), self.weight(head.codebook.T, "head.codebook"),
+                  self.init("head.map", head.map.astype(np.int32)), self.init("head.bias", bias)]
+        if head.lowrank is not None:
+            p, u = head.lowrank
+            inputs += [self.weight(p.T, "head.lowrank_p"), self.weight(u.T, "head.lowrank_u")]
+        self.domains[DOMAIN] = 1
+        out = self.op(OP_TYPE, inputs, FUSED_NODE, domain=DOMAIN, plugin_namespace=PLUGIN_NAMESPACE,
+                      plugin_version=PLUGIN_VERSION)
+        opset = self.graph.opset_imports.get("", 18)
+        body = ir.serde.deserialize_function(function_proto(self.form.select, opset, lowrank=head.lowrank is not None))
+        return out, body
+
+    def topk_from_clusters(self, z: ir.Value, head: Head, k: int) -> dict[str, ir.Value]:
+        """Exact top-k with no V-sized tensor: the k best clusters by ``z + max bias``, their members' logits."""
+        K = head.config.codebook_size
+        t = cluster_tables(head.map, head.bias, K, width=k)
+        kc = min(k, K)
+        neg = np.float32(np.finfo(np.float32).min)  # a finite "minus infinity" keeps Add / TopK NaN-free
+        fin = lambda a: np.where(np.isfinite(a), a, neg).astype(np.float32)  # noqa: E731
+        score = self.op("Add", [z, self.init("head.cluster_max_bias", fin(t.max_bias))], "head/topk/score")
+        _, clusters = self.ops("TopK", [score, self.const("head/topk/k_clusters", [kc])], "head/topk/clusters", 2, axis=2)
+        z_sel = self.op("GatherElements", [z, clusters], "head/topk/z_sel", axis=2)
+        z_sel4 = self.op("Unsqueeze", [z_sel, self.const("head/topk/axis3", [3])], "head/topk/z_sel4")
+        cand_bias = self.op("Gather", [self.init("head.member_bias", fin(t.member_bias)), clusters], "head/topk/cand_bias", axis=0)
+        members = np.where(t.members >= 0, t.members, 0).astype(np.int64)
+        cand_ids4 = self.op("Gather", [self.init("head.members", members), clusters], "head/topk/cand_ids4", axis=0)
+        cand4 = self.op("Add", [z_sel4, cand_bias], "head/topk/cand4")
+        flat = self.const("head/topk/flat_shape", [0, 0, -1])
+        cand = self.op("Reshape", [cand4, flat], "head/topk/cand")
+        cand_ids = self.op("Reshape", [cand_ids4, flat], "head/topk/cand_ids")
+        values, positions = self.ops("TopK", [cand, self.const("head/topk/k", [k])], "head/topk/top", 2, axis=2)
+        ids = self.op("GatherElements", [cand_ids, positions], "head/topk/ids", axis=2)
+        scores = self.op("Add", [z, self.init("head.cluster_lse_bias", fin(t.lse_bias))], "head/topk/cluster_scores")
+        lse = self.op("ReduceLogSumExp", [scores, self.const("head/topk/axes", [2])], "head/topk/lse", keepdims=1)
+        return {"topk_ids": ids, "topk_logprobs": self.op("Sub", [values, lse], "head/topk/logprobs"),
+                "cluster_logprobs": self.op("Sub", [scores, lse], "head/topk/cluster_logprobs")}
+
+    def topk_from_logits(self, logits: ir.Value, k: int) -> dict[str, ir.Value]:
+        """Exact top-k of a head whose order inside a cluster depends on h (rank-r): TopK over the V logits."""
+        values, ids = self.ops("TopK", [logits, self.const("head/topk/k", [k])], "head/topk/top", 2, axis=2)
+        lse = self.op("ReduceLogSumExp", [logits, self.const("head/topk/axes", [2])], "head/topk/lse", keepdims=1)
+        return {"topk_ids": ids, "topk_logprobs": self.op("Sub", [values, lse], "head/topk/logprobs")}
+
+
+class _TwoStage:
+    """Stage 2 of a two-stage head: the probed clusters' tokens get exact logits from the model's own rows."""
+
+    def __init__(self, b: _Builder, head: Head, rows: np.ndarray | None, rows_bias: np.ndarray | None, tied: bool):
+        self.b, self.head, self.rows, self.rows_bias, self.tied = b, head, rows, rows_bias, tied
+
+    def ids(self, z: ir.Value) -> ir.Value:
+        """The probed clusters' token ids [B, S, P * cap] (padding repeats a cluster's first member)."""
+        b, head = self.b, self.head
+        P = b.form.probes or head.config.probes
+        members = head.members.astype(np.int64)
+        members = np.where(members >= 0, members, members[:, :1])
+        _, top = b.ops("TopK", [z, b.const("head/route/k", [P])], "head/route/top", 2, axis=2)
+        ids4 = b.op("Gather", [b.init("head.members", members), top], "head/route/members", axis=0)
+        return b.op("Reshape", [ids4, b.const("head/route/flat", [0, 0, -1])], "head/route/ids")
+
+    def exact(self, h: ir.Value, ids: ir.Value) -> ir.Value:
+        """h · W[ids] [B, S, N] in the form's row encoding."""
+        b = self.b
+        form = b.form.rows
+        if form == "int8":
+            out = self._int8(h, ids)
+        else:
+            rows = self._shared(ids) if form == "shared" else self._int4(ids) if form == "int4" else None
+            if rows is None:
+                if self.rows is None:
+                    raise ValueError("a two-stage head without a shared embedding table needs the model's rows")
+                rows = b.op("Gather", [b.init("head.rows", self.rows.astype(np.float32)), ids], "head/exact/rows", axis=0)
+            col = b.op("Unsqueeze", [h, b.const("head/exact/axis3", [3])], "head/exact/h_col")
+            out = b.op("Squeeze", [b.op("MatMul", [rows, col], "head/exact/MatMul"), b.const("head/exact/axis3", [3])],
+                       "head/exact/logits")
+        if self.rows_bias is not None:
+            out = b.op("Add", [out, b.op("Gather", [b.init("head.rows_bias", self.rows_bias.astype(np.float32)), ids],
+                                         "head/exact/bias", axis=0)], "head/exact/Add")
+        return out
+
+    def _shared(self, ids: ir.Value) -> ir.Value | None:
+        """The trunk's embedding lookup of input_ids, repeated on the probed ids: the same table, never copied."""
+        b = self.b
+        if not self.tied:  # an untied model's embedding table is not its output layer
+            return None
+        lookup = next((n for n in b.graph if n.op_type in ("Gather", "GatherBlockQuantized")
+                       and n.inputs[1] is not None and n.inputs[1].name == "input_ids"), None)
+        if lookup is None or lookup.inputs[0] is None or not lookup.inputs[0].is_initializer():
+            return None
+        V, d = self.head.config.vocab_size, self.head.config.hidden_size
+        if lookup.inputs[0].shape is None or list(lookup.inputs[0].shape)[0] != V:
+            return None
+        inputs = [lookup.inputs[0], ids, *lookup.inputs[2:]]
+        attrs = {k: a.value for k, a in lookup.attributes.items()}
+        if lookup.domain:
+            b.domains[lookup.domain] = 1
+        rows = b.tape.op(lookup.op_type, inputs, attrs or None, domain=lookup.domain, name="head/exact/rows")
+        if d != self.head.codebook.shape[1]:
+            return None
+        return rows
+
+    def _int4(self, ids: ir.Value) -> ir.Value:
+        """Rows from an int4 copy (symmetric blocks of NATIVE_BLOCK along d, one scale each) by GatherBlockQuantized."""
+        from .quant import quantize_rows
+
+        b = self.b
+        V, d = self.rows.shape
+        q, scale = quantize_rows(self.rows.reshape(V * d // NATIVE_BLOCK, NATIVE_BLOCK), "rows", bits=4)
+        nib = (q.reshape(V, d).astype(np.int16) & 0xF).astype(np.uint8)
+        packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
+        table = b.tape.initializer(ir.PackedTensor(packed, ir.DataType.INT4, shape=ir.Shape([V, d]), name="head.rows_q4"))
+        b.domains["com.microsoft"] = 1
+        return b.op("GatherBlockQuantized", [table, ids, b.init("head.rows_scale", scale.reshape(V, d // NATIVE_BLOCK))],
+                    "head/exact/rows", domain="com.microsoft", block_size=NATIVE_BLOCK, gather_axis=0, quantize_axis=1)
+
+    def _int8(self, h: ir.Value, ids: ir.Value) -> ir.Value:
+        """7-bit row codes (an int8 copy of the rows, one scale each) times the dynamically quantized h, in int32."""
+        from .quant import quantize_rows
+
+        b = self.b
+        if self.rows is None:
+            raise ValueError("the int8 row form needs the model's rows")
+        q, scale = quantize_rows(self.rows, "rows", bits=7)  # 7 bits: u8 x s8 pair sums cannot saturate int16
+        rq = b.op("Gather", [b.init("head.rows_q", q), ids], "head/exact/rows_q", axis=0)  # [B, S, N, d] int8
+        rq_t = b.op("Transpose", [rq], "head/exact/rows_t", perm=[0, 1, 3, 2])  # [B, S, d, N]
+        hq, hs, hz = b.ops("DynamicQuantizeLinear", [h], "head/exact/h_q", 3)
+        row = b.op("Unsqueeze", [hq, b.const("head/exact/axis2", [2])], "head/exact/h_row")  # [B, S, 1, d] uint8
+        acc = b.op("MatMulInteger", [row, rq_t, hz], "head/exact/MatMulInteger")  # [B, S, 1, N] int32
+        acc = b.op("Squeeze", [acc, b.const("head/exact/axis2", [2])], "head/exact/acc")
+        scaled = b.op("Mul", [b.op("Cast", [acc], "head/exact/acc_f", to=int(ir.DataType.FLOAT)), hs], "head/exact/h_scale")
+        return b.op("Mul", [scaled, b.op("Gather", [b.init("head.rows_scale", scale), ids], "head/exact/scale", axis=0)],
+                    "head/exact/logits")
+
+
+def _act_base(key: str) -> str:
+    return {"hidden": "head.hidden", "lowrank": "head.lowrank_proj"}[key]
+
+
+def dense_weight_t(head: Head) -> np.ndarray:
+    """W_t [d, V] with W[v] = C[M[v]] (+ U[v] P): the dense layer computing the same logits (minus the bias)."""
+    w = head.codebook.astype(np.float64)[head.map]
+    if head.lowrank is not None:
+        p, u = head.lowrank
+        w = w + u.astype(np.float64) @ p.astype(np.float64)
+    return np.ascontiguousarray(w.T, dtype=np.float32)
+
+
+def build_head(graph: ir.Graph, hidden: ir.Value, head: Head, form: HeadForm, scales: dict[str, float] | None = None,
+               rows: np.ndarray | None = None, rows_bias: np.ndarray | None = None, tied: bool = False) -> Built:
+    """Append the head's nodes and initializers to ``graph``, reading ``hidden`` [B, S, d]; return its outputs.
+    A two-stage head reads the model's output-layer ``rows`` [V, d] (and bias): the trunk's own embedding table when
+    the form shares it and the model is ``tied`` (its output layer is that table), else a copy (``rows`` given)."""
+    b = _Builder(graph, form, scales)
+    h = hidden
+    if form.last_position_only:  # prefill computes the head for the last position only
+        h = b.op("Slice", [hidden, b.const("head/last/start", [-1]), b.const("head/last/end", [np.iinfo(np.int64).max]),
+                           b.const("head/last/axis", [1])], "head/last_position")
+    functions = []
+    outputs: dict[str, ir.Value] = {}
+    if form.dense:
+        out = b.op("MatMul", [h, b.init("head.weight_t", dense_weight_t(head))], "head/dense/MatMul")
+        if head.bias is not None:
+            out = b.op("Add", [out, b.init("head.bias", head.bias)], "head/bias/Add")
+        outputs["logits"] = out
+    elif form.fused:
+        out, body = b.fused(h, head)
+        functions.append(body)
+        outputs["logits"] = out
+    else:
+        z = b.matmul(h, head.codebook.T, "head.codebook", "hidden")
+        z.producer().name = CODEBOOK_MATMUL if z.producer().op_type == "MatMul" else z.producer().name
+        wants_logits = form.decode == "logits" or form.keep_logits or head.lowrank is not None or head.two_stage
+        if wants_logits:
+            outputs["logits"] = b.logits(h, z, head)
+        if head.two_stage:  # stage 2: exact logits for the probed clusters' tokens, scattered into the VQ logits
+            stage = _TwoStage(b, head, rows, rows_bias, tied)
+            ids = stage.ids(z)
+            outputs["logits"] = b.op("ScatterElements", [outputs["logits"], ids, stage.exact(h, ids)], "head/exact/scatter", axis=2)
+        if form.decode == "topk":
+            if head.lowrank is not None or head.two_stage:
+                outputs.update(b.topk_from_logits(outputs["logits"], form.k))
+            else:
+                outputs.update(b.topk_from_clusters(z, head, form.k))
+            if not form.keep_logits:
+                outputs.pop("logits", None)
+    _declare(outputs, head, form)
+    return Built(outputs={n: outputs[n] for n in form.outputs(head) if n in outputs}, functions=functions, domains=b.domains)
+
+
+def _declare(outputs: dict[str, ir.Value], head: Head, form: HeadForm) -> None:
+    """Name the output values and give them their dtypes and named axes."""
+    seq = 1 if form.last_position_only else ir.SymbolicDim(SEQ)
+    width = {"logits": head.config.vocab_size, "topk_ids": form.k, "topk_logprobs": form.k,
+             "cluster_logprobs": head.config.codebook_size}
+    for name, v in outputs.items():
+        v.name = name
+        v.type = ir.TensorType(ir.DataType.INT64 if name == "topk_ids" else ir.DataType.FLOAT)
+        v.shape = ir.Shape([ir.SymbolicDim(BATCH), seq, width[name]])
+
+
+def head_model(head: Head, form: HeadForm, opset: int = 18, scales: dict[str, float] | None = None, batch=BATCH, seq=SEQ,
+               rows: np.ndarray | None = None, rows_bias: np.ndarray | None = None) -> ir.Model:
+    """The head alone as a model: input ``hidden_states`` [batch, seq, d], the form's outputs (benchmarks, tests)."""
+    hidden = ir.Value(name=HIDDEN, shape=ir.Shape([batch, seq, head.config.hidden_size]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph(inputs=[hidden], outputs=[], nodes=[], opset_imports={"": opset}, name="vqexport_head")
+    built = build_head(graph, hidden, head, form, scales, rows=rows, rows_bias=rows_bias)
+    graph.outputs.extend(built.outputs.values())
+    graph.opset_imports.update(built.domains)
+    return ir.Model(graph, ir_version=10, producer_name="vqexport", functions=built.functions)

@@ -1,0 +1,131 @@
+"""The VQ-Logits head as a torch module, readable top to bottom: the reference every graph form is checked against.
+
+    z       = h @ C.T                        # [..., K]   codebook term
+    logits  = z[..., M]                      # [..., V]   every token reads its code's score
+            + b                              #            bias term (optional)
+            + (h @ P.T) @ U.T                #            rank-r correction term (optional)
+
+C (``codebook``), b (``bias``), P (``lowrank_p``) and U (``lowrank_u``) are parameters (distillation trains them);
+M (``map``) is a fixed buffer. ``to_head()`` / ``from_head()`` move between the module and the files' Head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .spec import Head, HeadConfig, make_head
+
+
+class VQLogitsHead(nn.Module):
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        V, d, K, r = config.vocab_size, config.hidden_size, config.codebook_size, config.rank
+        self.config = config
+        self.codebook = nn.Parameter(torch.empty(K, d))
+        self.register_buffer("map", torch.zeros(V, dtype=torch.int64))
+        self.bias = nn.Parameter(torch.zeros(V)) if config.bias else None
+        self.lowrank_p = nn.Parameter(torch.empty(r, d)) if r else None
+        self.lowrank_u = nn.Parameter(torch.zeros(V, r)) if r else None  # U = 0: a fresh correction is the plain head
+        nn.init.normal_(self.codebook, std=d**-0.5)
+        if r:
+            nn.init.normal_(self.lowrank_p, std=d**-0.5)
+
+    def codebook_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(h, self.codebook.t())
+
+    def correction(self, h: torch.Tensor) -> torch.Tensor:
+        """The rank-r term ``(h @ P.T) @ U.T`` [..., V]."""
+        return torch.matmul(torch.matmul(h, self.lowrank_p.t()), self.lowrank_u.t())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = torch.index_select(self.codebook_logits(h), -1, self.map)
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.lowrank_p is not None:
+            logits = logits + self.correction(h)
+        return logits
+
+    @classmethod
+    def from_head(cls, head: Head) -> "VQLogitsHead":
+        module = cls(head.config)
+        _load(module, head)
+        return module.eval()
+
+    def to_head(self, probes: int = 0, cluster_size: int | None = None) -> Head:
+        """The files' Head; ``probes`` > 0: a two-stage head over the same codebook, map, bias and factors (member
+        table ``cluster_size`` wide, default the largest cluster)."""
+        t = {"codebook": self.codebook, "map": self.map.to(torch.int32), "bias": self.bias,
+             "lowrank_p": self.lowrank_p, "lowrank_u": self.lowrank_u}
+        t = {k: v.detach().cpu().contiguous().numpy() for k, v in t.items() if v is not None}
+        if probes:
+            from .spec import members_of
+
+            t["members"] = members_of(t.pop("map"), self.config.codebook_size, cluster_size)
+        return make_head(t, probes=probes)
+
+
+class TwoStageHead(VQLogitsHead):
+    """The codebook routes, the model's own output-layer rows rescore: the best P clusters by z get exact logits
+    ``h @ W[v].T (+ b_dense[v])``; every other token keeps its VQ logit. One distribution over all V tokens.
+
+        z      = h @ C.T                       # [..., K]
+        top    = topk(z, P)                    # the probed clusters
+        ids    = members[top]                  # [..., P, cap] (padding repeats the cluster's first member)
+        logits = VQ logits, with logits[ids] = h @ W[ids].T (+ b_dense[ids])
+    """
+
+    def __init__(self, config: HeadConfig, rows: torch.Tensor, rows_bias: torch.Tensor | None = None):
+        super().__init__(config)
+        self.register_buffer("members", torch.zeros(config.codebook_size, config.cluster_size, dtype=torch.int64))
+        self.register_buffer("rows", rows.detach().float(), persistent=False)  # the model's output layer, shared
+        self.register_buffer("rows_bias", rows_bias.detach().float() if rows_bias is not None else None, persistent=False)
+        self.probes = config.probes
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(h)
+        z = self.codebook_logits(h)
+        top = torch.topk(z, self.probes, dim=-1).indices  # [..., P]
+        ids = self.members[top].flatten(-2)  # [..., P * cap]
+        exact = torch.einsum("...d,...nd->...n", h, self.rows[ids])
+        if self.rows_bias is not None:
+            exact = exact + self.rows_bias[ids]
+        return logits.scatter(-1, ids, exact)
+
+
+def head_module(head: Head, rows: torch.Tensor | None = None, rows_bias: torch.Tensor | None = None) -> VQLogitsHead:
+    """The torch module of ``head``; a two-stage head needs the model's output layer ``rows`` [V, d] (and bias)."""
+    if not head.two_stage:
+        return VQLogitsHead.from_head(head)
+    module = TwoStageHead(head.config, rows, rows_bias)
+    _load(module, head)
+    with torch.no_grad():
+        first = torch.from_numpy(head.members[:, :1].astype(np.int64))
+        members = torch.from_numpy(head.members.astype(np.int64))
+        module.members.copy_(torch.where(members >= 0, members, first))  # padding repeats a member: same exact logit
+    return module.eval()
+
+
+def _load(module: VQLogitsHead, head: Head) -> None:
+    with torch.no_grad():
+        module.codebook.copy_(torch.from_numpy(head.codebook))
+        module.map.copy_(torch.from_numpy(head.map.astype(np.int64)))
+        if module.bias is not None:
+            module.bias.copy_(torch.from_numpy(head.bias))
+        if module.lowrank_p is not None:
+            module.lowrank_p.copy_(torch.from_numpy(head.lowrank[0]))
+            module.lowrank_u.copy_(torch.from_numpy(head.lowrank[1]))
+
+
+class DenseHead(nn.Module):
+    """A plain output layer ``logits = h @ W.T (+ b)``: the model a VQ-Logits head is converted from."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().float())
+        self.register_buffer("bias", bias.detach().float() if bias is not None else None)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = torch.matmul(h, self.weight.t())
+        return logits if self.bias is None else logits + self.bias

@@ -1,1 +1,0 @@
-"""Graph passes: pure functions ModelProto -> ModelProto (ONNX only, no torch)."""

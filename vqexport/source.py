@@ -1,0 +1,257 @@
+"""The model a build starts from: a local Hugging Face causal-LM directory, and the VQ-Logits head beside it.
+
+    DIR/config.json                             transformers' config (any architecture it loads as a causal LM)
+    DIR/model.safetensors                       or model.safetensors.index.json + its shards (never pickles)
+    DIR/tokenizer.json, tokenizer_config.json   optional; every id must fit the vocabulary
+    DIR/vq_head.json + DIR/vq_head.safetensors  the head (vqexport.head.spec); absent = a dense model
+
+Everything is validated here, before any work starts, and every problem is one line. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import VQExportError
+from .head.spec import CONFIG_FILE as HEAD_CONFIG_FILE
+from .head.spec import WEIGHTS_FILE as HEAD_WEIGHTS_FILE
+from .head.spec import Head, read_head
+from .safetensors_io import read_header
+
+DEMO_NAME = "demo"
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.json"
+# Files of a model directory a build, a conversion or onnxruntime-genai uses besides the weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXTRA_FILES = ("generation_config.json",)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the graph and its KV cache look like, from transformers' config of the model."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    max_position: int
+    tie_word_embeddings: bool
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+
+@dataclass
+class Source:
+    path: Path
+    geometry: Geometry
+    weight_files: tuple[Path, ...]
+    head: Head | None = None
+    tokenizer_path: Path | None = None
+    config: dict = field(default_factory=dict)  # config.json as written
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def model_type(self) -> str:
+        return self.geometry.model_type
+
+    def files(self) -> list[Path]:
+        """Every file that defines this model (config, weights, index, tokenizer, head), in a fixed order."""
+        names = [CONFIG, INDEX, *TOKENIZER_FILES, *EXTRA_FILES, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE]
+        out = [self.path / n for n in names if (self.path / n).is_file()]
+        return sorted(set(out) | set(self.weight_files))
+
+
+def demo_dir() -> Path:
+    """The embedded default model shipped inside the package."""
+    from importlib import resources
+
+    return Path(str(resources.files("vqexport") / "data" / DEMO_NAME))
+
+
+def is_demo(path: Path) -> bool:
+    return Path(path).resolve() == demo_dir().resolve()
+
+
+def resolve_source(model, need_head: bool = True) -> Source:
+    """``None`` or ``"demo"`` -> the embedded model; anything else -> a model directory."""
+    if model is None or str(model) == DEMO_NAME:
+        return load_source(demo_dir(), need_head=need_head)
+    return load_source(Path(model), need_head=need_head)
+
+
+def load_source(path, need_head: bool = True) -> Source:
+    """Read and validate a model directory. ``need_head``: a VQ-Logits head must be beside it."""
+    path = Path(path)
+    if not path.exists():
+        raise VQExportError(f"{path}: model directory does not exist")
+    if not path.is_dir():
+        raise VQExportError(f"{path}: not a directory; give a Hugging Face model directory (config.json, model.safetensors)")
+    raw = _read_config(path)
+    weights = weight_files(path)
+    geometry = read_geometry(path, raw)
+    head = read_head(path)
+    if need_head and head is None:
+        raise VQExportError(f"{path}: no VQ-Logits head ({HEAD_CONFIG_FILE} + {HEAD_WEIGHTS_FILE}); "
+                            f"make one with 'vqexport convert --from {path} --codebook-size K --out DIR'")
+    if head is not None:
+        hc = head.config
+        if hc.vocab_size != geometry.vocab_size:
+            raise VQExportError(f"{path / HEAD_CONFIG_FILE}: the head has vocab_size {hc.vocab_size}, the model's config "
+                                f"says {geometry.vocab_size}")
+        if hc.hidden_size != geometry.hidden_size:
+            raise VQExportError(f"{path / HEAD_CONFIG_FILE}: the head has hidden_size {hc.hidden_size}, the model's config "
+                                f"says {geometry.hidden_size}")
+    tok = path / TOKENIZER
+    tokenizer_path = tok if tok.is_file() else None
+    if tokenizer_path is not None:
+        check_tokenizer(tokenizer_path, geometry.vocab_size)
+    return Source(path=path, geometry=geometry, weight_files=tuple(weights), head=head, tokenizer_path=tokenizer_path, config=raw)
+
+
+def _read_config(path: Path) -> dict:
+    f = path / CONFIG
+    if not f.is_file():
+        raise VQExportError(f"{path}: no {CONFIG}; a model directory needs config.json and model.safetensors")
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise VQExportError(f"{f}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise VQExportError(f"{f}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise VQExportError(f"{f}: not a Hugging Face config (no model_type)")
+    return raw
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory: one file, or every shard its index names (all present)."""
+    single, index = path / SINGLE, path / INDEX
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+            if not names or not all(isinstance(n, str) and "/" not in n and "\\" not in n for n in names):
+                raise ValueError
+        except (ValueError, KeyError, TypeError, OSError):
+            raise VQExportError(f"{index}: malformed shard index (needs a weight_map of tensor -> shard file)") from None
+        files = [path / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise VQExportError(f"{path}: shard(s) {', '.join(missing)} listed in {INDEX} are missing")
+    elif any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise VQExportError(f"{path}: only safetensors weights are read (no pickled .bin / .pt files); "
+                            "convert them with transformers' save_pretrained(safe_serialization=True)")
+    else:
+        raise VQExportError(f"{path}: no {SINGLE} and no {INDEX}")
+    for f in files:
+        read_header(f)  # a truncated or foreign file is named here, before any model is loaded
+    return files
+
+
+def hf_config(path: Path):
+    """transformers' config object of a model directory (its text part for a multimodal one); one line on failure."""
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VQExportError(f"{path}: transformers {transformers.__version__} cannot load this config ({msg[:200]})") from None
+    return cfg
+
+
+def causal_lm_class(cfg, path: Path):
+    """The transformers class that loads ``cfg`` as a causal LM, or one line saying it has none."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(cfg)]
+    except KeyError:
+        raise VQExportError(f"{path}: architecture {cfg.model_type!r} is not a causal language model in transformers "
+                            f"{transformers.__version__} (AutoModelForCausalLM has no class for {type(cfg).__name__})") from None
+
+
+def read_geometry(path: Path, raw: dict) -> Geometry:
+    cfg = hf_config(path)
+    causal_lm_class(cfg, path)
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+    def get(name, default=None):
+        v = getattr(text, name, None)
+        return default if v is None else v
+
+    try:
+        d, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+        eos = get("eos_token_id")
+        eos = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])) if eos is not None else ()
+        geo = Geometry(
+            model_type=str(raw["model_type"]), vocab_size=int(get("vocab_size")), hidden_size=d,
+            n_layers=int(get("num_hidden_layers")), n_heads=heads, n_kv_heads=int(get("num_key_value_heads", heads)),
+            head_dim=int(get("head_dim", d // heads)), max_position=int(get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)),
+            bos_token_id=_token(get("bos_token_id")), eos_token_ids=eos, pad_token_id=_token(get("pad_token_id")),
+        )
+    except (TypeError, ValueError) as e:
+        raise VQExportError(f"{path / CONFIG}: cannot read the model's sizes ({e})") from None
+    V = geo.vocab_size
+    fix = {}
+    for name in ("bos_token_id", "pad_token_id"):  # special ids outside the vocabulary cannot be used: dropped
+        v = getattr(geo, name)
+        if v is not None and not 0 <= v < V:
+            fix[name] = None
+    if any(not 0 <= e < V for e in geo.eos_token_ids):
+        fix["eos_token_ids"] = tuple(e for e in geo.eos_token_ids if 0 <= e < V)
+    if fix:
+        import dataclasses
+
+        geo = dataclasses.replace(geo, **fix)
+    return geo
+
+
+def _token(v):
+    if isinstance(v, (list, tuple)):
+        v = v[0] if v else None
+    return int(v) if v is not None else None
+
+
+def check_tokenizer(path: Path, vocab_size: int) -> None:
+    """The tokenizer must parse and every id it can produce must be a row of the model's vocabulary."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise VQExportError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    n = tok.get_vocab_size(with_added_tokens=True)
+    top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+    if max(n, top) > vocab_size:
+        raise VQExportError(
+            f"{path}: tokenizer has {max(n, top)} tokens but the model's vocab_size is {vocab_size}; "
+            "use the tokenizer the model was trained with"
+        )

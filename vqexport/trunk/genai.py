@@ -1,0 +1,96 @@
+"""The ONNX Runtime-tuned trunk: onnxruntime-genai's model builder, run on the model directory without its output
+layer (``exclude_lm_head=true``), at fp32 / int8 / int4 (or fp16 / bf16 for GPU execution providers).
+
+    python -m onnxruntime_genai.models.builder -i DIR -o OUT -p PRECISION -e EP -c CACHE \\
+        --extra_options exclude_lm_head=true [key=value ...]
+
+What comes back is the builder's own graph — GroupQueryAttention with rotary inside, SkipSimplifiedLayerNormalization,
+packed QKV, MatMulNBits, an int4 embedding table shared as is for tied models — with the final hidden state as the
+output ``hidden_states``; vqexport attaches its head there. Its KV cache is one preallocated buffer per layer written
+in place (``past_present_share_buffer``), and its attention takes no left-padded batches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import VQExportError
+from ..source import Source
+
+BUILDER = "onnxruntime_genai.models.builder"
+INSTALL_HINT = "pip install 'vqexport[genai]' (onnxruntime-genai, whose wheel carries the model builder)"
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+# the builder's execution providers -> the onnxruntime provider that runs the graph
+EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider",
+                       "webgpu": "WebGpuExecutionProvider", "NvTensorRtRtx": "NvTensorRTRTXExecutionProvider"}
+# the precision + execution-provider pairs the builder makes (its own list)
+COMBINATIONS = {("fp32", "cpu"), ("fp32", "cuda"), ("fp16", "cuda"), ("fp16", "dml"), ("fp16", "NvTensorRtRtx"),
+                ("bf16", "cuda"), ("bf16", "NvTensorRtRtx"), ("int8", "cpu"), ("int8", "cuda"), ("int8", "webgpu"),
+                ("int4", "cpu"), ("int4", "cuda"), ("int4", "dml"), ("int4", "webgpu")}
+RESERVED_OPTIONS = ("exclude_lm_head", "include_hidden_states", "exclude_embeds", "filename", "config_only")
+
+
+def check_options(precision: str, execution_provider: str, extra_options: dict, fail) -> None:
+    """Profile-level rules (no builder needed): a pair the builder makes, options vqexport does not own."""
+    if execution_provider not in EXECUTION_PROVIDERS:
+        fail(f"trunk.execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, got {execution_provider!r}")
+    if precision not in PRECISIONS:
+        fail(f"precision {precision!r} is not one onnxruntime-genai's builder makes ({', '.join(PRECISIONS)})")
+    if (precision, execution_provider) not in COMBINATIONS:
+        pairs = ", ".join(f"{p} {e}" for p, e in sorted(COMBINATIONS) if e == execution_provider)
+        fail(f"onnxruntime-genai's builder has no {precision} graph for execution provider {execution_provider!r} "
+             f"(it makes: {pairs})")
+    taken = sorted(set(extra_options) & set(RESERVED_OPTIONS))
+    if taken:
+        fail(f"trunk.extra_options may not set {', '.join(taken)}: vqexport attaches the head to the hidden state itself")
+
+
+def require_builder() -> None:
+    """onnxruntime-genai's builder and what it imports must be installed: one line with the install hint if not."""
+    for module, hint in (("onnxruntime_genai", INSTALL_HINT), ("transformers", "pip install transformers"),
+                         ("torch", "pip install torch")):
+        if importlib.util.find_spec(module) is None:
+            raise VQExportError(f"the genai trunk runs onnxruntime-genai's model builder, which needs {module} ({hint})")
+    if importlib.util.find_spec(BUILDER) is None:
+        raise VQExportError(f"this onnxruntime-genai has no model builder ({BUILDER}); {INSTALL_HINT}")
+
+
+def build_trunk(source: Source, precision: str, execution_provider: str, extra_options: dict, workdir: Path) -> Path:
+    """Run the builder into ``workdir``/trunk; return that directory (model.onnx + data, genai_config.json, tokenizer)."""
+    require_builder()
+    if source.tokenizer_path is None:
+        raise VQExportError(f"{source.path}: onnxruntime-genai's builder loads the model's tokenizer, and this directory has "
+                            "no tokenizer.json; add the tokenizer files or use a target with [trunk] source = \"portable\"")
+    out, cache = Path(workdir) / "trunk", Path(workdir) / "cache"
+    options = ["exclude_lm_head=true", *(f"{k}={v}" for k, v in sorted(extra_options.items()))]
+    cmd = [sys.executable, "-m", BUILDER, "-i", str(source.path.resolve()), "-o", str(out), "-p", precision,
+           "-e", execution_provider, "-c", str(cache), "--extra_options", *options]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(workdir), env=env)
+    if proc.returncode != 0 or not (out / "model.onnx").is_file():
+        raise VQExportError(f"{source.path}: onnxruntime-genai's builder cannot build this {source.model_type} model "
+                            f"({_reason(proc)}); use a target with [trunk] source = \"portable\"")
+    return out
+
+
+def _reason(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln.split(":")[0] or "is not currently supported" in ln]
+    text = errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}")
+    if "is not currently supported" in text:
+        return "the builder does not support this architecture"
+    return text[:240]
+
+
+def genai_config(trunk_dir: Path, logits: bool) -> dict:
+    """The builder's genai_config.json for the joined graph: ``logits`` is an output again (the head's)."""
+    cfg = json.loads((Path(trunk_dir) / "genai_config.json").read_text(encoding="utf-8"))
+    outputs = cfg["model"]["decoder"].setdefault("outputs", {})
+    if logits:
+        outputs["logits"] = "logits"
+    return cfg

@@ -1,0 +1,153 @@
+"""transformers' own model as the trunk: load it from the model directory and give its decoder a flat signature.
+
+    Trunk.forward(input_ids, attention_mask, *past) -> (hidden_states, *present)
+
+``past`` / ``present`` are ``(k0, v0, k1, v1, ...)``, each [batch, n_kv_heads, length, head_dim] — the layout of the
+graph's ``past_key_values.{i}.key|value`` / ``present.{i}.key|value``. Positions come from the mask
+(``cumsum - 1``, so left-padded rows get the positions an unpadded row would), as transformers' ``generate`` does.
+``hidden_states`` is the decoder's final (normed) hidden state: what the output layer reads. The same module is
+the reference parity compares against and what torch.onnx exports: nothing about the architecture is ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import torch
+
+from ..errors import VQExportError
+from ..source import Geometry, Source, causal_lm_class, hf_config
+
+
+@contextlib.contextmanager
+def quiet():
+    """transformers' and torch's warnings and log lines stay out of the user's terminal."""
+    loggers = [logging.getLogger(n) for n in ("transformers", "torch.onnx", "torch.export", "torch._export",
+                                               "torch.fx.experimental.symbolic_shapes", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    from transformers.utils import logging as tf_logging
+
+    bars = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    verbosity = tf_logging.get_verbosity()
+    tf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+        tf_logging.set_verbosity(verbosity)
+        if bars:
+            tf_logging.enable_progress_bar()
+
+
+def load_causal_lm(source: Source) -> torch.nn.Module:
+    """transformers' causal LM of ``source``, float32, eval mode; missing or unexpected weights are an error."""
+    import transformers
+
+    path = source.path
+    cls = causal_lm_class(hf_config(path), path)
+    try:
+        with quiet():
+            model, info = cls.from_pretrained(str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VQExportError(f"{path}: transformers {transformers.__version__} cannot load this {source.model_type} model "
+                            f"({msg[:200]})") from None
+    missing = sorted(k for k in info.get("missing_keys", ()) if not _tied(model, k))
+    if missing:
+        raise VQExportError(f"{path}: the weights lack {len(missing)} tensor(s) the {source.model_type} model needs "
+                            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); a shard or the index is incomplete")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        name = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
+        raise VQExportError(f"{path}: tensor {name} does not have the shape the config implies")
+    return model.eval()
+
+
+def _tied(model, key: str) -> bool:
+    """A missing output layer is no loss when transformers ties it to the embeddings."""
+    out = model.get_output_embeddings()
+    if out is None or not getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False):
+        return False
+    return key.startswith(next((n for n, m in model.named_modules() if m is out), "\0"))
+
+
+def output_weight(model) -> torch.Tensor:
+    """The dense output layer's weight [V, d] (the embedding table for tied models)."""
+    out = model.get_output_embeddings()
+    if out is None or not hasattr(out, "weight"):
+        raise VQExportError(f"{type(model).__name__} has no output layer to convert")
+    return out.weight
+
+
+def output_bias(model) -> torch.Tensor | None:
+    out = model.get_output_embeddings()
+    return getattr(out, "bias", None)
+
+
+class Trunk(torch.nn.Module):
+    """transformers' decoder with a flat KV-cache signature; its parameters keep the checkpoint's names."""
+
+    def __init__(self, causal_lm: torch.nn.Module, n_layers: int):
+        super().__init__()
+        decoder = causal_lm.get_decoder()
+        name = next((n for n, m in causal_lm.named_children() if m is decoder), "model")
+        self.add_module(name, decoder)
+        self.decoder_name = name
+        self.n_layers = n_layers
+        self.final_logit_softcapping = getattr(causal_lm.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+
+    @property
+    def decoder(self):
+        return getattr(self, self.decoder_name)
+
+    def forward(self, input_ids, attention_mask, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.n_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        s = input_ids.shape[1]
+        positions = (attention_mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)[:, -s:]
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True)
+        present = []
+        for layer in out.cache.layers[: self.n_layers]:
+            present += [layer.keys, layer.values]
+        return (out.last_hidden_state, *present)
+
+    def empty_past(self, batch: int, n_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.zeros(batch, n_kv_heads, 0, head_dim) for _ in range(2 * self.n_layers))
+
+
+def make_trunk(source: Source, model: torch.nn.Module | None = None) -> Trunk:
+    """The trunk of ``source`` (its transformers model loaded here unless given), checked against its geometry."""
+    model = load_causal_lm(source) if model is None else model
+    geo = source.geometry
+    trunk = Trunk(model, geo.n_layers).eval()
+    if trunk.final_logit_softcapping:
+        raise VQExportError(f"{source.path}: final_logit_softcapping = {trunk.final_logit_softcapping} is not supported "
+                            "by a VQ-Logits head (exact decoding relies on logits being cluster score + token terms)")
+    check_cache(trunk, geo, source)
+    return trunk
+
+
+@torch.no_grad()
+def check_cache(trunk: Trunk, geo: Geometry, source: Source) -> None:
+    """One token through the decoder: its KV cache must be the uniform [B, n_kv_heads, T, head_dim] the graph declares."""
+    with quiet():
+        out = trunk.decoder(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
+    layers = getattr(out.cache, "layers", None)
+    if layers is None or len(layers) < geo.n_layers:
+        raise VQExportError(f"{source.path}: the {geo.model_type} decoder does not return a per-layer KV cache; it cannot be exported")
+    shapes = {tuple(layer.keys.shape[1::2]) for layer in layers[: geo.n_layers]} | {tuple(layer.values.shape[1::2]) for layer in layers[: geo.n_layers]}
+    if shapes != {(geo.n_kv_heads, geo.head_dim)}:
+        raise VQExportError(f"{source.path}: the {geo.model_type} decoder's KV cache has (heads, head_dim) {sorted(shapes)}, "
+                            f"not the uniform ({geo.n_kv_heads}, {geo.head_dim}) of its config; it cannot be exported")

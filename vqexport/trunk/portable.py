@@ -1,0 +1,89 @@
+"""The portable trunk: torch.onnx (dynamo) of transformers' decoder, standard ops, any runtime.
+
+    inputs   input_ids [batch_size, sequence_length] int64
+             attention_mask [batch_size, total_sequence_length] int64
+             past_key_values.{i}.key|value [batch_size, n_kv_heads, past_sequence_length, head_dim] float32
+    outputs  hidden_states [batch_size, sequence_length, hidden] float32   (the final, normed hidden state)
+             present.{i}.key|value [batch_size, n_kv_heads, total_sequence_length, head_dim] float32
+
+Initializers keep the checkpoint's parameter names (``model.layers.0.self_attn.q_proj.weight``). The result is an
+onnx_ir model, so no 2 GB protobuf limit applies before it is saved with external data.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import torch
+
+from ..errors import VQExportError
+from ..graph_io import BATCH, HIDDEN, PAST, SEQ, TOTAL, cache_names
+from ..source import Source
+from .hf import Trunk, quiet
+
+DEFAULT_OPSET = 18
+# torch.export's symbol names -> the graph's axis names.
+_DIM_NAMES = {"batch": BATCH, "sequence": SEQ, "past_sequence": PAST, "total_sequence": TOTAL,
+              "past_sequence + sequence": TOTAL, "sequence + past_sequence": TOTAL}
+
+
+def export_trunk(trunk: Trunk, source: Source, opset: int = DEFAULT_OPSET) -> ir.Model:
+    """torch.onnx export of ``trunk`` (transformers' decoder of ``source``) with the graph contract above."""
+    from torch.export import Dim
+
+    geo = source.geometry
+    b, s, p = 2, 3, 5  # all >= 2 and pairwise different, so the tracer neither specialises nor conflates axes
+    ids = torch.arange(b * s, dtype=torch.int64).reshape(b, s) % geo.vocab_size
+    mask = torch.ones(b, p + s, dtype=torch.int64)
+    past = tuple(torch.zeros(b, geo.n_kv_heads, p, geo.head_dim) for _ in range(2 * geo.n_layers))
+    batch, seq, past_len, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past_len} for _ in past))
+    past_names, present_names = cache_names(geo.n_layers)
+    try:
+        with quiet(), torch.no_grad():
+            program = torch.onnx.export(trunk, (ids, mask, *past), dynamic_shapes=dynamic_shapes,
+                                        input_names=["input_ids", "attention_mask", *past_names],
+                                        output_names=[HIDDEN, *present_names], opset_version=opset, dynamo=True,
+                                        optimize=True, verbose=False)
+    except Exception as e:  # torch.export / torch.onnx raise many types; the first line says what failed
+        msg = next((ln for ln in str(e).strip().splitlines() if ln.strip()), type(e).__name__)
+        raise VQExportError(f"{source.path}: torch.onnx cannot export the {geo.model_type} decoder "
+                            f"({type(e).__name__}: {msg[:240]})") from None
+    model = program.model
+    canonicalize(model)
+    return model
+
+
+def canonicalize(model: ir.Model) -> None:
+    """Stable and readable: no source paths or exporter metadata, named dynamic axes."""
+    model.doc_string = None
+    model.metadata_props.clear()
+    g = model.graph
+    g.name = "vqexport_decoder"
+    g.doc_string = None
+    g.metadata_props.clear()
+    for node in g.all_nodes():
+        node.doc_string = None
+        node.metadata_props.clear()
+        for v in node.outputs:
+            _rename_dims(v)
+            v.metadata_props.clear()
+            v.doc_string = None
+    for v in [*g.inputs, *g.outputs, *g.initializers.values()]:
+        _rename_dims(v)
+        v.metadata_props.clear()
+        v.doc_string = None
+
+
+def _rename_dims(v: ir.Value) -> None:
+    if v.shape is None:
+        return
+    dims = [ir.SymbolicDim(_DIM_NAMES.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d for d in v.shape]
+    if dims != list(v.shape):
+        v.shape = ir.Shape(dims)
+
+
+def memo_key(source: Source, opset: int) -> tuple:
+    """What an exported trunk depends on: the model's config and weights (by name, size and mtime) and the opset;
+    not the head beside them."""
+    files = [source.path / "config.json", *source.weight_files]
+    return (opset, tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
