@@ -13,7 +13,8 @@ from .conftest import run_cli
 FULL = {"onnxruntime": "1.32.0", "ort_providers": ["CPUExecutionProvider", "CUDAExecutionProvider"],
         "onnxruntime_extensions": "0.15.2", "tritonclient": "2.73.0", "triton": "3.6.0", "tensorrt": "10.15.1",
         "tensorrt_error": None, "gpu": {"name": "NVIDIA H100", "compute_capability": "9.0"}, "gpu_error": None,
-        "tensorrt_strongly_typed": True, "tensorrt_plugin_api": True}
+        "tensorrt_strongly_typed": True, "tensorrt_plugin_api": True, "openvino": "2026.0.0",
+        "openvino_devices": ["CPU", "GPU.0"], "nncf": "3.4.0", "onnxruntime_genai": "0.18.0"}
 
 
 @pytest.mark.parametrize("name", bundled_names())
@@ -33,6 +34,10 @@ def test_a_complete_machine_builds_every_target(name):
     ({"onnxruntime_extensions": None}, "ort-fused", ["onnxruntime-extensions"]),
     ({"ort_providers": ["AzureExecutionProvider"]}, "ort", ["lacks CPUExecutionProvider"]),
     ({"onnxruntime": None, "ort_providers": []}, "ort-int8", ["onnxruntime is not installed"]),
+    ({"openvino": None}, "openvino", ["OpenVINO is not installed", "vqexport[openvino]"]),
+    ({"openvino_devices": ["GPU.0"]}, "openvino-int8", ["OpenVINO finds no CPU device"]),
+    ({"nncf": None}, "openvino-int8", ["needs NNCF"]),
+    ({"onnxruntime_genai": None}, "ort-int4", ["onnxruntime-genai's model builder", "vqexport[genai]"]),
 ])
 def test_each_missing_piece_is_named(change, target, fragments):
     status = target_status(load_profile(target), {**FULL, **change})

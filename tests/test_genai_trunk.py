@@ -176,7 +176,10 @@ def test_bench_e2e_runs_both_sides_through_onnxruntime_genai(tmp_path):
         assert out[side]["tokens_per_s"] > 0 and out[side]["ttft_ms"] > 0 and out[side]["model_bytes"] > 0
         assert 0 < out[side]["bound_fraction"]
     assert out["dense"]["bytes_per_token"] > out["vq"]["bytes_per_token"]  # the dense head reads V x d
-    assert out["parity"]["passed"] and out["target"] == "ort-int4"
+    assert out["parity"]["passed"] and out["target"] == "ort-int4" and out["parity_enforced"] is True
+    assert out["dense_int8_head"]["tokens_per_s"] > 0 and out["ratios_dense_int8_head"]["tokens_per_s"] > 0
+    agree = out["agreement_with_dense"]  # vs the builder's dense int4 model: the prompt's last position + each step
+    assert agree["positions"] == 1 + 4 and 0 <= agree["top1_agreement"] <= 1 and agree["kl_dense_to_vq"] >= 0
     dense_ops = {n.name for n in load_graph(work / "demo-builder-int4" / "model.onnx").graph.node}
     assert any("lm_head" in n for n in dense_ops)
     assert_user_error(run_cli("bench", "--e2e", "--target", "ort", "--model", tmp_path / "demo"), "has a portable trunk")

@@ -24,21 +24,24 @@ from .models import make_model, random_head
 TEXT = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("test_*.py")))
 
 
-def _two_stage(vocab=300, hidden=32, k=20, probes=4, bias=True, rank=0, seed=0):
+def _two_stage(vocab=300, hidden=32, k=20, probes=4, bias=True, rank=0, seed=0, route=False):
     h = random_head(vocab, hidden, k, bias=bias, rank=rank, seed=seed)
-    return make_head({k_: v for k_, v in h.tensors.items()}, probes=probes)
+    extra = {"route_bias": (np.random.default_rng(seed + 7).standard_normal(k) * 3).astype(np.float32)} if route else {}
+    return make_head({**h.tensors, **extra}, probes=probes)
 
 
 def _rows(vocab=300, hidden=32, seed=3):
     return (np.random.default_rng(seed).standard_normal((vocab, hidden)) * 0.5).astype(np.float32)
 
 
-def test_definition_probed_tokens_exact_the_rest_vq():
-    head, W = _two_stage(), _rows()
+@pytest.mark.parametrize("route", [False, True])
+def test_definition_probed_tokens_exact_the_rest_vq(route):
+    head, W = _two_stage(route=route), _rows()
     h = np.random.default_rng(1).standard_normal((2, 3, 32))
     logits, tail = head.logits(h, rows=W), head.tail_logits(h)
-    z = h @ head.codebook.T
+    z = h @ head.codebook.T + (head.route_bias if route else 0)  # a fitted router ranks by z + route_bias
     top = np.argsort(-z, axis=-1)[..., :4]
+    assert route == (not np.array_equal(top, np.argsort(-(h @ head.codebook.T), axis=-1)[..., :4]))
     for b in range(2):
         for s in range(3):
             probed = np.isin(head.map, top[b, s])
@@ -48,31 +51,33 @@ def test_definition_probed_tokens_exact_the_rest_vq():
 
 
 def test_files_round_trip_and_the_map_is_derived(tmp_path):
-    head = _two_stage(rank=2)
+    head = _two_stage(rank=2, route=True)
     write_head(tmp_path, head)
     back = read_head(tmp_path)
-    assert back.config == head.config and back.config.type == "two-stage"
+    assert back.config == head.config and back.config.type == "two-stage" and back.config.route_bias
+    np.testing.assert_array_equal(back.route_bias, head.route_bias)
     assert "map" not in load_file(str(tmp_path / WEIGHTS_FILE))  # stored as the member table
     np.testing.assert_array_equal(back.map, head.map)
     np.testing.assert_array_equal(back.members, head.members)
     assert back.config.scored == 20 + 4 * head.config.cluster_size
 
 
-@pytest.mark.parametrize("rank", [0, 3])
-def test_torch_module_equals_the_definition(rank):
-    head, W = _two_stage(rank=rank), _rows()
+@pytest.mark.parametrize("rank, route", [(0, False), (3, False), (0, True)])
+def test_torch_module_equals_the_definition(rank, route):
+    head, W = _two_stage(rank=rank, route=route), _rows()
     h = np.random.default_rng(2).standard_normal((2, 5, 32)).astype(np.float32)
     got = head_module(head, torch.from_numpy(W))(torch.from_numpy(h)).detach().numpy()
     np.testing.assert_allclose(got, head.logits(h, rows=W), atol=1e-4)
 
 
-@pytest.mark.parametrize("rows, atol", [("fp32", 1e-4), ("int8", 0.25)])
-def test_graph_equals_the_definition(rows, atol):
-    head, W = _two_stage(), _rows()
+@pytest.mark.parametrize("rows, atol, route", [("fp32", 1e-4, False), ("int8", 0.25, False), ("fp32", 1e-4, True)])
+def test_graph_equals_the_definition(rows, atol, route):
+    head, W = _two_stage(route=route), _rows()
     proto = ir.to_proto(head_model(head, HeadForm(rows=rows), rows=W))
     names = {n.name: n for n in proto.graph.node}
     assert names["head/route/top"].op_type == "TopK" and names["head/exact/scatter"].op_type == "ScatterElements"
     assert next(a.i for a in names["head/exact/scatter"].attribute if a.name == "axis") == 2
+    assert ("head/route/bias" in names) == route
     if rows == "int8":
         assert names["head/exact/MatMulInteger"].op_type == "MatMulInteger"
         q = next(t for t in proto.graph.initializer if t.name == "head.rows_q")
@@ -147,20 +152,29 @@ def test_an_untied_model_ships_its_output_rows(tmp_path, small_tokenizer):
     assert inits["head.rows"] == [320, 32]
 
 
-def test_int4_genai_trunk_reads_rows_from_its_int4_table(tied, tmp_path):
-    """The builder's int4 embedding table (GatherBlockQuantized) serves stage 2 too. (An int4 trunk of this random tiny
-    model is far from its fp32 reference, so parity is judged on the demo model elsewhere; here the wiring.)"""
+def test_int4_genai_trunk_rows_shared_or_int8(tied, tmp_path):
+    """On the builder's int4 trunk, rows = "shared" reads the int4 embedding table itself (GatherBlockQuantized);
+    the bundled ort-int4 reads an int8 copy (measured faster). (An int4 trunk of this random tiny model is far from
+    its fp32 reference, so parity is judged on the demo model elsewhere; here the wiring.)"""
     import dataclasses
 
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (its model builder) is not installed")
     profile = api.load_profile("ort-int4")
     loose = dataclasses.replace(profile.parity, atol=100.0, kl_max=10.0, top1_agreement_min=0.0, top5_overlap_min=0.0)
-    result = api.build(dataclasses.replace(profile, parity=loose), model=tied, out=tmp_path / "art", steps=2)
+    shared = dataclasses.replace(profile, name="shared", parity=loose,
+                                 two_stage=dataclasses.replace(profile.two_stage, rows="shared"))
+    result = api.build(shared, model=tied, out=tmp_path / "shared", steps=2)
     assert np.isfinite(result.parity.max_abs_diff)
     proto = load_graph(result.out / "model.onnx")
     rows = next(n for n in proto.graph.node if n.name == "head/exact/rows")
     lookup = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized" and "input_ids" in n.input)
     assert rows.op_type == "GatherBlockQuantized" and rows.input[0] == lookup.input[0]
+    assert profile.two_stage.rows == "int8"
+    result = api.build(dataclasses.replace(profile, parity=loose), model=tied, out=tmp_path / "int8", steps=2)
+    inits = {t.name: t for t in load_graph(result.out / "model.onnx").graph.initializer}
+    assert list(inits["head.rows_q"].dims) == [320, 64] and inits["head.rows_q"].data_type == 3  # int8
+    out = [o for o in load_graph(result.out / "model.onnx").graph.output if o.name == "logits"][0]
+    assert out.type.tensor_type.shape.dim[1].dim_value == 1  # a two-stage head's prefill computes the last position
 
 
 def test_profile_probes_and_row_forms(tied, tmp_path):
@@ -233,17 +247,32 @@ def converted(tmp_path_factory, small_tokenizer):
     dense = make_model(tmp / "dense", arch="qwen2", vocab=320, hidden=32, layers=1, head=False, tokenizer=small_tokenizer)
     text = tmp / "text.txt"
     text.write_text(TEXT)
-    result = run_cli("convert", "--from", dense, "-k", 20, "--head", "two-stage", "--distill-text", text, "--out", tmp / "ts", "--json")
+    result = run_cli("convert", "--from", dense, "-k", 20, "--head", "two-stage", "--distill-text", text, "--out", tmp / "ts",
+                     "--steps", 60, "--json")
     assert result.exit_code == 0, result.stderr
     return tmp, json.loads(result.stdout)
 
 
-def test_convert_two_stage_is_training_free_with_equal_clusters_and_a_measured_p(converted):
+def test_convert_two_stage_fits_the_router_on_the_text_or_is_training_free(converted, tmp_path):
     tmp, report = converted
     head = read_head(tmp / "ts")
     assert head.config.type == "two-stage" and head.config.cluster_size == 16  # 320 / 20: equal clusters
     assert np.bincount(head.map, minlength=20).tolist() == [16] * 20
-    assert report["clustering"] == "equal-spherical" and report["distill_steps"] == 0
+    assert report["clustering"] == "equal-spherical" and report["distill_steps"] == 0 and report["router_steps"] == 60
+    assert head.config.route_bias and np.abs(head.route_bias).max() > 0
+    assert "route bias fitted to the dense cluster mass, 60 steps" in (tmp / "ts" / "MODEL_CARD.md").read_text()
+    result = run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--distill-text", tmp / "text.txt",
+                     "--steps", 0, "--out", tmp_path / "free", "--json")
+    assert result.exit_code == 0, result.stderr
+    free, free_report = read_head(tmp_path / "free"), json.loads(result.stdout)
+    assert not free.config.route_bias and free.route_bias is None and free_report["router_steps"] == 0
+    np.testing.assert_array_equal(free.map, head.map)  # the same clusters; only the router differs
+    # the fitted router moved the codebook and the bias, and the tail bias was refitted to the new codebook
+    assert not np.allclose(free.codebook, head.codebook) and not np.allclose(free.bias, head.bias)
+
+
+def test_convert_two_stage_recommends_p_from_the_measured_recall_curve(converted):
+    tmp, report = converted
     curve = dict(sorted((int(p), r) for p, r in report["recall_curve"].items()))
     values = list(curve.values())
     assert curve[20] == pytest.approx(1.0) and all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
@@ -276,3 +305,21 @@ def test_convert_two_stage_bad_input(converted, tmp_path):
     assert_user_error(run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--probes", 30,
                               "--out", tmp_path / "o"), "--probes must be in [1, codebook size 20]")
     assert not (tmp_path / "o").exists()
+
+
+def test_route_bias_key_and_tensor_are_checked(tmp_path):
+    head = _two_stage(route=True)
+    write_head(tmp_path, head)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert cfg["route_bias"] is True
+    for change, fragment in ((dict(route_bias="yes"), "route_bias must be true or false"),
+                             (dict(type="vq", cluster_size=None, probes=None), "route_bias applies to a two-stage head only")):
+        bad = {k: v for k, v in {**cfg, **change}.items() if v is not None}
+        (tmp_path / CONFIG_FILE).write_text(json.dumps(bad))
+        with pytest.raises(api.VQExportError, match=fragment):
+            read_head(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    tensors = load_file(str(tmp_path / WEIGHTS_FILE))
+    save_file({k: v for k, v in tensors.items() if k != "route_bias"}, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(api.VQExportError, match="missing tensor.s. route_bias"):
+        read_head(tmp_path)

@@ -134,6 +134,20 @@ def train(model, data: np.ndarray, steps: int, lr: float, seed: int, label: str)
             print(f"[{label}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
 
 
+def distill_text(train_text: list[str], held_text: list[str]) -> str:
+    """Training files, then the held-out files as the last tenth: the converter distills on the first nine tenths and
+    measures perplexity on the last, so its held-out figures are on files the dense model never saw."""
+    sep = f"\n{EOT}\n"
+    held = sep.join(held_text)
+    head, size = [], 0
+    for t in train_text:
+        if size >= 9 * len(held):
+            break
+        head.append(t)
+        size += len(t)
+    return sep.join(head) + sep + held
+
+
 def train_dense(out: Path, train_ids: np.ndarray, steps: int, anneal: int, eot: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -175,17 +189,8 @@ def main() -> None:
             if args.dense_only:
                 print(f"wrote {dense_dir} in {time.time() - t_start:.0f} s")
                 return
-        # distillation text: training files, then the held-out files as the last tenth, which the converter keeps
-        # out of distillation and measures perplexity on
-        held = f"\n{EOT}\n".join(held_text)
-        head, size = [], 0
-        for t in train_text:
-            if size >= 9 * len(held):
-                break
-            head.append(t)
-            size += len(t)
         text = Path(tmp) / "distill.txt"
-        text.write_text(f"\n{EOT}\n".join(head) + f"\n{EOT}\n" + held, encoding="utf-8")
+        text.write_text(distill_text(train_text, held_text), encoding="utf-8")
         from vqexport import api
 
         staged = Path(tmp) / "demo"

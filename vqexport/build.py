@@ -3,7 +3,7 @@
     source     the Hugging Face model directory and its head (vqexport.source)
     trunk      torch.onnx of transformers' decoder (vqexport.trunk.portable), fp16 for fp16 targets
     head       the profile's head form built from the head's tensors (vqexport.head.graph), joined to the trunk
-    backend    ONNX Runtime or TensorRT lay out and build the artifact (vqexport.backends)
+    backend    ONNX Runtime, TensorRT or OpenVINO lay out and build the artifact (vqexport.backends)
     parity     the artifact against transformers' model + the head's torch module (vqexport.verify)
 """
 
@@ -59,6 +59,8 @@ def versions(runtime: dict | None = None) -> dict:
            "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
     if runtime and runtime.get("backend") == "trt":
         out["tensorrt"] = runtime["engine"]["tensorrt"]
+    if runtime and runtime.get("backend") == "openvino":
+        out["openvino"] = runtime["openvino"]
     return out
 
 
@@ -87,6 +89,10 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
     progress("reading the model")
     source = resolve_source(model)
     out = (Path(out) if out is not None else Path(DEFAULT_OUT) / profile.name).resolve()
+    model_dir = source.path.resolve()
+    if out == model_dir or out in model_dir.parents:
+        raise VQExportError(f"{out}: the output directory would replace the model directory {model_dir} (or a folder "
+                            "holding it); choose another --out")
     check_profile_fits(profile, source)
     source = for_target(source, profile)
     record = source_record(source)
@@ -115,6 +121,11 @@ def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, s
             readiness = check(graph, profile, source.geometry)
             enforce(readiness)
             runtime = build_trt(tmp, profile, source, timing_cache=previous_cache, graph=graph)
+        elif profile.backend == "openvino":
+            from .backends.openvino.builder import build_openvino
+
+            progress("converting to OpenVINO IR")
+            runtime = build_openvino(tmp, profile, source)
         else:
             from .backends.ort.builder import build_ort
 
@@ -187,7 +198,7 @@ def write_graph(directory: Path, profile: Profile, source: Source, reference, pr
 
     from .join import check, join, save
 
-    form = profile.head_form()
+    form = profile.head_form(two_stage=source.head.two_stage)
     scales = None
     if form.codebook == "int8" and form.int8_encoding == "qdq" and form.activations:
         from .calibrate import activation_scales
@@ -232,10 +243,20 @@ def check_machine(profile: Profile) -> None:
         from .backends.trt.env import require
 
         require(f"target {profile.name}")
+    elif profile.backend == "openvino":
+        from .backends.openvino.env import require_device, require_nncf
+
+        require_device(profile.openvino.device, f"target {profile.name}")
+        if profile.openvino.weights == "int8":
+            require_nncf(f"target {profile.name}")
     else:
         from .backends.ort.session import available_providers
 
         available_providers(profile.ort.providers)
+        if profile.trunk.source == "genai":
+            from .trunk.genai import require_builder
+
+            require_builder()
     if profile.triton.enabled:
         from .serving.triton import model_config_schema
 
@@ -302,6 +323,8 @@ def check_profile_fits(profile: Profile, source: Source) -> None:
         from .backends.trt.checks import check_trt_profile
 
         check_trt_profile(profile, source)
+    if profile.head == "fused" and profile.backend == "openvino":
+        raise VQExportError(f"target {profile.name}: OpenVINO cannot convert the fused VQLogits op; use head = 'standard'")
     if profile.head == "fused":
         if profile.decode.mode == "topk":
             raise VQExportError(f"target {profile.name}: head = 'fused' outputs logits; it cannot be combined with decode.mode = 'topk'")

@@ -145,6 +145,15 @@ def _e2e_table(r) -> None:
     for row in rows:
         t.add_row(*row)
     c.print(t)
+    if "agreement_with_dense" in r:
+        a = r["agreement_with_dense"]
+        c.print(f"against the dense model at the same precision, teacher-forced on {a['positions']} positions: top-1 agreement "
+                f"{a['top1_agreement']:.4f}, KL(dense || artifact) {a['kl_dense_to_vq']:.5f} nats/token")
+    if "dense_int8_head" in r:
+        d8, ratio8 = r["dense_int8_head"], r["ratios_dense_int8_head"]
+        c.print(f"against onnxruntime-genai's int4 model with an int8 output layer: {d8['tokens_per_s']:.1f} tokens/s "
+                f"({ratio8['tokens_per_s']:.2f}x), first token {d8['ttft_ms']:.0f} ms ({ratio8['ttft']:.2f}x), "
+                f"{d8['model_bytes']:,} bytes on disk")
 
 
 def _parity_table(r) -> None:
@@ -166,6 +175,7 @@ def _parity_table(r) -> None:
     t.add_row("positions compared", f"{r.positions} (batch {r.batch})", "")
     c = _console(stderr=False)
     c.print(t)
+    c.print(f"reference: {r.reference}", markup=False)
     c.print("[bold green]PASSED[/]" if r.passed else "[bold red]FAILED[/]: " + "; ".join(r.failures))
 
 
@@ -360,6 +370,8 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
 @click.option("--shape", type=click.Choice(["qwen2.5-0.5b", "llama-3.2-1b"]), default=None,
               help="With --e2e: a random-weight model of this shape, made locally (no download).")
 @click.option("--target", "-t", default="ort-int4", show_default=True, help="With --e2e: the artifact's target (a genai trunk).")
+@click.option("--e2e-head", "e2e_head", type=click.Choice(["vq", "two-stage"]), default="vq", show_default=True,
+              help="With --e2e: the head a model without one (or --shape's) gets: vq (K = V/32) or two-stage (K = V/16, P = K/16).")
 @click.option("--work", type=click.Path(), default=None,
               help="With --e2e: keep the models and artifacts here (reused by the next run) instead of a temporary directory.")
 @click.option("--prompt-length", type=int, default=None,
@@ -368,8 +380,8 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
 @click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True,
               help="With --artifact / --e2e: fresh worker runs per model (the sides alternating); medians reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, shape, target, work, prompt_length, tokens,
-          repeats, as_json):
+def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, shape, target, e2e_head, work, prompt_length,
+          tokens, repeats, as_json):
     """Latency benchmarks; figures and ratios measured side by side in one run.
 
     --head: the output layer alone for standard head shapes. --artifact DIR: time to first token,
@@ -382,8 +394,8 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, 
         raise VQExportError("choose what to benchmark: --head, --artifact DIR or --e2e")
     if e2e:
         with _Bar(as_json) as bar:
-            result = api.bench_e2e(model=model, shape=shape, target=target, prompt_len=prompt_length or 64, tokens=tokens,
-                                   repeats=repeats, work=work, progress=bar)
+            result = api.bench_e2e(model=model, shape=shape, target=target, prompt_len=64 if prompt_length is None else prompt_length, tokens=tokens,
+                                   repeats=repeats, work=work, progress=bar, head=e2e_head)
         if as_json:
             _print_json(result)
         else:
@@ -391,7 +403,7 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, 
         return
     if artifact is not None:
         with _Bar(as_json) as bar:
-            result = api.bench_artifact(artifact, vs_dense=vs_dense, prompt_len=prompt_length or 128, tokens=tokens,
+            result = api.bench_artifact(artifact, vs_dense=vs_dense, prompt_len=128 if prompt_length is None else prompt_length, tokens=tokens,
                                         repeats=repeats, progress=bar)
         if as_json:
             _print_json(result)
@@ -461,14 +473,15 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, 
 @click.option("--distill-text", type=click.Path(), default=None,
               help="UTF-8 text: distill the head on its first 90%, report perplexity on the rest.")
 @click.option("--steps", type=int, default=None,
-              help="Head-only distillation steps (with --distill-text) [default: 300; 0 for --head two-stage].")
+              help="Training steps on --distill-text [default: 300]: head-only distillation (--head vq) or router "
+              "fitting (--head two-stage; 0: training-free).")
 @click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical", "balanced", "balanced-spherical", "equal-spherical"]),
               default="auto", show_default=True,
               help="How the map is clustered: k-means (euclidean or spherical), optionally size-balanced, or equal-size "
               "spherical clusters; auto tries the first four and keeps the lowest held-out perplexity (two-stage: equal-spherical).")
 @click.option("--head", "head", type=click.Choice(["vq", "two-stage"]), default="vq", show_default=True,
               help="vq: the plain VQ-Logits head; two-stage: the codebook routes and the model's own output-layer rows "
-              "give the best P clusters exact logits (training-free by default).")
+              "give the best P clusters exact logits (the router is fitted on --distill-text when given).")
 @click.option("--probes", type=int, default=None,
               help="--head two-stage: clusters rescored per position [default: the fewest whose clusters hold the dense "
               "argmax at 99.5% of held-out positions, measured on --distill-text; K/16 without text].")
@@ -550,6 +563,8 @@ def doctor(as_json):
     c = _console(stderr=False)
     gpu = f"{m['gpu']['name']} (compute capability {m['gpu']['compute_capability']})" if m["gpu"] else f"none ({m['gpu_error']})"
     c.print(f"python {m['python']} on {m['machine']}; onnxruntime {m['onnxruntime']} ({', '.join(m['ort_providers'])}); "
+            f"onnxruntime-genai {m.get('onnxruntime_genai') or 'not installed'}; "
+            f"OpenVINO {m.get('openvino') or 'not installed'} ({', '.join(m.get('openvino_devices') or []) or 'no devices'}); "
             f"TensorRT {m['tensorrt'] or 'not installed'}; GPU {gpu}", markup=False)
     for name, t in d["targets"].items():
         state = "build + run" if t["build"] else ("run only" if t["run"] else "no")

@@ -37,6 +37,10 @@ def machine_facts() -> dict:
     facts["onnxruntime_extensions"] = _version("onnxruntime-extensions") if importlib.util.find_spec("onnxruntime_extensions") else None
     facts["tritonclient"] = _version("tritonclient") if importlib.util.find_spec("tritonclient") else None
     facts["triton"] = _version("triton") if importlib.util.find_spec("triton") else None
+    facts["onnxruntime_genai"] = _version("onnxruntime-genai") if importlib.util.find_spec("onnxruntime_genai") else None
+    from .backends.openvino.env import probe as openvino_probe
+
+    facts.update(openvino_probe())
     trt = probe()
     facts.update(tensorrt=trt["tensorrt"], tensorrt_error=trt["tensorrt_error"], gpu=trt["gpu"], gpu_error=trt["gpu_error"])
     facts["tensorrt_strongly_typed"] = facts["tensorrt_plugin_api"] = False
@@ -59,6 +63,15 @@ def target_status(profile: Profile, facts: dict) -> dict:
             build.append(f"onnxruntime here lacks {', '.join(missing)}")
         if profile.head == "fused" and profile.ort.kernel == "extensions" and not facts.get("onnxruntime_extensions"):
             build.append("the fused head's kernel needs onnxruntime-extensions (pip install 'vqexport[fused]')")
+        if profile.trunk.source == "genai" and not facts.get("onnxruntime_genai"):
+            build.append("the genai trunk needs onnxruntime-genai's model builder (pip install 'vqexport[genai]')")
+    elif profile.backend == "openvino":
+        if facts.get("openvino") is None:
+            build.append("OpenVINO is not installed (pip install 'vqexport[openvino]')")
+        elif profile.openvino.device.split(".")[0] not in {d.split(".")[0] for d in facts.get("openvino_devices", [])}:
+            build.append(f"OpenVINO finds no {profile.openvino.device} device here")
+        if profile.openvino.weights == "int8" and facts.get("nncf") is None:
+            build.append("int8 weight compression needs NNCF (pip install 'vqexport[openvino]')")
     else:
         if facts.get("tensorrt") is None:
             build.append(f"TensorRT: {facts.get('tensorrt_error') or 'not installed'} (pip install 'vqexport[trt]')")

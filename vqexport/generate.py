@@ -49,11 +49,13 @@ class _Chooser:
         self.top_k = top_k
         self.rng = np.random.default_rng(seed)
         self.sampler = None
-        if sample and self.decode == "topk" and top_k is None and cfg["head"].get("rank", 0):
-            # a rank-r correction changes the order inside a cluster with h: exact sampling needs all V logits
+        if sample and self.decode == "topk" and top_k is None and (cfg["head"].get("rank", 0) or cfg["head"].get("type") == "two-stage"):
+            # a rank-r correction or a two-stage head's exact rows change the order inside a cluster with h: exact
+            # sampling needs all V logits
+            what = (f"a rank-{cfg['head']['rank']} correction" if cfg["head"].get("rank", 0) else "a two-stage head")
             if not manifest["profile"].get("decode", {}).get("keep_logits"):
-                raise VQExportError(f"this artifact's head has a rank-{cfg['head']['rank']} correction and no logits output: exact sampling "
-                                    "over all V needs the logits (rebuild with decode.keep_logits = true), or pass --top-k N")
+                raise VQExportError(f"this artifact has {what} and no logits output: exact sampling over all V needs the logits "
+                                    "(rebuild with decode.keep_logits = true), or pass --top-k N")
             self.decode = "logits"
         if sample and self.decode == "topk" and top_k is None:
             from .head.spec import read_head

@@ -1,5 +1,6 @@
-"""``inspect``: what is inside a model directory, an artifact directory or an .onnx file. No torch; external
-weights are never loaded (sizes come from tensor headers and dims)."""
+"""``inspect``: what is inside a model directory, an artifact directory or an .onnx file. External weights are never
+loaded (sizes come from tensor headers and dims). Artifacts and .onnx files need onnx alone; a model directory is
+read through transformers' config (which imports torch)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,10 @@ def inspect_model(path: Path) -> dict:
         for name, info in read_header(f).items():
             n = int(np.prod(info["shape"])) if info["shape"] else 1
             trunk[name] = (n, n * _BYTES.get(info["dtype"], 4))
-    head = {f"head.{k}": (int(v.size), int(v.nbytes)) for k, v in (source.head.tensors.items() if source.head else ())}
+    from .head.spec import expected_tensors
+
+    stored = expected_tensors(source.head.config) if source.head else {}  # a two-stage head's map is derived, not stored
+    head = {f"head.{k}": (int(v.size), int(v.nbytes)) for k, v in (source.head.tensors.items() if source.head else ()) if k in stored}
     geo = source.geometry
     return {
         "kind": "model",

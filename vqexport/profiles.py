@@ -17,12 +17,13 @@ from .errors import VQExportError
 from .target_options import TritonOptions, TrtOptions, parse_trt, parse_triton
 from .target_options import _table as read_table
 
-BACKENDS = ("ort", "trt")
+BACKENDS = ("ort", "trt", "openvino")
 # The trunk's precision: the portable trunk is fp32 or fp16 (trunk/fp16.py; the head stays fp32); the genai
 # trunk takes what onnxruntime-genai's builder makes (vqexport.trunk.genai.PRECISIONS).
-PRECISIONS = {"ort": ("fp32", "fp16"), "trt": ("fp32", "fp16")}
+PRECISIONS = {"ort": ("fp32", "fp16"), "trt": ("fp32", "fp16"), "openvino": ("fp32",)}
+OV_WEIGHTS = ("fp32", "int8")  # openvino: the IR's weights as converted, or int8-compressed by NNCF
 TRUNK_SOURCES = ("portable", "genai")
-ROW_FORMS = ("shared", "fp32", "int8")  # a two-stage head's exact rows
+ROW_FORMS = ("shared", "fp32", "int8", "int4")  # a two-stage head's exact rows
 CODEBOOKS = ("fp32", "int8", "int4")  # int4: MatMulNBits (bits = 4), the native encoding only
 INT8_ENCODINGS = ("qdq", "native")
 DECODE_MODES = ("logits", "topk")
@@ -61,6 +62,13 @@ class TrunkOptions:
 
 
 @dataclass(frozen=True)
+class OpenVinoOptions:
+    device: str = "CPU"  # an OpenVINO device (CPU, GPU, NPU, ...)
+    weights: str = "fp32"  # "fp32" | "int8": NNCF weight compression (INT8_ASYM) of the IR
+    inference_precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT ("f32" keeps parity with fp32 PyTorch)
+
+
+@dataclass(frozen=True)
 class TwoStageOptions:
     probes: int = 0  # clusters rescored exactly; 0 = the head's own probes (vq_head.json)
     rows: str = "shared"  # "shared": the trunk's embedding table (tied models) | "fp32" | "int8": a copy of the rows
@@ -85,7 +93,9 @@ class DecodeOptions:
     mode: str = "logits"  # "logits": V-wide logits | "topk": exact top-k + cluster log-probs, no V-sized tensor
     k: int = 50
     keep_logits: bool = False  # with mode "topk": keep the logits output as well
-    last_position_only: bool = False  # prefill emits outputs for the last position only
+    # prefill emits outputs for the last position only; None: only for two-stage heads, whose exact rows would cost
+    # a prompt's every position P * cap * d (onnxruntime-genai reads the last position's logits either way)
+    last_position_only: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class Profile:
     int8: Int8Options = field(default_factory=Int8Options)
     trunk: TrunkOptions = field(default_factory=TrunkOptions)
     two_stage: TwoStageOptions = field(default_factory=TwoStageOptions)
+    openvino: OpenVinoOptions = field(default_factory=OpenVinoOptions)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     ort: OrtOptions = field(default_factory=OrtOptions)
     parity: Parity = field(default_factory=Parity)
@@ -115,8 +126,12 @@ class Profile:
         d["ort"]["providers"] = list(d["ort"]["providers"])
         if d["int8"]["reduce_range"] is None:  # "decide by backend" is the absence of the key
             del d["int8"]["reduce_range"]
+        if d["decode"]["last_position_only"] is None:  # "decide by head" likewise
+            del d["decode"]["last_position_only"]
         if self.trunk.source != "genai":
             d["trunk"] = {"source": self.trunk.source}
+        if self.backend != "openvino":
+            d.pop("openvino")
         trt, triton = d.pop("trt"), d.pop("triton")
         if self.backend == "trt":
             shapes = {k: trt.pop(k) for k in ("prefill_batch", "prefill_sequence", "decode_batch", "decode_past")}
@@ -129,14 +144,15 @@ class Profile:
             d["triton"] = triton
         return d
 
-    def head_form(self):
-        """How the head is built for this target (vqexport.head.graph.HeadForm)."""
+    def head_form(self, two_stage: bool = False):
+        """How the head is built for this target (vqexport.head.graph.HeadForm), for a two-stage head or not."""
         from .head.graph import HeadForm
 
+        last = self.decode.last_position_only if self.decode.last_position_only is not None else two_stage
         return HeadForm(select=self.select, fused=self.head == "fused", codebook=self.codebook, int8_encoding=self.int8.encoding,
                         accuracy_level=self.int8.accuracy_level, activations=self.int8.activations,
                         weight_bits=self.int8.weight_bits(self.backend), decode=self.decode.mode, k=self.decode.k,
-                        keep_logits=self.decode.keep_logits, last_position_only=self.decode.last_position_only,
+                        keep_logits=self.decode.keep_logits, last_position_only=last,
                         probes=self.two_stage.probes, rows=self.two_stage.rows)
 
     def digest(self) -> str:
@@ -232,7 +248,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
     def table(key: str, allowed) -> dict:
         return read_table(raw, key, allowed, fail)
 
-    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "select", "int8", "trunk", "two_stage", "decode", "ort", "parity",
+    known_top = {"name", "description", "backend", "opset", "precision", "codebook", "head", "select", "int8", "trunk", "two_stage", "openvino", "decode", "ort", "parity",
                  "trt", "triton"}
     unknown = set(raw) - known_top
     if unknown:
@@ -254,8 +270,6 @@ def parse_profile(raw: dict, where: str) -> Profile:
     if "trt" in raw and backend != "trt":
         fail("[trt] applies to backend = 'trt' only")
     codebook = take(raw, "codebook", str, "fp32", "", lambda v: v in CODEBOOKS, " or ".join(map(repr, CODEBOOKS)))
-    if codebook == "int4" and (raw.get("int8", {}).get("encoding") != "native" or raw.get("head", "standard") != "standard"):
-        fail("codebook = 'int4' is ONNX Runtime's MatMulNBits (bits = 4): set [int8] encoding = 'native' and head = 'standard'")
     head = take(raw, "head", str, "standard", "", lambda v: v in HEAD_FORMS, " or ".join(map(repr, HEAD_FORMS)))
     select = take(raw, "select", str, "gather_elements", "", lambda v: v in SELECT_FORMS, " or ".join(map(repr, SELECT_FORMS)))
 
@@ -282,6 +296,23 @@ def parse_profile(raw: dict, where: str) -> Profile:
         reduce_range=take(q, "reduce_range", bool, None, "int8.", None, "true or false"),
     )
 
+    if "openvino" in raw and backend != "openvino":
+        fail("[openvino] applies to backend = 'openvino' only")
+    ovt = table("openvino", OpenVinoOptions.__dataclass_fields__)
+    openvino = OpenVinoOptions(
+        device=take(ovt, "device", str, "CPU", "openvino.", lambda v: bool(v), "an OpenVINO device name"),
+        weights=take(ovt, "weights", str, "fp32", "openvino.", lambda v: v in OV_WEIGHTS, " or ".join(map(repr, OV_WEIGHTS))),
+        inference_precision=take(ovt, "inference_precision", str, "f32", "openvino.", lambda v: v in ("f32", "f16", "bf16"),
+                                 "'f32', 'f16' or 'bf16'"),
+    )
+
+    if codebook == "int4" and (int8.encoding != "native" or head != "standard"):
+        fail("codebook = 'int4' is ONNX Runtime's MatMulNBits (bits = 4): set [int8] encoding = 'native' and head = 'standard'")
+    if codebook == "int4" and (int8.activations or int8.reduce_range is not None):
+        fail("int8.activations and int8.reduce_range apply to the QDQ int8 codebook, not to codebook = 'int4'")
+    if "triton" in raw and backend not in ("ort", "trt"):
+        fail(f"[triton] lays out ONNX Runtime or TensorRT models; backend {backend!r} has no Triton backend here")
+
     ts = table("two_stage", TwoStageOptions.__dataclass_fields__)
     two_stage = TwoStageOptions(
         probes=take(ts, "probes", int, 0, "two_stage.", lambda v: v >= 0, "an integer >= 0 (0: the head's own)"),
@@ -293,7 +324,7 @@ def parse_profile(raw: dict, where: str) -> Profile:
         mode=take(dtab, "mode", str, "logits", "decode.", lambda v: v in DECODE_MODES, " or ".join(map(repr, DECODE_MODES))),
         k=take(dtab, "k", int, 50, "decode.", lambda v: v >= 1, "an integer >= 1"),
         keep_logits=take(dtab, "keep_logits", bool, False, "decode.", None, "true or false"),
-        last_position_only=take(dtab, "last_position_only", bool, False, "decode.", None, "true or false"),
+        last_position_only=take(dtab, "last_position_only", bool, None, "decode.", None, "true or false"),
     )
 
     p = table("parity", Parity.__dataclass_fields__)
@@ -316,6 +347,6 @@ def parse_profile(raw: dict, where: str) -> Profile:
                  f"[\"{wanted}\"] (got {list(ort_opts.providers)})")
     return Profile(name=name, backend=backend, description=take(raw, "description", str, "", "", None, "a string"),
                    opset=opset, precision=precision, codebook=codebook, head=head, select=select, int8=int8, trunk=trunk,
-                   two_stage=two_stage,
+                   two_stage=two_stage, openvino=openvino,
                    decode=decode, ort=ort_opts, parity=parity,
                    trt=parse_trt(raw, fail), triton=parse_triton(raw, fail), source=where)

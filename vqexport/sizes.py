@@ -12,9 +12,10 @@ import onnx
 
 from .graph_io import HEAD_PREFIX, initializer_stats, metadata
 
-# The head's terms, by tensor name: logits = codebook term (C, M) + bias term + rank-r correction (P, U).
+# The head's terms, by tensor name: logits = codebook term (C, M) + bias term + rank-r correction (P, U); a two-stage
+# head adds its member table and, when it does not read the trunk's own embedding table, a copy of the exact rows.
 TERMS = (("codebook", ("head.codebook", "head.weight")), ("map", ("head.map",)), ("bias", ("head.bias",)),
-         ("lowrank", ("head.lowrank_p", "head.lowrank_u")))
+         ("lowrank", ("head.lowrank_p", "head.lowrank_u")), ("members", ("head.members",)), ("rows", ("head.rows",)))
 
 
 def term_of(name: str) -> str:

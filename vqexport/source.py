@@ -18,6 +18,7 @@ from .errors import VQExportError
 from .head.spec import CONFIG_FILE as HEAD_CONFIG_FILE
 from .head.spec import WEIGHTS_FILE as HEAD_WEIGHTS_FILE
 from .head.spec import Head, read_head
+from .jsonfile import read_json_object
 from .safetensors_io import read_header
 
 DEMO_NAME = "demo"
@@ -101,8 +102,9 @@ def resolve_source(model, need_head: bool = True) -> Source:
     return load_source(Path(model), need_head=need_head)
 
 
-def load_source(path, need_head: bool = True) -> Source:
-    """Read and validate a model directory. ``need_head``: a VQ-Logits head must be beside it."""
+def load_source(path, need_head: bool = True, read_heads: bool = True) -> Source:
+    """Read and validate a model directory. ``need_head``: a VQ-Logits head must be beside it; ``read_heads`` False:
+    any head files are ignored (a conversion replaces them)."""
     path = Path(path)
     if not path.exists():
         raise VQExportError(f"{path}: model directory does not exist")
@@ -111,7 +113,7 @@ def load_source(path, need_head: bool = True) -> Source:
     raw = _read_config(path)
     weights = weight_files(path)
     geometry = read_geometry(path, raw)
-    head = read_head(path)
+    head = read_head(path) if read_heads else None
     if need_head and head is None:
         raise VQExportError(f"{path}: no VQ-Logits head ({HEAD_CONFIG_FILE} + {HEAD_WEIGHTS_FILE}); "
                             f"make one with 'vqexport convert --from {path} --codebook-size K --out DIR'")
@@ -134,13 +136,8 @@ def _read_config(path: Path) -> dict:
     f = path / CONFIG
     if not f.is_file():
         raise VQExportError(f"{path}: no {CONFIG}; a model directory needs config.json and model.safetensors")
-    try:
-        raw = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise VQExportError(f"{f}: cannot read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise VQExportError(f"{f}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+    raw = read_json_object(f)
+    if not isinstance(raw.get("model_type"), str):
         raise VQExportError(f"{f}: not a Hugging Face config (no model_type)")
     return raw
 
@@ -156,7 +153,7 @@ def weight_files(path: Path) -> list[Path]:
             names = sorted(set(weight_map.values()))
             if not names or not all(isinstance(n, str) and "/" not in n and "\\" not in n for n in names):
                 raise ValueError
-        except (ValueError, KeyError, TypeError, OSError):
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
             raise VQExportError(f"{index}: malformed shard index (needs a weight_map of tensor -> shard file)") from None
         files = [path / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
@@ -179,27 +176,33 @@ def hf_config(path: Path):
 
     try:
         cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, KeyError, OSError, TypeError) as e:
+    except (ValueError, KeyError, OSError, TypeError, ZeroDivisionError, AttributeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VQExportError(f"{path}: transformers {transformers.__version__} cannot load this config ({msg[:200]})") from None
     return cfg
 
 
+def check_causal_lm(cfg, path: Path) -> None:
+    """transformers must have a causal-LM class for ``cfg`` (checked by name: no modeling code is imported)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise VQExportError(f"{path}: architecture {cfg.model_type!r} is not a causal language model in transformers "
+                            f"{transformers.__version__} (AutoModelForCausalLM has no class for {type(cfg).__name__})")
+
+
 def causal_lm_class(cfg, path: Path):
     """The transformers class that loads ``cfg`` as a causal LM, or one line saying it has none."""
-    import transformers
     from transformers import AutoModelForCausalLM
 
-    try:
-        return AutoModelForCausalLM._model_mapping[type(cfg)]
-    except KeyError:
-        raise VQExportError(f"{path}: architecture {cfg.model_type!r} is not a causal language model in transformers "
-                            f"{transformers.__version__} (AutoModelForCausalLM has no class for {type(cfg).__name__})") from None
+    check_causal_lm(cfg, path)
+    return AutoModelForCausalLM._model_mapping[type(cfg)]
 
 
 def read_geometry(path: Path, raw: dict) -> Geometry:
     cfg = hf_config(path)
-    causal_lm_class(cfg, path)
+    check_causal_lm(cfg, path)
     text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
     def get(name, default=None):
@@ -208,6 +211,10 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
 
     try:
         d, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+        for name, v in (("hidden_size", d), ("num_attention_heads", heads), ("vocab_size", int(get("vocab_size"))),
+                        ("num_hidden_layers", int(get("num_hidden_layers")))):
+            if v < 1:
+                raise ValueError(f"{name} = {v}")
         eos = get("eos_token_id")
         eos = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])) if eos is not None else ()
         geo = Geometry(

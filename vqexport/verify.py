@@ -45,6 +45,7 @@ class ParityReport:
     batch: int
     positions: int
     compared: str = "logits"  # "logits" | "topk" (log-probs of the target's top-k ids; KL over clusters)
+    reference: str = "fp32 PyTorch: transformers' model of the directory + the head's torch module"
     tolerances: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
 

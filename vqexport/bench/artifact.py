@@ -20,10 +20,10 @@ from ..errors import VQExportError
 
 def measure(model_path: str, runtime: dict, prompt_len: int, tokens: int, warmup: int, vocab: int) -> dict:
     """Runs inside the worker: prefill + greedy decode timings for one model file."""
-    import resource
     import time
 
     from ..backends.runners import runner_from_runtime
+    from .timing import peak_rss_mb
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, vocab, size=(1, prompt_len))
@@ -58,19 +58,19 @@ def measure(model_path: str, runtime: dict, prompt_len: int, tokens: int, warmup
         "ttft_ms": float(np.median(ttft) * 1e3),
         "decode_ms_p50": float(np.percentile(lat, 50)), "decode_ms_p90": float(np.percentile(lat, 90)),
         "decode_ms_p99": float(np.percentile(lat, 99)), "tokens_per_s": float(1e3 / lat.mean()),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "session_rss_mb": rss_loaded - rss_before,  # resident memory the loaded, running model added
         "model_bytes": _model_bytes(Path(model_path)),
     }
 
 
 def _model_bytes(path: Path) -> int:
-    """The graph file and its external data."""
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    """The graph file and its weights (an ONNX graph's external data, an OpenVINO IR's .bin)."""
+    extra = [path.with_name(path.name + ".data"), path.with_suffix(".bin") if path.suffix == ".xml" else None]
+    return path.stat().st_size + sum(f.stat().st_size for f in extra if f is not None and f.is_file())
 
 
-def dense_twin(artifact: Path, model_file: str, out: Path) -> Path:
+def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: bool = False) -> Path:
     """The artifact's trunk with the dense-head twin of its head (W[v] = C[M[v]] (+ U[v] P), same bias), written to
     ``out``/dense.onnx: the same logits as the VQ head, from one V x d MatMul."""
     import onnx_ir as ir
@@ -82,7 +82,10 @@ def dense_twin(artifact: Path, model_file: str, out: Path) -> Path:
     head = read_head(artifact)
     if head is None:
         raise VQExportError(f"{artifact}: the head's definition (vq_head.json + vq_head.safetensors) is missing; rebuild the artifact")
-    model = join(detach_head(ir.load(str(artifact / model_file))), head, HeadForm(dense=True))
+    if head.two_stage:
+        raise VQExportError(f"{artifact}: a two-stage head's dense twin is the model's own output layer; compare with "
+                            "onnxruntime-genai's model through bench --e2e")
+    model = join(detach_head(ir.load(str(artifact / model_file))), head, HeadForm(dense=True, last_position_only=last_position_only))
     save(model, out, "dense.onnx")
     return out / "dense.onnx"
 
@@ -131,7 +134,7 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     check_files(artifact, manifest)
-    if tokens < 1 or prompt_len < 1:
+    if tokens < 1 or prompt_len < 1 or repeats < 1:
         raise VQExportError("--tokens and --prompt-length must be >= 1")
     cfg = manifest["config"]
     if prompt_len + warmup + tokens > cfg.get("max_position", 2048):
@@ -144,7 +147,10 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     models = {"vq": artifact / runtime["model_file"]}
     with tempfile.TemporaryDirectory() as tmp:
         if vs_dense:
-            models["dense"] = dense_twin(artifact, runtime["model_file"], Path(tmp))
+            if runtime.get("backend") == "openvino":
+                raise VQExportError("--vs-dense builds an ONNX Runtime twin; it is not available for an OpenVINO artifact")
+            last = manifest["profile"].get("decode", {}).get("last_position_only", False)
+            models["dense"] = dense_twin(artifact, runtime["model_file"], Path(tmp), last_position_only=last)
         # the sides alternate, `repeats` times each, so drift on the machine hits both alike; medians reported
         runs: dict[str, list[dict]] = {k: [] for k in models}
         steps = repeats * len(models)

@@ -45,3 +45,15 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "system": platform.system()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set since it started its program (Linux VmHWM). Unlike ru_maxrss it does not
+    carry the parent's resident set over from before the exec of a worker."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -10,7 +10,10 @@ The trunk's files (config, weights, tokenizer) are copied byte for byte; only ``
     3. bias      b[v] = b_dense[v] + (W[v] - C[M[v]]) . mean hidden state   (with --no-bias: none)
     3b. rank r   optional correction (h·Pᵀ)·Uᵀ: the best rank-r fit U P of the residual W - C[M]
     4. distill   optionally train C, b (and P, U) on a text file so the VQ head matches the dense model's
-                 next-token distribution (KL); the trunk stays frozen (and untouched on disk)
+                 next-token distribution (KL); the trunk stays frozen (and untouched on disk). A two-stage head
+                 instead fits its router (C and a per-cluster route bias, vqexport.convert.router) to the dense
+                 model's probability mass per cluster and refits b to the new codebook; a rank-r tail is fitted to
+                 the residual, then distilled with the two-stage KL (router and rows fixed)
     5. report    held-out perplexity of dense vs VQ and top-1 agreement, written into MODEL_CARD.md
 
 The hidden states come from transformers' own model of the directory (any architecture it loads as a causal LM).
@@ -53,7 +56,12 @@ def _noop(label: str, done: int, total: int) -> None:
 def _check_inputs(src: Path, k: int, out: Path, text: Path | None, rank: int = 0) -> Source:
     if out.exists():
         raise VQExportError(f"{out}: already exists; choose a new --out directory")
-    source = load_source(src, need_head=False)
+    import os
+
+    parent = out.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise VQExportError(f"{parent}: cannot write the new model directory there")
+    source = load_source(src, need_head=False, read_heads=False)
     V, d = source.geometry.vocab_size, source.geometry.hidden_size
     if not 1 <= k <= V:
         raise VQExportError(f"--codebook-size must be in [1, vocab size {V}], got {k}")
@@ -138,7 +146,7 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
 
 def probe_hits(head: VQLogitsHead, h: torch.Tensor, tokens: torch.Tensor, probes: int) -> torch.Tensor:
     """Booleans [...]: is each token's cluster among the ``probes`` best clusters by z at its position?"""
-    top = torch.topk(head.codebook_logits(h), probes, dim=-1).indices
+    top = torch.topk(head.route_scores(h), probes, dim=-1).indices
     return (top == head.map[tokens].unsqueeze(-1)).any(-1)
 
 
@@ -155,7 +163,8 @@ def recall_curve(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: tor
         h = cache[i] if i in cache else hidden(x[i : i + 8])
         cache[i] = h
         target = dense(h).argmax(-1)
-        rank = (head.codebook_logits(h) > head.codebook_logits(h).gather(-1, head.map[target].unsqueeze(-1))).sum(-1)
+        score = head.route_scores(h)
+        rank = (score > score.gather(-1, head.map[target].unsqueeze(-1))).sum(-1)
         for p in ps:
             hits[p] += float((rank < p).sum())
         count += target.numel()
@@ -228,9 +237,10 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     """Write the model directory ``src`` to ``out`` (atomically) with a VQ-Logits head of ``codebook_size`` codes
     beside it; ``rank`` > 0 adds the rank-r correction (fitted to the residual, then distilled with the head).
 
-    ``head = "two-stage"``: equal-size spherical clusters (auto), the tail's bias from the mean hidden state, no
-    distillation unless ``steps`` says so (training-free), and ``probes`` recommended from the held-out recall curve
-    (the fewest P whose clusters hold the dense argmax at RECALL_GOAL of positions; K/16 without text)."""
+    ``head = "two-stage"``: equal-size spherical clusters (auto); with text, ``steps`` (default 300) of router fitting
+    on it (``steps = 0`` or no text: training-free, clusters ranked by z alone); the tail's bias from the mean hidden
+    state; ``probes`` recommended from the held-out recall curve (the fewest P whose clusters hold the dense argmax
+    at RECALL_GOAL of positions; K/16 without text)."""
     from ..trunk.hf import load_causal_lm, make_trunk, output_bias, output_weight
 
     from ..source import DEMO_NAME, demo_dir
@@ -240,7 +250,7 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     if head not in ("vq", "two-stage"):
         raise VQExportError(f"--head must be 'vq' or 'two-stage', got {head!r}")
     two_stage = head == "two-stage"
-    steps = (0 if two_stage else 300) if steps is None else steps
+    steps = 300 if steps is None else steps
     if clustering not in ("auto", *METHODS, EQUAL):
         raise VQExportError(f"--clustering must be one of auto, {', '.join((*METHODS, EQUAL))}; got {clustering!r}")
     if clustering == "auto" and two_stage:
@@ -291,6 +301,13 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         if chosen is None or scores[name] < scores[chosen]:
             chosen, vq = name, candidate
     shared.clear()
+    route = pool = None
+    if two_stage and ids is not None and steps:
+        from .router import fit_router, hidden_pool, refit_tail_bias
+
+        pool = hidden_pool(hidden, train, SEQ, progress=progress)
+        route = fit_router(vq, dense, pool, steps, seed, progress)
+        refit_tail_bias(vq, weight, dense_bias, mean_h)
     lowrank = None
     if rank:
         progress(f"fitting the rank-{rank} correction to the residual", 0, 1)
@@ -299,7 +316,7 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         vq = with_rank.eval()
         lowrank = init_lowrank(vq, weight, mean_h)
     before = evaluate(hidden, dense, vq, held, held_h) if held is not None else None
-    if ids is not None and steps:
+    if ids is not None and steps and not two_stage:
         _distill(hidden, dense, vq, train, steps, seed, progress)
     after = evaluate(hidden, dense, vq, held, held_h) if held is not None else None
     for p in vq.parameters():
@@ -307,19 +324,25 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     report = {"source": str(src.resolve()), "architecture": source.model_type, "head": head, "codebook_size": codebook_size,
               "bias": bias, "rank": rank, "clustering": chosen, "clustering_scores": scores,
               "clustering_score": "held-out perplexity" if held is not None else "mean squared distance of head rows to their code",
-              "distill_steps": steps if ids is not None else 0, "lowrank_init": lowrank,
+              "distill_steps": steps if ids is not None and not two_stage else 0, "lowrank_init": lowrank,
+              **({"router_steps": steps if ids is not None else 0} if two_stage else {}),
               "seed": seed, "before_distillation": before, "after_distillation": after}
     result = vq.to_head()
     if two_stage:
-        result, stage = _two_stage(vq, weight, dense_b, hidden, dense, held, held_h, probes, progress)
+        tail_steps = steps if rank and pool is not None else 0  # a rank-r tail is distilled, like the plain head's
+        result, stage = _two_stage(vq, route, weight, dense_b, hidden, dense, held, held_h, probes, progress,
+                                   pool=pool, tail_steps=tail_steps, seed=seed)
+        report["tail_distill_steps"] = tail_steps
         report.update(stage)
     _write(out, source, result, report)
     return ConvertResult(out=out, report=report)
 
 
-def _two_stage(vq: VQLogitsHead, weight, dense_b, hidden, dense, held, held_h, probes, progress) -> tuple:
-    """The two-stage head over ``vq`` (its codebook routes, the model's rows rescore): probes chosen from the held-out
-    recall curve unless given, and its fidelity on held-out text."""
+def _two_stage(vq: VQLogitsHead, route, weight, dense_b, hidden, dense, held, held_h, probes, progress, pool=None,
+               tail_steps: int = 0, seed: int = 0) -> tuple:
+    """The two-stage head over ``vq`` (its codebook routes, plus the fitted ``route`` bias if any; the model's rows
+    rescore): probes chosen from the held-out recall curve unless given; ``tail_steps`` of tail distillation at that
+    P on the hidden-state ``pool``; its fidelity on held-out text."""
     from ..head.module import head_module
 
     cfg = vq.config
@@ -329,13 +352,20 @@ def _two_stage(vq: VQLogitsHead, weight, dense_b, hidden, dense, held, held_h, p
     stage: dict = {"cluster_size": cap}
     if held is not None:
         progress("measuring the probe recall curve", 0, 1)
-        curve = recall_curve(hidden, dense, vq, held, held_h)
+        router = head_module(vq.to_head(probes=1, cluster_size=cap, route_bias=route), weight, dense_b)
+        curve = recall_curve(hidden, dense, router, held, held_h)
         stage["recall_curve"] = {str(p): r for p, r in curve.items()}
         recommended = next((p for p, r in sorted(curve.items()) if r >= RECALL_GOAL), cfg.codebook_size)
     else:
         recommended = max(1, cfg.codebook_size // 16)
     P = probes or recommended
-    head = vq.to_head(probes=P, cluster_size=cap)
+    head = vq.to_head(probes=P, cluster_size=cap, route_bias=route)
+    if tail_steps:
+        from .router import distill_tail
+
+        module = head_module(head, weight, dense_b)
+        distill_tail(module, dense, pool, tail_steps, seed, progress)
+        head = module.to_head(probes=P, cluster_size=cap, route_bias=module.route_bias)
     stage.update(probes=P, probes_recommended=recommended, scored=head.config.scored,
                  scored_share=head.config.scored / cfg.vocab_size)
     if held is not None:
@@ -375,8 +405,12 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
         f"| bias | {'per-token bias' if cfg.bias else 'none'} |",
         f"| low-rank correction | {f'rank {r}: P [{r}, {d}], U [{V}, {r}], fitted to the residual W - C[M], then distilled' if r else 'none'} |",
         f"| head parameters | {head_vq:,} vs {head_dense:,} dense ({100 * (1 - head_vq / head_dense):.1f}% fewer) |",
-        f"| head-only distillation (trunk frozen) | {report['distill_steps']} steps |", "",
+        f"| head-only distillation (trunk frozen) | {report['distill_steps']} steps |",
     ]
+    if cfg.type == "two-stage":
+        steps = report.get("router_steps", 0)
+        lines.append(f"| router | {f'codebook and route bias fitted to the dense cluster mass, {steps} steps' if steps else 'none: clusters ranked by codebook score (training-free)'} |")
+    lines.append("")
     for label, key in (("after conversion", "before_distillation"), ("after distillation", "after_distillation")):
         m = report.get(key)
         if m:
@@ -387,7 +421,7 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
         lines.append("No text was given, so no perplexity was measured.")
     if cfg.type == "two-stage":
         lines += ["", "## Two-stage head", "",
-                  f"The codebook routes: the P = {cfg.probes} best clusters by codebook score (clusters of {cfg.cluster_size} "
+                  f"The codebook routes: the P = {cfg.probes} best clusters by {'router' if cfg.route_bias else 'codebook'} score (clusters of {cfg.cluster_size} "
                   f"tokens) get exact logits from the model's own output layer; every other token keeps its VQ logit. "
                   f"{cfg.scored:,} of {V:,} logits are computed per position ({100 * cfg.scored / V:.1f}%); "
                   f"P recommended from the recall curve below: {report.get('probes_recommended')}."]

@@ -324,6 +324,8 @@ def two_stage_topk(z: np.ndarray, probed: np.ndarray, ids: np.ndarray, exact: np
     ``ids`` / ``exact``: the probed clusters' tokens and their exact logits (padding may repeat a token)."""
     if not 1 <= k <= tables.vocab_size:
         raise VQExportError(f"k must be in [1, vocab size {tables.vocab_size}], got {k}")
+    if tables.members.shape[1] < min(k, int(np.diff(tables.offsets).max())):
+        raise ValueError(f"tables were built for top-{tables.members.shape[1]}, not top-{k}")
     ids, uniq = np.unique(np.asarray(ids, dtype=np.int64).ravel(), return_index=True)
     exact = np.asarray(exact, dtype=np.float64).ravel()[uniq] / tables.temperature
     zt = np.asarray(z, dtype=np.float64) / tables.temperature

@@ -50,7 +50,7 @@ class HeadForm:
     dense: bool = False  # the dense twin: one MatMul with W[v] = C[M[v]] (+ U[v] P), same bias (benchmarks)
     probes: int = 0  # two-stage: clusters rescored exactly (0: the head's own setting)
     rows: str = "shared"  # two-stage exact rows: "shared" (the trunk's own embedding table, whatever its encoding) |
-    #                       "fp32" (a head.rows copy) | "int8" (7-bit row codes + DynamicQuantizeLinear + MatMulInteger) |
+    #                       "fp32" (a head.rows copy) | "int8" (7-bit row codes, h quantized per position, MatMulInteger) |
     #                       "int4" (an int4 block-quantized copy read by GatherBlockQuantized, as the builder's table)
 
     def outputs(self, head: Head) -> list[str]:
@@ -226,8 +226,11 @@ class _TwoStage:
         """The probed clusters' token ids [B, S, P * cap] (padding repeats a cluster's first member)."""
         b, head = self.b, self.head
         P = b.form.probes or head.config.probes
-        members = head.members.astype(np.int64)
-        members = np.where(members >= 0, members, members[:, :1])
+        from .spec import padded_members
+
+        members = padded_members(head)  # int32 ids (half the table's bytes); padding repeats a member of its cluster
+        if head.route_bias is not None:  # a fitted router ranks the clusters by z + route_bias
+            z = b.op("Add", [z, b.init("head.route_bias", head.route_bias)], "head/route/bias")
         _, top = b.ops("TopK", [z, b.const("head/route/k", [P])], "head/route/top", 2, axis=2)
         ids4 = b.op("Gather", [b.init("head.members", members), top], "head/route/members", axis=0)
         return b.op("Reshape", [ids4, b.const("head/route/flat", [0, 0, -1])], "head/route/ids")
@@ -239,8 +242,11 @@ class _TwoStage:
         if form == "int8":
             out = self._int8(h, ids)
         else:
-            rows = self._shared(ids) if form == "shared" else self._int4(ids) if form == "int4" else None
-            if rows is None:
+            if form == "int4":
+                rows = self._int4(ids)
+            elif form == "shared" and self.tied:  # the trunk's own embedding table is the output layer: read it there
+                rows = self._shared(ids)
+            else:  # "fp32", or an untied model, whose output layer (lm_head) is not in the trunk: ship its rows
                 if self.rows is None:
                     raise ValueError("a two-stage head without a shared embedding table needs the model's rows")
                 rows = b.op("Gather", [b.init("head.rows", self.rows.astype(np.float32)), ids], "head/exact/rows", axis=0)
@@ -252,25 +258,25 @@ class _TwoStage:
                                          "head/exact/bias", axis=0)], "head/exact/Add")
         return out
 
-    def _shared(self, ids: ir.Value) -> ir.Value | None:
-        """The trunk's embedding lookup of input_ids, repeated on the probed ids: the same table, never copied."""
+    def _shared(self, ids: ir.Value) -> ir.Value:
+        """The trunk's embedding lookup of input_ids, repeated on the probed ids: the same table, never copied (cast
+        to fp32 when the table is an fp16 trunk's)."""
         b = self.b
-        if not self.tied:  # an untied model's embedding table is not its output layer
-            return None
         lookup = next((n for n in b.graph if n.op_type in ("Gather", "GatherBlockQuantized")
                        and n.inputs[1] is not None and n.inputs[1].name == "input_ids"), None)
-        if lookup is None or lookup.inputs[0] is None or not lookup.inputs[0].is_initializer():
-            return None
-        V, d = self.head.config.vocab_size, self.head.config.hidden_size
-        if lookup.inputs[0].shape is None or list(lookup.inputs[0].shape)[0] != V:
-            return None
+        V = self.head.config.vocab_size
+        if (lookup is None or lookup.inputs[0] is None or not lookup.inputs[0].is_initializer()
+                or lookup.inputs[0].shape is None or list(lookup.inputs[0].shape)[0] != V):
+            raise ValueError("the trunk has no embedding lookup of input_ids over a [V, d] table to share")
         inputs = [lookup.inputs[0], ids, *lookup.inputs[2:]]
         attrs = {k: a.value for k, a in lookup.attributes.items()}
         if lookup.domain:
             b.domains[lookup.domain] = 1
         rows = b.tape.op(lookup.op_type, inputs, attrs or None, domain=lookup.domain, name="head/exact/rows")
-        if d != self.head.codebook.shape[1]:
-            return None
+        # a Gather yields the table's type, GatherBlockQuantized its scales'
+        dtype = (lookup.inputs[2] if lookup.op_type == "GatherBlockQuantized" else lookup.inputs[0]).dtype
+        if dtype is not None and dtype != ir.DataType.FLOAT:
+            rows = b.op("Cast", [rows], "head/exact/rows_fp32", to=int(ir.DataType.FLOAT))
         return rows
 
     def _int4(self, ids: ir.Value) -> ir.Value:
@@ -288,20 +294,25 @@ class _TwoStage:
                     "head/exact/rows", domain="com.microsoft", block_size=NATIVE_BLOCK, gather_axis=0, quantize_axis=1)
 
     def _int8(self, h: ir.Value, ids: ir.Value) -> ir.Value:
-        """7-bit row codes (an int8 copy of the rows, one scale each) times the dynamically quantized h, in int32."""
+        """7-bit row codes (an int8 copy of the rows, one scale each) times h quantized per position (symmetric int8,
+        its own scale: no batch or padding dependence), accumulated in int32 by MatMulInteger."""
         from .quant import quantize_rows
 
         b = self.b
         if self.rows is None:
             raise ValueError("the int8 row form needs the model's rows")
-        q, scale = quantize_rows(self.rows, "rows", bits=7)  # 7 bits: u8 x s8 pair sums cannot saturate int16
+        q, scale = quantize_rows(self.rows, "rows", bits=7)  # 7 bits: int8 x int8 pair sums cannot saturate int16
         rq = b.op("Gather", [b.init("head.rows_q", q), ids], "head/exact/rows_q", axis=0)  # [B, S, N, d] int8
-        rq_t = b.op("Transpose", [rq], "head/exact/rows_t", perm=[0, 1, 3, 2])  # [B, S, d, N]
-        hq, hs, hz = b.ops("DynamicQuantizeLinear", [h], "head/exact/h_q", 3)
-        row = b.op("Unsqueeze", [hq, b.const("head/exact/axis2", [2])], "head/exact/h_row")  # [B, S, 1, d] uint8
-        acc = b.op("MatMulInteger", [row, rq_t, hz], "head/exact/MatMulInteger")  # [B, S, 1, N] int32
-        acc = b.op("Squeeze", [acc, b.const("head/exact/axis2", [2])], "head/exact/acc")
-        scaled = b.op("Mul", [b.op("Cast", [acc], "head/exact/acc_f", to=int(ir.DataType.FLOAT)), hs], "head/exact/h_scale")
+        amax = b.op("ReduceMax", [b.op("Abs", [h], "head/exact/h_abs"), b.const("head/exact/axis2", [2])], "head/exact/h_amax",
+                    keepdims=1)  # [B, S, 1]
+        hs = b.op("Div", [b.op("Max", [amax, b.init("head/exact/tiny", np.array(1e-12, np.float32))], "head/exact/h_amax_pos"),
+                          b.init("head/exact/127", np.array(127.0, np.float32))], "head/exact/h_scale")
+        hq = b.op("Cast", [b.op("Round", [b.op("Div", [h, hs], "head/exact/h_scaled")], "head/exact/h_round")], "head/exact/h_q",
+                  to=int(ir.DataType.INT8))  # |h / scale| <= 127 by construction
+        col = b.op("Unsqueeze", [hq, b.const("head/exact/axis3", [3])], "head/exact/h_col")  # [B, S, d, 1] int8
+        acc = b.op("MatMulInteger", [rq, col], "head/exact/MatMulInteger")  # [B, S, N, 1] int32: the rows' own layout
+        acc = b.op("Squeeze", [acc, b.const("head/exact/axis3", [3])], "head/exact/acc")
+        scaled = b.op("Mul", [b.op("Cast", [acc], "head/exact/acc_f", to=int(ir.DataType.FLOAT)), hs], "head/exact/h_rescale")
         return b.op("Mul", [scaled, b.op("Gather", [b.init("head.rows_scale", scale), ids], "head/exact/scale", axis=0)],
                     "head/exact/logits")
 
@@ -326,8 +337,10 @@ def build_head(graph: ir.Graph, hidden: ir.Value, head: Head, form: HeadForm, sc
     the form shares it and the model is ``tied`` (its output layer is that table), else a copy (``rows`` given)."""
     b = _Builder(graph, form, scales)
     h = hidden
+    if hidden.dtype is not None and hidden.dtype != ir.DataType.FLOAT:  # an fp16 / bf16 trunk: the head computes in fp32
+        h = b.op("Cast", [hidden], "head/hidden_fp32", to=int(ir.DataType.FLOAT))
     if form.last_position_only:  # prefill computes the head for the last position only
-        h = b.op("Slice", [hidden, b.const("head/last/start", [-1]), b.const("head/last/end", [np.iinfo(np.int64).max]),
+        h = b.op("Slice", [h, b.const("head/last/start", [-1]), b.const("head/last/end", [np.iinfo(np.int64).max]),
                            b.const("head/last/axis", [1])], "head/last_position")
     functions = []
     outputs: dict[str, ir.Value] = {}

@@ -35,6 +35,10 @@ class VQLogitsHead(nn.Module):
     def codebook_logits(self, h: torch.Tensor) -> torch.Tensor:
         return torch.matmul(h, self.codebook.t())
 
+    def route_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """The scores that rank the clusters: z (a two-stage head with a fitted router adds its route bias)."""
+        return self.codebook_logits(h)
+
     def correction(self, h: torch.Tensor) -> torch.Tensor:
         """The rank-r term ``(h @ P.T) @ U.T`` [..., V]."""
         return torch.matmul(torch.matmul(h, self.lowrank_p.t()), self.lowrank_u.t())
@@ -53,25 +57,29 @@ class VQLogitsHead(nn.Module):
         _load(module, head)
         return module.eval()
 
-    def to_head(self, probes: int = 0, cluster_size: int | None = None) -> Head:
+    def to_head(self, probes: int = 0, cluster_size: int | None = None, route_bias: torch.Tensor | None = None) -> Head:
         """The files' Head; ``probes`` > 0: a two-stage head over the same codebook, map, bias and factors (member
-        table ``cluster_size`` wide, default the largest cluster)."""
+        table ``cluster_size`` wide, default the largest cluster; the router's ``route_bias`` [K], if fitted)."""
         t = {"codebook": self.codebook, "map": self.map.to(torch.int32), "bias": self.bias,
-             "lowrank_p": self.lowrank_p, "lowrank_u": self.lowrank_u}
+             "lowrank_p": self.lowrank_p, "lowrank_u": self.lowrank_u,
+             "route_bias": route_bias}
         t = {k: v.detach().cpu().contiguous().numpy() for k, v in t.items() if v is not None}
         if probes:
             from .spec import members_of
 
             t["members"] = members_of(t.pop("map"), self.config.codebook_size, cluster_size)
+        elif "route_bias" in t:
+            raise ValueError("a route bias belongs to a two-stage head (probes > 0)")
         return make_head(t, probes=probes)
 
 
 class TwoStageHead(VQLogitsHead):
-    """The codebook routes, the model's own output-layer rows rescore: the best P clusters by z get exact logits
-    ``h @ W[v].T (+ b_dense[v])``; every other token keeps its VQ logit. One distribution over all V tokens.
+    """The codebook routes, the model's own output-layer rows rescore: the best P clusters by z (+ the router's
+    bias) get exact logits ``h @ W[v].T (+ b_dense[v])``; every other token keeps its VQ logit. One distribution
+    over all V tokens.
 
         z      = h @ C.T                       # [..., K]
-        top    = topk(z, P)                    # the probed clusters
+        top    = topk(z + route_bias, P)       # the probed clusters (route_bias: 0 unless a router was fitted)
         ids    = members[top]                  # [..., P, cap] (padding repeats the cluster's first member)
         logits = VQ logits, with logits[ids] = h @ W[ids].T (+ b_dense[ids])
     """
@@ -81,12 +89,16 @@ class TwoStageHead(VQLogitsHead):
         self.register_buffer("members", torch.zeros(config.codebook_size, config.cluster_size, dtype=torch.int64))
         self.register_buffer("rows", rows.detach().float(), persistent=False)  # the model's output layer, shared
         self.register_buffer("rows_bias", rows_bias.detach().float() if rows_bias is not None else None, persistent=False)
+        self.route_bias = nn.Parameter(torch.zeros(config.codebook_size)) if config.route_bias else None
         self.probes = config.probes
+
+    def route_scores(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.codebook_logits(h)
+        return z if self.route_bias is None else z + self.route_bias
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = super().forward(h)
-        z = self.codebook_logits(h)
-        top = torch.topk(z, self.probes, dim=-1).indices  # [..., P]
+        top = torch.topk(self.route_scores(h), self.probes, dim=-1).indices  # [..., P]
         ids = self.members[top].flatten(-2)  # [..., P * cap]
         exact = torch.einsum("...d,...nd->...n", h, self.rows[ids])
         if self.rows_bias is not None:
@@ -100,10 +112,12 @@ def head_module(head: Head, rows: torch.Tensor | None = None, rows_bias: torch.T
         return VQLogitsHead.from_head(head)
     module = TwoStageHead(head.config, rows, rows_bias)
     _load(module, head)
-    with torch.no_grad():
-        first = torch.from_numpy(head.members[:, :1].astype(np.int64))
-        members = torch.from_numpy(head.members.astype(np.int64))
-        module.members.copy_(torch.where(members >= 0, members, first))  # padding repeats a member: same exact logit
+    from .spec import padded_members
+
+    with torch.no_grad():  # padding repeats a member of its cluster: the same exact logit
+        module.members.copy_(torch.from_numpy(padded_members(head).astype(np.int64)))
+        if module.route_bias is not None:
+            module.route_bias.copy_(torch.from_numpy(head.route_bias))
     return module.eval()
 
 

@@ -19,7 +19,8 @@ A ``"type": "two-stage"`` head (``"cluster_size": cap``, ``"probes": P`` more) u
 the P clusters with the best ``z`` get exact logits ``h · W[v]`` from the model's own output layer (the tied
 embedding table or the dense lm_head: never stored here), every other token keeps ``z[M[v]] + b[v]`` (+ the rank-r
 term). It stores ``members`` [K, cap] (the clusters' tokens, -1 padding; a partition of [0, V)) instead of ``map``,
-which is derived from it.
+which is derived from it. With ``"route_bias": true`` the clusters are ranked by ``z + route_bias`` ([K], a router
+fitted by ``convert`` to the dense model's probability mass per cluster) instead of ``z``.
 
 numpy, json and safetensors only (no torch): apps and the ONNX side read heads too.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VQExportError
+from ..jsonfile import read_json_object
 from ..safetensors_io import read_arrays, read_header, save_arrays
 
 CONFIG_FILE = "vq_head.json"
@@ -54,11 +56,12 @@ class HeadConfig:
     type: str = "vq"
     cluster_size: int = 0  # two-stage: cap, the width of the member table
     probes: int = 0  # two-stage: P, how many clusters get exact logits
+    route_bias: bool = False  # two-stage: the clusters are ranked by z + route_bias (a fitted router), not z
 
     def to_dict(self) -> dict:
         d = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
         if self.type == "vq":  # a plain head's config has no two-stage keys
-            del d["cluster_size"], d["probes"]
+            del d["cluster_size"], d["probes"], d["route_bias"]
         return d
 
     @property
@@ -80,6 +83,8 @@ def expected_tensors(cfg: HeadConfig) -> dict[str, tuple[tuple[int, ...], tuple[
     out = {"codebook": ((K, d), FLOAT_DTYPES)}
     if cfg.type == "two-stage":
         out["members"] = ((K, cfg.cluster_size), INT_DTYPES)
+        if cfg.route_bias:
+            out["route_bias"] = ((K,), FLOAT_DTYPES)
     else:
         out["map"] = ((V,), INT_DTYPES)
     if cfg.bias:
@@ -116,14 +121,24 @@ class Head:
 
     @property
     def members(self) -> np.ndarray:
-        """[K, cap] int32: each cluster's tokens (ascending), -1 padding."""
-        if "members" not in self.tensors:
-            self.tensors["members"] = members_of(self.map, self.config.codebook_size)
-        return self.tensors["members"]
+        """[K, cap] int32: each cluster's tokens, -1 padding (a plain head's: ascending, computed from its map)."""
+        if "members" in self.tensors:
+            return self.tensors["members"]
+        return members_of(self.map, self.config.codebook_size)
 
     @property
     def two_stage(self) -> bool:
         return self.config.type == "two-stage"
+
+    @property
+    def route_bias(self) -> np.ndarray | None:
+        """[K] added to z to rank the clusters (a two-stage head with a fitted router), or None."""
+        return self.tensors.get("route_bias")
+
+    def route_scores(self, h: np.ndarray) -> np.ndarray:
+        """The scores that pick the probed clusters (float64): z = h · Cᵀ, plus the router's bias when it has one."""
+        z = np.asarray(h, dtype=np.float64) @ self.codebook.astype(np.float64).T
+        return z if self.route_bias is None else z + self.route_bias
 
     def tail_logits(self, h: np.ndarray) -> np.ndarray:
         """The VQ logits (float64): h [..., d] -> z[M] + b (+ the rank-r term), every token."""
@@ -146,8 +161,7 @@ class Head:
             return out
         h = np.asarray(h, dtype=np.float64)
         P = self.config.probes if probes is None else probes
-        z = h @ self.codebook.astype(np.float64).T
-        top = np.argsort(-z, axis=-1, kind="stable")[..., :P]  # [..., P]
+        top = np.argsort(-self.route_scores(h), axis=-1, kind="stable")[..., :P]  # [..., P]
         ids = self.members[top]  # [..., P, cap]
         exact = np.einsum("...d,...nd->...n", h, rows.astype(np.float64)[np.where(ids >= 0, ids, 0)].reshape(*ids.shape[:-2], -1, h.shape[-1]))
         if rows_bias is not None:
@@ -158,6 +172,14 @@ class Head:
         idx = tuple(np.broadcast_to(a[..., None], flat.shape)[keep] for a in lead) + (flat[keep],)
         out[idx] = exact[keep]
         return out
+
+
+def padded_members(head: "Head") -> np.ndarray:
+    """The member table with every -1 replaced by a member of the same cluster (its first): the padded slots then
+    hold a duplicate of a real token, whose exact logit is the same wherever it is written."""
+    m = head.members.astype(np.int32)
+    first = np.take_along_axis(m, np.argmax(m >= 0, axis=1)[:, None], axis=1)
+    return np.where(m >= 0, m, first)
 
 
 def members_of(mapping: np.ndarray, k: int, width: int | None = None) -> np.ndarray:
@@ -186,7 +208,8 @@ def make_head(tensors: dict[str, np.ndarray], where: str = "head", probes: int =
             t["members"] = members_of(t.pop("map"), int(K))
         V = int((t["members"] >= 0).sum())
         cfg = HeadConfig(vocab_size=V, hidden_size=int(d), codebook_size=int(K), bias="bias" in t, rank=rank,
-                         type="two-stage", cluster_size=int(t["members"].shape[1]), probes=int(probes))
+                         type="two-stage", cluster_size=int(t["members"].shape[1]), probes=int(probes),
+                         route_bias="route_bias" in t)
         _check_probes(cfg, where)
     else:
         V = int(np.shape(t["map"])[0])
@@ -271,15 +294,7 @@ def read_head(directory: Path) -> Head | None:
         raise VQExportError(f"{weights}: head weights without their config {CONFIG_FILE}; both files make a head")
     if not weights.exists():
         raise VQExportError(f"{cfg_file}: head config without its weights {WEIGHTS_FILE}; both files make a head")
-    try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise VQExportError(f"{cfg_file}: cannot read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise VQExportError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(raw, dict):
-        raise VQExportError(f"{cfg_file}: expected a JSON object at the top level")
-    cfg = _parse(raw, str(cfg_file))
+    cfg = _parse(read_json_object(cfg_file), str(cfg_file))
     header = read_header(weights)
     for name, (shape, dtypes) in expected_tensors(cfg).items():
         if name in header and header[name]["dtype"] not in dtypes:
@@ -310,7 +325,7 @@ def _parse(raw: dict, where: str) -> HeadConfig:
     if raw.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         fail(f"format_version {raw.get('format_version')!r} is not supported (this vqexport reads {FORMAT_VERSION})")
     known = {"format", "format_version", "type", "vocab_size", "hidden_size", "codebook_size", "bias", "rank",
-             "cluster_size", "probes"}
+             "cluster_size", "probes", "route_bias"}
     unknown = sorted(set(raw) - known)
     if unknown:
         fail(f"unknown key(s): {', '.join(unknown)}")
@@ -342,11 +357,15 @@ def _parse(raw: dict, where: str) -> HeadConfig:
             if not _is_int(raw[name]) or raw[name] < 1:
                 fail(f"{name} must be an integer >= 1, got {raw[name]!r}")
             extra[name] = raw[name]
+        route_bias = raw.get("route_bias", False)
+        if not isinstance(route_bias, bool):
+            fail(f"route_bias must be true or false, got {route_bias!r}")
+        extra["route_bias"] = route_bias
         if extra["cluster_size"] * kw["codebook_size"] < kw["vocab_size"]:
             fail(f"codebook_size x cluster_size = {extra['cluster_size'] * kw['codebook_size']} cannot hold vocab_size "
                  f"{kw['vocab_size']} tokens")
     else:
-        stray = sorted({"cluster_size", "probes"} & set(raw))
+        stray = sorted({"cluster_size", "probes", "route_bias"} & set(raw))
         if stray:
             fail(f"{', '.join(stray)} applies to a two-stage head only")
     cfg = HeadConfig(type=htype, bias=bias, rank=rank, **kw, **extra)

@@ -1,0 +1,108 @@
+"""OpenVINO: the portable graph converted with OpenVINO's own API, verified and benchmarked like every target; and the
+ort target's standard-op model.onnx running unchanged in OpenVINO."""
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from vqexport import api
+from vqexport.backends.ort.runner import OrtRunner
+
+from .conftest import assert_user_error, run_cli
+
+ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'vqexport[openvino]')")
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    return api.build("openvino", out=tmp_path_factory.mktemp("ov") / "fp32")
+
+
+def test_openvino_artifact_matches_pytorch(fp32):
+    r = fp32.parity
+    assert r.passed and r.max_abs_diff <= 1e-4 and r.greedy_match_steps == r.steps == 32
+    files = set(fp32.manifest["files"])
+    assert {"model.xml", "model.bin", "model.onnx", "model.onnx.data", "vq_head.json"} <= files
+    rt = fp32.manifest["runtime"]
+    assert rt["backend"] == "openvino" and rt["device"] == "CPU" and fp32.manifest["versions"]["openvino"]
+    model = ov.Core().read_model(str(fp32.out / "model.xml"))
+    assert [p.any_name for p in model.inputs][:2] == ["input_ids", "attention_mask"]
+    assert {p.get_element_type().get_type_name() for p in model.outputs} == {"f32"}
+
+
+def test_verify_and_bench_run_the_ir(fp32):
+    v = run_cli("verify", "--artifact", fp32.out, "--steps", 4, "--json")
+    assert v.exit_code == 0, v.stderr
+    assert json.loads(v.stdout)["passed"] is True
+    b = run_cli("bench", "--artifact", fp32.out, "--tokens", 4, "--prompt-length", 8, "--repeats", 1, "--json")
+    assert b.exit_code == 0, b.stderr
+    out = json.loads(b.stdout)
+    assert out["vq"]["tokens_per_s"] > 0 and out["target"] == "openvino"
+
+
+def test_the_ort_graph_runs_unchanged_in_openvino(demo_artifact):
+    """OpenVINO compiles the ort target's model.onnx itself; prefill and a decode step give ONNX Runtime's logits."""
+    compiled = ov.Core().compile_model(str(demo_artifact / "model.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    ids = np.array([[5, 77, 300, 12, 9, 1000], [0, 0, 41, 8, 600, 7]], np.int64)
+    mask = (np.arange(6)[None] >= np.array([[0], [2]])).astype(np.int64)
+    with OrtRunner.from_artifact(demo_artifact) as ort_runner:
+        past = ort_runner.empty_past(2)
+        feeds = {"input_ids": ids, "attention_mask": mask, **{f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": p
+                                                               for i, p in enumerate(past)}}
+        got = request.infer(feeds)
+        want = ort_runner.step(ids, mask, past)
+        np.testing.assert_allclose(np.array(got["logits"]), want.logits, atol=1e-4)
+        mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        nxt = np.array([[3], [4]])
+        feeds = {"input_ids": nxt, "attention_mask": mask2,
+                 **{f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": np.array(got[f"present.{i // 2}.{('key', 'value')[i % 2]}"])
+                    for i in range(len(past))}}
+        got2 = request.infer(feeds)
+        want2 = ort_runner.step(nxt, mask2, want.present)
+    np.testing.assert_allclose(np.array(got2["logits"]), want2.logits, atol=1e-4)
+
+
+def test_int8_weights_meet_their_measured_goal(tmp_path, fp32):
+    pytest.importorskip("nncf", reason="NNCF is not installed (pip install 'vqexport[openvino]')")
+    result = api.build("openvino-int8", out=tmp_path / "int8")
+    r = result.parity
+    assert r.passed, r.failures
+    assert r.max_abs_diff > 1e-4  # really compressed
+    assert result.manifest["files"]["model.bin"]["bytes"] < 0.5 * fp32.manifest["files"]["model.bin"]["bytes"]
+    types = {op.get_element_type().get_type_name() for op in ov.Core().read_model(str(result.out / "model.xml")).get_ops()
+             if op.get_type_name() == "Constant"}
+    assert types & {"u8", "i8"}
+
+
+def test_openvino_missing_is_one_line_with_the_hint(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert_user_error(run_cli("build", "--target", "openvino", "--out", tmp_path / "o"), "OpenVINO", "pip install 'vqexport[openvino]'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_device_openvino_does_not_find_is_one_line(tmp_path):
+    f = tmp_path / "npu.toml"
+    f.write_text('backend = "openvino"\nname = "npu"\n[openvino]\ndevice = "NPU"\n')
+    assert_user_error(run_cli("build", "--target", f, "--out", tmp_path / "o"), "OpenVINO finds no NPU device here")
+    assert not (tmp_path / "o").exists()
+    f.write_text('backend = "ort"\nname = "x"\n[openvino]\ndevice = "CPU"\n')
+    assert_user_error(run_cli("build", "--target", f, "--out", tmp_path / "o"), "[openvino] applies to backend = 'openvino' only")
+
+
+def test_an_ir_modified_after_the_build_is_refused(fp32, tmp_path):
+    copy = shutil.copytree(fp32.out, tmp_path / "art")
+    xml = (copy / "model.xml").read_text()
+    (copy / "model.xml").write_text(xml.replace("<layers>", "<layers>\n", 1))
+    assert_user_error(run_cli("verify", "--artifact", copy, "--steps", 1), "model.xml", "modified since the build")
+    assert_user_error(run_cli("bench", "--artifact", copy, "--tokens", 2, "--repeats", 1), "model.xml", "modified since the build")
+
+
+def test_doctor_reports_openvino():
+    d = api.doctor()
+    assert d["machine"]["openvino"] and "CPU" in d["machine"]["openvino_devices"]
+    assert d["targets"]["openvino"]["build"] is True

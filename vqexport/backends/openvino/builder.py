@@ -1,0 +1,61 @@
+"""Build an OpenVINO artifact: model.onnx (+ data, the portable graph, as for every target) converted with OpenVINO's
+own Python API (``openvino.convert_model`` / ``save_model``) to IR, ``model.xml`` + ``model.bin``, weights kept fp32
+(no fp16 compression: parity is against fp32 PyTorch), or with ``weights = "int8"`` compressed by NNCF
+(``nncf.compress_weights``, INT8_ASYM, per output channel: every MatMul / embedding weight, the head's codebook too)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+from ...errors import VQExportError
+from ...head.spec import write_head
+from ...profiles import Profile
+from ...source import Source
+from .env import require_device, require_nncf, require_openvino
+
+MODEL_FILE = "model.xml"
+ONNX_FILE = "model.onnx"
+
+
+@contextlib.contextmanager
+def _quiet():
+    loggers = [logging.getLogger(n) for n in ("nncf", "openvino")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def build_openvino(out: Path, profile: Profile, source: Source) -> dict:
+    what = f"target {profile.name}"
+    ov = require_openvino(what)
+    require_device(profile.openvino.device, what)
+    nncf = require_nncf(what) if profile.openvino.weights == "int8" else None
+    try:
+        with _quiet():
+            model = ov.convert_model(str(out / ONNX_FILE))
+            if nncf is not None:
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            ov.save_model(model, str(out / MODEL_FILE), compress_to_fp16=False)
+    except Exception as e:  # OpenVINO's conversion errors (OpConversionFailure, RuntimeError, ...)
+        msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise VQExportError(f"{what}: OpenVINO could not convert the graph ({msg.strip()[:200]})") from None
+    write_head(out, source.head)
+    return {
+        "backend": "openvino",
+        "model_file": MODEL_FILE,
+        "onnx_file": ONNX_FILE,
+        "openvino": ov.__version__.split("-")[0],
+        "device": profile.openvino.device,
+        "weights": profile.openvino.weights,
+        "inference_precision": profile.openvino.inference_precision,
+        "past_present_share_buffer": False,
+    }

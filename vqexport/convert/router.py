@@ -1,0 +1,100 @@
+"""Fitting a two-stage head's router: the codebook and a per-cluster bias, so that the probed clusters hold the
+dense model's probability mass.
+
+A freshly clustered codebook ranks clusters by ``z = h · Cᵀ``, the score of their mean row: a cluster with one
+likely token among unlikely ones ranks low, and its token is missed. The router is fitted to the dense model's
+cluster marginals on the distillation text, with the trunk and the model's rows untouched:
+
+    p_k(h)  = Σ_{v in cluster k} softmax(h · Wᵀ + b_dense)_v           # the dense mass of cluster k
+    loss    = - Σ_k p_k(h) · log_softmax(h · Cᵀ + B)_k                 # cross-entropy to the router's scores
+
+C starts from the cluster means; B [K] (the ``route_bias`` of the head) from zero. The tail's bias is fitted to
+the new codebook afterwards (``refit_tail_bias``); a tail with a rank-r correction is then distilled on the KL from
+the dense model to the two-stage distribution (``distill_tail``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..head.module import DenseHead, VQLogitsHead
+
+LR = 1e-2
+POOL_WINDOWS = 400  # hidden states are computed once for at most this many training windows
+LOGIT_BUDGET = 1 << 27  # positions per step x V: bounds the dense logits held at once (about 0.5 GB)
+
+
+def _noop(label: str, done: int, total: int) -> None:
+    pass
+
+
+@torch.no_grad()
+def hidden_pool(hidden, windows: torch.Tensor, seq: int, limit: int = POOL_WINDOWS, progress=_noop) -> torch.Tensor:
+    """The trunk's final hidden states [N, d] of the first ``limit`` windows of ``seq`` tokens of ``windows``."""
+    n = min((len(windows) - 1) // seq, limit)
+    x = windows[: n * seq].view(n, seq)
+    out = []
+    for i in range(0, n, 8):
+        out.append(hidden(x[i : i + 8]).reshape(-1, hidden.geo.hidden_size))
+        progress("hidden states for the router", min(i + 8, n), n)
+    return torch.cat(out)
+
+
+def fit_router(head: VQLogitsHead, dense: DenseHead, pool: torch.Tensor, steps: int, seed: int, progress=_noop) -> torch.Tensor:
+    """Train ``head.codebook`` in place and return the route bias B [K] (see the module's docstring)."""
+    K = head.config.codebook_size
+    V = dense.weight.shape[0]
+    batch = int(max(64, min(4096, LOGIT_BUDGET // V)))
+    codebook = head.codebook.detach().clone().requires_grad_(True)
+    route = torch.zeros(K, requires_grad=True)
+    opt = torch.optim.Adam([codebook, route], lr=LR)
+    gen = torch.Generator().manual_seed(seed)
+    assign = head.map
+    for step in range(steps):
+        h = pool[torch.randint(len(pool), (batch,), generator=gen)]
+        with torch.no_grad():
+            mass = torch.zeros(batch, K).index_add_(1, assign, F.softmax(dense(h), -1))
+        loss = -(mass * F.log_softmax(h @ codebook.t() + route, -1)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress(f"fitting the router (cross-entropy {loss.item():.3f})", step + 1, steps)
+    with torch.no_grad():
+        head.codebook.copy_(codebook)
+    return route.detach()
+
+
+@torch.no_grad()
+def refit_tail_bias(head: VQLogitsHead, weight: torch.Tensor, dense_bias: torch.Tensor | None, mean_h: torch.Tensor) -> None:
+    """b[v] = b_dense[v] + (W[v] - C[M[v]]) · h̄ for the head's current codebook (the tail equals the dense head at h̄)."""
+    if head.bias is None:
+        return
+    bias = (weight - head.codebook[head.map]) @ mean_h
+    head.bias.copy_(bias if dense_bias is None else bias + dense_bias)
+
+
+def distill_tail(head, dense: DenseHead, pool: torch.Tensor, steps: int, seed: int, progress=_noop) -> None:
+    """Train a two-stage head's tail (bias and rank-r factors; the router and the rows fixed) on the KL from the dense
+    model to the two-stage distribution: only the tokens outside the probed clusters use the tail."""
+    params = [p for p in (head.bias, head.lowrank_p, head.lowrank_u) if p is not None]
+    frozen = [p for p in (head.codebook, head.route_bias) if p is not None]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    V = dense.weight.shape[0]
+    batch = int(max(64, min(1024, LOGIT_BUDGET // V)))
+    opt = torch.optim.Adam(params, lr=LR)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        h = pool[torch.randint(len(pool), (batch,), generator=gen)]
+        with torch.no_grad():
+            target = F.log_softmax(dense(h), -1)
+        loss = F.kl_div(F.log_softmax(head(h), -1), target, log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress(f"distilling the tail (KL {loss.item():.3f})", step + 1, steps)
+    for p in params:
+        p.requires_grad_(False)
