@@ -37,6 +37,7 @@ from ..head.spec import HeadConfig, write_head
 from ..source import Source, load_source
 from .clustering import EQUAL, METHODS, cluster
 from .init import head_from_assignment
+from .router import kl_step
 
 SEQ = 128
 MIN_TEXT_TOKENS = 4 * SEQ
@@ -221,14 +222,8 @@ def _distill(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
     vq.train()
     for step in range(steps):
         x, _ = next(it)
-        h = hidden(x)
-        with torch.no_grad():
-            target = F.log_softmax(dense(h), -1)
-        loss = F.kl_div(F.log_softmax(vq(h), -1), target, log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        progress(f"distilling (KL {loss.item():.3f})", step + 1, steps)
+        loss = kl_step(vq, dense, hidden(x), opt)
+        progress(f"distilling (KL {loss:.3f})", step + 1, steps)
     vq.eval()
 
 

@@ -88,13 +88,18 @@ def distill_tail(head, dense: DenseHead, pool: torch.Tensor, steps: int, seed: i
     opt = torch.optim.Adam(params, lr=LR)
     gen = torch.Generator().manual_seed(seed + 1)
     for step in range(steps):
-        h = pool[torch.randint(len(pool), (batch,), generator=gen)]
-        with torch.no_grad():
-            target = F.log_softmax(dense(h), -1)
-        loss = F.kl_div(F.log_softmax(head(h), -1), target, log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        progress(f"distilling the tail (KL {loss.item():.3f})", step + 1, steps)
+        loss = kl_step(head, dense, pool[torch.randint(len(pool), (batch,), generator=gen)], opt)
+        progress(f"distilling the tail (KL {loss:.3f})", step + 1, steps)
     for p in params:
         p.requires_grad_(False)
+
+
+def kl_step(student, dense: DenseHead, h: torch.Tensor, opt: torch.optim.Optimizer) -> float:
+    """One optimizer step on KL(dense || student) over the hidden states ``h``; returns the loss."""
+    with torch.no_grad():
+        target = F.log_softmax(dense(h), -1)
+    loss = F.kl_div(F.log_softmax(student(h), -1), target, log_target=True, reduction="batchmean")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
