@@ -323,3 +323,16 @@ def test_route_bias_key_and_tensor_are_checked(tmp_path):
     save_file({k: v for k, v in tensors.items() if k != "route_bias"}, str(tmp_path / WEIGHTS_FILE))
     with pytest.raises(api.VQExportError, match="missing tensor.s. route_bias"):
         read_head(tmp_path)
+
+
+def test_convert_two_stage_with_rank_distills_the_tail(converted, tmp_path):
+    tmp, _ = converted
+    result = run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--rank", 2, "--steps", 20,
+                     "--distill-text", tmp / "text.txt", "--out", tmp_path / "r2", "--json")
+    assert result.exit_code == 0, result.stderr
+    report, head = json.loads(result.stdout), read_head(tmp_path / "r2")
+    assert report["router_steps"] == 20 and report["tail_distill_steps"] == 20 and report["distill_steps"] == 0
+    assert head.config.rank == 2 and head.config.route_bias and head.lowrank[0].shape == (2, 32)
+    free = run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--rank", 2, "--steps", 0,
+                   "--distill-text", tmp / "text.txt", "--out", tmp_path / "r2free", "--json")
+    assert json.loads(free.stdout)["tail_distill_steps"] == 0  # training-free: nothing distilled
