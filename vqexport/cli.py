@@ -474,7 +474,7 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, 
               help="UTF-8 text: distill the head on its first 90%, report perplexity on the rest.")
 @click.option("--steps", type=int, default=None,
               help="Training steps on --distill-text [default: 300]: head-only distillation (--head vq) or router "
-              "fitting (--head two-stage; 0: training-free).")
+              "fitting, then as many steps of rank-r tail distillation with --rank (--head two-stage; 0: training-free).")
 @click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical", "balanced", "balanced-spherical", "equal-spherical"]),
               default="auto", show_default=True,
               help="How the map is clustered: k-means (euclidean or spherical), optionally size-balanced, or equal-size "
