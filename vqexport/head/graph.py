@@ -24,7 +24,7 @@ import onnx_ir as ir
 from ..graph_io import BATCH, HIDDEN, SEQ
 from .decoding import cluster_tables
 from .quant import quantize_rows
-from .spec import Head
+from .spec import Head, padded_members
 
 NATIVE_BLOCK = 32
 SELECT_FORMS = ("gather", "gather_elements")
@@ -226,8 +226,6 @@ class _TwoStage:
         """The probed clusters' token ids [B, S, P * cap] (padding repeats a cluster's first member)."""
         b, head = self.b, self.head
         P = b.form.probes or head.config.probes
-        from .spec import padded_members
-
         members = padded_members(head)  # int32 ids (half the table's bytes); padding repeats a member of its cluster
         if head.route_bias is not None:  # a fitted router ranks the clusters by z + route_bias
             z = b.op("Add", [z, b.init("head.route_bias", head.route_bias)], "head/route/bias")
@@ -281,8 +279,6 @@ class _TwoStage:
 
     def _int4(self, ids: ir.Value) -> ir.Value:
         """Rows from an int4 copy (symmetric blocks of NATIVE_BLOCK along d, one scale each) by GatherBlockQuantized."""
-        from .quant import quantize_rows
-
         b = self.b
         V, d = self.rows.shape
         q, scale = quantize_rows(self.rows.reshape(V * d // NATIVE_BLOCK, NATIVE_BLOCK), "rows", bits=4)
@@ -296,8 +292,6 @@ class _TwoStage:
     def _int8(self, h: ir.Value, ids: ir.Value) -> ir.Value:
         """7-bit row codes (an int8 copy of the rows, one scale each) times h quantized per position (symmetric int8,
         its own scale: no batch or padding dependence), accumulated in int32 by MatMulInteger."""
-        from .quant import quantize_rows
-
         b = self.b
         if self.rows is None:
             raise ValueError("the int8 row form needs the model's rows")

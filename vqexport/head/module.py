@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .spec import Head, HeadConfig, make_head
+from .spec import Head, HeadConfig, make_head, members_of, padded_members
 
 
 class VQLogitsHead(nn.Module):
@@ -44,7 +44,11 @@ class VQLogitsHead(nn.Module):
         return torch.matmul(torch.matmul(h, self.lowrank_p.t()), self.lowrank_u.t())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = torch.index_select(self.codebook_logits(h), -1, self.map)
+        return self.vq_logits(h, self.codebook_logits(h))
+
+    def vq_logits(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The logits from h and its codebook logits z = h @ C.T."""
+        logits = torch.index_select(z, -1, self.map)
         if self.bias is not None:
             logits = logits + self.bias
         if self.lowrank_p is not None:
@@ -65,8 +69,6 @@ class VQLogitsHead(nn.Module):
              "route_bias": route_bias}
         t = {k: v.detach().cpu().contiguous().numpy() for k, v in t.items() if v is not None}
         if probes:
-            from .spec import members_of
-
             t["members"] = members_of(t.pop("map"), self.config.codebook_size, cluster_size)
         elif "route_bias" in t:
             raise ValueError("a route bias belongs to a two-stage head (probes > 0)")
@@ -92,13 +94,14 @@ class TwoStageHead(VQLogitsHead):
         self.route_bias = nn.Parameter(torch.zeros(config.codebook_size)) if config.route_bias else None
         self.probes = config.probes
 
-    def route_scores(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.codebook_logits(h)
+    def route_scores(self, h: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.codebook_logits(h) if z is None else z
         return z if self.route_bias is None else z + self.route_bias
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(h)
-        top = torch.topk(self.route_scores(h), self.probes, dim=-1).indices  # [..., P]
+        z = self.codebook_logits(h)  # computed once: the tail's and the router's
+        logits = self.vq_logits(h, z)
+        top = torch.topk(self.route_scores(h, z), self.probes, dim=-1).indices  # [..., P]
         ids = self.members[top].flatten(-2)  # [..., P * cap]
         exact = torch.einsum("...d,...nd->...n", h, self.rows[ids])
         if self.rows_bias is not None:
@@ -112,8 +115,6 @@ def head_module(head: Head, rows: torch.Tensor | None = None, rows_bias: torch.T
         return VQLogitsHead.from_head(head)
     module = TwoStageHead(head.config, rows, rows_bias)
     _load(module, head)
-    from .spec import padded_members
-
     with torch.no_grad():  # padding repeats a member of its cluster: the same exact logit
         module.members.copy_(torch.from_numpy(padded_members(head).astype(np.int64)))
         if module.route_bias is not None:
