@@ -103,10 +103,12 @@ class TwoStageHead(VQLogitsHead):
         logits = self.vq_logits(h, z)
         top = torch.topk(self.route_scores(h, z), self.probes, dim=-1).indices  # [..., P]
         ids = self.members[top].flatten(-2)  # [..., P * cap]
-        exact = torch.einsum("...d,...nd->...n", h, self.rows[ids])
+        # every exact logit by one GEMM, then the probed ones picked: O(V) memory per position like the tail itself
+        # (gathering the rows first would hold P * cap * d floats per position: hundreds of GB at V = 152k)
+        exact = torch.matmul(h, self.rows.t())
         if self.rows_bias is not None:
-            exact = exact + self.rows_bias[ids]
-        return logits.scatter(-1, ids, exact)
+            exact = exact + self.rows_bias
+        return logits.scatter(-1, ids, exact.gather(-1, ids))
 
 
 def head_module(head: Head, rows: torch.Tensor | None = None, rows_bias: torch.Tensor | None = None) -> VQLogitsHead:
