@@ -9,6 +9,13 @@ first chose the same greedy token in every row.
 Rankings are tie-aware: when the reference gives several tokens exactly the same logit (a VQ head without a bias
 gives every member of a cluster its code's score), any of them is a correct argmax or k-th token, and the target
 is not failed for picking another one of them. "Exactly" is within ``TIE`` (relative) in the reference's float32.
+
+Routing is tie-aware too. A two-stage head probes the P clusters with the best route scores, and where the P-th and
+the next score are closer than the tolerance allows a target's scores to move (2 · (atol + rtol · |score|): each side
+may move by the logit tolerance), a correct target may probe either. Its probed tokens then carry exact logits
+where the reference's carry VQ logits, or the reverse: differences of whole logits, not rounding. Each such
+near-tied cluster is compared whole against the routing the target chose (all its tokens exact, or all VQ); every
+other cluster must match the reference as it is. The reference runner gives the parts (``Runner.routing``).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .backends.base import Runner
+from .backends.base import Routing, Runner
 from .profiles import Parity
 
 DEFAULT_PROMPTS = (
@@ -45,6 +52,7 @@ class ParityReport:
     batch: int
     positions: int
     compared: str = "logits"  # "logits" | "topk" (log-probs of the target's top-k ids; KL over clusters)
+    rerouted_positions: int = 0  # two-stage: positions where the target probed a near-tied cluster otherwise
     reference: str = "fp32 PyTorch: transformers' model of the directory + the head's torch module"
     tolerances: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
@@ -85,6 +93,52 @@ def _tied_at_or_above(ref: np.ndarray, chosen: np.ndarray, rank: int) -> np.ndar
     return got >= kth - TIE * np.maximum(1.0, np.abs(kth))
 
 
+def _routed_as_target(ref: np.ndarray, parts: dict, tgt: dict, routing: Routing | None, parity: Parity) -> np.ndarray:
+    """[N, V] the reference logits with every near-tied cluster (see the module's docstring) routed as the target
+    routed it: exact or VQ, whichever matches the target's values on the cluster's observed tokens (all of them for a
+    logits output, the target's top-k ids for a top-k output; a cluster with none observed stays as it is)."""
+    scores = parts.get("route_scores")
+    if routing is None or scores is None or routing.probes >= scores.shape[-1]:
+        return ref
+    observed, values = _observed(ref, tgt)
+    exact, vq, clusters, P = parts["exact_logits"], parts["vq_logits"], routing.clusters, routing.probes
+    out = ref
+    for n in range(ref.shape[0]):
+        s = scores[n].astype(np.float64)
+        part = np.partition(-s, [P - 1, P])
+        hi, lo = -part[P - 1], -part[P]
+        slack = 2.0 * (parity.atol + parity.rtol * max(abs(hi), abs(lo)))
+        band = (s >= hi - slack) & (s <= lo + slack)  # holds the P-th and next cluster only if they nearly tie
+        if band.sum() < 2:
+            continue
+        seen = np.nonzero(band[clusters] & observed[n])[0]
+        cl = clusters[seen]
+        err_exact, err_vq = np.zeros(len(s)), np.zeros(len(s))
+        np.maximum.at(err_exact, cl, np.abs(values[n, seen] - exact[n, seen]))
+        np.maximum.at(err_vq, cl, np.abs(values[n, seen] - vq[n, seen]))
+        judged = np.zeros(len(s), dtype=bool)
+        judged[cl] = True
+        tokens = np.nonzero(judged[clusters])[0]
+        if out is ref:
+            out = ref.copy()
+        take_exact = (err_exact < err_vq)[clusters[tokens]]
+        out[n, tokens] = np.where(take_exact, exact[n, tokens], vq[n, tokens])
+    return out
+
+
+def _observed(ref: np.ndarray, tgt: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Which tokens' logits the target shows, and their values (a top-k output's log-probabilities as logits on the
+    reference's normaliser)."""
+    if tgt.get("logits") is not None:
+        return np.ones(ref.shape, dtype=bool), tgt["logits"]
+    ids = tgt["topk_ids"]
+    lse = np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) + ref.max(-1, keepdims=True)
+    observed, values = np.zeros(ref.shape, dtype=bool), np.zeros(ref.shape, dtype=np.float64)
+    np.put_along_axis(observed, ids, True, -1)
+    np.put_along_axis(values, ids, tgt["topk_logprobs"] + lse, -1)
+    return observed, values
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
@@ -100,6 +154,7 @@ class _Stats:
         self.kl_sum = self.kl_max = 0.0
         self.present_max = 0.0
         self.nonfinite = 0
+        self.rerouted = 0
         self.compared = "logits"
 
     def _diff(self, ref: np.ndarray, tgt: np.ndarray) -> None:
@@ -124,8 +179,10 @@ class _Stats:
         self.kl_sum += float(kl.sum())
         self.kl_max = max(self.kl_max, float(kl.max()))
 
-    def add(self, ref: np.ndarray, tgt: dict) -> None:
-        """ref: [N, V] reference logits; tgt: the target's outputs for the same N positions."""
+    def add(self, ref: np.ndarray, computed: np.ndarray, tgt: dict) -> None:
+        """ref: [N, V] reference logits as compared, ``computed`` as the reference computed them (they differ where
+        the target routed near-tied clusters otherwise); tgt: the target's outputs for the same N positions."""
+        self.rerouted += int((ref != computed).any(-1).sum())
         k = min(5, ref.shape[-1]) if tgt.get("logits") is not None else min(5, ref.shape[-1], tgt["topk_ids"].shape[-1])
         lp = _log_softmax(ref)  # a top-k graph with k < 5 is compared on its k ids
         if tgt.get("logits") is not None:
@@ -182,16 +239,18 @@ def _run(reference: Runner, target: Runner, prompts: list[list[int]], steps: int
     t = target.step(ids, mask, target.empty_past(batch))
     keep = mask.astype(bool)
     tgt = _select(t, keep)
-    ref_rows = r.logits[keep] if len(next(iter(tgt.values()))) == keep.sum() else r.logits[:, -1]
-    stats.add(ref_rows, tgt)
+    rows = keep if len(next(iter(tgt.values()))) == keep.sum() else "last"
+    stats.add(*_reference_rows(r, rows, tgt, reference.routing, stats.p), tgt=tgt)
     greedy_ok, matched = True, 0
     for step in range(steps):
         nxt = r.logits[:, -1].argmax(-1)
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         r = reference.step(nxt[:, None], mask, r.present)
         t = target.step(nxt[:, None], mask, t.present)
-        stats.add(r.logits[:, -1], _select(t, "last"))
-        greedy_ok = greedy_ok and bool(_tied_at_or_above(r.logits[:, -1], _greedy(t)[:, None], 1).all())
+        tgt = _select(t, "last")
+        ref_rows = _reference_rows(r, "last", tgt, reference.routing, stats.p)
+        stats.add(*ref_rows, tgt=tgt)
+        greedy_ok = greedy_ok and bool(_tied_at_or_above(ref_rows[0], _greedy(t)[:, None], 1).all())
         matched += int(greedy_ok)
         tick(step + 1)
     # the KV cache at real positions only: a padded position's keys are masked out and may differ freely
@@ -199,6 +258,15 @@ def _run(reference: Runner, target: Runner, prompts: list[list[int]], steps: int
     diffs = [float(np.where(real, np.abs(a - b), 0.0).max()) for a, b in zip(r.present, t.present) if a.size]
     stats.present_max = max([stats.present_max, *diffs])
     return matched
+
+
+def _reference_rows(r, rows, tgt: dict, routing: Routing | None, parity: Parity) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's logits at ``rows`` as compared (routed as the target routed near-tied clusters), and as
+    computed."""
+    pick = (lambda a: a[:, -1]) if isinstance(rows, str) else (lambda a: a[rows])
+    ref = pick(r.logits)
+    parts = {k: pick(v) for k, v in r.extra.items() if k in ("route_scores", "exact_logits", "vq_logits")}
+    return _routed_as_target(ref, parts, tgt, routing, parity), ref
 
 
 def _greedy(out) -> np.ndarray:
@@ -248,6 +316,7 @@ def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]],
         required_atol=max(stats.req_atol, 0.0), required_rtol=stats.req_rtol, top1_agreement=top1, top5_overlap=top5,
         kl_divergence=max(kl, 0.0), kl_divergence_max=max(stats.kl_max, 0.0), present_max_abs_diff=stats.present_max,
         greedy_match_steps=matched, steps=steps, batch=batch, positions=stats.n, compared=stats.compared,
+        rerouted_positions=stats.rerouted,
         tolerances=asdict(parity),
         failures=failures,
     )

@@ -21,10 +21,21 @@ class StepOutput:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How a two-stage head routes (a reference runner's, for tie-aware parity): the cluster of every token [V] and
+    the number of clusters probed. The runner's step then also returns ``route_scores`` [B, S, K], ``vq_logits`` and
+    ``exact_logits`` [B, S, V] in ``extra``."""
+
+    clusters: np.ndarray
+    probes: int
+
+
 class Runner:
     """Base class: subclasses set ``name``, the cache geometry, and implement ``_activate`` and ``step``."""
 
     name = "runner"
+    routing: Routing | None = None  # set by a reference whose head is two-stage
     n_layers: int
     n_kv_heads: int
     head_dim: int

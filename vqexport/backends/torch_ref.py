@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..head.module import head_module
+from ..head.module import TwoStageHead, head_module
 from ..source import Source
 from ..trunk.hf import Trunk, make_trunk
-from .base import Runner, StepOutput
+from .base import Routing, Runner, StepOutput
 
 
 class TorchRunner(Runner):
@@ -18,6 +18,8 @@ class TorchRunner(Runner):
     def __init__(self, trunk: Trunk, head: torch.nn.Module, n_kv_heads: int, head_dim: int, vocab_size: int):
         self.trunk, self.head = trunk.eval(), head.eval()
         self.n_layers, self.n_kv_heads, self.head_dim, self.vocab_size = trunk.n_layers, n_kv_heads, head_dim, vocab_size
+        if isinstance(head, TwoStageHead):
+            self.routing = Routing(clusters=head.map.numpy(), probes=head.probes)
 
     @classmethod
     def from_source(cls, source: Source, trunk: Trunk | None = None) -> "TorchRunner":
@@ -49,4 +51,13 @@ class TorchRunner(Runner):
     @torch.no_grad()
     def step(self, input_ids, attention_mask, past):
         h, present = self.hidden(input_ids, attention_mask, past)
-        return StepOutput(logits=self.head(h).numpy(), present=[t.numpy() for t in present])
+        return head_step(self.head, h, [t.numpy() for t in present])
+
+
+@torch.no_grad()
+def head_step(head: torch.nn.Module, h: torch.Tensor, present: list[np.ndarray]) -> StepOutput:
+    """The head's step output for hidden states ``h``; a two-stage head adds its parts (``Routing``)."""
+    if isinstance(head, TwoStageHead):
+        parts = {k: v.numpy() for k, v in head.stages(h).items()}
+        return StepOutput(logits=parts.pop("logits"), present=present, extra=parts)
+    return StepOutput(logits=head(h).numpy(), present=present)

@@ -99,16 +99,24 @@ class TwoStageHead(VQLogitsHead):
         return z if self.route_bias is None else z + self.route_bias
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.stages(h)["logits"]
+
+    def stages(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The logits and what they are made of: ``route_scores`` [..., K], ``vq_logits`` and ``exact_logits``
+        [..., V] (every token's VQ and exact logit; the probed clusters' tokens take the exact one). A parity check
+        needs the parts: where two clusters' route scores nearly tie, a runtime may probe either (vqexport.verify)."""
         z = self.codebook_logits(h)  # computed once: the tail's and the router's
-        logits = self.vq_logits(h, z)
-        top = torch.topk(self.route_scores(h, z), self.probes, dim=-1).indices  # [..., P]
+        vq = self.vq_logits(h, z)
+        route = self.route_scores(h, z)
+        top = torch.topk(route, self.probes, dim=-1).indices  # [..., P]
         ids = self.members[top].flatten(-2)  # [..., P * cap]
         # every exact logit by one GEMM, then the probed ones picked: O(V) memory per position like the tail itself
         # (gathering the rows first would hold P * cap * d floats per position: hundreds of GB at V = 152k)
         exact = torch.matmul(h, self.rows.t())
         if self.rows_bias is not None:
             exact = exact + self.rows_bias
-        return logits.scatter(-1, ids, exact.gather(-1, ids))
+        return {"logits": vq.scatter(-1, ids, exact.gather(-1, ids)), "route_scores": route, "vq_logits": vq,
+                "exact_logits": exact}
 
 
 def head_module(head: Head, rows: torch.Tensor | None = None, rows_bias: torch.Tensor | None = None) -> VQLogitsHead:

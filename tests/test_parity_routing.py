@@ -1,0 +1,116 @@
+"""Parity of a two-stage head where two clusters' route scores nearly tie: a target may probe either, and is judged
+against the routing it chose (each near-tied cluster whole); a target that routes otherwise anywhere else fails."""
+
+import numpy as np
+import pytest
+import torch
+
+from vqexport.backends.base import Runner, StepOutput
+from vqexport.backends.torch_ref import TorchRunner, head_step
+from vqexport.head.module import head_module
+from vqexport.head.spec import make_head
+from vqexport.profiles import Parity
+from vqexport.verify import compare_runners
+
+from .models import random_head
+
+V, D, K, P = 300, 32, 20, 4
+PROMPTS = [[5, 17, 42, 7], [99, 3], [250, 1, 8, 140, 77]]
+
+
+def _head(gap: float):
+    """A head whose router ranks clusters by their route bias alone (the codebook's scores are ~1e-6), with the
+    P-th and the next cluster ``gap`` apart: every position's routing boundary sits there."""
+    base = random_head(V, D, K, seed=0)
+    t = dict(base.tensors)
+    t["codebook"] = t["codebook"] * 1e-6
+    order = np.arange(K, dtype=np.float32)[::-1].copy()  # cluster 0 best ... cluster K-1 worst, 1 apart
+    order[P] = order[P - 1] - gap  # cluster P (the (P+1)-th) right below cluster P-1 (the P-th)
+    t["route_bias"] = order
+    return make_head(t, probes=P)
+
+
+class _Runner(Runner):
+    """A fixed per-token hidden state (no context) followed by a two-stage head's torch module. As a reference it
+    gives the head's parts and routing; as a target its logits only, or what ``edit`` makes of the step."""
+
+    def __init__(self, head, rows, reference=True, edit=None):
+        self.n_layers, self.n_kv_heads, self.head_dim, self.vocab_size = 1, 1, 2, V
+        self.module, self.reference, self.edit = head_module(head, torch.from_numpy(rows)), reference, edit
+        self.table = torch.from_numpy(np.random.default_rng(5).standard_normal((V, D)).astype(np.float32))
+        self.routing = TorchRunner(_NoTrunk(), self.module, 1, 2, V).routing if reference else None
+
+    def step(self, input_ids, attention_mask, past):
+        present = [np.zeros((input_ids.shape[0], 1, attention_mask.shape[1], 2), np.float32)] * 2
+        out = head_step(self.module, self.table[torch.from_numpy(input_ids)], present)
+        if self.edit is not None:
+            return self.edit(out)
+        return out if self.reference else StepOutput(logits=out.logits, present=present)
+
+
+class _NoTrunk(torch.nn.Module):
+    n_layers = 1
+
+
+def _rows():
+    return (np.random.default_rng(3).standard_normal((V, D)) * 0.5).astype(np.float32)
+
+
+def _compare(reference, target, parity=Parity()):
+    with reference as ref, target as tgt:
+        return compare_runners(ref, tgt, PROMPTS, 3, parity, mapping=reference.module.map.numpy())
+
+
+def _swapped(head, shift):
+    """The same head with cluster P's route bias raised by ``shift``: a target whose TopK puts it above cluster P-1."""
+    t = {k: v for k, v in head.tensors.items() if k != "map"}  # the member table is the head's own
+    t["route_bias"] = t["route_bias"].copy()
+    t["route_bias"][P] += shift
+    return make_head(t, probes=P)
+
+
+def test_a_target_probing_the_other_of_two_near_tied_clusters_passes():
+    head, rows = _head(gap=2e-5), _rows()  # closer than 2 * atol: either cluster is a correct P-th
+    report = _compare(_Runner(head, rows), _Runner(_swapped(head, 4e-5), rows, reference=False))
+    assert report.passed, report.failures
+    assert report.rerouted_positions == report.positions > 0
+    assert report.max_abs_diff < 1e-5
+
+
+def test_the_same_swap_across_a_real_gap_fails():
+    head, rows = _head(gap=0.5), _rows()  # 0.5 apart: no rounding reorders them
+    report = _compare(_Runner(head, rows), _Runner(_swapped(head, 1.0), rows, reference=False))
+    assert not report.passed
+    assert report.rerouted_positions == 0
+    assert report.max_abs_diff > 1e-2
+
+
+def test_a_near_tied_cluster_is_judged_whole():
+    head, rows = _head(gap=2e-5), _rows()
+    swapped = _swapped(head, 4e-5)
+    members = np.nonzero(head_module(swapped, torch.from_numpy(rows)).map.numpy() == P)[0][::2]
+
+    def half_vq(out):  # the cluster the target probes instead: only half its tokens exact, the rest left VQ
+        logits = out.logits.copy()
+        logits[..., members] = out.extra["vq_logits"][..., members]
+        return StepOutput(logits=logits, present=out.present)
+
+    report = _compare(_Runner(head, rows), _Runner(swapped, rows, reference=False, edit=half_vq))
+    assert not report.passed
+    assert report.max_abs_diff > 1e-2
+
+
+@pytest.mark.parametrize("k", [V, 40])
+def test_top_k_targets_are_judged_on_their_ids(k):
+    head, rows = _head(gap=2e-5), _rows()
+
+    def topk(out):
+        lp = torch.log_softmax(torch.from_numpy(out.logits).double(), -1)
+        vals, ids = torch.topk(lp, k, dim=-1)
+        return StepOutput(logits=None, present=out.present,
+                          extra={"topk_ids": ids.numpy(), "topk_logprobs": vals.float().numpy()})
+
+    report = _compare(_Runner(head, rows), _Runner(_swapped(head, 4e-5), rows, reference=False, edit=topk))
+    assert report.compared == "topk"
+    assert report.passed, report.failures
+    assert report.rerouted_positions > 0
