@@ -12,6 +12,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from vqexport import api
+from vqexport.convert.convert import ideally_routed
 from vqexport.graph_io import load_graph
 from vqexport.head import decoding
 from vqexport.head.graph import HeadForm, head_model
@@ -87,6 +88,22 @@ def test_graph_equals_the_definition(rows, atol, route):
     ref = head.logits(h, rows=W)
     np.testing.assert_allclose(out, ref, atol=atol)
     assert (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_ideal_routing_probes_the_clusters_holding_the_most_dense_mass():
+    head, W = _two_stage(route=True), _rows()
+    module = head_module(head, torch.from_numpy(W))
+    h = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 3, 32)).astype(np.float32))
+    dense = torch.matmul(h, torch.from_numpy(W).t())
+    got = ideally_routed(module, h, torch.log_softmax(dense, -1)).numpy()
+    tail = head.tail_logits(h.numpy().astype(np.float64))
+    for b in range(2):
+        for s in range(3):
+            p = np.exp(dense[b, s].double().numpy() - dense[b, s].double().logsumexp(-1).item())
+            best = np.argsort(-np.bincount(head.map, weights=p, minlength=20))[:4]
+            probed = np.isin(head.map, best)
+            np.testing.assert_allclose(got[b, s, probed], dense[b, s, probed].numpy(), atol=1e-5)
+            np.testing.assert_allclose(got[b, s, ~probed], tail[b, s, ~probed], atol=1e-4)
 
 
 def test_exact_decoding_without_the_v_wide_logits():
@@ -294,6 +311,8 @@ def test_fidelity_command_measures_the_same(converted):
     assert 0.9 <= r["probe_recall"] <= 1 and r["ppl_change"] > -0.5
     all_probed = json.loads(run_cli("fidelity", "--model", tmp / "ts", "--text", tmp / "text.txt", "--probes", 20, "--json").stdout)
     assert all_probed["ppl_change"] == pytest.approx(0.0, abs=1e-4) and all_probed["top1_agreement"] == 1.0  # P = K: dense
+    assert all_probed["ideal_routing_ppl_change"] == pytest.approx(0.0, abs=1e-4)
+    assert r["ideal_routing_top1_agreement"] >= r["probe_recall"] - 0.02
     assert_user_error(run_cli("fidelity", "--model", tmp / "ts", "--text", tmp / "text.txt", "--probes", 21), "--probes must be in")
     assert_user_error(run_cli("fidelity", "--text", tmp / "text.txt", "--probes", 3), "applies to a two-stage head")
 

@@ -11,8 +11,9 @@ Quality, on a model this repository trains (default: the embedded model's dense 
    text), and the default with a rank-16 tail correction (``--rank 16``); recall curves and recommended P are in
    the reports;
 3. for every variant and P, ``vqexport fidelity`` on the held-out files alone: perplexity dense vs two-stage, top-1
-   agreement, the share of positions whose dense argmax fell inside the probed clusters, KL; and the plain VQ
-   head's (P = 0).
+   agreement, the share of positions whose dense argmax fell inside the probed clusters, KL, and the same with
+   ideal routing (the P clusters holding the most dense probability probed: what the variant's tail allows, with
+   any router); and the plain VQ head's (P = 0).
 
 Speed, at a real head shape (random weights, the head alone, batch 1, one decode step, ONNX Runtime with this
 machine's threads): the dense head as fp32 MatMul and as int4 / int8 MatMulNBits, and the two-stage head (int4
@@ -70,7 +71,8 @@ def quality(model: str, k: int | None, probes: list[int], max_bytes: int, work: 
             r = api.fidelity(out, held, probes=min(p, k))
             rows.append({"variant": variant, "label": f"{variant}, P = {p}", **r})
             print(f"{variant}, P = {p}: ppl {r['vq_ppl']:.3f} ({100 * r['ppl_change']:+.2f}%), top-1 {r['top1_agreement']:.4f}, "
-                  f"recall {r['probe_recall']:.4f}", flush=True)
+                  f"recall {r['probe_recall']:.4f}; ideal routing {100 * r['ideal_routing_ppl_change']:+.2f}%, "
+                  f"top-1 {r['ideal_routing_top1_agreement']:.4f}", flush=True)
     cap = conv.report["cluster_size"]
     for r in rows:
         r["scored"] = k + r["probes"] * cap
@@ -128,12 +130,16 @@ def table(result: dict) -> str:
              "+ rank 16: `--rank 16`), measured by `vqexport fidelity` on the held-out files of tools/train_demo.py's corpus. "
              "Recommended P (99.5% recall on the converter's held-out tenth): "
              + ", ".join(f"{v} {p}" for v, p in q["recommended_probes"].items()) + ".", "",
-             "| head | logits computed per position | perplexity | vs dense | top-1 agreement | dense argmax in probed clusters | KL (nats/token) |",
-             "|---|---|---|---|---|---|---|"]
+             "| head | logits computed per position | perplexity | vs dense | top-1 agreement | dense argmax in probed clusters | KL (nats/token) | ideal routing: vs dense, top-1 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in q["rows"]:
+        ideal = (f"{100 * r['ideal_routing_ppl_change']:+.2f}%, {r['ideal_routing_top1_agreement']:.4f}"
+                 if "ideal_routing_ppl_change" in r else "-")
         lines.append(f"| {r['label']} | {r['scored']:,} ({100 * r['scored_share']:.1f}% of V) | {r['vq_ppl']:.3f} | "
                      f"{100 * r['ppl_change']:+.2f}% | {r['top1_agreement']:.4f} | {r.get('probe_recall', float('nan')):.4f} | "
-                     f"{r['kl_to_dense']:.5f} |")
+                     f"{r['kl_to_dense']:.5f} | {ideal} |")
+    lines.append("\nIdeal routing: the same head probing the P clusters that hold the most dense probability instead of its "
+                 "router's choice (no router sees the dense logits; this is what the head's tail allows).")
     lines.append(f"\n(dense perplexity {q['rows'][1]['dense_ppl']:.3f} on {q['rows'][1]['tokens']:,} held-out tokens)")
     s = result.get("speed")
     if s:
@@ -159,7 +165,9 @@ def plot(result: dict, path: Path) -> None:
     for variant in VARIANTS:
         rows = [r for r in result["quality"]["rows"] if r["probes"] and r["variant"] == variant]
         ps = [r["probes"] for r in rows]
-        axes[0].plot(ps, [100 * r["ppl_change"] for r in rows], "o-", label=variant)
+        line = axes[0].plot(ps, [100 * r["ppl_change"] for r in rows], "o-", label=variant)[0]
+        axes[0].plot(ps, [100 * r["ideal_routing_ppl_change"] for r in rows], ":", c=line.get_color(),
+                     label=f"{variant}: ideal routing")
         axes[1].plot(ps, [r["top1_agreement"] for r in rows], "o-", label=f"{variant}: top-1")
     axes[0].axhline(0.5, ls="--", c="grey")
     axes[0].set(xscale="log", yscale="log", xlabel="probes P", ylabel="perplexity vs dense (%)", title="perplexity")

@@ -173,6 +173,8 @@ def _parity_table(r) -> None:
     t.add_row("greedy steps matching", f"{r.greedy_match_steps}/{r.steps}", "all" if tol["greedy_must_match"] else "-")
     t.add_row("KV cache max abs diff", f"{r.present_max_abs_diff:.3g}", "")
     t.add_row("positions compared", f"{r.positions} (batch {r.batch})", "")
+    if r.rerouted_positions:
+        t.add_row("positions probing a near-tied cluster otherwise", f"{r.rerouted_positions}", "any")
     c = _console(stderr=False)
     c.print(t)
     c.print(f"reference: {r.reference}", markup=False)
@@ -520,7 +522,8 @@ def convert(src, codebook_size, no_bias, distill_text, steps, clustering, head, 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def fidelity(model, text, probes, max_tokens, as_json):
     """How close the head is to the dense output layer it replaces, on a text: perplexity of both, top-1 agreement,
-    KL, and (two-stage) how often the dense argmax fell inside the probed clusters."""
+    KL, and (two-stage) how often the dense argmax fell inside the probed clusters, and the perplexity and top-1
+    the same head would reach with ideal routing (what its tail allows)."""
     from . import api
 
     with _Progress(as_json) as progress:
@@ -531,7 +534,9 @@ def fidelity(model, text, probes, max_tokens, as_json):
     line = (f"{r['tokens']:,} tokens: dense ppl {r['dense_ppl']:.3f}, {r['head']['type']} head ppl {r['vq_ppl']:.3f} "
             f"({100 * r['ppl_change']:+.2f}%), top-1 agreement {r['top1_agreement']:.4f}, KL {r['kl_to_dense']:.5f} nats/token")
     if "probe_recall" in r:
-        line += f", dense argmax inside the {r['probes']} probed clusters {r['probe_recall']:.4f}"
+        line += (f", dense argmax inside the {r['probes']} probed clusters {r['probe_recall']:.4f}; with ideal routing "
+                 f"(the {r['probes']} clusters holding the most dense probability) "
+                 f"{100 * r['ideal_routing_ppl_change']:+.2f}%, top-1 {r['ideal_routing_top1_agreement']:.4f}")
     click.echo(line)
 
 

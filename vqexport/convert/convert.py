@@ -116,33 +116,55 @@ class _Hidden:
 
 
 @torch.no_grad()
-def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Tensor, cache: dict | None = None) -> dict:
+def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Tensor, cache: dict | None = None,
+             ideal: bool = False) -> dict:
     """Held-out perplexity of the dense and the VQ head on the same hidden states, top-1 agreement and KL; for a
-    two-stage head also ``probe_recall``: the share of positions whose dense argmax fell inside the probed clusters.
+    two-stage head also ``probe_recall``: the share of positions whose dense argmax fell inside the probed clusters,
+    and with ``ideal`` the perplexity change and top-1 agreement of the same head probing, instead of its router's
+    choice, the P clusters that hold the most dense probability (``ideal_routing_*``: what its tail allows).
     ``cache`` (a dict kept across calls with the same ids) keeps the hidden states for the next call."""
     n = (len(ids) - 1) // SEQ
     x = ids[: n * SEQ].view(n, SEQ)
     y = ids[1 : n * SEQ + 1].view(n, SEQ)
-    nll_d = nll_v = agree = kl = recall = 0.0
+    nll_d = nll_v = agree = kl = recall = nll_i = agree_i = 0.0
     probes = getattr(vq, "probes", 0)
+    ideal = ideal and bool(probes)
     for i in range(0, n, 8):
         h = cache[i] if cache is not None and i in cache else hidden(x[i : i + 8])
         if cache is not None:
             cache[i] = h
         ld, lv = F.log_softmax(dense(h), -1), F.log_softmax(vq(h), -1)
-        nll_d += float(F.nll_loss(ld.flatten(0, 1), y[i : i + 8].flatten(), reduction="sum"))
-        nll_v += float(F.nll_loss(lv.flatten(0, 1), y[i : i + 8].flatten(), reduction="sum"))
+        target = y[i : i + 8].flatten()
+        nll_d += float(F.nll_loss(ld.flatten(0, 1), target, reduction="sum"))
+        nll_v += float(F.nll_loss(lv.flatten(0, 1), target, reduction="sum"))
         kl += float(F.kl_div(lv, ld, log_target=True, reduction="sum"))
         agree += float((ld.argmax(-1) == lv.argmax(-1)).sum())
         if probes:
             recall += float(probe_hits(vq, h, ld.argmax(-1), probes).sum())
+        if ideal:
+            li = F.log_softmax(ideally_routed(vq, h, ld), -1)
+            nll_i += float(F.nll_loss(li.flatten(0, 1), target, reduction="sum"))
+            agree_i += float((ld.argmax(-1) == li.argmax(-1)).sum())
     count = n * SEQ
     ppl_d, ppl_v = math.exp(nll_d / count), math.exp(nll_v / count)
     out = {"dense_ppl": ppl_d, "vq_ppl": ppl_v, "ppl_change": ppl_v / ppl_d - 1, "top1_agreement": agree / count,
            "kl_to_dense": kl / count, "tokens": count}
     if probes:
         out["probes"], out["probe_recall"] = probes, recall / count
+    if ideal:
+        out["ideal_routing_ppl_change"] = math.exp(nll_i / count) / ppl_d - 1
+        out["ideal_routing_top1_agreement"] = agree_i / count
     return out
+
+
+@torch.no_grad()
+def ideally_routed(head, h: torch.Tensor, dense_logp: torch.Tensor) -> torch.Tensor:
+    """A two-stage head's logits when it probes the P clusters holding the most dense probability (the dense model's
+    log-probabilities ``dense_logp``, from the same rows) instead of its router's choice: its tail unchanged."""
+    mass = torch.zeros(*dense_logp.shape[:-1], head.config.codebook_size).index_add_(-1, head.map, dense_logp.exp())
+    ids = head.members[torch.topk(mass, head.probes, dim=-1).indices].flatten(-2)
+    exact = torch.matmul(h, head.rows.t()) + (head.rows_bias if head.rows_bias is not None else 0)
+    return head.vq_logits(h, head.codebook_logits(h)).scatter(-1, ids, exact.gather(-1, ids))
 
 
 def probe_hits(head: VQLogitsHead, h: torch.Tensor, tokens: torch.Tensor, probes: int) -> torch.Tensor:

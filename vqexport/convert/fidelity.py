@@ -2,7 +2,9 @@
 
 Both heads read the same hidden states (transformers' model of the directory); reported: perplexity of each,
 its change, top-1 agreement, KL(dense || head) per token, and for a two-stage head the share of positions whose
-dense argmax fell inside the probed clusters (probes: the head's own, or ``probes``).
+dense argmax fell inside the probed clusters (probes: the head's own, or ``probes``) and the perplexity change and
+top-1 agreement it would have with ideal routing (the P clusters holding the most dense probability probed): the
+part of the loss its router causes, and the part its tail does.
 """
 
 from __future__ import annotations
@@ -44,5 +46,5 @@ def fidelity(model, text, probes: int | None = None, max_tokens: int | None = No
     if progress is not None:
         progress(f"scoring {len(ids)} tokens with both heads")
     with torch.no_grad():
-        report = evaluate(hidden, DenseHead(weight, bias), head_module(head, weight, bias), _windows(ids))
+        report = evaluate(hidden, DenseHead(weight, bias), head_module(head, weight, bias), _windows(ids), ideal=True)
     return {"model": str(source.path), "head": head.config.to_dict(), "text": str(text), **report}
