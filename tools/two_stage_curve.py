@@ -77,7 +77,7 @@ def quality(model: str, k: int | None, probes: list[int], max_bytes: int, work: 
     for r in rows:
         r["scored"] = k + r["probes"] * cap
         r["scored_share"] = r["scored"] / V
-    return {"model": str(source.path), "vocab_size": V, "codebook_size": k, "cluster_size": cap, "rows": rows,
+    return {"model": model, "vocab_size": V, "codebook_size": k, "cluster_size": cap, "rows": rows,
             "recommended_probes": recommended, "recall_curves": curves, "seconds": time.time() - t0}
 
 
