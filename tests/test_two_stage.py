@@ -189,7 +189,9 @@ def test_int4_genai_trunk_rows_shared_or_int8(tied, tmp_path):
     assert profile.two_stage.rows == "int8"
     result = api.build(dataclasses.replace(profile, parity=loose), model=tied, out=tmp_path / "int8", steps=2)
     inits = {t.name: t for t in load_graph(result.out / "model.onnx").graph.initializer}
-    assert list(inits["head.rows_q"].dims) == [320, 64] and inits["head.rows_q"].data_type == 3  # int8
+    cfg = read_head(tied).config  # the int8 copy is laid out by cluster, each cluster's rows transposed
+    assert list(inits["head.rows_q"].dims) == [cfg.codebook_size, 64, cfg.cluster_size] and inits["head.rows_q"].data_type == 3
+    assert list(inits["head.rows_scale"].dims) == [cfg.codebook_size, cfg.cluster_size]
     out = [o for o in load_graph(result.out / "model.onnx").graph.output if o.name == "logits"][0]
     assert out.type.tensor_type.shape.dim[1].dim_value == 1  # a two-stage head's prefill computes the last position
 

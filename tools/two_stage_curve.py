@@ -17,7 +17,7 @@ Quality, on a model this repository trains (default: the embedded model's dense 
 
 Speed, at a real head shape (random weights, the head alone, batch 1, one decode step, ONNX Runtime with this
 machine's threads): the dense head as fp32 MatMul and as int4 / int8 MatMulNBits, and the two-stage head (int4
-codebook, K = V/16 clusters of 16) at every P with int8 rows (DynamicQuantizeLinear + MatMulInteger).
+codebook, K = V/16 clusters of 16) at every P with int8 rows (laid out by cluster, MatMulInteger).
 
 Writes <out>.md (table), <out>.json and <out>.png (when matplotlib is installed).
 """
