@@ -85,6 +85,15 @@ def test_the_same_swap_across_a_real_gap_fails():
     assert report.max_abs_diff > 1e-2
 
 
+@pytest.mark.parametrize("probes", [P - 1, P + 1])
+def test_a_target_probing_another_number_of_clusters_fails(probes):
+    head, rows = _head(gap=2e-5), _rows()  # the band holds clusters P-1 and P: either alone is right, both or none not
+    t = {k: v for k, v in head.tensors.items() if k != "map"}
+    report = _compare(_Runner(head, rows), _Runner(make_head(t, probes=probes), rows, reference=False))
+    assert not report.passed
+    assert report.max_abs_diff > 1e-2
+
+
 def test_a_near_tied_cluster_is_judged_whole():
     head, rows = _head(gap=2e-5), _rows()
     swapped = _swapped(head, 4e-5)
@@ -100,17 +109,40 @@ def test_a_near_tied_cluster_is_judged_whole():
     assert report.max_abs_diff > 1e-2
 
 
-@pytest.mark.parametrize("k", [V, 40])
-def test_top_k_targets_are_judged_on_their_ids(k):
-    head, rows = _head(gap=2e-5), _rows()
-
-    def topk(out):
-        lp = torch.log_softmax(torch.from_numpy(out.logits).double(), -1)
+def _topk(k, logits_of=lambda out: out.logits):
+    def edit(out):
+        lp = torch.log_softmax(torch.from_numpy(logits_of(out)).double(), -1)
         vals, ids = torch.topk(lp, k, dim=-1)
         return StepOutput(logits=None, present=out.present,
                           extra={"topk_ids": ids.numpy(), "topk_logprobs": vals.float().numpy()})
+    return edit
 
-    report = _compare(_Runner(head, rows), _Runner(_swapped(head, 4e-5), rows, reference=False, edit=topk))
+
+@pytest.mark.parametrize("k", [V, 40])
+def test_top_k_targets_are_judged_on_their_ids(k):
+    head, rows = _head(gap=2e-5), _rows()
+    report = _compare(_Runner(head, rows), _Runner(_swapped(head, 4e-5), rows, reference=False, edit=_topk(k)))
     assert report.compared == "topk"
     assert report.passed, report.failures
     assert report.rerouted_positions > 0
+
+
+@pytest.mark.parametrize("case", ["real gap", "half a cluster"])
+def test_top_k_targets_that_route_wrongly_fail(case):
+    if case == "real gap":
+        head, rows = _head(gap=0.5), _rows()
+        target = _Runner(_swapped(head, 1.0), rows, reference=False, edit=_topk(V))
+    else:
+        head, rows = _head(gap=2e-5), _rows()
+        swapped = _swapped(head, 4e-5)
+        members = np.nonzero(head_module(swapped, torch.from_numpy(rows)).map.numpy() == P)[0][::2]
+
+        def half_vq(out):
+            logits = out.logits.copy()
+            logits[..., members] = out.extra["vq_logits"][..., members]
+            return logits
+
+        target = _Runner(swapped, rows, reference=False, edit=_topk(V, half_vq))
+    report = _compare(_Runner(head, rows), target)
+    assert report.compared == "topk"
+    assert not report.passed

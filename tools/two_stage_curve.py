@@ -139,7 +139,7 @@ def table(result: dict) -> str:
                      f"{100 * r['ppl_change']:+.2f}% | {r['top1_agreement']:.4f} | {r.get('probe_recall', float('nan')):.4f} | "
                      f"{r['kl_to_dense']:.5f} | {ideal} |")
     lines.append("\nIdeal routing: the same head probing the P clusters that hold the most dense probability instead of its "
-                 "router's choice (no router sees the dense logits; this is what the head's tail allows).")
+                 "router's choice (no router sees the dense logits; about the best any router could do with the head's tail).")
     lines.append(f"\n(dense perplexity {q['rows'][1]['dense_ppl']:.3f} on {q['rows'][1]['tokens']:,} held-out tokens)")
     s = result.get("speed")
     if s:

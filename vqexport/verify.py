@@ -14,8 +14,8 @@ Routing is tie-aware too. A two-stage head probes the P clusters with the best r
 the next score are closer than the tolerance allows a target's scores to move (2 · (atol + rtol · |score|): each side
 may move by the logit tolerance), a correct target may probe either. Its probed tokens then carry exact logits
 where the reference's carry VQ logits, or the reverse: differences of whole logits, not rounding. Each such
-near-tied cluster is compared whole against the routing the target chose (all its tokens exact, or all VQ); every
-other cluster must match the reference as it is. The reference runner gives the parts (``Runner.routing``).
+near-tied cluster is compared whole against the routing the target chose (all its tokens exact, or all VQ), with
+exactly P clusters probed in all; every other cluster must match the reference as it is. The reference runner gives the parts (``Runner.routing``).
 """
 
 from __future__ import annotations
@@ -93,49 +93,75 @@ def _tied_at_or_above(ref: np.ndarray, chosen: np.ndarray, rank: int) -> np.ndar
     return got >= kth - TIE * np.maximum(1.0, np.abs(kth))
 
 
-def _routed_as_target(ref: np.ndarray, parts: dict, tgt: dict, routing: Routing | None, parity: Parity) -> np.ndarray:
-    """[N, V] the reference logits with every near-tied cluster (see the module's docstring) routed as the target
-    routed it: exact or VQ, whichever matches the target's values on the cluster's observed tokens (all of them for a
-    logits output, the target's top-k ids for a top-k output; a cluster with none observed stays as it is)."""
+def _routed_as_target(ref: np.ndarray, parts: dict, tgt: dict, routing: Routing | None,
+                      parity: Parity) -> tuple[np.ndarray, int]:
+    """The reference logits [N, V] with the near-tied clusters (see the module's docstring) routed as the target
+    routed them, and how many positions that changed.
+
+    At each position the clusters above the band are probed and those below are not; of the band's clusters
+    exactly as many are probed as the reference probed there (P in all). Which ones follows the target's values on
+    each cluster's observed tokens (all of them for a logits output, its top-k ids for a top-k output): the clusters
+    whose values are nearest their exact logits, each cluster whole; band clusters with no observed token are
+    filled by router score. The result is always a routing of P clusters that scores within the tolerance allow, so
+    a target probing more or fewer clusters, or half a cluster, still fails."""
     scores = parts.get("route_scores")
     if routing is None or scores is None or routing.probes >= scores.shape[-1]:
-        return ref
+        return ref, 0
     observed, values = _observed(ref, tgt)
     exact, vq, clusters, P = parts["exact_logits"], parts["vq_logits"], routing.clusters, routing.probes
-    out = ref
+    out, rerouted = ref, 0
     for n in range(ref.shape[0]):
         s = scores[n].astype(np.float64)
         part = np.partition(-s, [P - 1, P])
         hi, lo = -part[P - 1], -part[P]
         slack = 2.0 * (parity.atol + parity.rtol * max(abs(hi), abs(lo)))
-        band = (s >= hi - slack) & (s <= lo + slack)  # holds the P-th and next cluster only if they nearly tie
-        if band.sum() < 2:
+        band = np.nonzero((s >= hi - slack) & (s <= lo + slack))[0]  # the P-th and next cluster, if they nearly tie
+        if len(band) < 2:
             continue
-        seen = np.nonzero(band[clusters] & observed[n])[0]
-        cl = clusters[seen]
-        err_exact, err_vq = np.zeros(len(s)), np.zeros(len(s))
-        np.maximum.at(err_exact, cl, np.abs(values[n, seen] - exact[n, seen]))
-        np.maximum.at(err_vq, cl, np.abs(values[n, seen] - vq[n, seen]))
-        judged = np.zeros(len(s), dtype=bool)
-        judged[cl] = True
-        tokens = np.nonzero(judged[clusters])[0]
-        if out is ref:
-            out = ref.copy()
-        take_exact = (err_exact < err_vq)[clusters[tokens]]
-        out[n, tokens] = np.where(take_exact, exact[n, tokens], vq[n, tokens])
-    return out
+        probed = P - int((s > lo + slack).sum())  # of the band's clusters: as many as the reference probed
+        chosen = _probed_in_band(band, probed, s, clusters, observed[n], values[n], exact[n], vq[n])
+        before = ref[n, np.isin(clusters, band)]
+        tokens = np.nonzero(np.isin(clusters, band))[0]
+        after = np.where(np.isin(clusters[tokens], chosen), exact[n, tokens], vq[n, tokens])
+        if not np.array_equal(before, after, equal_nan=True):
+            if out is ref:
+                out = ref.copy()
+            out[n, tokens] = after
+            rerouted += 1
+    return out, rerouted
+
+
+def _probed_in_band(band, probed: int, s, clusters, observed, values, exact, vq) -> np.ndarray:
+    """The ``probed`` clusters of ``band`` the target's values say it probed: by how much nearer its values are
+    to the exact logits than to the VQ ones (the worst token of each cluster), observed clusters first."""
+    K = len(s)
+    err_exact, err_vq, seen = np.zeros(K), np.zeros(K), np.zeros(K, dtype=bool)
+    tokens = np.nonzero(np.isin(clusters, band) & observed)[0]
+    cl = clusters[tokens]
+    np.maximum.at(err_exact, cl, np.abs(values[tokens] - exact[tokens]))
+    np.maximum.at(err_vq, cl, np.abs(values[tokens] - vq[tokens]))
+    seen[cl] = True
+    watched, unseen = band[seen[band]], band[~seen[band]]
+    prefer = np.nan_to_num(err_vq[watched] - err_exact[watched], nan=-np.inf)  # > 0: nearer the exact logits
+    # as many observed clusters probed as the target shows, within what the unobserved ones leave possible
+    count = min(max(int((prefer > 0).sum()), probed - len(unseen)), probed, len(watched))
+    take = watched[np.argsort(-prefer, kind="stable")[:count]]
+    fill = unseen[np.argsort(-s[unseen], kind="stable")[: probed - count]]
+    return np.concatenate([take, fill])
 
 
 def _observed(ref: np.ndarray, tgt: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Which tokens' logits the target shows, and their values (a top-k output's log-probabilities as logits on the
-    reference's normaliser)."""
+    """Which tokens' logits the target shows, and their values. A top-k output's log-probabilities become logits
+    by the offset that best matches the reference on its own top-k ids (the median difference: the target's
+    normaliser may differ from the reference's where it routed otherwise)."""
     if tgt.get("logits") is not None:
         return np.ones(ref.shape, dtype=bool), tgt["logits"]
     ids = tgt["topk_ids"]
-    lse = np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) + ref.max(-1, keepdims=True)
+    lp = tgt["topk_logprobs"].astype(np.float64)
+    offset = np.median(np.take_along_axis(ref.astype(np.float64), ids, -1) - lp, axis=-1, keepdims=True)
     observed, values = np.zeros(ref.shape, dtype=bool), np.zeros(ref.shape, dtype=np.float64)
     np.put_along_axis(observed, ids, True, -1)
-    np.put_along_axis(values, ids, tgt["topk_logprobs"] + lse, -1)
+    np.put_along_axis(values, ids, lp + offset, -1)
     return observed, values
 
 
@@ -179,10 +205,10 @@ class _Stats:
         self.kl_sum += float(kl.sum())
         self.kl_max = max(self.kl_max, float(kl.max()))
 
-    def add(self, ref: np.ndarray, computed: np.ndarray, tgt: dict) -> None:
-        """ref: [N, V] reference logits as compared, ``computed`` as the reference computed them (they differ where
-        the target routed near-tied clusters otherwise); tgt: the target's outputs for the same N positions."""
-        self.rerouted += int((ref != computed).any(-1).sum())
+    def add(self, ref: np.ndarray, rerouted: int, tgt: dict) -> None:
+        """ref: [N, V] reference logits as compared (``rerouted`` positions with near-tied clusters routed as the
+        target routed them); tgt: the target's outputs for the same N positions."""
+        self.rerouted += rerouted
         k = min(5, ref.shape[-1]) if tgt.get("logits") is not None else min(5, ref.shape[-1], tgt["topk_ids"].shape[-1])
         lp = _log_softmax(ref)  # a top-k graph with k < 5 is compared on its k ids
         if tgt.get("logits") is not None:
@@ -260,13 +286,12 @@ def _run(reference: Runner, target: Runner, prompts: list[list[int]], steps: int
     return matched
 
 
-def _reference_rows(r, rows, tgt: dict, routing: Routing | None, parity: Parity) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's logits at ``rows`` as compared (routed as the target routed near-tied clusters), and as
-    computed."""
+def _reference_rows(r, rows, tgt: dict, routing: Routing | None, parity: Parity) -> tuple[np.ndarray, int]:
+    """The reference's logits at ``rows`` as compared (routed as the target routed near-tied clusters), and how
+    many of those positions that rerouted."""
     pick = (lambda a: a[:, -1]) if isinstance(rows, str) else (lambda a: a[rows])
-    ref = pick(r.logits)
     parts = {k: pick(v) for k, v in r.extra.items() if k in ("route_scores", "exact_logits", "vq_logits")}
-    return _routed_as_target(ref, parts, tgt, routing, parity), ref
+    return _routed_as_target(pick(r.logits), parts, tgt, routing, parity)
 
 
 def _greedy(out) -> np.ndarray:

@@ -121,7 +121,8 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
     """Held-out perplexity of the dense and the VQ head on the same hidden states, top-1 agreement and KL; for a
     two-stage head also ``probe_recall``: the share of positions whose dense argmax fell inside the probed clusters,
     and with ``ideal`` the perplexity change and top-1 agreement of the same head probing, instead of its router's
-    choice, the P clusters that hold the most dense probability (``ideal_routing_*``: what its tail allows).
+    choice, the P clusters that hold the most dense probability (``ideal_routing_*``: about the best a router could
+    do with this tail; choosing by mass is not guaranteed optimal for perplexity).
     ``cache`` (a dict kept across calls with the same ids) keeps the hidden states for the next call."""
     n = (len(ids) - 1) // SEQ
     x = ids[: n * SEQ].view(n, SEQ)

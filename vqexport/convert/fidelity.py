@@ -3,8 +3,8 @@
 Both heads read the same hidden states (transformers' model of the directory); reported: perplexity of each,
 its change, top-1 agreement, KL(dense || head) per token, and for a two-stage head the share of positions whose
 dense argmax fell inside the probed clusters (probes: the head's own, or ``probes``) and the perplexity change and
-top-1 agreement it would have with ideal routing (the P clusters holding the most dense probability probed): the
-part of the loss its router causes, and the part its tail does.
+top-1 agreement it would have with ideal routing (the P clusters holding the most dense probability probed): about
+how much of the loss its router causes and how much its tail does.
 """
 
 from __future__ import annotations

@@ -297,9 +297,10 @@ class _TwoStage:
         The copy is laid out by cluster, each cluster's rows transposed: ``head.rows_q`` [K, d, cap], so stage 2 is
         one Gather of P contiguous blocks and P products [1, d] x [d, cap] with h as the uint8 left operand (h's
         codes + 128, zero point 128: the same integers), the layout ONNX Runtime's u8 x s8 kernels run fastest. On
-        the Qwen2.5-0.5B shape at P = K/16 that is several times faster than gathering token rows [P * cap, d] and
-        multiplying them by h as a column."""
+        the Qwen2.5-0.5B shape at P = K/16 that is about twice as fast as gathering token rows [P * cap, d] and
+        multiplying them by h as a column. Reads ``self.top``, the probed clusters ``ids()`` found."""
         b, head = self.b, self.head
+        assert hasattr(self, "top"), "ids() routes before exact() reads the probed clusters"
         if self.rows is None:
             raise ValueError("the int8 row form needs the model's rows")
         q, scale = quantize_rows(self.rows, "rows", bits=7)  # 7 bits: u8 x s8 pair sums cannot saturate int16
