@@ -523,7 +523,7 @@ def convert(src, codebook_size, no_bias, distill_text, steps, clustering, head, 
 def fidelity(model, text, probes, max_tokens, as_json):
     """How close the head is to the dense output layer it replaces, on a text: perplexity of both, top-1 agreement,
     KL, and (two-stage) how often the dense argmax fell inside the probed clusters, and the perplexity and top-1
-    the same head would reach with ideal routing (what its tail allows)."""
+    the same head would reach with ideal routing (about the best any router could do with its tail)."""
     from . import api
 
     with _Progress(as_json) as progress:

@@ -15,7 +15,8 @@ the next score are closer than the tolerance allows a target's scores to move (2
 may move by the logit tolerance), a correct target may probe either. Its probed tokens then carry exact logits
 where the reference's carry VQ logits, or the reverse: differences of whole logits, not rounding. Each such
 near-tied cluster is compared whole against the routing the target chose (all its tokens exact, or all VQ), with
-exactly P clusters probed in all; every other cluster must match the reference as it is. The reference runner gives the parts (``Runner.routing``).
+exactly P clusters probed in all; every other cluster must match the reference as it is. The reference runner
+gives the parts (``Runner.routing``).
 """
 
 from __future__ import annotations
@@ -119,11 +120,10 @@ def _routed_as_target(ref: np.ndarray, parts: dict, tgt: dict, routing: Routing 
         if len(band) < 2:
             continue
         probed = P - int((s > lo + slack).sum())  # of the band's clusters: as many as the reference probed
-        chosen = _probed_in_band(band, probed, s, clusters, observed[n], values[n], exact[n], vq[n])
-        before = ref[n, np.isin(clusters, band)]
-        tokens = np.nonzero(np.isin(clusters, band))[0]
+        tokens = np.nonzero(np.isin(clusters, band))[0]  # the band's tokens
+        chosen = _probed_in_band(band, probed, s, clusters, tokens[observed[n, tokens]], values[n], exact[n], vq[n])
         after = np.where(np.isin(clusters[tokens], chosen), exact[n, tokens], vq[n, tokens])
-        if not np.array_equal(before, after, equal_nan=True):
+        if not np.array_equal(ref[n, tokens], after, equal_nan=True):
             if out is ref:
                 out = ref.copy()
             out[n, tokens] = after
@@ -131,12 +131,12 @@ def _routed_as_target(ref: np.ndarray, parts: dict, tgt: dict, routing: Routing 
     return out, rerouted
 
 
-def _probed_in_band(band, probed: int, s, clusters, observed, values, exact, vq) -> np.ndarray:
+def _probed_in_band(band, probed: int, s, clusters, tokens, values, exact, vq) -> np.ndarray:
     """The ``probed`` clusters of ``band`` the target's values say it probed: by how much nearer its values are
-    to the exact logits than to the VQ ones (the worst token of each cluster), observed clusters first."""
+    to the exact logits than to the VQ ones (the worst of each cluster's observed ``tokens``), observed clusters
+    first."""
     K = len(s)
     err_exact, err_vq, seen = np.zeros(K), np.zeros(K), np.zeros(K, dtype=bool)
-    tokens = np.nonzero(np.isin(clusters, band) & observed)[0]
     cl = clusters[tokens]
     np.maximum.at(err_exact, cl, np.abs(values[tokens] - exact[tokens]))
     np.maximum.at(err_vq, cl, np.abs(values[tokens] - vq[tokens]))

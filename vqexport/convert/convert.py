@@ -163,9 +163,7 @@ def ideally_routed(head, h: torch.Tensor, dense_logp: torch.Tensor) -> torch.Ten
     """A two-stage head's logits when it probes the P clusters holding the most dense probability (the dense model's
     log-probabilities ``dense_logp``, from the same rows) instead of its router's choice: its tail unchanged."""
     mass = torch.zeros(*dense_logp.shape[:-1], head.config.codebook_size).index_add_(-1, head.map, dense_logp.exp())
-    ids = head.members[torch.topk(mass, head.probes, dim=-1).indices].flatten(-2)
-    exact = torch.matmul(h, head.rows.t()) + (head.rows_bias if head.rows_bias is not None else 0)
-    return head.vq_logits(h, head.codebook_logits(h)).scatter(-1, ids, exact.gather(-1, ids))
+    return head.stages(h, top=torch.topk(mass, head.probes, dim=-1).indices)["logits"]
 
 
 def probe_hits(head: VQLogitsHead, h: torch.Tensor, tokens: torch.Tensor, probes: int) -> torch.Tensor:

@@ -101,14 +101,16 @@ class TwoStageHead(VQLogitsHead):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.stages(h)["logits"]
 
-    def stages(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+    def stages(self, h: torch.Tensor, top: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The logits and what they are made of: ``route_scores`` [..., K], ``vq_logits`` and ``exact_logits``
         [..., V] (every token's VQ and exact logit; the probed clusters' tokens take the exact one). A parity check
-        needs the parts: where two clusters' route scores nearly tie, a runtime may probe either (vqexport.verify)."""
+        needs the parts: where two clusters' route scores nearly tie, a runtime may probe either (vqexport.verify).
+        ``top`` [..., P]: probe these clusters instead of the router's choice (evaluation of other routings)."""
         z = self.codebook_logits(h)  # computed once: the tail's and the router's
         vq = self.vq_logits(h, z)
         route = self.route_scores(h, z)
-        top = torch.topk(route, self.probes, dim=-1).indices  # [..., P]
+        if top is None:
+            top = torch.topk(route, self.probes, dim=-1).indices  # [..., P]
         ids = self.members[top].flatten(-2)  # [..., P * cap]
         # every exact logit by one GEMM, then the probed ones picked: O(V) memory per position like the tail itself
         # (gathering the rows first would hold P * cap * d floats per position: hundreds of GB at V = 152k)
