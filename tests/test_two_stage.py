@@ -3,6 +3,7 @@ every other token keeps its VQ logit — one distribution over all V tokens."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx_ir as ir
@@ -104,6 +105,31 @@ def test_ideal_routing_probes_the_clusters_holding_the_most_dense_mass():
             probed = np.isin(head.map, best)
             np.testing.assert_allclose(got[b, s, probed], dense[b, s, probed].numpy(), atol=1e-5)
             np.testing.assert_allclose(got[b, s, ~probed], tail[b, s, ~probed], atol=1e-4)
+
+
+def test_router_pool_spreads_its_windows_over_the_text_within_its_budget():
+    """The router's hidden states come from windows spread evenly over the training text, as many as fit the budget."""
+    from vqexport.convert.router import hidden_pool
+
+    seq, d = 4, 3
+    hidden = _Echo(d)
+    tokens = torch.arange(40 * seq + 1)  # 40 windows; window i starts at token i * seq
+    starts = lambda pool: pool[::seq, 0].long().tolist()  # noqa: E731
+    assert starts(hidden_pool(hidden, tokens, seq, budget=10**9)) == [i * seq for i in range(40)]
+    five = hidden_pool(hidden, tokens, seq, budget=5 * seq * d * 4)
+    assert five.shape == (5 * seq, d)
+    assert starts(five) == [0, 10 * seq, 20 * seq, 29 * seq, 39 * seq]  # first, last and evenly between
+    assert starts(hidden_pool(hidden, tokens, seq, budget=1)) == [0]
+
+
+class _Echo:
+    """A stand-in trunk whose hidden state at each position is its token id, repeated d times."""
+
+    def __init__(self, d):
+        self.geo = SimpleNamespace(hidden_size=d)
+
+    def __call__(self, x):
+        return x[..., None].float().expand(*x.shape, self.geo.hidden_size)
 
 
 def test_exact_decoding_without_the_v_wide_logits():

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..head.module import DenseHead, VQLogitsHead
 
 LR = 1e-2
-POOL_WINDOWS = 400  # hidden states are computed once for at most this many training windows
+POOL_BYTES = 256 << 20  # the hidden states kept for the router and the tail: at most this many bytes (float32)
 LOGIT_BUDGET = 1 << 27  # positions per step x V: bounds the dense logits held at once (about 0.5 GB)
 
 
@@ -30,10 +30,16 @@ def _noop(label: str, done: int, total: int) -> None:
 
 
 @torch.no_grad()
-def hidden_pool(hidden, windows: torch.Tensor, seq: int, limit: int = POOL_WINDOWS, progress=_noop) -> torch.Tensor:
-    """The trunk's final hidden states [N, d] of the first ``limit`` windows of ``seq`` tokens of ``windows``."""
-    n = min((len(windows) - 1) // seq, limit)
-    x = windows[: n * seq].view(n, seq)
+def hidden_pool(hidden, windows: torch.Tensor, seq: int, budget: int = POOL_BYTES, progress=_noop) -> torch.Tensor:
+    """The trunk's final hidden states [N, d] of the training text's windows of ``seq`` tokens: all of them when they
+    fit in ``budget`` bytes, else as many as fit, spread evenly over the text (taking the first ones would fit the
+    router to the opening files only: on the embedded model's text, 400 windows from the start miss the dense argmax
+    at P = 32 in 0.58% of held-out positions, 400 spread evenly in 0.50%, the first 2,400 in 0.32%)."""
+    total = (len(windows) - 1) // seq
+    n = max(1, min(total, budget // (seq * hidden.geo.hidden_size * 4)))
+    x = windows[: total * seq].view(total, seq)
+    if n < total:
+        x = x[torch.linspace(0, total - 1, n, dtype=torch.float64).round().long()]
     out = []
     for i in range(0, n, 8):
         out.append(hidden(x[i : i + 8]).reshape(-1, hidden.geo.hidden_size))
