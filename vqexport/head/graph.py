@@ -221,25 +221,24 @@ class _TwoStage:
 
     def __init__(self, b: _Builder, head: Head, rows: np.ndarray | None, rows_bias: np.ndarray | None, tied: bool):
         self.b, self.head, self.rows, self.rows_bias, self.tied = b, head, rows, rows_bias, tied
+        self.members = padded_members(head)  # [K, cap] int32 ids; padding repeats a member of its cluster
 
-    def ids(self, z: ir.Value) -> ir.Value:
-        """The probed clusters' token ids [B, S, P * cap] (padding repeats a cluster's first member); the probed
-        clusters themselves [B, S, P] are kept in ``self.top``."""
+    def route(self, z: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """The probed clusters [B, S, P] and their token ids [B, S, P * cap] (padding repeats a cluster's first member)."""
         b, head = self.b, self.head
         P = b.form.probes or head.config.probes
-        members = padded_members(head)  # int32 ids (half the table's bytes); padding repeats a member of its cluster
         if head.route_bias is not None:  # a fitted router ranks the clusters by z + route_bias
             z = b.op("Add", [z, b.init("head.route_bias", head.route_bias)], "head/route/bias")
-        _, self.top = b.ops("TopK", [z, b.const("head/route/k", [P])], "head/route/top", 2, axis=2)
-        ids4 = b.op("Gather", [b.init("head.members", members), self.top], "head/route/members", axis=0)
-        return b.op("Reshape", [ids4, b.const("head/route/flat", [0, 0, -1])], "head/route/ids")
+        _, top = b.ops("TopK", [z, b.const("head/route/k", [P])], "head/route/top", 2, axis=2)
+        ids4 = b.op("Gather", [b.init("head.members", self.members), top], "head/route/members", axis=0)
+        return top, b.op("Reshape", [ids4, b.const("head/route/flat", [0, 0, -1])], "head/route/ids")
 
-    def exact(self, h: ir.Value, ids: ir.Value) -> ir.Value:
-        """h · W[ids] [B, S, N] in the form's row encoding."""
+    def exact(self, h: ir.Value, top: ir.Value, ids: ir.Value) -> ir.Value:
+        """h · W[ids] [B, S, N] in the form's row encoding (``top``: the probed clusters ``ids`` come from)."""
         b = self.b
         form = b.form.rows
         if form == "int8":
-            out = self._int8(h)
+            out = self._int8(h, top)
         else:
             if form == "int4":
                 rows = self._int4(ids)
@@ -290,7 +289,7 @@ class _TwoStage:
         return b.op("GatherBlockQuantized", [table, ids, b.init("head.rows_scale", scale.reshape(V, d // NATIVE_BLOCK))],
                     "head/exact/rows", domain="com.microsoft", block_size=NATIVE_BLOCK, gather_axis=0, quantize_axis=1)
 
-    def _int8(self, h: ir.Value) -> ir.Value:
+    def _int8(self, h: ir.Value, top: ir.Value) -> ir.Value:
         """7-bit row codes (an int8 copy of the rows, one scale each) times h quantized per position (symmetric,
         its own scale: no batch or padding dependence), accumulated in int32 by MatMulInteger.
 
@@ -298,15 +297,13 @@ class _TwoStage:
         one Gather of P contiguous blocks and P products [1, d] x [d, cap] with h as the uint8 left operand (h's
         codes + 128, zero point 128: the same integers), the layout ONNX Runtime's u8 x s8 kernels run fastest. On
         the Qwen2.5-0.5B shape at P = K/16 that is about twice as fast as gathering token rows [P * cap, d] and
-        multiplying them by h as a column. Reads ``self.top``, the probed clusters ``ids()`` found."""
-        b, head = self.b, self.head
-        assert hasattr(self, "top"), "ids() routes before exact() reads the probed clusters"
+        multiplying them by h as a column. ``top``: the probed clusters [B, S, P]."""
+        b, members = self.b, self.members
         if self.rows is None:
             raise ValueError("the int8 row form needs the model's rows")
         q, scale = quantize_rows(self.rows, "rows", bits=7)  # 7 bits: u8 x s8 pair sums cannot saturate int16
-        members = padded_members(head)  # [K, cap]
         table = np.ascontiguousarray(q[members].transpose(0, 2, 1))  # [K, d, cap] int8
-        rq = b.op("Gather", [b.init("head.rows_q", table), self.top], "head/exact/rows_q", axis=0)  # [B, S, P, d, cap]
+        rq = b.op("Gather", [b.init("head.rows_q", table), top], "head/exact/rows_q", axis=0)  # [B, S, P, d, cap]
         amax = b.op("ReduceMax", [b.op("Abs", [h], "head/exact/h_abs"), b.const("head/exact/axis2", [2])], "head/exact/h_amax",
                     keepdims=1)  # [B, S, 1]
         hs = b.op("Div", [b.op("Max", [amax, b.init("head/exact/tiny", np.array(1e-12, np.float32))], "head/exact/h_amax_pos"),
@@ -319,7 +316,7 @@ class _TwoStage:
                    "head/exact/MatMulInteger")  # [B, S, P, 1, cap] int32
         acc = b.op("Reshape", [acc, b.const("head/exact/flat", [0, 0, -1])], "head/exact/acc")  # [B, S, P * cap]
         scaled = b.op("Mul", [b.op("Cast", [acc], "head/exact/acc_f", to=int(ir.DataType.FLOAT)), hs], "head/exact/h_rescale")
-        row_scale = b.op("Gather", [b.init("head.rows_scale", np.ascontiguousarray(scale[members])), self.top],
+        row_scale = b.op("Gather", [b.init("head.rows_scale", np.ascontiguousarray(scale[members])), top],
                          "head/exact/scale", axis=0)  # [B, S, P, cap]
         return b.op("Mul", [scaled, b.op("Reshape", [row_scale, b.const("head/exact/flat", [0, 0, -1])], "head/exact/scale_flat")],
                     "head/exact/logits")
@@ -369,8 +366,9 @@ def build_head(graph: ir.Graph, hidden: ir.Value, head: Head, form: HeadForm, sc
             outputs["logits"] = b.logits(h, z, head)
         if head.two_stage:  # stage 2: exact logits for the probed clusters' tokens, scattered into the VQ logits
             stage = _TwoStage(b, head, rows, rows_bias, tied)
-            ids = stage.ids(z)
-            outputs["logits"] = b.op("ScatterElements", [outputs["logits"], ids, stage.exact(h, ids)], "head/exact/scatter", axis=2)
+            top, ids = stage.route(z)
+            outputs["logits"] = b.op("ScatterElements", [outputs["logits"], ids, stage.exact(h, top, ids)], "head/exact/scatter",
+                                     axis=2)
         if form.decode == "topk":
             if head.lowrank is not None or head.two_stage:
                 outputs.update(b.topk_from_logits(outputs["logits"], form.k))
