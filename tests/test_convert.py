@@ -81,6 +81,25 @@ def test_deterministic(dense_ckpt, text_file, converted, tmp_path):
     assert (again / "vq_head.safetensors").read_bytes() == (out / "vq_head.safetensors").read_bytes()
 
 
+
+def test_each_head_is_measured_once(dense_ckpt, text_file, tmp_path, monkeypatch):
+    """A held-out measurement takes minutes at V = 152k: the chosen clustering's head is not measured a second time
+    before distillation, nor a two-stage head before and after nothing was distilled."""
+    from vqexport.convert import convert as module
+
+    calls, measure = [], module.evaluate
+    monkeypatch.setattr(module, "evaluate", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    plain = api.convert(dense_ckpt, 24, tmp_path / "plain", distill_text=text_file, steps=5, clustering="spherical").report
+    assert len(calls) == 2  # the clustering's candidate (which is the head before distillation), the distilled head
+    assert plain["before_distillation"]["vq_ppl"] == plain["clustering_scores"]["spherical"]
+    assert plain["after_distillation"]["kl_to_dense"] < plain["before_distillation"]["kl_to_dense"]
+    calls.clear()
+    two = api.convert(dense_ckpt, 24, tmp_path / "two", distill_text=text_file, steps=3, head="two-stage", rank=2).report
+    assert len(calls) == 3  # the clustering's candidate, the head with its router and rank-2 tail, the two-stage head
+    assert two["after_distillation"] == two["before_distillation"]
+    assert two["before_distillation"]["vq_ppl"] != two["clustering_scores"]["equal-spherical"]  # router, rank: measured
+
+
 def test_converted_model_builds_and_passes_parity(converted, tmp_path):
     out, _ = converted
     result = api.build("ort", model=out, out=tmp_path / "art", steps=4)

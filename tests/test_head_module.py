@@ -50,6 +50,20 @@ def test_gradients_reach_codebook_bias_and_factors_not_map():
     assert not head.map.requires_grad and "map" in dict(head.named_buffers())
 
 
+
+def test_gradients_equal_those_of_the_written_out_formula():
+    """The module adds its terms in place; autograd must give what z[..., M] + b + (h P^T) U^T gives."""
+    module = VQLogitsHead.from_head(random_head(50, 8, 5, bias=True, rank=3)).train()
+    h = torch.randn(2, 3, 8)
+    target = torch.randint(0, 50, (6,))
+    params = [module.codebook, module.bias, module.lowrank_p, module.lowrank_u]
+    written = (h @ module.codebook.T)[..., module.map] + module.bias + (h @ module.lowrank_p.T) @ module.lowrank_u.T
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(written.flatten(0, 1), target), params)
+    got = torch.autograd.grad(torch.nn.functional.cross_entropy(module(h).flatten(0, 1), target), params)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
 @pytest.fixture(scope="module")
 def trunk(tmp_path_factory):
     source = load_source(make_model(tmp_path_factory.mktemp("m") / "model", kv_heads=1))

@@ -17,7 +17,7 @@ from vqexport.convert.convert import ideally_routed
 from vqexport.graph_io import load_graph
 from vqexport.head import decoding
 from vqexport.head.graph import HeadForm, head_model
-from vqexport.head.module import head_module
+from vqexport.head.module import DenseHead, head_logits, head_module
 from vqexport.head.spec import CONFIG_FILE, WEIGHTS_FILE, make_head, read_head, write_head
 
 from .conftest import assert_user_error, run_cli
@@ -105,6 +105,21 @@ def test_ideal_routing_probes_the_clusters_holding_the_most_dense_mass():
             probed = np.isin(head.map, best)
             np.testing.assert_allclose(got[b, s, probed], dense[b, s, probed].numpy(), atol=1e-5)
             np.testing.assert_allclose(got[b, s, ~probed], tail[b, s, ~probed], atol=1e-4)
+
+
+
+def test_dense_logits_are_reused_as_exact_logits_only_from_the_same_layer():
+    head, W = _two_stage(route=True), torch.from_numpy(_rows())
+    module = head_module(head, W)
+    h = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 3, 32)).astype(np.float32))
+    same, copy = DenseHead(W), DenseHead(W.clone())
+    assert module.reads(same) and not module.reads(copy) and not module.reads(DenseHead(W, torch.zeros(300)))
+    assert torch.equal(head_logits(module, h, same, same(h)), module(h))
+    stand_in = torch.zeros(2, 3, 300)  # not the layer's logits: shows which path was taken
+    reused = head_logits(module, h, same, stand_in)
+    probed = reused != module.stages(h)["vq_logits"]
+    assert torch.equal(reused[probed], torch.zeros(int(probed.sum()))) and probed.sum() >= 2 * 3
+    assert torch.equal(head_logits(module, h, copy, stand_in), module(h))
 
 
 def test_router_pool_spreads_its_windows_over_the_text_within_its_budget():

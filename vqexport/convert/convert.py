@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..artifact import staged_dir
 from ..errors import VQExportError
-from ..head.module import DenseHead, VQLogitsHead
+from ..head.module import DenseHead, VQLogitsHead, head_logits
 from ..head.spec import HeadConfig, write_head
 from ..source import Source, load_source
 from .clustering import EQUAL, METHODS, cluster
@@ -134,7 +134,8 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
         h = cache[i] if cache is not None and i in cache else hidden(x[i : i + 8])
         if cache is not None:
             cache[i] = h
-        ld, lv = F.log_softmax(dense(h), -1), F.log_softmax(vq(h), -1)
+        dl = dense(h)
+        ld, lv = F.log_softmax(dl, -1), F.log_softmax(head_logits(vq, h, dense, dl), -1)
         target = y[i : i + 8].flatten()
         nll_d += float(F.nll_loss(ld.flatten(0, 1), target, reduction="sum"))
         nll_v += float(F.nll_loss(lv.flatten(0, 1), target, reduction="sum"))
@@ -143,7 +144,7 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
         if probes:
             recall += float(probe_hits(vq, h, ld.argmax(-1), probes).sum())
         if ideal:
-            li = F.log_softmax(ideally_routed(vq, h, ld), -1)
+            li = F.log_softmax(ideally_routed(vq, h, ld, exact=dl if vq.reads(dense) else None), -1)
             nll_i += float(F.nll_loss(li.flatten(0, 1), target, reduction="sum"))
             agree_i += float((ld.argmax(-1) == li.argmax(-1)).sum())
     count = n * SEQ
@@ -159,11 +160,12 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
 
 
 @torch.no_grad()
-def ideally_routed(head, h: torch.Tensor, dense_logp: torch.Tensor) -> torch.Tensor:
+def ideally_routed(head, h: torch.Tensor, dense_logp: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
     """A two-stage head's logits when it probes the P clusters holding the most dense probability (the dense model's
-    log-probabilities ``dense_logp``, from the same rows) instead of its router's choice: its tail unchanged."""
+    log-probabilities ``dense_logp``, from the same rows) instead of its router's choice: its tail unchanged
+    (``exact``: the head's exact logits, when the caller has them)."""
     mass = torch.zeros(*dense_logp.shape[:-1], head.config.codebook_size).index_add_(-1, head.map, dense_logp.exp())
-    return head.stages(h, top=torch.topk(mass, head.probes, dim=-1).indices)["logits"]
+    return head.stages(h, top=torch.topk(mass, head.probes, dim=-1).indices, exact=exact)["logits"]
 
 
 def probe_hits(head: VQLogitsHead, h: torch.Tensor, tokens: torch.Tensor, probes: int) -> torch.Tensor:
@@ -307,13 +309,14 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     plain = HeadConfig(vocab_size=V, hidden_size=d, codebook_size=codebook_size, bias=bias)
     variants = list(METHODS) if clustering == "auto" else [clustering]
     scores, shared, held_h = {}, {}, {}  # shared: the balanced variants start from the k-means of their geometry
-    chosen, vq = None, None
+    chosen, vq, measured = None, None, {}
     for i, name in enumerate(variants):
         progress(f"clustering {V} rows into {codebook_size} codes ({name})", i, len(variants))
         assign = cluster(weight, codebook_size, name, seed=seed, _cache=shared)
         candidate = _init_head(plain, weight, dense_bias, assign, mean_h)
-        scores[name] = (evaluate(hidden, dense, candidate, held, held_h)["vq_ppl"] if held is not None
-                        else _reconstruction_error(weight, candidate))
+        if held is not None:
+            measured[name] = evaluate(hidden, dense, candidate, held, held_h)
+        scores[name] = measured[name]["vq_ppl"] if held is not None else _reconstruction_error(weight, candidate)
         if chosen is None or scores[name] < scores[chosen]:
             chosen, vq = name, candidate
     shared.clear()
@@ -331,10 +334,13 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         with_rank.load_state_dict(vq.state_dict(), strict=False)
         vq = with_rank.eval()
         lowrank = init_lowrank(vq, weight, mean_h)
-    before = evaluate(hidden, dense, vq, held, held_h) if held is not None else None
+    before = after = None
+    if held is not None:  # each measured once: the chosen clustering's head is measured again only if it changed
+        before = measured[chosen] if route is None and not rank else evaluate(hidden, dense, vq, held, held_h)
+        after = before
     if ids is not None and steps and not two_stage:
         _distill(hidden, dense, vq, train, steps, seed, progress)
-    after = evaluate(hidden, dense, vq, held, held_h) if held is not None else None
+        after = evaluate(hidden, dense, vq, held, held_h)
     for p in vq.parameters():
         p.requires_grad_(False)
     report = {"source": str(src.resolve()), "architecture": source.model_type, "head": head, "codebook_size": codebook_size,

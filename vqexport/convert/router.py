@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..head.module import DenseHead, VQLogitsHead
+from ..head.module import DenseHead, VQLogitsHead, head_logits
 
 LR = 1e-2
 POOL_BYTES = 256 << 20  # the hidden states kept for the router and the tail: at most this many bytes (float32)
@@ -103,8 +103,9 @@ def distill_tail(head, dense: DenseHead, pool: torch.Tensor, steps: int, seed: i
 def kl_step(student, dense: DenseHead, h: torch.Tensor, opt: torch.optim.Optimizer) -> float:
     """One optimizer step on KL(dense || student) over the hidden states ``h``; returns the loss."""
     with torch.no_grad():
-        target = F.log_softmax(dense(h), -1)
-    loss = F.kl_div(F.log_softmax(student(h), -1), target, log_target=True, reduction="batchmean")
+        logits = dense(h)
+        target = F.log_softmax(logits, -1)
+    loss = F.kl_div(F.log_softmax(head_logits(student, h, dense, logits), -1), target, log_target=True, reduction="batchmean")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

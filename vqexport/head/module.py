@@ -47,12 +47,15 @@ class VQLogitsHead(nn.Module):
         return self.vq_logits(h, self.codebook_logits(h))
 
     def vq_logits(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The logits from h and its codebook logits z = h @ C.T."""
-        logits = torch.index_select(z, -1, self.map)
+        """The logits from h and its codebook logits z = h @ C.T. The terms are added in place: every [..., V]
+        tensor is hundreds of MB at V = 152k, and a fresh one costs more to map than to fill (autograd allows it:
+        no backward needs the values overwritten)."""
+        logits = torch.gather(z, -1, self.map.expand(*z.shape[:-1], -1))  # index_select is 4x slower on 3-d z
         if self.bias is not None:
-            logits = logits + self.bias
+            logits.add_(self.bias)
         if self.lowrank_p is not None:
-            logits = logits + self.correction(h)
+            flat = logits.view(-1, logits.shape[-1])
+            flat.addmm_(torch.matmul(h, self.lowrank_p.t()).reshape(flat.shape[0], -1), self.lowrank_u.t())
         return logits
 
     @classmethod
@@ -98,14 +101,21 @@ class TwoStageHead(VQLogitsHead):
         z = self.codebook_logits(h) if z is None else z
         return z if self.route_bias is None else z + self.route_bias
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.stages(h)["logits"]
+    def forward(self, h: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
+        return self.stages(h, exact=exact)["logits"]
 
-    def stages(self, h: torch.Tensor, top: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def reads(self, dense: "DenseHead") -> bool:
+        """Are this head's exact rows (and their bias) ``dense``'s own tensors? Then ``dense(h)`` are its exact
+        logits, and a caller that has them passes them as ``exact`` instead of computing them a second time."""
+        return _same(self.rows, dense.weight) and _same(self.rows_bias, dense.bias)
+
+    def stages(self, h: torch.Tensor, top: torch.Tensor | None = None,
+               exact: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The logits and what they are made of: ``route_scores`` [..., K], ``vq_logits`` and ``exact_logits``
         [..., V] (every token's VQ and exact logit; the probed clusters' tokens take the exact one). A parity check
         needs the parts: where two clusters' route scores nearly tie, a runtime may probe either (vqexport.verify).
-        ``top`` [..., P]: probe these clusters instead of the router's choice (evaluation of other routings)."""
+        ``top`` [..., P]: probe these clusters instead of the router's choice (evaluation of other routings).
+        ``exact`` [..., V]: the exact logits ``h @ rows.T (+ rows_bias)`` when the caller already has them."""
         z = self.codebook_logits(h)  # computed once: the tail's and the router's
         vq = self.vq_logits(h, z)
         route = self.route_scores(h, z)
@@ -114,9 +124,10 @@ class TwoStageHead(VQLogitsHead):
         ids = self.members[top].flatten(-2)  # [..., P * cap]
         # every exact logit by one GEMM, then the probed ones picked: O(V) memory per position like the tail itself
         # (gathering the rows first would hold P * cap * d floats per position: hundreds of GB at V = 152k)
-        exact = torch.matmul(h, self.rows.t())
-        if self.rows_bias is not None:
-            exact = exact + self.rows_bias
+        if exact is None:
+            exact = torch.matmul(h, self.rows.t())
+            if self.rows_bias is not None:
+                exact = exact + self.rows_bias
         return {"logits": vq.scatter(-1, ids, exact.gather(-1, ids)), "route_scores": route, "vq_logits": vq,
                 "exact_logits": exact}
 
@@ -132,6 +143,21 @@ def head_module(head: Head, rows: torch.Tensor | None = None, rows_bias: torch.T
         if module.route_bias is not None:
             module.route_bias.copy_(torch.from_numpy(head.route_bias))
     return module.eval()
+
+
+def head_logits(head: VQLogitsHead, h: torch.Tensor, dense: "DenseHead", dense_logits: torch.Tensor) -> torch.Tensor:
+    """``head(h)``, given the dense layer's logits ``dense_logits = dense(h)`` on the same rows: a two-stage head that
+    reads ``dense``'s rows takes its exact logits from them (one V x d product per position instead of two)."""
+    if isinstance(head, TwoStageHead) and head.reads(dense):
+        return head(h, exact=dense_logits)
+    return head(h)
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """One tensor seen twice (the same memory, shape, strides and type), or both absent."""
+    if a is None or b is None:
+        return a is b
+    return (a.data_ptr(), a.shape, a.stride(), a.dtype) == (b.data_ptr(), b.shape, b.stride(), b.dtype)
 
 
 def _load(module: VQLogitsHead, head: Head) -> None:
