@@ -140,13 +140,14 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
         nll_d += float(F.nll_loss(ld.flatten(0, 1), target, reduction="sum"))
         nll_v += float(F.nll_loss(lv.flatten(0, 1), target, reduction="sum"))
         kl += float(F.kl_div(lv, ld, log_target=True, reduction="sum"))
-        agree += float((ld.argmax(-1) == lv.argmax(-1)).sum())
+        best = ld.argmax(-1)
+        agree += float((best == lv.argmax(-1)).sum())
         if probes:
-            recall += float(probe_hits(vq, h, ld.argmax(-1), probes).sum())
+            recall += float(probe_hits(vq, h, best, probes).sum())
         if ideal:
             li = F.log_softmax(ideally_routed(vq, h, ld, exact=dl if vq.reads(dense) else None), -1)
             nll_i += float(F.nll_loss(li.flatten(0, 1), target, reduction="sum"))
-            agree_i += float((ld.argmax(-1) == li.argmax(-1)).sum())
+            agree_i += float((best == li.argmax(-1)).sum())
     count = n * SEQ
     ppl_d, ppl_v = math.exp(nll_d / count), math.exp(nll_v / count)
     out = {"dense_ppl": ppl_d, "vq_ppl": ppl_v, "ppl_change": ppl_v / ppl_d - 1, "top1_agreement": agree / count,
@@ -165,7 +166,7 @@ def ideally_routed(head, h: torch.Tensor, dense_logp: torch.Tensor, exact: torch
     log-probabilities ``dense_logp``, from the same rows) instead of its router's choice: its tail unchanged
     (``exact``: the head's exact logits, when the caller has them)."""
     mass = torch.zeros(*dense_logp.shape[:-1], head.config.codebook_size).index_add_(-1, head.map, dense_logp.exp())
-    return head.stages(h, top=torch.topk(mass, head.probes, dim=-1).indices, exact=exact)["logits"]
+    return head.stages(h, top=torch.topk(mass, head.probes, dim=-1).indices, exact=exact, parts=False)["logits"]
 
 
 def probe_hits(head: VQLogitsHead, h: torch.Tensor, tokens: torch.Tensor, probes: int) -> torch.Tensor:

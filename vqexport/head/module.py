@@ -102,20 +102,21 @@ class TwoStageHead(VQLogitsHead):
         return z if self.route_bias is None else z + self.route_bias
 
     def forward(self, h: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
-        return self.stages(h, exact=exact)["logits"]
+        return self.stages(h, exact=exact, parts=False)["logits"]
 
     def reads(self, dense: "DenseHead") -> bool:
         """Are this head's exact rows (and their bias) ``dense``'s own tensors? Then ``dense(h)`` are its exact
         logits, and a caller that has them passes them as ``exact`` instead of computing them a second time."""
         return _same(self.rows, dense.weight) and _same(self.rows_bias, dense.bias)
 
-    def stages(self, h: torch.Tensor, top: torch.Tensor | None = None,
-               exact: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def stages(self, h: torch.Tensor, top: torch.Tensor | None = None, exact: torch.Tensor | None = None,
+               parts: bool = True) -> dict[str, torch.Tensor]:
         """The logits and what they are made of: ``route_scores`` [..., K], ``vq_logits`` and ``exact_logits``
         [..., V] (every token's VQ and exact logit; the probed clusters' tokens take the exact one). A parity check
         needs the parts: where two clusters' route scores nearly tie, a runtime may probe either (vqexport.verify).
         ``top`` [..., P]: probe these clusters instead of the router's choice (evaluation of other routings).
-        ``exact`` [..., V]: the exact logits ``h @ rows.T (+ rows_bias)`` when the caller already has them."""
+        ``exact`` [..., V]: the exact logits ``h @ rows.T (+ rows_bias)`` when the caller already has them.
+        ``parts=False``: the logits alone, the probed exact logits written into the VQ logits instead of a copy."""
         z = self.codebook_logits(h)  # computed once: the tail's and the router's
         vq = self.vq_logits(h, z)
         route = self.route_scores(h, z)
@@ -128,6 +129,8 @@ class TwoStageHead(VQLogitsHead):
             exact = torch.matmul(h, self.rows.t())
             if self.rows_bias is not None:
                 exact = exact + self.rows_bias
+        if not parts:
+            return {"logits": vq.scatter_(-1, ids, exact.gather(-1, ids))}
         return {"logits": vq.scatter(-1, ids, exact.gather(-1, ids)), "route_scores": route, "vq_logits": vq,
                 "exact_logits": exact}
 
