@@ -39,9 +39,13 @@ class VQLogitsHead(nn.Module):
         """The scores that rank the clusters: z (a two-stage head with a fitted router adds its route bias)."""
         return self.codebook_logits(h)
 
-    def correction(self, h: torch.Tensor) -> torch.Tensor:
-        """The rank-r term ``(h @ P.T) @ U.T`` [..., V]."""
-        return torch.matmul(torch.matmul(h, self.lowrank_p.t()), self.lowrank_u.t())
+    def correction(self, h: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The rank-r term ``(h @ P.T) @ U.T`` [..., V]; with ``into`` (contiguous, [..., V]), added into it in place."""
+        projected = torch.matmul(h, self.lowrank_p.t())
+        if into is None:
+            return torch.matmul(projected, self.lowrank_u.t())
+        into.view(-1, into.shape[-1]).addmm_(projected.reshape(-1, projected.shape[-1]), self.lowrank_u.t())
+        return into
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.vq_logits(h, self.codebook_logits(h))
@@ -54,8 +58,7 @@ class VQLogitsHead(nn.Module):
         if self.bias is not None:
             logits.add_(self.bias)
         if self.lowrank_p is not None:
-            flat = logits.view(-1, logits.shape[-1])
-            flat.addmm_(torch.matmul(h, self.lowrank_p.t()).reshape(flat.shape[0], -1), self.lowrank_u.t())
+            self.correction(h, into=logits)
         return logits
 
     @classmethod
