@@ -96,7 +96,10 @@ def test_ideal_routing_probes_the_clusters_holding_the_most_dense_mass():
     module = head_module(head, torch.from_numpy(W))
     h = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 3, 32)).astype(np.float32))
     dense = torch.matmul(h, torch.from_numpy(W).t())
-    got = ideally_routed(module, h, torch.log_softmax(dense, -1)).numpy()
+    logp = torch.log_softmax(dense, -1)
+    got = ideally_routed(module, h, DenseHead(torch.from_numpy(W).clone()), dense, logp).numpy()  # its own product
+    reused = ideally_routed(module, h, DenseHead(torch.from_numpy(W)), dense, logp).numpy()  # the dense logits
+    np.testing.assert_allclose(reused, got, atol=1e-5)
     tail = head.tail_logits(h.numpy().astype(np.float64))
     for b in range(2):
         for s in range(3):

@@ -145,7 +145,7 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
         if probes:
             recall += float(probe_hits(vq, h, best, probes).sum())
         if ideal:
-            li = F.log_softmax(ideally_routed(vq, h, ld, exact=dl if vq.reads(dense) else None), -1)
+            li = F.log_softmax(ideally_routed(vq, h, dense, dl, ld), -1)
             nll_i += float(F.nll_loss(li.flatten(0, 1), target, reduction="sum"))
             agree_i += float((best == li.argmax(-1)).sum())
     count = n * SEQ
@@ -161,12 +161,12 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
 
 
 @torch.no_grad()
-def ideally_routed(head, h: torch.Tensor, dense_logp: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
-    """A two-stage head's logits when it probes the P clusters holding the most dense probability (the dense model's
-    log-probabilities ``dense_logp``, from the same rows) instead of its router's choice: its tail unchanged
-    (``exact``: the head's exact logits, when the caller has them)."""
+def ideally_routed(head, h: torch.Tensor, dense: DenseHead, dense_logits: torch.Tensor,
+                   dense_logp: torch.Tensor) -> torch.Tensor:
+    """A two-stage head's logits when it probes the P clusters holding the most dense probability (``dense``'s logits
+    on ``h`` and their log-softmax) instead of its router's choice: its tail unchanged."""
     mass = torch.zeros(*dense_logp.shape[:-1], head.config.codebook_size).index_add_(-1, head.map, dense_logp.exp())
-    return head.stages(h, top=torch.topk(mass, head.probes, dim=-1).indices, exact=exact, parts=False)["logits"]
+    return head_logits(head, h, dense, dense_logits, top=torch.topk(mass, head.probes, dim=-1).indices)
 
 
 def probe_hits(head: VQLogitsHead, h: torch.Tensor, tokens: torch.Tensor, probes: int) -> torch.Tensor:

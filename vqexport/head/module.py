@@ -151,12 +151,15 @@ def head_module(head: Head, rows: torch.Tensor | None = None, rows_bias: torch.T
     return module.eval()
 
 
-def head_logits(head: VQLogitsHead, h: torch.Tensor, dense: "DenseHead", dense_logits: torch.Tensor) -> torch.Tensor:
+def head_logits(head: VQLogitsHead, h: torch.Tensor, dense: "DenseHead", dense_logits: torch.Tensor,
+                top: torch.Tensor | None = None) -> torch.Tensor:
     """``head(h)``, given the dense layer's logits ``dense_logits = dense(h)`` on the same rows: a two-stage head that
-    reads ``dense``'s rows takes its exact logits from them (one V x d product per position instead of two)."""
-    if isinstance(head, TwoStageHead) and head.reads(dense):
-        return head(h, exact=dense_logits)
-    return head(h)
+    reads ``dense``'s rows takes its exact logits from them (one V x d product per position instead of two).
+    ``top`` [..., P]: a two-stage head probes these clusters instead of its router's choice."""
+    if not isinstance(head, TwoStageHead):
+        return head(h)
+    exact = dense_logits if head.reads(dense) else None
+    return head.stages(h, top=top, exact=exact, parts=False)["logits"]
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
