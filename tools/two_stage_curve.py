@@ -1,9 +1,12 @@
 """Quality and speed of the two-stage head against the number of probed clusters P.
 
-    python tools/two_stage_curve.py [--model demo] [--codebook-size K] [--probes 4,8,16,32,64,128]
-                                   [--speed-shape qwen2.5-0.5b] [--out benchmarks/two_stage]
+    python tools/two_stage_curve.py [--model demo|gpt2|DIR] [--codebook-size K] [--probes 4,8,16,32,64,128]
+                                   [--speed-shape qwen2.5-0.5b] [--work build/two-stage-work] [--out benchmarks/two_stage]
 
-Quality, on a model this repository trains (default: the embedded model's dense layer) and held-out text:
+Quality, on a model this repository trains and held-out text. ``--model``: ``demo``, the embedded model's dense
+layer (the default); ``gpt2``, the GPT-2-architecture twin of tools/lowrank_curve.py (V = 8,192, d = 128, 3 layers,
+tied embeddings, trained here by that tool's recipe, 1,700 steps; kept in ``--work`` and reused by later runs); or
+a dense (or VQ) Hugging Face model directory.
 
 1. the distillation text is tools/train_demo.py's (training files, then the held-out files as the last tenth);
 2. ``vqexport convert --head two-stage`` in three variants: training-free (``--steps 0``: equal-size spherical
@@ -51,10 +54,27 @@ def texts(max_bytes: int, work: Path) -> tuple[Path, Path]:
     return distill, held_only
 
 
-def quality(model: str, k: int | None, probes: list[int], max_bytes: int, work: Path) -> dict:
+def model_path(model: str, max_bytes: int, work: Path) -> str:
+    """``model`` as resolve_source takes it; ``gpt2`` is trained into ``work`` first (or reused from there)."""
+    if model != "gpt2":
+        return model
+    import lowrank_curve
+
+    tokens = lowrank_curve.Tokens(train_demo.read(train_demo.corpus_files(max_bytes)[0]), work)
+    try:
+        return str(lowrank_curve.dense_model("gpt2", work, 1700, 0, tokens))
+    finally:
+        tokens.close()
+
+
+MODEL_NAMES = {"demo": "demo, the embedded model's dense layer (a transformers Llama, d = 128, 3 layers)",
+               "gpt2": "gpt2, the GPT-2-architecture twin of tools/lowrank_curve.py (d = 128, 3 layers, 1,700 steps)"}
+
+
+def quality(model: str, k: int | None, probes: list[int], max_bytes: int, work: Path, trained: Path) -> dict:
     from vqexport.source import resolve_source
 
-    source = resolve_source(model, need_head=False)
+    source = resolve_source(model_path(model, max_bytes, trained), need_head=False)
     V = source.geometry.vocab_size
     k = k or V // 16
     distill, held = texts(max_bytes, work)
@@ -77,7 +97,7 @@ def quality(model: str, k: int | None, probes: list[int], max_bytes: int, work: 
     for r in rows:
         r["scored"] = k + r["probes"] * cap
         r["scored_share"] = r["scored"] / V
-    return {"model": model, "vocab_size": V, "codebook_size": k, "cluster_size": cap, "rows": rows,
+    return {"model": MODEL_NAMES.get(model, model), "vocab_size": V, "codebook_size": k, "cluster_size": cap, "rows": rows,
             "recommended_probes": recommended, "recall_curves": curves, "seconds": time.time() - t0}
 
 
@@ -125,7 +145,7 @@ def speed(shape: str, probes_share: list[float], threads: int, seconds: float) -
 def table(result: dict) -> str:
     q = result["quality"]
     lines = ["# Two-stage head: quality and speed against the probes P", "",
-             f"Quality: {q['model']} (V = {q['vocab_size']}, K = {q['codebook_size']} equal clusters of {q['cluster_size']}), "
+             f"Quality: {q['model']}; V = {q['vocab_size']}, K = {q['codebook_size']} equal clusters of {q['cluster_size']}; "
              "converted with `vqexport convert --head two-stage` (training-free: `--steps 0`; router fitted: the default; "
              "+ rank 16: `--rank 16`), measured by `vqexport fidelity` on the held-out files of tools/train_demo.py's corpus. "
              "Recommended P (99.5% recall on the converter's held-out tenth): "
@@ -200,7 +220,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo", help="a dense (or VQ) Hugging Face model directory, or 'demo'")
+    ap.add_argument("--model", default="demo", help="'demo', 'gpt2' (trained into --work) or a dense (or VQ) Hugging Face model directory")
+    ap.add_argument("--work", type=Path, default=Path("build/two-stage-work"), help="where --model gpt2 is trained and kept")
     ap.add_argument("--codebook-size", type=int, default=None, help="K (default V/16: clusters of 16)")
     ap.add_argument("--probes", default="8,16,32,64")
     ap.add_argument("--max-bytes", type=int, default=24_000_000, help="of the standard library's source (train_demo's corpus)")
@@ -210,8 +231,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks" / "two_stage")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        result = {"quality": quality(args.model, args.codebook_size, [int(p) for p in args.probes.split(",")], args.max_bytes, Path(tmp))}
+    args.work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        result = {"quality": quality(args.model, args.codebook_size, [int(p) for p in args.probes.split(",")], args.max_bytes, Path(tmp),
+                                     args.work)}
     if args.speed_shape:
         result["speed"] = speed(args.speed_shape, [float(x) for x in args.speed_probes.split(",")], args.threads, args.seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
