@@ -363,6 +363,32 @@ def test_fidelity_command_measures_the_same(converted):
     assert_user_error(run_cli("fidelity", "--text", tmp / "text.txt", "--probes", 3), "applies to a two-stage head")
 
 
+def test_fidelity_scores_windows_of_the_given_length(converted, tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tmp, _ = converted
+    ts, text = tmp / "ts", tmp / "text.txt"
+    base = json.loads(run_cli("fidelity", "--model", ts, "--text", text, "--json").stdout)
+    r = json.loads(run_cli("fidelity", "--model", ts, "--text", text, "--window", 48, "--json").stdout)
+    ids = torch.tensor(Tokenizer.from_file(str(ts / "tokenizer.json")).encode(text.read_text()).ids)
+    n = (len(ids) - 1) // 48
+    assert (base["window"], r["window"], r["tokens"]) == (128, 48, n * 48) and base["tokens"] % 128 == 0
+    model = AutoModelForCausalLM.from_pretrained(ts).eval()  # the dense model alone, window by window
+    with torch.no_grad():
+        logits = model(input_ids=ids[: n * 48].view(n, 48)).logits
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), ids[1 : n * 48 + 1])
+    assert r["dense_ppl"] == pytest.approx(float(nll.exp()), rel=1e-6)
+    one = json.loads(run_cli("fidelity", "--model", ts, "--text", text, "--window", 48, "--max-tokens", 60, "--json").stdout)
+    assert one["tokens"] == 48  # --max-tokens: whole windows, at least one
+    assert_user_error(run_cli("fidelity", "--model", ts, "--text", text, "--window", 1), "--window must be in [2,")
+    assert_user_error(run_cli("fidelity", "--model", ts, "--text", text, "--window", 257), "maximum positions 256")
+    assert_user_error(run_cli("fidelity", "--model", ts, "--text", text, "--max-tokens", 0), "--max-tokens must be at least 1")
+    short = tmp_path / "short.txt"
+    short.write_text(text.read_text()[:60])  # fewer tokens than one window and the next token
+    assert_user_error(run_cli("fidelity", "--model", ts, "--text", short), "too short for scoring")
+
+
 def test_convert_two_stage_bad_input(converted, tmp_path):
     tmp, _ = converted
     assert_user_error(run_cli("convert", "--from", tmp / "dense", "-k", 20, "--probes", 3, "--out", tmp_path / "o"),

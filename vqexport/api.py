@@ -51,11 +51,12 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
                clustering=clustering, rank=rank, head=head, probes=probes, progress=progress or (lambda *a: None))
 
 
-def fidelity(model, text, probes: int | None = None, max_tokens: int | None = None, progress=None) -> dict:
-    """The head against the dense output layer it replaces, on ``text`` (see vqexport.convert.fidelity)."""
+def fidelity(model, text, probes: int | None = None, max_tokens: int | None = None, window: int | None = None, progress=None) -> dict:
+    """The head against the dense output layer it replaces, on ``text`` scored in windows of ``window`` tokens (see
+    vqexport.convert.fidelity)."""
     from .convert.fidelity import fidelity as run
 
-    return run(model, text, probes=probes, max_tokens=max_tokens, progress=progress)
+    return run(model, text, probes=probes, max_tokens=max_tokens, window=window, progress=progress)
 
 
 def bench_e2e(model=None, shape: str | None = None, target: str = "ort-int4", prompt_len: int = 64, tokens: int = 64,

@@ -518,20 +518,23 @@ def convert(src, codebook_size, no_bias, distill_text, steps, clustering, head, 
 @click.option("--model", "-m", default=None, help="Model directory with a VQ-Logits head, or 'demo' (the default).")
 @click.option("--text", required=True, type=click.Path(), help="UTF-8 text to score (tokenized with the model's tokenizer).")
 @click.option("--probes", type=int, default=None, help="A two-stage head's probes for this measurement [default: its own].")
-@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of the text.")
+@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of the text (at least one window).")
+@click.option("--window", type=int, default=None,
+              help="Tokens per scored window, each from an empty cache, up to the model's maximum positions; the text "
+                   "must hold one window [default: 128, the windows convert measures on].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def fidelity(model, text, probes, max_tokens, as_json):
+def fidelity(model, text, probes, max_tokens, window, as_json):
     """How close the head is to the dense output layer it replaces, on a text: perplexity of both, top-1 agreement,
     KL, and (two-stage) how often the dense argmax fell inside the probed clusters, and the perplexity and top-1
     the same head would reach with ideal routing (about the best any router could do with its tail)."""
     from . import api
 
     with _Progress(as_json) as progress:
-        r = api.fidelity(model, text, probes=probes, max_tokens=max_tokens, progress=progress)
+        r = api.fidelity(model, text, probes=probes, max_tokens=max_tokens, window=window, progress=progress)
     if as_json:
         _print_json(r)
         return
-    line = (f"{r['tokens']:,} tokens: dense ppl {r['dense_ppl']:.3f}, {r['head']['type']} head ppl {r['vq_ppl']:.3f} "
+    line = (f"{r['tokens']:,} tokens in windows of {r['window']}: dense ppl {r['dense_ppl']:.3f}, {r['head']['type']} head ppl {r['vq_ppl']:.3f} "
             f"({100 * r['ppl_change']:+.2f}%), top-1 agreement {r['top1_agreement']:.4f}, KL {r['kl_to_dense']:.5f} nats/token")
     if "probe_recall" in r:
         line += (f", dense argmax inside the {r['probes']} probed clusters {r['probe_recall']:.4f}; with ideal routing "

@@ -73,26 +73,26 @@ def _check_inputs(src: Path, k: int, out: Path, text: Path | None, rank: int = 0
     return source
 
 
-def _read_tokens(text: Path, tokenizer_path: Path) -> np.ndarray:
+def _read_tokens(text: Path, tokenizer_path: Path, purpose: str = "distillation", min_tokens: int = MIN_TEXT_TOKENS) -> np.ndarray:
     from tokenizers import Tokenizer
 
     try:
         raw = text.read_bytes()
     except OSError as e:
-        raise VQExportError(f"{text}: cannot read distillation text ({e.strerror})") from None
+        raise VQExportError(f"{text}: cannot read the {purpose} text ({e.strerror})") from None
     try:
         content = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise VQExportError(f"{text}: not UTF-8 text (bad byte at offset {e.start})") from None
     ids = np.asarray(Tokenizer.from_file(str(tokenizer_path)).encode(content).ids, dtype=np.int64)
-    if len(ids) < MIN_TEXT_TOKENS:
-        raise VQExportError(f"{text}: too short for distillation ({len(ids)} tokens; need at least {MIN_TEXT_TOKENS})")
+    if len(ids) < min_tokens:
+        raise VQExportError(f"{text}: too short for {purpose} ({len(ids)} tokens; need at least {min_tokens})")
     return ids
 
 
-def _windows(ids: np.ndarray) -> torch.Tensor:
-    n = (len(ids) - 1) // SEQ
-    return torch.from_numpy(ids[: n * SEQ + 1].copy())
+def _windows(ids: np.ndarray, seq: int = SEQ) -> torch.Tensor:
+    n = (len(ids) - 1) // seq
+    return torch.from_numpy(ids[: n * seq + 1].copy())
 
 
 def _batches(ids: torch.Tensor, batch: int, gen: torch.Generator):
@@ -117,38 +117,43 @@ class _Hidden:
 
 @torch.no_grad()
 def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Tensor, cache: dict | None = None,
-             ideal: bool = False) -> dict:
+             ideal: bool = False, seq: int = SEQ) -> dict:
     """Held-out perplexity of the dense and the VQ head on the same hidden states, top-1 agreement and KL; for a
     two-stage head also ``probe_recall``: the share of positions whose dense argmax fell inside the probed clusters,
     and with ``ideal`` the perplexity change and top-1 agreement of the same head probing, instead of its router's
     choice, the P clusters that hold the most dense probability (``ideal_routing_*``: about the best a router could
     do with this tail; choosing by mass is not guaranteed optimal for perplexity).
-    ``cache`` (a dict kept across calls with the same ids) keeps the hidden states for the next call."""
-    n = (len(ids) - 1) // SEQ
-    x = ids[: n * SEQ].view(n, SEQ)
-    y = ids[1 : n * SEQ + 1].view(n, SEQ)
+    ``cache`` (a dict kept across calls with the same ids) keeps the hidden states for the next call. The text is
+    scored in windows of ``seq`` tokens (each window's first token has no context), the heads 1,024 positions at a time
+    whatever the window."""
+    n = (len(ids) - 1) // seq
+    x = ids[: n * seq].view(n, seq)
+    y = ids[1 : n * seq + 1].view(n, seq)
+    step, chunk = max(1, 8 * SEQ // seq), 8 * SEQ  # windows through the trunk, positions through the heads at a time
     nll_d = nll_v = agree = kl = recall = nll_i = agree_i = 0.0
     probes = getattr(vq, "probes", 0)
     ideal = ideal and bool(probes)
-    for i in range(0, n, 8):
-        h = cache[i] if cache is not None and i in cache else hidden(x[i : i + 8])
+    for i in range(0, n, step):
+        hw = cache[i] if cache is not None and i in cache else hidden(x[i : i + step])
         if cache is not None:
-            cache[i] = h
-        dl = dense(h)
-        ld, lv = F.log_softmax(dl, -1), F.log_softmax(head_logits(vq, h, dense, dl), -1)
-        target = y[i : i + 8].flatten()
-        nll_d += float(F.nll_loss(ld.flatten(0, 1), target, reduction="sum"))
-        nll_v += float(F.nll_loss(lv.flatten(0, 1), target, reduction="sum"))
-        kl += float(F.kl_div(lv, ld, log_target=True, reduction="sum"))
-        best = ld.argmax(-1)
-        agree += float((best == lv.argmax(-1)).sum())
-        if probes:
-            recall += float(probe_hits(vq, h, best, probes).sum())
-        if ideal:
-            li = F.log_softmax(ideally_routed(vq, h, dense, dl, ld), -1)
-            nll_i += float(F.nll_loss(li.flatten(0, 1), target, reduction="sum"))
-            agree_i += float((best == li.argmax(-1)).sum())
-    count = n * SEQ
+            cache[i] = hw
+        hw, targets = hw.flatten(0, -2), y[i : i + step].flatten()
+        for j in range(0, len(targets), chunk):
+            h, target = hw[j : j + chunk], targets[j : j + chunk]
+            dl = dense(h)
+            ld, lv = F.log_softmax(dl, -1), F.log_softmax(head_logits(vq, h, dense, dl), -1)
+            nll_d += float(F.nll_loss(ld, target, reduction="sum"))
+            nll_v += float(F.nll_loss(lv, target, reduction="sum"))
+            kl += float(F.kl_div(lv, ld, log_target=True, reduction="sum"))
+            best = ld.argmax(-1)
+            agree += float((best == lv.argmax(-1)).sum())
+            if probes:
+                recall += float(probe_hits(vq, h, best, probes).sum())
+            if ideal:
+                li = F.log_softmax(ideally_routed(vq, h, dense, dl, ld), -1)
+                nll_i += float(F.nll_loss(li, target, reduction="sum"))
+                agree_i += float((best == li.argmax(-1)).sum())
+    count = n * seq
     ppl_d, ppl_v = math.exp(nll_d / count), math.exp(nll_v / count)
     out = {"dense_ppl": ppl_d, "vq_ppl": ppl_v, "ppl_change": ppl_v / ppl_d - 1, "top1_agreement": agree / count,
            "kl_to_dense": kl / count, "tokens": count}

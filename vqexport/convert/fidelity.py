@@ -4,7 +4,9 @@ Both heads read the same hidden states (transformers' model of the directory); r
 its change, top-1 agreement, KL(dense || head) per token, and for a two-stage head the share of positions whose
 dense argmax fell inside the probed clusters (probes: the head's own, or ``probes``) and the perplexity change and
 top-1 agreement it would have with ideal routing (the P clusters holding the most dense probability probed): about
-how much of the loss its router causes and how much its tail does.
+how much of the loss its router causes and how much its tail does. The text is scored in windows of ``window``
+tokens, each from an empty cache (128 by default, the windows ``convert`` measures on; a longer window gives a
+model the context it is used with, up to its maximum positions).
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ from ..source import resolve_source
 from .convert import SEQ, _Hidden, _read_tokens, _windows, evaluate
 
 
-def fidelity(model, text, probes: int | None = None, max_tokens: int | None = None, progress=None) -> dict:
+def fidelity(model, text, probes: int | None = None, max_tokens: int | None = None, window: int | None = None, progress=None) -> dict:
     from ..head.module import DenseHead, head_module
     from ..trunk.hf import load_causal_lm, make_trunk, output_bias, output_weight
 
+    window = SEQ if window is None else window
     source = resolve_source(model)
     if source.tokenizer_path is None:
         raise VQExportError(f"{source.path}: fidelity tokenizes the text with the model's tokenizer.json, and there is none")
+    if not 2 <= window <= source.geometry.max_position:
+        raise VQExportError(f"--window must be in [2, the model's maximum positions {source.geometry.max_position}], got {window}")
+    if max_tokens is not None and max_tokens < 1:
+        raise VQExportError(f"--max-tokens must be at least 1, got {max_tokens}")
     head = source.head
     if probes is not None:
         if not head.two_stage:
@@ -33,9 +40,9 @@ def fidelity(model, text, probes: int | None = None, max_tokens: int | None = No
         if not 1 <= probes <= head.config.codebook_size:
             raise VQExportError(f"--probes must be in [1, codebook size {head.config.codebook_size}], got {probes}")
         head = dataclasses.replace(head, config=dataclasses.replace(head.config, probes=probes))
-    ids = _read_tokens(Path(text), source.tokenizer_path)
+    ids = _read_tokens(Path(text), source.tokenizer_path, "scoring", min_tokens=window + 1)
     if max_tokens is not None:
-        ids = ids[: max(max_tokens, 2 * SEQ) + 1]
+        ids = ids[: max(max_tokens, window) + 1]  # at least one window
     if progress is not None:
         progress(f"loading the {source.model_type} model with transformers")
     model_ = load_causal_lm(source)
@@ -46,5 +53,6 @@ def fidelity(model, text, probes: int | None = None, max_tokens: int | None = No
     if progress is not None:
         progress(f"scoring {len(ids)} tokens with both heads")
     with torch.no_grad():
-        report = evaluate(hidden, DenseHead(weight, bias), head_module(head, weight, bias), _windows(ids), ideal=True)
-    return {"model": str(source.path), "head": head.config.to_dict(), "text": str(text), **report}
+        report = evaluate(hidden, DenseHead(weight, bias), head_module(head, weight, bias), _windows(ids, window), ideal=True,
+                          seq=window)
+    return {"model": str(source.path), "head": head.config.to_dict(), "text": str(text), "window": window, **report}
