@@ -100,6 +100,9 @@ def test_ideal_routing_probes_the_clusters_holding_the_most_dense_mass():
     got = ideally_routed(module, h, DenseHead(torch.from_numpy(W).clone()), dense, logp).numpy()  # its own product
     reused = ideally_routed(module, h, DenseHead(torch.from_numpy(W)), dense, logp).numpy()  # the dense logits
     np.testing.assert_allclose(reused, got, atol=1e-5)
+    stand_in = torch.zeros_like(dense)  # not the layer's logits: the probed tokens show which path was taken
+    np.testing.assert_array_equal(ideally_routed(module, h, DenseHead(torch.from_numpy(W).clone()), stand_in, logp).numpy(), got)
+    zeros = ideally_routed(module, h, DenseHead(torch.from_numpy(W)), stand_in, logp).numpy()
     tail = head.tail_logits(h.numpy().astype(np.float64))
     for b in range(2):
         for s in range(3):
@@ -108,6 +111,7 @@ def test_ideal_routing_probes_the_clusters_holding_the_most_dense_mass():
             probed = np.isin(head.map, best)
             np.testing.assert_allclose(got[b, s, probed], dense[b, s, probed].numpy(), atol=1e-5)
             np.testing.assert_allclose(got[b, s, ~probed], tail[b, s, ~probed], atol=1e-4)
+            assert (zeros[b, s, probed] == 0).all() and np.array_equal(zeros[b, s, ~probed], got[b, s, ~probed])
 
 
 
@@ -123,6 +127,34 @@ def test_dense_logits_are_reused_as_exact_logits_only_from_the_same_layer():
     probed = reused != module.stages(h)["vq_logits"]
     assert torch.equal(reused[probed], torch.zeros(int(probed.sum()))) and probed.sum() >= 2 * 3
     assert torch.equal(head_logits(module, h, copy, stand_in), module(h))
+    plain = head_module(random_head(300, 32, 20))
+    with pytest.raises(ValueError, match="only a two-stage head"):
+        head_logits(plain, h, same, same(h), top=torch.zeros(2, 3, 1, dtype=torch.long))
+
+
+def test_measuring_in_long_windows_runs_the_heads_in_chunks_with_the_same_result():
+    """A context-free stand-in trunk: every window length scores the same positions alike, also windows longer than
+    the positions the heads take at a time (2,048 > 1,024), and with one cache shared by two window lengths."""
+    from vqexport.convert.convert import HEAD_POSITIONS, evaluate, recall_curve
+
+    head, W = _two_stage(route=True), torch.from_numpy(_rows())
+    module, dense = head_module(head, W), DenseHead(W)
+    table = torch.from_numpy(np.random.default_rng(6).standard_normal((300, 32)).astype(np.float32))
+    calls = []
+    def hidden(x):
+        calls.append(tuple(x.shape))
+        return table[x]
+    ids = torch.from_numpy(np.random.default_rng(7).integers(0, 300, 4097))
+    cache = {}
+    short = evaluate(hidden, dense, module, ids, cache, ideal=True)
+    assert len(calls) == 4 and calls[0] == (8, 128)
+    long = evaluate(hidden, dense, module, ids, cache, ideal=True, seq=2048)
+    assert calls[4:] == [(1, 2048), (1, 2048)] and 2048 > HEAD_POSITIONS  # not the 128-token windows' states
+    assert short["tokens"] == long["tokens"] == 4096
+    for key, value in short.items():
+        assert long[key] == pytest.approx(value, rel=1e-6), key
+    assert evaluate(hidden, dense, module, ids, cache, ideal=True, seq=2048) == long and len(calls) == 6  # cached
+    assert recall_curve(hidden, dense, module, ids, cache)[4] == pytest.approx(short["probe_recall"])
 
 
 def test_router_pool_spreads_its_windows_over_the_text_within_its_budget():
@@ -373,12 +405,17 @@ def test_fidelity_scores_windows_of_the_given_length(converted, tmp_path):
     r = json.loads(run_cli("fidelity", "--model", ts, "--text", text, "--window", 48, "--json").stdout)
     ids = torch.tensor(Tokenizer.from_file(str(ts / "tokenizer.json")).encode(text.read_text()).ids)
     n = (len(ids) - 1) // 48
-    assert (base["window"], r["window"], r["tokens"]) == (128, 48, n * 48) and base["tokens"] % 128 == 0
+    assert (base["window"], r["window"], r["tokens"]) == (128, 48, n * 48)
     model = AutoModelForCausalLM.from_pretrained(ts).eval()  # the dense model alone, window by window
     with torch.no_grad():
         logits = model(input_ids=ids[: n * 48].view(n, 48)).logits
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), ids[1 : n * 48 + 1])
+        h = model.model(input_ids=ids[: n * 48].view(n, 48)).last_hidden_state
+        vq = head_module(read_head(ts), model.lm_head.weight)(h)
+    targets = ids[1 : n * 48 + 1]
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), targets)
     assert r["dense_ppl"] == pytest.approx(float(nll.exp()), rel=1e-6)
+    nll = torch.nn.functional.cross_entropy(vq.flatten(0, 1).double(), targets)
+    assert r["vq_ppl"] == pytest.approx(float(nll.exp()), rel=1e-5)
     one = json.loads(run_cli("fidelity", "--model", ts, "--text", text, "--window", 48, "--max-tokens", 60, "--json").stdout)
     assert one["tokens"] == 48  # --max-tokens: whole windows, at least one
     assert_user_error(run_cli("fidelity", "--model", ts, "--text", text, "--window", 1), "--window must be in [2,")

@@ -54,6 +54,11 @@ def texts(max_bytes: int, work: Path) -> tuple[Path, Path]:
     return distill, held_only
 
 
+GPT2_STEPS = 1700  # tools/lowrank_curve.py's --dense-steps default
+MODEL_NAMES = {"demo": "demo, the embedded model's dense layer (a transformers Llama, d = 128, 3 layers)",
+               "gpt2": f"gpt2, the GPT-2-architecture twin of tools/lowrank_curve.py (d = 128, 3 layers, {GPT2_STEPS:,} steps)"}
+
+
 def model_path(model: str, max_bytes: int, work: Path) -> str:
     """``model`` as resolve_source takes it; ``gpt2`` is trained into ``work`` first (or reused from there)."""
     if model != "gpt2":
@@ -62,13 +67,9 @@ def model_path(model: str, max_bytes: int, work: Path) -> str:
 
     tokens = lowrank_curve.Tokens(train_demo.read(train_demo.corpus_files(max_bytes)[0]), work)
     try:
-        return str(lowrank_curve.dense_model("gpt2", work, 1700, 0, tokens))
+        return str(lowrank_curve.dense_model("gpt2", work, GPT2_STEPS, 0, tokens))
     finally:
         tokens.close()
-
-
-MODEL_NAMES = {"demo": "demo, the embedded model's dense layer (a transformers Llama, d = 128, 3 layers)",
-               "gpt2": "gpt2, the GPT-2-architecture twin of tools/lowrank_curve.py (d = 128, 3 layers, 1,700 steps)"}
 
 
 def quality(model: str, k: int | None, probes: list[int], max_bytes: int, work: Path, trained: Path) -> dict:

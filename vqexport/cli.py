@@ -521,7 +521,7 @@ def convert(src, codebook_size, no_bias, distill_text, steps, clustering, head, 
 @click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of the text (at least one window).")
 @click.option("--window", type=int, default=None,
               help="Tokens per scored window, each from an empty cache, up to the model's maximum positions; the text "
-                   "must hold one window [default: 128, the windows convert measures on].")
+                   "needs one window and the token after it [default: 128, the windows convert measures on].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def fidelity(model, text, probes, max_tokens, window, as_json):
     """How close the head is to the dense output layer it replaces, on a text: perplexity of both, top-1 agreement,

@@ -40,6 +40,7 @@ from .init import head_from_assignment
 from .router import kl_step
 
 SEQ = 128
+HEAD_POSITIONS = 8 * SEQ  # positions through the heads at a time when measuring: bounds the [positions, V] logits
 MIN_TEXT_TOKENS = 4 * SEQ
 CARD = "MODEL_CARD.md"
 
@@ -115,6 +116,25 @@ class _Hidden:
         return self.trunk(x, torch.ones_like(x), *past)[0]
 
 
+def _scored(hidden: _Hidden, ids: torch.Tensor, cache: dict | None, seq: int = SEQ):
+    """(hidden states [N, d], next tokens [N]) of the text in windows of ``seq`` tokens (each window's first token has
+    no context), at most ``HEAD_POSITIONS`` at a time whatever the window. ``cache`` (a dict kept across calls with the
+    same ids) keeps the trunk's hidden states for the next call."""
+    n = (len(ids) - 1) // seq
+    x = ids[: n * seq].view(n, seq)
+    y = ids[1 : n * seq + 1].view(n, seq)
+    step = max(1, HEAD_POSITIONS // seq)  # windows through the trunk at a time
+    for i in range(0, n, step):
+        h = None if cache is None else cache.get((seq, i))
+        if h is None:
+            h = hidden(x[i : i + step])
+            if cache is not None:
+                cache[(seq, i)] = h
+        h, targets = h.flatten(0, -2), y[i : i + step].flatten()
+        for j in range(0, len(targets), HEAD_POSITIONS):
+            yield h[j : j + HEAD_POSITIONS], targets[j : j + HEAD_POSITIONS]
+
+
 @torch.no_grad()
 def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Tensor, cache: dict | None = None,
              ideal: bool = False, seq: int = SEQ) -> dict:
@@ -123,37 +143,26 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
     and with ``ideal`` the perplexity change and top-1 agreement of the same head probing, instead of its router's
     choice, the P clusters that hold the most dense probability (``ideal_routing_*``: about the best a router could
     do with this tail; choosing by mass is not guaranteed optimal for perplexity).
-    ``cache`` (a dict kept across calls with the same ids) keeps the hidden states for the next call. The text is
-    scored in windows of ``seq`` tokens (each window's first token has no context), the heads 1,024 positions at a time
-    whatever the window."""
-    n = (len(ids) - 1) // seq
-    x = ids[: n * seq].view(n, seq)
-    y = ids[1 : n * seq + 1].view(n, seq)
-    step, chunk = max(1, 8 * SEQ // seq), 8 * SEQ  # windows through the trunk, positions through the heads at a time
+    The text is scored in windows of ``seq`` tokens (``_scored``; ``cache`` keeps the hidden states)."""
     nll_d = nll_v = agree = kl = recall = nll_i = agree_i = 0.0
+    count = 0
     probes = getattr(vq, "probes", 0)
     ideal = ideal and bool(probes)
-    for i in range(0, n, step):
-        hw = cache[i] if cache is not None and i in cache else hidden(x[i : i + step])
-        if cache is not None:
-            cache[i] = hw
-        hw, targets = hw.flatten(0, -2), y[i : i + step].flatten()
-        for j in range(0, len(targets), chunk):
-            h, target = hw[j : j + chunk], targets[j : j + chunk]
-            dl = dense(h)
-            ld, lv = F.log_softmax(dl, -1), F.log_softmax(head_logits(vq, h, dense, dl), -1)
-            nll_d += float(F.nll_loss(ld, target, reduction="sum"))
-            nll_v += float(F.nll_loss(lv, target, reduction="sum"))
-            kl += float(F.kl_div(lv, ld, log_target=True, reduction="sum"))
-            best = ld.argmax(-1)
-            agree += float((best == lv.argmax(-1)).sum())
-            if probes:
-                recall += float(probe_hits(vq, h, best, probes).sum())
-            if ideal:
-                li = F.log_softmax(ideally_routed(vq, h, dense, dl, ld), -1)
-                nll_i += float(F.nll_loss(li, target, reduction="sum"))
-                agree_i += float((best == li.argmax(-1)).sum())
-    count = n * seq
+    for h, target in _scored(hidden, ids, cache, seq):
+        dl = dense(h)
+        ld, lv = F.log_softmax(dl, -1), F.log_softmax(head_logits(vq, h, dense, dl), -1)
+        nll_d += float(F.nll_loss(ld, target, reduction="sum"))
+        nll_v += float(F.nll_loss(lv, target, reduction="sum"))
+        kl += float(F.kl_div(lv, ld, log_target=True, reduction="sum"))
+        best = ld.argmax(-1)
+        agree += float((best == lv.argmax(-1)).sum())
+        if probes:
+            recall += float(probe_hits(vq, h, best, probes).sum())
+        if ideal:
+            li = F.log_softmax(ideally_routed(vq, h, dense, dl, ld), -1)
+            nll_i += float(F.nll_loss(li, target, reduction="sum"))
+            agree_i += float((best == li.argmax(-1)).sum())
+        count += len(target)
     ppl_d, ppl_v = math.exp(nll_d / count), math.exp(nll_v / count)
     out = {"dense_ppl": ppl_d, "vq_ppl": ppl_v, "ppl_change": ppl_v / ppl_d - 1, "top1_agreement": agree / count,
            "kl_to_dense": kl / count, "tokens": count}
@@ -187,11 +196,7 @@ def recall_curve(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: tor
     ps = sorted({min(2**i, K) for i in range(K.bit_length() + 1)})
     hits = dict.fromkeys(ps, 0.0)
     count = 0
-    n = (len(ids) - 1) // SEQ
-    x = ids[: n * SEQ].view(n, SEQ)
-    for i in range(0, n, 8):
-        h = cache[i] if i in cache else hidden(x[i : i + 8])
-        cache[i] = h
+    for h, _ in _scored(hidden, ids, cache):
         target = dense(h).argmax(-1)
         score = head.route_scores(h)
         rank = (score > score.gather(-1, head.map[target].unsqueeze(-1))).sum(-1)

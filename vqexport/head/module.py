@@ -157,6 +157,8 @@ def head_logits(head: VQLogitsHead, h: torch.Tensor, dense: "DenseHead", dense_l
     reads ``dense``'s rows takes its exact logits from them (one V x d product per position instead of two).
     ``top`` [..., P]: a two-stage head probes these clusters instead of its router's choice."""
     if not isinstance(head, TwoStageHead):
+        if top is not None:
+            raise ValueError("top: only a two-stage head probes clusters")
         return head(h)
     exact = dense_logits if head.reads(dense) else None
     return head.stages(h, top=top, exact=exact, parts=False)["logits"]
