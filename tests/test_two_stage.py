@@ -157,6 +157,41 @@ def test_measuring_in_long_windows_runs_the_heads_in_chunks_with_the_same_result
     assert recall_curve(hidden, dense, module, ids, cache)[4] == pytest.approx(short["probe_recall"])
 
 
+@pytest.mark.parametrize("shape", [(6, 50), (2, 3, 50)])
+def test_distillation_loss_and_gradient_equal_those_of_kl_div(shape):
+    from vqexport.convert.router import KLDiv
+
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(shape, generator=gen) * 3).requires_grad_(True)
+    target = torch.log_softmax(torch.randn(shape, generator=gen) * 3, -1)
+    want = torch.nn.functional.kl_div(torch.log_softmax(x * 2, -1), target, log_target=True, reduction="batchmean")
+    (want_grad,) = torch.autograd.grad(want, x)
+    got = KLDiv.apply(x * 2, target)  # a student computed from the parameter, as the heads' logits are
+    (got_grad,) = torch.autograd.grad(got, x)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6) and got_grad.shape == x.shape
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tail_step_changes_the_tail_as_kl_div_would():
+    """The two-stage head's logits are built in place (gather, bias, rank-r term, probed exact logits) and the loss
+    overwrites them with its gradient: the parameters' gradients are still those of the plain formula."""
+    from vqexport.convert.router import KLDiv
+
+    head, W = _two_stage(route=True, rank=3), torch.from_numpy(_rows())
+    module, dense = head_module(head, W), DenseHead(W)
+    params = [module.bias, module.lowrank_p, module.lowrank_u]
+    for p in params:
+        p.requires_grad_(True)
+    h = torch.from_numpy(np.random.default_rng(9).standard_normal((64, 32)).astype(np.float32))
+    target = torch.log_softmax(dense(h), -1)
+    grads = []
+    for loss in (lambda s: torch.nn.functional.kl_div(torch.log_softmax(s, -1), target, log_target=True, reduction="batchmean"),
+                 lambda s: KLDiv.apply(s, target)):
+        grads.append(torch.autograd.grad(loss(head_logits(module, h, dense, dense(h))), params))
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_router_pool_spreads_its_windows_over_the_text_within_its_budget():
     """The router's hidden states come from windows spread evenly over the training text, as many as fit the budget."""
     from vqexport.convert.router import hidden_pool
