@@ -170,6 +170,10 @@ def test_distillation_loss_and_gradient_equal_those_of_kl_div(shape):
     (got_grad,) = torch.autograd.grad(got, x)
     assert got.item() == pytest.approx(want.item(), rel=1e-6) and got_grad.shape == x.shape
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+    got = KLDiv.apply(x * 2, target)
+    (scaled,) = torch.autograd.grad(got * 3, x, retain_graph=True)  # a scaled loss, and a second backward
+    torch.testing.assert_close(scaled, 3 * want_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], want_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_a_tail_step_changes_the_tail_as_kl_div_would():

@@ -122,7 +122,9 @@ class KLDiv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output).view(ctx.shape), None
+        if grad_output.item() != 1.0:  # a scaled loss (the training loop's own is not): scale a copy, keep the saved one
+            grad = grad * grad_output
+        return grad.view(ctx.shape), None
 
 
 def kl_step(student, dense: DenseHead, h: torch.Tensor, opt: torch.optim.Optimizer) -> float:
