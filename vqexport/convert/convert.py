@@ -91,9 +91,9 @@ def _read_tokens(text: Path, tokenizer_path: Path, purpose: str = "distillation"
     return ids
 
 
-def _windows(ids: np.ndarray, seq: int = SEQ) -> torch.Tensor:
-    n = (len(ids) - 1) // seq
-    return torch.from_numpy(ids[: n * seq + 1].copy())
+def _windows(ids: np.ndarray) -> torch.Tensor:
+    n = (len(ids) - 1) // SEQ
+    return torch.from_numpy(ids[: n * SEQ + 1].copy())
 
 
 def _batches(ids: torch.Tensor, batch: int, gen: torch.Generator):
@@ -327,7 +327,9 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         candidate = _init_head(plain, weight, dense_bias, assign, mean_h)
         if held is not None:
             measured[name] = evaluate(hidden, dense, candidate, held, held_h)
-        scores[name] = measured[name]["vq_ppl"] if held is not None else _reconstruction_error(weight, candidate)
+            scores[name] = measured[name]["vq_ppl"]
+        else:
+            scores[name] = _reconstruction_error(weight, candidate)
         if chosen is None or scores[name] < scores[chosen]:
             chosen, vq = name, candidate
     shared.clear()

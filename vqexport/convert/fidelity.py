@@ -18,7 +18,7 @@ import torch
 
 from ..errors import VQExportError
 from ..source import resolve_source
-from .convert import SEQ, _Hidden, _read_tokens, _windows, evaluate
+from .convert import SEQ, _Hidden, _read_tokens, evaluate
 
 
 def fidelity(model, text, probes: int | None = None, max_tokens: int | None = None, window: int | None = None, progress=None) -> dict:
@@ -53,6 +53,6 @@ def fidelity(model, text, probes: int | None = None, max_tokens: int | None = No
     if progress is not None:
         progress(f"scoring {len(ids)} tokens with both heads")
     with torch.no_grad():
-        report = evaluate(hidden, DenseHead(weight, bias), head_module(head, weight, bias), _windows(ids, window), ideal=True,
+        report = evaluate(hidden, DenseHead(weight, bias), head_module(head, weight, bias), torch.from_numpy(ids), ideal=True,
                           seq=window)
     return {"model": str(source.path), "head": head.config.to_dict(), "text": str(text), "window": window, **report}

@@ -104,12 +104,13 @@ class TwoStageHead(VQLogitsHead):
         z = self.codebook_logits(h) if z is None else z
         return z if self.route_bias is None else z + self.route_bias
 
-    def forward(self, h: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
-        return self.stages(h, exact=exact, parts=False)["logits"]
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.stages(h, parts=False)["logits"]
 
     def reads(self, dense: "DenseHead") -> bool:
         """Are this head's exact rows (and their bias) ``dense``'s own tensors? Then ``dense(h)`` are its exact
-        logits, and a caller that has them passes them as ``exact`` instead of computing them a second time."""
+        logits, and a caller that has them passes them to ``stages`` instead of computing them a second time
+        (``head_logits``)."""
         return _same(self.rows, dense.weight) and _same(self.rows_bias, dense.bias)
 
     def stages(self, h: torch.Tensor, top: torch.Tensor | None = None, exact: torch.Tensor | None = None,
