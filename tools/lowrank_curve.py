@@ -11,7 +11,8 @@ K in {V/64, V/32, V/8} x r in {0, 4, 8, 16, 32}, head-only distillation, on two 
 
 Each dense model is trained ``--dense-steps`` at lr 3e-3 (then ``--anneal-steps`` at lr 1e-3; none by
 default), with a byte-level BPE tokenizer (train_demo.train_tokenizer) trained on the train text, and saved
-as a Hugging Face model directory in --work (dense-<model>-<steps>[+<anneal>]), which later runs reuse.
+as a Hugging Face model directory in --work (dense-<model>-<steps>[+<anneal>]-<digest of the training text>),
+which later runs on the same text reuse.
 Every row is one ``vqexport.api.convert`` (bias on, euclidean clustering, --distill-steps of head-only
 distillation on a text whose last 10% is the held-out files) into a temporary directory; its figures come
 from the conversion's report and the head's size from the vq_head.json it wrote. Writes lowrank_quality.md,
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import shutil
 import sys
@@ -90,16 +92,26 @@ class Tokens:
             print(f"tokenizer: {tok.get_vocab_size()} tokens; train text {len(self.ids)} tokens", flush=True)
         return self.dir, self.ids, self.eot
 
+    def digest(self) -> str:
+        """A short digest of the training text (the files' texts in order)."""
+        h = hashlib.sha256()
+        for t in self.train_text:
+            h.update(t.encode("utf-8"))
+            h.update(b"\0")
+        return h.hexdigest()[:12]
+
     def close(self) -> None:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def dense_model(name: str, work: Path, steps: int, anneal: int, tokens: Tokens, device: str = "cpu") -> Path:
-    """The dense model ``name`` as a Hugging Face directory in ``work`` (reused when present); its path."""
+    """The dense model ``name`` as a Hugging Face directory in ``work`` (reused when present); its path. The
+    directory is named by the model, its steps and a digest of the training text, so that a run on other text
+    (another ``--max-bytes`` or ``--corpus``) trains its own model instead of reusing one trained on different text."""
     from vqexport.artifact import staged_dir
 
-    out = work / (f"dense-{name}-{steps}" + (f"+{anneal}" if anneal else ""))
+    out = work / (f"dense-{name}-{steps}" + (f"+{anneal}" if anneal else "") + f"-{tokens.digest()}")
     if (out / "model.safetensors").is_file():
         try:
             api.load_source(out, need_head=False)

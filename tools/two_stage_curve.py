@@ -5,8 +5,8 @@
 
 Quality, on a model this repository trains and held-out text. ``--model``: ``demo``, the embedded model's dense
 layer (the default); ``gpt2``, the GPT-2-architecture twin of tools/lowrank_curve.py (V = 8,192, d = 128, 3 layers,
-tied embeddings, trained here by that tool's recipe, 1,700 steps; kept in ``--work`` and reused by later runs); or
-a dense (or VQ) Hugging Face model directory.
+tied embeddings, trained here by that tool's recipe, 1,700 steps; kept in ``--work`` and reused by later runs on the
+same text); or a dense (or VQ) Hugging Face model directory.
 
 1. the distillation text is tools/train_demo.py's (training files, then the held-out files as the last tenth);
 2. ``vqexport convert --head two-stage`` in three variants: training-free (``--steps 0``: equal-size spherical
