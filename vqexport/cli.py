@@ -355,7 +355,7 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
 @main.command()
 @click.option("--head", "head", is_flag=True, help="Benchmark the output layer alone at batch-1 decode for standard head shapes.")
 @click.option("--shapes", default=",".join(("gpt2", "qwen2.5-0.5b", "llama-3.2-1b")), show_default=True,
-              help="Comma-separated head shapes for --head.")
+              help="Comma-separated head shapes for --head (gpt2, qwen2.5-0.5b, llama-3.2-1b, gemma-3-1b, tiny).")
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True,
               help="onnxruntime intra-op threads for --head (--artifact uses the threads its profile recorded).")
 @click.option("--seconds", type=click.FloatRange(0.05, 60), default=0.5, show_default=True, help="Minimum timing time per variant.")
