@@ -157,6 +157,44 @@ def test_measuring_in_long_windows_runs_the_heads_in_chunks_with_the_same_result
     assert recall_curve(hidden, dense, module, ids, cache)[4] == pytest.approx(short["probe_recall"])
 
 
+def test_figures_by_dense_entropy_are_those_of_the_positions_in_each_band():
+    """A context-free stand-in trunk whose hidden states have norms from 0.05 to 8, so that the dense entropy spreads
+    over every band; each band's figures against the positions' own log-probabilities, sorted into bands here."""
+    from vqexport.convert.convert import ENTROPY_BANDS, evaluate
+
+    head, W = _two_stage(route=True), torch.from_numpy(_rows())
+    module, dense = head_module(head, W), DenseHead(W)
+    rng = np.random.default_rng(9)
+    table = rng.standard_normal((300, 32)) * np.geomspace(0.05, 8, 300)[:, None] / np.sqrt(32)
+    table = torch.from_numpy(table.astype(np.float32))
+    ids = torch.from_numpy(rng.integers(0, 300, 1025))
+    plain = evaluate(lambda x: table[x], dense, module, ids)
+    r = evaluate(lambda x: table[x], dense, module, ids, by_entropy=True)
+    assert {k: v for k, v in r.items() if k != "by_dense_entropy"} == plain  # the overall figures unchanged
+    h, target = table[ids[:1024]], ids[1:1025]
+    with torch.no_grad():
+        ld, lv = dense(h).log_softmax(-1).double(), module(h).log_softmax(-1).double()
+    entropy = -(ld.exp() * ld).sum(-1).numpy()
+    band = np.searchsorted(np.asarray(ENTROPY_BANDS), entropy, side="right")
+    hits = (torch.topk(module.route_scores(h), head.config.probes, -1).indices == module.map[ld.argmax(-1)][:, None]).any(-1)
+    rows = r["by_dense_entropy"]
+    assert [(b["entropy_from"], b["entropy_to"]) for b in rows] == list(zip((0.0, *ENTROPY_BANDS), (*ENTROPY_BANDS, None)))
+    assert sum(b["tokens"] for b in rows) == 1024 and sum(b["share"] for b in rows) == pytest.approx(1.0)
+    assert sum(b["tokens"] > 0 for b in rows) >= 5  # the stand-in spreads the positions over the bands
+    for i, b in enumerate(rows):
+        sel = torch.from_numpy(band == i)
+        assert b["tokens"] == int(sel.sum()), i
+        if not b["tokens"]:
+            assert "ppl_change" not in b
+            continue
+        nll_d = -ld[sel].gather(-1, target[sel][:, None]).mean()
+        nll_v = -lv[sel].gather(-1, target[sel][:, None]).mean()
+        assert b["dense_ppl"] == pytest.approx(float(nll_d.exp()), rel=1e-5), i
+        assert b["ppl_change"] == pytest.approx(float((nll_v - nll_d).exp()) - 1, rel=1e-4, abs=1e-6), i
+        assert b["top1_agreement"] == pytest.approx(float((ld[sel].argmax(-1) == lv[sel].argmax(-1)).double().mean())), i
+        assert b["probe_recall"] == pytest.approx(float(hits[sel].double().mean())), i
+
+
 @pytest.mark.parametrize("shape", [(6, 50), (2, 3, 50)])
 def test_distillation_loss_and_gradient_equal_those_of_kl_div(shape):
     from vqexport.convert.router import KLDiv

@@ -526,7 +526,8 @@ def convert(src, codebook_size, no_bias, distill_text, steps, clustering, head, 
 def fidelity(model, text, probes, max_tokens, window, as_json):
     """How close the head is to the dense output layer it replaces, on a text: perplexity of both, top-1 agreement,
     KL, and (two-stage) how often the dense argmax fell inside the probed clusters, and the perplexity and top-1
-    the same head would reach with ideal routing (about the best any router could do with its tail)."""
+    the same head would reach with ideal routing (about the best any router could do with its tail); then the same
+    by the dense distribution's entropy at each position, in bands of 1 nat."""
     from . import api
 
     with _Progress(as_json) as progress:
@@ -541,6 +542,13 @@ def fidelity(model, text, probes, max_tokens, window, as_json):
                  f"(the {r['probes']} clusters holding the most dense probability) "
                  f"{100 * r['ideal_routing_ppl_change']:+.2f}%, top-1 {r['ideal_routing_top1_agreement']:.4f}")
     click.echo(line)
+    for band in r["by_dense_entropy"]:
+        if not band["tokens"]:
+            continue
+        hi = f"{band['entropy_to']:g})" if band["entropy_to"] is not None else "inf)"
+        recall = f", probe recall {band['probe_recall']:.4f}" if "probe_recall" in band else ""
+        click.echo(f"  dense entropy [{band['entropy_from']:g}, {hi} nats: {100 * band['share']:5.1f}% of tokens, "
+                   f"ppl {100 * band['ppl_change']:+.2f}%, top-1 {band['top1_agreement']:.4f}{recall}")
 
 
 def _readiness_text(r) -> None:

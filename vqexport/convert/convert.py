@@ -135,19 +135,25 @@ def _scored(hidden: _Hidden, ids: torch.Tensor, cache: dict | None, seq: int = S
             yield h[j : j + HEAD_POSITIONS], targets[j : j + HEAD_POSITIONS]
 
 
+ENTROPY_BANDS = (1.0, 2.0, 3.0, 4.0, 5.0)  # nats: the edges of ``evaluate``'s bands of dense entropy
+
+
 @torch.no_grad()
 def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Tensor, cache: dict | None = None,
-             ideal: bool = False, seq: int = SEQ) -> dict:
+             ideal: bool = False, seq: int = SEQ, by_entropy: bool = False) -> dict:
     """Held-out perplexity of the dense and the VQ head on the same hidden states, top-1 agreement and KL; for a
     two-stage head also ``probe_recall``: the share of positions whose dense argmax fell inside the probed clusters,
     and with ``ideal`` the perplexity change and top-1 agreement of the same head probing, instead of its router's
     choice, the P clusters that hold the most dense probability (``ideal_routing_*``: about the best a router could
     do with this tail; choosing by mass is not guaranteed optimal for perplexity).
+    With ``by_entropy``, ``by_dense_entropy`` breaks the figures down by the dense distribution's entropy at each
+    position (bands between ENTROPY_BANDS): how the cost grows where the dense model is unsure.
     The text is scored in windows of ``seq`` tokens (``_scored``; ``cache`` keeps the hidden states)."""
     nll_d = nll_v = agree = kl = recall = nll_i = agree_i = 0.0
     count = 0
     probes = getattr(vq, "probes", 0)
     ideal = ideal and bool(probes)
+    bands = _Bands(bool(probes)) if by_entropy else None
     for h, target in _scored(hidden, ids, cache, seq):
         dl = dense(h)
         ld, lv = F.log_softmax(dl, -1), F.log_softmax(head_logits(vq, h, dense, dl), -1)
@@ -155,9 +161,13 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
         nll_v += float(F.nll_loss(lv, target, reduction="sum"))
         kl += float(F.kl_div(lv, ld, log_target=True, reduction="sum"))
         best = ld.argmax(-1)
-        agree += float((best == lv.argmax(-1)).sum())
+        same = best == lv.argmax(-1)
+        agree += float(same.sum())
+        hits = probe_hits(vq, h, best, probes) if probes else None
         if probes:
-            recall += float(probe_hits(vq, h, best, probes).sum())
+            recall += float(hits.sum())
+        if bands is not None:
+            bands.add(ld, lv, target, same, hits)
         if ideal:
             li = F.log_softmax(ideally_routed(vq, h, dense, dl, ld), -1)
             nll_i += float(F.nll_loss(li, target, reduction="sum"))
@@ -171,7 +181,41 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
     if ideal:
         out["ideal_routing_ppl_change"] = math.exp(nll_i / count) / ppl_d - 1
         out["ideal_routing_top1_agreement"] = agree_i / count
+    if bands is not None:
+        out["by_dense_entropy"] = bands.report(count)
     return out
+
+
+class _Bands:
+    """``evaluate``'s figures per band of dense entropy (nats): [0, 1), [1, 2), ... [5, inf)."""
+
+    def __init__(self, probes: bool):
+        self.edges = torch.tensor(ENTROPY_BANDS)
+        self.sums = torch.zeros(5 if probes else 4, len(ENTROPY_BANDS) + 1, dtype=torch.float64)  # n, nll d, nll v, agree, hits
+
+    def add(self, ld: torch.Tensor, lv: torch.Tensor, target: torch.Tensor, same: torch.Tensor, hits: torch.Tensor | None) -> None:
+        rows = ld.reshape(-1, ld.shape[-1])
+        entropy = -torch.bmm(rows.exp().unsqueeze(1), rows.unsqueeze(2)).flatten()  # one V-wide tensor, not two
+        band = torch.bucketize(entropy, self.edges, right=True)  # edges[i-1] <= entropy < edges[i]
+        t = target.reshape(-1, 1)
+        values = [torch.ones_like(entropy), -rows.gather(-1, t).flatten(), -lv.reshape(rows.shape).gather(-1, t).flatten(),
+                  same.flatten().to(entropy.dtype)] + ([hits.flatten().to(entropy.dtype)] if hits is not None else [])
+        for i, v in enumerate(values):
+            self.sums[i].index_add_(0, band, v.double())
+
+    def report(self, count: int) -> list[dict]:
+        lows, highs = (0.0, *ENTROPY_BANDS), (*ENTROPY_BANDS, None)
+        out = []
+        for b, (lo, hi) in enumerate(zip(lows, highs)):
+            n = float(self.sums[0, b])
+            row = {"entropy_from": lo, "entropy_to": hi, "tokens": int(n), "share": n / count}
+            if n:
+                ppl_d, ppl_v = math.exp(float(self.sums[1, b]) / n), math.exp(float(self.sums[2, b]) / n)
+                row.update(dense_ppl=ppl_d, vq_ppl=ppl_v, ppl_change=ppl_v / ppl_d - 1, top1_agreement=float(self.sums[3, b]) / n)
+                if len(self.sums) > 4:
+                    row["probe_recall"] = float(self.sums[4, b]) / n
+            out.append(row)
+        return out
 
 
 @torch.no_grad()

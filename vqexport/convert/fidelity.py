@@ -6,7 +6,8 @@ dense argmax fell inside the probed clusters (probes: the head's own, or ``probe
 top-1 agreement it would have with ideal routing (the P clusters holding the most dense probability probed): about
 how much of the loss its router causes and how much its tail does. The text is scored in windows of ``window``
 tokens, each from an empty cache (128 by default, the windows ``convert`` measures on; a longer window gives a
-model the context it is used with, up to its maximum positions).
+model the context it is used with, up to its maximum positions). The figures are also broken down by the dense
+distribution's entropy at each position (``by_dense_entropy``: bands of 1 nat up to 5, then the rest).
 """
 
 from __future__ import annotations
@@ -54,5 +55,5 @@ def fidelity(model, text, probes: int | None = None, max_tokens: int | None = No
         progress(f"scoring {len(ids)} tokens with both heads")
     with torch.no_grad():
         report = evaluate(hidden, DenseHead(weight, bias), head_module(head, weight, bias), torch.from_numpy(ids), ideal=True,
-                          seq=window)
+                          seq=window, by_entropy=True)
     return {"model": str(source.path), "head": head.config.to_dict(), "text": str(text), "window": window, **report}
