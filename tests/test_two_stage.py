@@ -310,6 +310,7 @@ def test_portable_build_reads_rows_from_the_shared_embedding_table(tied, tmp_pat
     assert rows.input[0] == "model.embed_tokens.weight"  # the embedding table itself: never copied
     assert not any(t.name.startswith("head.rows") for t in proto.graph.initializer)
     assert read_head(result.out).config.type == "two-stage"
+    _twin_is_the_dense_model(result.out, tied, tmp_path / "twin")  # its output layer: the embedding table, transposed
 
 
 def test_an_untied_model_ships_its_output_rows(tmp_path, small_tokenizer):
@@ -320,6 +321,32 @@ def test_an_untied_model_ships_its_output_rows(tmp_path, small_tokenizer):
     assert result.parity.passed
     inits = {t.name: list(t.dims) for t in load_graph(result.out / "model.onnx").graph.initializer}
     assert inits["head.rows"] == [320, 32]
+    _twin_is_the_dense_model(result.out, model, tmp_path / "twin")
+    rows8 = tmp_path / "rows8.toml"  # rows only as int8 codes: no fp32 output layer to make the twin from
+    rows8.write_text('name = "rows8"\nbackend = "ort"\nopset = 18\n[two_stage]\nrows = "int8"\n'
+                     '[parity]\natol = 100.0\ntop1_agreement_min = 0.0\ntop5_overlap_min = 0.0\nkl_max = 10.0\n'
+                     'greedy_must_match = false\n')
+    art8 = api.build(str(rows8), model=model, out=tmp_path / "art8", steps=2).out
+    assert_user_error(run_cli("bench", "--artifact", art8, "--vs-dense"), "only as quantized rows", 'rows = "fp32"')
+
+
+def _twin_is_the_dense_model(artifact: Path, model: Path, out: Path) -> None:
+    """A two-stage artifact's dense twin (bench --artifact --vs-dense) computes transformers' own dense logits."""
+    from transformers import AutoModelForCausalLM
+
+    from vqexport.backends.ort.runner import OrtRunner
+    from vqexport.bench.artifact import dense_twin
+
+    out.mkdir()
+    twin = dense_twin(artifact, "model.onnx", out)
+    names = {n.name for n in load_graph(twin).graph.node}
+    assert "head/dense/MatMul" in names and not any(n.startswith(("head/route", "head/exact", "head/codebook")) for n in names)
+    ids = np.arange(12).reshape(2, 6) + 100
+    with OrtRunner(twin) as runner:
+        got = runner.step(ids, np.ones_like(ids), runner.empty_past(2)).logits
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()(input_ids=torch.from_numpy(ids)).logits
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
 
 
 def test_int4_genai_trunk_rows_shared_or_int8(tied, tmp_path):
@@ -339,8 +366,12 @@ def test_int4_genai_trunk_rows_shared_or_int8(tied, tmp_path):
     rows = next(n for n in proto.graph.node if n.name == "head/exact/rows")
     lookup = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized" and "input_ids" in n.input)
     assert rows.op_type == "GatherBlockQuantized" and rows.input[0] == lookup.input[0]
+    # the builder's int4 table, whatever the rows' form: the dense twin is the builder's own model (bench --e2e)
+    assert_user_error(run_cli("bench", "--artifact", result.out, "--vs-dense"), "cannot build the two-stage head's dense twin",
+                      "bench --e2e")
     assert profile.two_stage.rows == "int8"
     result = api.build(dataclasses.replace(profile, parity=loose), model=tied, out=tmp_path / "int8", steps=2)
+    assert_user_error(run_cli("bench", "--artifact", result.out, "--vs-dense"), "cannot build the two-stage head's dense twin")
     inits = {t.name: t for t in load_graph(result.out / "model.onnx").graph.initializer}
     cfg = read_head(tied).config  # the int8 copy is laid out by cluster, each cluster's rows transposed
     assert list(inits["head.rows_q"].dims) == [cfg.codebook_size, 64, cfg.cluster_size] and inits["head.rows_q"].data_type == 3

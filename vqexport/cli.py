@@ -363,7 +363,8 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
               help="With --head: rank of the low-rank correction rows (logits, exact top-k by TopK and by cluster bounds); 0 = none.")
 @click.option("--artifact", "-a", type=click.Path(), default=None, help="Benchmark a built artifact end to end.")
 @click.option("--vs-dense", is_flag=True,
-              help="With --artifact: also measure its dense-head twin (the same trunk, one V x d MatMul with the same logits).")
+              help="With --artifact: also measure its dense-head twin (the same trunk, one V x d MatMul with the same logits; "
+                   "for a two-stage head, the model's own output layer).")
 @click.option("--e2e", is_flag=True,
               help="A genai-trunk artifact against onnxruntime-genai's own dense model of the same trunk and precision, "
                    "both through onnxruntime-genai, alternating (needs --model or --shape).")

@@ -72,7 +72,9 @@ def _model_bytes(path: Path) -> int:
 
 def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: bool = False) -> Path:
     """The artifact's trunk with the dense-head twin of its head (W[v] = C[M[v]] (+ U[v] P), same bias), written to
-    ``out``/dense.onnx: the same logits as the VQ head, from one V x d MatMul."""
+    ``out``/dense.onnx: the same logits as the VQ head, from one V x d MatMul. A two-stage head's twin is the model's
+    own output layer (the rows it rescores with: the trunk's embedding table when tied, else the artifact's fp32
+    copy): the dense model it was converted from."""
     import onnx_ir as ir
 
     from ..head.graph import HeadForm
@@ -82,12 +84,28 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
     head = read_head(artifact)
     if head is None:
         raise VQExportError(f"{artifact}: the head's definition (vq_head.json + vq_head.safetensors) is missing; rebuild the artifact")
+    model = ir.load(str(artifact / model_file))
+    rows = rows_bias = None
+    tied = False
     if head.two_stage:
-        raise VQExportError(f"{artifact}: a two-stage head's dense twin is the model's own output layer; compare with "
-                            "onnxruntime-genai's model through bench --e2e")
-    model = join(detach_head(ir.load(str(artifact / model_file))), head, HeadForm(dense=True, last_position_only=last_position_only))
+        rows, rows_bias = _initializer(model, "head.rows"), _initializer(model, "head.rows_bias")
+        tied = bool(read_manifest(artifact)["config"].get("tie_word_embeddings"))
+        if rows is None and not tied:
+            raise VQExportError(f"{artifact}: the model's output layer is in this artifact only as quantized rows; its "
+                                "dense twin needs them in fp32 (build with [two_stage] rows = \"fp32\")")
+    try:
+        model = join(detach_head(model), head, HeadForm(dense=True, last_position_only=last_position_only), rows=rows,
+                     rows_bias=rows_bias, tied=tied)
+    except ValueError as e:  # a tied two-stage head whose trunk reads its embedding table quantized
+        raise VQExportError(f"{artifact}: cannot build the two-stage head's dense twin ({e}); on onnxruntime-genai's "
+                            "trunk, compare with the builder's own model through bench --e2e") from None
     save(model, out, "dense.onnx")
     return out / "dense.onnx"
+
+
+def _initializer(model, name: str) -> np.ndarray | None:
+    value = model.graph.initializers.get(name)
+    return None if value is None else value.const_value.numpy()
 
 
 def _rss_mb() -> float:

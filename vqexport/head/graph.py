@@ -47,7 +47,8 @@ class HeadForm:
     k: int = 50
     keep_logits: bool = False
     last_position_only: bool = False
-    dense: bool = False  # the dense twin: one MatMul with W[v] = C[M[v]] (+ U[v] P), same bias (benchmarks)
+    dense: bool = False  # the dense twin (benchmarks): one MatMul with W[v] = C[M[v]] (+ U[v] P), same bias; for a
+    # two-stage head, the model's own output layer (its rows)
     probes: int = 0  # two-stage: clusters rescored exactly (0: the head's own setting)
     rows: str = "shared"  # two-stage exact rows: "shared" (the trunk's own embedding table, whatever its encoding) |
     #                       "fp32" (a head.rows copy) | "int8" (7-bit row codes, h quantized per position, MatMulInteger) |
@@ -260,12 +261,7 @@ class _TwoStage:
         """The trunk's embedding lookup of input_ids, repeated on the probed ids: the same table, never copied (cast
         to fp32 when the table is an fp16 trunk's)."""
         b = self.b
-        lookup = next((n for n in b.graph if n.op_type in ("Gather", "GatherBlockQuantized")
-                       and n.inputs[1] is not None and n.inputs[1].name == "input_ids"), None)
-        V = self.head.config.vocab_size
-        if (lookup is None or lookup.inputs[0] is None or not lookup.inputs[0].is_initializer()
-                or lookup.inputs[0].shape is None or list(lookup.inputs[0].shape)[0] != V):
-            raise ValueError("the trunk has no embedding lookup of input_ids over a [V, d] table to share")
+        lookup = self._lookup()
         inputs = [lookup.inputs[0], ids, *lookup.inputs[2:]]
         attrs = {k: a.value for k, a in lookup.attributes.items()}
         if lookup.domain:
@@ -276,6 +272,34 @@ class _TwoStage:
         if dtype is not None and dtype != ir.DataType.FLOAT:
             rows = b.op("Cast", [rows], "head/exact/rows_fp32", to=int(ir.DataType.FLOAT))
         return rows
+
+    def _lookup(self) -> ir.Node:
+        """The trunk's embedding lookup of input_ids over its [V, d] table (an initializer)."""
+        lookup = next((n for n in self.b.graph if n.op_type in ("Gather", "GatherBlockQuantized")
+                       and n.inputs[1] is not None and n.inputs[1].name == "input_ids"), None)
+        V = self.head.config.vocab_size
+        if (lookup is None or lookup.inputs[0] is None or not lookup.inputs[0].is_initializer()
+                or lookup.inputs[0].shape is None or list(lookup.inputs[0].shape)[0] != V):
+            raise ValueError("the trunk has no embedding lookup of input_ids over a [V, d] table to share")
+        return lookup
+
+    def dense(self, h: ir.Value) -> ir.Value:
+        """The dense twin (benchmarks): every token's exact logit h · Wᵀ (+ b_dense) by one V x d MatMul, from the
+        rows' copy if given, else from the trunk's own embedding table (tied models; an fp32 or fp16 Gather table)."""
+        b = self.b
+        if self.rows is not None:
+            weight_t = b.init("head.rows_t", np.ascontiguousarray(self.rows.T, dtype=np.float32))
+        else:
+            lookup = self._lookup()
+            if lookup.op_type != "Gather":
+                raise ValueError(f"the trunk's embedding table is read by {lookup.op_type}, not a plain Gather")
+            weight_t = b.op("Transpose", [lookup.inputs[0]], "head/dense/rows_t", perm=[1, 0])
+            if lookup.inputs[0].dtype is not None and lookup.inputs[0].dtype != ir.DataType.FLOAT:
+                weight_t = b.op("Cast", [weight_t], "head/dense/rows_t_fp32", to=int(ir.DataType.FLOAT))
+        out = b.op("MatMul", [h, weight_t], "head/dense/MatMul")
+        if self.rows_bias is not None:
+            out = b.op("Add", [out, b.init("head.rows_bias", self.rows_bias.astype(np.float32))], "head/dense/rows_bias")
+        return out
 
     def _int4(self, ids: ir.Value) -> ir.Value:
         """Rows from an int4 copy (symmetric blocks of NATIVE_BLOCK along d, one scale each) by GatherBlockQuantized."""
@@ -349,7 +373,9 @@ def build_head(graph: ir.Graph, hidden: ir.Value, head: Head, form: HeadForm, sc
                            b.const("head/last/axis", [1])], "head/last_position")
     functions = []
     outputs: dict[str, ir.Value] = {}
-    if form.dense:
+    if form.dense and head.two_stage:  # a two-stage head's dense twin: the model's own output layer
+        outputs["logits"] = _TwoStage(b, head, rows, rows_bias, tied).dense(h)
+    elif form.dense:
         out = b.op("MatMul", [h, b.init("head.weight_t", dense_weight_t(head))], "head/dense/MatMul")
         if head.bias is not None:
             out = b.op("Add", [out, b.init("head.bias", head.bias)], "head/bias/Add")
