@@ -97,6 +97,8 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
         model = join(detach_head(model), head, HeadForm(dense=True, last_position_only=last_position_only), rows=rows,
                      rows_bias=rows_bias, tied=tied)
     except ValueError as e:  # a tied two-stage head whose trunk reads its embedding table quantized
+        if not head.two_stage:
+            raise
         raise VQExportError(f"{artifact}: cannot build the two-stage head's dense twin ({e}); on onnxruntime-genai's "
                             "trunk, compare with the builder's own model through bench --e2e") from None
     save(model, out, "dense.onnx")
