@@ -190,7 +190,7 @@ class _Bands:
     """``evaluate``'s figures per band of dense entropy (nats): [0, 1), [1, 2), ... [5, inf)."""
 
     def __init__(self, probes: bool):
-        self.edges = torch.tensor(ENTROPY_BANDS)
+        self.edges, self.probes = torch.tensor(ENTROPY_BANDS), probes
         self.sums = torch.zeros(5 if probes else 4, len(ENTROPY_BANDS) + 1, dtype=torch.float64)  # n, nll d, nll v, agree, hits
 
     def add(self, ld: torch.Tensor, lv: torch.Tensor, target: torch.Tensor, same: torch.Tensor, hits: torch.Tensor | None) -> None:
@@ -212,7 +212,7 @@ class _Bands:
             if n:
                 ppl_d, ppl_v = math.exp(float(self.sums[1, b]) / n), math.exp(float(self.sums[2, b]) / n)
                 row.update(dense_ppl=ppl_d, vq_ppl=ppl_v, ppl_change=ppl_v / ppl_d - 1, top1_agreement=float(self.sums[3, b]) / n)
-                if len(self.sums) > 4:
+                if self.probes:
                     row["probe_recall"] = float(self.sums[4, b]) / n
             out.append(row)
         return out
