@@ -78,6 +78,29 @@ def test_int8_weights_meet_their_measured_goal(tmp_path, fp32):
     assert types & {"u8", "i8"}
 
 
+def test_int8_weights_meet_their_goal_with_a_two_stage_head(tmp_path):
+    """A two-stage head gives its probed tokens the output layer's exact logits, which NNCF compresses with the
+    embedding table: the dense model's own int8 error, near-ties and all, within the profile's tolerances."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vqexport.convert.clustering import EQUAL, cluster
+    from vqexport.convert.init import head_from_assignment
+    from vqexport.head.spec import make_head, write_head
+    from vqexport.source import resolve_source
+
+    pytest.importorskip("nncf", reason="NNCF is not installed (pip install 'vqexport[openvino]')")
+    demo = resolve_source(None)
+    model = shutil.copytree(demo.path, tmp_path / "model")
+    weight = load_file(str(model / "model.safetensors"))["model.embed_tokens.weight"]
+    codebook, mapping, bias = head_from_assignment(weight, None, cluster(weight, 512, EQUAL), 512, torch.zeros(weight.shape[1]))
+    write_head(model, make_head({"codebook": codebook.numpy(), "map": mapping.numpy(), "bias": bias.numpy()}, probes=32))
+    result = api.build("openvino-int8", model=model, out=tmp_path / "int8")
+    r = result.parity
+    assert r.passed, r.failures
+    assert r.max_abs_diff > 1e-4 and result.manifest["config"]["head"]["type"] == "two-stage"
+
+
 def test_openvino_missing_is_one_line_with_the_hint(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))

@@ -247,6 +247,43 @@ def test_nonzero_zero_point_and_large_topk(graph_of):
     one_reason(report, "big/TopK", "4000", f"k < {op_list()['restrictions']['topk_k_max']}")
 
 
+def test_constants_stored_beside_the_graph_are_read_from_its_directory(tmp_path):
+    """A rank-r head's int8 U has one zero point per token: V of them, which a saved graph keeps in its external
+    data. The check reads them from the graph's directory (the graph itself is loaded without its weights)."""
+    profile = load_profile("trt-int8")
+    head = head_model(_demo_head(4), profile.head_form(), scales={"hidden": 0.05, "lowrank": 0.05})
+
+    def saved(name, zero_point):
+        proto = ir.to_proto(head)
+        replace_initializer(proto.graph, "head.lowrank_u_zero_point", np.full(V, zero_point, np.int8))
+        d = tmp_path / name
+        d.mkdir()
+        onnx.save(proto, str(d / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+        loaded = load_graph(d / "model.onnx")
+        zp = next(t for t in loaded.graph.initializer if t.name == "head.lowrank_u_zero_point")
+        assert zp.data_location == TensorProto.EXTERNAL
+        return prepare_for_trt(loaded), d
+
+    graph, d = saved("zero", 0)
+    assert check(graph, profile, GEO, weights_dir=d).passed
+    with pytest.raises(ValueError, match="no weights_dir"):
+        check(graph, profile, GEO)
+    graph, d = saved("three", 3)
+    one_reason(check(graph, profile, GEO, weights_dir=d), "zero point must be 0")
+
+
+def test_check_only_on_a_model_with_a_rank_r_head(tmp_path):
+    import shutil
+
+    from vqexport.head.spec import write_head
+
+    model = shutil.copytree(resolve_source(None).path, tmp_path / "m")
+    write_head(model, _demo_head(4))
+    report = api.check_readiness("trt-int8", model=model)
+    assert report.passed, report.reasons
+    assert report.ops["DequantizeLinear"] >= 3  # the codebook's, P's and U's
+
+
 def test_check_only_cli_names_each_reason_exit_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     toml = (bundled_dir() / "trt.toml").read_text()

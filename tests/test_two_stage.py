@@ -393,6 +393,13 @@ def test_profile_probes_and_row_forms(tied, tmp_path):
     assert_user_error(run_cli("build", "--target", f, "--model", tied, "--out", tmp_path / "o"), "exceeds the head's codebook_size 20")
     f.write_text('backend = "ort"\nname = "p"\nhead = "fused"\n[ort]\nkernel = "function"\n')
     assert_user_error(run_cli("build", "--target", f, "--model", tied, "--out", tmp_path / "o"), "no second stage")
+    import shutil
+
+    ranked = shutil.copytree(tied, tmp_path / "ranked")  # the fused targets name the second stage, not the rank
+    write_head(ranked, _two_stage(vocab=320, hidden=64, rank=3))
+    for args in (["--target", "ort-fused", "--out", tmp_path / "o"], ["--target", "trt", "--check-only"]):
+        assert_user_error(run_cli("build", "--model", ranked, *args), "no second stage", "--head standard")
+    assert not (tmp_path / "o").exists()
 
 
 def _edit(model, **tensors):

@@ -118,7 +118,7 @@ def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, s
 
             progress("checking TensorRT readiness")
             graph = prepare_for_trt(load_graph(tmp / "model.onnx"))  # what TensorRT's parser sees: checked, then built
-            readiness = check(graph, profile, source.geometry)
+            readiness = check(graph, profile, source.geometry, weights_dir=tmp)
             enforce(readiness)
             runtime = build_trt(tmp, profile, source, timing_cache=previous_cache, graph=graph)
         elif profile.backend == "openvino":
@@ -294,7 +294,7 @@ def check_readiness(target: str | Profile, model=None, head: str | None = None, 
     with tempfile.TemporaryDirectory() as tmp:
         write_graph(Path(tmp), profile, source, reference, progress)
         progress("checking TensorRT readiness")
-        return check(prepare_for_trt(load_graph(Path(tmp) / "model.onnx")), profile, source.geometry)
+        return check(prepare_for_trt(load_graph(Path(tmp) / "model.onnx")), profile, source.geometry, weights_dir=Path(tmp))
 
 
 def for_target(source: Source, profile: Profile) -> Source:
@@ -314,6 +314,9 @@ def for_target(source: Source, profile: Profile) -> Source:
 def check_profile_fits(profile: Profile, source: Source) -> None:
     """Reject a profile the model cannot satisfy before any work starts."""
     head = source.head.config
+    if head.type == "two-stage" and profile.head == "fused":
+        raise VQExportError(f"target {profile.name}: the fused VQLogits op has no second stage, and {source.path} has a "
+                            "two-stage head; build it with --head standard (head = 'standard' in a target file)")
     if profile.codebook == "int8" and profile.int8.encoding == "native":
         if profile.head == "fused":
             raise VQExportError(f"target {profile.name}: the native int8 encoding (MatMulNBits) cannot feed a fused VQLogits head; use encoding = 'qdq'")
@@ -336,9 +339,6 @@ def check_profile_fits(profile: Profile, source: Source) -> None:
 
             register_ort_kernel()  # fails clearly if the runtime has no way to provide the kernel
     if head.type == "two-stage":
-        if profile.head == "fused":
-            raise VQExportError(f"target {profile.name}: the fused VQLogits op has no second stage; {source.path} has a "
-                                "two-stage head (use head = 'standard')")
         if profile.two_stage.probes > head.codebook_size:
             raise VQExportError(f"target {profile.name}: two_stage.probes = {profile.two_stage.probes} exceeds the head's "
                                 f"codebook_size {head.codebook_size}")

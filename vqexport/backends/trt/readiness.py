@@ -54,7 +54,9 @@ def op_list() -> dict:
         return tomllib.load(f)
 
 
-def check(proto: onnx.ModelProto, profile: Profile, cfg: Geometry) -> Readiness:
+def check(proto: onnx.ModelProto, profile: Profile, cfg: Geometry, weights_dir: Path | None = None) -> Readiness:
+    """``proto`` may be loaded without its external weights: the few constants read here (TopK's K, zero points)
+    are then read from ``weights_dir``, the directory of the saved model.onnx."""
     ops = op_list()
     supported = set(ops["supported"])
     reasons: list[str] = []
@@ -80,7 +82,7 @@ def check(proto: onnx.ModelProto, profile: Profile, cfg: Geometry) -> Readiness:
                                f"(list for TensorRT {ops['tensorrt']})")
         else:
             reasons += _plugin_reasons(n, supported, inits)
-        reasons += _restriction_reasons(n, inits, ops["restrictions"])
+        reasons += _restriction_reasons(n, inits, ops["restrictions"], weights_dir)
     reasons += _dtype_reasons(proto)
     reasons += _qdq_reasons(g, inits, producer, consumers)
     if profile.codebook == "int8":
@@ -128,20 +130,26 @@ def _plugin_reasons(n, supported, inits) -> list[str]:
     return out
 
 
-def _restriction_reasons(n, inits, rules) -> list[str]:
+def _constant(t: onnx.TensorProto, weights_dir: Path | None) -> np.ndarray:
+    if t.data_location == TensorProto.EXTERNAL and weights_dir is None:
+        raise ValueError(f"initializer {t.name!r} is stored outside the graph and no weights_dir was given")
+    return numpy_helper.to_array(t, str(weights_dir or ""))
+
+
+def _restriction_reasons(n, inits, rules, weights_dir) -> list[str]:
     out = []
     for pos in rules["constant_inputs"].get(n.op_type, []):
         if pos < len(n.input) and n.input[pos] and n.input[pos] not in inits:
             out.append(f"node {n.name!r}: {n.op_type} input {pos} must be a build-time constant for TensorRT")
     if n.op_type == "TopK":
         if len(n.input) > 1 and n.input[1] in inits:
-            k = int(numpy_helper.to_array(inits[n.input[1]]).reshape(-1)[0])
+            k = int(_constant(inits[n.input[1]], weights_dir).reshape(-1)[0])
             if k >= rules["topk_k_max"]:
                 out.append(f"node {n.name!r}: TopK k = {k}; TensorRT needs k < {rules['topk_k_max']}")
         if _attr(n, "sorted") == 0:
             out.append(f"node {n.name!r}: TopK sorted = 0; TensorRT needs sorted = 1")
     if n.op_type in rules["zero_point_must_be_zero"] and len(n.input) > 2 and n.input[2] in inits:
-        if np.any(numpy_helper.to_array(inits[n.input[2]]) != 0):
+        if np.any(_constant(inits[n.input[2]], weights_dir) != 0):
             out.append(f"node {n.name!r}: {n.op_type} zero point must be 0 for TensorRT")
     return out
 
