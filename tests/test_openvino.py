@@ -4,6 +4,8 @@ ort target's standard-op model.onnx running unchanged in OpenVINO."""
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -41,6 +43,24 @@ def test_verify_and_bench_run_the_ir(fp32):
     assert b.exit_code == 0, b.stderr
     out = json.loads(b.stdout)
     assert out["vq"]["tokens_per_s"] > 0 and out["target"] == "openvino"
+
+
+def test_generate_runs_the_ir_without_torch(fp32, demo_artifact):
+    """The artifact ships the model's tokenizer; generate decodes with OpenVINO, the greedy tokens of ONNX Runtime."""
+    assert (fp32.out / "tokenizer.json").read_bytes() == (demo_artifact / "tokenizer.json").read_bytes()
+    assert "tokenizer.json" in fp32.manifest["files"]
+    code = (
+        "import sys, json\n"
+        "from vqexport.generate import generate\n"
+        f"g = generate({str(fp32.out)!r}, 'def main(', max_new_tokens=12)\n"
+        "assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules, sorted(sys.modules)\n"
+        "print(json.dumps(g.new_ids))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == api.generate(demo_artifact, "def main(", max_new_tokens=12).new_ids
+    result = run_cli("generate", "--artifact", fp32.out, "--prompt", "def main(", "--max-new-tokens", 4, "--sample", "--seed", 3)
+    assert result.exit_code == 0 and result.stdout.startswith("def main(") and len(result.stdout) > len("def main("), result.stderr
 
 
 def test_the_ort_graph_runs_unchanged_in_openvino(demo_artifact):

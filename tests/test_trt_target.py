@@ -196,7 +196,7 @@ def test_verify_and_bench_without_tensorrt(fake_trt_artifact):
     assert_user_error(run_cli("verify", "--artifact", fake_trt_artifact, "--steps", "2"), need)
     assert_user_error(run_cli("bench", "--artifact", fake_trt_artifact, "--repeats", "1", "--tokens", "2"), need)
     assert_user_error(run_cli("bench", "--artifact", fake_trt_artifact, "--vs-dense"), "--vs-dense", "TensorRT artifact")
-    assert_user_error(run_cli("generate", "--artifact", fake_trt_artifact, "--prompt", "x"), "generate runs ONNX Runtime artifacts")
+    assert_user_error(run_cli("generate", "--artifact", fake_trt_artifact, "--prompt", "x"), "generate runs ONNX Runtime and OpenVINO artifacts", "trt engine")
 
 
 def test_a_rebuild_finds_the_previous_timing_cache(fake_trt_artifact, tmp_path):

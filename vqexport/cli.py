@@ -332,7 +332,7 @@ def inspect(path, as_json):
 @click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens only.")
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed):
-    """Generate text with onnxruntime alone (no torch): the app-side path.
+    """Generate text with the artifact's runtime alone (ONNX Runtime or OpenVINO; no torch): the app-side path.
 
     Greedy by default. With --sample, exact sampling over all V tokens; on a top-k artifact
     (decode = "topk") it costs O(K) per step.

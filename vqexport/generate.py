@@ -1,6 +1,7 @@
-"""Text generation with onnxruntime alone: the minimal "embed the artifact in an app" path.
+"""Text generation with the artifact's own runtime, no torch: the minimal "embed the artifact in an app" path.
 
-Imports numpy, onnxruntime, tokenizers and safetensors only (never torch).
+Imports numpy, tokenizers, safetensors and the runtime: onnxruntime, or OpenVINO for an OpenVINO artifact (never
+torch; a TensorRT engine is run by verify and bench, whose runner needs torch for CUDA memory).
 
 * greedy (default): argmax of the logits, or the first of the graph's exact top-k;
 * ``sample=True``: exact sampling from softmax(logits / T) over all V tokens (optionally only the top-k).
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import read_manifest
-from .backends.ort.runner import OrtRunner
+from .backends.runners import runner_from_runtime
 from .head.decoding import Sampler, check_temperature, cluster_tables, codebook_logits_from_cluster_logprobs, softmax_draw
 from .errors import VQExportError
 
@@ -103,9 +104,9 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
         raise VQExportError("--temperature, --top-k and --seed apply to sampling; add --sample")
     if sample and not math.isfinite(float(temperature)):
         raise VQExportError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if manifest["runtime"].get("backend", "ort") != "ort":
-        raise VQExportError(f"{artifact}: generate runs ONNX Runtime artifacts; this one is a {manifest['runtime']['backend']} "
-                            "engine (use verify or bench)")
+    if manifest["runtime"].get("backend", "ort") not in ("ort", "openvino"):
+        raise VQExportError(f"{artifact}: generate runs ONNX Runtime and OpenVINO artifacts; this one is a "
+                            f"{manifest['runtime']['backend']} engine (use verify or bench)")
     from .artifact import check_files
 
     check_files(artifact, manifest)
@@ -123,7 +124,7 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
         raise VQExportError(f"prompt ({len(ids)} tokens) + {max_new_tokens} new tokens exceeds the model's max_position {limit}")
     eos = set(cfg.get("eos_token_ids") or [])
     rt = manifest["runtime"]
-    runner = OrtRunner.from_runtime(artifact / rt["model_file"], rt)
+    runner = runner_from_runtime(artifact / rt["model_file"], rt)
     new: list[int] = []
     stopped = False
     with runner:

@@ -83,6 +83,14 @@ class Source:
         out = [self.path / n for n in names if (self.path / n).is_file()]
         return sorted(set(out) | set(self.weight_files))
 
+    def copy_tokenizer(self, out: Path) -> None:
+        """The model's tokenizer files, as they are, into an artifact directory (what an app needs for text)."""
+        if self.tokenizer_path is None:
+            return
+        for name in TOKENIZER_FILES:
+            if (self.path / name).is_file():
+                (out / name).write_bytes((self.path / name).read_bytes())
+
 
 def demo_dir() -> Path:
     """The embedded default model shipped inside the package."""

@@ -49,6 +49,7 @@ def build_openvino(out: Path, profile: Profile, source: Source) -> dict:
         msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise VQExportError(f"{what}: OpenVINO could not convert the graph ({msg.strip()[:200]})") from None
     write_head(out, source.head)
+    source.copy_tokenizer(out)
     return {
         "backend": "openvino",
         "model_file": MODEL_FILE,

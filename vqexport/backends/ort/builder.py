@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ...head.spec import write_head
 from ...profiles import Profile
-from ...source import TOKENIZER_FILES, Source
+from ...source import Source
 from .genai import genai_config, tokenizer_config
 from .session import available_providers, create_session, session_options
 
@@ -32,11 +32,10 @@ def write_app_files(out: Path, source: Source, providers: list[str], logits: boo
 
 
 def copy_tokenizer(source: Source, out: Path) -> None:
+    """The tokenizer files, and a tokenizer_config.json for onnxruntime-genai when the model has none."""
     if source.tokenizer_path is None:
         return
-    for name in TOKENIZER_FILES:
-        if (source.path / name).is_file():
-            (out / name).write_bytes((source.path / name).read_bytes())
+    source.copy_tokenizer(out)
     if not (out / "tokenizer_config.json").is_file():
         from tokenizers import Tokenizer
 

@@ -82,6 +82,7 @@ def build_trt(out: Path, profile: Profile, source: Source, timing_cache: bytes |
         raise VQExportError(f"target {profile.name}: TensorRT could not build the engine (its log above says why)")
     (out / PLAN_FILE).write_bytes(bytes(plan))
     write_head(out, source.head)
+    source.copy_tokenizer(out)
     if opts.timing_cache:
         (out / TIMING_CACHE_FILE).write_bytes(bytes(config.get_timing_cache().serialize()))
     return {
