@@ -43,6 +43,12 @@ def test_verify_and_bench_run_the_ir(fp32):
     assert b.exit_code == 0, b.stderr
     out = json.loads(b.stdout)
     assert out["vq"]["tokens_per_s"] > 0 and out["target"] == "openvino"
+    b = run_cli("bench", "--artifact", fp32.out, "--vs-dense", "--tokens", 4, "--prompt-length", 8, "--repeats", 1, "--json")
+    assert b.exit_code == 0, b.stderr
+    out = json.loads(b.stdout)  # the dense twin, converted to IR like the artifact: a V x d output layer instead of the head
+    V, d = fp32.manifest["config"]["vocab_size"], fp32.manifest["config"]["hidden_size"]
+    assert out["dense"]["tokens_per_s"] > 0 and out["ratios"]["tokens_per_s"] > 0
+    assert out["dense"]["model_bytes"] - out["vq"]["model_bytes"] > 0.5 * V * d * 4
 
 
 def test_generate_runs_the_ir_without_torch(fp32, demo_artifact):

@@ -167,10 +167,15 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     models = {"vq": artifact / runtime["model_file"]}
     with tempfile.TemporaryDirectory() as tmp:
         if vs_dense:
-            if runtime.get("backend") == "openvino":
-                raise VQExportError("--vs-dense builds an ONNX Runtime twin; it is not available for an OpenVINO artifact")
             last = manifest["profile"].get("decode", {}).get("last_position_only", False)
-            models["dense"] = dense_twin(artifact, runtime["model_file"], Path(tmp), last_position_only=last)
+            if runtime.get("backend") == "openvino":  # the twin of the portable graph, converted as the build did
+                from ..backends.openvino.builder import to_ir
+
+                twin = dense_twin(artifact, runtime["onnx_file"], Path(tmp), last_position_only=last)
+                to_ir(twin, Path(tmp) / "dense.xml", runtime.get("weights", "fp32"), f"{artifact}: the dense twin")
+                models["dense"] = Path(tmp) / "dense.xml"
+            else:
+                models["dense"] = dense_twin(artifact, runtime["model_file"], Path(tmp), last_position_only=last)
         # the sides alternate, `repeats` times each, so drift on the machine hits both alike; medians reported
         runs: dict[str, list[dict]] = {k: [] for k in models}
         steps = repeats * len(models)

@@ -34,20 +34,27 @@ def _quiet():
             lg.setLevel(lv)
 
 
+def to_ir(onnx_path: Path, xml_path: Path, weights: str, what: str) -> None:
+    """``onnx_path`` converted to IR at ``xml_path`` (+ .bin), weights fp32 or (``weights = "int8"``) compressed
+    by NNCF."""
+    ov = require_openvino(what)
+    nncf = require_nncf(what) if weights == "int8" else None
+    try:
+        with _quiet():
+            model = ov.convert_model(str(onnx_path))
+            if nncf is not None:
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    except Exception as e:  # OpenVINO's conversion errors (OpConversionFailure, RuntimeError, ...)
+        msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise VQExportError(f"{what}: OpenVINO could not convert the graph ({msg.strip()[:200]})") from None
+
+
 def build_openvino(out: Path, profile: Profile, source: Source) -> dict:
     what = f"target {profile.name}"
     ov = require_openvino(what)
     require_device(profile.openvino.device, what)
-    nncf = require_nncf(what) if profile.openvino.weights == "int8" else None
-    try:
-        with _quiet():
-            model = ov.convert_model(str(out / ONNX_FILE))
-            if nncf is not None:
-                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-            ov.save_model(model, str(out / MODEL_FILE), compress_to_fp16=False)
-    except Exception as e:  # OpenVINO's conversion errors (OpConversionFailure, RuntimeError, ...)
-        msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise VQExportError(f"{what}: OpenVINO could not convert the graph ({msg.strip()[:200]})") from None
+    to_ir(out / ONNX_FILE, out / MODEL_FILE, profile.openvino.weights, what)
     write_head(out, source.head)
     source.copy_tokenizer(out)
     return {
