@@ -61,3 +61,22 @@ def assert_user_error(result, *fragments):
     for f in fragments:
         assert f in lines[0], (f, lines[0])
     assert "Traceback" not in result.stderr
+
+
+def generate_in_a_fresh_process(artifact, prompt: str, max_new_tokens: int, absent=("torch",)) -> dict:
+    """``vqexport.generate.generate`` in a new interpreter; fails unless none of the modules ``absent`` was imported.
+    Returns {"prompt": prompt ids, "new": generated ids, "text": the generated text}."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "from vqexport.generate import generate\n"
+        f"g = generate({str(artifact)!r}, {prompt!r}, max_new_tokens={max_new_tokens})\n"
+        f"assert not [m for m in {tuple(absent)!r} if m in sys.modules], sorted(sys.modules)\n"
+        "print(json.dumps({'prompt': g.prompt_ids, 'new': g.new_ids, 'text': g.text}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

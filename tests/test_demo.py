@@ -11,7 +11,7 @@ import pytest
 from vqexport.artifact import read_manifest, sha256_file
 from vqexport.source import demo_dir, load_source
 
-from .conftest import run_cli
+from .conftest import generate_in_a_fresh_process, run_cli
 
 PROMPT = "def read_config(path):\n    "
 
@@ -144,16 +144,7 @@ def test_onnxruntime_genai_loads_the_directory_and_matches_torch(demo_artifact):
 
 
 def test_generate_runs_without_torch_and_matches_torch(demo_artifact):
-    code = (
-        "import sys, json\n"
-        "from vqexport.generate import generate\n"
-        f"g = generate({str(demo_artifact)!r}, {PROMPT!r}, max_new_tokens=12)\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-        "print(json.dumps({'prompt': g.prompt_ids, 'new': g.new_ids, 'text': g.text}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = generate_in_a_fresh_process(demo_artifact, PROMPT, 12)
     expected = _torch_greedy(out["prompt"], 12)
     assert out["new"] == expected[: len(out["new"])] and len(out["new"]) >= 1
 

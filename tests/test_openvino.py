@@ -4,8 +4,6 @@ ort target's standard-op model.onnx running unchanged in OpenVINO."""
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from vqexport import api
 from vqexport.backends.ort.runner import OrtRunner
 
-from .conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, generate_in_a_fresh_process, run_cli
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'vqexport[openvino]')")
 
@@ -55,16 +53,8 @@ def test_generate_runs_the_ir_without_torch(fp32, demo_artifact):
     """The artifact ships the model's tokenizer; generate decodes with OpenVINO, the greedy tokens of ONNX Runtime."""
     assert (fp32.out / "tokenizer.json").read_bytes() == (demo_artifact / "tokenizer.json").read_bytes()
     assert "tokenizer.json" in fp32.manifest["files"]
-    code = (
-        "import sys, json\n"
-        "from vqexport.generate import generate\n"
-        f"g = generate({str(fp32.out)!r}, 'def main(', max_new_tokens=12)\n"
-        "assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules, sorted(sys.modules)\n"
-        "print(json.dumps(g.new_ids))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == api.generate(demo_artifact, "def main(", max_new_tokens=12).new_ids
+    got = generate_in_a_fresh_process(fp32.out, "def main(", 12, absent=("torch", "onnxruntime"))
+    assert got["new"] == api.generate(demo_artifact, "def main(", max_new_tokens=12).new_ids
     result = run_cli("generate", "--artifact", fp32.out, "--prompt", "def main(", "--max-new-tokens", 4, "--sample", "--seed", 3)
     assert result.exit_code == 0 and result.stdout.startswith("def main(") and len(result.stdout) > len("def main("), result.stderr
 
