@@ -56,6 +56,16 @@ def test_config_missing_or_not_json_or_not_hf(model, tmp_path):
     _build_fails(tmp_path, model, "no config.json")
 
 
+@pytest.mark.parametrize("change, fragments", [
+    ({"hidden_size": "abc"}, ("cannot load this config", "hidden_size", "expected int")),
+    ({"rope_parameters": {"rope_type": "bogus"}}, ("bogus",)),
+])
+def test_config_values_transformers_refuses(model, tmp_path, change, fragments):
+    """One line (assert_user_error counts them): transformers' own log lines about the config stay quiet."""
+    _edit_json(model / "config.json", **change)
+    _build_fails(tmp_path, model, *fragments)
+
+
 def test_missing_weights_and_pickles(model, tmp_path):
     (model / "model.safetensors").rename(model / "pytorch_model.bin")
     _build_fails(tmp_path, model, "only safetensors weights are read")
@@ -116,7 +126,12 @@ def test_a_weight_with_the_wrong_shape(model, tmp_path):
     name = next(k for k in sorted(tensors) if k.endswith("q_proj.weight"))
     tensors[name] = np.zeros((3, 3), np.float32)
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
-    _build_fails(tmp_path, model, "cannot load")
+    _build_fails(tmp_path, model, f"tensor {name} does not have the shape config.json implies")
+
+
+def test_weights_the_config_has_no_place_for(model, tmp_path):
+    _edit_json(model / "config.json", num_hidden_layers=1)  # the weights hold 2 layers: one would be dropped silently
+    _build_fails(tmp_path, model, "tensor(s) the llama model of config.json has no place for", "model.layers.1.")
 
 
 def test_no_head_says_how_to_make_one(model, tmp_path):
@@ -200,6 +215,13 @@ def test_unknown_and_malformed_targets(model, tmp_path):
     bad.write_text("backend = [")
     assert_user_error(run_cli("build", "--target", bad, "--model", model), "malformed TOML")
     assert_user_error(run_cli("build", "--target", tmp_path / "missing.toml", "--model", model), "does not exist")
+    many = tmp_path / "many.toml"  # ONNX Runtime would start every one of them
+    many.write_text('name = "many"\nbackend = "ort"\n[ort]\nintra_op_num_threads = 100000\n')
+    assert_user_error(run_cli("build", "--target", many, "--model", model), "ort.intra_op_num_threads must be an integer in [0, 1024]")
+    unnamed = tmp_path / "a name with spaces.toml"  # the file's name stands for the target's only when it can
+    unnamed.write_text('backend = "ort"\n')
+    assert_user_error(run_cli("build", "--target", unnamed, "--model", model), "'a name with spaces' cannot stand for one",
+                      'add name = "..."')
 
 
 def test_real_process_exit_code_and_single_line(tmp_path):
@@ -211,3 +233,23 @@ def test_real_process_exit_code_and_single_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
     assert proc.stdout == ""
+
+
+def test_parity_steps_beyond_the_models_positions(tmp_path):
+    """The parity check's longest prompt (11 random ids without a tokenizer) + its decode steps must fit in the
+    model's positions: refused before any work, for build and for verify."""
+    model = make_model(tmp_path / "short", max_position=16)
+    _build_fails(tmp_path, model, "longest prompt (11 tokens) + 32 decode steps", "max_position 16", "--steps 5")
+    out = tmp_path / "ok"
+    assert run_cli("build", "--model", model, "--out", out, "--steps", 5).exit_code == 0  # 11 + 5 = 16 positions
+    assert_user_error(run_cli("verify", "--artifact", out, "--steps", 6), "+ 6 decode steps", "max_position 16")
+
+
+def test_a_failed_build_leaves_no_directory_it_made(model, tmp_path):
+    _edit_json(model / "config.json", num_key_value_heads=3)  # 4 heads cannot share 3 key/value heads
+    out = tmp_path / "new" / "x" / "y"
+    assert_user_error(run_cli("build", "--model", model, "--out", out))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a directory that was there before the build stays
+    assert_user_error(run_cli("build", "--model", model, "--out", tmp_path / "kept" / "y"))
+    assert list((tmp_path / "kept").iterdir()) == []

@@ -138,6 +138,16 @@ def test_bad_sources_and_outputs(dense_ckpt, text_file, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("def f(): pass\n")
     assert_user_error(run_cli("convert", "--from", dense_ckpt, "-k", 4, "--distill-text", short, "--out", tmp_path / "o"), "too short")
+    from tokenizers import Tokenizer
+
+    from vqexport.convert.convert import MIN_TEXT_TOKENS
+
+    text, tok = text_file.read_text(), Tokenizer.from_file(str(dense_ckpt / "tokenizer.json"))
+    short.write_text(text[: len(text) * 2000 // len(tok.encode(text).ids)])  # about 2,000 tokens: held out, 200
+    n = len(tok.encode(short.read_text()).ids)
+    assert 1500 < n < MIN_TEXT_TOKENS  # refused at once, with the number that would do
+    assert_user_error(run_cli("convert", "--from", dense_ckpt, "-k", 4, "--distill-text", short, "--out", tmp_path / "o"),
+                      f"too short for distillation ({n} tokens; need at least {MIN_TEXT_TOKENS})")
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"ok \xff\xfe bytes")
     assert_user_error(run_cli("convert", "--from", dense_ckpt, "-k", 4, "--distill-text", binary, "--out", tmp_path / "o"), "not UTF-8")

@@ -94,13 +94,25 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
         raise VQExportError(f"{out}: the output directory would replace the model directory {model_dir} (or a folder "
                             "holding it); choose another --out")
     check_profile_fits(profile, source)
+    check_steps_fit(source, profile, steps)
     source = for_target(source, profile)
     record = source_record(source)
     fp = fingerprint(record, profile)
-    check_output_dir(out, fp, force)
-    with build_lock(out):  # another build into the same directory finishes first; then this one decides again
+    missing = [d for d in (out, *out.parents) if not d.exists()]  # deepest first: removed again if the build fails
+    try:
         check_output_dir(out, fp, force)
-        return _build(profile, source, record, fp, out, steps, progress)
+        with build_lock(out):  # another build into the same directory finishes first; then this one decides again
+            check_output_dir(out, fp, force)
+            return _build(profile, source, record, fp, out, steps, progress)
+    except BaseException:
+        for d in missing:
+            try:
+                d.rmdir()  # only if empty: another process may have put something there meanwhile
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
+        raise
 
 
 def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, steps, progress) -> BuildResult:
@@ -348,6 +360,18 @@ def check_profile_fits(profile: Profile, source: Source) -> None:
         raise VQExportError(f"target {profile.name}: decode.k = {profile.decode.k} exceeds the vocabulary size {head.vocab_size}")
 
 
+def check_steps_fit(source: Source, profile: Profile, steps: int | None) -> None:
+    """The parity check's longest prompt and its decode steps must fit in the model's positions."""
+    from .verify import prompt_ids
+
+    n = profile.parity.steps if steps is None else steps
+    longest = max(len(p) for p in prompt_ids(source.tokenizer_path, source.geometry.vocab_size))
+    limit = source.geometry.max_position
+    if limit and longest + n > limit:
+        raise VQExportError(f"the parity check's longest prompt ({longest} tokens) + {n} decode steps exceeds the "
+                            f"model's max_position {limit}; pass --steps {max(limit - longest, 0)} or fewer")
+
+
 def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, reference=None, steps=None,
                progress=_noop) -> ParityReport:
     """Compare the artifact in ``artifact`` (its runtime section) with the PyTorch reference."""
@@ -391,5 +415,6 @@ def verify_artifact(artifact, steps: int | None = None, model=None, progress=_no
                                 f"{key} = {built.get(key)}; pass the model it was built from")
     if model is None and source_record(source)["sha256"] != src["sha256"]:
         raise VQExportError(f"{source.path}: the model changed since the artifact was built; rebuild, or pass --model")
+    check_steps_fit(source, profile, steps)
     check_files(artifact, manifest, hashes=True)
     return verify_dir(artifact, manifest["runtime"], profile, source, steps=steps, progress=progress)

@@ -159,6 +159,9 @@ class Profile:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
+MAX_THREADS = 1024  # ONNX Runtime starts every thread asked for, and with it the memory of each
+
+
 def _safe_name(v: str) -> bool:
     import re
 
@@ -257,6 +260,9 @@ def parse_profile(raw: dict, where: str) -> Profile:
         fail("missing key 'backend'")
     backend = take(raw, "backend", str, None, "", lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}")
     name = take(raw, "name", str, Path(where).stem, "", _safe_name, "a non-empty name of letters, digits, '.', '_' or '-' (it names the output directory)")
+    if "name" not in raw and not _safe_name(name):
+        fail(f"no name, and the file's own name {name!r} cannot stand for one (letters, digits, '.', '_' or '-'); "
+             "add name = \"...\"")
     opset = take(raw, "opset", int, 18, "", lambda v: 18 <= v <= 23, "an integer in [18, 23]")
     trunk = _trunk(table("trunk", TrunkOptions.__dataclass_fields__), backend, fail, take)
     if trunk.source == "genai":
@@ -281,7 +287,8 @@ def parse_profile(raw: dict, where: str) -> Profile:
         saved_optimization_level=take(o, "saved_optimization_level", str, "none", "ort.", lambda v: v in ("none", "basic"),
                                       "'none' or 'basic' (higher levels are not portable)"),
         session_optimization_level=take(o, "session_optimization_level", str, "all", "ort.", lvl, f"one of {', '.join(OPT_LEVELS)}"),
-        intra_op_num_threads=take(o, "intra_op_num_threads", int, 0, "ort.", lambda v: v >= 0, "an integer >= 0"),
+        intra_op_num_threads=take(o, "intra_op_num_threads", int, 0, "ort.", lambda v: 0 <= v <= MAX_THREADS,
+                                  f"an integer in [0, {MAX_THREADS}] (0: ONNX Runtime's default)"),
         session_config={str(k): str(v) for k, v in take(
             o, "session_config", dict, {}, "ort.", lambda v: all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v.values()),
             "a table of session config entries (strings or numbers)").items()},

@@ -182,10 +182,13 @@ def hf_config(path: Path):
     import transformers
     from transformers import AutoConfig
 
+    from .quiet import quiet
+
     try:
-        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, KeyError, OSError, TypeError, ZeroDivisionError, AttributeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with quiet():
+            cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # whatever a config's validation raises (ValueError, KeyError, huggingface_hub's checks, ...)
+        msg = " ".join(ln.strip() for ln in str(e).strip().splitlines()[:2]) or type(e).__name__  # a heading, then what
         raise VQExportError(f"{path}: transformers {transformers.__version__} cannot load this config ({msg[:200]})") from None
     return cfg
 

@@ -41,7 +41,20 @@ from .router import kl_step
 
 SEQ = 128
 HEAD_POSITIONS = 8 * SEQ  # positions through the heads at a time when measuring: bounds the [positions, V] logits
-MIN_TEXT_TOKENS = 4 * SEQ
+HELD_OUT = 0.1  # the distillation text's last tenth is held out
+
+
+def _split(n: int) -> int:
+    """Where a text of ``n`` tokens splits into training and held-out tokens."""
+    return int(n * (1 - HELD_OUT))
+
+
+def _two_windows(n: int) -> bool:
+    """Both sides of the split hold two windows and the token after them."""
+    return (_split(n) - 1) // SEQ >= 2 and (n - _split(n) - 1) // SEQ >= 2
+
+
+MIN_TEXT_TOKENS = next(n for n in range(2 * SEQ + 1, 64 * SEQ) if _two_windows(n))
 CARD = "MODEL_CARD.md"
 
 
@@ -352,10 +365,8 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
 
     held = train = None
     if ids is not None:
-        cut = int(len(ids) * 0.9)
+        cut = _split(len(ids))  # _read_tokens saw to it that both sides hold two windows
         train, held = _windows(ids[:cut]), _windows(ids[cut:])
-        if len(held) <= SEQ + 1 or len(train) <= SEQ + 1:
-            raise VQExportError(f"{text}: too short to split into training and held-out text")
         sample = next(_batches(train, 16, torch.Generator().manual_seed(seed)))[0]
         mean_h = hidden(sample).reshape(-1, d).mean(0)
     else:

@@ -11,41 +11,11 @@ the reference parity compares against and what torch.onnx exports: nothing about
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
-
 import torch
 
 from ..errors import VQExportError
+from ..quiet import quiet
 from ..source import Geometry, Source, causal_lm_class, hf_config
-
-
-@contextlib.contextmanager
-def quiet():
-    """transformers' and torch's warnings and log lines stay out of the user's terminal."""
-    loggers = [logging.getLogger(n) for n in ("transformers", "torch.onnx", "torch.export", "torch._export",
-                                               "torch.fx.experimental.symbolic_shapes", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    from transformers.utils import logging as tf_logging
-
-    bars = tf_logging.is_progress_bar_enabled()
-    tf_logging.disable_progress_bar()
-    verbosity = tf_logging.get_verbosity()
-    tf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-        tf_logging.set_verbosity(verbosity)
-        if bars:
-            tf_logging.enable_progress_bar()
 
 
 def load_causal_lm(source: Source) -> torch.nn.Module:
@@ -56,7 +26,8 @@ def load_causal_lm(source: Source) -> torch.nn.Module:
     cls = causal_lm_class(hf_config(path), path)
     try:
         with quiet():
-            model, info = cls.from_pretrained(str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True)
+            model, info = cls.from_pretrained(str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True,
+                                              ignore_mismatched_sizes=True)  # reported below, by name
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VQExportError(f"{path}: transformers {transformers.__version__} cannot load this {source.model_type} model "
@@ -65,10 +36,15 @@ def load_causal_lm(source: Source) -> torch.nn.Module:
     if missing:
         raise VQExportError(f"{path}: the weights lack {len(missing)} tensor(s) the {source.model_type} model needs "
                             f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); a shard or the index is incomplete")
-    mismatched = info.get("mismatched_keys") or []
+    mismatched = sorted(k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys") or ())
     if mismatched:
-        name = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
-        raise VQExportError(f"{path}: tensor {name} does not have the shape the config implies")
+        raise VQExportError(f"{path}: tensor {mismatched[0]} does not have the shape config.json implies"
+                            f"{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''}")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        raise VQExportError(f"{path}: the weights hold {len(unexpected)} tensor(s) the {source.model_type} model of "
+                            f"config.json has no place for ({', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}); "
+                            "config.json and the weights disagree")
     return model.eval()
 
 
