@@ -33,12 +33,45 @@ def _print_json(obj) -> None:
     click.echo(json.dumps(_clean(obj), indent=2, sort_keys=True))
 
 
+# --seed: numpy's default_rng and torch's manual_seed both take any integer in this range
+_SEED = click.IntRange(0, 2**63 - 1)
+
+
+class _UsageError(click.ClickException):
+    """A click usage error as one line on stderr, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _one_line(e: click.UsageError) -> click.ClickException:
+    """``error: <click's message> (see 'vqexport <command> --help')``; a bare ``vqexport`` still prints the help."""
+    if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+        return e
+    names, ctx = [], e.ctx
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    command = " ".join(["vqexport", *reversed(names)])
+    return _UsageError(f"{' '.join(e.format_message().split())} (see '{command} --help')")
+
+
 class _Group(click.Group):
-    """Turns user errors into one line + exit 2, parity failures into exit 1."""
+    """Turns user errors (usage errors included) into one line + exit 2, parity failures into exit 1."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise _one_line(e) from None
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _one_line(e) from None
         except VQExportError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
@@ -55,10 +88,11 @@ class _Group(click.Group):
 
 
 class _Live:
-    """Live progress on stderr; silent when stderr is not a terminal or the output is JSON."""
+    """Live progress on stderr (with --json too: stdout keeps its one JSON object); silent when stderr is not a
+    terminal, where a redrawn status line would only litter logs."""
 
-    def __init__(self, quiet: bool, make):
-        self.widget = make() if not quiet and sys.stderr.isatty() else None
+    def __init__(self, make):
+        self.widget = make() if sys.stderr.isatty() else None
 
     def __enter__(self):
         if self.widget:
@@ -73,8 +107,8 @@ class _Live:
 class _Progress(_Live):
     """One status line naming the current stage."""
 
-    def __init__(self, quiet: bool):
-        super().__init__(quiet, lambda: _console().status("starting"))
+    def __init__(self):
+        super().__init__(lambda: _console().status("starting"))
 
     def __call__(self, stage: str) -> None:
         if self.widget:
@@ -84,10 +118,10 @@ class _Progress(_Live):
 class _Bar(_Live):
     """A progress bar for long benchmarks."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self):
         from rich.progress import Progress
 
-        super().__init__(quiet, lambda: Progress(console=_console(), transient=True))
+        super().__init__(lambda: Progress(console=_console(), transient=True))
         self.task = None
 
     def __call__(self, label: str, done: int, total: int) -> None:
@@ -98,6 +132,22 @@ class _Bar(_Live):
         self.widget.update(self.task, completed=done, description=label)
 
 
+_RUNTIMES = {"ort": "onnxruntime", "openvino": "OpenVINO", "trt": "TensorRT"}
+
+
+def _runtime_name(r) -> str:
+    """The runtime a bench --artifact result was measured with, from its backend (else its target's profile)."""
+    backend = r.get("backend")
+    if backend is None:
+        from . import api
+
+        try:
+            backend = api.load_profile(r["target"]).backend
+        except VQExportError:
+            return r["target"]
+    return _RUNTIMES.get(backend, backend)
+
+
 def _artifact_table(r) -> None:
     from rich.table import Table
 
@@ -105,7 +155,7 @@ def _artifact_table(r) -> None:
     m = r["machine"]
     c.print(f"{r['artifact']} ({r['target']}) on {m['cpu']}; prompt {r['prompt_length']} tokens, {r['tokens']} decode tokens timed; "
             f"medians of {r['repeats']} fresh runs")
-    t = Table(title="end-to-end latency (onnxruntime)")
+    t = Table(title=f"end-to-end latency ({_runtime_name(r)})")
     cols = ["metric", "vq-logits"] + (["dense twin", "dense / vq"] if "dense" in r else [])
     for col in cols:
         t.add_column(col, justify="right" if col != "metric" else "left")
@@ -213,7 +263,11 @@ def build(ctx, target, model, out, force, steps, head, check_only, as_json):
 
     ctx.meta["json"] = as_json
     if check_only:
-        with _Progress(as_json) as progress:
+        given = [name for name, value in (("--out", out is not None), ("--force", force), ("--steps", steps is not None)) if value]
+        if given:
+            raise VQExportError(f"--check-only cannot be combined with {', '.join(given)}: it writes nothing and runs no "
+                                "parity check")
+        with _Progress() as progress:
             ready = api.check_readiness(target, model=model, head=head, progress=progress)
         if as_json:
             _print_json(ready.to_dict())
@@ -224,7 +278,7 @@ def build(ctx, target, model, out, force, steps, head, check_only, as_json):
 
             enforce(ready)
         return
-    with _Progress(as_json) as progress:
+    with _Progress() as progress:
         result = api.build(target=target, model=model, out=out, force=force, steps=steps, head=head, progress=progress)
     if as_json:
         _print_json(result.manifest)
@@ -257,7 +311,7 @@ def verify(ctx, artifact, steps, model, as_json):
     from . import api
 
     ctx.meta["json"] = as_json
-    with _Progress(as_json) as progress:
+    with _Progress() as progress:
         report = api.verify(artifact, steps=steps, model=model, progress=progress)
     if as_json:
         _print_json(report.to_dict())
@@ -273,7 +327,7 @@ def verify(ctx, artifact, steps, model, as_json):
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def inspect(path, as_json):
-    """Show what a model dir, artifact dir or .onnx holds: I/O, ops, head vs trunk sizes."""
+    """Show what a model dir ('demo': the embedded model), artifact dir or .onnx holds: I/O, ops, head vs trunk sizes."""
     from . import api
 
     info = api.inspect(path)
@@ -330,7 +384,7 @@ def inspect(path, as_json):
 @click.option("--sample", is_flag=True, help="Sample from the full-vocabulary distribution instead of greedy decoding.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature (> 0).")
 @click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens only.")
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--seed", type=_SEED, default=None, help="Random seed for sampling (0 to 2^63 - 1).")
 def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed):
     """Generate text with the artifact's runtime alone (ONNX Runtime or OpenVINO; no torch): the app-side path.
 
@@ -352,13 +406,22 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
     click.echo("" if started else prompt)
 
 
+# The options each bench mode uses besides --json; any other one given is refused.
+_BENCH_OPTIONS = {
+    "head": ("shapes", "threads", "seconds", "rank"),
+    "artifact": ("vs_dense", "prompt_length", "tokens", "repeats"),
+    "e2e": ("model", "shape", "target", "e2e_head", "work", "prompt_length", "tokens", "repeats"),
+}
+
+
 @main.command()
 @click.option("--head", "head", is_flag=True, help="Benchmark the output layer alone at batch-1 decode for standard head shapes.")
 @click.option("--shapes", default=",".join(("gpt2", "qwen2.5-0.5b", "llama-3.2-1b")), show_default=True,
               help="Comma-separated head shapes for --head (gpt2, qwen2.5-0.5b, llama-3.2-1b, gemma-3-1b, tiny).")
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True,
               help="onnxruntime intra-op threads for --head (--artifact uses the threads its profile recorded).")
-@click.option("--seconds", type=click.FloatRange(0.05, 60), default=0.5, show_default=True, help="Minimum timing time per variant.")
+@click.option("--seconds", type=click.FloatRange(0.05, 60), default=0.5, show_default=True,
+              help="With --head: minimum timing time per variant.")
 @click.option("--rank", type=int, default=8, show_default=True,
               help="With --head: rank of the low-rank correction rows (logits, exact top-k by TopK and by cluster bounds); 0 = none.")
 @click.option("--artifact", "-a", type=click.Path(), default=None, help="Benchmark a built artifact end to end.")
@@ -369,7 +432,8 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
               help="A genai-trunk artifact against onnxruntime-genai's own dense model of the same trunk and precision, "
                    "both through onnxruntime-genai, alternating (needs --model or --shape).")
 @click.option("--model", "-m", "model", type=click.Path(), default=None,
-              help="With --e2e: a Hugging Face model directory (converted at K = V/32 if it has no head).")
+              help="With --e2e: a Hugging Face model directory (converted at K = V/32 if it has no head), or 'demo' "
+                   "for the embedded model.")
 @click.option("--shape", type=click.Choice(["qwen2.5-0.5b", "llama-3.2-1b"]), default=None,
               help="With --e2e: a random-weight model of this shape, made locally (no download).")
 @click.option("--target", "-t", default="ort-int4", show_default=True, help="With --e2e: the artifact's target (a genai trunk).")
@@ -379,11 +443,12 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
               help="With --e2e: keep the models and artifacts here (reused by the next run) instead of a temporary directory.")
 @click.option("--prompt-length", type=int, default=None,
               help="Prompt tokens for time to first token [default: 128 with --artifact, 64 with --e2e].")
-@click.option("--tokens", type=int, default=64, show_default=True, help="Decode tokens timed.")
+@click.option("--tokens", type=int, default=64, show_default=True, help="With --artifact / --e2e: decode tokens timed.")
 @click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True,
               help="With --artifact / --e2e: fresh worker runs per model (the sides alternating); medians reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, shape, target, e2e_head, work, prompt_length,
+@click.pass_context
+def bench(ctx, head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, shape, target, e2e_head, work, prompt_length,
           tokens, repeats, as_json):
     """Latency benchmarks; figures and ratios measured side by side in one run.
 
@@ -395,8 +460,21 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, 
 
     if sum((head, artifact is not None, e2e)) != 1:
         raise VQExportError("choose what to benchmark: --head, --artifact DIR or --e2e")
+    mode = "head" if head else "artifact" if artifact is not None else "e2e"
+    from click.core import ParameterSource
+
+    given = [next(o for o in p.opts if o.startswith("--")) for p in ctx.command.params
+             if p.name not in ("head", "artifact", "e2e", "as_json", *_BENCH_OPTIONS[mode])
+             and ctx.get_parameter_source(p.name) not in (None, ParameterSource.DEFAULT)]
+    if given:
+        raise VQExportError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --{mode} "
+                            "(see 'vqexport bench --help')")
+    if e2e and model is not None and shape is not None:
+        raise VQExportError("bench --e2e: --model and --shape are mutually exclusive; give one of them")
+    if e2e and model == "demo":
+        model = api.resolve_source(model, need_head=False).path
     if e2e:
-        with _Bar(as_json) as bar:
+        with _Bar() as bar:
             result = api.bench_e2e(model=model, shape=shape, target=target, prompt_len=64 if prompt_length is None else prompt_length, tokens=tokens,
                                    repeats=repeats, work=work, progress=bar, head=e2e_head)
         if as_json:
@@ -405,7 +483,7 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, 
             _e2e_table(result)
         return
     if artifact is not None:
-        with _Bar(as_json) as bar:
+        with _Bar() as bar:
             result = api.bench_artifact(artifact, vs_dense=vs_dense, prompt_len=128 if prompt_length is None else prompt_length, tokens=tokens,
                                         repeats=repeats, progress=bar)
         if as_json:
@@ -414,7 +492,7 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, 
             _artifact_table(result)
         return
     names = [s.strip() for s in shapes.split(",") if s.strip()]
-    with _Bar(as_json) as bar:
+    with _Bar() as bar:
         result = api.bench_head(names, threads=threads, min_seconds=seconds, progress=bar, rank=rank)
     if as_json:
         _print_json(result)
@@ -481,7 +559,9 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, 
 @click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical", "balanced", "balanced-spherical", "equal-spherical"]),
               default="auto", show_default=True,
               help="How the map is clustered: k-means (euclidean or spherical), optionally size-balanced, or equal-size "
-              "spherical clusters; auto tries the first four and keeps the lowest held-out perplexity (two-stage: equal-spherical).")
+              "spherical clusters; auto tries the first four and keeps the one with the lowest held-out perplexity on "
+              "--distill-text, or without it the lowest mean squared distance of the head rows to their codebook rows "
+              "(two-stage: equal-spherical).")
 @click.option("--head", "head", type=click.Choice(["vq", "two-stage"]), default="vq", show_default=True,
               help="vq: the plain VQ-Logits head; two-stage: the codebook routes and the model's own output-layer rows "
               "give the best P clusters exact logits (the router is fitted on --distill-text when given).")
@@ -490,7 +570,8 @@ def bench(head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, 
               "argmax at 99.5% of held-out positions, measured on --distill-text; K/16 without text].")
 @click.option("--rank", "-r", type=int, default=0, show_default=True,
               help="Rank r of the per-token correction (h·Pᵀ)·Uᵀ, fitted to the residual W - C[M]; 0 = the plain head.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the output is deterministic for a seed).")
+@click.option("--seed", type=_SEED, default=0, show_default=True,
+              help="Random seed, 0 to 2^63 - 1 (the output is deterministic for a seed).")
 @click.option("--out", "-o", required=True, type=click.Path(), help="New model directory (must not exist).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as one JSON object on stdout.")
 def convert(src, codebook_size, no_bias, distill_text, steps, clustering, head, probes, rank, seed, out, as_json):
@@ -498,7 +579,7 @@ def convert(src, codebook_size, no_bias, distill_text, steps, clustering, head, 
     vq_head.safetensors (map, codebook, bias, optional rank-r correction, distilled) written beside them."""
     from . import api
 
-    with _Bar(as_json) as bar:
+    with _Bar() as bar:
         result = api.convert(src, codebook_size, out, bias=not no_bias, distill_text=distill_text, steps=steps,
                              seed=seed, clustering=clustering, rank=rank, head=head, probes=probes, progress=bar)
     if as_json:
@@ -531,7 +612,7 @@ def fidelity(model, text, probes, max_tokens, window, as_json):
     by the dense distribution's entropy at each position, in bands of 1 nat."""
     from . import api
 
-    with _Progress(as_json) as progress:
+    with _Progress() as progress:
         r = api.fidelity(model, text, probes=probes, max_tokens=max_tokens, window=window, progress=progress)
     if as_json:
         _print_json(r)

@@ -1,0 +1,184 @@
+"""The command line itself: usage errors, option combinations, labels, 'demo' and progress with --json."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from .conftest import assert_user_error, run_cli
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["generate", "-a", "ART", "-p", "hi", "--sample", "--seed", -1, "-n", 2], "'--seed'"),
+    (["generate", "-a", "ART", "-p", "hi", "--sample", "--seed", 2**63, "-n", 2], "'--seed'"),
+    (["convert", "--from", "demo", "-k", 16, "--seed", 1180591620717411303424, "--out", "x"], "'--seed'"),
+    (["convert", "--from", "demo", "-k", 16, "--seed", -1, "--out", "x"], "'--seed'"),
+])
+def test_an_out_of_range_seed_is_one_line(args, fragment, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(run_cli(*args), fragment, "is not in the range")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_largest_seed_is_accepted_downstream(demo_artifact):
+    import numpy as np
+    import torch
+
+    from vqexport.cli import _SEED
+
+    np.random.default_rng(_SEED.max)
+    torch.manual_seed(_SEED.max)
+    torch.Generator().manual_seed(_SEED.max + 1)  # convert's tail distillation seeds with seed + 1
+    r = run_cli("generate", "-a", demo_artifact, "-p", "hi", "--sample", "--seed", _SEED.max, "-n", 2)
+    assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["build", "--steps", "-1"], ["'--steps'", "-1", "'vqexport build --help'"]),
+    (["bogus"], ["No such command 'bogus'", "'vqexport --help'"]),
+    (["--bogus"], ["No such option", "'vqexport --help'"]),
+    (["build", "--stpes", "3"], ["No such option", "--stpes", "'vqexport build --help'"]),
+    (["generate", "-a", "ART", "-p", "hi", "-n", "abc"], ["'abc' is not a valid integer", "'vqexport generate --help'"]),
+    (["generate", "-p", "hi"], ["Missing option", "--artifact"]),
+    (["bench", "--shape", "gpt9", "--e2e"], ["'--shape'", "gpt9"]),
+])
+def test_usage_errors_are_one_line(args, fragments):
+    assert_user_error(run_cli(*args), *fragments)
+
+
+def test_a_usage_error_is_one_line_from_the_shell():
+    proc = subprocess.run([sys.executable, "-m", "vqexport", "build", "--steps", "-1"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: Invalid value for '--steps': -1 is not in the range 0<=x<=4096. "
+                                        "(see 'vqexport build --help')"]
+    assert proc.stdout == ""
+
+
+def test_help_still_works():
+    r = run_cli("build", "--help")
+    assert r.exit_code == 0 and r.stdout.startswith("Usage: ") and "--check-only" in r.stdout and r.stderr == ""
+    r = run_cli("--help")
+    assert r.exit_code == 0 and "bench" in r.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["bench", "--artifact", "ART", "--model", "/x", "--shapes", "bogus", "--work", "/tmp/zz"],
+     ["--shapes, --model, --work", "do not apply to --artifact"]),
+    (["bench", "--head", "--vs-dense", "--shapes", "tiny"], ["--vs-dense does not apply to --head"]),
+    (["bench", "--head", "--tokens", 4, "--repeats", 2, "--prompt-length", 8], ["--prompt-length, --tokens, --repeats", "--head"]),
+    (["bench", "--artifact", "ART", "--seconds", 1, "--threads", 4, "--rank", 0], ["--threads, --seconds, --rank", "--artifact"]),
+    (["bench", "--artifact", "ART", "-t", "ort", "--e2e-head", "vq"], ["--target, --e2e-head", "--artifact"]),
+    (["bench", "--e2e", "--model", "M", "--vs-dense", "--shapes", "tiny"], ["--shapes, --vs-dense", "--e2e"]),
+    (["bench", "--e2e", "--shape", "qwen2.5-0.5b", "--model", "ART"], ["--model and --shape are mutually exclusive"]),
+])
+def test_bench_refuses_options_of_another_mode(args, fragments, monkeypatch):
+    from vqexport import api
+
+    def called(*a, **k):
+        raise AssertionError("the benchmark ran")
+
+    for name in ("bench_head", "bench_artifact", "bench_e2e"):
+        monkeypatch.setattr(api, name, called)
+    assert_user_error(run_cli(*args), *fragments)
+
+
+def test_check_only_refuses_out_force_and_steps(tmp_path):
+    out = tmp_path / "ck"
+    assert_user_error(run_cli("build", "-t", "trt", "--check-only", "--out", out, "--force", "--steps", 3),
+                      "--check-only", "--out, --force, --steps")
+    assert_user_error(run_cli("build", "-t", "trt", "--check-only", "--steps", 3), "--check-only", "--steps")
+    assert not out.exists()
+
+
+def test_bench_e2e_takes_demo(monkeypatch):
+    from vqexport import api
+
+    seen = {}
+
+    def fake(model=None, **kwargs):
+        seen["model"] = model
+        return {"model": str(model)}
+
+    monkeypatch.setattr(api, "bench_e2e", fake)
+    r = run_cli("bench", "--e2e", "--model", "demo", "--tokens", 4, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert (Path(seen["model"]) / "config.json").is_file()
+    assert Path(seen["model"]).resolve() == api.resolve_source("demo").path.resolve()
+
+
+def _artifact_result(target, **extra):
+    vq = {"ttft_ms": 1.0, "decode_ms_p50": 1.0, "decode_ms_p90": 1.0, "decode_ms_p99": 1.0, "tokens_per_s": 1.0,
+          "peak_rss_mb": 1.0, "session_rss_mb": 1.0, "model_bytes": 1}
+    return {"artifact": "ART", "target": target, "machine": {"cpu": "cpu"}, "prompt_length": 8, "tokens": 4, "repeats": 1,
+            "vq": vq, **extra}
+
+
+@pytest.mark.parametrize("result, runtime", [
+    (_artifact_result("openvino"), "OpenVINO"),
+    (_artifact_result("openvino-int8"), "OpenVINO"),
+    (_artifact_result("ort-int8"), "onnxruntime"),
+    (_artifact_result("mine", backend="trt"), "TensorRT"),
+])
+def test_bench_artifact_table_names_the_runtime(result, runtime, monkeypatch):
+    from vqexport import api
+
+    monkeypatch.setattr(api, "bench_artifact", lambda *a, **k: result)
+    r = run_cli("bench", "--artifact", "ART")
+    assert r.exit_code == 0, r.stderr
+    assert f"end-to-end latency ({runtime})" in r.stdout
+    if runtime != "onnxruntime":
+        assert "onnxruntime" not in r.stdout
+
+
+def test_convert_help_says_how_auto_clustering_chooses():
+    text = " ".join(run_cli("convert", "--help").stdout.split())
+    assert "lowest held-out perplexity on --distill-text, or without it the lowest mean squared distance" in text
+
+
+def test_inspect_takes_demo():
+    from vqexport import api
+    from vqexport.source import demo_dir
+
+    r = run_cli("inspect", "demo", "--json")
+    assert r.exit_code == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["kind"] == "model" and Path(info["path"]) == demo_dir()
+    assert info["config"]["head"]["codebook_size"] == api.resolve_source("demo").head.config.codebook_size
+    assert "demo" in " ".join(run_cli("inspect", "--help").stdout.split())
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_json_runs_show_progress_on_a_terminal():
+    """stderr a terminal, stdout a pipe: the progress bar is drawn on stderr and stdout is one JSON object."""
+    master, slave = os.openpty()
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": "120"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "vqexport", "bench", "--head", "--shapes", "tiny", "--seconds", "0.05",
+                             "--rank", "0", "--json"], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+
+    def drain():
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # the terminal closed with the process
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out, _ = proc.communicate(timeout=600)
+    reader.join(timeout=10)
+    os.close(master)
+    err = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, err
+    assert json.loads(out)["rows"][0]["name"] == "tiny"
+    assert "tiny: " in err  # the bar's label, e.g. "tiny: dense"
+
