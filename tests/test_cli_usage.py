@@ -118,9 +118,8 @@ def _artifact_result(target, **extra):
 
 
 @pytest.mark.parametrize("result, runtime", [
-    (_artifact_result("openvino"), "OpenVINO"),
-    (_artifact_result("openvino-int8"), "OpenVINO"),
-    (_artifact_result("ort-int8"), "onnxruntime"),
+    (_artifact_result("openvino-int8", backend="openvino"), "OpenVINO"),
+    (_artifact_result("ort-int8", backend="ort"), "onnxruntime"),
     (_artifact_result("mine", backend="trt"), "TensorRT"),
 ])
 def test_bench_artifact_table_names_the_runtime(result, runtime, monkeypatch):

@@ -40,7 +40,9 @@ def test_verify_and_bench_run_the_ir(fp32):
     b = run_cli("bench", "--artifact", fp32.out, "--tokens", 4, "--prompt-length", 8, "--repeats", 1, "--json")
     assert b.exit_code == 0, b.stderr
     out = json.loads(b.stdout)
-    assert out["vq"]["tokens_per_s"] > 0 and out["target"] == "openvino"
+    assert out["vq"]["tokens_per_s"] > 0 and out["target"] == "openvino" and out["backend"] == "openvino"
+    assert "end-to-end latency (OpenVINO)" in run_cli("bench", "--artifact", fp32.out, "--tokens", 4, "--prompt-length", 8,
+                                                      "--repeats", 1).stdout
     b = run_cli("bench", "--artifact", fp32.out, "--vs-dense", "--tokens", 4, "--prompt-length", 8, "--repeats", 1, "--json")
     assert b.exit_code == 0, b.stderr
     out = json.loads(b.stdout)  # the dense twin, converted to IR like the artifact: a V x d output layer instead of the head

@@ -48,7 +48,53 @@ def read_manifest(artifact: Path) -> dict:
     missing = [k for k in ("target", "profile", "runtime", "config", "source", "files") if not isinstance(manifest.get(k), dict | str)]
     if missing:
         raise VQExportError(f"{path}: manifest lacks {', '.join(missing)}; rebuild the artifact")
+    malformed = _malformed(manifest)
+    if malformed:
+        raise VQExportError(f"{path}: malformed manifest ({malformed}); rebuild the artifact")
     return manifest
+
+
+def _malformed(manifest: dict) -> str | None:
+    """What is wrong with the parts of a manifest that verify, generate, inspect and bench read (None: nothing)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(manifest["target"], str):
+        return "target must be a string"
+    for key in ("profile", "runtime", "config", "source", "files"):
+        if not isinstance(manifest[key], dict):
+            return f"{key} must be an object"
+    for name, info in manifest["files"].items():
+        if not isinstance(info, dict) or not is_int(info.get("bytes")) or not isinstance(info.get("sha256"), str):
+            return f"files[{name!r}] must have an integer bytes and a string sha256"
+    rt = manifest["runtime"]
+    if not isinstance(rt.get("model_file"), str) or not rt["model_file"]:
+        return "runtime.model_file must be a file name"
+    if "onnx_file" in rt and not isinstance(rt["onnx_file"], str):
+        return "runtime.onnx_file must be a file name"
+    if rt.get("backend", "ort") not in ("openvino", "trt"):  # what an ONNX Runtime session is created with
+        if not isinstance(rt.get("providers"), list) or not all(isinstance(p, str) for p in rt["providers"]):
+            return "runtime.providers must be a list of provider names"
+        if not isinstance(rt.get("session_optimization_level"), str):
+            return "runtime.session_optimization_level must be a string"
+        if not is_int(rt.get("intra_op_num_threads")):
+            return "runtime.intra_op_num_threads must be an integer"
+    cfg = manifest["config"]
+    if not is_int(cfg.get("vocab_size")) or cfg["vocab_size"] < 1:
+        return "config.vocab_size must be an integer >= 1"
+    if not isinstance(cfg.get("head"), dict):
+        return "config.head must be an object"
+    if "max_position" in cfg and not is_int(cfg["max_position"]):
+        return "config.max_position must be an integer"
+    eos = cfg.get("eos_token_ids")
+    if eos is not None and (not isinstance(eos, list) or not all(is_int(t) for t in eos)):
+        return "config.eos_token_ids must be a list of integers"
+    if not isinstance(manifest["profile"].get("decode", {}), dict):
+        return "profile.decode must be an object"
+    src = manifest["source"]
+    if not isinstance(src.get("model"), str) or not isinstance(src.get("sha256"), dict):
+        return "source must have a string model and an object sha256"
+    return None
 
 
 def check_files(artifact: Path, manifest: dict, hashes: bool = False) -> None:

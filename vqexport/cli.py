@@ -136,16 +136,8 @@ _RUNTIMES = {"ort": "onnxruntime", "openvino": "OpenVINO", "trt": "TensorRT"}
 
 
 def _runtime_name(r) -> str:
-    """The runtime a bench --artifact result was measured with, from its backend (else its target's profile)."""
-    backend = r.get("backend")
-    if backend is None:
-        from . import api
-
-        try:
-            backend = api.load_profile(r["target"]).backend
-        except VQExportError:
-            return r["target"]
-    return _RUNTIMES.get(backend, backend)
+    """The runtime a bench --artifact result was measured with."""
+    return _RUNTIMES.get(r["backend"], r["backend"])
 
 
 def _artifact_table(r) -> None:

@@ -124,8 +124,19 @@ def _in_worker(model_path: Path, runtime: dict, prompt_len: int, tokens: int, wa
     code = "import json,sys; from vqexport.bench.artifact import measure; print(json.dumps(measure(*json.loads(sys.argv[1]))))"
     proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        worker_failed(proc)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_USER_ERROR = f"{VQExportError.__module__}.{VQExportError.__qualname__}: "
+
+
+def worker_failed(proc: subprocess.CompletedProcess):
+    """A worker process failed: its VQExportError is the user's (one line, exit 2); anything else is a bug."""
+    last = (proc.stderr.strip().splitlines() or [str(proc.returncode)])[-1]
+    if last.startswith(_USER_ERROR):
+        raise VQExportError(last[len(_USER_ERROR):])
+    raise RuntimeError(f"benchmark worker failed: {last}")
 
 
 def _check_trt_bench(manifest: dict, artifact: Path, vs_dense: bool, prompt_len: int, steps: int) -> None:
@@ -153,7 +164,7 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    check_files(artifact, manifest)
+    check_files(artifact, manifest, hashes=True)  # the weights timed are the ones built
     if tokens < 1 or prompt_len < 1 or repeats < 1:
         raise VQExportError("--tokens and --prompt-length must be >= 1")
     cfg = manifest["config"]
@@ -184,7 +195,8 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
                 if progress:
                     progress(f"{side}: run {r + 1}/{repeats}", r * len(models) + i, steps)
                 runs[side].append(_in_worker(path, runtime, prompt_len, tokens, warmup, cfg["vocab_size"]))
-    result = {"artifact": str(artifact), "target": manifest["target"], "prompt_length": prompt_len, "tokens": tokens,
+    result = {"artifact": str(artifact), "target": manifest["target"], "backend": runtime.get("backend", "ort"),
+              "prompt_length": prompt_len, "tokens": tokens,
               "repeats": repeats, "machine": machine()}
     for side, measured in runs.items():
         result[side] = {k: _median([m[k] for m in measured]) if isinstance(v, float) else v for k, v in measured[0].items()}

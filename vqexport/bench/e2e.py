@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VQExportError
+from .artifact import worker_failed
 
 SHAPES = {  # transformers config class, sizes; tied embeddings as the real models have
     "qwen2.5-0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -153,7 +154,7 @@ def agreement(vq_dir: Path, dense_dir: Path, prompt_len: int, tokens: int, vocab
         proc = subprocess.run([sys.executable, "-c", code, json.dumps([str(path), ids, prompt_len, str(out)])],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"benchmark worker failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}")
+            worker_failed(proc)
         got[side] = np.load(out).astype(np.float64)
     a, b = got["vq"], got["dense"]
     la = a - a.max(-1, keepdims=True) - np.log(np.exp(a - a.max(-1, keepdims=True)).sum(-1, keepdims=True))
@@ -167,7 +168,7 @@ def _worker(model_dir: Path, prompt_len: int, tokens: int, vocab: int) -> dict:
     code = "import json,sys; from vqexport.bench.e2e import measure; print(json.dumps(measure(*json.loads(sys.argv[1]))))"
     proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}")
+        worker_failed(proc)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -224,6 +225,8 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
         raise VQExportError("bench --e2e runs both models with onnxruntime-genai (pip install 'vqexport[genai]')")
     if prompt_len < 1 or tokens < 2 or repeats < 1:
         raise VQExportError("--prompt-length must be >= 1, --tokens >= 2 and --repeats >= 1")
+    if head not in ("vq", "two-stage"):
+        raise VQExportError(f"--head must be 'vq' or 'two-stage', got {head!r}")
     profile = load_profile(target)
     if profile.trunk.source != "genai":
         raise VQExportError(f"target {profile.name} has a {profile.trunk.source} trunk; bench --e2e compares a genai-trunk "
@@ -235,15 +238,17 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
 
     with tempfile.TemporaryDirectory(prefix="vqexport-e2e-") as tmp:
         root = Path(work) if work is not None else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
         src = Path(model) if model is not None else root / shape
-        if shape is not None and not (src / "config.json").is_file():
+        make = shape is not None and not (src / "config.json").is_file()
+        if make and shape not in SHAPES:
+            raise VQExportError(f"unknown --shape {shape!r}; known: {', '.join(SHAPES)}")
+        source = None if make else load_source(src, need_head=False)  # bad inputs fail before --work is created
+        root.mkdir(parents=True, exist_ok=True)
+        if make:
             say(f"making a random-weight {shape} model")
             make_shape_model(shape, src)
-        source = load_source(src, need_head=False)
+            source = load_source(src, need_head=False)
         vq_dir = src
-        if head not in ("vq", "two-stage"):
-            raise VQExportError(f"--head must be 'vq' or 'two-stage', got {head!r}")
         if not has_head(src) or head == "two-stage":
             vq_dir = root / f"{src.name}-{head}"
             if not has_head(vq_dir):

@@ -1,0 +1,93 @@
+"""A built artifact's manifest and files are checked before they are read or run, and a benchmark worker's user
+error reaches the user as one line."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from .conftest import assert_user_error, run_cli
+
+
+def _copy(demo_artifact, tmp_path):
+    copy = tmp_path / "art"
+    shutil.copytree(demo_artifact, copy)
+    return copy
+
+
+def _edit_manifest(artifact, edit):
+    path = artifact / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+CORRUPTIONS = {
+    "files-not-an-object": (lambda m: m.update(files="x"), "files must be an object"),
+    "runtime-not-an-object": (lambda m: m.update(runtime="x"), "runtime must be an object"),
+    "config-not-an-object": (lambda m: m.update(config="x"), "config must be an object"),
+    "target-not-a-string": (lambda m: m.update(target={"name": "ort"}), "target must be a string"),
+    "no-model-file": (lambda m: m["runtime"].pop("model_file"), "runtime.model_file"),
+    "no-providers": (lambda m: m["runtime"].pop("providers"), "runtime.providers"),
+    "file-without-bytes": (lambda m: m["files"]["model.onnx"].pop("bytes"), "files['model.onnx']"),
+    "file-sha256-not-a-string": (lambda m: m["files"]["model.onnx"].update(sha256=1), "files['model.onnx']"),
+    "vocab-size-a-string": (lambda m: m["config"].update(vocab_size="8192"), "config.vocab_size"),
+    "head-not-an-object": (lambda m: m["config"].update(head=None), "config.head"),
+    "decode-not-an-object": (lambda m: m["profile"].update(decode="x"), "profile.decode"),
+    "source-model-missing": (lambda m: m["source"].pop("model"), "source"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_a_malformed_manifest_is_one_line(demo_artifact, tmp_path, case):
+    edit, fragment = CORRUPTIONS[case]
+    art = _copy(demo_artifact, tmp_path)
+    _edit_manifest(art, edit)
+    for args in (["verify", "--artifact", art, "--steps", 1], ["generate", "--artifact", art, "--prompt", "x"],
+                 ["inspect", art], ["bench", "--artifact", art, "--repeats", 1, "--tokens", 2, "--prompt-length", 4]):
+        assert_user_error(run_cli(*args), "manifest.json", "malformed manifest", fragment)
+
+
+def test_bench_checks_the_weights_hashes(demo_artifact, tmp_path):
+    art = _copy(demo_artifact, tmp_path)
+    data = art / "model.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[100:400] = bytes(b ^ 0xFF for b in blob[100:400])  # same size: only the sha256 tells
+    data.write_bytes(bytes(blob))
+    assert_user_error(run_cli("bench", "--artifact", art, "--repeats", 1, "--tokens", 2, "--prompt-length", 4),
+                      "model.onnx.data", "modified since the build")
+
+
+def test_a_worker_user_error_is_one_line(demo_artifact, tmp_path):
+    """A model.onnx onnxruntime cannot load, with a manifest that agrees with it: the worker's own error, exit 2."""
+    art = _copy(demo_artifact, tmp_path)
+    model = art / "model.onnx"
+    blob = bytearray(model.read_bytes())
+    blob[100:400] = bytes(b ^ 0xFF for b in blob[100:400])
+    model.write_bytes(bytes(blob))
+    _edit_manifest(art, lambda m: m["files"]["model.onnx"].update(sha256=hashlib.sha256(blob).hexdigest()))
+    assert_user_error(run_cli("bench", "--artifact", art, "--repeats", 1, "--tokens", 2, "--prompt-length", 4),
+                      "onnxruntime could not load the model")
+
+
+def test_a_worker_bug_keeps_runtime_error():
+    from vqexport.bench.artifact import worker_failed
+    from vqexport.errors import VQExportError
+
+    user = subprocess.CompletedProcess([], 1, "", "Traceback ...\nvqexport.errors.VQExportError: bad input\n")
+    with pytest.raises(VQExportError, match="^bad input$"):
+        worker_failed(user)
+    bug = subprocess.CompletedProcess([], 1, "", "Traceback ...\nZeroDivisionError: division by zero\n")
+    with pytest.raises(RuntimeError, match="benchmark worker failed: ZeroDivisionError"):
+        worker_failed(bug)
+    with pytest.raises(RuntimeError, match="benchmark worker failed: -9"):
+        worker_failed(subprocess.CompletedProcess([], -9, "", ""))
+
+
+def test_bench_e2e_leaves_no_work_dir_on_bad_input(tmp_path):
+    work = tmp_path / "x" / "deep"
+    assert_user_error(run_cli("bench", "--e2e", "--model", tmp_path / "nonexistent", "--work", work),
+                      "model directory does not exist")
+    assert not (tmp_path / "x").exists()
