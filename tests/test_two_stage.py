@@ -486,12 +486,20 @@ def test_convert_two_stage_recommends_p_from_the_measured_recall_curve(converted
     curve = dict(sorted((int(p), r) for p, r in report["recall_curve"].items()))
     values = list(curve.values())
     assert curve[20] == pytest.approx(1.0) and all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
-    p = report["probes"]
-    assert p == report["probes_recommended"] == min(q for q, r in curve.items() if r >= 0.995)
+    p = report["probes"]  # the fewest P reaching 99.5%, every P counted: between the curve's powers of two around it
+    assert p == report["probes_recommended"]
+    assert max([q for q, r in curve.items() if r < 0.995], default=0) < p <= min(q for q, r in curve.items() if r >= 0.995)
     fid = report["two_stage"]
     assert fid["probe_recall"] == pytest.approx(curve[p]) and fid["top1_agreement"] >= fid["probe_recall"] - 1e-9
     card = (tmp / "ts" / "MODEL_CARD.md").read_text()
     assert "Two-stage head" in card and "dense argmax inside the probed clusters" in card
+
+
+def test_fewest_probes_counts_every_p():
+    from vqexport.convert.convert import fewest_probes
+
+    ranks = torch.tensor([90.0, 5, 3, 1, 1, 0, 0, 0], dtype=torch.float64)  # positions by their argmax cluster's rank
+    assert [fewest_probes(ranks, g) for g in (0.9, 0.95, 0.96, 0.98, 0.99, 1.0)] == [1, 2, 3, 3, 4, 5]
 
 
 def test_fidelity_command_measures_the_same(converted):
@@ -576,6 +584,10 @@ def test_convert_two_stage_with_rank_distills_the_tail(converted, tmp_path):
     report, head = json.loads(result.stdout), read_head(tmp_path / "r2")
     assert report["router_steps"] == 20 and report["tail_distill_steps"] == 20 and report["distill_steps"] == 0
     assert head.config.rank == 2 and head.config.route_bias and head.lowrank[0].shape == (2, 32)
+    card = (tmp_path / "r2" / "MODEL_CARD.md").read_text()
+    assert "| tail distillation (trunk frozen) | 20 steps on the two-stage distribution |" in card
+    assert "head-only distillation" not in card and "after distillation" not in card  # the plain head is not distilled
+    assert card.count("every token its VQ logit (no probes)") == 1
     free = run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--rank", 2, "--steps", 0,
                    "--distill-text", tmp / "text.txt", "--out", tmp_path / "r2free", "--json")
     assert json.loads(free.stdout)["tail_distill_steps"] == 0  # training-free: nothing distilled

@@ -247,20 +247,31 @@ def probe_hits(head: VQLogitsHead, h: torch.Tensor, tokens: torch.Tensor, probes
 
 
 @torch.no_grad()
-def recall_curve(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torch.Tensor, cache: dict) -> dict[int, float]:
-    """probes P -> share of held-out positions whose dense argmax lies in the P best clusters by z (P = 1, 2, 4, ... K)."""
+def probe_ranks(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torch.Tensor, cache: dict) -> torch.Tensor:
+    """[K] counts: how many held-out positions have their dense argmax in the cluster ranked r-th by the router."""
     K = head.config.codebook_size
-    ps = sorted({min(2**i, K) for i in range(K.bit_length() + 1)})
-    hits = dict.fromkeys(ps, 0.0)
-    count = 0
+    counts = torch.zeros(K, dtype=torch.float64)
     for h, _ in _scored(hidden, ids, cache):
         target = dense(h).argmax(-1)
         score = head.route_scores(h)
         rank = (score > score.gather(-1, head.map[target].unsqueeze(-1))).sum(-1)
-        for p in ps:
-            hits[p] += float((rank < p).sum())
-        count += target.numel()
-    return {p: v / count for p, v in hits.items()}
+        counts += torch.bincount(rank.reshape(-1), minlength=K).to(torch.float64)
+    return counts
+
+
+def recall_curve(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torch.Tensor, cache: dict,
+                 ranks: torch.Tensor | None = None) -> dict[int, float]:
+    """probes P -> share of held-out positions whose dense argmax lies in the P best clusters by z (P = 1, 2, 4, ... K)."""
+    ranks = probe_ranks(hidden, dense, head, ids, cache) if ranks is None else ranks
+    K = len(ranks)
+    recall = ranks.cumsum(0) / ranks.sum()
+    return {p: float(recall[p - 1]) for p in sorted({min(2**i, K) for i in range(K.bit_length() + 1)})}
+
+
+def fewest_probes(ranks: torch.Tensor, goal: float) -> int:
+    """The fewest probes whose clusters hold the dense argmax at ``goal`` of the positions ``ranks`` counts."""
+    recall = ranks.cumsum(0) / ranks.sum()
+    return int(torch.searchsorted(recall, torch.tensor([goal - 1e-12], dtype=torch.float64)).item()) + 1
 
 
 RECALL_GOAL = 0.995  # the recommended probes: the fewest whose probed clusters hold the dense argmax this often
@@ -443,9 +454,9 @@ def _two_stage(vq: VQLogitsHead, route, weight, dense_b, hidden, dense, held, he
     if held is not None:
         progress("measuring the probe recall curve", 0, 1)
         router = head_module(vq.to_head(probes=1, cluster_size=cap, route_bias=route), weight, dense_b)
-        curve = recall_curve(hidden, dense, router, held, held_h)
-        stage["recall_curve"] = {str(p): r for p, r in curve.items()}
-        recommended = next((p for p, r in sorted(curve.items()) if r >= RECALL_GOAL), cfg.codebook_size)
+        ranks = probe_ranks(hidden, dense, router, held, held_h)
+        stage["recall_curve"] = {str(p): r for p, r in recall_curve(hidden, dense, router, held, held_h, ranks).items()}
+        recommended = min(fewest_probes(ranks, RECALL_GOAL), cfg.codebook_size)
     else:
         recommended = max(1, cfg.codebook_size // 16)
     P = probes or recommended
@@ -495,26 +506,33 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
         f"| bias | {'per-token bias' if cfg.bias else 'none'} |",
         f"| low-rank correction | {f'rank {r}: P [{r}, {d}], U [{V}, {r}], fitted to the residual W - C[M], then distilled' if r else 'none'} |",
         f"| head parameters | {head_vq:,} vs {head_dense:,} dense ({100 * (1 - head_vq / head_dense):.1f}% fewer) |",
-        f"| head-only distillation (trunk frozen) | {report['distill_steps']} steps |",
     ]
-    if cfg.type == "two-stage":
-        steps = report.get("router_steps", 0)
+    two_stage = cfg.type == "two-stage"
+    if two_stage:
+        steps, tail = report.get("router_steps", 0), report.get("tail_distill_steps", 0)
         lines.append(f"| router | {f'codebook and route bias fitted to the dense cluster mass, {steps} steps' if steps else 'none: clusters ranked by codebook score (training-free)'} |")
+        lines.append(f"| tail distillation (trunk frozen) | {f'{tail} steps on the two-stage distribution' if tail else 'none'} |")
+    else:
+        lines.append(f"| head-only distillation (trunk frozen) | {report['distill_steps']} steps |")
     lines.append("")
-    for label, key in (("after conversion", "before_distillation"), ("after distillation", "after_distillation")):
+    measured = ((("every token its VQ logit (no probes)", "before_distillation"),) if two_stage else
+                (("after conversion", "before_distillation"), ("after distillation", "after_distillation")))
+    for label, key in measured:
         m = report.get(key)
         if m:
             lines.append(f"Held-out ({m['tokens']} tokens), {label}: dense ppl {m['dense_ppl']:.2f}, VQ ppl {m['vq_ppl']:.2f} "
                          f"({100 * m['ppl_change']:+.1f}%), top-1 agreement {m['top1_agreement']:.3f}, "
                          f"KL(dense || VQ) {m['kl_to_dense']:.4f} nats/token.")
-    if not report.get("after_distillation"):
+    if not report.get("before_distillation"):
         lines.append("No text was given, so no perplexity was measured.")
-    if cfg.type == "two-stage":
+    if two_stage:
         lines += ["", "## Two-stage head", "",
                   f"The codebook routes: the P = {cfg.probes} best clusters by {'router' if cfg.route_bias else 'codebook'} score (clusters of {cfg.cluster_size} "
                   f"tokens) get exact logits from the model's own output layer; every other token keeps its VQ logit. "
                   f"{cfg.scored:,} of {V:,} logits are computed per position ({100 * cfg.scored / V:.1f}%); "
-                  f"P recommended from the recall curve below: {report.get('probes_recommended')}."]
+                  f"P recommended from the held-out recall (the fewest probes whose clusters hold the dense argmax at "
+                  f"{100 * RECALL_GOAL:g}% of positions, every P counted; the curve below at powers of two): "
+                  f"{report.get('probes_recommended')}."]
         m = report.get("two_stage")
         if m:
             lines += ["", f"Held-out ({m['tokens']} tokens) at P = {m['probes']}: dense ppl {m['dense_ppl']:.2f}, two-stage ppl "
