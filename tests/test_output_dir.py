@@ -25,6 +25,13 @@ def test_rebuild_same_inputs_is_allowed_and_different_model_is_refused(tmp_path)
     for name, info in manifest["files"].items():
         assert sha256_file(out / name) == info["sha256"]
     assert run_cli("build", "--model", a, "--out", out, "--steps", 2).exit_code == 0
+    (out / "notes").mkdir()
+    (out / "notes" / "mine.txt").write_text("mine")  # beside the same artifact: a rebuild would delete it
+    assert_user_error(run_cli("build", "--model", a, "--out", out, "--steps", 2), "holds files its artifact does not list",
+                      "notes/mine.txt", "--force")
+    assert (out / "notes" / "mine.txt").read_text() == "mine"
+    (out / "notes" / "mine.txt").unlink()
+    (out / "notes").rmdir()
     before = (out / "model.onnx").read_bytes()
     assert_user_error(run_cli("build", "--model", b, "--out", out, "--steps", 2), "already holds a different artifact", "--force")
     assert (out / "model.onnx").read_bytes() == before

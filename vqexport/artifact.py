@@ -147,11 +147,16 @@ def check_output_dir(out: Path, fingerprint: str, force: bool) -> None:
         raise VQExportError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         try:
-            same = read_manifest(out).get("fingerprint") == fingerprint
+            manifest = read_manifest(out)
         except VQExportError:
-            same = False
-        if not same:
+            manifest = {}
+        if manifest.get("fingerprint") != fingerprint:
             raise VQExportError(f"{out}: already holds a different artifact or other files; pass --force to replace it, or choose another --out")
+        listed = {"manifest.json", *manifest["files"]}
+        other = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and str(p.relative_to(out)) not in listed)
+        if other:
+            raise VQExportError(f"{out}: holds files its artifact does not list ({', '.join(other[:3])}"
+                                f"{' ...' if len(other) > 3 else ''}); a rebuild would delete them; move them, or pass --force")
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
