@@ -119,6 +119,24 @@ def test_a_vq_model_converts_again_from_its_dense_layer(converted, tmp_path):
     assert read_head(again.out).config.codebook_size == 12 and read_head(out).config.codebook_size == 24
 
 
+def test_every_file_of_the_model_comes_along_but_pickles(dense_ckpt, tmp_path):
+    """The chat template, vocabulary files, license: the directory unchanged, and the chat template on into the artifact."""
+    import shutil
+
+    src = shutil.copytree(dense_ckpt, tmp_path / "src")
+    extra = {"chat_template.jinja": "{% for m in messages %}{{ m['content'] }}{% endfor %}", "LICENSE": "Apache-2.0",
+             "vocab.json": "{}", "merges.txt": "#version: 0.2", "added_tokens.json": '{"<x>": 5}'}
+    for name, text in extra.items():
+        (src / name).write_text(text)
+    (src / "training_args.bin").write_bytes(b"\x80\x04pickled")
+    result = api.convert(src, 8, tmp_path / "vq")
+    for name, text in extra.items():
+        assert (result.out / name).read_text() == text, name
+    assert not (result.out / "training_args.bin").exists()
+    art = api.build("ort", model=result.out, out=tmp_path / "art", steps=1).out
+    assert (art / "chat_template.jinja").read_text() == extra["chat_template.jinja"]
+
+
 def test_convert_the_embedded_model(tmp_path):
     result = run_cli("convert", "--from", "demo", "-k", 64, "--clustering", "spherical", "--out", tmp_path / "d")
     assert result.exit_code == 0, result.stderr

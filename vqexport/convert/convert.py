@@ -481,13 +481,17 @@ def _reconstruction_error(weight: torch.Tensor, head: VQLogitsHead) -> float:
         return float((weight - head.codebook[head.map]).pow(2).sum(1).mean())
 
 
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # weights in pickle formats: never passed on
+
+
 def _write(out: Path, source: Source, head, report: dict) -> None:
-    """The source's files, unchanged, and the new head beside them (any head the source had is replaced)."""
+    """The files of the source directory's top level, unchanged (chat template, license, ... included; pickled
+    weights left out), and the new head beside them (any head the source had is replaced)."""
     from ..head.spec import CONFIG_FILE, WEIGHTS_FILE
 
     with staged_dir(out) as tmp:
-        for f in source.files():
-            if f.name not in (CONFIG_FILE, WEIGHTS_FILE):
+        for f in sorted(source.path.iterdir()):
+            if f.is_file() and f.name not in (CONFIG_FILE, WEIGHTS_FILE, CARD) and f.suffix not in PICKLED:
                 shutil.copyfile(f, tmp / f.name)
         write_head(tmp, head)
         (tmp / CARD).write_text(model_card(report, head.config), encoding="utf-8")
