@@ -253,3 +253,18 @@ def test_a_failed_build_leaves_no_directory_it_made(model, tmp_path):
     (tmp_path / "kept").mkdir()  # a directory that was there before the build stays
     assert_user_error(run_cli("build", "--model", model, "--out", tmp_path / "kept" / "y"))
     assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_api_steps_and_seed_are_checked_like_the_cli(demo_artifact, tmp_path):
+    from vqexport import api
+    from vqexport.errors import VQExportError
+
+    for steps in (-1, 4097, "2", 1.5, True):
+        with pytest.raises(VQExportError, match=r"steps must be an integer in \[0, 4096\]"):
+            api.build("ort", out=tmp_path / "o", steps=steps)
+        with pytest.raises(VQExportError, match=r"steps must be an integer in \[0, 4096\]"):
+            api.verify(demo_artifact, steps=steps)
+    assert not (tmp_path / "o").exists()
+    for seed in (-1, 2**63, "a"):
+        with pytest.raises(VQExportError, match=r"seed must be an integer in \[0, 2\^63\)"):
+            api.generate(demo_artifact, "def main(", max_new_tokens=2, sample=True, seed=seed)

@@ -44,6 +44,8 @@ class _Fake(Runner):
         out = StepOutput(logits=logits, present=present)
         if self.corrupt == "nan-logits":
             out.logits[..., 3] = np.nan
+        if self.corrupt == "reversed":
+            out.logits[:] = out.logits[..., ::-1]
         if self.corrupt == "nan-topk":
             ids = np.argsort(-logits, -1)[..., :4]
             out = StepOutput(logits=None, present=present, extra={
@@ -59,6 +61,15 @@ def test_non_finite_target_outputs_fail_parity(corrupt):
                                  mapping=np.arange(10) % 2)
     assert not report.passed
     assert any("non-finite" in f for f in report.failures)
+
+
+def test_a_share_judged_on_fewer_steps_than_the_targets_says_so():
+    parity = Parity(steps=32, atol=10.0, kl_max=10.0, top1_agreement_min=0.5, top5_overlap_min=0.0, greedy_must_match=False)
+    for steps, hint in ((2, True), (32, False)):
+        with _Fake(10) as ref, _Fake(10, "reversed") as tgt:
+            report = compare_runners(ref, tgt, [[1, 2, 3]], steps, parity, mapping=np.arange(10) % 2)
+        assert not report.passed and report.failures[0].startswith("top-1 agreement 0.0000 < 0.5")
+        assert ("judged on 5 positions; this target's tolerances are set for its 32 decode steps" in report.failures[0]) == hint
 
 
 @pytest.fixture(scope="module")

@@ -360,10 +360,15 @@ def check_profile_fits(profile: Profile, source: Source) -> None:
         raise VQExportError(f"target {profile.name}: decode.k = {profile.decode.k} exceeds the vocabulary size {head.vocab_size}")
 
 
+MAX_STEPS = 4096  # greedy decode steps of a parity check (the CLI's --steps range)
+
+
 def check_steps_fit(source: Source, profile: Profile, steps: int | None) -> None:
     """The parity check's longest prompt and its decode steps must fit in the model's positions."""
     from .verify import prompt_ids
 
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS):
+        raise VQExportError(f"steps must be an integer in [0, {MAX_STEPS}], got {steps!r}")
     n = profile.parity.steps if steps is None else steps
     longest = max(len(p) for p in prompt_ids(source.tokenizer_path, source.geometry.vocab_size))
     limit = source.geometry.max_position

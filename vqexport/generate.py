@@ -102,6 +102,8 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
         raise VQExportError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not sample and (temperature != 1.0 or top_k is not None or seed is not None):
         raise VQExportError("--temperature, --top-k and --seed apply to sampling; add --sample")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+        raise VQExportError(f"seed must be an integer in [0, 2^63), got {seed!r}")
     if sample and not math.isfinite(float(temperature)):
         raise VQExportError(f"temperature must be a finite number > 0, got {temperature!r}")
     if manifest["runtime"].get("backend", "ort") not in ("ort", "openvino"):

@@ -166,7 +166,7 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     manifest = read_manifest(artifact)
     check_files(artifact, manifest, hashes=True)  # the weights timed are the ones built
     if tokens < 1 or prompt_len < 1 or repeats < 1:
-        raise VQExportError("--tokens and --prompt-length must be >= 1")
+        raise VQExportError("--tokens, --prompt-length and --repeats must be >= 1")
     cfg = manifest["config"]
     if prompt_len + warmup + tokens > cfg.get("max_position", 2048):
         raise VQExportError(f"prompt + tokens exceed the model's max_position {cfg.get('max_position')}")

@@ -220,7 +220,7 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
     from .timing import copy_bandwidth, machine
 
     if (model is None) == (shape is None):
-        raise VQExportError("bench --e2e needs a model: --model DIR or --shape NAME")
+        raise VQExportError("bench --e2e needs exactly one of --model DIR and --shape NAME")
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise VQExportError("bench --e2e runs both models with onnxruntime-genai (pip install 'vqexport[genai]')")
     if prompt_len < 1 or tokens < 2 or repeats < 1:
