@@ -183,4 +183,4 @@ def test_bench_e2e_runs_both_sides_through_onnxruntime_genai(tmp_path):
     dense_ops = {n.name for n in load_graph(work / "demo-builder-int4" / "model.onnx").graph.node}
     assert any("lm_head" in n for n in dense_ops)
     assert_user_error(run_cli("bench", "--e2e", "--target", "ort", "--model", tmp_path / "demo"), "has a portable trunk")
-    assert_user_error(run_cli("bench", "--e2e"), "--model DIR or --shape NAME")
+    assert_user_error(run_cli("bench", "--e2e"), "exactly one of --model DIR and --shape NAME")
