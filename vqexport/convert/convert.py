@@ -259,19 +259,24 @@ def probe_ranks(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torc
     return counts
 
 
-def recall_curve(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torch.Tensor, cache: dict,
-                 ranks: torch.Tensor | None = None) -> dict[int, float]:
+def recall_curve(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torch.Tensor, cache: dict) -> dict[int, float]:
     """probes P -> share of held-out positions whose dense argmax lies in the P best clusters by z (P = 1, 2, 4, ... K)."""
-    ranks = probe_ranks(hidden, dense, head, ids, cache) if ranks is None else ranks
-    K = len(ranks)
-    recall = ranks.cumsum(0) / ranks.sum()
+    return recall_at_powers_of_two(probe_ranks(hidden, dense, head, ids, cache))
+
+
+def _recall(ranks: torch.Tensor) -> torch.Tensor:
+    """[K]: the share of the positions ``ranks`` counts whose dense argmax lies in the P = 1 ... K best clusters."""
+    return ranks.cumsum(0) / ranks.sum()
+
+
+def recall_at_powers_of_two(ranks: torch.Tensor) -> dict[int, float]:
+    K, recall = len(ranks), _recall(ranks)
     return {p: float(recall[p - 1]) for p in sorted({min(2**i, K) for i in range(K.bit_length() + 1)})}
 
 
 def fewest_probes(ranks: torch.Tensor, goal: float) -> int:
     """The fewest probes whose clusters hold the dense argmax at ``goal`` of the positions ``ranks`` counts."""
-    recall = ranks.cumsum(0) / ranks.sum()
-    return int(torch.searchsorted(recall, torch.tensor([goal - 1e-12], dtype=torch.float64)).item()) + 1
+    return int(torch.searchsorted(_recall(ranks), torch.tensor([goal - 1e-12], dtype=torch.float64)).item()) + 1
 
 
 RECALL_GOAL = 0.995  # the recommended probes: the fewest whose probed clusters hold the dense argmax this often
@@ -455,7 +460,7 @@ def _two_stage(vq: VQLogitsHead, route, weight, dense_b, hidden, dense, held, he
         progress("measuring the probe recall curve", 0, 1)
         router = head_module(vq.to_head(probes=1, cluster_size=cap, route_bias=route), weight, dense_b)
         ranks = probe_ranks(hidden, dense, router, held, held_h)
-        stage["recall_curve"] = {str(p): r for p, r in recall_curve(hidden, dense, router, held, held_h, ranks).items()}
+        stage["recall_curve"] = {str(p): r for p, r in recall_at_powers_of_two(ranks).items()}
         recommended = min(fewest_probes(ranks, RECALL_GOAL), cfg.codebook_size)
     else:
         recommended = max(1, cfg.codebook_size // 16)
