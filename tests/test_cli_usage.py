@@ -95,19 +95,20 @@ def test_check_only_refuses_out_force_and_steps(tmp_path):
 
 
 def test_bench_e2e_takes_demo(monkeypatch):
-    from vqexport import api
+    """--model demo reaches the benchmark as the embedded model's directory (stopped where it loads the model)."""
+    import vqexport.source
+    from vqexport.errors import VQExportError
 
     seen = {}
 
-    def fake(model=None, **kwargs):
-        seen["model"] = model
-        return {"model": str(model)}
+    def fake(path, **kwargs):
+        seen["model"] = path
+        raise VQExportError("stop here")
 
-    monkeypatch.setattr(api, "bench_e2e", fake)
-    r = run_cli("bench", "--e2e", "--model", "demo", "--tokens", 4, "--json")
-    assert r.exit_code == 0, r.stderr
+    monkeypatch.setattr(vqexport.source, "load_source", fake)
+    assert_user_error(run_cli("bench", "--e2e", "--model", "demo", "--tokens", 4, "--json"), "stop here")
     assert (Path(seen["model"]) / "config.json").is_file()
-    assert Path(seen["model"]).resolve() == api.resolve_source("demo").path.resolve()
+    assert Path(seen["model"]).resolve() == vqexport.source.demo_dir().resolve()
 
 
 def _artifact_result(target, **extra):

@@ -463,8 +463,6 @@ def bench(ctx, head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, mo
                             "(see 'vqexport bench --help')")
     if e2e and model is not None and shape is not None:
         raise VQExportError("bench --e2e: --model and --shape are mutually exclusive; give one of them")
-    if e2e and model == "demo":
-        model = api.resolve_source(model, need_head=False).path
     if e2e:
         with _Bar() as bar:
             result = api.bench_e2e(model=model, shape=shape, target=target, prompt_len=64 if prompt_length is None else prompt_length, tokens=tokens,

@@ -17,9 +17,9 @@ _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
 
 def inspect_path(path) -> dict:
     """A model directory ('demo': the embedded model), an artifact directory or an .onnx file."""
-    from .source import DEMO_NAME, demo_dir
+    from .source import model_dir
 
-    path = demo_dir() if str(path) == DEMO_NAME else Path(path)
+    path = model_dir(path)
     if not path.exists():
         raise VQExportError(f"{path}: does not exist")
     if path.is_dir():

@@ -103,11 +103,14 @@ def is_demo(path: Path) -> bool:
     return Path(path).resolve() == demo_dir().resolve()
 
 
+def model_dir(model) -> Path:
+    """``"demo"`` -> the embedded model's directory; anything else -> that path."""
+    return demo_dir() if str(model) == DEMO_NAME else Path(model)
+
+
 def resolve_source(model, need_head: bool = True) -> Source:
     """``None`` or ``"demo"`` -> the embedded model; anything else -> a model directory."""
-    if model is None or str(model) == DEMO_NAME:
-        return load_source(demo_dir(), need_head=need_head)
-    return load_source(Path(model), need_head=need_head)
+    return load_source(demo_dir() if model is None else model_dir(model), need_head=need_head)
 
 
 def load_source(path, need_head: bool = True, read_heads: bool = True) -> Source:

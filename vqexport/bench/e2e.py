@@ -216,7 +216,7 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
     from ..convert.convert import convert
     from ..head.spec import has_head
     from ..profiles import load_profile
-    from ..source import load_source
+    from ..source import load_source, model_dir
     from .timing import copy_bandwidth, machine
 
     if (model is None) == (shape is None):
@@ -238,7 +238,7 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
 
     with tempfile.TemporaryDirectory(prefix="vqexport-e2e-") as tmp:
         root = Path(work) if work is not None else Path(tmp)
-        src = Path(model) if model is not None else root / shape
+        src = model_dir(model) if model is not None else root / shape  # "demo": the embedded model
         make = shape is not None and not (src / "config.json").is_file()
         if make and shape not in SHAPES:
             raise VQExportError(f"unknown --shape {shape!r}; known: {', '.join(SHAPES)}")
