@@ -495,6 +495,23 @@ def test_convert_two_stage_recommends_p_from_the_measured_recall_curve(converted
     assert "Two-stage head" in card and "dense argmax inside the probed clusters" in card
 
 
+def test_probes_costing_most_of_a_dense_layer_are_noted(converted, tmp_path):
+    from vqexport.convert.convert import costly_probes_note
+
+    tmp, _ = converted
+    for probes, noted in ((3, False), (4, True)):  # K + P * 16 against V / 4 = 80 of V = 320: 68 and 84
+        out = tmp_path / f"p{probes}"
+        result = run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--distill-text",
+                         tmp / "text.txt", "--steps", 0, "--probes", probes, "--out", out)
+        assert result.exit_code == 0, result.stderr
+        card = (out / "MODEL_CARD.md").read_text()
+        assert ("note: P = 4 computes 26.2% of the 320 logits" in result.stderr) is noted
+        assert ("**Note:** P = 4 computes 26.2%" in card) is noted
+        assert "router does not narrow" not in card  # the user chose P: no advice about the router
+    assert costly_probes_note(5, 80, 320, recommended=True) is None
+    assert "router does not narrow the vocabulary" in costly_probes_note(5, 81, 320, recommended=True)
+
+
 def test_fewest_probes_counts_every_p():
     from vqexport.convert.convert import fewest_probes
 

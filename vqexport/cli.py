@@ -584,6 +584,8 @@ def convert(src, codebook_size, no_bias, distill_text, steps, clustering, head, 
     if t:
         click.echo(f"two-stage at P = {t['probes']}: perplexity {t['vq_ppl']:.2f} ({100 * t['ppl_change']:+.2f}%), top-1 agreement "
                    f"{t['top1_agreement']:.4f}, dense argmax inside the probed clusters {t['probe_recall']:.4f}")
+    if result.report.get("note"):
+        click.echo(f"note: {result.report['note']}", err=True)
 
 
 @main.command()

@@ -280,6 +280,19 @@ def fewest_probes(ranks: torch.Tensor, goal: float) -> int:
 
 
 RECALL_GOAL = 0.995  # the recommended probes: the fewest whose probed clusters hold the dense argmax this often
+# Above this share of V computed per position a two-stage head saves little: at the Qwen2.5-0.5B shape its int8-row
+# form at 18.8% of V runs 1.08x the dense int4 layer on CPU (docs/two-stage.md, "Speed"); the report says so.
+COSTLY_SHARE = 0.25
+
+
+def costly_probes_note(probes: int, scored: int, vocab: int, recommended: bool) -> str | None:
+    """One line when P probes compute more than COSTLY_SHARE of the vocabulary's logits per position, else None."""
+    if scored <= COSTLY_SHARE * vocab:
+        return None
+    why = (" the router does not narrow the vocabulary on this model and text (more text or --steps may help; a "
+           "smaller --probes trades quality for speed)" if recommended else "")
+    return (f"P = {probes} computes {100 * scored / vocab:.1f}% of the {vocab:,} logits per position, more than "
+            f"{COSTLY_SHARE:.0%}, where a two-stage head is no faster than a dense int4 output layer on CPU;{why}").rstrip(";")
 
 
 def _init_head(cfg: HeadConfig, weight: torch.Tensor, dense_bias, assign: torch.Tensor, mean_h: torch.Tensor) -> VQLogitsHead:
@@ -474,6 +487,9 @@ def _two_stage(vq: VQLogitsHead, route, weight, dense_b, hidden, dense, held, he
         head = module.to_head(probes=P, cluster_size=cap, route_bias=module.route_bias)
     stage.update(probes=P, probes_recommended=recommended, scored=head.config.scored,
                  scored_share=head.config.scored / cfg.vocab_size)
+    note = costly_probes_note(P, head.config.scored, cfg.vocab_size, recommended=probes is None and held is not None)
+    if note:
+        stage["note"] = note
     if held is not None:
         progress(f"measuring two-stage fidelity at P = {P}", 0, 1)
         stage["two_stage"] = evaluate(hidden, dense, head_module(head, weight, dense_b), held, held_h)
@@ -542,6 +558,8 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
                   f"P recommended from the held-out recall (the fewest probes whose clusters hold the dense argmax at "
                   f"{100 * RECALL_GOAL:g}% of positions, every P counted; the curve below at powers of two): "
                   f"{report.get('probes_recommended')}."]
+        if report.get("note"):
+            lines += ["", f"**Note:** {report['note']}."]
         m = report.get("two_stage")
         if m:
             lines += ["", f"Held-out ({m['tokens']} tokens) at P = {m['probes']}: dense ppl {m['dense_ppl']:.2f}, two-stage ppl "
