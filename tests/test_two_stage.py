@@ -249,6 +249,39 @@ def test_router_pool_spreads_its_windows_over_the_text_within_its_budget():
     assert starts(hidden_pool(hidden, tokens, seq, budget=1)) == [0]
 
 
+@pytest.mark.parametrize("steps, once", [(3, True), (1, False)])
+def test_router_targets_computed_once_for_the_pool_fit_as_those_of_every_step(monkeypatch, steps, once):
+    """With more draws than pool positions the dense cluster masses are computed once (float16): the router fitted
+    on them equals the one fitted on masses computed at every step, to float16's rounding."""
+    from vqexport.convert import router
+    from vqexport.head.module import VQLogitsHead
+    from vqexport.head.spec import HeadConfig
+
+    V, d, K = 96, 8, 12
+    gen = torch.Generator().manual_seed(0)
+    dense = DenseHead(torch.randn(V, d, generator=gen))
+    pool = torch.randn(100, d, generator=gen)  # 3 steps of 64 draw more positions than the pool holds, 1 fewer
+    monkeypatch.setattr(router, "LOGIT_BUDGET", 64 * V)  # 64 positions a step
+    calls = []
+    monkeypatch.setattr(router, "cluster_mass", lambda *a, f=router.cluster_mass: calls.append(len(a[1])) or f(*a))
+    fits = []
+    start = torch.randn(K, d, generator=gen)
+    for mass_bytes in (0, 1 << 20):
+        head = VQLogitsHead(HeadConfig(V, d, K))
+        with torch.no_grad():
+            head.codebook.copy_(start)
+            head.map.copy_(torch.arange(V) % K)
+        calls.clear()
+        route = router.fit_router(head, dense, pool, steps, seed=0, mass_bytes=mass_bytes)
+        fits.append((head.codebook.detach().clone(), route, list(calls)))
+    (c0, r0, per_step), (c1, r1, cached) = fits
+    assert per_step == [64] * steps
+    assert cached == ([64, 36] if once else [64] * steps)  # the pool in batches, then never again
+    assert (c0 - start).abs().max() > 1e-3 and r0.abs().max() > 1e-3  # the steps moved the router
+    torch.testing.assert_close(c1, c0, rtol=0, atol=1e-4)
+    torch.testing.assert_close(r1, r0, rtol=0, atol=1e-4)
+
+
 class _Echo:
     """A stand-in trunk whose hidden state at each position is its token id, repeated d times."""
 
