@@ -144,3 +144,26 @@ def test_an_architecture_torch_onnx_cannot_export_is_one_line(tmp_path, monkeypa
     result = run_cli("build", "--model", model_dir, "--out", tmp_path / "o")
     assert_user_error(result, "torch.onnx cannot export the mistral decoder", "data-dependent control flow")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_two_stage_head_reads_gpt2s_flattened_embedding_lookup(tmp_path):
+    """GPT-2's export reshapes input_ids before its embedding Gather: the tied two-stage head still finds that table
+    and reads its exact rows from it (this used to stop the build with a traceback)."""
+    from vqexport.graph_io import load_graph
+    from vqexport.head.spec import make_head
+
+    from .models import random_head
+
+    model_dir = tmp_path / "gpt2"
+    save_hf(model_dir, hf_config("gpt2", vocab=101, hidden=32, layers=2, heads=4, kv_heads=4))
+    h = random_head(101, 32, 8)
+    write_head(model_dir, make_head({"codebook": h.codebook, "map": np.arange(101, dtype=np.int32) % 8, "bias": h.bias},
+                                    probes=2))
+    result = api.build("ort", model=model_dir, out=tmp_path / "art", steps=4)
+    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
+    graph = load_graph(result.out / "model.onnx").graph
+    rows = next(n for n in graph.node if n.name == "head/exact/rows")
+    lookup = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] == rows.input[0] and n is not rows)
+    producer = next(n for n in graph.node if lookup.input[1] in n.output)
+    assert rows.input[0] == "transformer.wte.weight" and producer.op_type == "Reshape"  # the case this test is about
+    assert not any(t.name.startswith("head.rows") for t in graph.initializer)

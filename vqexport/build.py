@@ -240,8 +240,13 @@ def write_graph(directory: Path, profile: Profile, source: Source, reference, pr
         if source.head.two_stage:  # exact rows: the model's output layer (shared with the embedding when tied)
             rows = reference.head.rows.numpy()
             rows_bias = reference.head.rows_bias.numpy() if reference.head.rows_bias is not None else None
-        model = join(trunk, source.head, form, scales, metadata={"vqexport.target": profile.name}, rows=rows,
-                     rows_bias=rows_bias, tied=source.geometry.tie_word_embeddings)
+        try:
+            model = join(trunk, source.head, form, scales, metadata={"vqexport.target": profile.name}, rows=rows,
+                         rows_bias=rows_bias, tied=source.geometry.tie_word_embeddings)
+        except ValueError as e:  # a tied two-stage head finds no embedding table in the trunk to read its rows from
+            if not source.head.two_stage:
+                raise
+            raise VQExportError(f"{source.path}: cannot attach the two-stage head to the {info['trunk']} trunk ({e})") from None
         progress("writing model.onnx with external data")
         info["files"] = save(model, directory)
     if info["trunk"] == "portable":  # the builder's graph uses onnxruntime's own ops, which onnx's checker does not know
