@@ -167,3 +167,38 @@ def test_a_two_stage_head_reads_gpt2s_flattened_embedding_lookup(tmp_path):
     producer = next(n for n in graph.node if lookup.input[1] in n.output)
     assert rows.input[0] == "transformer.wte.weight" and producer.op_type == "Reshape"  # the case this test is about
     assert not any(t.name.startswith("head.rows") for t in graph.initializer)
+
+
+def test_the_builders_trunk_is_refused_where_its_graph_would_differ(tmp_path, small_tokenizer):
+    """onnxruntime-genai's builder leaves Mistral's sliding window out of its attention (every position seen, where
+    transformers' model sees the last 4), and its GroupQueryAttention runs head sizes of 16k only: both one line,
+    nothing written; the same Mistral without a window builds and passes."""
+    from .models import make_model
+
+    windowed = make_model(tmp_path / "windowed", arch="mistral", vocab=320, hidden=64, sliding_window=4,
+                          eos_token_id=0, tokenizer=small_tokenizer)
+    assert_user_error(run_cli("build", "--target", "ort-genai", "--model", windowed, "--out", tmp_path / "a", "--steps", 2),
+                      "builder ignores this mistral model's sliding window (4 positions)", 'source = "portable"')
+    assert not (tmp_path / "a").exists()
+    plain = make_model(tmp_path / "plain", arch="mistral", vocab=320, hidden=64, sliding_window=None,
+                       eos_token_id=0, tokenizer=small_tokenizer)
+    assert api.build("ort-genai", model=plain, out=tmp_path / "b", steps=2).parity.passed
+    odd = make_model(tmp_path / "odd", vocab=320, hidden=48, heads=4, tokenizer=small_tokenizer)  # head size 12
+    assert_user_error(run_cli("build", "--target", "ort-int4", "--model", odd, "--out", tmp_path / "c"),
+                      "multiple of 16", "has 12")
+    assert not (tmp_path / "c").exists()
+
+
+def test_int4_rows_need_a_hidden_size_in_blocks_of_32(tmp_path):
+    from vqexport.head.spec import make_head
+
+    from .models import make_model, random_head
+
+    model = make_model(tmp_path / "m", vocab=101, hidden=48, heads=4, head=False)
+    h = random_head(101, 48, 8)
+    write_head(model, make_head({"codebook": h.codebook, "map": h.map, "bias": h.bias}, probes=2))
+    target = tmp_path / "rows4.toml"
+    target.write_text('name = "rows4"\nbackend = "ort"\nopset = 21\n[two_stage]\nrows = "int4"\n')
+    assert_user_error(run_cli("build", "--target", target, "--model", model, "--out", tmp_path / "a"),
+                      "two_stage.rows = 'int4'", "hidden size 48", "rows = 'int8'")
+    assert not (tmp_path / "a").exists()

@@ -359,8 +359,18 @@ def check_profile_fits(profile: Profile, source: Source) -> None:
         if profile.two_stage.probes > head.codebook_size:
             raise VQExportError(f"target {profile.name}: two_stage.probes = {profile.two_stage.probes} exceeds the head's "
                                 f"codebook_size {head.codebook_size}")
+        from .head.graph import NATIVE_BLOCK
+
+        if profile.two_stage.rows == "int4" and head.hidden_size % NATIVE_BLOCK:
+            raise VQExportError(f"target {profile.name}: two_stage.rows = 'int4' quantizes the rows in blocks of "
+                                f"{NATIVE_BLOCK} along the hidden size, and {source.path} has hidden size {head.hidden_size}; "
+                                "use rows = 'int8' or 'fp32'")
         if profile.backend == "trt" and profile.two_stage.rows == "int8":
             raise VQExportError(f"target {profile.name}: two_stage.rows = 'int8' uses MatMulInteger, which TensorRT does not run")
+    if profile.trunk.source == "genai":
+        from .trunk.genai import check_fits
+
+        check_fits(source, profile.name)
     if profile.decode.mode == "topk" and profile.decode.k > head.vocab_size:
         raise VQExportError(f"target {profile.name}: decode.k = {profile.decode.k} exceeds the vocabulary size {head.vocab_size}")
 

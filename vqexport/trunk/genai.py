@@ -60,6 +60,52 @@ def require_builder() -> None:
         raise VQExportError(f"this onnxruntime-genai has no model builder ({BUILDER}); {INSTALL_HINT}")
 
 
+GQA_HEAD_MULTIPLE = 16  # onnxruntime's GroupQueryAttention (the builder's attention) on CPU runs head sizes of 16k only
+
+
+def check_fits(source: Source, target: str) -> None:
+    """What the builder's graph cannot run, refused before any work."""
+    head_dim = source.geometry.head_dim
+    if head_dim % GQA_HEAD_MULTIPLE:
+        raise VQExportError(f"target {target}: onnxruntime-genai's builder makes attention with onnxruntime's "
+                            f"GroupQueryAttention, which needs a head size that is a multiple of {GQA_HEAD_MULTIPLE}, and "
+                            f"{source.path} has {head_dim}; use a target with [trunk] source = \"portable\"")
+
+
+def active_sliding_window(config) -> int | None:
+    """The window of transformers' sliding-window attention in this config, or None when no layer uses one (no
+    window, one as long as the positions, Qwen2's use_sliding_window = false, layer_types all full attention)."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or window >= getattr(config, "max_position_embeddings", window + 1):
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return window
+
+
+def _check_window(source: Source, graph: Path) -> None:
+    """The builder leaves a sliding window out of its attention when it does not know which layers use it (Mistral
+    in this version): its graph would then attend to every position where transformers' model sees the last
+    ``sliding_window`` (different logits past the window). Refused, since parity on short prompts cannot see it."""
+    import onnx
+
+    from ..source import hf_config
+
+    window = active_sliding_window(hf_config(source.path))
+    if window is None:
+        return
+    model = onnx.load(str(graph), load_external_data=False)
+    sizes = {a.i for n in model.graph.node if n.op_type == "GroupQueryAttention"
+             for a in n.attribute if a.name == "local_window_size"}
+    if sizes <= {-1}:
+        raise VQExportError(f"{source.path}: onnxruntime-genai's builder ignores this {source.model_type} model's sliding "
+                            f"window ({window} positions): its attention would see every position; use a target with "
+                            "[trunk] source = \"portable\"")
+
+
 def build_trunk(source: Source, precision: str, execution_provider: str, extra_options: dict, workdir: Path) -> Path:
     """Run the builder into ``workdir``/trunk; return that directory (model.onnx + data, genai_config.json, tokenizer)."""
     require_builder()
@@ -75,6 +121,7 @@ def build_trunk(source: Source, precision: str, execution_provider: str, extra_o
     if proc.returncode != 0 or not (out / "model.onnx").is_file():
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder cannot build this {source.model_type} model "
                             f"({_reason(proc)}); use a target with [trunk] source = \"portable\"")
+    _check_window(source, out / "model.onnx")
     return out
 
 
