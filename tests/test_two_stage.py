@@ -545,6 +545,16 @@ def test_probes_costing_most_of_a_dense_layer_are_noted(converted, tmp_path):
     assert "router does not narrow the vocabulary" in costly_probes_note(5, 81, 320, recommended=True)
 
 
+def test_inspect_and_the_card_describe_the_two_stage_head(converted):
+    tmp, report = converted
+    P = report["probes"]
+    text = " ".join(run_cli("inspect", tmp / "ts").stdout.split())  # the console wraps long lines
+    assert f"two-stage head K=20 clusters of 16, P={P} probed ({20 + 16 * P:,} logits computed per position), router=fitted" in text
+    assert "dense head (same V x d + bias, fp32)" in text
+    card = (tmp / "ts" / "MODEL_CARD.md").read_text()
+    assert f"| head parameters | {20 * 32 + 320 + 20:,} vs {320 * 32:,} dense" in card  # codebook, bias, route bias
+
+
 def test_fewest_probes_counts_every_p():
     from vqexport.convert.convert import fewest_probes
 

@@ -336,6 +336,11 @@ def inspect(path, as_json):
         head = cfg["head"]
         head_text = (f"VQ-Logits head K={head['codebook_size']} bias={head['bias']} rank={head['rank']}" if head
                      else "no VQ-Logits head (a dense model: vqexport convert makes one)")
+        if head and head.get("type") == "two-stage":
+            head_text = (f"two-stage head K={head['codebook_size']} clusters of {head['cluster_size']}, P={head['probes']} "
+                         f"probed ({head['codebook_size'] + head['probes'] * head['cluster_size']:,} logits computed per "
+                         f"position), router={'fitted' if head['route_bias'] else 'codebook'} bias={head['bias']} "
+                         f"rank={head['rank']}")
         c.print(f"{cfg['model_type']}: V={cfg['vocab_size']} d={cfg['hidden_size']} layers={cfg['n_layers']} "
                 f"heads={cfg['n_heads']}/{cfg['n_kv_heads']} head_dim={cfg['head_dim']} tied={cfg['tie_word_embeddings']}; "
                 f"{head_text}; tokenizer={info['tokenizer']}", markup=False)
@@ -357,7 +362,9 @@ def inspect(path, as_json):
         t.add_row(f"  {name}", f"{part['params']:,}", f"{part['bytes']:,}")
     t.add_row("head", f"{s['head']['params']:,}", f"{s['head']['bytes']:,}")
     t.add_row("trunk", f"{s['trunk']['params']:,}", f"{s['trunk']['bytes']:,}")
-    t.add_row("dense head (same V x d, fp32)", f"{s['dense_head']['params']:,}", f"{s['dense_head']['bytes']:,}")
+    V, d = s["dense_head"]["shape"]
+    dense = f"dense head (same V x d{' + bias' if s['dense_head']['params'] > V * d else ''}, fp32)"
+    t.add_row(dense, f"{s['dense_head']['params']:,}", f"{s['dense_head']['bytes']:,}")
     c.print(t)
     t = Table(title="head terms")
     for col in ("term", "params", "bytes", "% of dense head params"):

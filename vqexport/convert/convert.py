@@ -520,7 +520,7 @@ def _write(out: Path, source: Source, head, report: dict) -> None:
 
 def model_card(report: dict, cfg: HeadConfig) -> str:
     V, d, K, r = cfg.vocab_size, cfg.hidden_size, cfg.codebook_size, cfg.rank
-    head_vq = K * d + (V if cfg.bias else 0) + r * (V + d)
+    head_vq = K * d + (V if cfg.bias else 0) + r * (V + d) + (K if cfg.route_bias else 0)
     head_dense = V * d
     lines = [
         "# VQ-Logits conversion", "",
