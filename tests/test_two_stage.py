@@ -346,6 +346,19 @@ def test_portable_build_reads_rows_from_the_shared_embedding_table(tied, tmp_pat
     _twin_is_the_dense_model(result.out, tied, tmp_path / "twin")  # its output layer: the embedding table, transposed
 
 
+def test_verify_against_a_model_whose_head_differs_from_the_artifacts_is_one_line(tied, tmp_path):
+    import shutil
+
+    art = api.build("ort", model=tied, out=tmp_path / "art", steps=2).out
+    other = tmp_path / "other"
+    shutil.copytree(tied, other)
+    cfg = json.loads((other / CONFIG_FILE).read_text())
+    (other / CONFIG_FILE).write_text(json.dumps({**cfg, "probes": 5}))
+    assert_user_error(run_cli("verify", "--artifact", art, "--model", other, "--steps", 2),
+                      "its head has probes = 5 but the artifact's has probes = 4")
+    assert run_cli("verify", "--artifact", art, "--model", tied, "--steps", 2).exit_code == 0
+
+
 def test_an_untied_model_ships_its_output_rows(tmp_path, small_tokenizer):
     model = make_model(tmp_path / "untied", vocab=320, hidden=32, tie=False, head=False, tokenizer=small_tokenizer)
     h = random_head(320, 32, 20)

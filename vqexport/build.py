@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __version__
 from .artifact import build_lock, check_files, check_output_dir, read_manifest, source_hashes, staged_dir, write_manifest
 from .errors import ParityError, VQExportError
+from .head.spec import has_head, read_head_config
 from .profiles import Profile, load_profile
 from .source import DEMO_NAME, Source, is_demo, resolve_source
 from .verify import ParityReport
@@ -437,4 +438,10 @@ def verify_artifact(artifact, steps: int | None = None, model=None, progress=_no
         raise VQExportError(f"{source.path}: the model changed since the artifact was built; rebuild, or pass --model")
     check_steps_fit(source, profile, steps)
     check_files(artifact, manifest, hashes=True)
+    if has_head(artifact):  # the head the artifact was built with, as given to the build
+        ours, theirs = read_head_config(artifact).to_dict(), source.head.config.to_dict()
+        for key in sorted(set(ours) | set(theirs)):
+            if ours.get(key) != theirs.get(key):
+                raise VQExportError(f"{source.path}: its head has {key} = {theirs.get(key)!r} but the artifact's has "
+                                    f"{key} = {ours.get(key)!r}; pass the model it was built from")
     return verify_dir(artifact, manifest["runtime"], profile, source, steps=steps, progress=progress)

@@ -294,7 +294,7 @@ def read_head(directory: Path) -> Head | None:
         raise VQExportError(f"{weights}: head weights without their config {CONFIG_FILE}; both files make a head")
     if not weights.exists():
         raise VQExportError(f"{cfg_file}: head config without its weights {WEIGHTS_FILE}; both files make a head")
-    cfg = _parse(read_json_object(cfg_file), str(cfg_file))
+    cfg = read_head_config(directory)
     header = read_header(weights)
     for name, (shape, dtypes) in expected_tensors(cfg).items():
         if name in header and header[name]["dtype"] not in dtypes:
@@ -302,6 +302,12 @@ def read_head(directory: Path) -> Head | None:
             raise VQExportError(f"{weights}: tensor {name} has dtype {header[name]['dtype']}, expected {kind} ({', '.join(dtypes)})")
     arrays, _ = read_arrays(weights)
     return Head(cfg, _checked(cfg, arrays, str(weights)))
+
+
+def read_head_config(directory: Path) -> HeadConfig:
+    """The config of the head beside a model or in an artifact (``vq_head.json`` only; one line on a problem)."""
+    cfg_file = Path(directory) / CONFIG_FILE
+    return _parse(read_json_object(cfg_file), str(cfg_file))
 
 
 def write_head(directory: Path, head: Head) -> None:
