@@ -65,7 +65,7 @@ def assert_user_error(result, *fragments):
 
 def generate_in_a_fresh_process(artifact, prompt: str, max_new_tokens: int, absent=("torch",)) -> dict:
     """``vqexport.generate.generate`` in a new interpreter; fails unless none of the modules ``absent`` was imported.
-    Returns {"prompt": prompt ids, "new": generated ids, "text": the generated text}."""
+    Returns {"prompt": prompt ids, "new": generated ids, "text": the generated text, "stopped_at_eos": bool}."""
     import json
     import subprocess
     import sys
@@ -75,7 +75,7 @@ def generate_in_a_fresh_process(artifact, prompt: str, max_new_tokens: int, abse
         "from vqexport.generate import generate\n"
         f"g = generate({str(artifact)!r}, {prompt!r}, max_new_tokens={max_new_tokens})\n"
         f"assert not [m for m in {tuple(absent)!r} if m in sys.modules], sorted(sys.modules)\n"
-        "print(json.dumps({'prompt': g.prompt_ids, 'new': g.new_ids, 'text': g.text}))\n"
+        "print(json.dumps({'prompt': g.prompt_ids, 'new': g.new_ids, 'text': g.text, 'stopped_at_eos': g.stopped_at_eos}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

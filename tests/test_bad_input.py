@@ -140,6 +140,18 @@ def test_no_head_says_how_to_make_one(model, tmp_path):
     _build_fails(tmp_path, model, "no VQ-Logits head", "vqexport convert")
 
 
+def test_a_checkpoint_in_the_earlier_vqexport_format_is_refused(tmp_path):
+    """The earlier vqexport-only checkpoint (one config.json with d_model, n_layers, head) is no longer read."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"d_model": 32, "n_layers": 2, "n_heads": 4, "vocab_size": 97,
+                                                 "head": {"codebook_size": 11, "bias": True}}))
+    save_file({"tok_emb": np.zeros((97, 32), np.float32)}, str(old / "model.safetensors"))
+    _build_fails(tmp_path, old, f"{old / 'config.json'}: a checkpoint in vqexport's earlier format", "vqexport convert")
+    assert_user_error(run_cli("convert", "--from", old, "-k", 8, "--out", tmp_path / "vq"), "earlier format")
+    assert not (tmp_path / "vq").exists()
+
+
 def test_head_file_without_its_json_and_the_reverse(model, tmp_path):
     cfg = (model / CONFIG_FILE).read_bytes()
     (model / CONFIG_FILE).unlink()
@@ -245,13 +257,29 @@ def test_parity_steps_beyond_the_models_positions(tmp_path):
     assert_user_error(run_cli("verify", "--artifact", out, "--steps", 6), "+ 6 decode steps", "max_position 16")
 
 
-def test_a_failed_build_leaves_no_directory_it_made(model, tmp_path):
-    _edit_json(model / "config.json", num_key_value_heads=3)  # 4 heads cannot share 3 key/value heads
+def test_a_failed_build_leaves_no_directory_it_made(model, tmp_path, monkeypatch):
+    from vqexport.backends.torch_ref import TorchRunner
+
+    broken = shutil.copytree(model, tmp_path / "broken")
+    _edit_json(broken / "config.json", num_key_value_heads=3)  # 4 heads cannot share 3 key/value heads
     out = tmp_path / "new" / "x" / "y"
-    assert_user_error(run_cli("build", "--model", model, "--out", out))
+    fragment = "tensor model.layers.0.self_attn.k_proj.weight does not have the shape config.json implies"
+    assert_user_error(run_cli("build", "--model", broken, "--out", out), fragment)
     assert not (tmp_path / "new").exists()
     (tmp_path / "kept").mkdir()  # a directory that was there before the build stays
-    assert_user_error(run_cli("build", "--model", model, "--out", tmp_path / "kept" / "y"))
+    assert_user_error(run_cli("build", "--model", broken, "--out", tmp_path / "kept" / "y"), fragment)
+    assert list((tmp_path / "kept").iterdir()) == []
+    # a failure after the output's parents were made (parity, exit 1): they are removed again, "kept" stays
+    real_step = TorchRunner.step
+
+    def perturbed(self, *args):
+        out = real_step(self, *args)
+        out.logits[..., 0] += 0.05
+        return out
+
+    monkeypatch.setattr(TorchRunner, "step", perturbed)
+    result = run_cli("build", "--model", model, "--out", tmp_path / "kept" / "new" / "y", "--steps", 1)
+    assert result.exit_code == 1 and "parity FAILED" in result.stderr, (result.exit_code, result.stderr)
     assert list((tmp_path / "kept").iterdir()) == []
 
 

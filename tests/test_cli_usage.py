@@ -24,17 +24,27 @@ def test_an_out_of_range_seed_is_one_line(args, fragment, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_largest_seed_is_accepted_downstream(demo_artifact):
-    import numpy as np
-    import torch
+def test_the_largest_seed_is_accepted_downstream(demo_artifact, tmp_path, small_tokenizer):
+    """--seed 2^63 - 1 (the documented maximum) reaches every generator it seeds: convert's clustering, distillation,
+    router and two-stage tail (seeded with seed + 1), and generate's sampling."""
+    from .models import make_model
 
-    from vqexport.cli import _SEED
-
-    np.random.default_rng(_SEED.max)
-    torch.manual_seed(_SEED.max)
-    torch.Generator().manual_seed(_SEED.max + 1)  # convert's tail distillation seeds with seed + 1
-    r = run_cli("generate", "-a", demo_artifact, "-p", "hi", "--sample", "--seed", _SEED.max, "-n", 2)
-    assert r.exit_code == 0, r.stderr
+    largest = 2**63 - 1
+    model = make_model(tmp_path / "dense", vocab=320, layers=1, head=False, tokenizer=small_tokenizer)
+    text = tmp_path / "text.txt"
+    text.write_text("".join(p.read_text() for p in sorted(Path(__file__).parent.glob("test_*.py"))))
+    for head in ("vq", "two-stage"):
+        r = run_cli("convert", "--from", model, "-k", 16, "--head", head, "--rank", 2, "--distill-text", text, "--steps", 1,
+                    "--seed", largest, "--out", tmp_path / head, "--json")
+        assert r.exit_code == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["seed"] == largest and report["head"] == head
+    assert json.loads(r.stdout)["tail_distill_steps"] == 1  # the two-stage tail was distilled (its generator: seed + 1)
+    runs = [run_cli("generate", "-a", demo_artifact, "-p", "hi", "--sample", "--seed", largest, "-n", 8) for _ in range(2)]
+    for r in runs:
+        assert r.exit_code == 0, r.stderr
+        assert r.stdout.startswith("hi") and len(r.stdout) > len("hi\n")
+    assert runs[0].stdout == runs[1].stdout  # the same seed draws the same tokens
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -46,16 +56,20 @@ def test_the_largest_seed_is_accepted_downstream(demo_artifact):
     (["generate", "-p", "hi"], ["Missing option", "--artifact"]),
     (["bench", "--shape", "gpt9", "--e2e"], ["'--shape'", "gpt9"]),
 ])
-def test_usage_errors_are_one_line(args, fragments):
+def test_usage_errors_are_one_line(args, fragments, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a build without --out writes ./artifacts/<target>: nothing may appear here
     assert_user_error(run_cli(*args), *fragments)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_a_usage_error_is_one_line_from_the_shell():
-    proc = subprocess.run([sys.executable, "-m", "vqexport", "build", "--steps", "-1"], capture_output=True, text=True)
+def test_a_usage_error_is_one_line_from_the_shell(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vqexport", "build", "--steps", "-1"], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: Invalid value for '--steps': -1 is not in the range 0<=x<=4096. "
                                         "(see 'vqexport build --help')"]
     assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_help_still_works():

@@ -1,6 +1,7 @@
 """The fused VQLogits op: reference, function body, the registered ORT kernel (proven to run), fused artifacts
 (kernel and function body), int8, the --head flag, and errors."""
 
+import importlib.util
 import shutil
 import sys
 
@@ -79,7 +80,7 @@ def test_function_body_matches_reference_without_a_kernel(select, shape_h):
 
 
 def test_registered_kernel_runs_and_matches():
-    pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions is not installed")
+    assert importlib.util.find_spec("onnxruntime_extensions"), "onnxruntime-extensions, a test dependency ('.[test]'), is missing"
     model = _single_op_model("gather", ["b", "s", 16], 16, 9, 61)
     sess = _session(model.SerializeToString(), kernel=True)
     x = _inputs((2, 4, 16), 16, 9, 61, seed=3)
@@ -93,7 +94,7 @@ def test_registered_kernel_runs_and_matches():
 @pytest.mark.parametrize("select", ["gather", "gather_elements"])
 def test_fused_head_graph_equals_the_head(bias, select):
     """The fused head built by vqexport.head.graph: kernel = function body = the head's definition."""
-    pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions is not installed")
+    assert importlib.util.find_spec("onnxruntime_extensions"), "onnxruntime-extensions, a test dependency ('.[test]'), is missing"
     head = random_head(97, 32, 11, bias=bias, seed=4)
     proto = ir.to_proto(head_model(head, HeadForm(fused=True, select=select)))
     onnx.checker.check_model(proto, full_check=True)
@@ -130,7 +131,7 @@ def model(tmp_path_factory):
 
 
 def test_fused_artifact_with_kernel(model, tmp_path):
-    pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions is not installed")
+    assert importlib.util.find_spec("onnxruntime_extensions"), "onnxruntime-extensions, a test dependency ('.[test]'), is missing"
     before = kernel_calls()
     result = api.build(str(_profile(tmp_path)), model=model, out=tmp_path / "art")
     assert kernel_calls() > before  # parity ran the registered kernel
@@ -162,7 +163,7 @@ def test_fused_artifact_function_only(model, tmp_path):
 
 
 def test_fused_int8(model, tmp_path):
-    pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions is not installed")
+    assert importlib.util.find_spec("onnxruntime_extensions"), "onnxruntime-extensions, a test dependency ('.[test]'), is missing"
     result = api.build(str(_profile(tmp_path, codebook="int8")), model=model, out=tmp_path / "art")
     proto = load_graph(result.out / "model.onnx")
     producer = {o: n for n in proto.graph.node for o in n.output}

@@ -7,7 +7,7 @@ from vqexport.ops.gpu import load_kernel, source_path
 
 
 def _cuda_or_skip():
-    torch = pytest.importorskip("torch")
+    import torch
     pytest.importorskip("triton", reason="Triton is not installed")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine")

@@ -13,6 +13,7 @@ from .models import make_model, random_head
 
 
 def test_vq_head_matches_definition():
+    torch.manual_seed(0)
     head = random_head(50, 8, 5, bias=True, rank=2)
     module = VQLogitsHead.from_head(head)
     h = torch.randn(2, 3, 8)
@@ -53,6 +54,7 @@ def test_gradients_reach_codebook_bias_and_factors_not_map():
 
 def test_gradients_equal_those_of_the_written_out_formula():
     """The module adds its terms in place; autograd must give what z[..., M] + b + (h P^T) U^T gives."""
+    torch.manual_seed(0)
     module = VQLogitsHead.from_head(random_head(50, 8, 5, bias=True, rank=3)).train()
     h = torch.randn(2, 3, 8)
     target = torch.randint(0, 50, (6,))
@@ -72,7 +74,7 @@ def trunk(tmp_path_factory):
 
 def test_incremental_decoding_matches_full_forward(trunk):
     trunk, geo = trunk
-    ids = torch.randint(0, geo.vocab_size, (2, 9))
+    ids = torch.randint(0, geo.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     empty = trunk.empty_past(2, geo.n_kv_heads, geo.head_dim)
     with torch.no_grad():
         full = trunk(ids, torch.ones_like(ids), *empty)[0]
@@ -86,10 +88,49 @@ def test_incremental_decoding_matches_full_forward(trunk):
 
 def test_left_padding_gives_the_same_hidden_states_as_no_padding(trunk):
     trunk, geo = trunk
-    ids = torch.randint(0, geo.vocab_size, (1, 6))
+    ids = torch.randint(0, geo.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.int64), ids], 1)
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
         a = trunk(ids, torch.ones_like(ids), *trunk.empty_past(1, geo.n_kv_heads, geo.head_dim))[0]
         b = trunk(padded, mask, *trunk.empty_past(1, geo.n_kv_heads, geo.head_dim))[0][:, 3:]
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("floats", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_a_head_file_in_half_precision_with_an_int64_map_reads_and_builds_like_f32(tmp_path, floats):
+    """vq_head.safetensors may hold its floats as f16 or bf16 and the map as int64: read, evaluated and built, such a
+    head equals the f32 / int32 one (whose values are the half-precision ones, so the two are the same head)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vqexport import api
+    from vqexport.backends.ort.runner import OrtRunner
+    from vqexport.build import reference_runner
+    from vqexport.head.spec import WEIGHTS_FILE, read_head
+
+    f32 = make_model(tmp_path / "f32", rank=2)
+    tensors = load_file(str(f32 / WEIGHTS_FILE))
+    rounded = {k: v if k == "map" else v.to(floats).float() for k, v in tensors.items()}  # f32 of the half values
+    assert any(not torch.equal(rounded[k], tensors[k]) for k in rounded if k != "map")  # the rounding changed values
+    save_file(rounded, str(f32 / WEIGHTS_FILE))
+    half = shutil.copytree(f32, tmp_path / "half")
+    save_file({k: v.long() if k == "map" else v.to(floats) for k, v in rounded.items()}, str(half / WEIGHTS_FILE))
+    assert {str(v.dtype) for v in load_file(str(half / WEIGHTS_FILE)).values()} == {str(floats), "torch.int64"}
+
+    a, b = read_head(f32), read_head(half)
+    assert b.config == a.config and set(b.tensors) == set(a.tensors) == {"codebook", "map", "bias", "lowrank_p", "lowrank_u"}
+    for name, value in a.tensors.items():
+        assert b.tensors[name].dtype == value.dtype  # float32, and the map int32
+        np.testing.assert_array_equal(b.tensors[name], value)
+    h = np.random.default_rng(0).standard_normal((2, 3, 32)).astype(np.float32)
+    np.testing.assert_array_equal(b.logits(h), a.logits(h))
+
+    result = api.build("ort", model=half, out=tmp_path / "art", steps=2)
+    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
+    ids = np.array([[3, 50, 7, 96, 12]])
+    with reference_runner(load_source(f32)) as ref, OrtRunner.from_artifact(result.out) as art:
+        want = ref.step(ids, np.ones_like(ids), ref.empty_past(1)).logits
+        got = art.step(ids, np.ones_like(ids), art.empty_past(1)).logits
+    np.testing.assert_allclose(got, want, atol=1e-4)

@@ -303,10 +303,12 @@ def test_int8_needs_a_vq_head(act_model, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_unknown_int8_encoding(tmp_path):
+def test_unknown_int8_encoding(tmp_path, monkeypatch):
     f = tmp_path / "p.toml"
     f.write_text('backend = "ort"\ncodebook = "int8"\n[int8]\nencoding = "magic"\n')
+    monkeypatch.chdir(tmp_path)  # no --out: the default ./artifacts/<name> would be here
     assert_user_error(run_cli("build", "--target", f), "int8.encoding must be")
+    assert [p.name for p in tmp_path.iterdir()] == ["p.toml"]
 
 
 def test_native_encoding_errors(tmp_path):

@@ -260,12 +260,25 @@ def test_dense_twin_folds_the_correction(built, tmp_path):
     assert np.abs(outs[0] - outs[1]).max() < 1e-4
 
 
-def test_generate_on_a_rank_r_topk_artifact(built):
+def test_generate_on_a_rank_r_topk_artifact(built, lr_model):
+    from vqexport.backends.torch_ref import TorchRunner
+    from vqexport.source import load_source
+
     fp32_topk = dataclasses.replace(load_profile("ort-topk"), codebook="fp32", name="topk-fp32")  # int8 would flip near-ties
     art = built(fp32_topk, steps=2).out
     assert built(fp32_topk).parity.passed
     greedy = api.generate(art, "def main(", max_new_tokens=4)
-    assert len(greedy.new_ids) + greedy.stopped_at_eos >= 1
+    assert not greedy.stopped_at_eos and len(greedy.new_ids) == 4  # the model has no eos token
+    with TorchRunner.from_source(load_source(lr_model)) as ref:  # transformers' model + the rank-4 head, greedy
+        x = np.asarray([greedy.prompt_ids])
+        mask = np.ones_like(x)
+        out = ref.step(x, mask, ref.empty_past(1))
+        expected = []
+        for _ in range(4):
+            expected.append(int(out.logits[0, -1].argmax()))
+            mask = np.concatenate([mask, [[1]]], axis=1)
+            out = ref.step(np.asarray([[expected[-1]]]), mask, out.present)
+    assert greedy.new_ids == expected
     drawn = api.generate(art, "def main(", max_new_tokens=4, sample=True, top_k=5, seed=1)  # the graph's exact top-k
     assert all(0 <= t < V for t in drawn.new_ids)
     assert drawn.new_ids == api.generate(art, "def main(", max_new_tokens=4, sample=True, top_k=5, seed=1).new_ids
@@ -275,6 +288,7 @@ def test_generate_on_a_rank_r_topk_artifact(built):
     keep = dataclasses.replace(fp32_topk, name="topk-keep", decode=dataclasses.replace(fp32_topk.decode, keep_logits=True))
     art = built(keep, steps=2).out
     sampled = api.generate(art, "def main(", max_new_tokens=4, sample=True, seed=2)
+    assert len(sampled.new_ids) == 4 and len(drawn.new_ids) == 4
     assert sampled.new_ids == api.generate(art, "def main(", max_new_tokens=4, sample=True, seed=2).new_ids
 
 

@@ -80,8 +80,17 @@ def test_two_builds_into_one_directory_are_serialised(tmp_path):
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
-def test_inspect_json_and_table_agree_on_shapes(demo_artifact):
+def test_inspect_json_and_table_agree_on_shapes(demo_artifact, monkeypatch):
     info = json.loads(run_cli("inspect", demo_artifact, "--json").stdout)
-    table = run_cli("inspect", demo_artifact).stdout.replace("\n", " ").replace("│", " ")
-    for io in info["inputs"][:2]:
-        assert io["shape"][0] in table
+    monkeypatch.setenv("COLUMNS", "200")  # wide enough that no cell wraps
+    table = run_cli("inspect", demo_artifact).stdout
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == 4 and cells[0] in ("input", "output"):
+            rows[cells[1]] = cells
+    ios = [("input", io) for io in info["inputs"]] + [("output", io) for io in info["outputs"]]
+    assert len(ios) == 2 + 6 + 1 + 6 and set(rows) == {io["name"] for _, io in ios}  # 3 layers' key + value in, logits + 6 out
+    for kind, io in ios:
+        assert rows[io["name"]] == [kind, io["name"], io["dtype"], "[" + ", ".join(map(str, io["shape"])) + "]"]
+    assert rows["past_key_values.0.key"][3] == "[batch_size, 4, past_sequence_length, 32]"

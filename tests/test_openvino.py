@@ -6,14 +6,13 @@ import json
 import shutil
 
 import numpy as np
+import openvino as ov  # a test dependency ('.[test]'): missing, this module fails
 import pytest
 
 from vqexport import api
 from vqexport.backends.ort.runner import OrtRunner
 
 from .conftest import assert_user_error, generate_in_a_fresh_process, run_cli
-
-ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'vqexport[openvino]')")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +55,7 @@ def test_generate_runs_the_ir_without_torch(fp32, demo_artifact):
     assert (fp32.out / "tokenizer.json").read_bytes() == (demo_artifact / "tokenizer.json").read_bytes()
     assert "tokenizer.json" in fp32.manifest["files"]
     got = generate_in_a_fresh_process(fp32.out, "def main(", 12, absent=("torch", "onnxruntime"))
+    assert len(got["new"]) == 12 or got["stopped_at_eos"], got  # all 12 tokens unless the model's eos came first
     assert got["new"] == api.generate(demo_artifact, "def main(", max_new_tokens=12).new_ids
     result = run_cli("generate", "--artifact", fp32.out, "--prompt", "def main(", "--max-new-tokens", 4, "--sample", "--seed", 3)
     assert result.exit_code == 0 and result.stdout.startswith("def main(") and len(result.stdout) > len("def main("), result.stderr
@@ -85,7 +85,7 @@ def test_the_ort_graph_runs_unchanged_in_openvino(demo_artifact):
 
 
 def test_int8_weights_meet_their_measured_goal(tmp_path, fp32):
-    pytest.importorskip("nncf", reason="NNCF is not installed (pip install 'vqexport[openvino]')")
+    assert importlib.util.find_spec("nncf"), "nncf, a test dependency ('.[test]'), is missing"
     result = api.build("openvino-int8", out=tmp_path / "int8")
     r = result.parity
     assert r.passed, r.failures
@@ -107,7 +107,7 @@ def test_int8_weights_meet_their_goal_with_a_two_stage_head(tmp_path):
     from vqexport.head.spec import make_head, write_head
     from vqexport.source import resolve_source
 
-    pytest.importorskip("nncf", reason="NNCF is not installed (pip install 'vqexport[openvino]')")
+    assert importlib.util.find_spec("nncf"), "nncf, a test dependency ('.[test]'), is missing"
     demo = resolve_source(None)
     model = shutil.copytree(demo.path, tmp_path / "model")
     weight = load_file(str(model / "model.safetensors"))["model.embed_tokens.weight"]
@@ -141,6 +141,18 @@ def test_an_ir_modified_after_the_build_is_refused(fp32, tmp_path):
     (copy / "model.xml").write_text(xml.replace("<layers>", "<layers>\n", 1))
     assert_user_error(run_cli("verify", "--artifact", copy, "--steps", 1), "model.xml", "modified since the build")
     assert_user_error(run_cli("bench", "--artifact", copy, "--tokens", 2, "--repeats", 1), "model.xml", "modified since the build")
+
+
+def test_generate_checks_the_ir_files_sizes(fp32, tmp_path):
+    """generate, the app-side path, checks each file's size against the manifest (not its hash): a changed size is one
+    line naming the file, and nothing is generated."""
+    for name in ("model.xml", "model.bin"):
+        copy = shutil.copytree(fp32.out, tmp_path / name)
+        with open(copy / name, "ab") as f:
+            f.write(b"\n")
+        result = run_cli("generate", "--artifact", copy, "--prompt", "def main(", "--max-new-tokens", 2)
+        assert_user_error(result, str(copy / name), "modified since the build")
+        assert result.stdout == ""
 
 
 def test_doctor_reports_openvino():

@@ -68,6 +68,27 @@ def test_read_only_parent(tmp_path, tiny_model):
         ro.chmod(0o755)
 
 
+def test_read_only_parent_refused_by_the_permission_check(tmp_path, tiny_model, monkeypatch):
+    """The same refusal where directory permissions do not stop this user (root): the check the build makes, told
+    that the parent is not writable."""
+    import vqexport.artifact
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    asked = []
+
+    def access(path, mode, *a, **k):
+        if os.path.realpath(path) == os.path.realpath(ro) and mode & os.W_OK:
+            asked.append(path)
+            return False
+        return real(path, mode, *a, **k)
+
+    monkeypatch.setattr(vqexport.artifact.os, "access", access)
+    assert_user_error(run_cli("build", "--model", tiny_model, "--out", ro / "out"), str(ro), "output location is not writable")
+    assert asked and list(ro.iterdir()) == []
+
+
 def _start_build(ckpt, out):
     # 100 verify steps after the graph is written: a wide enough window to interrupt, even on a loaded machine
     # A test run started in the background (``cmd &`` without job control) ignores SIGINT, and a child inherits an

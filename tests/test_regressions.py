@@ -26,10 +26,12 @@ def test_dotdot_output_path_cannot_replace_a_directory_without_force(tmp_path, t
 
 
 @pytest.mark.parametrize("name", ["..", "a/b", "", "../x"])
-def test_profile_names_cannot_escape_the_build_dir(tmp_path, name):
+def test_profile_names_cannot_escape_the_build_dir(tmp_path, name, monkeypatch):
     f = tmp_path / "p.toml"
     f.write_text(f'backend = "ort"\nname = "{name}"\n')
+    monkeypatch.chdir(tmp_path)  # no --out: the default ./artifacts/<name> would be here
     assert_user_error(run_cli("build", "--target", f), "name must be")
+    assert [p.name for p in tmp_path.iterdir()] == ["p.toml"]
 
 
 class _Fake(Runner):
@@ -52,6 +54,62 @@ class _Fake(Runner):
                 "topk_ids": ids, "topk_logprobs": np.full(ids.shape, np.nan, np.float32),
                 "cluster_logprobs": np.full((b, s, 2), np.nan, np.float32)})
         return out
+
+
+class _Scripted(Runner):
+    """The same logits at every position (``logits`` [V]: a constant hidden state through a head), and a KV cache of
+    zeros except ``kv`` {(row, position): value} (positions counted in the full, left-padded sequence)."""
+
+    def __init__(self, logits, kv=None):
+        self.n_layers, self.n_kv_heads, self.head_dim, self.vocab_size = 1, 1, 2, len(logits)
+        self.logits, self.kv = np.asarray(logits, np.float32), kv or {}
+
+    def step(self, input_ids, attention_mask, past):
+        b, s = input_ids.shape
+        present = [np.zeros((b, 1, attention_mask.shape[1], 2), np.float32) for _ in range(2)]
+        for (row, pos), value in self.kv.items():
+            if pos < attention_mask.shape[1]:
+                present[1][row, 0, pos] = value
+        return StepOutput(logits=np.tile(self.logits, (b, s, 1)), present=present)
+
+
+def _bias_free_logits():
+    """A VQ head without bias: every token gets its code's score z[M[v]], so each cluster's tokens tie exactly."""
+    z = np.array([0.5, 1.0, -0.3], np.float32)
+    return z[np.arange(10) % 3]  # cluster 1 (the best) = tokens 1, 4, 7; np.argmax picks 1
+
+
+def test_parity_accepts_another_member_of_an_exactly_tied_cluster():
+    parity = Parity(steps=3, atol=1e-2, kl_max=1e-2, top1_agreement_min=1.0, top5_overlap_min=1.0, greedy_must_match=True)
+    ref = _bias_free_logits()
+    tgt = ref.copy()
+    tgt[4] += 1e-6  # rounding: the target's argmax is token 4, tied with the reference's argmax 1
+    assert tgt.argmax() == 4 and ref.argmax() == 1 and ref[4] == ref[1]
+    with _Scripted(ref) as r, _Scripted(tgt) as t:
+        report = compare_runners(r, t, [[1, 2, 3], [4]], 3, parity)
+    assert report.passed, report.failures
+    assert report.top1_agreement == 1.0 and report.greedy_match_steps == 3
+    # a token the reference does not tie with the argmax (0.001 below it) is a different choice, not a tie
+    ref[4] -= 1e-3
+    tgt[4] = ref[1] + 1e-6
+    with _Scripted(ref) as r, _Scripted(tgt) as t:
+        report = compare_runners(r, t, [[1, 2, 3], [4]], 3, parity)
+    assert not report.passed and report.top1_agreement == 0.0 and report.greedy_match_steps == 0
+    assert any(f.startswith("top-1 agreement 0.0000 < 1.0") for f in report.failures), report.failures
+    assert "greedy tokens diverge at decode step 1 of 3" in report.failures
+
+
+@pytest.mark.parametrize("row, pos, reported", [
+    (0, 0, 0.25),  # row 0's prompt is 3 tokens: position 0 is real
+    (0, 4, 0.25),  # a decode step's position
+    (1, 1, 0.0),  # row 1's prompt is 1 token, left-padded: positions 0 and 1 are masked out
+])
+def test_kv_cache_difference_is_reported_at_real_positions_only(row, pos, reported):
+    logits = np.linspace(-1, 1, 10, dtype=np.float32)
+    with _Scripted(logits) as r, _Scripted(logits, kv={(row, pos): 0.25}) as t:
+        report = compare_runners(r, t, [[1, 2, 3], [4]], 2, Parity(steps=2))
+    assert report.present_max_abs_diff == reported
+    assert report.passed and report.max_abs_diff == 0.0  # the logits are the same
 
 
 @pytest.mark.parametrize("corrupt", ["nan-logits", "nan-topk"])

@@ -94,7 +94,7 @@ def test_last_position_only_prefill(model, tmp_path):
     assert result.parity.passed and result.parity.greedy_match_steps == 4
 
 
-def test_decode_k_larger_than_vocab_and_dense_model(model, tmp_path):
+def test_decode_k_larger_than_vocab_and_dense_model(model, tmp_path, monkeypatch):
     import shutil
 
     assert_user_error(run_cli("build", "--target", profile(tmp_path, "big", 'mode = "topk"\nk = 212'), "--model", model,
@@ -108,7 +108,10 @@ def test_decode_k_larger_than_vocab_and_dense_model(model, tmp_path):
     assert not (tmp_path / "o").exists()
     f = tmp_path / "bad.toml"
     f.write_text('backend = "ort"\n[decode]\nmode = "beam"\n')
+    monkeypatch.chdir(tmp_path)  # no --out: the default ./artifacts/<name> would be here
+    before = sorted(p.name for p in tmp_path.iterdir())
     assert_user_error(run_cli("build", "--target", f), "decode.mode must be")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 # -- the embedded demo's ort-topk target -----------------------------------------------------------------------------
@@ -133,7 +136,10 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(demo_topk):
     b = api.generate(art, "import os\n", 10, sample=True, temperature=0.9, seed=7)
     c = api.generate(art, "import os\n", 10, sample=True, temperature=5.0, seed=8)
     assert a.new_ids == b.new_ids and a.new_ids != c.new_ids
+    for g in (a, c):
+        assert len(g.new_ids) == 10 or g.stopped_at_eos, g  # all 10 tokens unless the model's eos was drawn
     greedy = api.generate(art, "import os\n", 10)
+    assert len(greedy.new_ids) == 10 or greedy.stopped_at_eos, greedy
     assert api.generate(art, "import os\n", 10, sample=True, top_k=1, seed=3).new_ids == greedy.new_ids
 
 

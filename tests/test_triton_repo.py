@@ -12,22 +12,9 @@ from vqexport.serving.triton import config_text, validate_config
 from .conftest import assert_user_error, run_cli
 
 
-def _has_schema() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("tritonclient.grpc.model_config_pb2") is not None
-    except ImportError:  # tritonclient itself is missing
-        return False
-
-
-needs_schema = pytest.mark.skipif(not _has_schema(), reason="tritonclient (Triton's model-config schema) is not installed")
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """The embedded demo built for triton-ort (the CLI, --json)."""
-    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient (its model-config schema) is not installed")
     out = tmp_path_factory.mktemp("triton") / "repo"
     result = run_cli("build", "--target", "triton-ort", "--out", out, "--steps", "4", "--json")
     assert result.exit_code == 0, result.stderr
@@ -115,7 +102,6 @@ def test_undeclared_kv_input_is_refused(model):
         validate_config(text, model, profile)
 
 
-@needs_schema
 def test_trt_config_lists_both_optimization_profiles(tmp_path_factory):
     """The triton-trt config, written from the graph the engine is built from (fp16 trunk): no GPU needed."""
     from vqexport.build import reference_runner, write_graph

@@ -300,8 +300,10 @@ def test_check_only_cli_names_each_reason_exit_2(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.toml"]  # nothing written
 
 
-def test_check_only_refuses_a_non_trt_target():
+def test_check_only_refuses_a_non_trt_target(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --check-only writes nothing, not even the default ./artifacts/ort
     assert_user_error(run_cli("build", "--target", "ort", "--check-only"), "--check-only", "backend 'ort'")
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(VQExportError, match="backend 'ort'"):
         api.check_readiness("ort-int8")
 

@@ -69,9 +69,11 @@ def test_trt_table_on_an_ort_profile(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_precision(tmp_path):
+def test_unknown_precision(tmp_path, monkeypatch):
     path = user_toml(tmp_path, "ort", **{'precision = "fp32"': 'precision = "bf16"'})
+    monkeypatch.chdir(tmp_path)  # no --out: the default ./artifacts/<name> would be here
     assert_user_error(run_cli("build", "--target", path), "precision must be 'fp32' or 'fp16'", "ort backend")
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.toml"]
 
 
 @pytest.mark.parametrize("base,old,new,fragment", [

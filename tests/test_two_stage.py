@@ -1,6 +1,7 @@
 """The two-stage head: the codebook routes, the model's own output-layer rows give the best P clusters exact logits,
 every other token keeps its VQ logit — one distribution over all V tokens."""
 
+import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -401,7 +402,8 @@ def test_int4_genai_trunk_rows_shared_or_int8(tied, tmp_path):
     its fp32 reference, so parity is judged on the demo model elsewhere; here the wiring.)"""
     import dataclasses
 
-    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (its model builder) is not installed")
+    assert importlib.util.find_spec("onnxruntime_genai"), "onnxruntime-genai, a test dependency ('.[test]'), is missing"
+
     profile = api.load_profile("ort-int4")
     loose = dataclasses.replace(profile.parity, atol=100.0, kl_max=10.0, top1_agreement_min=0.0, top5_overlap_min=0.0)
     shared = dataclasses.replace(profile, name="shared", parity=loose,

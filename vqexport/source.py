@@ -149,6 +149,9 @@ def _read_config(path: Path) -> dict:
         raise VQExportError(f"{path}: no {CONFIG}; a model directory needs config.json and model.safetensors")
     raw = read_json_object(f)
     if not isinstance(raw.get("model_type"), str):
+        if {"d_model", "n_layers", "head"} <= set(raw):
+            raise VQExportError(f"{f}: a checkpoint in vqexport's earlier format (d_model, n_layers, head), no longer "
+                                "read; give the Hugging Face model it came from to vqexport convert")
         raise VQExportError(f"{f}: not a Hugging Face config (no model_type)")
     return raw
 
