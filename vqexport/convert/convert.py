@@ -289,10 +289,12 @@ def costly_probes_note(probes: int, scored: int, vocab: int, recommended: bool) 
     """One line when P probes compute more than COSTLY_SHARE of the vocabulary's logits per position, else None."""
     if scored <= COSTLY_SHARE * vocab:
         return None
-    why = (" the router does not narrow the vocabulary on this model and text (more text or --steps may help; a "
-           "smaller --probes trades quality for speed)" if recommended else "")
-    return (f"P = {probes} computes {100 * scored / vocab:.1f}% of the {vocab:,} logits per position, more than "
-            f"{COSTLY_SHARE:.0%}, where a two-stage head is no faster than a dense int4 output layer on CPU;{why}").rstrip(";")
+    note = (f"P = {probes} computes {100 * scored / vocab:.1f}% of the {vocab:,} logits per position, more than "
+            f"{COSTLY_SHARE:.0%}, where a two-stage head is no faster than a dense int4 output layer on CPU")
+    if recommended:
+        note += ("; the router does not narrow the vocabulary on this model and text (more text or --steps may help; "
+                 "a smaller --probes trades quality for speed)")
+    return note
 
 
 def _init_head(cfg: HeadConfig, weight: torch.Tensor, dense_bias, assign: torch.Tensor, mean_h: torch.Tensor) -> VQLogitsHead:
