@@ -86,20 +86,18 @@ def active_sliding_window(config) -> int | None:
     return window
 
 
-def _check_window(source: Source, graph: Path) -> None:
+def check_window(source: Source, trunk) -> None:
     """The builder leaves a sliding window out of its attention when it does not know which layers use it (Mistral
-    in this version): its graph would then attend to every position where transformers' model sees the last
-    ``sliding_window`` (different logits past the window). Refused, since parity on short prompts cannot see it."""
-    import onnx
-
+    in this version): its graph (``trunk``, onnx_ir) would then attend to every position where transformers' model
+    sees the last ``sliding_window`` (different logits past the window). Refused, since parity on short prompts
+    cannot see it."""
     from ..source import hf_config
 
     window = active_sliding_window(hf_config(source.path))
     if window is None:
         return
-    model = onnx.load(str(graph), load_external_data=False)
-    sizes = {a.i for n in model.graph.node if n.op_type == "GroupQueryAttention"
-             for a in n.attribute if a.name == "local_window_size"}
+    sizes = {n.attributes["local_window_size"].value for n in trunk.graph
+             if n.op_type == "GroupQueryAttention" and "local_window_size" in n.attributes}
     if sizes == {-1}:  # GroupQueryAttention everywhere, none of it windowed
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder ignores this {source.model_type} model's sliding "
                             f"window ({window} positions): its attention would see every position; use a target with "
@@ -121,7 +119,6 @@ def build_trunk(source: Source, precision: str, execution_provider: str, extra_o
     if proc.returncode != 0 or not (out / "model.onnx").is_file():
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder cannot build this {source.model_type} model "
                             f"({_reason(proc)}); use a target with [trunk] source = \"portable\"")
-    _check_window(source, out / "model.onnx")
     return out
 
 
