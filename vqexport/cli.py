@@ -337,10 +337,12 @@ def inspect(path, as_json):
         head_text = (f"VQ-Logits head K={head['codebook_size']} bias={head['bias']} rank={head['rank']}" if head
                      else "no VQ-Logits head (a dense model: vqexport convert makes one)")
         if head and head.get("type") == "two-stage":
+            from .head.spec import HeadConfig
+
+            scored = HeadConfig.from_dict(head, "inspect").scored
             head_text = (f"two-stage head K={head['codebook_size']} clusters of {head['cluster_size']}, P={head['probes']} "
-                         f"probed ({head['codebook_size'] + head['probes'] * head['cluster_size']:,} logits computed per "
-                         f"position), router={'fitted' if head['route_bias'] else 'codebook'} bias={head['bias']} "
-                         f"rank={head['rank']}")
+                         f"probed ({scored:,} logits computed per position), "
+                         f"router={'fitted' if head['route_bias'] else 'codebook'} bias={head['bias']} rank={head['rank']}")
         c.print(f"{cfg['model_type']}: V={cfg['vocab_size']} d={cfg['hidden_size']} layers={cfg['n_layers']} "
                 f"heads={cfg['n_heads']}/{cfg['n_kv_heads']} head_dim={cfg['head_dim']} tied={cfg['tie_word_embeddings']}; "
                 f"{head_text}; tokenizer={info['tokenizer']}", markup=False)
