@@ -189,6 +189,54 @@ def test_the_builders_trunk_is_refused_where_its_graph_would_differ(tmp_path, sm
     assert not (tmp_path / "c").exists()
 
 
+GEMMA3_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+LONGROPE = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
+            "long_factor": [2.0] * 8, "original_max_position_embeddings": 4096}
+
+
+def test_the_builder_takes_transformers_5s_gemma3_and_long_rope_phi3_configs(tmp_path, small_tokenizer):
+    """transformers 5 keeps Gemma 3's rope per attention type and names Phi-3's long rope ``rope_type``; the builder
+    reads transformers 4's keys (KeyError 'rope_type' / 'type' without vqexport.trunk.builder_main). Both build and
+    match transformers' model, Gemma 3's local layers windowed (4 positions, the parity prompts are longer) and rotated
+    with their own theta; a window of 300 gets a cache buffer at least that long (onnxruntime refuses a shorter one)."""
+    from vqexport.graph_io import attention_windows, load_graph
+
+    from .models import make_model
+
+    gemma = make_model(tmp_path / "gemma3", arch="gemma3", vocab=320, hidden=64, sliding_window=4, rope_parameters=GEMMA3_ROPE,
+                       layer_types=["sliding_attention", "full_attention"], eos_token_id=0, tokenizer=small_tokenizer)
+    result = api.build("ort-genai", model=gemma, out=tmp_path / "g", steps=4)
+    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
+    assert attention_windows(load_graph(tmp_path / "g" / "model.onnx")) == [4, -1]
+    wide = make_model(tmp_path / "wide", arch="gemma3", vocab=320, hidden=64, sliding_window=300, max_position=512,
+                      rope_parameters=GEMMA3_ROPE, layer_types=["sliding_attention", "full_attention"], eos_token_id=0,
+                      tokenizer=small_tokenizer)  # a window longer than the cache buffer the runner first makes
+    assert api.build("ort-genai", model=wide, out=tmp_path / "w", steps=4).parity.passed
+    phi = make_model(tmp_path / "phi3", arch="phi3", vocab=320, hidden=64, max_position=131072, rope_parameters=LONGROPE,
+                     original_max_position_embeddings=4096, eos_token_id=0, tokenizer=small_tokenizer)
+    result = api.build("ort-genai", model=phi, out=tmp_path / "p", steps=4)
+    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
+
+
+def test_what_the_builders_gemma3_graph_would_get_wrong_is_refused(tmp_path, small_tokenizer):
+    """Rope scaling on Gemma 3's global layers (4B and up) reaches the builder's local caches too (max |diff| 0.12
+    when tried); a window longer than the positions (Gemma 3's default 4,096 here) stops onnxruntime at its first
+    run. One line each, nothing written."""
+    from .models import make_model
+
+    scaled = {**GEMMA3_ROPE, "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    model = make_model(tmp_path / "scaled", arch="gemma3", vocab=320, hidden=64, sliding_window=4, rope_parameters=scaled,
+                       layer_types=["sliding_attention", "full_attention"], eos_token_id=0, tokenizer=small_tokenizer)
+    assert_user_error(run_cli("build", "--target", "ort-int4", "--model", model, "--out", tmp_path / "a"),
+                      "does not reproduce", "full_attention layers use linear rope scaling", 'source = "portable"')
+    long = make_model(tmp_path / "long", arch="gemma3", vocab=320, hidden=64, rope_parameters=GEMMA3_ROPE,
+                      layer_types=["sliding_attention", "full_attention"], eos_token_id=0, tokenizer=small_tokenizer)
+    assert_user_error(run_cli("build", "--target", "ort-genai", "--model", long, "--out", tmp_path / "b"),
+                      "sliding window of 4096 positions, longer than its 256")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_int4_rows_need_a_hidden_size_in_blocks_of_32(tmp_path):
     from vqexport.head.spec import make_head
 

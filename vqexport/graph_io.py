@@ -104,6 +104,12 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def attention_windows(model: onnx.ModelProto) -> list[int]:
+    """The ``local_window_size`` of each GroupQueryAttention node (-1: no window), in graph order."""
+    return [a.i for n in model.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+            if a.name == "local_window_size"]
+
+
 def load_graph(path, load_weights: bool = False) -> onnx.ModelProto:
     """A saved model.onnx; by default without its external weights (enough for names, shapes and small constants)."""
     try:

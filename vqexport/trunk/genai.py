@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ EXECUTION_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProv
 COMBINATIONS = {("fp32", "cpu"), ("fp32", "cuda"), ("fp16", "cuda"), ("fp16", "dml"), ("fp16", "NvTensorRtRtx"),
                 ("bf16", "cuda"), ("bf16", "NvTensorRtRtx"), ("int8", "cpu"), ("int8", "cuda"), ("int8", "webgpu"),
                 ("int4", "cpu"), ("int4", "cuda"), ("int4", "dml"), ("int4", "webgpu")}
+BUILDER_FRAME = re.compile(r'File ".*onnxruntime_genai/models/(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\w+)')
 RESERVED_OPTIONS = ("exclude_lm_head", "include_hidden_states", "exclude_embeds", "filename", "config_only")
 
 
@@ -70,6 +72,13 @@ def check_fits(source: Source, target: str) -> None:
         raise VQExportError(f"target {target}: onnxruntime-genai's builder makes attention with onnxruntime's "
                             f"GroupQueryAttention, which needs a head size that is a multiple of {GQA_HEAD_MULTIPLE}, and "
                             f"{source.path} has {head_dim}; use a target with [trunk] source = \"portable\"")
+    from ..source import hf_config
+    from .builder_main import gemma3_rope_unsupported
+
+    why = gemma3_rope_unsupported(hf_config(source.path))
+    if why:
+        raise VQExportError(f"target {target}: onnxruntime-genai's builder does not reproduce {source.path}'s rope ({why}): "
+                            "its graph would rotate differently from the model; use a target with [trunk] source = \"portable\"")
 
 
 def active_sliding_window(config) -> int | None:
@@ -90,18 +99,38 @@ def check_window(source: Source, trunk) -> None:
     """The builder leaves a sliding window out of its attention when it does not know which layers use it (Mistral
     in this version): its graph (``trunk``, onnx_ir) would then attend to every position where transformers' model
     sees the last ``sliding_window`` (different logits past the window). Refused, since parity on short prompts
-    cannot see it."""
+    cannot see it. So is a window longer than the positions (Gemma 3's default 4,096 with fewer positions), which
+    onnxruntime stops at on the first run."""
     from ..source import hf_config
 
+    sizes = {n.attributes["local_window_size"].value for n in trunk.graph
+             if n.op_type == "GroupQueryAttention" and "local_window_size" in n.attributes}
+    positions = source.geometry.max_position
+    if max(sizes, default=-1) > positions:  # onnxruntime refuses a KV cache shorter than the window, at the first run
+        raise VQExportError(f"{source.path}: onnxruntime-genai's builder gives this {source.model_type} model's attention a "
+                            f"sliding window of {max(sizes)} positions, longer than its {positions} "
+                            "(max_position_embeddings), and onnxruntime does not run a window longer than the KV cache; "
+                            "set sliding_window to at most max_position_embeddings or use a target with [trunk] source = "
+                            "\"portable\"")
     window = active_sliding_window(hf_config(source.path))
     if window is None:
         return
-    sizes = {n.attributes["local_window_size"].value for n in trunk.graph
-             if n.op_type == "GroupQueryAttention" and "local_window_size" in n.attributes}
     if sizes == {-1}:  # GroupQueryAttention everywhere, none of it windowed
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder ignores this {source.model_type} model's sliding "
                             f"window ({window} positions): its attention would see every position; use a target with "
                             "[trunk] source = \"portable\"")
+
+
+def run_builder(model: Path, out: Path, precision: str, execution_provider: str, options: dict,
+                workdir: Path) -> subprocess.CompletedProcess:
+    """onnxruntime-genai's builder on the model directory, offline, its cache in ``workdir``, through
+    ``builder_main`` (transformers' config given in the keys the builder reads)."""
+    cmd = [sys.executable, "-m", f"{__package__}.builder_main", "-i", str(Path(model).resolve()), "-o", str(out),
+           "-p", precision, "-e", execution_provider, "-c", str(Path(workdir) / "cache")]
+    if options:
+        cmd += ["--extra_options", *(f"{k}={v}" for k, v in sorted(options.items()))]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=str(workdir), env=env)
 
 
 def build_trunk(source: Source, precision: str, execution_provider: str, extra_options: dict, workdir: Path) -> Path:
@@ -110,24 +139,28 @@ def build_trunk(source: Source, precision: str, execution_provider: str, extra_o
     if source.tokenizer_path is None:
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder loads the model's tokenizer, and this directory has "
                             "no tokenizer.json; add the tokenizer files or use a target with [trunk] source = \"portable\"")
-    out, cache = Path(workdir) / "trunk", Path(workdir) / "cache"
-    options = ["exclude_lm_head=true", *(f"{k}={v}" for k, v in sorted(extra_options.items()))]
-    cmd = [sys.executable, "-m", BUILDER, "-i", str(source.path.resolve()), "-o", str(out), "-p", precision,
-           "-e", execution_provider, "-c", str(cache), "--extra_options", *options]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(workdir), env=env)
+    out = Path(workdir) / "trunk"
+    proc = run_builder(source.path, out, precision, execution_provider, {"exclude_lm_head": "true", **extra_options}, workdir)
     if proc.returncode != 0 or not (out / "model.onnx").is_file():
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder cannot build this {source.model_type} model "
-                            f"({_reason(proc)}); use a target with [trunk] source = \"portable\"")
+                            f"({failure_reason(proc)}); use a target with [trunk] source = \"portable\"")
     return out
 
 
-def _reason(proc: subprocess.CompletedProcess) -> str:
+INTERNAL_ERRORS = ("KeyError", "AttributeError", "IndexError", "TypeError")  # say little without where they came from
+
+
+def failure_reason(proc: subprocess.CompletedProcess) -> str:
+    """One line from a failed builder run: its last error, with where in the builder a bare KeyError & co. arose."""
     lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]
     errors = [ln for ln in lines if "Error" in ln.split(":")[0] or "is not currently supported" in ln]
     text = errors[-1] if errors else (lines[-1] if lines else f"exit code {proc.returncode}")
     if "is not currently supported" in text:
         return "the builder does not support this architecture"
+    if text.split(":")[0] in INTERNAL_ERRORS:
+        frames = [m for m in map(BUILDER_FRAME.search, lines) if m]
+        if frames:
+            text += f" in the builder's {frames[-1]['func']}, {frames[-1]['file']} line {frames[-1]['line']}"
     return text[:240]
 
 

@@ -14,10 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 
-from ...graph_io import cache_names
+from ...graph_io import attention_windows, cache_names, load_graph
 from ..base import Runner, StepOutput
 from .session import available_providers, create_session, session_options
+
+
+MIN_BUFFER = 256  # positions of a shared cache buffer when it is first made
 
 
 class OrtRunner(Runner):
@@ -48,6 +52,7 @@ class OrtRunner(Runner):
         self.head_dim = head_dim  # for graphs whose cache declares its head size symbolically
         self.share_buffer = share_buffer
         self._buffers: list[np.ndarray] = []
+        self._min_length = MIN_BUFFER
         self.session = None
 
     def _activate(self):
@@ -68,6 +73,9 @@ class OrtRunner(Runner):
             elif self.head_dim is None:
                 raise ValueError(f"{self.model_path}: the KV cache's head size is symbolic ({shape[3]!r}); pass head_dim")
         self._past_names, self._present_names = cache_names(self.n_layers)
+        if self.share_buffer:  # GroupQueryAttention refuses a cache buffer shorter than its sliding window
+            graph = onnx.load_from_string(model) if isinstance(model, bytes) else load_graph(model)
+            self._min_length = max([MIN_BUFFER, *attention_windows(graph)])
         self.output_names = [o.name for o in self.session.get_outputs()]
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         self.vocab_size = int(logits.shape[-1]) if logits is not None else None
@@ -92,7 +100,7 @@ class OrtRunner(Runner):
         valid = past[0].shape[2] if past else 0
         ours = bool(self._buffers) and all(np.shares_memory(p, b) for p, b in zip(past, self._buffers))
         if not ours or self._buffers[0].shape[0] != batch or self._buffers[0].shape[2] < total:
-            length = max(total, 2 * self._buffers[0].shape[2] if self._buffers else 0, 256)
+            length = max(total, 2 * self._buffers[0].shape[2] if self._buffers else 0, self._min_length)
             fresh = [np.zeros((batch, self.n_kv_heads, length, self.head_dim), np.float32) for _ in past]
             for buf, p in zip(fresh, past):
                 buf[:, :, :valid] = p
