@@ -79,6 +79,14 @@ def test_help_still_works():
     assert r.exit_code == 0 and "bench" in r.stdout
 
 
+def test_bench_e2e_offers_every_shape_it_can_make():
+    from vqexport.bench.e2e import SHAPES
+    from vqexport.cli import bench
+
+    choices = next(p.type.choices for p in bench.params if p.name == "shape")
+    assert sorted(choices) == sorted(SHAPES)
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["bench", "--artifact", "ART", "--model", "/x", "--shapes", "bogus", "--work", "/tmp/zz"],
      ["--shapes, --model, --work", "do not apply to --artifact"]),

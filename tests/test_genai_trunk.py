@@ -170,9 +170,41 @@ def test_an_architecture_the_builder_refuses_points_to_the_portable_trunk(tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_a_fault_inside_the_builder_is_named_with_where_it_happened(tmp_path, small_tokenizer):
+    """The builder run as is on a transformers 5 Gemma 3 config stops on a bare KeyError; the reason vqexport gives
+    names the builder's function, file and line with it (vqexport itself runs the builder with the keys it reads)."""
+    import os
+    import subprocess
+    import sys
+
+    from vqexport.trunk.genai import BUILDER, failure_reason
+
+    model = make_model(tmp_path / "gemma3", arch="gemma3", vocab=320, hidden=64, sliding_window=4, eos_token_id=0,
+                       layer_types=["sliding_attention", "full_attention"], tokenizer=small_tokenizer)
+    proc = subprocess.run([sys.executable, "-m", BUILDER, "-i", str(model), "-o", str(tmp_path / "o"), "-p", "fp32", "-e",
+                           "cpu", "-c", str(tmp_path / "c"), "--extra_options", "exclude_lm_head=true"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+    assert proc.returncode != 0
+    reason = failure_reason(proc)
+    assert reason.startswith("KeyError: 'rope_type' in the builder's make_rope_init, builders/base.py line "), reason
+
+
 def test_no_tokenizer_is_one_line(tmp_path):
     model = make_model(tmp_path / "m", arch="llama", hidden=64)
     assert_user_error(run_cli("build", "--target", "ort-genai", "--model", model, "--out", tmp_path / "o"), "no tokenizer.json")
+
+
+def test_bench_e2e_runs_a_model_whose_sliding_window_is_longer_than_the_run(tmp_path, small_tokenizer):
+    """onnxruntime-genai sizes the KV cache by max_length and GroupQueryAttention refuses one shorter than the window
+    (a Gemma 3's 512 against a 64 + 128-token run): the run asks for the window, and still times ``--tokens``."""
+    model = make_model(tmp_path / "gemma3", arch="gemma3", vocab=320, hidden=64, sliding_window=300, max_position=512,
+                       layer_types=["sliding_attention", "full_attention"], eos_token_id=0, tokenizer=small_tokenizer,
+                       head=False)
+    result = run_cli("bench", "--e2e", "--model", model, "--target", "ort-genai", "--work", tmp_path / "work", "--tokens", 4,
+                     "--prompt-length", 8, "--repeats", 1, "--json")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert [run["tokens"] for side in ("vq", "dense") for run in out[side]["runs"]] == [4, 4] and out["parity"]["passed"]
 
 
 def test_bench_e2e_runs_both_sides_through_onnxruntime_genai(tmp_path):

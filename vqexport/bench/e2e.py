@@ -42,6 +42,10 @@ SHAPES = {  # transformers config class, sizes; tied embeddings as the real mode
                                    rope_theta=500000.0, tie_word_embeddings=True, head_dim=64,
                                    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    # transformers' defaults give the rest: rope theta 1e6 global / 1e4 local, every sixth layer global
+    "gemma-3-1b": ("gemma3_text", dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                                       num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                       max_position_embeddings=32768, sliding_window=512, tie_word_embeddings=True)),
 }
 
 
@@ -78,24 +82,26 @@ INT8_HEAD = {"algo_config": "rtn_last"}  # the builder's RTN int4 body with an i
 
 def builder_dense(source, profile, out: Path, work: Path, extra: dict | None = None) -> Path:
     """onnxruntime-genai's builder on the same directory and settings, its output layer included."""
-    import os
-
-    from ..trunk.genai import BUILDER, require_builder
+    from ..trunk.genai import failure_reason, require_builder, run_builder
 
     require_builder()
-    options = [f"{k}={v}" for k, v in sorted({**profile.trunk.extra_options, **(extra or {})}.items())]
     partial = out.with_name(f".{out.name}.partial")  # renamed into place when the builder succeeded
     shutil.rmtree(partial, ignore_errors=True)
-    cmd = [sys.executable, "-m", BUILDER, "-i", str(source.path.resolve()), "-o", str(partial), "-p", profile.precision,
-           "-e", profile.trunk.execution_provider, "-c", str(work / "cache")] + (["--extra_options", *options] if options else [])
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(work), env=env)
+    proc = run_builder(source.path, partial, profile.precision, profile.trunk.execution_provider,
+                       {**profile.trunk.extra_options, **(extra or {})}, work)
     if proc.returncode != 0 or not (partial / "model.onnx").is_file():
         shutil.rmtree(partial, ignore_errors=True)
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise VQExportError(f"{source.path}: onnxruntime-genai's builder could not build the dense baseline ({tail[:200]})")
+        raise VQExportError(f"{source.path}: onnxruntime-genai's builder could not build the dense baseline "
+                            f"({failure_reason(proc)})")
     partial.rename(out)
     return out
+
+
+def max_length(model_dir: str, total: int) -> int:
+    """onnxruntime-genai's max_length for ``total`` positions: it sizes the KV cache, and GroupQueryAttention refuses a
+    cache shorter than a sliding window (Gemma 3's 512), so at least the window."""
+    decoder = json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+    return max(total, decoder.get("sliding_window", {}).get("window_size", 0))
 
 
 def measure(model_dir: str, prompt_len: int, tokens: int, vocab: int, seed: int = 0) -> dict:
@@ -110,14 +116,14 @@ def measure(model_dir: str, prompt_len: int, tokens: int, vocab: int, seed: int 
     prompt = np.random.default_rng(seed).integers(3, min(vocab, 32000), size=prompt_len).tolist()
     total = prompt_len + tokens
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)  # no early stop at EOS
+    params.set_search_options(max_length=max_length(model_dir, total), min_length=total, do_sample=False)  # no early EOS
     gen = og.Generator(model, params)
     t0 = time.perf_counter()
     gen.append_tokens(prompt)
     gen.generate_next_token()
     ttft = time.perf_counter() - t0
     steps = []
-    while not gen.is_done():
+    for _ in range(tokens - 1):
         t = time.perf_counter()
         gen.generate_next_token()
         steps.append(time.perf_counter() - t)
@@ -133,7 +139,7 @@ def forced_logits(model_dir: str, ids: list[int], prompt_len: int, out: str) -> 
 
     model = og.Model(model_dir)
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+    params.set_search_options(max_length=max_length(model_dir, len(ids) + 1), do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(ids[:prompt_len])
     rows = [np.array(gen.get_output("logits"))[0, -1]]
