@@ -187,6 +187,11 @@ def test_the_builders_trunk_is_refused_where_its_graph_would_differ(tmp_path, sm
     assert_user_error(run_cli("build", "--target", "ort-int4", "--model", odd, "--out", tmp_path / "c"),
                       "multiple of 16", "has 12")
     assert not (tmp_path / "c").exists()
+    partial = make_model(tmp_path / "partial", arch="phi3", vocab=320, hidden=64, partial_rotary_factor=0.75, eos_token_id=0,
+                         tokenizer=small_tokenizer)  # 12 of 16 dimensions rotated: a cos/sin cache of 6 columns
+    assert_user_error(run_cli("build", "--target", "ort-genai", "--model", partial, "--out", tmp_path / "d"),
+                      "multiple of 8", "rotates 12 of its 16 head dimensions")
+    assert not (tmp_path / "d").exists()
 
 
 GEMMA3_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
@@ -216,6 +221,13 @@ def test_the_builder_takes_transformers_5s_gemma3_and_long_rope_phi3_configs(tmp
     phi = make_model(tmp_path / "phi3", arch="phi3", vocab=320, hidden=64, max_position=131072, rope_parameters=LONGROPE,
                      original_max_position_embeddings=4096, eos_token_id=0, tokenizer=small_tokenizer)
     result = api.build("ort-genai", model=phi, out=tmp_path / "p", steps=4)
+    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
+    phi4 = {**LONGROPE, "short_factor": [1.0 + 0.05 * i for i in range(24)], "long_factor": [2.0] * 24,
+            "partial_rotary_factor": 0.75}  # Phi-4-mini's form: long rope on 48 of 64 head dimensions
+    model = make_model(tmp_path / "phi4", arch="phi3", vocab=320, hidden=128, heads=2, kv_heads=1, max_position=131072,
+                       rope_parameters=phi4, partial_rotary_factor=0.75, original_max_position_embeddings=4096, eos_token_id=0,
+                       tokenizer=small_tokenizer)
+    result = api.build("ort-genai", model=model, out=tmp_path / "p4", steps=4)
     assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
 
 

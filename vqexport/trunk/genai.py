@@ -63,6 +63,7 @@ def require_builder() -> None:
 
 
 GQA_HEAD_MULTIPLE = 16  # onnxruntime's GroupQueryAttention (the builder's attention) on CPU runs head sizes of 16k only
+GQA_ROTARY_MULTIPLE = 8  # ... and cos/sin caches of 8k columns (half the rotated dimensions)
 
 
 def check_fits(source: Source, target: str) -> None:
@@ -75,7 +76,16 @@ def check_fits(source: Source, target: str) -> None:
     from ..source import hf_config
     from .builder_main import gemma3_rope_unsupported
 
-    why = gemma3_rope_unsupported(hf_config(source.path))
+    config = hf_config(source.path)
+    rope = getattr(config, "rope_parameters", None)
+    partial = getattr(config, "partial_rotary_factor", None) or (rope or {}).get("partial_rotary_factor") or 1.0
+    rotary = int(head_dim * partial)
+    if (rotary // 2) % GQA_ROTARY_MULTIPLE:
+        raise VQExportError(f"target {target}: onnxruntime-genai's builder makes attention with onnxruntime's "
+                            f"GroupQueryAttention, whose rotary cache needs half the rotated size to be a multiple of "
+                            f"{GQA_ROTARY_MULTIPLE}, and {source.path} rotates {rotary} of its {head_dim} head dimensions "
+                            "(partial_rotary_factor); use a target with [trunk] source = \"portable\"")
+    why = gemma3_rope_unsupported(config)
     if why:
         raise VQExportError(f"target {target}: onnxruntime-genai's builder does not reproduce {source.path}'s rope ({why}): "
                             "its graph would rotate differently from the model; use a target with [trunk] source = \"portable\"")
