@@ -219,7 +219,8 @@ def test_the_builder_takes_transformers_5s_gemma3_and_long_rope_phi3_configs(tmp
                       tokenizer=small_tokenizer)  # a window longer than the cache buffer the runner first makes
     assert api.build("ort-genai", model=wide, out=tmp_path / "w", steps=4).parity.passed
     phi = make_model(tmp_path / "phi3", arch="phi3", vocab=320, hidden=64, max_position=131072, rope_parameters=LONGROPE,
-                     original_max_position_embeddings=4096, eos_token_id=0, tokenizer=small_tokenizer)
+                     original_max_position_embeddings=4096, sliding_window=262144, eos_token_id=0,
+                     tokenizer=small_tokenizer)  # the window Phi-3-mini-128k's config gives, longer than its positions
     result = api.build("ort-genai", model=phi, out=tmp_path / "p", steps=4)
     assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
     phi4 = {**LONGROPE, "short_factor": [1.0 + 0.05 * i for i in range(24)], "long_factor": [2.0] * 24,
@@ -228,6 +229,32 @@ def test_the_builder_takes_transformers_5s_gemma3_and_long_rope_phi3_configs(tmp
                        rope_parameters=phi4, partial_rotary_factor=0.75, original_max_position_embeddings=4096, eos_token_id=0,
                        tokenizer=small_tokenizer)
     result = api.build("ort-genai", model=model, out=tmp_path / "p4", steps=4)
+    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
+
+
+def _gemma3_multimodal(path, rope, tokenizer):
+    """Gemma 3 4B and up: Gemma3ForConditionalGeneration, the decoder's settings in ``text_config`` (a tiny vision tower)."""
+    import transformers as tf
+
+    from .models import random_head
+
+    text = dict(vocab_size=320, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=4, rope_parameters=rope,
+                layer_types=["sliding_attention", "full_attention"], bos_token_id=None, eos_token_id=0, pad_token_id=None)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=300,
+                             boi_token_index=301, eoi_token_index=302, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tf.Gemma3ForConditionalGeneration(config).save_pretrained(str(path))
+    (path / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    write_head(path, random_head(320, 64, 11))
+    return path
+
+
+def test_the_builder_takes_gemma3s_multimodal_config(tmp_path, small_tokenizer):
+    """The 4B-and-up form keeps the per-attention-type rope in text_config: given to the builder there too."""
+    model = _gemma3_multimodal(tmp_path / "mm", GEMMA3_ROPE, small_tokenizer)
+    result = api.build("ort-genai", model=model, out=tmp_path / "a", steps=4)
     assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
 
 
@@ -242,11 +269,14 @@ def test_what_the_builders_gemma3_graph_would_get_wrong_is_refused(tmp_path, sma
                        layer_types=["sliding_attention", "full_attention"], eos_token_id=0, tokenizer=small_tokenizer)
     assert_user_error(run_cli("build", "--target", "ort-int4", "--model", model, "--out", tmp_path / "a"),
                       "does not reproduce", "full_attention layers use linear rope scaling", 'source = "portable"')
+    multimodal = _gemma3_multimodal(tmp_path / "mm", scaled, small_tokenizer)
+    assert_user_error(run_cli("build", "--target", "ort-int4", "--model", multimodal, "--out", tmp_path / "c"),
+                      "does not reproduce", "full_attention layers use linear rope scaling")
     long = make_model(tmp_path / "long", arch="gemma3", vocab=320, hidden=64, rope_parameters=GEMMA3_ROPE,
                       layer_types=["sliding_attention", "full_attention"], eos_token_id=0, tokenizer=small_tokenizer)
     assert_user_error(run_cli("build", "--target", "ort-genai", "--model", long, "--out", tmp_path / "b"),
                       "sliding window of 4096 positions, longer than its 256")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_int4_rows_need_a_hidden_size_in_blocks_of_32(tmp_path):

@@ -194,17 +194,32 @@ def test_no_tokenizer_is_one_line(tmp_path):
     assert_user_error(run_cli("build", "--target", "ort-genai", "--model", model, "--out", tmp_path / "o"), "no tokenizer.json")
 
 
-def test_bench_e2e_runs_a_model_whose_sliding_window_is_longer_than_the_run(tmp_path, small_tokenizer):
+@pytest.mark.parametrize("arch, window", [("gemma3", dict(sliding_window=300, max_position=512,
+                                                            layer_types=["sliding_attention", "full_attention"])),
+                                          ("phi3", dict(sliding_window=1024, max_position=512, original_max_position_embeddings=512))])
+def test_bench_e2e_runs_a_model_whose_sliding_window_is_longer_than_the_run(tmp_path, small_tokenizer, arch, window):
     """onnxruntime-genai sizes the KV cache by max_length and GroupQueryAttention refuses one shorter than the window
-    (a Gemma 3's 512 against a 64 + 128-token run): the run asks for the window, and still times ``--tokens``."""
-    model = make_model(tmp_path / "gemma3", arch="gemma3", vocab=320, hidden=64, sliding_window=300, max_position=512,
-                       layer_types=["sliding_attention", "full_attention"], eos_token_id=0, tokenizer=small_tokenizer,
-                       head=False)
+    (a Gemma 3's 512 against a 64 + 128-token run): the run asks for the window. A window no layer uses (Phi-3's
+    262,144, longer than its positions, written by the builder all the same) is not asked for: onnxruntime-genai
+    refuses a max_length over the context length."""
+    model = make_model(tmp_path / arch, arch=arch, vocab=320, hidden=64, eos_token_id=0, tokenizer=small_tokenizer,
+                       head=False, **window)
     result = run_cli("bench", "--e2e", "--model", model, "--target", "ort-genai", "--work", tmp_path / "work", "--tokens", 4,
                      "--prompt-length", 8, "--repeats", 1, "--json")
     assert result.exit_code == 0, result.stderr
-    out = json.loads(result.stdout)
-    assert [run["tokens"] for side in ("vq", "dense") for run in out[side]["runs"]] == [4, 4] and out["parity"]["passed"]
+    assert json.loads(result.stdout)["parity"]["passed"]
+
+
+@pytest.mark.parametrize("window, expected", [({"window_size": 512, "layers": [0, 1]}, 512),  # Gemma 3: the window
+                                              ({"window_size": 262144, "layers": []}, 192),  # Phi-3: no layer uses it
+                                              ({"window_size": 262144, "layers": [0]}, 131072),  # at most the context
+                                              (None, 192)])
+def test_the_e2e_runs_max_length_holds_the_window_its_layers_use(tmp_path, window, expected):
+    from vqexport.bench.e2e import max_length
+
+    decoder = {"sliding_window": window} if window else {}
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"context_length": 131072, "decoder": decoder}}))
+    assert max_length(str(tmp_path), 192) == expected
 
 
 def test_bench_e2e_runs_both_sides_through_onnxruntime_genai(tmp_path):

@@ -99,9 +99,12 @@ def builder_dense(source, profile, out: Path, work: Path, extra: dict | None = N
 
 def max_length(model_dir: str, total: int) -> int:
     """onnxruntime-genai's max_length for ``total`` positions: it sizes the KV cache, and GroupQueryAttention refuses a
-    cache shorter than a sliding window (Gemma 3's 512), so at least the window."""
-    decoder = json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
-    return max(total, decoder.get("sliding_window", {}).get("window_size", 0))
+    cache shorter than a sliding window (Gemma 3's 512), so at least the window of the layers that have one (the
+    builder also writes a window with no layers, Phi-3's 262,144), at most the model's context length."""
+    model = json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8"))["model"]
+    window = model["decoder"].get("sliding_window") or {}
+    longest = max(total, window.get("window_size", 0) if window.get("layers") else 0)
+    return min(longest, model.get("context_length", longest))
 
 
 def measure(model_dir: str, prompt_len: int, tokens: int, vocab: int, seed: int = 0) -> dict:

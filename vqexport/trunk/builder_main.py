@@ -24,10 +24,13 @@ PER_LAYER_TYPE = {"full_attention", "sliding_attention"}
 
 def builder_config(config):
     """``config`` (a transformers config) with its rope settings also in the keys onnxruntime-genai's builder reads."""
+    if getattr(config, "model_type", "") == "gemma3" and getattr(config, "text_config", None) is not None:
+        builder_config(config.text_config)  # Gemma 3 4B and up: the decoder's settings, which the builder copies up
+        return config
     rope = getattr(config, "rope_parameters", None)
     if not isinstance(rope, dict):
         return config
-    if getattr(config, "model_type", "") in ("gemma3", "gemma3_text") and set(rope) == PER_LAYER_TYPE:
+    if getattr(config, "model_type", "") == "gemma3_text" and set(rope) == PER_LAYER_TYPE:
         full, local = dict(rope["full_attention"]), rope["sliding_attention"]
         config.rope_parameters = full
         config.rope_theta = full["rope_theta"]
@@ -40,6 +43,8 @@ def builder_config(config):
 def gemma3_rope_unsupported(config) -> str | None:
     """Why the builder's Gemma 3 graph would rotate differently from transformers' model, or None: it builds the
     local layers' cos/sin caches with the global layers' rope scaling, so only unscaled rope on both is the same."""
+    if getattr(config, "model_type", "") == "gemma3" and getattr(config, "text_config", None) is not None:
+        config = config.text_config
     rope = getattr(config, "rope_parameters", None)
     if getattr(config, "model_type", "") not in ("gemma3", "gemma3_text") or not isinstance(rope, dict):
         return None

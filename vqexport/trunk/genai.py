@@ -77,8 +77,9 @@ def check_fits(source: Source, target: str) -> None:
     from .builder_main import gemma3_rope_unsupported
 
     config = hf_config(source.path)
-    rope = getattr(config, "rope_parameters", None)
-    partial = getattr(config, "partial_rotary_factor", None) or (rope or {}).get("partial_rotary_factor") or 1.0
+    text = config.get_text_config(decoder=True)  # a multimodal model's decoder (Gemma 3 4B and up)
+    rope = getattr(text, "rope_parameters", None)
+    partial = getattr(text, "partial_rotary_factor", None) or (rope or {}).get("partial_rotary_factor") or 1.0
     rotary = int(head_dim * partial)
     if (rotary // 2) % GQA_ROTARY_MULTIPLE:
         raise VQExportError(f"target {target}: onnxruntime-genai's builder makes attention with onnxruntime's "
@@ -122,7 +123,7 @@ def check_window(source: Source, trunk) -> None:
                             "(max_position_embeddings), and onnxruntime does not run a window longer than the KV cache; "
                             "set sliding_window to at most max_position_embeddings or use a target with [trunk] source = "
                             "\"portable\"")
-    window = active_sliding_window(hf_config(source.path))
+    window = active_sliding_window(hf_config(source.path).get_text_config(decoder=True))
     if window is None:
         return
     if sizes == {-1}:  # GroupQueryAttention everywhere, none of it windowed
@@ -140,6 +141,8 @@ def run_builder(model: Path, out: Path, precision: str, execution_provider: str,
     if options:
         cmd += ["--extra_options", *(f"{k}={v}" for k, v in sorted(options.items()))]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    home = str(Path(__file__).resolve().parents[2])  # builder_main's package, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([home, *filter(None, [os.environ.get("PYTHONPATH")])])
     return subprocess.run(cmd, capture_output=True, text=True, cwd=str(workdir), env=env)
 
 
