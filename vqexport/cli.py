@@ -435,7 +435,7 @@ _BENCH_OPTIONS = {
 @click.option("--model", "-m", "model", type=click.Path(), default=None,
               help="With --e2e: a Hugging Face model directory (converted at K = V/32 if it has no head), or 'demo' "
                    "for the embedded model.")
-@click.option("--shape", type=click.Choice(["qwen2.5-0.5b", "llama-3.2-1b", "gemma-3-1b"]), default=None,
+@click.option("--shape", type=click.Choice(["qwen2.5-0.5b", "llama-3.2-1b", "gemma-3-1b", "gemma-3-270m"]), default=None,
               help="With --e2e: a random-weight model of this shape, made locally (no download).")
 @click.option("--target", "-t", default="ort-int4", show_default=True, help="With --e2e: the artifact's target (a genai trunk).")
 @click.option("--e2e-head", "e2e_head", type=click.Choice(["vq", "two-stage"]), default="vq", show_default=True,

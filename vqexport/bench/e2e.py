@@ -46,6 +46,9 @@ SHAPES = {  # transformers config class, sizes; tied embeddings as the real mode
     "gemma-3-1b": ("gemma3_text", dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
                                        num_attention_heads=4, num_key_value_heads=1, head_dim=256,
                                        max_position_embeddings=32768, sliding_window=512, tie_word_embeddings=True)),
+    "gemma-3-270m": ("gemma3_text", dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                                         num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                         max_position_embeddings=32768, sliding_window=512, tie_word_embeddings=True)),
 }
 
 
