@@ -22,8 +22,8 @@ from pathlib import Path
 
 from ..errors import VQExportError
 from ..source import Source
+from .builder_main import BUILDER, gemma3_rope_unsupported
 
-BUILDER = "onnxruntime_genai.models.builder"
 INSTALL_HINT = "pip install 'vqexport[genai]' (onnxruntime-genai, whose wheel carries the model builder)"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # the builder's execution providers -> the onnxruntime provider that runs the graph
@@ -74,7 +74,6 @@ def check_fits(source: Source, target: str) -> None:
                             f"GroupQueryAttention, which needs a head size that is a multiple of {GQA_HEAD_MULTIPLE}, and "
                             f"{source.path} has {head_dim}; use a target with [trunk] source = \"portable\"")
     from ..source import hf_config
-    from .builder_main import gemma3_rope_unsupported
 
     config = hf_config(source.path)
     text = config.get_text_config(decoder=True)  # a multimodal model's decoder (Gemma 3 4B and up)
@@ -136,13 +135,13 @@ def run_builder(model: Path, out: Path, precision: str, execution_provider: str,
                 workdir: Path) -> subprocess.CompletedProcess:
     """onnxruntime-genai's builder on the model directory, offline, its cache in ``workdir``, through
     ``builder_main`` (transformers' config given in the keys the builder reads)."""
-    cmd = [sys.executable, "-m", f"{__package__}.builder_main", "-i", str(Path(model).resolve()), "-o", str(out),
+    home = str(Path(__file__).resolve().parents[2])  # builder_main's package, installed or not (appended: no shadowing)
+    run = f"import sys; sys.path.append({home!r}); from {__package__}.builder_main import main; main()"
+    cmd = [sys.executable, "-c", run, "-i", str(Path(model).resolve()), "-o", str(out),
            "-p", precision, "-e", execution_provider, "-c", str(Path(workdir) / "cache")]
     if options:
         cmd += ["--extra_options", *(f"{k}={v}" for k, v in sorted(options.items()))]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    home = str(Path(__file__).resolve().parents[2])  # builder_main's package, installed or not
-    env["PYTHONPATH"] = os.pathsep.join([home, *filter(None, [os.environ.get("PYTHONPATH")])])
     return subprocess.run(cmd, capture_output=True, text=True, cwd=str(workdir), env=env)
 
 
