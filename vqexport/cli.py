@@ -334,8 +334,6 @@ def inspect(path, as_json):
     if info["kind"] == "model":
         cfg = info["config"]
         head = cfg["head"]
-        head_text = (f"VQ-Logits head K={head['codebook_size']} bias={head['bias']} rank={head['rank']}" if head
-                     else "no VQ-Logits head (a dense model: vqexport convert makes one)")
         if head and head.get("type") == "two-stage":
             from .head.spec import HeadConfig
 
@@ -343,6 +341,10 @@ def inspect(path, as_json):
             head_text = (f"two-stage head K={head['codebook_size']} clusters of {head['cluster_size']}, P={head['probes']} "
                          f"probed ({scored:,} logits computed per position), "
                          f"router={'fitted' if head['route_bias'] else 'codebook'} bias={head['bias']} rank={head['rank']}")
+        elif head:
+            head_text = f"VQ-Logits head K={head['codebook_size']} bias={head['bias']} rank={head['rank']}"
+        else:
+            head_text = "no VQ-Logits head (a dense model: vqexport convert makes one)"
         c.print(f"{cfg['model_type']}: V={cfg['vocab_size']} d={cfg['hidden_size']} layers={cfg['n_layers']} "
                 f"heads={cfg['n_heads']}/{cfg['n_kv_heads']} head_dim={cfg['head_dim']} tied={cfg['tie_word_embeddings']}; "
                 f"{head_text}; tokenizer={info['tokenizer']}", markup=False)

@@ -22,19 +22,24 @@ BUILDER = "onnxruntime_genai.models.builder"
 PER_LAYER_TYPE = {"full_attention", "sliding_attention"}
 
 
+def _decoder(config):
+    """The decoder's settings: a multimodal config's text part (Gemma 3 4B and up keep theirs in ``text_config``,
+    which the builder copies up), else the config itself; anything not a config (``from_pretrained(...,
+    return_unused_kwargs=True)`` returns a tuple) is None."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else None
+
+
 def builder_config(config):
     """``config`` (a transformers config) with its rope settings also in the keys onnxruntime-genai's builder reads."""
-    if getattr(config, "model_type", "") == "gemma3" and getattr(config, "text_config", None) is not None:
-        builder_config(config.text_config)  # Gemma 3 4B and up: the decoder's settings, which the builder copies up
-        return config
-    rope = getattr(config, "rope_parameters", None)
+    text = _decoder(config)
+    rope = getattr(text, "rope_parameters", None)
     if not isinstance(rope, dict):
         return config
-    if getattr(config, "model_type", "") == "gemma3_text" and set(rope) == PER_LAYER_TYPE:
+    if text.model_type == "gemma3_text" and set(rope) == PER_LAYER_TYPE:
         full, local = dict(rope["full_attention"]), rope["sliding_attention"]
-        config.rope_parameters = full
-        config.rope_theta = full["rope_theta"]
-        config.rope_local_base_freq = local["rope_theta"]
+        text.rope_parameters = full
+        text.rope_theta = full["rope_theta"]
+        text.rope_local_base_freq = local["rope_theta"]
     elif rope.get("rope_type") == "longrope" and "type" not in rope:
         rope["type"] = rope["rope_type"]
     return config
@@ -43,10 +48,9 @@ def builder_config(config):
 def gemma3_rope_unsupported(config) -> str | None:
     """Why the builder's Gemma 3 graph would rotate differently from transformers' model, or None: it builds the
     local layers' cos/sin caches with the global layers' rope scaling, so only unscaled rope on both is the same."""
-    if getattr(config, "model_type", "") == "gemma3" and getattr(config, "text_config", None) is not None:
-        config = config.text_config
-    rope = getattr(config, "rope_parameters", None)
-    if getattr(config, "model_type", "") not in ("gemma3", "gemma3_text") or not isinstance(rope, dict):
+    text = _decoder(config)
+    rope = getattr(text, "rope_parameters", None)
+    if getattr(text, "model_type", "") != "gemma3_text" or not isinstance(rope, dict):
         return None
     scaled = sorted(kind for kind, params in rope.items()
                     if kind in PER_LAYER_TYPE and isinstance(params, dict) and params.get("rope_type", "default") != "default")
