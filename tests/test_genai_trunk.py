@@ -197,16 +197,19 @@ def test_no_tokenizer_is_one_line(tmp_path):
 @pytest.mark.parametrize("arch, window", [("gemma3", dict(sliding_window=300, max_position=512,
                                                             layer_types=["sliding_attention", "full_attention"])),
                                           ("phi3", dict(sliding_window=1024, max_position=512, original_max_position_embeddings=512))])
-def test_bench_e2e_runs_a_model_whose_sliding_window_is_longer_than_the_run(tmp_path, small_tokenizer, arch, window):
+def test_bench_e2e_runs_a_model_whose_sliding_window_is_longer_than_the_run(tmp_path, small_tokenizer, arch, window,
+                                                                           monkeypatch):
     """onnxruntime-genai sizes the KV cache by max_length and GroupQueryAttention refuses one shorter than the window
     (a Gemma 3's 512 against a 64 + 128-token run): the run asks for the window. A window no layer uses (Phi-3's
     262,144, longer than its positions, written by the builder all the same) is not asked for: onnxruntime-genai
-    refuses a max_length over the context length."""
+    refuses a max_length over the context length. --work is given relative (the builder runs inside it)."""
     model = make_model(tmp_path / arch, arch=arch, vocab=320, hidden=64, eos_token_id=0, tokenizer=small_tokenizer,
                        head=False, **window)
-    result = run_cli("bench", "--e2e", "--model", model, "--target", "ort-genai", "--work", tmp_path / "work", "--tokens", 4,
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("bench", "--e2e", "--model", model, "--target", "ort-genai", "--work", "work", "--tokens", 4,
                      "--prompt-length", 8, "--repeats", 1, "--json")
     assert result.exit_code == 0, result.stderr
+    assert not (tmp_path / "work" / "work").exists()
     assert json.loads(result.stdout)["parity"]["passed"]
 
 

@@ -137,8 +137,9 @@ def run_builder(model: Path, out: Path, precision: str, execution_provider: str,
     ``builder_main`` (transformers' config given in the keys the builder reads)."""
     home = str(Path(__file__).resolve().parents[2])  # builder_main's package, installed or not (appended: no shadowing)
     run = f"import sys; sys.path.append({home!r}); from {__package__}.builder_main import main; main()"
-    cmd = [sys.executable, "-c", run, "-i", str(Path(model).resolve()), "-o", str(out),
-           "-p", precision, "-e", execution_provider, "-c", str(Path(workdir) / "cache")]
+    workdir = Path(workdir).resolve()  # the builder runs in it: relative paths would resolve a second time inside
+    cmd = [sys.executable, "-c", run, "-i", str(Path(model).resolve()), "-o", str(Path(out).resolve()),
+           "-p", precision, "-e", execution_provider, "-c", str(workdir / "cache")]
     if options:
         cmd += ["--extra_options", *(f"{k}={v}" for k, v in sorted(options.items()))]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
