@@ -23,6 +23,10 @@ ARCHS = {
     "gemma3": ("gemma3", {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}),
     "phi3": ("phi3", {"pad_token_id": 0}),
     "mistral": ("mistral", {"sliding_window": 4}),
+    # logits = lm_head(h) / logits_scaling, and Granite's other multipliers inside the decoder
+    "granite-logits-scaling": ("granite", {"logits_scaling": 8.0, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                                           "attention_multiplier": 0.015625}),
+    "cohere-logit-scale": ("cohere", {"logit_scale": 0.0625}),  # logits = lm_head(h) * logit_scale
     "gpt2": ("gpt2", {}),
 }
 
@@ -134,15 +138,40 @@ def test_final_logit_softcapping_is_refused_by_name(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_an_architecture_torch_onnx_cannot_export_is_one_line(tmp_path, monkeypatch):
+# torch.onnx's own form: the step that failed, what to do next, then the cause under "## Exception summary"
+STEP_FAILURE = ("Failed to convert the exported program to an ONNX model. \x1b[96mThis is step 3/3\x1b[0m of exporting the "
+                "model to ONNX. Next steps:\n- If there is a missing ONNX function, implement it and register it to the "
+                "registry.\n\n## Exception summary\n\n<class 'torch.onnx._internal.exporter._errors.DispatchError'>: No "
+                "ONNX function found for <OpOverload(op='transformers.grouped_mm_fallback', overload='default')>. Failure "
+                "message: No decompositions registered for the real-valued input\n\u2b06\ufe0f\n<class "
+                "'torch.onnx._internal.exporter._errors.ConversionError'>: Error when translating node %grouped_mm_fallback\n")
+
+
+@pytest.mark.parametrize("message, says", [
+    ("Unsupported: data-dependent control flow in the decoder\nmore detail",
+     "(RuntimeError: Unsupported: data-dependent control flow in the decoder)"),
+    (STEP_FAILURE, "(DispatchError: No ONNX function found for <OpOverload(op='transformers.grouped_mm_fallback'"),
+])
+def test_an_architecture_torch_onnx_cannot_export_is_one_line(tmp_path, monkeypatch, message, says):
+    """One line that says why (the op without an ONNX function, not "step 3/3 failed"), no terminal colour codes."""
     model_dir = _dense_model(tmp_path / "model", "mistral")
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("Unsupported: data-dependent control flow in the decoder\nmore detail")
+        raise RuntimeError(message)
 
     monkeypatch.setattr(torch.onnx, "export", refuse)
     result = run_cli("build", "--model", model_dir, "--out", tmp_path / "o")
-    assert_user_error(result, "torch.onnx cannot export the mistral decoder", "data-dependent control flow")
+    assert_user_error(result, "torch.onnx cannot export the mistral decoder", says)
+    assert "\x1b" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_mixture_of_experts_is_refused_by_the_portable_trunk(tmp_path):
+    """transformers' experts layers export only by gathering every token's expert weights (batched_mm: 8.8 GB for a
+    256-token prompt through one Granite-MoE-1B-shaped layer): refused by name before torch.onnx, nothing written."""
+    model_dir = _dense_model(tmp_path / "model", "qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
+                      "the qwen3_moe decoder has mixture-of-experts layers", 'source = "genai"')
     assert not (tmp_path / "o").exists()
 
 
@@ -292,3 +321,80 @@ def test_int4_rows_need_a_hidden_size_in_blocks_of_32(tmp_path):
     assert_user_error(run_cli("build", "--target", target, "--model", model, "--out", tmp_path / "a"),
                       "two_stage.rows = 'int4'", "hidden size 48", "rows = 'int8'")
     assert not (tmp_path / "a").exists()
+
+
+GRANITE = {"logits_scaling": 8.0, "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.015625}
+
+
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_the_builders_trunk_takes_a_models_logit_scale(tmp_path, small_tokenizer, two_stage):
+    """Granite divides its logits by logits_scaling: the builder's graph stops at the hidden state, before the output
+    layer's scale, so the head must read the hidden state times 1/8 there too (without it: parity fails by 12.8). A
+    two-stage head probing every cluster reads its rows from the builder's embedding table (the table, not its
+    lookup times Granite's embedding_multiplier) and gives transformers' own logits."""
+    from vqexport.head.spec import make_head
+
+    from .models import make_model, random_head
+
+    head = None
+    if two_stage:
+        h = random_head(320, 64, 20)
+        head = make_head({"codebook": h.codebook, "map": np.arange(320, dtype=np.int32) % 20, "bias": h.bias}, probes=20)
+    model = make_model(tmp_path / "granite", arch="granite", vocab=320, hidden=64, eos_token_id=0, tokenizer=small_tokenizer,
+                       head=head, **GRANITE)
+    result = api.build("ort-genai", model=model, out=tmp_path / "g", steps=4)
+    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
+    if two_stage:
+        ids = np.random.default_rng(0).integers(0, 320, size=(1, 9))
+        with OrtRunner.from_artifact(result.out) as r:
+            got = r.step(ids, np.ones_like(ids), r.empty_past(1)).logits[:, -1]
+        np.testing.assert_allclose(got, _transformers_logits(model, ids, np.ones_like(ids))[:, -1], atol=1e-4, rtol=0)
+
+
+def test_a_model_that_scales_its_logits_converts_to_its_own_logits(tmp_path, small_tokenizer):
+    """The conversion fits the model's own (scaled) logits: a two-stage head probing every cluster gives transformers'
+    logits through the artifact, and fidelity's dense perplexity is the model's own on the same windows."""
+    from pathlib import Path
+
+    from .models import make_model
+
+    dense = make_model(tmp_path / "dense", arch="granite", vocab=320, hidden=32, eos_token_id=0, tokenizer=small_tokenizer,
+                       head=False, **GRANITE)
+    result = run_cli("convert", "--from", dense, "-k", 20, "--head", "two-stage", "--probes", 20, "--out", tmp_path / "ts")
+    assert result.exit_code == 0, result.stderr
+    built = api.build("ort", model=tmp_path / "ts", out=tmp_path / "a", steps=4)
+    assert built.parity.passed
+    rng = np.random.default_rng(0)
+    ids, nxt = rng.integers(0, 320, size=(2, 9)), rng.integers(0, 320, size=(2, 1))
+    mask = np.ones_like(ids)
+    prefill, decode = _artifact_logits(built.out, ids, mask, nxt)
+    assert prefill.shape == (2, 1, 320)  # a two-stage head's prefill gives the last position's logits
+    np.testing.assert_allclose(prefill[:, -1], _transformers_logits(dense, ids, mask)[:, -1], atol=1e-4, rtol=0)
+    full = np.concatenate([ids, nxt], 1)
+    np.testing.assert_allclose(decode, _transformers_logits(dense, full, np.ones_like(full))[:, -1], atol=1e-4, rtol=0)
+
+    from tokenizers import Tokenizer
+
+    text = tmp_path / "text.txt"
+    text.write_text(Path(__file__).read_text())
+    result = run_cli("fidelity", "--model", tmp_path / "ts", "--text", text, "--window", 64, "--max-tokens", 640, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    tokens = np.array(Tokenizer.from_file(str(small_tokenizer)).encode(text.read_text()).ids[:641])
+    windows = tokens[:640].reshape(10, 64)
+    logits = torch.from_numpy(_transformers_logits(dense, windows, np.ones_like(windows)))
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), torch.from_numpy(tokens[1:641]).long())
+    assert report["dense_ppl"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+    assert report["ppl_change"] == pytest.approx(0.0, abs=1e-5) and report["top1_agreement"] == 1.0
+
+
+def test_logits_no_head_on_the_hidden_state_can_give_are_refused(tmp_path, monkeypatch):
+    """A scale under a config key vqexport does not read stands for any transform after the output layer: refused in
+    one line, nothing written, where it would otherwise build a graph whose logits are not the model's."""
+    from vqexport.trunk import hf
+
+    model_dir = _dense_model(tmp_path / "model", "granite", **GRANITE)
+    monkeypatch.setattr(hf, "LOGIT_SCALE_KEYS", ())
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
+                      "granite model's logits are not its output layer applied to its final hidden state")
+    assert not (tmp_path / "o").exists()

@@ -220,13 +220,14 @@ def write_graph(directory: Path, profile: Profile, source: Source, reference, pr
         scales = activation_scales(reference, source)
     with tempfile.TemporaryDirectory(prefix="vqexport-trunk-") as work:
         if profile.trunk.source == "genai":
-            from .trunk.genai import build_trunk, check_window, genai_config
+            from .trunk.genai import build_trunk, check_window, genai_config, scale_hidden
 
             progress(f"building the {profile.precision} trunk with onnxruntime-genai's model builder")
             trunk_dir = build_trunk(source, profile.precision, profile.trunk.execution_provider, profile.trunk.extra_options,
                                     Path(work))
             trunk = ir.load(str(trunk_dir / "model.onnx"))
             check_window(source, trunk)
+            scale_hidden(trunk, reference.trunk.hidden_scale)
             info = {"trunk": "genai", "past_present_share_buffer": True,
                     "genai_config": genai_config(trunk_dir, logits="logits" in form.outputs(source.head))}
         else:

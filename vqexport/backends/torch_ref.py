@@ -35,7 +35,7 @@ class TorchRunner(Runner):
         rows = rows_bias = None
         if source.head.two_stage:  # exact rows: the model's own output layer (the tied embedding table, or lm_head)
             model = model if model is not None else hf.load_causal_lm(source)
-            rows, rows_bias = hf.output_weight(model), hf.output_bias(model)
+            rows, rows_bias = hf.output_weight(model), hf.output_bias(model, trunk.hidden_scale)
             if tuple(rows.shape) != (g.vocab_size, g.hidden_size):
                 raise VQExportError(f"{source.path}: the model's output layer is {list(rows.shape)}; a two-stage head reads "
                                     f"its exact rows there and needs [{g.vocab_size}, {g.hidden_size}]")

@@ -387,9 +387,10 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     model = load_causal_lm(source)
     for p in model.parameters():
         p.requires_grad_(False)
-    hidden = _Hidden(make_trunk(source, model), source.geometry)
+    trunk = make_trunk(source, model)
+    hidden = _Hidden(trunk, source.geometry)
     weight = output_weight(model).detach().float()
-    dense_b = output_bias(model)
+    dense_b = output_bias(model, trunk.hidden_scale)
     dense = DenseHead(weight, dense_b)
     dense_bias = dense_b.detach().float() if dense_b is not None else None
     V, d = weight.shape

@@ -49,8 +49,9 @@ def fidelity(model, text, probes: int | None = None, max_tokens: int | None = No
     model_ = load_causal_lm(source)
     for p in model_.parameters():
         p.requires_grad_(False)
-    hidden = _Hidden(make_trunk(source, model_), source.geometry)
-    weight, bias = output_weight(model_).detach().float(), output_bias(model_)
+    trunk = make_trunk(source, model_)
+    hidden = _Hidden(trunk, source.geometry)
+    weight, bias = output_weight(model_).detach().float(), output_bias(model_, trunk.hidden_scale)
     if progress is not None:
         progress(f"scoring {len(ids)} tokens with both heads")
     with torch.no_grad():

@@ -177,6 +177,28 @@ def failure_reason(proc: subprocess.CompletedProcess) -> str:
     return text[:240]
 
 
+def scale_hidden(trunk, scale: float) -> None:
+    """Multiply the builder's ``hidden_states`` (``trunk``, onnx_ir, in place) by the model's logit scale, as the
+    portable trunk does in torch (``Trunk.hidden_scale``): the head reads what gives the model's own logits."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from ..graph_io import HIDDEN
+
+    if scale == 1.0:
+        return
+    g = trunk.graph
+    index, hidden = next((i, v) for i, v in enumerate(g.outputs) if v.name == HIDDEN)
+    hidden.name = f"{HIDDEN}_unscaled"
+    dtype = hidden.dtype.numpy() if hidden.dtype is not None else np.float32
+    const = ir.Value(name="/vqexport/logit_scale", const_value=ir.tensor(np.array(scale, dtype=dtype)))
+    g.initializers.add(const)
+    node = ir.node("Mul", [hidden, const], name="/vqexport/logit_scale/Mul", outputs=[ir.Value(name=HIDDEN)])
+    node.outputs[0].dtype, node.outputs[0].shape = hidden.dtype, hidden.shape
+    g.append(node)
+    g.outputs[index] = node.outputs[0]
+
+
 def genai_config(trunk_dir: Path, logits: bool) -> dict:
     """The builder's genai_config.json for the joined graph: ``logits`` is an output again (the head's)."""
     cfg = json.loads((Path(trunk_dir) / "genai_config.json").read_text(encoding="utf-8"))

@@ -5,8 +5,10 @@
 ``past`` / ``present`` are ``(k0, v0, k1, v1, ...)``, each [batch, n_kv_heads, length, head_dim] — the layout of the
 graph's ``past_key_values.{i}.key|value`` / ``present.{i}.key|value``. Positions come from the mask
 (``cumsum - 1``, so left-padded rows get the positions an unpadded row would), as transformers' ``generate`` does.
-``hidden_states`` is the decoder's final (normed) hidden state: what the output layer reads. The same module is
-the reference parity compares against and what torch.onnx exports: nothing about the architecture is ours.
+``hidden_states`` is the decoder's final (normed) hidden state: what the output layer reads, times the constant some
+models multiply their logits by (Granite divides them by ``logits_scaling``, Cohere multiplies them by
+``logit_scale``), so that the output layer applied to it gives the model's own logits. The same module is the
+reference parity compares against and what torch.onnx exports: nothing about the architecture is ours.
 """
 
 from __future__ import annotations
@@ -64,22 +66,54 @@ def output_weight(model) -> torch.Tensor:
     return out.weight
 
 
-def output_bias(model) -> torch.Tensor | None:
-    out = model.get_output_embeddings()
-    return getattr(out, "bias", None)
+def output_bias(model, scale: float = 1.0) -> torch.Tensor | None:
+    """The output layer's bias times the model's logit ``scale`` (the trunk's ``hidden_scale``): its logits' bias."""
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    return bias if bias is None or scale == 1.0 else bias * scale
+
+
+LOGIT_SCALE_KEYS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier")  # in config.json
+
+
+@torch.no_grad()
+def logit_scale(causal_lm: torch.nn.Module, source: Source) -> float:
+    """The constant ``s`` with ``logits = s * output_layer(final hidden state)`` for this model: 1, or the value of a
+    config key above or its inverse (the key's name does not say which: Granite divides by ``logits_scaling``,
+    HyperCLOVA X multiplies by it), chosen by running the model on a few tokens. Logits that are no such multiple of
+    the output layer's (another transform after it) are refused: no head on the hidden state could give them."""
+    config = causal_lm.config.get_text_config(decoder=True)
+    candidates = [1.0]
+    for key in LOGIT_SCALE_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
+            candidates += [float(value), 1.0 / float(value)]
+    V = source.geometry.vocab_size
+    ids = (torch.arange(1, 9, dtype=torch.int64) * 7919 % V).view(1, -1)
+    with quiet():
+        logits = causal_lm(input_ids=ids).logits.float()
+        hidden = causal_lm.get_decoder()(input_ids=ids).last_hidden_state
+    layer = causal_lm.get_output_embeddings()(hidden).float()
+    tol = 1e-4 * max(1.0, logits.abs().max().item())
+    errors = [(logits - c * layer).abs().max().item() for c in candidates]
+    best = min(range(len(candidates)), key=errors.__getitem__)
+    if errors[best] > tol:
+        raise VQExportError(f"{source.path}: the {source.model_type} model's logits are not its output layer applied to its "
+                            f"final hidden state, nor a constant multiple of it (max difference {errors[0]:.3g}); a "
+                            "VQ-Logits head on the hidden state cannot reproduce them")
+    return candidates[best]
 
 
 class Trunk(torch.nn.Module):
     """transformers' decoder with a flat KV-cache signature; its parameters keep the checkpoint's names."""
 
-    def __init__(self, causal_lm: torch.nn.Module, n_layers: int):
+    def __init__(self, causal_lm: torch.nn.Module, n_layers: int, hidden_scale: float = 1.0):
         super().__init__()
         decoder = causal_lm.get_decoder()
         name = next((n for n, m in causal_lm.named_children() if m is decoder), "model")
         self.add_module(name, decoder)
         self.decoder_name = name
         self.n_layers = n_layers
-        self.final_logit_softcapping = getattr(causal_lm.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+        self.hidden_scale = hidden_scale  # the model's logit scale (logit_scale), taken by the hidden state
 
     @property
     def decoder(self):
@@ -97,7 +131,8 @@ class Trunk(torch.nn.Module):
         present = []
         for layer in out.cache.layers[: self.n_layers]:
             present += [layer.keys, layer.values]
-        return (out.last_hidden_state, *present)
+        hidden = out.last_hidden_state if self.hidden_scale == 1.0 else out.last_hidden_state * self.hidden_scale
+        return (hidden, *present)
 
     def empty_past(self, batch: int, n_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
         return tuple(torch.zeros(batch, n_kv_heads, 0, head_dim) for _ in range(2 * self.n_layers))
@@ -107,10 +142,11 @@ def make_trunk(source: Source, model: torch.nn.Module | None = None) -> Trunk:
     """The trunk of ``source`` (its transformers model loaded here unless given), checked against its geometry."""
     model = load_causal_lm(source) if model is None else model
     geo = source.geometry
-    trunk = Trunk(model, geo.n_layers).eval()
-    if trunk.final_logit_softcapping:
-        raise VQExportError(f"{source.path}: final_logit_softcapping = {trunk.final_logit_softcapping} is not supported "
+    softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+    if softcap:
+        raise VQExportError(f"{source.path}: final_logit_softcapping = {softcap} is not supported "
                             "by a VQ-Logits head (exact decoding relies on logits being cluster score + token terms)")
+    trunk = Trunk(model, geo.n_layers, logit_scale(model, source)).eval()
     check_cache(trunk, geo, source)
     return trunk
 

@@ -12,6 +12,8 @@ onnx_ir model, so no 2 GB protobuf limit applies before it is saved with externa
 
 from __future__ import annotations
 
+import re
+
 import onnx_ir as ir
 import torch
 
@@ -31,6 +33,11 @@ def export_trunk(trunk: Trunk, source: Source, opset: int = DEFAULT_OPSET) -> ir
     from torch.export import Dim
 
     geo = source.geometry
+    if getattr(type(trunk.decoder), "_can_set_experts_implementation", lambda: False)():
+        raise VQExportError(f"{source.path}: the {geo.model_type} decoder has mixture-of-experts layers, which the portable "
+                            "trunk does not export (torch.onnx has no ONNX function for transformers' grouped experts, and "
+                            "gathering each token's expert weights takes gigabytes per prompt); use a target with [trunk] "
+                            "source = \"genai\" where onnxruntime-genai's builder supports the architecture")
     b, s, p = 2, 3, 5  # all >= 2 and pairwise different, so the tracer neither specialises nor conflates axes
     ids = torch.arange(b * s, dtype=torch.int64).reshape(b, s) % geo.vocab_size
     mask = torch.ones(b, p + s, dtype=torch.int64)
@@ -44,13 +51,27 @@ def export_trunk(trunk: Trunk, source: Source, opset: int = DEFAULT_OPSET) -> ir
                                         input_names=["input_ids", "attention_mask", *past_names],
                                         output_names=[HIDDEN, *present_names], opset_version=opset, dynamo=True,
                                         optimize=True, verbose=False)
-    except Exception as e:  # torch.export / torch.onnx raise many types; the first line says what failed
-        msg = next((ln for ln in str(e).strip().splitlines() if ln.strip()), type(e).__name__)
+    except Exception as e:  # torch.export / torch.onnx raise many types
         raise VQExportError(f"{source.path}: torch.onnx cannot export the {geo.model_type} decoder "
-                            f"({type(e).__name__}: {msg[:240]})") from None
+                            f"({export_failure(e)[:240]})") from None
     model = program.model
     canonicalize(model)
     return model
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+SUMMARY = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>: (.+)")
+
+
+def export_failure(e: Exception) -> str:
+    """What stopped torch.onnx, in one line: the first exception of its "## Exception summary" (the op it has no
+    ONNX function for, ...) rather than its first line, which names only the step and what to do next."""
+    lines = [ln.strip() for ln in ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    if "## Exception summary" in lines:
+        cause = next((SUMMARY.match(ln) for ln in lines[lines.index("## Exception summary") + 1:] if SUMMARY.match(ln)), None)
+        if cause is not None:
+            return f"{cause[1]}: {cause[2]}"
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def canonicalize(model: ir.Model) -> None:
