@@ -175,6 +175,23 @@ def test_mixture_of_experts_is_refused_by_the_portable_trunk(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_decoder_with_convolution_state_is_refused(tmp_path):
+    """LFM2's convolution layers (and Mamba hybrids') keep a state that is not keys and values: one line, not an
+    AttributeError from the cache check, and nothing written."""
+    import transformers as tf
+
+    from .models import save_hf
+
+    config = tf.Lfm2Config(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, layer_types=["conv", "full_attention"], bos_token_id=None,
+                           eos_token_id=None, pad_token_id=None)
+    model_dir = save_hf(tmp_path / "model", config)
+    write_head(model_dir, identity_head(model_dir))
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
+                      "the lfm2 decoder keeps a state other than keys and values", "LinearAttentionLayer")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_two_stage_head_reads_gpt2s_flattened_embedding_lookup(tmp_path):
     """GPT-2's export reshapes input_ids before its embedding Gather: the tied two-stage head still finds that table
     and reads its exact rows from it (this used to stop the build with a traceback)."""

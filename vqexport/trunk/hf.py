@@ -159,6 +159,12 @@ def check_cache(trunk: Trunk, geo: Geometry, source: Source) -> None:
     layers = getattr(out.cache, "layers", None)
     if layers is None or len(layers) < geo.n_layers:
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder does not return a per-layer KV cache; it cannot be exported")
+    other = sorted({type(layer).__name__ for layer in layers[: geo.n_layers]
+                    if not isinstance(getattr(layer, "keys", None), torch.Tensor) or hasattr(layer, "conv_states")
+                    or hasattr(layer, "recurrent_states")})
+    if other:  # convolution or recurrent state (LFM2, Mamba hybrids): not the keys and values the graph carries
+        raise VQExportError(f"{source.path}: the {geo.model_type} decoder keeps a state other than keys and values in some "
+                            f"layers ({', '.join(other)}); vqexport carries key/value caches only, so it cannot be exported")
     shapes = {tuple(layer.keys.shape[1::2]) for layer in layers[: geo.n_layers]} | {tuple(layer.values.shape[1::2]) for layer in layers[: geo.n_layers]}
     if shapes != {(geo.n_kv_heads, geo.head_dim)}:
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder's KV cache has (heads, head_dim) {sorted(shapes)}, "
