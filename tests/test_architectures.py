@@ -240,6 +240,31 @@ def test_the_builders_trunk_is_refused_where_its_graph_would_differ(tmp_path, sm
     assert not (tmp_path / "d").exists()
 
 
+def test_the_builders_olmo_graph_is_refused(tmp_path, small_tokenizer, monkeypatch):
+    """The builder normalises OLMo with RMSNorm where transformers' OLMo uses LayerNorm: refused before any work, one
+    line, nothing written. Unrefused, the build fails parity (if a later builder passes, the refusal can go); the
+    portable trunk builds the same model and passes."""
+    import transformers as tf
+
+    from vqexport.errors import ParityError
+    from vqexport.trunk import genai
+
+    from .models import random_head, save_hf
+
+    config = tf.OlmoConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=None, eos_token_id=0,
+                           pad_token_id=None)
+    model = save_hf(tmp_path / "olmo", config, tokenizer=small_tokenizer)
+    write_head(model, random_head(320, 64, 20))
+    assert_user_error(run_cli("build", "--target", "ort-genai", "--model", model, "--out", tmp_path / "a"),
+                      "builder does not reproduce", "olmo model", "RMSNorm", 'source = "portable"')
+    assert not (tmp_path / "a").exists()
+    assert api.build("ort", model=model, out=tmp_path / "b", steps=2).parity.passed
+    monkeypatch.setattr(genai, "BUILDER_DIFFERS", {})
+    with pytest.raises(ParityError):
+        api.build("ort-genai", model=model, out=tmp_path / "c", steps=2)
+
+
 GEMMA3_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
 LONGROPE = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],

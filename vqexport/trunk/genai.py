@@ -66,6 +66,10 @@ GQA_HEAD_MULTIPLE = 16  # onnxruntime's GroupQueryAttention (the builder's atten
 GQA_ROTARY_MULTIPLE = 8  # ... and cos/sin caches of 8k columns (half the rotated dimensions)
 
 
+# model types whose builder graph computes something else than transformers' model (parity failed on every one)
+BUILDER_DIFFERS = {"olmo": "it normalises with RMSNorm (SimplifiedLayerNormalization) where OLMo uses LayerNorm"}
+
+
 def check_fits(source: Source, target: str) -> None:
     """What the builder's graph cannot run, refused before any work."""
     head_dim = source.geometry.head_dim
@@ -85,6 +89,10 @@ def check_fits(source: Source, target: str) -> None:
                             f"GroupQueryAttention, whose rotary cache needs half the rotated size to be a multiple of "
                             f"{GQA_ROTARY_MULTIPLE}, and {source.path} rotates {rotary} of its {head_dim} head dimensions "
                             "(partial_rotary_factor); use a target with [trunk] source = \"portable\"")
+    if text.model_type in BUILDER_DIFFERS:
+        raise VQExportError(f"target {target}: onnxruntime-genai's builder does not reproduce {source.path}'s "
+                            f"{text.model_type} model ({BUILDER_DIFFERS[text.model_type]}); use a target with [trunk] "
+                            "source = \"portable\"")
     why = gemma3_rope_unsupported(config)
     if why:
         raise VQExportError(f"target {target}: onnxruntime-genai's builder does not reproduce {source.path}'s rope ({why}): "
