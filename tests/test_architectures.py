@@ -192,6 +192,25 @@ def test_a_decoder_with_convolution_state_is_refused(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_layers_with_different_key_value_shapes_are_refused(tmp_path):
+    """Gemma 4 gives its global layers a head size of its own (512 against 256 in the real models), in transformers
+    5's per-layer config, which refuses a global read of head_dim: one line naming the sizes, not that exception."""
+    import transformers as tf
+
+    from .models import random_head, save_hf
+
+    config = tf.Gemma4TextConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+                                 sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                 vocab_size_per_layer_input=101, hidden_size_per_layer_input=8, bos_token_id=None,
+                                 eos_token_id=None, pad_token_id=None)
+    model_dir = save_hf(tmp_path / "model", config)
+    write_head(model_dir, random_head(101, 32, 11))
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
+                      "the gemma4_text model's layers have different head_dim (8, 16)", "one shape")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_two_stage_head_reads_gpt2s_flattened_embedding_lookup(tmp_path):
     """GPT-2's export reshapes input_ids before its embedding Gather: the tied two-stage head still finds that table
     and reads its exact rows from it (this used to stop the build with a traceback)."""

@@ -223,7 +223,17 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
     text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
     def get(name, default=None):
-        v = getattr(text, name, None)
+        try:
+            v = getattr(text, name, None)
+        except RuntimeError as e:  # transformers 5's per-layer configs refuse a global read of what varies by layer
+            if type(e).__name__ != "AmbiguousGlobalPerLayerAttributeError":
+                raise
+            values = sorted({getattr(layer, name) for layer in text.per_layer_config}, key=lambda x: (str(type(x)), x))
+            if len(values) > 1:
+                raise VQExportError(f"{path / CONFIG}: the {raw['model_type']} model's layers have different {name} "
+                                    f"({', '.join(map(str, values))}); vqexport's graph gives every layer's keys and "
+                                    "values one shape, so it cannot be exported") from None
+            v = values[0]
         return default if v is None else v
 
     try:
