@@ -27,6 +27,10 @@ ARCHS = {
     "granite-logits-scaling": ("granite", {"logits_scaling": 8.0, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
                                            "attention_multiplier": 0.015625}),
     "cohere-logit-scale": ("cohere", {"logit_scale": 0.0625}),  # logits = lm_head(h) * logit_scale
+    # Granite 4.0 micro's form: the hybrid class with attention layers only and no experts (a dense decoder)
+    "granitemoehybrid-dense": ("granitemoehybrid", {"logits_scaling": 8.0, "shared_intermediate_size": 48,
+                                                    "num_local_experts": 0, "layer_types": ["attention", "attention"],
+                                                    "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1}),
     "gpt2": ("gpt2", {}),
 }
 

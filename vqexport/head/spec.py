@@ -2,6 +2,10 @@
 
     logits[..., v] = z[..., M[v]] + b[v] + ((h · Pᵀ) · Uᵀ)[..., v]        z = h · Cᵀ
 
+``h`` is the model's final hidden state times its logit scale (1 for most models; 1 / ``logits_scaling`` for Granite,
+``logit_scale`` for Cohere: ``vqexport.trunk.hf.logit_scale``), so that the output layer applied to it gives the
+model's own logits.
+
 ``vq_head.json`` (the head's own config; unknown keys are refused)::
 
     {"format": "vqexport-head", "format_version": 1, "type": "vq",

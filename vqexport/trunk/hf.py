@@ -98,8 +98,8 @@ def logit_scale(causal_lm: torch.nn.Module, source: Source) -> float:
     best = min(range(len(candidates)), key=errors.__getitem__)
     if errors[best] > tol:
         raise VQExportError(f"{source.path}: the {source.model_type} model's logits are not its output layer applied to its "
-                            f"final hidden state, nor a constant multiple of it (max difference {errors[0]:.3g}); a "
-                            "VQ-Logits head on the hidden state cannot reproduce them")
+                            f"final hidden state, nor that times a value of {', '.join(LOGIT_SCALE_KEYS)} or its inverse "
+                            f"(max difference {errors[best]:.3g}); a VQ-Logits head on the hidden state cannot reproduce them")
     return candidates[best]
 
 

@@ -3,7 +3,8 @@
     inputs   input_ids [batch_size, sequence_length] int64
              attention_mask [batch_size, total_sequence_length] int64
              past_key_values.{i}.key|value [batch_size, n_kv_heads, past_sequence_length, head_dim] float32
-    outputs  hidden_states [batch_size, sequence_length, hidden] float32   (the final, normed hidden state)
+    outputs  hidden_states [batch_size, sequence_length, hidden] float32   (the final, normed hidden state, times the
+                                                                            model's logit scale: Trunk.hidden_scale)
              present.{i}.key|value [batch_size, n_kv_heads, total_sequence_length, head_dim] float32
 
 Initializers keep the checkpoint's parameter names (``model.layers.0.self_attn.q_proj.weight``). The result is an
@@ -33,7 +34,7 @@ def export_trunk(trunk: Trunk, source: Source, opset: int = DEFAULT_OPSET) -> ir
     from torch.export import Dim
 
     geo = source.geometry
-    if getattr(type(trunk.decoder), "_can_set_experts_implementation", lambda: False)():
+    if any(hasattr(m, "_is_expert_parallel") for m in trunk.decoder.modules()):  # transformers' experts layers set it
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder has mixture-of-experts layers, which the portable "
                             "trunk does not export (torch.onnx has no ONNX function for transformers' grouped experts, and "
                             "gathering each token's expert weights takes gigabytes per prompt); use a target with [trunk] "
