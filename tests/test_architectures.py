@@ -215,6 +215,28 @@ def test_layers_with_different_key_value_shapes_are_refused(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_layers_that_share_another_layers_keys_and_values_are_refused(tmp_path):
+    """Gemma 4's last num_kv_shared_layers read an earlier layer's cache and keep none (transformers gives them a
+    DummyLayer): one line, nothing written. The same model without sharing builds (head sizes made equal here:
+    real Gemma 4 also differs there, refused above)."""
+    import transformers as tf
+
+    from .models import save_hf
+
+    sizes = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, global_head_dim=8, sliding_window=4,
+                 layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=101,
+                 hidden_size_per_layer_input=8, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model_dir = save_hf(tmp_path / "model", tf.Gemma4TextConfig(**sizes, num_kv_shared_layers=2))
+    write_head(model_dir, identity_head(model_dir))
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
+                      "2 of the gemma4_text decoder's layers (from layer 2) keep no keys and values of their own")
+    assert not (tmp_path / "o").exists()
+    plain = save_hf(tmp_path / "plain", tf.Gemma4TextConfig(**sizes))
+    write_head(plain, identity_head(plain))
+    _oracle(tmp_path, plain)
+
+
 def test_a_two_stage_head_reads_gpt2s_flattened_embedding_lookup(tmp_path):
     """GPT-2's export reshapes input_ids before its embedding Gather: the tied two-stage head still finds that table
     and reads its exact rows from it (this used to stop the build with a traceback)."""

@@ -159,13 +159,17 @@ def check_cache(trunk: Trunk, geo: Geometry, source: Source) -> None:
     layers = getattr(out.cache, "layers", None)
     if layers is None or len(layers) < geo.n_layers:
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder does not return a per-layer KV cache; it cannot be exported")
-    other = sorted({type(layer).__name__ for layer in layers[: geo.n_layers]
-                    if not isinstance(getattr(layer, "keys", None), torch.Tensor) or hasattr(layer, "conv_states")
-                    or hasattr(layer, "recurrent_states")})
+    layers = layers[: geo.n_layers]
+    other = sorted({type(layer).__name__ for layer in layers if hasattr(layer, "conv_states") or hasattr(layer, "recurrent_states")})
     if other:  # convolution or recurrent state (LFM2, Mamba hybrids): not the keys and values the graph carries
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder keeps a state other than keys and values in some "
                             f"layers ({', '.join(other)}); vqexport carries key/value caches only, so it cannot be exported")
-    shapes = {tuple(layer.keys.shape[1::2]) for layer in layers[: geo.n_layers]} | {tuple(layer.values.shape[1::2]) for layer in layers[: geo.n_layers]}
+    shared = [i for i, layer in enumerate(layers) if not isinstance(getattr(layer, "keys", None), torch.Tensor)]
+    if shared:  # Gemma 3n / Gemma 4's num_kv_shared_layers: these layers read an earlier layer's keys and values
+        raise VQExportError(f"{source.path}: {len(shared)} of the {geo.model_type} decoder's layers (from layer {shared[0]}) "
+                            "keep no keys and values of their own (they share another layer's); vqexport gives every "
+                            "layer its own cache, so it cannot be exported")
+    shapes = {tuple(layer.keys.shape[1::2]) for layer in layers} | {tuple(layer.values.shape[1::2]) for layer in layers}
     if shapes != {(geo.n_kv_heads, geo.head_dim)}:
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder's KV cache has (heads, head_dim) {sorted(shapes)}, "
                             f"not the uniform ({geo.n_kv_heads}, {geo.head_dim}) of its config; it cannot be exported")
