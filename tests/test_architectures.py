@@ -285,10 +285,22 @@ def test_the_builders_trunk_is_refused_where_its_graph_would_differ(tmp_path, sm
     assert not (tmp_path / "d").exists()
 
 
-def test_the_builders_olmo_graph_is_refused(tmp_path, small_tokenizer, monkeypatch):
-    """The builder normalises OLMo with RMSNorm where transformers' OLMo uses LayerNorm: refused before any work, one
-    line, nothing written. Unrefused, the build fails parity (if a later builder passes, the refusal can go); the
-    portable trunk builds the same model and passes."""
+SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=None, eos_token_id=0, pad_token_id=None)
+# Granite 4.0's hybrid class with attention layers only; without position_embedding_type = "rope" it has no rope
+GRANITE_HYBRID = dict(SMALL, shared_intermediate_size=96, num_local_experts=0, layer_types=["attention", "attention"],
+                      logits_scaling=8.0, mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1)
+
+
+@pytest.mark.parametrize("arch, says", [
+    ("olmo", ["olmo model", "RMSNorm"]),
+    ("granitemoehybrid", ["granitemoehybrid model", "position_embedding_type = None: no rope"]),
+])
+def test_what_the_builder_builds_differently_is_refused(tmp_path, small_tokenizer, monkeypatch, arch, says):
+    """The builder normalises OLMo with RMSNorm where transformers' OLMo uses LayerNorm, and rotates a rope-less
+    Granite hybrid: refused before any work, one line, nothing written. Unrefused, the build fails parity (if a later
+    builder passes, the refusal can go); the portable trunk builds the same model and passes, and so does the
+    builder the Granite hybrid with rope (granite-4.0-micro's form)."""
     import transformers as tf
 
     from vqexport.errors import ParityError
@@ -296,16 +308,19 @@ def test_the_builders_olmo_graph_is_refused(tmp_path, small_tokenizer, monkeypat
 
     from .models import random_head, save_hf
 
-    config = tf.OlmoConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=None, eos_token_id=0,
-                           pad_token_id=None)
-    model = save_hf(tmp_path / "olmo", config, tokenizer=small_tokenizer)
+    config = tf.OlmoConfig(**SMALL) if arch == "olmo" else tf.GraniteMoeHybridConfig(**GRANITE_HYBRID)
+    model = save_hf(tmp_path / arch, config, tokenizer=small_tokenizer)
     write_head(model, random_head(320, 64, 20))
     assert_user_error(run_cli("build", "--target", "ort-genai", "--model", model, "--out", tmp_path / "a"),
-                      "builder does not reproduce", "olmo model", "RMSNorm", 'source = "portable"')
+                      "builder does not reproduce", *says, 'source = "portable"')
     assert not (tmp_path / "a").exists()
     assert api.build("ort", model=model, out=tmp_path / "b", steps=2).parity.passed
-    monkeypatch.setattr(genai, "BUILDER_DIFFERS", {})
+    if arch == "granitemoehybrid":
+        roped = save_hf(tmp_path / "roped", tf.GraniteMoeHybridConfig(**GRANITE_HYBRID, position_embedding_type="rope"),
+                        tokenizer=small_tokenizer)
+        write_head(roped, random_head(320, 64, 20))
+        assert api.build("ort-genai", model=roped, out=tmp_path / "r", steps=2).parity.passed
+    monkeypatch.setattr(genai, "builder_differs", lambda text: None)
     with pytest.raises(ParityError):
         api.build("ort-genai", model=model, out=tmp_path / "c", steps=2)
 

@@ -70,6 +70,16 @@ GQA_ROTARY_MULTIPLE = 8  # ... and cos/sin caches of 8k columns (half the rotate
 BUILDER_DIFFERS = {"olmo": "it normalises with RMSNorm (SimplifiedLayerNormalization) where OLMo uses LayerNorm"}
 
 
+def builder_differs(text) -> str | None:
+    """Why the builder's graph of this decoder config (``text``) would differ from transformers' model, or None."""
+    if text.model_type in BUILDER_DIFFERS:
+        return BUILDER_DIFFERS[text.model_type]
+    if text.model_type == "granitemoehybrid" and getattr(text, "position_embedding_type", None) != "rope":
+        return ("it rotates every attention layer with rope, and this model has position_embedding_type = "
+                f"{getattr(text, 'position_embedding_type', None)!r}: no rope")
+    return None
+
+
 def check_fits(source: Source, target: str) -> None:
     """What the builder's graph cannot run, refused before any work."""
     head_dim = source.geometry.head_dim
@@ -89,10 +99,10 @@ def check_fits(source: Source, target: str) -> None:
                             f"GroupQueryAttention, whose rotary cache needs half the rotated size to be a multiple of "
                             f"{GQA_ROTARY_MULTIPLE}, and {source.path} rotates {rotary} of its {head_dim} head dimensions "
                             "(partial_rotary_factor); use a target with [trunk] source = \"portable\"")
-    if text.model_type in BUILDER_DIFFERS:
+    differs = builder_differs(text)
+    if differs:
         raise VQExportError(f"target {target}: onnxruntime-genai's builder does not reproduce {source.path}'s "
-                            f"{text.model_type} model ({BUILDER_DIFFERS[text.model_type]}); use a target with [trunk] "
-                            "source = \"portable\"")
+                            f"{text.model_type} model ({differs}); use a target with [trunk] source = \"portable\"")
     why = gemma3_rope_unsupported(config)
     if why:
         raise VQExportError(f"target {target}: onnxruntime-genai's builder does not reproduce {source.path}'s rope ({why}): "
