@@ -325,6 +325,35 @@ def test_what_the_builder_builds_differently_is_refused(tmp_path, small_tokenize
         api.build("ort-genai", model=model, out=tmp_path / "c", steps=2)
 
 
+def test_the_builders_graph_with_a_position_ids_input_runs(tmp_path, small_tokenizer, monkeypatch):
+    """The builder makes HunYuan's rotary embedding as RotaryEmbedding nodes that read a position_ids input (which
+    onnxruntime-genai feeds): the runner feeds it from the mask, and the build passes parity. Without it, the node
+    fails while running: one line naming it, exit 2, nothing written (not onnxruntime's traceback)."""
+    import transformers as tf
+
+    from vqexport.backends.ort import runner
+
+    from .models import random_head, save_hf
+
+    model = save_hf(tmp_path / "hunyuan", tf.HunYuanDenseV1Config(**SMALL, head_dim=16), tokenizer=small_tokenizer)
+    write_head(model, random_head(320, 64, 20))
+    result = api.build("ort-genai", model=model, out=tmp_path / "a", steps=4)
+    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
+    with runner.OrtRunner.from_artifact(result.out) as r:
+        assert r.takes_positions
+    monkeypatch.setattr(runner.OrtRunner, "_activate", _without_positions(runner.OrtRunner._activate))
+    assert_user_error(run_cli("build", "--target", "ort-genai", "--model", model, "--out", tmp_path / "b"),
+                      "onnxruntime cannot run", "RotaryEmbedding", "Missing Input: position_ids")
+    assert not (tmp_path / "b").exists()
+
+
+def _without_positions(activate):
+    def wrapped(self):
+        activate(self)
+        self.takes_positions = False
+    return wrapped
+
+
 GEMMA3_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
 LONGROPE = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],

@@ -16,12 +16,23 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ...errors import VQExportError
 from ...graph_io import attention_windows, cache_names, load_graph
 from ..base import Runner, StepOutput
 from .session import available_providers, create_session, session_options
 
 
 MIN_BUFFER = 256  # positions of a shared cache buffer when it is first made
+
+
+RUN_FAILURES = ("Fail", "RuntimeException", "EPFail")  # onnxruntime's own exception types for a failed run
+
+
+def positions(input_ids, attention_mask) -> np.ndarray:
+    """The positions of ``input_ids`` [B, S] from the mask [B, T]: ``cumsum - 1`` over the last S columns, as the
+    trunk computes them inside its graph and onnxruntime-genai feeds them to a graph with a ``position_ids`` input."""
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    return np.ascontiguousarray(np.maximum(mask.cumsum(-1) - 1, 0)[:, -np.shape(input_ids)[1]:])
 
 
 class OrtRunner(Runner):
@@ -76,6 +87,7 @@ class OrtRunner(Runner):
         if self.share_buffer:  # GroupQueryAttention refuses a cache buffer shorter than its sliding window
             graph = onnx.load_from_string(model) if isinstance(model, bytes) else load_graph(model)
             self._min_length = max([MIN_BUFFER, *attention_windows(graph)])
+        self.takes_positions = "position_ids" in inputs  # the builder's graphs with RotaryEmbedding nodes (HunYuan)
         self.output_names = [o.name for o in self.session.get_outputs()]
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         self.vocab_size = int(logits.shape[-1]) if logits is not None else None
@@ -85,10 +97,19 @@ class OrtRunner(Runner):
         self._buffers = []
 
     def step(self, input_ids, attention_mask, past):
-        if self.share_buffer:
-            return self._step_shared(input_ids, attention_mask, past)
+        try:
+            return self._step_shared(input_ids, attention_mask, past) if self.share_buffer else self._step(input_ids, attention_mask, past)
+        except Exception as e:  # a node that fails while running: one line, not onnxruntime's traceback
+            if not isinstance(e, RuntimeError) and type(e).__name__ not in RUN_FAILURES:
+                raise
+            msg = " ".join(str(e).split())
+            raise VQExportError(f"onnxruntime cannot run {self.model_path}: {msg[:400]}") from None
+
+    def _step(self, input_ids, attention_mask, past):
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        if self.takes_positions:
+            feeds["position_ids"] = positions(input_ids, attention_mask)
         feeds.update(zip(self._past_names, past))
         outs = dict(zip(self.output_names, self.session.run(None, feeds)))
         present = [outs.pop(n) for n in [o for o in self.output_names if o.startswith("present.")]]
@@ -108,6 +129,8 @@ class OrtRunner(Runner):
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        if self.takes_positions:
+            io.bind_cpu_input("position_ids", positions(input_ids, attention_mask))
         for name_in, name_out, buf in zip(self._past_names, self._present_names, self._buffers):
             io.bind_input(name_in, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
             io.bind_output(name_out, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
