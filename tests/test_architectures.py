@@ -347,6 +347,37 @@ def test_the_builders_graph_with_a_position_ids_input_runs(tmp_path, small_token
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("arch", ["phi", "nemotron"])
+def test_the_builder_gets_the_norms_epsilon(tmp_path, small_tokenizer, arch):
+    """Phi-2 and Nemotron give their LayerNorms' epsilon (1e-5) as layer_norm_eps / norm_eps; the builder reads only
+    rms_norm_eps and took 1e-6 (parity failed by 0.08 and 0.80 here). builder_config gives it under that key too.
+    Head size 80 with 40% rotated (Phi-2's own), 32 with half rotated (a cos/sin cache in blocks of 8)."""
+    import transformers as tf
+
+    from vqexport.trunk.builder_main import builder_config
+
+    from .models import random_head, save_hf
+
+    if arch == "phi":
+        config = tf.PhiConfig(**{**SMALL, "hidden_size": 160, "num_attention_heads": 2, "num_key_value_heads": 2},
+                              partial_rotary_factor=0.4)
+    else:
+        config = tf.NemotronConfig(**{**SMALL, "num_attention_heads": 2, "num_key_value_heads": 1}, partial_rotary_factor=0.5)
+    assert getattr(config, "rms_norm_eps", None) is None and builder_config(config).rms_norm_eps == 1e-5
+    model = save_hf(tmp_path / arch, config, tokenizer=small_tokenizer)
+    write_head(model, random_head(320, config.hidden_size, 20))
+    result = api.build("ort-genai", model=model, out=tmp_path / "a", steps=4)
+    assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
+
+
+def test_builder_config_keeps_an_rms_norm_eps_it_has():
+    import transformers as tf
+
+    from vqexport.trunk.builder_main import builder_config
+
+    assert builder_config(tf.LlamaConfig(rms_norm_eps=3e-6)).rms_norm_eps == 3e-6
+
+
 def _without_positions(activate):
     def wrapped(self):
         activate(self)

@@ -10,6 +10,9 @@ The builder (0.18) reads rope settings in transformers 4's form, and transformer
 * A long-rope Phi-3 (Phi-3-mini-128k, Phi-3.5-mini) has ``rope_parameters["rope_type"] = "longrope"``; the builder
   reads ``rope_parameters["type"]`` (KeyError: 'type').
 
+The builder also reads the norms' epsilon from ``rms_norm_eps`` only and takes 1e-6 without it, where Phi-2 and
+Nemotron give 1e-5 under ``layer_norm_eps`` / ``norm_eps``.
+
 ``builder_config`` gives the builder the same settings in the form it reads; nothing else changes, and the joined
 graph still goes through parity against transformers' own model.
 """
@@ -29,9 +32,17 @@ def _decoder(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else None
 
 
+NORM_EPS_KEYS = ("layer_norm_eps", "norm_eps", "layer_norm_epsilon", "norm_epsilon")  # rms_norm_eps by other names
+
+
 def builder_config(config):
-    """``config`` (a transformers config) with its rope settings also in the keys onnxruntime-genai's builder reads."""
+    """``config`` (a transformers config) with its rope settings and its norms' epsilon also in the keys
+    onnxruntime-genai's builder reads."""
     text = _decoder(config)
+    if text is not None and getattr(text, "rms_norm_eps", None) is None:
+        eps = next((getattr(text, k) for k in NORM_EPS_KEYS if isinstance(getattr(text, k, None), float)), None)
+        if eps is not None:  # the builder reads rms_norm_eps only, else takes 1e-6 (Phi-2, Nemotron: 1e-5)
+            text.rms_norm_eps = eps
     rope = getattr(text, "rope_parameters", None)
     if not isinstance(rope, dict):
         return config
