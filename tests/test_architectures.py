@@ -237,6 +237,23 @@ def test_layers_that_share_another_layers_keys_and_values_are_refused(tmp_path):
     _oracle(tmp_path, plain)
 
 
+def test_a_decoder_transformers_cannot_run_is_one_line(tmp_path, monkeypatch):
+    """Some hub architectures fail in their own forward on a plain prompt (Jamba and Kimi-Linear built without their
+    state cache: "get_seq_length can only be called on Attention layers"): one line naming the model, nothing
+    written, instead of transformers' traceback."""
+    from transformers.models.llama import modeling_llama
+
+    model_dir = _dense_model(tmp_path / "model", "llama")
+
+    def fails(self, *args, **kwargs):
+        raise ValueError("`get_seq_length` can only be called on Attention layers")
+
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", fails)
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
+                      "transformers' llama model fails on 8 tokens (ValueError: `get_seq_length` can only be called")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_two_stage_head_reads_gpt2s_flattened_embedding_lookup(tmp_path):
     """GPT-2's export reshapes input_ids before its embedding Gather: the tied two-stage head still finds that table
     and reads its exact rows from it (this used to stop the build with a traceback)."""

@@ -13,6 +13,8 @@ reference parity compares against and what torch.onnx exports: nothing about the
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import VQExportError
@@ -72,6 +74,18 @@ def output_bias(model, scale: float = 1.0) -> torch.Tensor | None:
     return bias if bias is None or scale == 1.0 else bias * scale
 
 
+@contextlib.contextmanager
+def running(source: Source, what: str):
+    """transformers' model run quietly; where it fails, one line naming the model (not its traceback)."""
+    try:
+        with quiet():
+            yield
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError, NotImplementedError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise VQExportError(f"{source.path}: transformers' {source.model_type} model fails {what} "
+                            f"({type(e).__name__}: {msg}); it cannot be exported") from None
+
+
 LOGIT_SCALE_KEYS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier")  # in config.json
 
 
@@ -89,10 +103,10 @@ def logit_scale(causal_lm: torch.nn.Module, source: Source) -> float:
             candidates += [float(value), 1.0 / float(value)]
     V = source.geometry.vocab_size
     ids = (torch.arange(1, 9, dtype=torch.int64) * 7919 % V).view(1, -1)
-    with quiet():
+    with running(source, f"on {ids.shape[1]} tokens"):
         logits = causal_lm(input_ids=ids).logits.float()
         hidden = causal_lm.get_decoder()(input_ids=ids).last_hidden_state
-    layer = causal_lm.get_output_embeddings()(hidden).float()
+        layer = causal_lm.get_output_embeddings()(hidden).float()
     tol = 1e-4 * max(1.0, logits.abs().max().item())
     errors = [(logits - c * layer).abs().max().item() for c in candidates]
     best = min(range(len(candidates)), key=errors.__getitem__)
@@ -154,7 +168,7 @@ def make_trunk(source: Source, model: torch.nn.Module | None = None) -> Trunk:
 @torch.no_grad()
 def check_cache(trunk: Trunk, geo: Geometry, source: Source) -> None:
     """One token through the decoder: its KV cache must be the uniform [B, n_kv_heads, T, head_dim] the graph declares."""
-    with quiet():
+    with running(source, "on one token"):
         out = trunk.decoder(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
     layers = getattr(out.cache, "layers", None)
     if layers is None or len(layers) < geo.n_layers:
