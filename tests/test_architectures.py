@@ -237,6 +237,19 @@ def test_layers_that_share_another_layers_keys_and_values_are_refused(tmp_path):
     _oracle(tmp_path, plain)
 
 
+def test_a_decoder_without_a_kv_cache_is_one_line(tmp_path):
+    """GPT-1 (openai-gpt) returns no cache at all: one line, not an AttributeError from the cache check."""
+    import transformers as tf
+
+    from .models import random_head, save_hf
+
+    model_dir = save_hf(tmp_path / "model", tf.OpenAIGPTConfig(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    write_head(model_dir, random_head(101, 32, 11))
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
+                      "the openai-gpt decoder does not return a per-layer KV cache")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_decoder_transformers_cannot_run_is_one_line(tmp_path, monkeypatch):
     """Some hub architectures fail in their own forward on a plain prompt (Jamba and Kimi-Linear built without their
     state cache: "get_seq_length can only be called on Attention layers"): one line naming the model, nothing

@@ -170,7 +170,7 @@ def check_cache(trunk: Trunk, geo: Geometry, source: Source) -> None:
     """One token through the decoder: its KV cache must be the uniform [B, n_kv_heads, T, head_dim] the graph declares."""
     with running(source, "on one token"):
         out = trunk.decoder(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
-    layers = getattr(out.cache, "layers", None)
+    layers = getattr(getattr(out, "cache", None), "layers", None)  # none at all: a decoder without a KV cache (GPT-1)
     if layers is None or len(layers) < geo.n_layers:
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder does not return a per-layer KV cache; it cannot be exported")
     layers = layers[: geo.n_layers]
