@@ -80,7 +80,7 @@ def running(source: Source, what: str):
     try:
         with quiet():
             yield
-    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError, NotImplementedError) as e:
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError, NotImplementedError, AssertionError) as e:
         msg = " ".join(str(e).split())[:200]
         raise VQExportError(f"{source.path}: transformers' {source.model_type} model fails {what} "
                             f"({type(e).__name__}: {msg}); it cannot be exported") from None
