@@ -7,8 +7,7 @@ saved graph. No torch here: the app-side path (runners, generate, inspect) uses 
              [batch_size, n_kv_heads, total_sequence_length, head_dim]
 
 Inside every joined graph the trunk's final hidden state (times the model's logit scale, ``Trunk.hidden_scale``) is
-the value ``hidden_states``; the head's initializers
-are named ``head.*`` and its nodes ``head/*``.
+the value ``hidden_states``; the head's initializers are named ``head.*`` and its nodes ``head/*``.
 """
 
 from __future__ import annotations

@@ -98,7 +98,8 @@ class OrtRunner(Runner):
 
     def step(self, input_ids, attention_mask, past):
         try:
-            return self._step_shared(input_ids, attention_mask, past) if self.share_buffer else self._step(input_ids, attention_mask, past)
+            run = self._step_shared if self.share_buffer else self._step
+            return run(input_ids, attention_mask, past)
         except Exception as e:  # a node that fails while running: one line, not onnxruntime's traceback
             if not isinstance(e, RuntimeError) and type(e).__name__ not in RUN_FAILURES:
                 raise
