@@ -250,6 +250,20 @@ def test_a_decoder_without_a_kv_cache_is_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_decoder_without_attention_heads_is_one_line(tmp_path):
+    """Mamba's config has no num_attention_heads: one line naming what is missing, not int(None)'s message."""
+    import transformers as tf
+
+    from .models import random_head, save_hf
+
+    model_dir = save_hf(tmp_path / "model", tf.MambaConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2,
+                                                           bos_token_id=None, eos_token_id=None, pad_token_id=None))
+    write_head(model_dir, random_head(101, 32, 11))
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
+                      "the mamba config has no num_attention_heads", "attention heads and a key/value cache")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_decoder_transformers_cannot_run_is_one_line(tmp_path, monkeypatch):
     """Some hub architectures fail in their own forward on a plain prompt (Jamba and Kimi-Linear built without their
     state cache: "get_seq_length can only be called on Attention layers"): one line naming the model, nothing

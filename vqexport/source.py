@@ -236,6 +236,10 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
             v = values[0]
         return default if v is None else v
 
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if get(k) is None]
+    if missing:  # Mamba, RWKV: no attention heads, so no keys and values to carry
+        raise VQExportError(f"{path / CONFIG}: the {raw['model_type']} config has no {' / '.join(missing)}; vqexport "
+                            "exports decoders with attention heads and a key/value cache")
     try:
         d, heads = int(get("hidden_size")), int(get("num_attention_heads"))
         for name, v in (("hidden_size", d), ("num_attention_heads", heads), ("vocab_size", int(get("vocab_size"))),
