@@ -371,8 +371,9 @@ def test_what_the_builder_builds_differently_is_refused(tmp_path, small_tokenize
 
 def test_the_builders_graph_with_a_position_ids_input_runs(tmp_path, small_tokenizer, monkeypatch):
     """The builder makes HunYuan's rotary embedding as RotaryEmbedding nodes that read a position_ids input (which
-    onnxruntime-genai feeds): the runner feeds it from the mask, and the build passes parity. Without it, the node
-    fails while running: one line naming it, exit 2, nothing written (not onnxruntime's traceback)."""
+    onnxruntime-genai feeds): the runner feeds it from the mask, and the build passes parity. A node that fails while
+    running (here the runner is made to withhold position_ids) is one line naming it, exit 2, nothing written, not
+    onnxruntime's traceback."""
     import transformers as tf
 
     from vqexport.backends.ort import runner
@@ -394,8 +395,11 @@ def test_the_builders_graph_with_a_position_ids_input_runs(tmp_path, small_token
 @pytest.mark.parametrize("arch", ["phi", "nemotron"])
 def test_the_builder_gets_the_norms_epsilon(tmp_path, small_tokenizer, arch):
     """Phi-2 and Nemotron give their LayerNorms' epsilon (1e-5) as layer_norm_eps / norm_eps; the builder reads only
-    rms_norm_eps and took 1e-6 (parity failed by 0.08 and 0.80 here). builder_config gives it under that key too.
-    Head size 80 with 40% rotated (Phi-2's own), 32 with half rotated (a cos/sin cache in blocks of 8)."""
+    rms_norm_eps and took 1e-6 (parity failed by 0.08 and 0.80 here). builder_config gives it under that key too
+    (checked on a copy: the saved config.json keeps its own keys only). Head size 80 with 40% rotated (Phi-2's own),
+    32 with half rotated (a cos/sin cache in blocks of 8)."""
+    import copy
+
     import transformers as tf
 
     from vqexport.trunk.builder_main import builder_config
@@ -407,7 +411,7 @@ def test_the_builder_gets_the_norms_epsilon(tmp_path, small_tokenizer, arch):
                               partial_rotary_factor=0.4)
     else:
         config = tf.NemotronConfig(**{**SMALL, "num_attention_heads": 2, "num_key_value_heads": 1}, partial_rotary_factor=0.5)
-    assert getattr(config, "rms_norm_eps", None) is None and builder_config(config).rms_norm_eps == 1e-5
+    assert not hasattr(config, "rms_norm_eps") and builder_config(copy.deepcopy(config)).rms_norm_eps == 1e-5
     model = save_hf(tmp_path / arch, config, tokenizer=small_tokenizer)
     write_head(model, random_head(320, config.hidden_size, 20))
     result = api.build("ort-genai", model=model, out=tmp_path / "a", steps=4)

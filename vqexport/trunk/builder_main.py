@@ -39,7 +39,7 @@ def builder_config(config):
     """``config`` (a transformers config) with its rope settings and its norms' epsilon also in the keys
     onnxruntime-genai's builder reads."""
     text = _decoder(config)
-    if text is not None and getattr(text, "rms_norm_eps", None) is None:
+    if text is not None and not hasattr(text, "rms_norm_eps"):  # a None there is the config's own choice: kept
         eps = next((getattr(text, k) for k in NORM_EPS_KEYS if isinstance(getattr(text, k, None), float)), None)
         if eps is not None:  # the builder reads rms_norm_eps only, else takes 1e-6 (Phi-2, Nemotron: 1e-5)
             text.rms_norm_eps = eps

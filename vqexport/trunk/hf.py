@@ -105,8 +105,12 @@ def logit_scale(causal_lm: torch.nn.Module, source: Source) -> float:
     ids = (torch.arange(1, 9, dtype=torch.int64) * 7919 % V).view(1, -1)
     with running(source, f"on {ids.shape[1]} tokens"):
         logits = causal_lm(input_ids=ids).logits.float()
-        hidden = causal_lm.get_decoder()(input_ids=ids).last_hidden_state
-        layer = causal_lm.get_output_embeddings()(hidden).float()
+        out = causal_lm.get_decoder()(input_ids=ids)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:  # Llama 4's get_decoder() is the causal LM itself
+        raise VQExportError(f"{source.path}: the {source.model_type} model's decoder (transformers' get_decoder()) returns "
+                            f"{type(out).__name__}, not a final hidden state; it cannot be exported")
+    layer = causal_lm.get_output_embeddings()(hidden).float()
     tol = 1e-4 * max(1.0, logits.abs().max().item())
     errors = [(logits - c * layer).abs().max().item() for c in candidates]
     best = min(range(len(candidates)), key=errors.__getitem__)
@@ -179,10 +183,10 @@ def check_cache(trunk: Trunk, geo: Geometry, source: Source) -> None:
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder keeps a state other than keys and values in some "
                             f"layers ({', '.join(other)}); vqexport carries key/value caches only, so it cannot be exported")
     shared = [i for i, layer in enumerate(layers) if not isinstance(getattr(layer, "keys", None), torch.Tensor)]
-    if shared:  # Gemma 3n / Gemma 4's num_kv_shared_layers: these layers read an earlier layer's keys and values
+    if shared:  # Gemma 4's num_kv_shared_layers read an earlier layer's cache; other models' MLP-only layers have none
         raise VQExportError(f"{source.path}: {len(shared)} of the {geo.model_type} decoder's layers (from layer {shared[0]}) "
-                            "keep no keys and values of their own (they share another layer's); vqexport gives every "
-                            "layer its own cache, so it cannot be exported")
+                            "keep no keys and values of their own (they share another layer's, or have no attention); "
+                            "vqexport gives every layer its own cache, so it cannot be exported")
     shapes = {tuple(layer.keys.shape[1::2]) for layer in layers} | {tuple(layer.values.shape[1::2]) for layer in layers}
     if shapes != {(geo.n_kv_heads, geo.head_dim)}:
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder's KV cache has (heads, head_dim) {sorted(shapes)}, "

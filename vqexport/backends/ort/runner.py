@@ -25,7 +25,7 @@ from .session import available_providers, create_session, session_options
 MIN_BUFFER = 256  # positions of a shared cache buffer when it is first made
 
 
-RUN_FAILURES = ("Fail", "RuntimeException", "EPFail")  # onnxruntime's own exception types for a failed run
+NODE_FAILURE = "Non-zero status code returned while running"  # onnxruntime's words for a node that failed
 
 
 def positions(input_ids, attention_mask) -> np.ndarray:
@@ -100,11 +100,11 @@ class OrtRunner(Runner):
         try:
             run = self._step_shared if self.share_buffer else self._step
             return run(input_ids, attention_mask, past)
-        except Exception as e:  # a node that fails while running: one line, not onnxruntime's traceback
-            if not isinstance(e, RuntimeError) and type(e).__name__ not in RUN_FAILURES:
-                raise
+        except Exception as e:  # a node of the graph that fails while running: one line, not onnxruntime's traceback
             msg = " ".join(str(e).split())
-            raise VQExportError(f"onnxruntime cannot run {self.model_path}: {msg[:400]}") from None
+            if NODE_FAILURE not in msg:  # anything else (a feed the runner got wrong, ...) is a bug: its traceback
+                raise
+            raise VQExportError(f"onnxruntime cannot run {self.model_path}: {msg[msg.index(NODE_FAILURE):][:400]}") from None
 
     def _step(self, input_ids, attention_mask, past):
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
