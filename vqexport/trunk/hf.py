@@ -90,22 +90,18 @@ LOGIT_SCALE_KEYS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "outp
 
 
 @torch.no_grad()
-def logit_scale(causal_lm: torch.nn.Module, source: Source) -> float:
+def logit_scale(causal_lm: torch.nn.Module, source: Source, logits: torch.Tensor, out) -> float:
     """The constant ``s`` with ``logits = s * output_layer(final hidden state)`` for this model: 1, or the value of a
     config key above or its inverse (the key's name does not say which: Granite divides by ``logits_scaling``,
-    HyperCLOVA X multiplies by it), chosen by running the model on a few tokens. Logits that are no such multiple of
-    the output layer's (another transform after it) are refused: no head on the hidden state could give them."""
+    HyperCLOVA X multiplies by it), chosen on a few tokens: the model's own ``logits`` there and its decoder's output
+    ``out``. Logits that are no such multiple of the output layer's (another transform after it) are refused: no head
+    on the hidden state could give them."""
     config = causal_lm.config.get_text_config(decoder=True)
     candidates = [1.0]
     for key in LOGIT_SCALE_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
             candidates += [float(value), 1.0 / float(value)]
-    V = source.geometry.vocab_size
-    ids = (torch.arange(1, 9, dtype=torch.int64) * 7919 % V).view(1, -1)
-    with running(source, f"on {ids.shape[1]} tokens"):
-        logits = causal_lm(input_ids=ids).logits.float()
-        out = causal_lm.get_decoder()(input_ids=ids)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:  # Llama 4's get_decoder() is the causal LM itself
         raise VQExportError(f"{source.path}: the {source.model_type} model's decoder (transformers' get_decoder()) returns "
@@ -156,24 +152,28 @@ class Trunk(torch.nn.Module):
         return tuple(torch.zeros(batch, n_kv_heads, 0, head_dim) for _ in range(2 * self.n_layers))
 
 
+@torch.no_grad()
 def make_trunk(source: Source, model: torch.nn.Module | None = None) -> Trunk:
-    """The trunk of ``source`` (its transformers model loaded here unless given), checked against its geometry."""
+    """The trunk of ``source`` (its transformers model loaded here unless given), checked against its geometry: a few
+    tokens through the model and its decoder give its logit scale (``logit_scale``) and its cache (``check_cache``)."""
     model = load_causal_lm(source) if model is None else model
     geo = source.geometry
     softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
     if softcap:
         raise VQExportError(f"{source.path}: final_logit_softcapping = {softcap} is not supported "
                             "by a VQ-Logits head (exact decoding relies on logits being cluster score + token terms)")
-    trunk = Trunk(model, geo.n_layers, logit_scale(model, source)).eval()
-    check_cache(trunk, geo, source)
+    ids = (torch.arange(1, 9, dtype=torch.int64) * 7919 % geo.vocab_size).view(1, -1)
+    with running(source, f"on {ids.shape[1]} tokens"):
+        logits = model(input_ids=ids).logits.float()
+        out = model.get_decoder()(input_ids=ids, use_cache=True)
+    trunk = Trunk(model, geo.n_layers, logit_scale(model, source, logits, out)).eval()
+    check_cache(out, geo, source)
     return trunk
 
 
-@torch.no_grad()
-def check_cache(trunk: Trunk, geo: Geometry, source: Source) -> None:
-    """One token through the decoder: its KV cache must be the uniform [B, n_kv_heads, T, head_dim] the graph declares."""
-    with running(source, "on one token"):
-        out = trunk.decoder(input_ids=torch.zeros(1, 1, dtype=torch.int64), use_cache=True)
+def check_cache(out, geo: Geometry, source: Source) -> None:
+    """The decoder's output ``out`` on a few tokens: its KV cache must be the uniform [B, n_kv_heads, T, head_dim] the
+    graph declares."""
     layers = getattr(getattr(out, "cache", None), "layers", None)  # none at all: a decoder without a KV cache (GPT-1)
     if layers is None or len(layers) < geo.n_layers:
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder does not return a per-layer KV cache; it cannot be exported")
