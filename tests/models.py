@@ -87,3 +87,25 @@ def make_model(path: Path, arch: str = "llama", k: int = 11, bias: bool = True, 
     if head is not False:
         write_head(path, head)
     return Path(path)
+
+
+def transformers_logits(path, ids, mask):
+    """transformers' own logits of the model directory ``path`` on (ids, mask), positions as generate() gives them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    positions = (torch.from_numpy(mask).cumsum(-1) - 1).clamp(min=0)  # what generate() passes for left padding
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=positions).logits.numpy()
+
+
+def artifact_logits(artifact, ids, mask, extra_token):
+    """An ORT artifact's logits: prefill on (ids, mask), then one decode step with the KV cache on ``extra_token``."""
+    from vqexport.backends.ort.runner import OrtRunner
+
+    with OrtRunner.from_artifact(artifact) as r:
+        out = r.step(ids, mask, r.empty_past(ids.shape[0]))
+        mask2 = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], 1)
+        step = r.step(extra_token, mask2, out.present)
+    return out.logits, step.logits[:, -1]

@@ -12,7 +12,7 @@ from vqexport.backends.ort.runner import OrtRunner
 from vqexport.head.spec import write_head
 
 from .conftest import assert_user_error, run_cli
-from .models import hf_config, identity_head, save_hf
+from .models import artifact_logits, hf_config, identity_head, save_hf, transformers_logits
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -41,24 +41,6 @@ def _dense_model(path, arch, **extra):
     return path
 
 
-def _transformers_logits(path, ids, mask):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    positions = (torch.from_numpy(mask).cumsum(-1) - 1).clamp(min=0)  # what generate() passes for left padding
-    with torch.no_grad():
-        return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=positions).logits.numpy()
-
-
-def _artifact_logits(artifact, ids, mask, extra_token):
-    """Prefill on (ids, mask), then one decode step with the KV cache on ``extra_token``."""
-    with OrtRunner.from_artifact(artifact) as r:
-        out = r.step(ids, mask, r.empty_past(ids.shape[0]))
-        mask2 = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], 1)
-        step = r.step(extra_token, mask2, out.present)
-    return out.logits, step.logits[:, -1]
-
-
 def _oracle(tmp_path, model_dir):
     result = api.build("ort", model=model_dir, out=tmp_path / "art", steps=4)
     assert result.parity.passed
@@ -67,12 +49,12 @@ def _oracle(tmp_path, model_dir):
     mask = np.ones_like(ids)
     mask[1, :4] = 0  # a left-padded row
     nxt = rng.integers(0, 101, size=(2, 1))
-    prefill, decode = _artifact_logits(result.out, ids, mask, nxt)
-    ref = _transformers_logits(model_dir, ids, mask)
+    prefill, decode = artifact_logits(result.out, ids, mask, nxt)
+    ref = transformers_logits(model_dir, ids, mask)
     keep = mask.astype(bool)
     np.testing.assert_allclose(prefill[keep], ref[keep], atol=1e-4, rtol=0)
     full_mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-    ref_next = _transformers_logits(model_dir, np.concatenate([ids, nxt], 1), full_mask)[:, -1]
+    ref_next = transformers_logits(model_dir, np.concatenate([ids, nxt], 1), full_mask)[:, -1]
     np.testing.assert_allclose(decode, ref_next, atol=1e-4, rtol=0)
     return result, ref
 
@@ -99,11 +81,11 @@ def test_rope_theta_under_the_legacy_top_level_key_is_honoured(tmp_path):
     mask = np.ones_like(ids)
     with OrtRunner.from_artifact(result.out) as r:
         got = r.step(ids, mask, r.empty_past(1)).logits
-    ref = _transformers_logits(model_dir, ids, mask)
+    ref = transformers_logits(model_dir, ids, mask)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     raw["rope_theta"] = 10000.0
     (model_dir / "config.json").write_text(json.dumps(raw))
-    assert np.abs(_transformers_logits(model_dir, ids, mask) - ref).max() > 1e-3  # 10x the tolerance above: theta matters
+    assert np.abs(transformers_logits(model_dir, ids, mask) - ref).max() > 1e-3  # 10x the tolerance above: theta matters
 
 
 def test_llama3_rope_scaling_under_the_legacy_top_level_key(tmp_path):
@@ -558,7 +540,7 @@ def test_the_builders_trunk_takes_a_models_logit_scale(tmp_path, small_tokenizer
         ids = np.random.default_rng(0).integers(0, 320, size=(1, 9))
         with OrtRunner.from_artifact(result.out) as r:
             got = r.step(ids, np.ones_like(ids), r.empty_past(1)).logits[:, -1]
-        np.testing.assert_allclose(got, _transformers_logits(model, ids, np.ones_like(ids))[:, -1], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got, transformers_logits(model, ids, np.ones_like(ids))[:, -1], atol=1e-4, rtol=0)
 
 
 def test_a_model_that_scales_its_logits_converts_to_its_own_logits(tmp_path, small_tokenizer):
@@ -577,11 +559,11 @@ def test_a_model_that_scales_its_logits_converts_to_its_own_logits(tmp_path, sma
     rng = np.random.default_rng(0)
     ids, nxt = rng.integers(0, 320, size=(2, 9)), rng.integers(0, 320, size=(2, 1))
     mask = np.ones_like(ids)
-    prefill, decode = _artifact_logits(built.out, ids, mask, nxt)
+    prefill, decode = artifact_logits(built.out, ids, mask, nxt)
     assert prefill.shape == (2, 1, 320)  # a two-stage head's prefill gives the last position's logits
-    np.testing.assert_allclose(prefill[:, -1], _transformers_logits(dense, ids, mask)[:, -1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prefill[:, -1], transformers_logits(dense, ids, mask)[:, -1], atol=1e-4, rtol=0)
     full = np.concatenate([ids, nxt], 1)
-    np.testing.assert_allclose(decode, _transformers_logits(dense, full, np.ones_like(full))[:, -1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(decode, transformers_logits(dense, full, np.ones_like(full))[:, -1], atol=1e-4, rtol=0)
 
     from tokenizers import Tokenizer
 
@@ -592,7 +574,7 @@ def test_a_model_that_scales_its_logits_converts_to_its_own_logits(tmp_path, sma
     report = json.loads(result.stdout)
     tokens = np.array(Tokenizer.from_file(str(small_tokenizer)).encode(text.read_text()).ids[:641])
     windows = tokens[:640].reshape(10, 64)
-    logits = torch.from_numpy(_transformers_logits(dense, windows, np.ones_like(windows)))
+    logits = torch.from_numpy(transformers_logits(dense, windows, np.ones_like(windows)))
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), torch.from_numpy(tokens[1:641]).long())
     assert report["dense_ppl"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
     assert report["ppl_change"] == pytest.approx(0.0, abs=1e-5) and report["top1_agreement"] == 1.0

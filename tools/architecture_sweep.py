@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # vqexport, and tests.models' model helpers
+
 SIZES = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True,
              bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -62,25 +64,6 @@ def _config(model_type: str, sizes: dict = SIZES):
     return config if config.get_text_config(decoder=True) is config else None
 
 
-def _transformers_logits(path: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    positions = (torch.from_numpy(mask).cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        return model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=positions).logits.numpy()
-
-
-def _identity_head(path: Path):
-    from vqexport.head.spec import make_head
-    from vqexport.source import load_source
-    from vqexport.trunk.hf import load_causal_lm, output_weight
-
-    with torch.no_grad():
-        w = output_weight(load_causal_lm(load_source(path, need_head=False))).float().numpy()
-    return make_head({"codebook": w, "map": np.arange(w.shape[0], dtype=np.int32)})
-
-
 def _tokenizer(path: Path) -> None:
     """A word-level tokenizer.json with one entry per token id (the builder reads the model's tokenizer)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -95,8 +78,8 @@ def sweep_one(model_type: str, work: Path, target: str = "ort") -> tuple[str, st
     """(outcome, detail) of one model type, built for ``target`` in ``work``."""
     from transformers import AutoModelForCausalLM
 
+    from tests.models import artifact_logits, identity_head, transformers_logits
     from vqexport import api
-    from vqexport.backends.ort.runner import OrtRunner
     from vqexport.errors import ParityError, VQExportError
     from vqexport.head.spec import write_head
 
@@ -118,17 +101,14 @@ def sweep_one(model_type: str, work: Path, target: str = "ort") -> tuple[str, st
         return "not tried", f"transformers' own model fails on these sizes ({type(e).__name__}: {' '.join(str(e).split())[:100]})"
     del model
     try:
-        write_head(model_dir, _identity_head(model_dir))
+        write_head(model_dir, identity_head(model_dir))
         result = api.build(target, model=model_dir, out=work / "artifact", steps=4)
         rng = np.random.default_rng(0)
         ids, nxt = rng.integers(0, SIZES["vocab_size"], size=(2, 9)), rng.integers(0, SIZES["vocab_size"], size=(2, 1))
         mask = np.ones_like(ids)
         if target == "ort":  # the builder's attention takes no left-padded batches
             mask[1, :4] = 0
-        with OrtRunner.from_artifact(result.out) as r:
-            out = r.step(ids, mask, r.empty_past(2))
-            mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-            step = r.step(nxt, mask2, out.present).logits[:, -1]
+        prefill, step = artifact_logits(result.out, ids, mask, nxt)
     except VQExportError as e:
         return "refused", " ".join(str(e).replace(str(model_dir), "<model>").split())
     except ParityError as e:
@@ -137,9 +117,9 @@ def sweep_one(model_type: str, work: Path, target: str = "ort") -> tuple[str, st
         where = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__) if "vqexport" in f.filename]
         return "fails", f"{type(e).__name__}: {' '.join(str(e).split())[:160]} ({', '.join(where[-2:])})"
     keep = mask.astype(bool)
-    worst = float(np.abs(out.logits[keep] - _transformers_logits(model_dir, ids, mask)[keep]).max())
-    full = np.concatenate([ids, nxt], 1)
-    worst = max(worst, float(np.abs(step - _transformers_logits(model_dir, full, mask2)[:, -1]).max()))
+    worst = float(np.abs(prefill[keep] - transformers_logits(model_dir, ids, mask)[keep]).max())
+    full, full_mask = np.concatenate([ids, nxt], 1), np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    worst = max(worst, float(np.abs(step - transformers_logits(model_dir, full, full_mask)[:, -1]).max()))
     return ("builds", f"max |diff| {worst:.1e}") if worst <= 1e-4 else ("differs", f"max |diff| {worst:.3g} against transformers")
 
 
@@ -193,7 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="also write the table as Markdown here")
     args = ap.parse_args(argv)
     types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    for module in ("onnxruntime", "torch.onnx", "vqexport.api", "vqexport.backends.ort.runner"):
+    for module in ("onnxruntime", "torch.onnx", "vqexport.api", "vqexport.backends.ort.runner", "tests.models"):
         importlib.import_module(module)  # once here: every forked process inherits them
     rows = []
     for i, model_type in enumerate(types, 1):
