@@ -2,6 +2,7 @@
 every token its own code, no bias) equals transformers' dense logits — an oracle that shares none of our code."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -178,45 +179,129 @@ def test_a_decoder_with_convolution_state_is_refused(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_layers_with_different_key_value_shapes_are_refused(tmp_path):
-    """Gemma 4 gives its global layers a head size of its own (512 against 256 in the real models), in transformers
-    5's per-layer config, which refuses a global read of head_dim: one line naming the sizes, not that exception."""
+GEMMA4 = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=8, sliding_window=4, vocab_size_per_layer_input=101, hidden_size_per_layer_input=8,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def _gemma4(path, layers=6, shared=2):
+    """Gemma 4's cache as the real models have it: global layers with a head size of their own (512 against 256) and
+    one key/value head, used as both keys and values (attention_k_eq_v); the last ``shared`` layers read the cache
+    of the last earlier layer of their kind and keep none."""
     import transformers as tf
 
-    from .models import random_head, save_hf
+    config = tf.Gemma4TextConfig(**GEMMA4, num_hidden_layers=layers, global_head_dim=16, num_global_key_value_heads=1,
+                                 attention_k_eq_v=True, num_kv_shared_layers=shared,
+                                 layer_types=["sliding_attention", "full_attention"] * (layers // 2))
+    save_hf(path, config)
+    write_head(path, identity_head(path))
+    return path
 
-    config = tf.Gemma4TextConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
-                                 sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                                 vocab_size_per_layer_input=101, hidden_size_per_layer_input=8, bos_token_id=None,
-                                 eos_token_id=None, pad_token_id=None)
-    model_dir = save_hf(tmp_path / "model", config)
-    write_head(model_dir, random_head(101, 32, 11))
+
+def test_layers_with_their_own_cache_shapes_and_shared_caches_build(tmp_path):
+    """Gemma 4: one past/present pair per layer that keeps a cache, each of its layer's shape; the artifact gives
+    transformers' logits (prefill and decode), onnxruntime-genai runs the directory unchanged, and its greedy tokens
+    are the PyTorch reference's."""
+    import onnx
+    import onnxruntime_genai as og
+
+    from vqexport.backends.torch_ref import TorchRunner
+    from vqexport.source import load_source
+
+    model_dir = _gemma4(tmp_path / "model")
+    result, _ = _oracle(tmp_path, model_dir)
+    shapes = [[2, 8], [1, 16], [2, 8], [1, 16]]  # layers 4 and 5 share the caches of layers 2 and 3
+    assert result.manifest["config"]["kv_shapes"] == shapes
+    graph = onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph
+
+    def dims(v):
+        return [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+
+    past = {v.name: dims(v) for v in graph.input if v.name.startswith("past_key_values.")}
+    present = {v.name: dims(v) for v in graph.output if v.name.startswith("present.")}
+    assert past == {f"past_key_values.{i}.{kind}": ["batch_size", h, "past_sequence_length", d]
+                    for i, (h, d) in enumerate(shapes) for kind in ("key", "value")}
+    assert present == {f"present.{i}.{kind}": ["batch_size", h, "total_sequence_length", d]
+                       for i, (h, d) in enumerate(shapes) for kind in ("key", "value")}
+    assert json.loads((result.out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 4
+
+    prompt, n = [5, 17, 33, 2, 91, 44, 7], 12
+    model = og.Model(str(result.out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    with TorchRunner.from_source(load_source(model_dir)) as ref:
+        x, mask = np.asarray([prompt]), np.ones((1, len(prompt)), np.int64)
+        out, want = ref.step(x, mask, ref.empty_past(1)), []
+        for _ in range(n):
+            want.append(int(out.logits[0, -1].argmax()))
+            mask = np.concatenate([mask, [[1]]], 1)
+            out = ref.step(np.asarray([[want[-1]]]), mask, out.present)
+    assert got == want
+
+
+def test_per_layer_cache_shapes_reach_openvino_and_tensorrt(tmp_path):
+    """The OpenVINO IR keeps each layer's cache shape and matches PyTorch; TensorRT's optimization profiles give
+    each cache input its own layer's shape."""
+    from vqexport.backends.runners import runner_from_runtime
+    from vqexport.backends.trt.shapes import input_shapes
+    from vqexport.profiles import load_profile
+    from vqexport.source import load_source
+
+    model_dir = _gemma4(tmp_path / "model")
+    result = api.build("openvino", model=model_dir, out=tmp_path / "ov", steps=4)
+    assert result.parity.passed
+    rt = result.manifest["runtime"]
+    with runner_from_runtime(result.out / rt["model_file"], rt) as r:
+        assert r.name == "openvino" and r.kv_shapes == [(2, 8), (1, 16), (2, 8), (1, 16)]
+    trt = load_profile("trt").trt
+    decode = input_shapes(trt, load_source(model_dir).geometry)[1]
+    past = trt.decode_past.max
+    assert decode["past_key_values.1.value"][2] == (trt.decode_batch.max, 1, past, 16)
+    assert decode["past_key_values.2.key"][2] == (trt.decode_batch.max, 2, past, 8)
+    assert "past_key_values.4.key" not in decode
+
+
+def test_a_cache_other_than_the_config_implies_is_refused():
+    """The decoder's own cache decides: a layer without keys among those the config says keep them (an MLP-only
+    layer), a cache in a layer the config says shares one, or a shape the config does not give: one line each."""
+    from types import SimpleNamespace
+
+    from vqexport.errors import VQExportError
+    from vqexport.source import Geometry
+    from vqexport.trunk.hf import check_cache
+
+    geo = Geometry("m", 11, 8, 3, 2, 2, 4, 64, True, kv_shapes=((2, 4), (1, 8)))  # the third layer shares
+
+    def cache(*shapes):
+        kv = [SimpleNamespace(keys=torch.zeros(1, *s) if s else None, values=torch.zeros(1, *s) if s else None)
+              for s in shapes]
+        return SimpleNamespace(cache=SimpleNamespace(layers=kv))
+
+    src = SimpleNamespace(path="m")
+    check_cache(cache((2, 3, 4), (1, 3, 8), None), geo, src)
+    for bad, words in ((cache((2, 3, 4), None, None), "keeps keys and values in 1 of its layers, where its config "
+                                                      "implies the first 2 (layer 1 differs"),
+                       (cache((2, 3, 4), (1, 3, 8), (1, 3, 8)), "layer 2 differs"),
+                       (cache((2, 3, 4), (2, 3, 4), None), "layer 1 keeps keys and values of (heads, head_dim) [(2, 4)], "
+                                                           "not the (1, 8) its config gives")):
+        with pytest.raises(VQExportError, match=re.escape(words)):
+            check_cache(bad, geo, src)
+
+
+def test_a_config_whose_every_layer_shares_its_cache_is_one_line(tmp_path):
+    model_dir = _gemma4(tmp_path / "model", layers=4)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_kv_shared_layers"] = 4
+    (model_dir / "config.json").write_text(json.dumps(config))
     assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
-                      "the gemma4_text model's layers have different head_dim (8, 16)", "one shape")
+                      "num_kv_shared_layers = 4 leaves no layer of the 4 that keeps keys and values of its own")
     assert not (tmp_path / "o").exists()
-
-
-def test_layers_that_share_another_layers_keys_and_values_are_refused(tmp_path):
-    """Gemma 4's last num_kv_shared_layers read an earlier layer's cache and keep none (transformers gives them a
-    DummyLayer): one line, nothing written. The same model without sharing builds (head sizes made equal here:
-    real Gemma 4 also differs there, refused above)."""
-    import transformers as tf
-
-    from .models import save_hf
-
-    sizes = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=8, global_head_dim=8, sliding_window=4,
-                 layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=101,
-                 hidden_size_per_layer_input=8, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    model_dir = save_hf(tmp_path / "model", tf.Gemma4TextConfig(**sizes, num_kv_shared_layers=2))
-    write_head(model_dir, identity_head(model_dir))
-    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
-                      "2 of the gemma4_text decoder's layers (from layer 2) keep no keys and values of their own")
-    assert not (tmp_path / "o").exists()
-    plain = save_hf(tmp_path / "plain", tf.Gemma4TextConfig(**sizes))
-    write_head(plain, identity_head(plain))
-    _oracle(tmp_path, plain)
 
 
 def test_a_decoder_without_a_kv_cache_is_one_line(tmp_path):

@@ -35,10 +35,10 @@ class _Runner(Runner):
     gives the head's parts and routing; as a target its logits only, or what ``edit`` makes of the step."""
 
     def __init__(self, head, rows, reference=True, edit=None):
-        self.n_layers, self.n_kv_heads, self.head_dim, self.vocab_size = 1, 1, 2, V
+        self.kv_shapes, self.vocab_size = [(1, 2)], V
         self.module, self.reference, self.edit = head_module(head, torch.from_numpy(rows)), reference, edit
         self.table = torch.from_numpy(np.random.default_rng(5).standard_normal((V, D)).astype(np.float32))
-        self.routing = TorchRunner(_NoTrunk(), self.module, 1, 2, V).routing if reference else None
+        self.routing = TorchRunner(_NoTrunk(), self.module, V).routing if reference else None
 
     def step(self, input_ids, attention_mask, past):
         present = [np.zeros((input_ids.shape[0], 1, attention_mask.shape[1], 2), np.float32)] * 2
@@ -49,7 +49,7 @@ class _Runner(Runner):
 
 
 class _NoTrunk(torch.nn.Module):
-    n_layers = 1
+    kv_shapes = ((1, 2),)
 
 
 def _rows():

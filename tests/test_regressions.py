@@ -36,7 +36,7 @@ def test_profile_names_cannot_escape_the_build_dir(tmp_path, name, monkeypatch):
 
 class _Fake(Runner):
     def __init__(self, vocab, corrupt=None):
-        self.n_layers, self.n_kv_heads, self.head_dim, self.vocab_size = 1, 1, 2, vocab
+        self.kv_shapes, self.vocab_size = [(1, 2)], vocab
         self.corrupt = corrupt
 
     def step(self, input_ids, attention_mask, past):
@@ -61,7 +61,7 @@ class _Scripted(Runner):
     zeros except ``kv`` {(row, position): value} (positions counted in the full, left-padded sequence)."""
 
     def __init__(self, logits, kv=None):
-        self.n_layers, self.n_kv_heads, self.head_dim, self.vocab_size = 1, 1, 2, len(logits)
+        self.kv_shapes, self.vocab_size = [(1, 2)], len(logits)
         self.logits, self.kv = np.asarray(logits, np.float32), kv or {}
 
     def step(self, input_ids, attention_mask, past):

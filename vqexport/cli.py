@@ -345,9 +345,13 @@ def inspect(path, as_json):
             head_text = f"VQ-Logits head K={head['codebook_size']} bias={head['bias']} rank={head['rank']}"
         else:
             head_text = "no VQ-Logits head (a dense model: vqexport convert makes one)"
+        kv = list(dict.fromkeys(tuple(s) for s in cfg["kv_shapes"]))
+        cache = (f"heads={cfg['n_heads']}/{cfg['n_kv_heads']} head_dim={cfg['head_dim']}" if len(kv) == 1 else
+                 f"heads={cfg['n_heads']}, kv heads/head_dim {' or '.join(f'{h}/{d}' for h, d in kv)} by layer")
+        if len(cfg["kv_shapes"]) < cfg["n_layers"]:
+            cache += f" (caches in {len(cfg['kv_shapes'])} layers, the rest share them)"
         c.print(f"{cfg['model_type']}: V={cfg['vocab_size']} d={cfg['hidden_size']} layers={cfg['n_layers']} "
-                f"heads={cfg['n_heads']}/{cfg['n_kv_heads']} head_dim={cfg['head_dim']} tied={cfg['tie_word_embeddings']}; "
-                f"{head_text}; tokenizer={info['tokenizer']}", markup=False)
+                f"{cache} tied={cfg['tie_word_embeddings']}; {head_text}; tokenizer={info['tokenizer']}", markup=False)
     else:
         t = Table(title="inputs / outputs")
         for col in ("", "name", "dtype", "shape"):

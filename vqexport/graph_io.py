@@ -6,6 +6,9 @@ saved graph. No torch here: the app-side path (runners, generate, inspect) uses 
     outputs  logits [batch_size, sequence_length, V] (or the top-k outputs), present.{i}.key|value
              [batch_size, n_kv_heads, total_sequence_length, head_dim]
 
+One past/present pair per layer that keeps keys and values of its own (layers that read another layer's, as
+Gemma 4's last ``num_kv_shared_layers`` do, have none); each pair has its layer's n_kv_heads and head_dim.
+
 Inside every joined graph the trunk's final hidden state (times the model's logit scale, ``Trunk.hidden_scale``) is
 the value ``hidden_states``; the head's initializers are named ``head.*`` and its nodes ``head/*``.
 """

@@ -33,7 +33,12 @@ EXTRA_FILES = ("generation_config.json",)
 
 @dataclass(frozen=True)
 class Geometry:
-    """What the graph and its KV cache look like, from transformers' config of the model."""
+    """What the graph and its KV cache look like, from transformers' config of the model.
+
+    ``n_kv_heads`` / ``head_dim`` are the first layer's. ``kv_shapes`` holds (n_kv_heads, head_dim) of each layer that
+    keeps keys and values of its own, in order: the graph's ``past_key_values.{i}``. Most models give every layer the
+    same shape (the default); Gemma 4 gives its global layers a head size of their own, and its last
+    ``num_kv_shared_layers`` read an earlier layer's keys and values and keep none."""
 
     model_type: str
     vocab_size: int
@@ -47,16 +52,27 @@ class Geometry:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    kv_shapes: tuple[tuple[int, int], ...] = ()  # () = every layer (n_kv_heads, head_dim)
+
+    def __post_init__(self):
+        if not self.kv_shapes:
+            object.__setattr__(self, "kv_shapes", ((self.n_kv_heads, self.head_dim),) * self.n_layers)
 
     @property
     def eos_token_id(self) -> int | None:
         return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    @property
+    def kv_layers(self) -> int:
+        """How many layers keep a cache: the graph's past_key_values.{i}, i < kv_layers."""
+        return len(self.kv_shapes)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
         d = asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["kv_shapes"] = [list(s) for s in self.kv_shapes]
         return d
 
 
@@ -228,12 +244,7 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
         except RuntimeError as e:  # transformers 5's per-layer configs refuse a global read of what varies by layer
             if type(e).__name__ != "AmbiguousGlobalPerLayerAttributeError":
                 raise
-            values = sorted({getattr(layer, name) for layer in text.per_layer_config}, key=lambda x: (str(type(x)), x))
-            if len(values) > 1:
-                raise VQExportError(f"{path / CONFIG}: the {raw['model_type']} model's layers have different {name} "
-                                    f"({', '.join(map(str, values))}); vqexport's graph gives every layer's keys and "
-                                    "values one shape, so it cannot be exported") from None
-            v = values[0]
+            v = getattr(text.per_layer_config[0], name, None)  # the first layer's; kv_shapes has every layer's
         return default if v is None else v
 
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if get(k) is None]
@@ -248,12 +259,15 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
                 raise ValueError(f"{name} = {v}")
         eos = get("eos_token_id")
         eos = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])) if eos is not None else ()
+        n_layers, n_kv = int(get("num_hidden_layers")), int(get("num_key_value_heads", heads))
+        head_dim = int(get("head_dim", d // heads))
         geo = Geometry(
             model_type=str(raw["model_type"]), vocab_size=int(get("vocab_size")), hidden_size=d,
-            n_layers=int(get("num_hidden_layers")), n_heads=heads, n_kv_heads=int(get("num_key_value_heads", heads)),
-            head_dim=int(get("head_dim", d // heads)), max_position=int(get("max_position_embeddings", 2048)),
+            n_layers=n_layers, n_heads=heads, n_kv_heads=n_kv, head_dim=head_dim,
+            max_position=int(get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)),
             bos_token_id=_token(get("bos_token_id")), eos_token_ids=eos, pad_token_id=_token(get("pad_token_id")),
+            kv_shapes=_kv_shapes(text, n_layers, n_kv, head_dim, int(get("num_kv_shared_layers", 0)), path / CONFIG),
         )
     except (TypeError, ValueError) as e:
         raise VQExportError(f"{path / CONFIG}: cannot read the model's sizes ({e})") from None
@@ -270,6 +284,21 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
 
         geo = dataclasses.replace(geo, **fix)
     return geo
+
+
+def _kv_shapes(text, n_layers: int, n_kv: int, head_dim: int, shared: int, where: Path) -> tuple[tuple[int, int], ...]:
+    """(n_kv_heads, head_dim) of each layer that keeps its own keys and values: all but the last ``shared``
+    (``num_kv_shared_layers``: Gemma 3n, Gemma 4), each from transformers 5's per-layer config where it has one."""
+    if not 0 <= shared < n_layers:
+        raise VQExportError(f"{where}: num_kv_shared_layers = {shared} leaves no layer of the {n_layers} that keeps keys "
+                            "and values of its own")
+    layers = getattr(text, "per_layer_config", None)
+    shapes = []
+    for i in range(n_layers - shared):
+        layer = layers[i] if layers is not None else None
+        heads, size = getattr(layer, "num_key_value_heads", None), getattr(layer, "head_dim", None)
+        shapes.append((n_kv if heads is None else int(heads), head_dim if size is None else int(size)))
+    return tuple(shapes)
 
 
 def _token(v):

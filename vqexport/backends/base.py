@@ -17,7 +17,7 @@ import numpy as np
 @dataclass
 class StepOutput:
     logits: np.ndarray  # [B, S, V] float32
-    present: list[np.ndarray]  # 2 * n_layers tensors [B, Hkv, T, hd]
+    present: list[np.ndarray]  # 2 per layer with a cache: [B, Hkv, T, hd], each its layer's Hkv and hd
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -32,14 +32,18 @@ class Routing:
 
 
 class Runner:
-    """Base class: subclasses set ``name``, the cache geometry, and implement ``_activate`` and ``step``."""
+    """Base class: subclasses set ``name``, the cache geometry (``kv_shapes``: (n_kv_heads, head_dim) of each layer
+    with a cache, in the graph's order) and ``vocab_size``, and implement ``_activate`` and ``step``."""
 
     name = "runner"
     routing: Routing | None = None  # set by a reference whose head is two-stage
-    n_layers: int
-    n_kv_heads: int
-    head_dim: int
+    kv_shapes: list[tuple[int, int]]
     vocab_size: int
+
+    @property
+    def n_layers(self) -> int:
+        """Layers with a cache: the past/present pairs of a step."""
+        return len(self.kv_shapes)
 
     def __enter__(self):
         self._activate()
@@ -55,9 +59,8 @@ class Runner:
     def _deactivate(self) -> None:
         pass
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        shape = (batch, self.n_kv_heads, 0, self.head_dim)
-        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.n_layers)]
+    def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
+        return [np.zeros((batch, heads, length, size), dtype=np.float32) for heads, size in self.kv_shapes for _ in "kv"]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> StepOutput:
         raise NotImplementedError

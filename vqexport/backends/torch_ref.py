@@ -15,9 +15,9 @@ from .base import Routing, Runner, StepOutput
 class TorchRunner(Runner):
     name = "torch"
 
-    def __init__(self, trunk: Trunk, head: torch.nn.Module, n_kv_heads: int, head_dim: int, vocab_size: int):
+    def __init__(self, trunk: Trunk, head: torch.nn.Module, vocab_size: int):
         self.trunk, self.head = trunk.eval(), head.eval()
-        self.n_layers, self.n_kv_heads, self.head_dim, self.vocab_size = trunk.n_layers, n_kv_heads, head_dim, vocab_size
+        self.kv_shapes, self.vocab_size = list(trunk.kv_shapes), vocab_size
         if isinstance(head, TwoStageHead):
             self.routing = Routing(clusters=head.map.numpy(), probes=head.probes)
 
@@ -39,7 +39,7 @@ class TorchRunner(Runner):
             if tuple(rows.shape) != (g.vocab_size, g.hidden_size):
                 raise VQExportError(f"{source.path}: the model's output layer is {list(rows.shape)}; a two-stage head reads "
                                     f"its exact rows there and needs [{g.vocab_size}, {g.hidden_size}]")
-        return cls(trunk, head_module(source.head, rows, rows_bias), g.n_kv_heads, g.head_dim, g.vocab_size)
+        return cls(trunk, head_module(source.head, rows, rows_bias), g.vocab_size)
 
     @torch.no_grad()
     def hidden(self, input_ids, attention_mask, past) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

@@ -125,7 +125,7 @@ class _Hidden:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        past = self.trunk.empty_past(x.shape[0], self.geo.n_kv_heads, self.geo.head_dim)
+        past = self.trunk.empty_past(x.shape[0])
         return self.trunk(x, torch.ones_like(x), *past)[0]
 
 

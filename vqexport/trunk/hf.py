@@ -3,7 +3,8 @@
     Trunk.forward(input_ids, attention_mask, *past) -> (hidden_states, *present)
 
 ``past`` / ``present`` are ``(k0, v0, k1, v1, ...)``, each [batch, n_kv_heads, length, head_dim] — the layout of the
-graph's ``past_key_values.{i}.key|value`` / ``present.{i}.key|value``. Positions come from the mask
+graph's ``past_key_values.{i}.key|value`` / ``present.{i}.key|value``, one pair per layer that keeps keys and values
+of its own, each of its own shape (``Geometry.kv_shapes``). Positions come from the mask
 (``cumsum - 1``, so left-padded rows get the positions an unpadded row would), as transformers' ``generate`` does.
 ``hidden_states`` is the decoder's final (normed) hidden state: what the output layer reads, times the constant some
 models multiply their logits by (Granite divides them by ``logits_scaling``, Cohere multiplies them by
@@ -120,14 +121,19 @@ def logit_scale(causal_lm: torch.nn.Module, source: Source, logits: torch.Tensor
 class Trunk(torch.nn.Module):
     """transformers' decoder with a flat KV-cache signature; its parameters keep the checkpoint's names."""
 
-    def __init__(self, causal_lm: torch.nn.Module, n_layers: int, hidden_scale: float = 1.0):
+    def __init__(self, causal_lm: torch.nn.Module, kv_shapes, hidden_scale: float = 1.0):
         super().__init__()
         decoder = causal_lm.get_decoder()
         name = next((n for n, m in causal_lm.named_children() if m is decoder), "model")
         self.add_module(name, decoder)
         self.decoder_name = name
-        self.n_layers = n_layers
+        self.kv_shapes = tuple(tuple(s) for s in kv_shapes)  # (n_kv_heads, head_dim) per layer with a cache
         self.hidden_scale = hidden_scale  # the model's logit scale (logit_scale), taken by the hidden state
+
+    @property
+    def n_layers(self) -> int:
+        """Layers that keep keys and values: the pairs of ``past`` / ``present``."""
+        return len(self.kv_shapes)
 
     @property
     def decoder(self):
@@ -148,8 +154,8 @@ class Trunk(torch.nn.Module):
         hidden = out.last_hidden_state if self.hidden_scale == 1.0 else out.last_hidden_state * self.hidden_scale
         return (hidden, *present)
 
-    def empty_past(self, batch: int, n_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.zeros(batch, n_kv_heads, 0, head_dim) for _ in range(2 * self.n_layers))
+    def empty_past(self, batch: int, length: int = 0) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.zeros(batch, heads, length, size) for heads, size in self.kv_shapes for _ in "kv")
 
 
 @torch.no_grad()
@@ -166,28 +172,30 @@ def make_trunk(source: Source, model: torch.nn.Module | None = None) -> Trunk:
     with running(source, f"on {ids.shape[1]} tokens"):
         logits = model(input_ids=ids).logits.float()
         out = model.get_decoder()(input_ids=ids, use_cache=True)
-    trunk = Trunk(model, geo.n_layers, logit_scale(model, source, logits, out)).eval()
+    trunk = Trunk(model, geo.kv_shapes, logit_scale(model, source, logits, out)).eval()
     check_cache(out, geo, source)
     return trunk
 
 
 def check_cache(out, geo: Geometry, source: Source) -> None:
-    """The decoder's output ``out`` on a few tokens: its KV cache must be the uniform [B, n_kv_heads, T, head_dim] the
-    graph declares."""
+    """The decoder's output ``out`` on a few tokens: the layers that keep keys and values must be the first
+    ``geo.kv_layers``, each with the [B, n_kv_heads, T, head_dim] of ``geo.kv_shapes`` the graph declares."""
     layers = getattr(getattr(out, "cache", None), "layers", None)  # none at all: a decoder without a KV cache (GPT-1)
-    if layers is None or len(layers) < geo.n_layers:
+    if layers is None or len(layers) < geo.kv_layers:
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder does not return a per-layer KV cache; it cannot be exported")
     layers = layers[: geo.n_layers]
     other = sorted({type(layer).__name__ for layer in layers if hasattr(layer, "conv_states") or hasattr(layer, "recurrent_states")})
     if other:  # convolution or recurrent state (LFM2, Mamba hybrids): not the keys and values the graph carries
         raise VQExportError(f"{source.path}: the {geo.model_type} decoder keeps a state other than keys and values in some "
                             f"layers ({', '.join(other)}); vqexport carries key/value caches only, so it cannot be exported")
-    shared = [i for i, layer in enumerate(layers) if not isinstance(getattr(layer, "keys", None), torch.Tensor)]
-    if shared:  # Gemma 4's num_kv_shared_layers read an earlier layer's cache; other models' MLP-only layers have none
-        raise VQExportError(f"{source.path}: {len(shared)} of the {geo.model_type} decoder's layers (from layer {shared[0]}) "
-                            "keep no keys and values of their own (they share another layer's, or have no attention); "
-                            "vqexport gives every layer its own cache, so it cannot be exported")
-    shapes = {tuple(layer.keys.shape[1::2]) for layer in layers} | {tuple(layer.values.shape[1::2]) for layer in layers}
-    if shapes != {(geo.n_kv_heads, geo.head_dim)}:
-        raise VQExportError(f"{source.path}: the {geo.model_type} decoder's KV cache has (heads, head_dim) {sorted(shapes)}, "
-                            f"not the uniform ({geo.n_kv_heads}, {geo.head_dim}) of its config; it cannot be exported")
+    own = [i for i, layer in enumerate(layers) if isinstance(getattr(layer, "keys", None), torch.Tensor)]
+    if own != list(range(geo.kv_layers)):  # layers without attention (MLP-only), or sharing the config does not declare
+        without = sorted(set(range(geo.kv_layers)) - set(own)) or sorted(set(own) - set(range(geo.kv_layers)))
+        raise VQExportError(f"{source.path}: the {geo.model_type} decoder keeps keys and values in {len(own)} of its layers, "
+                            f"where its config implies the first {geo.kv_layers} (layer {without[0]} differs: no attention, "
+                            "or a cache shared in a way the config does not declare); it cannot be exported")
+    for i, (layer, want) in enumerate(zip(layers, geo.kv_shapes)):
+        got = {tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])}
+        if got != {want}:
+            raise VQExportError(f"{source.path}: the {geo.model_type} decoder's layer {i} keeps keys and values of (heads, "
+                                f"head_dim) {sorted(got)}, not the {want} its config gives; it cannot be exported")

@@ -3,6 +3,7 @@
     inputs   input_ids [batch_size, sequence_length] int64
              attention_mask [batch_size, total_sequence_length] int64
              past_key_values.{i}.key|value [batch_size, n_kv_heads, past_sequence_length, head_dim] float32
+                                           (i: each layer that keeps keys and values, of its own shape: kv_shapes)
     outputs  hidden_states [batch_size, sequence_length, hidden] float32   (the final, normed hidden state, times the
                                                                             model's logit scale: Trunk.hidden_scale)
              present.{i}.key|value [batch_size, n_kv_heads, total_sequence_length, head_dim] float32
@@ -42,10 +43,10 @@ def export_trunk(trunk: Trunk, source: Source, opset: int = DEFAULT_OPSET) -> ir
     b, s, p = 2, 3, 5  # all >= 2 and pairwise different, so the tracer neither specialises nor conflates axes
     ids = torch.arange(b * s, dtype=torch.int64).reshape(b, s) % geo.vocab_size
     mask = torch.ones(b, p + s, dtype=torch.int64)
-    past = tuple(torch.zeros(b, geo.n_kv_heads, p, geo.head_dim) for _ in range(2 * geo.n_layers))
+    past = trunk.empty_past(b, p)
     batch, seq, past_len, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past_len} for _ in past))
-    past_names, present_names = cache_names(geo.n_layers)
+    past_names, present_names = cache_names(trunk.n_layers)
     try:
         with quiet(), torch.no_grad():
             program = torch.onnx.export(trunk, (ids, mask, *past), dynamic_shapes=dynamic_shapes,

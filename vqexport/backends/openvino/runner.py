@@ -38,12 +38,9 @@ class OvRunner(Runner):
         self.request = compiled.create_infer_request()
         self._inputs = [p.any_name for p in compiled.inputs]
         self.output_names = [p.any_name for p in compiled.outputs]
-        past = [p for p in compiled.inputs if p.any_name.startswith("past_key_values.")]
-        self.n_layers = len(past) // 2
-        if past:
-            shape = past[0].get_partial_shape()
-            self.n_kv_heads, self.head_dim = shape[1].get_length(), shape[3].get_length()
-        self._past_names, _ = cache_names(self.n_layers)
+        shapes = {p.any_name: p.get_partial_shape() for p in compiled.inputs if p.any_name.startswith("past_key_values.")}
+        self._past_names, _ = cache_names(len(shapes) // 2)
+        self.kv_shapes = [(shapes[n][1].get_length(), shapes[n][3].get_length()) for n in self._past_names[::2]]
         logits = next((p for p in compiled.outputs if p.any_name == "logits"), None)
         self.vocab_size = logits.get_partial_shape()[-1].get_length() if logits is not None else None
 

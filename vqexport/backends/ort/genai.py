@@ -31,7 +31,7 @@ def genai_config(geo: Geometry, model_file: str, providers: list[str], context_l
                     "present_value_names": "present.%d.value",
                 },
                 "num_attention_heads": geo.n_heads,
-                "num_hidden_layers": geo.n_layers,
+                "num_hidden_layers": geo.kv_layers,  # the cache's pairs: layers sharing another's keys have none
                 "num_key_value_heads": geo.n_kv_heads,
             },
             "eos_token_id": eos if len(eos) > 1 else eos[0],

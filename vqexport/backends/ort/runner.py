@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from ...errors import VQExportError
-from ...graph_io import attention_windows, cache_names, load_graph
+from ...graph_io import attention_windows, cache_names, load_graph, past_name
 from ..base import Runner, StepOutput
 from .session import available_providers, create_session, session_options
 
@@ -75,15 +75,9 @@ class OrtRunner(Runner):
         model = self.model_path if isinstance(self.model_path, bytes) else str(self.model_path)
         self.session = create_session(model, so, available_providers(self.providers))
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.n_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-        if self.n_layers:
-            shape = inputs["past_key_values.0.key"].shape
-            self.n_kv_heads = int(shape[1])
-            if isinstance(shape[3], int):
-                self.head_dim = shape[3]
-            elif self.head_dim is None:
-                raise ValueError(f"{self.model_path}: the KV cache's head size is symbolic ({shape[3]!r}); pass head_dim")
-        self._past_names, self._present_names = cache_names(self.n_layers)
+        layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        self.kv_shapes = [self._kv_shape(inputs[past_name(i, "key")].shape) for i in range(layers)]
+        self._past_names, self._present_names = cache_names(layers)
         if self.share_buffer:  # GroupQueryAttention refuses a cache buffer shorter than its sliding window
             graph = onnx.load_from_string(model) if isinstance(model, bytes) else load_graph(model)
             self._min_length = max([MIN_BUFFER, *attention_windows(graph)])
@@ -91,6 +85,13 @@ class OrtRunner(Runner):
         self.output_names = [o.name for o in self.session.get_outputs()]
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         self.vocab_size = int(logits.shape[-1]) if logits is not None else None
+
+    def _kv_shape(self, shape) -> tuple[int, int]:
+        if isinstance(shape[3], int):
+            return int(shape[1]), shape[3]
+        if self.head_dim is None:
+            raise ValueError(f"{self.model_path}: the KV cache's head size is symbolic ({shape[3]!r}); pass head_dim")
+        return int(shape[1]), self.head_dim
 
     def _deactivate(self):
         self.session = None
@@ -123,7 +124,7 @@ class OrtRunner(Runner):
         ours = bool(self._buffers) and all(np.shares_memory(p, b) for p, b in zip(past, self._buffers))
         if not ours or self._buffers[0].shape[0] != batch or self._buffers[0].shape[2] < total:
             length = max(total, 2 * self._buffers[0].shape[2] if self._buffers else 0, self._min_length)
-            fresh = [np.zeros((batch, self.n_kv_heads, length, self.head_dim), np.float32) for _ in past]
+            fresh = self.empty_past(batch, length)
             for buf, p in zip(fresh, past):
                 buf[:, :, :valid] = p
             self._buffers = fresh

@@ -58,11 +58,9 @@ class TrtRunner(Runner):
             ctx.set_optimization_profile_async(idx, self.stream.cuda_stream)
             self.contexts.append(ctx)
         self.stream.synchronize()
-        self.n_layers = sum(1 for n in self._inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-        if self.n_layers:
-            shape = self.engine.get_tensor_shape("past_key_values.0.key")
-            self.n_kv_heads, self.head_dim = int(shape[1]), int(shape[3])
-        self._past_names, _ = cache_names(self.n_layers)
+        layers = sum(1 for n in self._inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        self._past_names, _ = cache_names(layers)
+        self.kv_shapes = [(int(shape[1]), int(shape[3])) for shape in map(self.engine.get_tensor_shape, self._past_names[::2])]
         self.vocab_size = int(self.engine.get_tensor_shape("logits")[-1]) if "logits" in self.output_names else None
 
     def _deactivate(self):

@@ -26,14 +26,15 @@ def dim_values(trt: TrtOptions, which: str, point: str) -> dict[str, int]:
 
 def input_shapes(trt: TrtOptions, cfg: Geometry) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
     """Per profile: input name -> (min, opt, max) shapes, for IOptimizationProfile.set_shape."""
-    past, _ = cache_names(cfg.n_layers)
+    past, _ = cache_names(cfg.kv_layers)
     out = []
     for which in PROFILES:
         points = [dim_values(trt, which, p) for p in ("min", "opt", "max")]
         shapes = {"input_ids": tuple((d[BATCH], d[SEQ]) for d in points),
                   "attention_mask": tuple((d[BATCH], d[TOTAL]) for d in points)}
-        for name in past:
-            shapes[name] = tuple((d[BATCH], cfg.n_kv_heads, d[PAST], cfg.head_dim) for d in points)
+        for j, name in enumerate(past):
+            heads, size = cfg.kv_shapes[j // 2]
+            shapes[name] = tuple((d[BATCH], heads, d[PAST], size) for d in points)
         out.append(shapes)
     return out
 
