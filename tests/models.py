@@ -9,7 +9,7 @@ import numpy as np
 
 def hf_config(arch: str = "llama", vocab: int = 97, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
               ffn: int = 48, max_position: int = 256, tie: bool = True, **extra):
-    """A tiny transformers config of ``arch`` (llama, qwen2, qwen3, qwen3_moe, gemma3, phi3, mistral, granite,
+    """A tiny transformers config of ``arch`` (llama, qwen2, qwen3, qwen3_moe, gemma2, gemma3, phi3, mistral, granite,
     granitemoehybrid, cohere, gpt2)."""
     import transformers as tf
 
@@ -19,10 +19,11 @@ def hf_config(arch: str = "llama", vocab: int = 97, hidden: int = 32, layers: in
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_position,
                              n_inner=ffn, bos_token_id=None, eos_token_id=None, tie_word_embeddings=tie, **extra)
-    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config, "gemma3": tf.Gemma3TextConfig,
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config, "gemma2": tf.Gemma2Config,
+           "gemma3": tf.Gemma3TextConfig,
            "phi3": tf.Phi3Config, "mistral": tf.MistralConfig, "granite": tf.GraniteConfig, "cohere": tf.CohereConfig,
            "qwen3_moe": tf.Qwen3MoeConfig, "granitemoehybrid": tf.GraniteMoeHybridConfig}[arch]
-    if arch in ("qwen3", "qwen3_moe", "gemma3"):
+    if arch in ("qwen3", "qwen3_moe", "gemma2", "gemma3"):
         common["head_dim"] = hidden // heads
     common.update(extra)
     return cls(**common)

@@ -119,9 +119,32 @@ def test_a_model_that_is_not_a_causal_lm_is_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_final_logit_softcapping_is_refused_by_name(tmp_path):
-    model_dir = _dense_model(tmp_path / "model", "gemma3", final_logit_softcapping=30.0)
-    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"), "final_logit_softcapping")
+# a cap the tiny random models' logits (|l| < 0.5) reach: their logits come out visibly bent (Gemma's own is 30)
+SOFTCAP = 0.4
+
+
+def test_soft_capped_logits_are_the_models_own(tmp_path):
+    """Gemma 2 soft-caps its logits (``cap * tanh(l / cap)``, final_logit_softcapping): the head's logits get the
+    same cap in the graph, so the artifact gives transformers' logits; without the cap they differ."""
+    model_dir = _dense_model(tmp_path / "model", "gemma2", final_logit_softcapping=SOFTCAP, sliding_window=4)
+    result, ref = _oracle(tmp_path, model_dir)
+    assert result.manifest["config"]["logit_softcap"] == SOFTCAP
+    uncapped = np.arctanh(np.clip(ref / SOFTCAP, -1 + 1e-7, 1 - 1e-7)) * SOFTCAP
+    assert np.abs(uncapped - ref).max() > 0.02  # the cap matters at these logits
+
+
+def test_soft_capped_gemma4_builds(tmp_path):
+    """Gemma 4's released checkpoints soft-cap their logits and give their layers caches of different shapes."""
+    model_dir = _gemma4(tmp_path / "model", final_logit_softcapping=SOFTCAP)
+    result, _ = _oracle(tmp_path, model_dir)
+    assert result.manifest["config"]["logit_softcap"] == SOFTCAP and len(result.manifest["config"]["kv_shapes"]) == 4
+
+
+def test_a_soft_capped_model_has_no_top_k_form(tmp_path):
+    """The top-k form's cluster log-probabilities need logits that are cluster score + token terms: one line."""
+    model_dir = _dense_model(tmp_path / "model", "gemma2", final_logit_softcapping=SOFTCAP, sliding_window=4)
+    assert_user_error(run_cli("build", "--target", "ort-topk", "--model", model_dir, "--out", tmp_path / "o"),
+                      "soft-caps its logits (final_logit_softcapping = 0.4)", "decode.mode = 'logits'")
     assert not (tmp_path / "o").exists()
 
 
@@ -184,7 +207,7 @@ GEMMA4 = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_attentio
               bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
-def _gemma4(path, layers=6, shared=2):
+def _gemma4(path, layers=6, shared=2, **extra):
     """Gemma 4's cache as the real models have it: global layers with a head size of their own (512 against 256) and
     one key/value head, used as both keys and values (attention_k_eq_v); the last ``shared`` layers read the cache
     of the last earlier layer of their kind and keep none."""
@@ -192,7 +215,7 @@ def _gemma4(path, layers=6, shared=2):
 
     config = tf.Gemma4TextConfig(**GEMMA4, num_hidden_layers=layers, global_head_dim=16, num_global_key_value_heads=1,
                                  attention_k_eq_v=True, num_kv_shared_layers=shared,
-                                 layer_types=["sliding_attention", "full_attention"] * (layers // 2))
+                                 layer_types=["sliding_attention", "full_attention"] * (layers // 2), **extra)
     save_hf(path, config)
     write_head(path, identity_head(path))
     return path
@@ -663,6 +686,60 @@ def test_a_model_that_scales_its_logits_converts_to_its_own_logits(tmp_path, sma
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), torch.from_numpy(tokens[1:641]).long())
     assert report["dense_ppl"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
     assert report["ppl_change"] == pytest.approx(0.0, abs=1e-5) and report["top1_agreement"] == 1.0
+
+
+def test_a_soft_capped_model_converts_to_its_own_logits(tmp_path, small_tokenizer):
+    """convert and fidelity compare the model's distribution after its cap: a two-stage head probing every cluster
+    gives transformers' logits through the artifact, and fidelity's dense perplexity is the model's own."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from .models import make_model
+
+    dense = make_model(tmp_path / "dense", arch="gemma2", vocab=320, hidden=32, eos_token_id=0, tokenizer=small_tokenizer,
+                       head=False, final_logit_softcapping=SOFTCAP, sliding_window=8)
+    result = run_cli("convert", "--from", dense, "-k", 20, "--head", "two-stage", "--probes", 20, "--out", tmp_path / "ts")
+    assert result.exit_code == 0, result.stderr
+    built = api.build("ort", model=tmp_path / "ts", out=tmp_path / "a", steps=4)
+    assert built.parity.passed
+    ids, nxt = np.random.default_rng(0).integers(0, 320, size=(2, 9)), np.array([[3], [5]])
+    prefill, decode = artifact_logits(built.out, ids, np.ones_like(ids), nxt)
+    np.testing.assert_allclose(prefill[:, -1], transformers_logits(dense, ids, np.ones_like(ids))[:, -1], atol=1e-4, rtol=0)
+    text = tmp_path / "text.txt"
+    text.write_text(Path(__file__).read_text())
+    result = run_cli("fidelity", "--model", tmp_path / "ts", "--text", text, "--window", 64, "--max-tokens", 640, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    tokens = np.array(Tokenizer.from_file(str(small_tokenizer)).encode(text.read_text()).ids[:641])
+    windows = tokens[:640].reshape(10, 64)
+    logits = torch.from_numpy(transformers_logits(dense, windows, np.ones_like(windows)))
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), torch.from_numpy(tokens[1:641]).long())
+    assert report["dense_ppl"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+    assert report["ppl_change"] == pytest.approx(0.0, abs=1e-5) and report["top1_agreement"] == 1.0
+
+
+def test_distilling_a_soft_capped_head_follows_the_capped_distribution():
+    """kl_step's loss and gradient are those of KL(dense || head) after the model's cap, through the cap."""
+    from vqexport.convert.router import kl_step
+    from vqexport.head.module import DenseHead, VQLogitsHead, soft_cap
+
+    from .models import random_head
+
+    gen = torch.Generator().manual_seed(0)
+    dense = DenseHead(torch.randn(50, 8, generator=gen), softcap=SOFTCAP)
+    h = torch.randn(6, 8, generator=gen)
+    heads = [VQLogitsHead.from_head(random_head(50, 8, 7)).train() for _ in range(2)]
+    loss = kl_step(heads[0], dense, h, torch.optim.SGD(heads[0].parameters(), lr=0.0))
+    want = torch.nn.functional.kl_div(torch.log_softmax(soft_cap(heads[1](h), SOFTCAP), -1),
+                                      torch.log_softmax(soft_cap(dense(h), SOFTCAP), -1), log_target=True, reduction="batchmean")
+    want.backward()
+    assert loss == pytest.approx(want.item(), rel=1e-5)
+    for a, b in zip(heads[0].parameters(), heads[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+    uncapped = torch.nn.functional.kl_div(torch.log_softmax(heads[1](h), -1), torch.log_softmax(dense(h), -1),
+                                          log_target=True, reduction="batchmean")
+    assert abs(uncapped.item() - loss) > 1e-3  # the cap changes what is fitted
 
 
 def test_logits_no_head_on_the_hidden_state_can_give_are_refused(tmp_path, monkeypatch):

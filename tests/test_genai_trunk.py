@@ -252,3 +252,21 @@ def test_bench_e2e_runs_both_sides_through_onnxruntime_genai(tmp_path):
     assert any("lm_head" in n for n in dense_ops)
     assert_user_error(run_cli("bench", "--e2e", "--target", "ort", "--model", tmp_path / "demo"), "has a portable trunk")
     assert_user_error(run_cli("bench", "--e2e"), "exactly one of --model DIR and --shape NAME")
+
+
+def test_a_soft_capped_model_on_the_builders_trunk_gives_its_own_logits(tmp_path, small_tokenizer):
+    """Gemma 2 on the builder's trunk: the builder leaves the output layer out, so the cap (final_logit_softcapping)
+    is the head's, and the artifact gives transformers' logits."""
+    from .models import artifact_logits, identity_head, transformers_logits
+    from vqexport.head.spec import write_head
+
+    model = make_model(tmp_path / "model", arch="gemma2", vocab=320, hidden=64, heads=4, kv_heads=2, max_position=256,
+                       tokenizer=small_tokenizer, head=False, final_logit_softcapping=0.4, sliding_window=128)
+    write_head(model, identity_head(model))
+    built = api.build("ort-genai", model=model, out=tmp_path / "a", steps=4)
+    assert built.parity.passed and built.manifest["runtime"]["trunk"] == "genai"
+    ids, nxt = np.random.default_rng(1).integers(0, 320, size=(1, 9)), np.array([[7]])
+    prefill, decode = artifact_logits(built.out, ids, np.ones_like(ids), nxt)
+    np.testing.assert_allclose(prefill[0], transformers_logits(model, ids, np.ones_like(ids))[0], atol=1e-4, rtol=0)
+    full = np.concatenate([ids, nxt], 1)
+    np.testing.assert_allclose(decode, transformers_logits(model, full, np.ones_like(full))[:, -1], atol=1e-4, rtol=0)

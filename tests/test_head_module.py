@@ -75,7 +75,7 @@ def trunk(tmp_path_factory):
 def test_incremental_decoding_matches_full_forward(trunk):
     trunk, geo = trunk
     ids = torch.randint(0, geo.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-    empty = trunk.empty_past(2, geo.n_kv_heads, geo.head_dim)
+    empty = trunk.empty_past(2)
     with torch.no_grad():
         full = trunk(ids, torch.ones_like(ids), *empty)[0]
         out = trunk(ids[:, :5], torch.ones(2, 5, dtype=torch.int64), *empty)
@@ -92,8 +92,8 @@ def test_left_padding_gives_the_same_hidden_states_as_no_padding(trunk):
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.int64), ids], 1)
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
-        a = trunk(ids, torch.ones_like(ids), *trunk.empty_past(1, geo.n_kv_heads, geo.head_dim))[0]
-        b = trunk(padded, mask, *trunk.empty_past(1, geo.n_kv_heads, geo.head_dim))[0][:, 3:]
+        a = trunk(ids, torch.ones_like(ids), *trunk.empty_past(1))[0]
+        b = trunk(padded, mask, *trunk.empty_past(1))[0][:, 3:]
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 

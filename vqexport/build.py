@@ -245,7 +245,8 @@ def write_graph(directory: Path, profile: Profile, source: Source, reference, pr
             rows_bias = reference.head.rows_bias.numpy() if reference.head.rows_bias is not None else None
         try:
             model = join(trunk, source.head, form, scales, metadata={"vqexport.target": profile.name}, rows=rows,
-                         rows_bias=rows_bias, tied=source.geometry.tie_word_embeddings)
+                         rows_bias=rows_bias, tied=source.geometry.tie_word_embeddings,
+                         softcap=source.geometry.logit_softcap)
         except ValueError as e:  # a tied two-stage head finds no embedding table in the trunk to read its rows from
             if not source.head.two_stage:
                 raise
@@ -334,6 +335,10 @@ def for_target(source: Source, profile: Profile) -> Source:
 def check_profile_fits(profile: Profile, source: Source) -> None:
     """Reject a profile the model cannot satisfy before any work starts."""
     head = source.head.config
+    if source.geometry.logit_softcap and profile.decode.mode == "topk":
+        raise VQExportError(f"target {profile.name}: {source.path} soft-caps its logits (final_logit_softcapping = "
+                            f"{source.geometry.logit_softcap:g}), so they are not cluster score + token terms and the "
+                            "top-k form's cluster log-probabilities do not hold; use a target with decode.mode = 'logits'")
     if head.type == "two-stage" and profile.head == "fused":
         raise VQExportError(f"target {profile.name}: the fused VQLogits op has no second stage, and {source.path} has a "
                             "two-stage head; build it with --head standard (head = 'standard' in a target file)")

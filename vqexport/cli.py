@@ -350,6 +350,8 @@ def inspect(path, as_json):
                  f"heads={cfg['n_heads']}, kv heads/head_dim {' or '.join(f'{h}/{d}' for h, d in kv)} by layer")
         if len(cfg["kv_shapes"]) < cfg["n_layers"]:
             cache += f" (caches in {len(cfg['kv_shapes'])} layers, the rest share them)"
+        if cfg.get("logit_softcap"):
+            cache += f" logits soft-capped at {cfg['logit_softcap']:g}"
         c.print(f"{cfg['model_type']}: V={cfg['vocab_size']} d={cfg['hidden_size']} layers={cfg['n_layers']} "
                 f"{cache} tied={cfg['tie_word_embeddings']}; {head_text}; tokenizer={info['tokenizer']}", markup=False)
     else:

@@ -24,14 +24,16 @@ EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors (shapes, axes, scales) stay 
 
 
 def join(trunk: ir.Model, head: Head, form: HeadForm, scales: dict[str, float] | None = None,
-         metadata: dict[str, str] | None = None, rows=None, rows_bias=None, tied: bool = False) -> ir.Model:
+         metadata: dict[str, str] | None = None, rows=None, rows_bias=None, tied: bool = False,
+         softcap: float | None = None) -> ir.Model:
     """Attach ``head`` in ``form`` to ``trunk``'s hidden state (in place); return the joined model. A two-stage head
-    reads its exact rows from the trunk's embedding table when the model is ``tied``, else from ``rows``."""
+    reads its exact rows from the trunk's embedding table when the model is ``tied``, else from ``rows``; a model
+    with ``final_logit_softcapping`` (``softcap``) gets its logits capped the same way."""
     g = trunk.graph
     hidden = next((v for v in g.outputs if v.name == HIDDEN), None)
     if hidden is None:
         raise VQExportError(f"the trunk graph has no {HIDDEN!r} output to attach the head to")
-    built = build_head(g, hidden, head, form, scales, rows=rows, rows_bias=rows_bias, tied=tied)
+    built = build_head(g, hidden, head, form, scales, rows=rows, rows_bias=rows_bias, tied=tied, softcap=softcap)
     presents = [v for v in g.outputs if v.name.startswith("present.")]
     g.outputs.clear()
     g.outputs.extend([*built.outputs.values(), *presents])

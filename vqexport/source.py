@@ -38,7 +38,8 @@ class Geometry:
     ``n_kv_heads`` / ``head_dim`` are the first layer's. ``kv_shapes`` holds (n_kv_heads, head_dim) of each layer that
     keeps keys and values of its own, in order: the graph's ``past_key_values.{i}``. Most models give every layer the
     same shape (the default); Gemma 4 gives its global layers a head size of their own, and its last
-    ``num_kv_shared_layers`` read an earlier layer's keys and values and keep none."""
+    ``num_kv_shared_layers`` read an earlier layer's keys and values and keep none. ``logit_softcap``: the model's
+    logits are ``cap * tanh(l / cap)`` of its output layer's ``l`` (Gemma 2 and 4), and the head's get the same."""
 
     model_type: str
     vocab_size: int
@@ -53,6 +54,7 @@ class Geometry:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     kv_shapes: tuple[tuple[int, int], ...] = ()  # () = every layer (n_kv_heads, head_dim)
+    logit_softcap: float | None = None  # final_logit_softcapping: logits = cap * tanh(output layer / cap)
 
     def __post_init__(self):
         if not self.kv_shapes:
@@ -259,6 +261,8 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
                 raise ValueError(f"{name} = {v}")
         eos = get("eos_token_id")
         eos = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])) if eos is not None else ()
+        if float(get("final_logit_softcapping", 0.0)) < 0:
+            raise ValueError(f"final_logit_softcapping = {get('final_logit_softcapping')}")
         n_layers, n_kv = int(get("num_hidden_layers")), int(get("num_key_value_heads", heads))
         head_dim = int(get("head_dim", d // heads))
         geo = Geometry(
@@ -268,6 +272,7 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)),
             bos_token_id=_token(get("bos_token_id")), eos_token_ids=eos, pad_token_id=_token(get("pad_token_id")),
             kv_shapes=_kv_shapes(text, n_layers, n_kv, head_dim, int(get("num_kv_shared_layers", 0)), path / CONFIG),
+            logit_softcap=float(get("final_logit_softcapping", 0.0)) or None,
         )
     except (TypeError, ValueError) as e:
         raise VQExportError(f"{path / CONFIG}: cannot read the model's sizes ({e})") from None

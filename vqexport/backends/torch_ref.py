@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..head.module import TwoStageHead, head_module
+from ..head.module import TwoStageHead, head_module, soft_cap
 from ..source import Source
 from ..trunk.hf import Trunk, make_trunk
 from .base import Routing, Runner, StepOutput
@@ -15,9 +15,10 @@ from .base import Routing, Runner, StepOutput
 class TorchRunner(Runner):
     name = "torch"
 
-    def __init__(self, trunk: Trunk, head: torch.nn.Module, vocab_size: int):
+    def __init__(self, trunk: Trunk, head: torch.nn.Module, vocab_size: int, softcap: float | None = None):
         self.trunk, self.head = trunk.eval(), head.eval()
         self.kv_shapes, self.vocab_size = list(trunk.kv_shapes), vocab_size
+        self.softcap = softcap  # the model's final_logit_softcapping, applied to the head's logits
         if isinstance(head, TwoStageHead):
             self.routing = Routing(clusters=head.map.numpy(), probes=head.probes)
 
@@ -39,7 +40,7 @@ class TorchRunner(Runner):
             if tuple(rows.shape) != (g.vocab_size, g.hidden_size):
                 raise VQExportError(f"{source.path}: the model's output layer is {list(rows.shape)}; a two-stage head reads "
                                     f"its exact rows there and needs [{g.vocab_size}, {g.hidden_size}]")
-        return cls(trunk, head_module(source.head, rows, rows_bias), g.vocab_size)
+        return cls(trunk, head_module(source.head, rows, rows_bias), g.vocab_size, g.logit_softcap)
 
     @torch.no_grad()
     def hidden(self, input_ids, attention_mask, past) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -51,13 +52,15 @@ class TorchRunner(Runner):
     @torch.no_grad()
     def step(self, input_ids, attention_mask, past):
         h, present = self.hidden(input_ids, attention_mask, past)
-        return head_step(self.head, h, [t.numpy() for t in present])
+        return head_step(self.head, h, [t.numpy() for t in present], self.softcap)
 
 
 @torch.no_grad()
-def head_step(head: torch.nn.Module, h: torch.Tensor, present: list[np.ndarray]) -> StepOutput:
-    """The head's step output for hidden states ``h``; a two-stage head adds its parts (``Routing``)."""
+def head_step(head: torch.nn.Module, h: torch.Tensor, present: list[np.ndarray], softcap: float | None = None) -> StepOutput:
+    """The head's step output for hidden states ``h``; a two-stage head adds its parts (``Routing``). ``softcap``
+    caps the logits, and a two-stage head's VQ and exact logits each (the cap is per logit, so the logits of any
+    other routing, put together from the parts, are capped as well)."""
     if isinstance(head, TwoStageHead):
-        parts = {k: v.numpy() for k, v in head.stages(h).items()}
+        parts = {k: (v if k == "route_scores" else soft_cap(v, softcap)).numpy() for k, v in head.stages(h).items()}
         return StepOutput(logits=parts.pop("logits"), present=present, extra=parts)
-    return StepOutput(logits=head(h).numpy(), present=present)
+    return StepOutput(logits=soft_cap(head(h), softcap).numpy(), present=present)

@@ -87,6 +87,7 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
     model = ir.load(str(artifact / model_file))
     rows = rows_bias = None
     tied = False
+    softcap = read_manifest(artifact)["config"].get("logit_softcap")  # the twin's logits capped as the artifact's
     if head.two_stage:
         rows, rows_bias = _initializer(model, "head.rows"), _initializer(model, "head.rows_bias")
         tied = bool(read_manifest(artifact)["config"].get("tie_word_embeddings"))
@@ -95,7 +96,7 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
                                 "dense twin needs them in fp32 (build with [two_stage] rows = \"fp32\")")
     try:
         model = join(detach_head(model), head, HeadForm(dense=True, last_position_only=last_position_only), rows=rows,
-                     rows_bias=rows_bias, tied=tied)
+                     rows_bias=rows_bias, tied=tied, softcap=softcap)
     except ValueError as e:  # a tied two-stage head whose trunk reads its embedding table quantized
         if not head.two_stage:
             raise

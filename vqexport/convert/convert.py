@@ -169,7 +169,7 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
     bands = _Bands(bool(probes)) if by_entropy else None
     for h, target in _scored(hidden, ids, cache, seq):
         dl = dense(h)
-        ld, lv = F.log_softmax(dl, -1), F.log_softmax(head_logits(vq, h, dense, dl), -1)
+        ld, lv = F.log_softmax(dense.cap(dl), -1), F.log_softmax(dense.cap(head_logits(vq, h, dense, dl)), -1)
         nll_d += float(F.nll_loss(ld, target, reduction="sum"))
         nll_v += float(F.nll_loss(lv, target, reduction="sum"))
         kl += float(F.kl_div(lv, ld, log_target=True, reduction="sum"))
@@ -182,7 +182,7 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
         if bands is not None:
             bands.add(ld, lv, target, same, hits)
         if ideal:
-            li = F.log_softmax(ideally_routed(vq, h, dense, dl, ld), -1)
+            li = F.log_softmax(dense.cap(ideally_routed(vq, h, dense, dl, ld)), -1)
             nll_i += float(F.nll_loss(li, target, reduction="sum"))
             agree_i += float((best == li.argmax(-1)).sum())
         count += len(target)
@@ -391,7 +391,7 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     hidden = _Hidden(trunk, source.geometry)
     weight = output_weight(model).detach().float()
     dense_b = output_bias(model, trunk.hidden_scale)
-    dense = DenseHead(weight, dense_b)
+    dense = DenseHead(weight, dense_b, source.geometry.logit_softcap)
     dense_bias = dense_b.detach().float() if dense_b is not None else None
     V, d = weight.shape
 

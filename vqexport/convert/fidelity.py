@@ -55,6 +55,7 @@ def fidelity(model, text, probes: int | None = None, max_tokens: int | None = No
     if progress is not None:
         progress(f"scoring {len(ids)} tokens with both heads")
     with torch.no_grad():
-        report = evaluate(hidden, DenseHead(weight, bias), head_module(head, weight, bias), torch.from_numpy(ids), ideal=True,
-                          seq=window, by_entropy=True)
+        dense = DenseHead(weight, bias, source.geometry.logit_softcap)
+        report = evaluate(hidden, dense, head_module(head, weight, bias), torch.from_numpy(ids), ideal=True, seq=window,
+                          by_entropy=True)
     return {"model": str(source.path), "head": head.config.to_dict(), "text": str(text), "window": window, **report}

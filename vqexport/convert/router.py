@@ -51,7 +51,7 @@ def hidden_pool(hidden, windows: torch.Tensor, seq: int, budget: int = POOL_BYTE
 @torch.no_grad()
 def cluster_mass(dense: DenseHead, h: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
     """The dense model's probability mass per cluster [N, K] at the hidden states ``h`` [N, d]."""
-    return torch.zeros(len(h), K).index_add_(1, assign, F.softmax(dense(h), -1))
+    return torch.zeros(len(h), K).index_add_(1, assign, F.softmax(dense.cap(dense(h)), -1))
 
 
 @torch.no_grad()
@@ -154,8 +154,8 @@ def kl_step(student, dense: DenseHead, h: torch.Tensor, opt: torch.optim.Optimiz
     """One optimizer step on KL(dense || student) over the hidden states ``h``; returns the loss."""
     with torch.no_grad():
         logits = dense(h)
-        target = F.log_softmax(logits, -1)
-    loss = KLDiv.apply(head_logits(student, h, dense, logits), target)
+        target = F.log_softmax(dense.cap(logits), -1)
+    loss = KLDiv.apply(dense.cap(head_logits(student, h, dense, logits)), target)  # the cap's last op keeps no output
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -374,10 +374,15 @@ def dense_weight_t(head: Head) -> np.ndarray:
 
 
 def build_head(graph: ir.Graph, hidden: ir.Value, head: Head, form: HeadForm, scales: dict[str, float] | None = None,
-               rows: np.ndarray | None = None, rows_bias: np.ndarray | None = None, tied: bool = False) -> Built:
+               rows: np.ndarray | None = None, rows_bias: np.ndarray | None = None, tied: bool = False,
+               softcap: float | None = None) -> Built:
     """Append the head's nodes and initializers to ``graph``, reading ``hidden`` [B, S, d]; return its outputs.
     A two-stage head reads the model's output-layer ``rows`` [V, d] (and bias): the trunk's own embedding table when
-    the form shares it and the model is ``tied`` (its output layer is that table), else a copy (``rows`` given)."""
+    the form shares it and the model is ``tied`` (its output layer is that table), else a copy (``rows`` given).
+    ``softcap``: the model's ``final_logit_softcapping``; the logits become ``softcap * tanh(logits / softcap)``. Its
+    top-k form is refused: cluster log-probabilities need logits that are cluster score + token terms."""
+    if softcap and form.decode == "topk":
+        raise ValueError("a soft-capped model's logits are not cluster score + token terms: no top-k form")
     b = _Builder(graph, form, scales)
     h = hidden
     if hidden.dtype is not None and hidden.dtype != ir.DataType.FLOAT:  # an fp16 / bf16 trunk: the head computes in fp32
@@ -416,6 +421,10 @@ def build_head(graph: ir.Graph, hidden: ir.Value, head: Head, form: HeadForm, sc
                 outputs.update(b.topk_from_clusters(z, head, form.k))
             if not form.keep_logits:
                 outputs.pop("logits", None)
+    if softcap:
+        cap = b.const("head/softcap/cap", softcap, np.float32)
+        tanh = b.op("Tanh", [b.op("Div", [outputs["logits"], cap], "head/softcap/Div")], "head/softcap/Tanh")
+        outputs["logits"] = b.op("Mul", [tanh, cap], "head/softcap/Mul")
     _declare(outputs, head, form)
     return Built(outputs={n: outputs[n] for n in form.outputs(head) if n in outputs}, functions=functions, domains=b.domains)
 
@@ -432,11 +441,11 @@ def _declare(outputs: dict[str, ir.Value], head: Head, form: HeadForm) -> None:
 
 
 def head_model(head: Head, form: HeadForm, opset: int = 18, scales: dict[str, float] | None = None, batch=BATCH, seq=SEQ,
-               rows: np.ndarray | None = None, rows_bias: np.ndarray | None = None) -> ir.Model:
+               rows: np.ndarray | None = None, rows_bias: np.ndarray | None = None, softcap: float | None = None) -> ir.Model:
     """The head alone as a model: input ``hidden_states`` [batch, seq, d], the form's outputs (benchmarks, tests)."""
     hidden = ir.Value(name=HIDDEN, shape=ir.Shape([batch, seq, head.config.hidden_size]), type=ir.TensorType(ir.DataType.FLOAT))
     graph = ir.Graph(inputs=[hidden], outputs=[], nodes=[], opset_imports={"": opset}, name="vqexport_head")
-    built = build_head(graph, hidden, head, form, scales, rows=rows, rows_bias=rows_bias)
+    built = build_head(graph, hidden, head, form, scales, rows=rows, rows_bias=rows_bias, softcap=softcap)
     graph.outputs.extend(built.outputs.values())
     graph.opset_imports.update(built.domains)
     return ir.Model(graph, ir_version=10, producer_name="vqexport", functions=built.functions)

@@ -183,14 +183,26 @@ def _load(module: VQLogitsHead, head: Head) -> None:
             module.lowrank_u.copy_(torch.from_numpy(head.lowrank[1]))
 
 
-class DenseHead(nn.Module):
-    """A plain output layer ``logits = h @ W.T (+ b)``: the model a VQ-Logits head is converted from."""
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The model's own logits from its output layer's: ``cap * tanh(logits / cap)`` (``final_logit_softcapping``:
+    Gemma 2 and 4), or ``logits`` themselves when the model does not cap them."""
+    return logits if not cap else torch.tanh(logits / cap) * cap
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+
+class DenseHead(nn.Module):
+    """A plain output layer ``logits = h @ W.T (+ b)``: the model a VQ-Logits head is converted from. ``softcap``:
+    the model's ``final_logit_softcapping``, which ``cap`` applies to these logits or a head's (both are compared
+    as the model's distribution: its logits after the cap)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, softcap: float | None = None):
         super().__init__()
         self.register_buffer("weight", weight.detach().float())
         self.register_buffer("bias", bias.detach().float() if bias is not None else None)
+        self.softcap = softcap
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = torch.matmul(h, self.weight.t())
         return logits if self.bias is None else logits + self.bias
+
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        return soft_cap(logits, self.softcap)

@@ -19,6 +19,7 @@ import contextlib
 import torch
 
 from ..errors import VQExportError
+from ..head.module import soft_cap
 from ..quiet import quiet
 from ..source import Geometry, Source, causal_lm_class, hf_config
 
@@ -95,8 +96,9 @@ def logit_scale(causal_lm: torch.nn.Module, source: Source, logits: torch.Tensor
     """The constant ``s`` with ``logits = s * output_layer(final hidden state)`` for this model: 1, or the value of a
     config key above or its inverse (the key's name does not say which: Granite divides by ``logits_scaling``,
     HyperCLOVA X multiplies by it), chosen on a few tokens: the model's own ``logits`` there and its decoder's output
-    ``out``. Logits that are no such multiple of the output layer's (another transform after it) are refused: no head
-    on the hidden state could give them."""
+    ``out``; a model with ``final_logit_softcapping`` caps the result (the head's graph caps its logits the same way).
+    Logits that are no such multiple of the output layer's (another transform after it) are refused: no head on the
+    hidden state could give them."""
     config = causal_lm.config.get_text_config(decoder=True)
     candidates = [1.0]
     for key in LOGIT_SCALE_KEYS:
@@ -109,11 +111,13 @@ def logit_scale(causal_lm: torch.nn.Module, source: Source, logits: torch.Tensor
                             f"{type(out).__name__}, not a final hidden state; it cannot be exported")
     layer = causal_lm.get_output_embeddings()(hidden).float()
     tol = 1e-4 * max(1.0, logits.abs().max().item())
-    errors = [(logits - c * layer).abs().max().item() for c in candidates]
+    cap = source.geometry.logit_softcap  # Gemma 2 and 4: cap * tanh(logits / cap) after the scale
+    errors = [(logits - soft_cap(c * layer, cap)).abs().max().item() for c in candidates]
     best = min(range(len(candidates)), key=errors.__getitem__)
     if errors[best] > tol:
         raise VQExportError(f"{source.path}: the {source.model_type} model's logits are not its output layer applied to its "
                             f"final hidden state, nor that times a value of {', '.join(LOGIT_SCALE_KEYS)} or its inverse "
+                            f"{'(then soft-capped by final_logit_softcapping) ' if cap else ''}"
                             f"(max difference {errors[best]:.3g}); a VQ-Logits head on the hidden state cannot reproduce them")
     return candidates[best]
 
@@ -164,10 +168,6 @@ def make_trunk(source: Source, model: torch.nn.Module | None = None) -> Trunk:
     tokens through the model and its decoder give its logit scale (``logit_scale``) and its cache (``check_cache``)."""
     model = load_causal_lm(source) if model is None else model
     geo = source.geometry
-    softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
-    if softcap:
-        raise VQExportError(f"{source.path}: final_logit_softcapping = {softcap} is not supported "
-                            "by a VQ-Logits head (exact decoding relies on logits being cluster score + token terms)")
     ids = (torch.arange(1, 9, dtype=torch.int64) * 7919 % geo.vocab_size).view(1, -1)
     with running(source, f"on {ids.shape[1]} tokens"):
         logits = model(input_ids=ids).logits.float()
