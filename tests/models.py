@@ -110,3 +110,31 @@ def artifact_logits(artifact, ids, mask, extra_token):
         mask2 = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], 1)
         step = r.step(extra_token, mask2, out.present)
     return out.logits, step.logits[:, -1]
+
+
+def genai_greedy(artifact, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens onnxruntime-genai generates from the artifact directory as it is (past any eos)."""
+    import onnxruntime_genai as og  # a test dependency ('.[test]')
+
+    model = og.Model(str(artifact))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    return got
+
+
+def runner_greedy(runner, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens of a Runner (already entered): prefill, then one decode step per token with its cache."""
+    x = np.asarray([prompt])
+    mask = np.ones_like(x)
+    out, tokens = runner.step(x, mask, runner.empty_past(1)), []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        mask = np.concatenate([mask, [[1]]], 1)
+        out = runner.step(np.asarray([[tokens[-1]]]), mask, out.present)
+    return tokens

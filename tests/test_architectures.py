@@ -13,7 +13,8 @@ from vqexport.backends.ort.runner import OrtRunner
 from vqexport.head.spec import write_head
 
 from .conftest import assert_user_error, run_cli
-from .models import artifact_logits, hf_config, identity_head, save_hf, transformers_logits
+from .models import (artifact_logits, genai_greedy, hf_config, identity_head, runner_greedy, save_hf,
+                     transformers_logits)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -226,7 +227,6 @@ def test_layers_with_their_own_cache_shapes_and_shared_caches_build(tmp_path):
     transformers' logits (prefill and decode), onnxruntime-genai runs the directory unchanged, and its greedy tokens
     are the PyTorch reference's."""
     import onnx
-    import onnxruntime_genai as og
 
     from vqexport.backends.torch_ref import TorchRunner
     from vqexport.source import load_source
@@ -248,24 +248,9 @@ def test_layers_with_their_own_cache_shapes_and_shared_caches_build(tmp_path):
                        for i, (h, d) in enumerate(shapes) for kind in ("key", "value")}
     assert json.loads((result.out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 4
 
-    prompt, n = [5, 17, 33, 2, 91, 44, 7], 12
-    model = og.Model(str(result.out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
+    prompt = [5, 17, 33, 2, 91, 44, 7]
     with TorchRunner.from_source(load_source(model_dir)) as ref:
-        x, mask = np.asarray([prompt]), np.ones((1, len(prompt)), np.int64)
-        out, want = ref.step(x, mask, ref.empty_past(1)), []
-        for _ in range(n):
-            want.append(int(out.logits[0, -1].argmax()))
-            mask = np.concatenate([mask, [[1]]], 1)
-            out = ref.step(np.asarray([[want[-1]]]), mask, out.present)
-    assert got == want
+        assert genai_greedy(result.out, prompt, 12) == runner_greedy(ref, prompt, 12)
 
 
 def test_per_layer_cache_shapes_reach_openvino_and_tensorrt(tmp_path):
@@ -654,8 +639,6 @@ def test_the_builders_trunk_takes_a_models_logit_scale(tmp_path, small_tokenizer
 def test_a_model_that_scales_its_logits_converts_to_its_own_logits(tmp_path, small_tokenizer):
     """The conversion fits the model's own (scaled) logits: a two-stage head probing every cluster gives transformers'
     logits through the artifact, and fidelity's dense perplexity is the model's own on the same windows."""
-    from pathlib import Path
-
     from .models import make_model
 
     dense = make_model(tmp_path / "dense", arch="granite", vocab=320, hidden=32, eos_token_id=0, tokenizer=small_tokenizer,
@@ -673,28 +656,12 @@ def test_a_model_that_scales_its_logits_converts_to_its_own_logits(tmp_path, sma
     full = np.concatenate([ids, nxt], 1)
     np.testing.assert_allclose(decode, transformers_logits(dense, full, np.ones_like(full))[:, -1], atol=1e-4, rtol=0)
 
-    from tokenizers import Tokenizer
-
-    text = tmp_path / "text.txt"
-    text.write_text(Path(__file__).read_text())
-    result = run_cli("fidelity", "--model", tmp_path / "ts", "--text", text, "--window", 64, "--max-tokens", 640, "--json")
-    assert result.exit_code == 0, result.stderr
-    report = json.loads(result.stdout)
-    tokens = np.array(Tokenizer.from_file(str(small_tokenizer)).encode(text.read_text()).ids[:641])
-    windows = tokens[:640].reshape(10, 64)
-    logits = torch.from_numpy(transformers_logits(dense, windows, np.ones_like(windows)))
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), torch.from_numpy(tokens[1:641]).long())
-    assert report["dense_ppl"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
-    assert report["ppl_change"] == pytest.approx(0.0, abs=1e-5) and report["top1_agreement"] == 1.0
+    _fidelity_is_the_models_own(tmp_path, dense, small_tokenizer)
 
 
 def test_a_soft_capped_model_converts_to_its_own_logits(tmp_path, small_tokenizer):
     """convert and fidelity compare the model's distribution after its cap: a two-stage head probing every cluster
     gives transformers' logits through the artifact, and fidelity's dense perplexity is the model's own."""
-    from pathlib import Path
-
-    from tokenizers import Tokenizer
-
     from .models import make_model
 
     dense = make_model(tmp_path / "dense", arch="gemma2", vocab=320, hidden=32, eos_token_id=0, tokenizer=small_tokenizer,
@@ -706,12 +673,22 @@ def test_a_soft_capped_model_converts_to_its_own_logits(tmp_path, small_tokenize
     ids, nxt = np.random.default_rng(0).integers(0, 320, size=(2, 9)), np.array([[3], [5]])
     prefill, decode = artifact_logits(built.out, ids, np.ones_like(ids), nxt)
     np.testing.assert_allclose(prefill[:, -1], transformers_logits(dense, ids, np.ones_like(ids))[:, -1], atol=1e-4, rtol=0)
+    _fidelity_is_the_models_own(tmp_path, dense, small_tokenizer)
+
+
+def _fidelity_is_the_models_own(tmp_path, dense, tokenizer):
+    """``fidelity`` on the head converted into tmp_path/ts (one that probes every cluster): its dense perplexity is
+    transformers' own on the same windows, and the head's equals it."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
     text = tmp_path / "text.txt"
     text.write_text(Path(__file__).read_text())
     result = run_cli("fidelity", "--model", tmp_path / "ts", "--text", text, "--window", 64, "--max-tokens", 640, "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    tokens = np.array(Tokenizer.from_file(str(small_tokenizer)).encode(text.read_text()).ids[:641])
+    tokens = np.array(Tokenizer.from_file(str(tokenizer)).encode(text.read_text()).ids[:641])
     windows = tokens[:640].reshape(10, 64)
     logits = torch.from_numpy(transformers_logits(dense, windows, np.ones_like(windows)))
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), torch.from_numpy(tokens[1:641]).long())

@@ -16,7 +16,7 @@ from vqexport.graph_io import load_graph
 from vqexport.source import demo_dir, load_source
 
 from .conftest import assert_user_error, run_cli
-from .models import make_model
+from .models import genai_greedy, make_model, runner_greedy
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +51,9 @@ def test_fp32_genai_trunk_matches_pytorch(fp32):
 def test_onnxruntime_genai_generates_from_the_artifact_unchanged(fp32, tiny):
     """Greedy tokens through onnxruntime-genai equal the PyTorch reference's (transformers' model + the head)."""
     prompt = [5, 17, 200, 33, 7]
-    model = og.Model(str(fp32.out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 10, min_length=len(prompt) + 10, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
     with reference_runner(load_source(tiny)) as ref:
-        x = np.array([prompt])
-        mask = np.ones_like(x)
-        out = ref.step(x, mask, ref.empty_past(1))
-        expected = []
-        for _ in range(10):
-            expected.append(int(out.logits[0, -1].argmax()))
-            mask = np.concatenate([mask, [[1]]], 1)
-            out = ref.step(np.array([[expected[-1]]]), mask, out.present)
-    assert got == expected
+        expected = runner_greedy(ref, prompt, 10)
+    assert genai_greedy(fp32.out, prompt, 10) == expected
 
 
 def test_the_runner_drives_the_shared_cache_like_onnxruntime_genai(fp32, tiny):
