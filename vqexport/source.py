@@ -261,8 +261,9 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
                 raise ValueError(f"{name} = {v}")
         eos = get("eos_token_id")
         eos = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])) if eos is not None else ()
-        if float(get("final_logit_softcapping", 0.0)) < 0:
-            raise ValueError(f"final_logit_softcapping = {get('final_logit_softcapping')}")
+        softcap = float(get("final_logit_softcapping", 0.0))
+        if softcap < 0:
+            raise ValueError(f"final_logit_softcapping = {softcap:g}")
         n_layers, n_kv = int(get("num_hidden_layers")), int(get("num_key_value_heads", heads))
         head_dim = int(get("head_dim", d // heads))
         geo = Geometry(
@@ -272,7 +273,7 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)),
             bos_token_id=_token(get("bos_token_id")), eos_token_ids=eos, pad_token_id=_token(get("pad_token_id")),
             kv_shapes=_kv_shapes(text, n_layers, n_kv, head_dim, int(get("num_kv_shared_layers", 0)), path / CONFIG),
-            logit_softcap=float(get("final_logit_softcapping", 0.0)) or None,
+            logit_softcap=softcap or None,
         )
     except (TypeError, ValueError) as e:
         raise VQExportError(f"{path / CONFIG}: cannot read the model's sizes ({e})") from None

@@ -87,10 +87,11 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
     model = ir.load(str(artifact / model_file))
     rows = rows_bias = None
     tied = False
-    softcap = read_manifest(artifact)["config"].get("logit_softcap")  # the twin's logits capped as the artifact's
+    config = read_manifest(artifact)["config"]
+    softcap = config.get("logit_softcap")  # the twin's logits capped as the artifact's
     if head.two_stage:
         rows, rows_bias = _initializer(model, "head.rows"), _initializer(model, "head.rows_bias")
-        tied = bool(read_manifest(artifact)["config"].get("tie_word_embeddings"))
+        tied = bool(config.get("tie_word_embeddings"))
         if rows is None and not tied:
             raise VQExportError(f"{artifact}: the model's output layer is in this artifact only as quantized rows; its "
                                 "dense twin needs them in fp32 (build with [two_stage] rows = \"fp32\")")

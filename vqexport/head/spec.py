@@ -4,7 +4,8 @@
 
 ``h`` is the model's final hidden state times its logit scale (1 for most models; 1 / ``logits_scaling`` for Granite,
 ``logit_scale`` for Cohere: ``vqexport.trunk.hf.logit_scale``), so that the output layer applied to it gives the
-model's own logits.
+model's own logits. A model that soft-caps its logits (``final_logit_softcapping``: Gemma 2 and 4) caps these the
+same way, ``cap * tanh(logits / cap)``: in the graph and in the reference, not in the head's files.
 
 ``vq_head.json`` (the head's own config; unknown keys are refused)::
 
