@@ -112,13 +112,15 @@ def artifact_logits(artifact, ids, mask, extra_token):
     return out.logits, step.logits[:, -1]
 
 
-def genai_greedy(artifact, prompt: list[int], n: int) -> list[int]:
-    """``n`` greedy tokens onnxruntime-genai generates from the artifact directory as it is (past any eos)."""
+def genai_greedy(artifact, prompt: list[int], n: int, stop_at_eos: bool = False) -> list[int]:
+    """``n`` greedy tokens onnxruntime-genai generates from the artifact directory as it is (past any eos, or up to
+    and including the model's eos with ``stop_at_eos``)."""
     import onnxruntime_genai as og  # a test dependency ('.[test]')
 
     model = og.Model(str(artifact))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+    length = len(prompt) + n
+    params.set_search_options(max_length=length, **({} if stop_at_eos else {"min_length": length}), do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(prompt)
     got = []

@@ -5,13 +5,13 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from vqexport.artifact import read_manifest, sha256_file
 from vqexport.source import demo_dir, load_source
 
 from .conftest import generate_in_a_fresh_process, run_cli
+from .models import genai_greedy, runner_greedy
 
 PROMPT = "def read_config(path):\n    "
 
@@ -108,15 +108,7 @@ def _torch_greedy(prompt_ids, n):
     from vqexport.backends.torch_ref import TorchRunner
 
     with TorchRunner.from_source(load_source(demo_dir())) as ref:
-        x = np.asarray([prompt_ids])
-        mask = np.ones_like(x)
-        out = ref.step(x, mask, ref.empty_past(1))
-        toks = []
-        for _ in range(n):
-            toks.append(int(out.logits[0, -1].argmax()))
-            mask = np.concatenate([mask, [[1]]], axis=1)
-            out = ref.step(np.asarray([[toks[-1]]]), mask, out.present)
-    return toks
+        return runner_greedy(ref, prompt_ids, n)
 
 
 def test_onnxruntime_genai_loads_the_directory_and_matches_torch(demo_artifact):
@@ -128,14 +120,7 @@ def test_onnxruntime_genai_loads_the_directory_and_matches_torch(demo_artifact):
     ids = [int(i) for i in tok.encode(PROMPT)]
     assert ids == Tokenizer.from_file(str(demo_artifact / "tokenizer.json")).encode(PROMPT).ids
     n = 24
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
+    got = genai_greedy(demo_artifact, ids, n, stop_at_eos=True)
     expected = _torch_greedy(ids, n)
     eos = load_source(demo_dir()).geometry.eos_token_id
     if eos in expected:  # genai stops at eos
