@@ -163,3 +163,18 @@ def test_verify_against_a_different_model_fails_with_exit_1(tmp_path):
     assert bad.exit_code == 1
     report = json.loads(bad.stdout)
     assert report["passed"] is False and report["top1_agreement"] < 1.0
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_model, monkeypatch):
+    import errno
+
+    import vqexport.build as build
+
+    def full(directory, manifest):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "manifest.json"))
+
+    monkeypatch.setattr(build, "write_manifest", full)
+    out = tmp_path / "out"
+    assert_user_error(run_cli("build", "--model", tiny_model, "--out", out, "--steps", 1),
+                      "no space left on the device writing", "manifest.json")
+    assert not out.exists() and list(tmp_path.glob(".out*")) == []

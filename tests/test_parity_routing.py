@@ -10,7 +10,7 @@ from vqexport.backends.torch_ref import TorchRunner, head_step
 from vqexport.head.module import head_module
 from vqexport.head.spec import make_head
 from vqexport.profiles import Parity
-from vqexport.verify import compare_runners
+from vqexport.verify import compare_runners, verify_runners
 
 from .models import random_head
 
@@ -146,3 +146,36 @@ def test_top_k_targets_that_route_wrongly_fail(case):
     report = _compare(_Runner(head, rows), target)
     assert report.compared == "topk"
     assert not report.passed
+
+
+@pytest.mark.parametrize("error, passes", [(1e-4, True), (2e-5, False)])
+def test_the_near_tie_band_grows_with_the_tolerance_the_reference_error_gives(error, passes):
+    """3e-4 apart: outside the band of atol 1e-4 (2e-4 wide), inside that of 4 x a reference error of 1e-4."""
+    head, rows = _head(gap=3e-4), _rows()
+    reference, target = _Runner(head, rows), _Runner(_swapped(head, 6e-4), rows, reference=False)
+    asked = []
+
+    def measured():
+        asked.append(True)
+        return error, ""
+
+    with reference as ref:
+        plain = verify_runners(ref, target, PROMPTS, 3, Parity(), mapping=reference.module.map.numpy())
+        report = verify_runners(ref, target, PROMPTS, 3, Parity(), reference_error=measured,
+                                mapping=reference.module.map.numpy())
+    assert not plain.passed and plain.rerouted_positions == 0 and plain.max_abs_diff > 1e-2
+    assert asked == [True] and report.reference_error == error
+    assert report.passed == passes, report.failures
+    assert report.tolerances["atol"] == 1e-4  # the target's own tolerance, as set
+    if passes:
+        assert report.rerouted_positions == report.positions > 0 and report.max_abs_diff < 1e-5
+        assert report.allowed_atol == pytest.approx(4e-4)
+
+
+def test_a_real_gap_still_fails_with_a_grown_tolerance():
+    head, rows = _head(gap=0.5), _rows()
+    reference, target = _Runner(head, rows), _Runner(_swapped(head, 1.0), rows, reference=False)
+    with reference as ref:
+        report = verify_runners(ref, target, PROMPTS, 3, Parity(), reference_error=lambda: (1e-3, ""),
+                                mapping=reference.module.map.numpy())
+    assert not report.passed and report.rerouted_positions == 0 and report.allowed_atol == pytest.approx(4e-3)

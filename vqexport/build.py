@@ -78,14 +78,27 @@ def resolve_profile(target: str | Profile, head: str | None = None) -> Profile:
     return profile
 
 
+def with_tolerances(profile: Profile, atol: float | None = None, rtol: float | None = None) -> Profile:
+    """``profile`` with its parity check's ``atol`` / ``rtol`` replaced where given (``--atol``, ``--rtol``)."""
+    import dataclasses
+
+    given = {k: float(v) for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
+    for key, value in given.items():
+        if not value >= 0:
+            raise VQExportError(f"--{key} must be a number >= 0, got {value:g}")
+    return dataclasses.replace(profile, parity=dataclasses.replace(profile.parity, **given)) if given else profile
+
+
 def build(target: str | Profile = "ort", model=None, out=None, force: bool = False, steps: int | None = None,
-          head: str | None = None, progress=_noop) -> BuildResult:
+          head: str | None = None, atol: float | None = None, rtol: float | None = None, progress=_noop) -> BuildResult:
     """Build a verified artifact for ``target`` from ``model`` (a model directory; None = the embedded demo).
+    ``atol`` / ``rtol`` replace the profile's parity tolerances; the manifest records them, so ``verify`` applies
+    them again.
 
     Raises VQExportError for bad input (nothing written) and ParityError if the artifact does not match the
     PyTorch reference within the profile's tolerances (nothing written either).
     """
-    profile = resolve_profile(target, head)
+    profile = with_tolerances(resolve_profile(target, head), atol, rtol)
     check_machine(profile)
     progress("reading the model")
     source = resolve_source(model)
@@ -404,7 +417,7 @@ def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, 
                progress=_noop) -> ParityReport:
     """Compare the artifact in ``artifact`` (its runtime section) with the PyTorch reference."""
     from .backends.runners import runner_from_runtime
-    from .verify import compare_runners, prompt_ids
+    from .verify import prompt_ids, verify_runners
 
     reference = reference if reference is not None else reference_runner(source, progress)
     n = profile.parity.steps if steps is None else steps
@@ -417,19 +430,65 @@ def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, 
         check_fits_run(profile.trt, len(prompts), max(len(p) for p in prompts), n, f"target {profile.name} parity check")
     target = runner_from_runtime(Path(artifact) / runtime["model_file"], runtime)
     batched = not runtime.get("past_present_share_buffer", False)  # GroupQueryAttention takes no left-padded batch
-    with reference as ref, target as tgt:
-        return compare_runners(ref, tgt, prompts, n, profile.parity, target_name=profile.name, pad_id=pad,
-                               mapping=source.head.map, batched=batched,
-                               progress=lambda i, total: progress(f"verifying parity: step {i}/{total}"))
+    with reference as ref:
+        return verify_runners(ref, target, prompts, n, profile.parity, target_name=profile.name, pad_id=pad,
+                              mapping=source.head.map, batched=batched,
+                              progress=lambda i, total: progress(f"verifying parity: step {i}/{total}"),
+                              reference_error=lambda: reference_error(source, ref, prompts, n, profile.parity, pad, progress))
 
 
-def verify_artifact(artifact, steps: int | None = None, model=None, progress=_noop) -> ParityReport:
-    """Re-run parity for a built artifact against the model it was built from (or ``model``)."""
+def reference_error(source: Source, reference, prompts, steps: int, parity, pad_id: int = 0,
+                    progress=_noop) -> tuple[float | None, str]:
+    """PyTorch's own float32 error on the parity check: max |logits| difference between ``reference`` (float32) and
+    the same model in float64 on the same prompts and decode steps, or None and why it could not be measured.
+
+    The prompts go in one at a time: transformers' float64 attention turns fully masked (left-padding) rows into NaN."""
+    import dataclasses
+
+    import torch
+
+    from .backends.torch_ref import TorchRunner
+    from .verify import compare_runners
+
+    need = 2 * sum(t.numel() * t.element_size() for t in reference.trunk.parameters())
+    free = _available_memory()
+    if free is not None and need > free:
+        return None, f"the model in float64 needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is available"
+    progress("measuring PyTorch's own float32 error (the model in float64)")
+    try:
+        exact = TorchRunner.from_source(source, dtype=torch.float64)
+        with exact:
+            r = compare_runners(reference, exact, prompts, steps, dataclasses.replace(parity, reference_error_factor=0.0),
+                                pad_id=pad_id, mapping=source.head.map, batched=False,
+                                progress=lambda i, total: progress(f"float64 reference: step {i}/{total}"))
+    except (RuntimeError, TypeError, ValueError, VQExportError) as e:  # an architecture whose code assumes float32
+        cause = e.__cause__ if isinstance(e, VQExportError) and e.__cause__ is not None else e
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        return None, f"the model does not run in float64 ({type(cause).__name__}: {first[:160]})"
+    return r.max_abs_diff, ""
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def verify_artifact(artifact, steps: int | None = None, model=None, atol: float | None = None, rtol: float | None = None,
+                    progress=_noop) -> ParityReport:
+    """Re-run parity for a built artifact against the model it was built from (or ``model``), with the tolerances
+    it was built with (or ``atol`` / ``rtol`` for this check)."""
     from .profiles import parse_profile
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    profile = parse_profile(manifest["profile"], f"{artifact}/manifest.json")
+    profile = with_tolerances(parse_profile(manifest["profile"], f"{artifact}/manifest.json"), atol, rtol)
     src = manifest["source"]
     if model is None and src["model"] != DEMO_NAME and not Path(src["model"]).exists():
         raise VQExportError(f"{src['model']}: the model this artifact was built from is gone; pass --model DIR")

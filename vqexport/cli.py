@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import sys
@@ -82,6 +83,12 @@ class _Group(click.Group):
                 _parity_table(e.report)
             click.echo(f"parity FAILED: {e}", err=True)
             ctx.exit(1)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" writing {e.filename}" if e.filename else ""
+            click.echo(f"error: no space left on the device{where}: free some, or write elsewhere", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -206,7 +213,12 @@ def _parity_table(r) -> None:
     t.add_column("value", justify="right")
     t.add_column("allowed", justify="right")
     tol = r.tolerances
-    t.add_row("max abs logit diff", f"{r.max_abs_diff:.3g}", f"atol {tol['atol']:g}, rtol {tol['rtol']:g}")
+    t.add_row("max abs logit diff", f"{r.max_abs_diff:.3g}", f"atol {r.allowed_atol:.3g}, rtol {tol['rtol']:g}")
+    if r.reference_error is not None:
+        t.add_row("PyTorch's own float32 error", f"{r.reference_error:.3g}",
+                  f"x {tol['reference_error_factor']:g} when above atol {tol['atol']:g}")
+    elif r.reference_error_note:
+        t.add_row("PyTorch's own float32 error", "not measured", r.reference_error_note)
     t.add_row("max rel logit diff", f"{r.max_rel_diff:.3g}", "")
     t.add_row("atol / rtol needed", f"{r.required_atol:.3g} / {r.required_rtol:.3g}", "")
     t.add_row("top-1 agreement", f"{r.top1_agreement:.4f}", f">= {tol['top1_agreement_min']}")
@@ -238,6 +250,10 @@ def main():
 @click.option("--steps", type=click.IntRange(0, 4096), default=None, help="Greedy decode steps for the parity check [default: from the profile].")
 @click.option("--head", type=click.Choice(["standard", "fused"]), default=None,
               help="Head form: standard ops, or one fused VQLogits node [default: from the profile].")
+@click.option("--atol", type=float, default=None,
+              help="Parity: the logits' absolute tolerance [default: from the profile]; recorded in the manifest.")
+@click.option("--rtol", type=float, default=None,
+              help="Parity: the logits' relative tolerance [default: from the profile]; recorded in the manifest.")
 @click.option("--check-only", is_flag=True,
               help="TensorRT targets: export and run the readiness check only (ops, int32 indices, 2^31 sizes, Q/DQ, "
                    "plugin names); needs no GPU, writes nothing.")
@@ -245,7 +261,7 @@ def main():
               help="Print the manifest (on a parity failure: the parity report; with --check-only: the readiness "
                    "report) as one JSON object on stdout.")
 @click.pass_context
-def build(ctx, target, model, out, force, steps, head, check_only, as_json):
+def build(ctx, target, model, out, force, steps, head, atol, rtol, check_only, as_json):
     """Export the model, build it for a target, verify parity, write the artifact.
 
     Exit 0 when the artifact is written and matches PyTorch, 1 on parity failure, 2 on bad input
@@ -255,7 +271,8 @@ def build(ctx, target, model, out, force, steps, head, check_only, as_json):
 
     ctx.meta["json"] = as_json
     if check_only:
-        given = [name for name, value in (("--out", out is not None), ("--force", force), ("--steps", steps is not None)) if value]
+        given = [name for name, value in (("--out", out is not None), ("--force", force), ("--steps", steps is not None),
+                                          ("--atol", atol is not None), ("--rtol", rtol is not None)) if value]
         if given:
             raise VQExportError(f"--check-only cannot be combined with {', '.join(given)}: it writes nothing and runs no "
                                 "parity check")
@@ -271,7 +288,8 @@ def build(ctx, target, model, out, force, steps, head, check_only, as_json):
             enforce(ready)
         return
     with _Progress() as progress:
-        result = api.build(target=target, model=model, out=out, force=force, steps=steps, head=head, progress=progress)
+        result = api.build(target=target, model=model, out=out, force=force, steps=steps, head=head, atol=atol, rtol=rtol,
+                           progress=progress)
     if as_json:
         _print_json(result.manifest)
         return
@@ -285,7 +303,9 @@ def build(ctx, target, model, out, force, steps, head, check_only, as_json):
     s = m["sizes"]
     c.print(f"head {s['head']['params']:,} params ({s['head']['bytes']:,} bytes) vs dense {s['dense_head']['params']:,}; "
             f"trunk {s['trunk']['params']:,} params")
-    c.print(f"parity vs torch: max abs diff {r.max_abs_diff:.3g}, top-1 {r.top1_agreement:.4f}, "
+    own = (f" (within {r.allowed_atol:.3g}: PyTorch's own float32 error is {r.reference_error:.3g})"
+           if r.reference_error is not None else "")
+    c.print(f"parity vs torch: max abs diff {r.max_abs_diff:.3g}{own}, top-1 {r.top1_agreement:.4f}, "
             f"KL {r.kl_divergence:.3g}, greedy {r.greedy_match_steps}/{r.steps} [bold green]PASSED[/]")
 
 
@@ -293,9 +313,13 @@ def build(ctx, target, model, out, force, steps, head, check_only, as_json):
 @click.option("--artifact", "-a", required=True, type=click.Path(), help="Artifact directory written by 'vqexport build'.")
 @click.option("--steps", type=click.IntRange(0, 4096), default=None, help="Greedy decode steps [default: from the artifact's profile].")
 @click.option("--model", "-m", default=None, help="Reference model directory [default: the one the artifact was built from].")
+@click.option("--atol", type=float, default=None,
+              help="The logits' absolute tolerance for this check [default: the one the artifact was built with].")
+@click.option("--rtol", type=float, default=None,
+              help="The logits' relative tolerance for this check [default: the one the artifact was built with].")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the parity report) on stdout.")
 @click.pass_context
-def verify(ctx, artifact, steps, model, as_json):
+def verify(ctx, artifact, steps, model, atol, rtol, as_json):
     """Compare an artifact with the PyTorch reference: prefill, then greedy decode steps.
 
     Exit 0 on pass, 1 on parity failure, 2 on bad input.
@@ -304,7 +328,7 @@ def verify(ctx, artifact, steps, model, as_json):
 
     ctx.meta["json"] = as_json
     with _Progress() as progress:
-        report = api.verify(artifact, steps=steps, model=model, progress=progress)
+        report = api.verify(artifact, steps=steps, model=model, atol=atol, rtol=rtol, progress=progress)
     if as_json:
         _print_json(report.to_dict())
     else:

@@ -23,30 +23,31 @@ class TorchRunner(Runner):
             self.routing = Routing(clusters=head.map.numpy(), probes=head.probes)
 
     @classmethod
-    def from_source(cls, source: Source, trunk: Trunk | None = None) -> "TorchRunner":
+    def from_source(cls, source: Source, trunk: Trunk | None = None, dtype: torch.dtype = torch.float32) -> "TorchRunner":
+        """The reference of ``source``: its transformers model (or ``trunk``) and head, computing in ``dtype``."""
         from ..errors import VQExportError
         from ..trunk import hf
 
         g = source.geometry
         if trunk is None:
-            model = hf.load_causal_lm(source)
+            model = hf.load_causal_lm(source, dtype)
             trunk = make_trunk(source, model)
         else:
             model = None
         rows = rows_bias = None
         if source.head.two_stage:  # exact rows: the model's own output layer (the tied embedding table, or lm_head)
-            model = model if model is not None else hf.load_causal_lm(source)
+            model = model if model is not None else hf.load_causal_lm(source, dtype)
             rows, rows_bias = hf.output_weight(model), hf.output_bias(model, trunk.hidden_scale)
             if tuple(rows.shape) != (g.vocab_size, g.hidden_size):
                 raise VQExportError(f"{source.path}: the model's output layer is {list(rows.shape)}; a two-stage head reads "
                                     f"its exact rows there and needs [{g.vocab_size}, {g.hidden_size}]")
-        return cls(trunk, head_module(source.head, rows, rows_bias), g.vocab_size, g.logit_softcap)
+        return cls(trunk, head_module(source.head, rows, rows_bias).to(trunk.dtype), g.vocab_size, g.logit_softcap)
 
     @torch.no_grad()
     def hidden(self, input_ids, attention_mask, past) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         out = self.trunk(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)),
                          torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64)),
-                         *(torch.from_numpy(np.ascontiguousarray(p, dtype=np.float32)) for p in past))
+                         *(torch.from_numpy(np.ascontiguousarray(p)).to(self.trunk.dtype) for p in past))
         return out[0], out[1:]
 
     @torch.no_grad()

@@ -95,8 +95,8 @@ class TwoStageHead(VQLogitsHead):
     def __init__(self, config: HeadConfig, rows: torch.Tensor, rows_bias: torch.Tensor | None = None):
         super().__init__(config)
         self.register_buffer("members", torch.zeros(config.codebook_size, config.cluster_size, dtype=torch.int64))
-        self.register_buffer("rows", rows.detach().float(), persistent=False)  # the model's output layer, shared
-        self.register_buffer("rows_bias", rows_bias.detach().float() if rows_bias is not None else None, persistent=False)
+        self.register_buffer("rows", _wide(rows), persistent=False)  # the model's output layer, shared
+        self.register_buffer("rows_bias", _wide(rows_bias) if rows_bias is not None else None, persistent=False)
         self.route_bias = nn.Parameter(torch.zeros(config.codebook_size)) if config.route_bias else None
         self.probes = config.probes
 
@@ -137,6 +137,12 @@ class TwoStageHead(VQLogitsHead):
             return {"logits": vq.scatter_(-1, ids, exact.gather(-1, ids))}
         return {"logits": vq.scatter(-1, ids, exact.gather(-1, ids)), "route_scores": route, "vq_logits": vq,
                 "exact_logits": exact}
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as it is when float32 or float64 (the model's own tensor, not a copy), else as float32."""
+    t = t.detach()
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def head_module(head: Head, rows: torch.Tensor | None = None, rows_bias: torch.Tensor | None = None) -> VQLogitsHead:

@@ -24,15 +24,15 @@ from ..quiet import quiet
 from ..source import Geometry, Source, causal_lm_class, hf_config
 
 
-def load_causal_lm(source: Source) -> torch.nn.Module:
-    """transformers' causal LM of ``source``, float32, eval mode; missing or unexpected weights are an error."""
+def load_causal_lm(source: Source, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """transformers' causal LM of ``source`` in ``dtype``, eval mode; missing or unexpected weights are an error."""
     import transformers
 
     path = source.path
     cls = causal_lm_class(hf_config(path), path)
     try:
         with quiet():
-            model, info = cls.from_pretrained(str(path), dtype=torch.float32, local_files_only=True, output_loading_info=True,
+            model, info = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, output_loading_info=True,
                                               ignore_mismatched_sizes=True)  # reported below, by name
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -85,7 +85,7 @@ def running(source: Source, what: str):
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError, NotImplementedError, AssertionError) as e:
         msg = " ".join(str(e).split())[:200]
         raise VQExportError(f"{source.path}: transformers' {source.model_type} model fails {what} "
-                            f"({type(e).__name__}: {msg}); it cannot be exported") from None
+                            f"({type(e).__name__}: {msg}); it cannot be exported") from e
 
 
 LOGIT_SCALE_KEYS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier")  # in config.json
@@ -158,8 +158,12 @@ class Trunk(torch.nn.Module):
         hidden = out.last_hidden_state if self.hidden_scale == 1.0 else out.last_hidden_state * self.hidden_scale
         return (hidden, *present)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     def empty_past(self, batch: int, length: int = 0) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.zeros(batch, heads, length, size) for heads, size in self.kv_shapes for _ in "kv")
+        return tuple(torch.zeros(batch, heads, length, size, dtype=self.dtype) for heads, size in self.kv_shapes for _ in "kv")
 
 
 @torch.no_grad()
