@@ -302,6 +302,43 @@ def test_a_cache_other_than_the_config_implies_is_refused():
             check_cache(bad, geo, src)
 
 
+def test_gemma3n_builds(tmp_path):
+    """Gemma 3n (the text model of E2B / E4B): per-layer embeddings, AltUp streams, LAuReL, caches shared by its last
+    layers, soft-capped logits, and activation sparsity, whose cutoff takes the normal quantile of the sparsity
+    through erfinv (no ONNX op: vqexport's translation, folded to a constant)."""
+    import onnx
+    import transformers as tf
+
+    config = tf.Gemma3nTextConfig(**GEMMA4, num_hidden_layers=6, num_kv_shared_layers=2,
+                                  layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                                  laurel_rank=4, altup_num_inputs=4, final_logit_softcapping=SOFTCAP,
+                                  activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0])
+    model_dir = tmp_path / "model"
+    save_hf(model_dir, config)
+    write_head(model_dir, identity_head(model_dir))
+    result, _ = _oracle(tmp_path, model_dir)
+    assert len(result.manifest["config"]["kv_shapes"]) == 4 and result.manifest["config"]["logit_softcap"] == SOFTCAP
+    ops = {n.op_type for n in onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph.node}
+    assert "Log" not in ops  # erfinv of the constant sparsity was folded away
+
+
+def test_erfinv_translation_matches_torch():
+    """Where erfinv's input is not a constant, the translation computes it: within float32 rounding of torch's."""
+    import onnxruntime as ort
+
+    from vqexport.trunk.portable import TRANSLATIONS
+
+    class Quantile(torch.nn.Module):
+        def forward(self, x):
+            return torch.erfinv(x)
+
+    x = torch.linspace(-0.999999, 0.999999, 20001)
+    program = torch.onnx.export(Quantile().eval(), (x,), dynamo=True, custom_translation_table=TRANSLATIONS, verbose=False)
+    got = ort.InferenceSession(program.model_proto.SerializeToString()).run(None, {"x": x.numpy()})[0]
+    want = torch.erfinv(x.double()).numpy()
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+
+
 def test_a_config_whose_every_layer_shares_its_cache_is_one_line(tmp_path):
     model_dir = _gemma4(tmp_path / "model", layers=4)
     config = json.loads((model_dir / "config.json").read_text())

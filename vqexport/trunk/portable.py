@@ -52,7 +52,7 @@ def export_trunk(trunk: Trunk, source: Source, opset: int = DEFAULT_OPSET) -> ir
             program = torch.onnx.export(trunk, (ids, mask, *past), dynamic_shapes=dynamic_shapes,
                                         input_names=["input_ids", "attention_mask", *past_names],
                                         output_names=[HIDDEN, *present_names], opset_version=opset, dynamo=True,
-                                        optimize=True, verbose=False)
+                                        optimize=True, verbose=False, custom_translation_table=TRANSLATIONS)
     except Exception as e:  # torch.export / torch.onnx raise many types
         raise VQExportError(f"{source.path}: torch.onnx cannot export the {geo.model_type} decoder "
                             f"({export_failure(e)[:240]})") from None
@@ -60,6 +60,36 @@ def export_trunk(trunk: Trunk, source: Source, opset: int = DEFAULT_OPSET) -> ir
     canonicalize(model)
     return model
 
+
+# M. Giles, "Approximating the erfinv function" (GPU Computing Gems, 2010): single precision, a polynomial in
+# w = -log(1 - x^2) - 2.5 where w < 5, else in sqrt(w) - 3; highest power first.
+_ERFINV_CENTRAL = (2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 2.1858087e-04, -1.25372503e-03,
+                   -4.17768164e-03, 2.46640727e-01, 1.50140941)
+_ERFINV_TAIL = (-2.00214257e-04, 1.00950558e-04, 1.34934322e-03, -3.67342844e-03, 5.73950773e-03, -7.6224613e-03,
+                9.43887047e-03, 1.00167406, 2.83297682)
+
+
+def _erfinv(x):
+    """erfinv(x) in standard ops (ONNX has no Erfinv). Gemma 3n's activation sparsity takes the normal quantile of
+    a constant through it, so the exporter's optimizer folds it to that constant."""
+    from onnxscript import opset18 as op
+
+    def const(v):
+        return op.CastLike(op.Constant(value_float=v), x)
+
+    def horner(coefficients, t):
+        p = const(coefficients[0])
+        for c in coefficients[1:]:
+            p = op.Add(op.Mul(p, t), const(c))
+        return p
+
+    w = op.Neg(op.Log(op.Mul(op.Sub(const(1.0), x), op.Add(const(1.0), x))))
+    central = horner(_ERFINV_CENTRAL, op.Sub(w, const(2.5)))
+    tail = horner(_ERFINV_TAIL, op.Sub(op.Sqrt(w), const(3.0)))
+    return op.Mul(op.Where(op.Less(w, const(5.0)), central, tail), x)
+
+
+TRANSLATIONS = {torch.ops.aten.erfinv.default: _erfinv, torch.ops.prims.erf_inv.default: _erfinv}
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SUMMARY = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>: (.+)")
