@@ -450,10 +450,12 @@ def reference_error(source: Source, reference, prompts, steps: int, parity, pad_
     from .backends.torch_ref import TorchRunner
     from .verify import compare_runners
 
-    need = 2 * sum(t.numel() * t.element_size() for t in reference.trunk.parameters())
+    # the float64 model (twice the float32 one) and what loading it maps of the weights (measured: 2.4x to 2.6x)
+    need = int(2.5 * sum(t.numel() * t.element_size() for t in reference.trunk.parameters()))
     free = _available_memory()
     if free is not None and need > free:
-        return None, f"the model in float64 needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is available"
+        return None, (f"the model in float64 needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is available; --atol sets "
+                      "the tolerance")
     progress("measuring PyTorch's own float32 error (the model in float64)")
     try:
         exact = TorchRunner.from_source(source, dtype=torch.float64)
