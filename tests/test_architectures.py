@@ -322,6 +322,84 @@ def test_gemma3n_builds(tmp_path):
     assert "Log" not in ops  # erfinv of the constant sparsity was folded away
 
 
+def _as_multimodal(text_dir, out, composite_config, prefix, towers):
+    """The text model in ``text_dir`` as a multimodal checkpoint would hold it: ``composite_config`` (its text config
+    inside), the language model's weights under ``prefix`` and the ``towers``' weights beside them."""
+    from safetensors.numpy import load_file, save_file
+
+    out.mkdir()
+    weights = {prefix + k.removeprefix("model."): v for k, v in load_file(str(text_dir / "model.safetensors")).items()}
+    rng = np.random.default_rng(0)
+    weights.update({name: rng.standard_normal(shape).astype(np.float32) for name, shape in towers.items()})
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(composite_config.to_json_string())
+    for name in ("vq_head.json", "vq_head.safetensors"):
+        (out / name).write_bytes((text_dir / name).read_bytes())
+    return out
+
+
+def test_a_multimodal_gemma3n_checkpoint_builds_from_its_language_model_alone(tmp_path):
+    """Released Gemma 3n checkpoints are multimodal (model type gemma3n): the language model under
+    model.language_model., a vision tower transformers builds with timm (not installed here), an audio tower. The
+    language model is loaded alone, its weights found by name; the towers' weights are left out."""
+    import transformers as tf
+
+    from vqexport.source import load_source
+    from vqexport.trunk.hf import load_causal_lm
+
+    text = tf.Gemma3nTextConfig(**GEMMA4, num_hidden_layers=4, num_kv_shared_layers=2, laurel_rank=4,
+                                layer_types=["sliding_attention", "full_attention"] * 2,
+                                activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0])
+    text_dir = tmp_path / "text"
+    save_hf(text_dir, text)
+    write_head(text_dir, identity_head(text_dir))
+    composite = tf.Gemma3nConfig(text_config=text.to_dict())
+    towers = {"model.vision_tower.timm_model.conv_stem.conv.weight": (8, 3, 3, 3),
+              "model.audio_tower.subsample_conv_projection.conv_0.conv.weight": (8, 1, 3, 3),
+              "model.embed_vision.embedding.weight": (16, 32)}
+    model_dir = _as_multimodal(text_dir, tmp_path / "mm", composite, "model.language_model.", towers)
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "gemma3n"
+
+    model = load_causal_lm(load_source(model_dir))
+    assert type(model).__name__ == "Gemma3nForCausalLM"
+    result = api.build("ort", model=model_dir, out=tmp_path / "art", steps=4)
+    assert result.parity.passed
+    ids = np.arange(3, 12).reshape(1, -1)
+    mask = np.ones_like(ids)
+    prefill, _ = artifact_logits(result.out, ids, mask, np.array([[5]]))
+    np.testing.assert_allclose(prefill[0], transformers_logits(text_dir, ids, mask)[0], atol=1e-4, rtol=0)
+
+
+def test_a_multimodal_gemma3_checkpoint_loads_its_language_model_alone(tmp_path, small_tokenizer):
+    """Gemma 3 4B and up: the language model alone gives the multimodal model's own logits on text."""
+    from vqexport.source import load_source
+    from vqexport.trunk.hf import load_causal_lm
+
+    model_dir = _gemma3_multimodal(tmp_path / "mm", GEMMA3_ROPE, small_tokenizer)
+    model = load_causal_lm(load_source(model_dir))
+    assert type(model).__name__ == "Gemma3ForCausalLM" and not any("vision" in n for n, _ in model.named_parameters())
+    ids = np.arange(3, 12).reshape(1, -1)
+    with torch.no_grad():
+        ours = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_array_equal(ours, transformers_logits(model_dir, ids, np.ones_like(ids)))
+
+
+def test_a_language_model_not_found_by_name_loads_with_the_whole_model(tmp_path, small_tokenizer, monkeypatch):
+    """Where the language model's weights are not where the names say, the multimodal model is loaded as before."""
+    from vqexport.source import load_source
+    from vqexport.trunk import hf
+
+    model_dir = _gemma3_multimodal(tmp_path / "mm", GEMMA3_ROPE, small_tokenizer)
+    found = hf.language_model
+
+    def misnamed(cfg, source):
+        cls, kwargs, towers = found(cfg, source)
+        return cls, {**kwargs, "key_mapping": {"^no-such-prefix": "model."}}, towers
+
+    monkeypatch.setattr(hf, "language_model", misnamed)
+    assert type(hf.load_causal_lm(load_source(model_dir))).__name__ == "Gemma3ForConditionalGeneration"
+
+
 def test_erfinv_translation_matches_torch():
     """Where erfinv's input is not a constant, the translation computes it: within float32 rounding of torch's."""
     import onnxruntime as ort

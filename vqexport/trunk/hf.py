@@ -15,30 +15,84 @@ reference parity compares against and what torch.onnx exports: nothing about the
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
 from ..errors import VQExportError
 from ..head.module import soft_cap
 from ..quiet import quiet
+from ..safetensors_io import read_header
 from ..source import Geometry, Source, causal_lm_class, hf_config
 
 
 def load_causal_lm(source: Source, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """transformers' causal LM of ``source`` in ``dtype``, eval mode; missing or unexpected weights are an error."""
+    """transformers' causal LM of ``source`` in ``dtype``, eval mode; missing or unexpected weights are an error. A
+    multimodal checkpoint gives its language model alone (``language_model``)."""
+    cfg = hf_config(source.path)
+    composite = causal_lm_class(cfg, source.path)
+    alone = language_model(cfg, source)
+    if alone is not None:
+        cls, kwargs, towers = alone
+        model, info = _from_pretrained(source, cls, dtype, **kwargs)
+        if not _missing(model, info):
+            return _checked(source, model, info, towers)
+        del model  # weights named otherwise than found: the whole model, as the checkpoint describes it
+    model, info = _from_pretrained(source, composite, dtype)
+    return _checked(source, model, info, frozenset())
+
+
+def language_model(cfg, source: Source):
+    """A multimodal checkpoint's language model alone: (its causal-LM class, the ``from_pretrained`` arguments that
+    load it, the names of the checkpoint's other weights), or None for a checkpoint that is one causal LM already.
+
+    The decoder's settings sit in a text config with a causal-LM class of its own (Gemma 3 4B and up, Gemma 3n,
+    Gemma 4). Its weights are those under the prefix of the checkpoint's one ``embed_tokens.weight``, wherever the
+    checkpoint put it (``model.language_model.``, ``language_model.model.``); the output layer's is the one
+    ``lm_head.weight``. The vision and audio towers are never built: less memory, and none of their dependencies
+    (Gemma 3n's vision tower needs timm)."""
+    from transformers import AutoModelForCausalLM
+
+    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    if text is cfg or type(text) not in AutoModelForCausalLM._model_mapping:
+        return None
+    cls = AutoModelForCausalLM._model_mapping[type(text)]
+    names = [n for f in source.weight_files for n in read_header(f)]
+    tables = {n[: -len("embed_tokens.weight")] for n in names if n.endswith("embed_tokens.weight")}
+    heads = {n[: -len("lm_head.weight")] for n in names if n.endswith("lm_head.weight")}
+    if len(tables) != 1 or len(heads) > 1:
+        return None
+    prefix, base = tables.pop(), f"{cls.base_model_prefix}."
+    mapping = {} if prefix == base else {"^" + re.escape(prefix): base}
+    head = heads.pop() if heads else ""
+    if head:
+        mapping["^" + re.escape(head) + r"lm_head\."] = "lm_head."
+    towers = frozenset(n for n in names if not n.startswith(prefix) and n != f"{head}lm_head.weight")
+    return cls, {"config": text, "key_mapping": mapping}, towers
+
+
+def _from_pretrained(source: Source, cls, dtype: torch.dtype, **kwargs):
     import transformers
 
-    path = source.path
-    cls = causal_lm_class(hf_config(path), path)
     try:
         with quiet():
-            model, info = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, output_loading_info=True,
-                                              ignore_mismatched_sizes=True)  # reported below, by name
+            return cls.from_pretrained(str(source.path), dtype=dtype, local_files_only=True, output_loading_info=True,
+                                       ignore_mismatched_sizes=True, **kwargs)  # mismatches are reported by name
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VQExportError(f"{path}: transformers {transformers.__version__} cannot load this {source.model_type} model "
-                            f"({msg[:200]})") from None
-    missing = sorted(k for k in info.get("missing_keys", ()) if not _tied(model, k))
+        raise VQExportError(f"{source.path}: transformers {transformers.__version__} cannot load this {source.model_type} "
+                            f"model ({msg[:200]})") from None
+
+
+def _missing(model, info) -> list[str]:
+    return sorted(k for k in info.get("missing_keys", ()) if not _tied(model, k))
+
+
+def _checked(source: Source, model, info, others: frozenset) -> torch.nn.Module:
+    """``model`` in eval mode, if its weights were all there, of the shapes config.json implies, and all used
+    (``others``: a multimodal checkpoint's weights outside its language model, left out on purpose)."""
+    path = source.path
+    missing = _missing(model, info)
     if missing:
         raise VQExportError(f"{path}: the weights lack {len(missing)} tensor(s) the {source.model_type} model needs "
                             f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); a shard or the index is incomplete")
@@ -46,7 +100,7 @@ def load_causal_lm(source: Source, dtype: torch.dtype = torch.float32) -> torch.
     if mismatched:
         raise VQExportError(f"{path}: tensor {mismatched[0]} does not have the shape config.json implies"
                             f"{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''}")
-    unexpected = sorted(info.get("unexpected_keys") or ())
+    unexpected = sorted(set(info.get("unexpected_keys") or ()) - others)
     if unexpected:
         raise VQExportError(f"{path}: the weights hold {len(unexpected)} tensor(s) the {source.model_type} model of "
                             f"config.json has no place for ({', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}); "
