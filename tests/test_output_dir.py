@@ -165,16 +165,20 @@ def test_verify_against_a_different_model_fails_with_exit_1(tmp_path):
     assert report["passed"] is False and report["top1_agreement"] < 1.0
 
 
-def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_model, monkeypatch):
+@pytest.mark.parametrize("raised", ["python", "library"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_model, monkeypatch, raised):
+    """Python's OSError (errno 28), or a library's own exception saying so (safetensors, ONNX Runtime)."""
     import errno
 
     import vqexport.build as build
 
     def full(directory, manifest):
-        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "manifest.json"))
+        if raised == "python":
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory / "manifest.json"))
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
 
     monkeypatch.setattr(build, "write_manifest", full)
     out = tmp_path / "out"
-    assert_user_error(run_cli("build", "--model", tiny_model, "--out", out, "--steps", 1),
-                      "no space left on the device writing", "manifest.json")
+    says = ("no space left on the device writing", "manifest.json") if raised == "python" else ("no space left on the device",)
+    assert_user_error(run_cli("build", "--model", tiny_model, "--out", out, "--steps", 1), *says)
     assert not out.exists() and list(tmp_path.glob(".out*")) == []

@@ -10,7 +10,7 @@ from vqexport.backends.torch_ref import TorchRunner, head_step
 from vqexport.head.module import head_module
 from vqexport.head.spec import make_head
 from vqexport.profiles import Parity
-from vqexport.verify import compare_runners, verify_runners
+from vqexport.verify import compare_runners, rounding_error, verify_runners
 
 from .models import random_head
 
@@ -179,3 +179,23 @@ def test_a_real_gap_still_fails_with_a_grown_tolerance():
         report = verify_runners(ref, target, PROMPTS, 3, Parity(), reference_error=lambda: (1e-3, ""),
                                 mapping=reference.module.map.numpy())
     assert not report.passed and report.rerouted_positions == 0 and report.allowed_atol == pytest.approx(4e-3)
+
+
+def test_a_routing_flip_in_the_exact_model_is_not_taken_for_rounding():
+    """The float64 model may probe the other of two near-tied clusters: its logits then differ from float32's by
+    whole logits. The rounding error is measured on what the logits are made of (route scores, exact and VQ
+    logits), so a target off by 0.3 everywhere still fails."""
+    head, rows = _head(gap=3e-4), _rows()
+    reference, exact = _Runner(head, rows), _Runner(_swapped(head, 6e-4), rows)  # its route scores 6e-4 apart at the tie
+    with reference as r, exact as e:
+        error = rounding_error(r, e, PROMPTS, 3)
+        routed = compare_runners(r, e, PROMPTS, 3, Parity(), mapping=reference.module.map.numpy(), batched=False)
+    assert error == pytest.approx(6e-4, abs=2e-6) and routed.max_abs_diff > 1e-2  # the logits differ by whole logits
+
+    def off(out):
+        return StepOutput(logits=out.logits + 0.3, present=out.present)
+
+    with reference as r:
+        report = verify_runners(r, _Runner(head, rows, reference=False, edit=off), PROMPTS, 3, Parity(),
+                                reference_error=lambda: (error, ""), mapping=reference.module.map.numpy())
+    assert not report.passed and report.allowed_atol == pytest.approx(4 * error)

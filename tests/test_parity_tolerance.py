@@ -183,7 +183,7 @@ def test_tolerances_given_on_the_command_line_are_recorded_and_can_be_replaced_f
     report = json.loads(tight.stdout)
     assert report["tolerances"]["atol"] == 1e-12 and report["tolerances"]["rtol"] == 0.0
     assert report["reference_error"] is not None  # measured because 1e-12 was missed
-    assert tight.exit_code == (0 if report["passed"] else 1)
+    assert tight.exit_code == 0 and report["passed"] and report["allowed_atol"] == pytest.approx(4 * report["reference_error"])
     assert json.loads((out / "manifest.json").read_text())["profile"]["parity"]["atol"] == 0.25  # the check changed nothing
 
 

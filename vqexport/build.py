@@ -208,7 +208,7 @@ def export_trunk(profile: Profile, source: Source, reference, progress=_noop):
         return _TRUNKS[key].clone()
     progress(f"exporting the {source.model_type} trunk with torch.onnx")
     model = export(reference.trunk, source, opset=profile.opset)
-    if sum(p.numel() * p.element_size() for p in reference.trunk.parameters()) <= _MEMO_MAX_BYTES:
+    if _weight_bytes(reference.trunk) <= _MEMO_MAX_BYTES:
         while len(_TRUNKS) >= _MEMO_ENTRIES:
             _TRUNKS.pop(next(iter(_TRUNKS)))
         _TRUNKS[key] = model.clone()
@@ -434,52 +434,64 @@ def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, 
         return verify_runners(ref, target, prompts, n, profile.parity, target_name=profile.name, pad_id=pad,
                               mapping=source.head.map, batched=batched,
                               progress=lambda i, total: progress(f"verifying parity: step {i}/{total}"),
-                              reference_error=lambda: reference_error(source, ref, prompts, n, profile.parity, pad, progress))
+                              reference_error=lambda: reference_error(source, ref, prompts, n, progress))
 
 
-def reference_error(source: Source, reference, prompts, steps: int, parity, pad_id: int = 0,
-                    progress=_noop) -> tuple[float | None, str]:
-    """PyTorch's own float32 error on the parity check: max |logits| difference between ``reference`` (float32) and
-    the same model in float64 on the same prompts and decode steps, or None and why it could not be measured.
-
+def reference_error(source: Source, reference, prompts, steps: int, progress=_noop) -> tuple[float | None, str]:
+    """PyTorch's own float32 error on the parity check (``verify.rounding_error``): ``reference`` (float32) against the
+    same model with float64 weights and activations, on the same prompts and decode steps; or None and why it could
+    not be measured. (transformers computes a few steps in float32 whatever the model's type: norms, rotary angles.)
     The prompts go in one at a time: transformers' float64 attention turns fully masked (left-padding) rows into NaN."""
-    import dataclasses
+    import gc
 
     import torch
 
     from .backends.torch_ref import TorchRunner
-    from .verify import compare_runners
+    from .trunk.hf import MODEL_ERRORS
+    from .verify import rounding_error
 
-    # the float64 model (twice the float32 one) and what loading it maps of the weights (measured: 2.4x to 2.6x)
-    need = int(2.5 * sum(t.numel() * t.element_size() for t in reference.trunk.parameters()))
+    geo = source.geometry
+    # the float64 model (twice the float32 trunk and output layer) and what loading it maps (measured: 2.4x to 2.6x)
+    need = int(2.5 * (_weight_bytes(reference.trunk) + 4 * geo.vocab_size * geo.hidden_size))
     free = _available_memory()
     if free is not None and need > free:
         return None, (f"the model in float64 needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is available; --atol sets "
                       "the tolerance")
     progress("measuring PyTorch's own float32 error (the model in float64)")
+    exact = None
     try:
         exact = TorchRunner.from_source(source, dtype=torch.float64)
         with exact:
-            r = compare_runners(reference, exact, prompts, steps, dataclasses.replace(parity, reference_error_factor=0.0),
-                                pad_id=pad_id, mapping=source.head.map, batched=False,
-                                progress=lambda i, total: progress(f"float64 reference: step {i}/{total}"))
-    except (RuntimeError, TypeError, ValueError, VQExportError) as e:  # an architecture whose code assumes float32
+            return rounding_error(reference, exact, prompts, steps), ""
+    except (*MODEL_ERRORS, VQExportError) as e:  # an architecture whose code assumes float32
         cause = e.__cause__ if isinstance(e, VQExportError) and e.__cause__ is not None else e
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         return None, f"the model does not run in float64 ({type(cause).__name__}: {first[:160]})"
-    return r.max_abs_diff, ""
+    finally:
+        del exact
+        gc.collect()  # transformers' modules hold reference cycles: free the float64 model now, not at some later collection
+
+
+def _weight_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.parameters())
 
 
 def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    """Bytes of memory available to a new allocation: Linux's MemAvailable, or what the process's cgroup (v2) limit
+    leaves, whichever is less; None where neither is known."""
+    found = []
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def verify_artifact(artifact, steps: int | None = None, model=None, atol: float | None = None, rtol: float | None = None,

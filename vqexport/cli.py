@@ -59,6 +59,12 @@ def _one_line(e: click.UsageError) -> click.ClickException:
     return _UsageError(f"{' '.join(e.format_message().split())} (see '{command} --help')")
 
 
+def _out_of_space(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(e) for text in ("No space left on device", "Disk quota exceeded"))
+
+
 class _Group(click.Group):
     """Turns user errors (usage errors included) into one line + exit 2, parity failures into exit 1."""
 
@@ -83,10 +89,10 @@ class _Group(click.Group):
                 _parity_table(e.report)
             click.echo(f"parity FAILED: {e}", err=True)
             ctx.exit(1)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except Exception as e:  # a full disk, whichever library was writing (Python, safetensors, ONNX Runtime)
+            if not _out_of_space(e):
                 raise
-            where = f" writing {e.filename}" if e.filename else ""
+            where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
             click.echo(f"error: no space left on the device{where}: free some, or write elsewhere", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
@@ -251,7 +257,8 @@ def main():
 @click.option("--head", type=click.Choice(["standard", "fused"]), default=None,
               help="Head form: standard ops, or one fused VQLogits node [default: from the profile].")
 @click.option("--atol", type=float, default=None,
-              help="Parity: the logits' absolute tolerance [default: from the profile]; recorded in the manifest.")
+              help="Parity: the logits' absolute tolerance [default: from the profile]; recorded in the manifest. It "
+                   "grows to the profile's reference_error_factor times PyTorch's own float32 error where that is larger.")
 @click.option("--rtol", type=float, default=None,
               help="Parity: the logits' relative tolerance [default: from the profile]; recorded in the manifest.")
 @click.option("--check-only", is_flag=True,
@@ -314,7 +321,8 @@ def build(ctx, target, model, out, force, steps, head, atol, rtol, check_only, a
 @click.option("--steps", type=click.IntRange(0, 4096), default=None, help="Greedy decode steps [default: from the artifact's profile].")
 @click.option("--model", "-m", default=None, help="Reference model directory [default: the one the artifact was built from].")
 @click.option("--atol", type=float, default=None,
-              help="The logits' absolute tolerance for this check [default: the one the artifact was built with].")
+              help="The logits' absolute tolerance for this check [default: the one the artifact was built with]. It "
+                   "grows to the profile's reference_error_factor times PyTorch's own float32 error where that is larger.")
 @click.option("--rtol", type=float, default=None,
               help="The logits' relative tolerance for this check [default: the one the artifact was built with].")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the parity report) on stdout.")

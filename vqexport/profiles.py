@@ -42,7 +42,9 @@ class Parity:
     top5_overlap_min: float = 0.0
     kl_max: float = 1e-6
     greedy_must_match: bool = True
-    reference_error_factor: float = 4.0  # logits may differ by this many times PyTorch's own float32 error (0: never)
+    # logits may differ by this many times PyTorch's own float32 error (0: never); profiles that quantize or run fp16
+    # default to 0
+    reference_error_factor: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -336,6 +338,8 @@ def parse_profile(raw: dict, where: str) -> Profile:
     )
 
     p = table("parity", Parity.__dataclass_fields__)
+    # float32 through and through: PyTorch's own float32 error can set the tolerance; quantization or fp16 sets it otherwise
+    exact = precision == "fp32" and codebook == "fp32" and openvino.weights == "fp32"
     num = (int, float)
     parity = Parity(
         steps=take(p, "steps", int, 32, "parity.", lambda v: 0 <= v <= 4096, "an integer in [0, 4096]"),
@@ -345,7 +349,8 @@ def parse_profile(raw: dict, where: str) -> Profile:
         top5_overlap_min=float(take(p, "top5_overlap_min", num, 0.0, "parity.", lambda v: 0 <= v <= 1, "a number in [0, 1]")),
         kl_max=float(take(p, "kl_max", num, 1e-6, "parity.", lambda v: v >= 0, "a number >= 0")),
         greedy_must_match=take(p, "greedy_must_match", bool, True, "parity.", None, "true or false"),
-        reference_error_factor=float(take(p, "reference_error_factor", num, 4.0, "parity.", lambda v: v >= 0, "a number >= 0")),
+        reference_error_factor=float(take(p, "reference_error_factor", num, 4.0 if exact else 0.0, "parity.", lambda v: v >= 0,
+                                          "a number >= 0")),
     )
     if trunk.source == "genai":
         from .trunk.genai import EXECUTION_PROVIDERS

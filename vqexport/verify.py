@@ -12,7 +12,7 @@ is not failed for picking another one of them. "Exactly" is within ``TIE`` (rela
 
 Routing is tie-aware too. A two-stage head probes the P clusters with the best route scores, and where the P-th and
 the next score are closer than the tolerance allows a target's scores to move (2 · (atol + rtol · |score|): each side
-may move by the logit tolerance), a correct target may probe either. Its probed tokens then carry exact logits
+may move by the logit tolerance, atol grown as below where it grew), a correct target may probe either. Its probed tokens then carry exact logits
 where the reference's carry VQ logits, or the reverse: differences of whole logits, not rounding. Each such
 near-tied cluster is compared whole against the routing the target chose (all its tokens exact, or all VQ), with
 exactly P clusters probed in all; every other cluster must match the reference as it is. The reference runner
@@ -20,7 +20,7 @@ gives the parts (``Runner.routing``).
 
 The logits' tolerance is the target's ``atol``, or ``reference_error_factor`` times the reference's own float32
 error, whichever is larger. That error is measured only when ``atol`` is not met: the same prompts and decode steps
-through the same model in float64 (``with_reference_error``). Deep models can carry more float32 rounding than a
+through the same model in float64 (``rounding_error``, ``with_reference_error``). Deep models can carry more float32 rounding than a
 fixed ``atol`` allows PyTorch itself; a target within a few times PyTorch's own error of it computes the model as
 well as PyTorch does.
 """
@@ -365,6 +365,38 @@ def verify_runners(reference: Runner, target: Runner, prompts: list[list[int]], 
     return report
 
 
+_PARTS = ("exact_logits", "vq_logits", "route_scores")  # what a routing head's logits are made of
+
+
+def rounding_error(reference: Runner, exact: Runner, prompts: list[list[int]], steps: int) -> float:
+    """The largest difference between ``reference`` and ``exact`` (the same model, computed more exactly) over the
+    values each step's logits are made of: the logits, or a routing head's exact and VQ logits and route scores.
+    Those do not depend on the routing: where rounding moves a near-tied P-th cluster, the logits themselves differ
+    by whole logits, which is no measure of rounding. The prompts go in one at a time (no padding); both runners
+    decode the reference's greedy tokens. A non-finite difference is infinite."""
+    worst = 0.0
+
+    def compare(a, b):
+        names = [k for k in _PARTS if k in a.extra] if reference.routing is not None else []
+        pairs = [(a.extra[k], b.extra[k]) for k in names] if names else [(a.logits, b.logits)]
+        with np.errstate(invalid="ignore"):
+            diffs = [np.abs(x.astype(np.float64) - y.astype(np.float64)).max() for x, y in pairs]
+        return max(float(d) if np.isfinite(d) else np.inf for d in diffs)
+
+    for prompt in prompts:
+        ids = np.asarray([prompt], dtype=np.int64)
+        mask = np.ones_like(ids)
+        r = reference.step(ids, mask, reference.empty_past(1))
+        e = exact.step(ids, mask, exact.empty_past(1))
+        worst = max(worst, compare(r, e))
+        for _ in range(steps):
+            nxt = r.logits[:, -1].argmax(-1)[:, None]
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+            r, e = reference.step(nxt, mask, r.present), exact.step(nxt, mask, e.present)
+            worst = max(worst, compare(r, e))
+    return worst
+
+
 def needs_reference_error(report: ParityReport, parity: Parity) -> bool:
     """Whether the reference's own float32 error could change the verdict: ``atol`` is not met and the target's
     tolerance may grow with that error."""
@@ -372,8 +404,8 @@ def needs_reference_error(report: ParityReport, parity: Parity) -> bool:
 
 
 def with_reference_error(report: ParityReport, parity: Parity, error: float | None, note: str = "") -> ParityReport:
-    """``report`` judged again with the reference's own float32 error (``error``: max |float32 - float64| of its
-    logits on the same steps; None when it could not be measured, ``note`` says why)."""
+    """``report`` judged again with the reference's own float32 error (``error``: ``rounding_error`` against the
+    model in float64 on the same steps; None when it could not be measured, ``note`` says why)."""
     if error is not None and not np.isfinite(error):
         error, note = None, "the float64 reference gave non-finite logits"
     allowed = parity.atol if error is None else max(parity.atol, parity.reference_error_factor * error)

@@ -130,13 +130,17 @@ def output_bias(model, scale: float = 1.0) -> torch.Tensor | None:
     return bias if bias is None or scale == 1.0 else bias * scale
 
 
+# what transformers' model code raises where it cannot run an input (or a dtype): reported in one line
+MODEL_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError, NotImplementedError, AssertionError)
+
+
 @contextlib.contextmanager
 def running(source: Source, what: str):
     """transformers' model run quietly; where it fails, one line naming the model (not its traceback)."""
     try:
         with quiet():
             yield
-    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError, NotImplementedError, AssertionError) as e:
+    except MODEL_ERRORS as e:
         msg = " ".join(str(e).split())[:200]
         raise VQExportError(f"{source.path}: transformers' {source.model_type} model fails {what} "
                             f"({type(e).__name__}: {msg}); it cannot be exported") from e

@@ -70,12 +70,13 @@ _ERFINV_TAIL = (-2.00214257e-04, 1.00950558e-04, 1.34934322e-03, -3.67342844e-03
 
 
 def _erfinv(x):
-    """erfinv(x) in standard ops (ONNX has no Erfinv). Gemma 3n's activation sparsity takes the normal quantile of
-    a constant through it, so the exporter's optimizer folds it to that constant."""
+    """erfinv(x) in standard ops (ONNX has no Erfinv), computed in float32 whatever x's type: relative error about
+    1e-7, and +-inf at +-1. Gemma 3n's activation sparsity takes the normal quantile of a constant through it, so the
+    exporter's optimizer folds it to that constant."""
     from onnxscript import opset18 as op
 
     def const(v):
-        return op.CastLike(op.Constant(value_float=v), x)
+        return op.Constant(value_float=v)
 
     def horner(coefficients, t):
         p = const(coefficients[0])
@@ -83,10 +84,13 @@ def _erfinv(x):
             p = op.Add(op.Mul(p, t), const(c))
         return p
 
-    w = op.Neg(op.Log(op.Mul(op.Sub(const(1.0), x), op.Add(const(1.0), x))))
+    x32 = op.Cast(x, to=1)  # FLOAT
+    w = op.Neg(op.Log(op.Mul(op.Sub(const(1.0), x32), op.Add(const(1.0), x32))))
     central = horner(_ERFINV_CENTRAL, op.Sub(w, const(2.5)))
     tail = horner(_ERFINV_TAIL, op.Sub(op.Sqrt(w), const(3.0)))
-    return op.Mul(op.Where(op.Less(w, const(5.0)), central, tail), x)
+    y = op.Mul(op.Where(op.Less(w, const(5.0)), central, tail), x32)
+    y = op.Where(op.Equal(op.Abs(x32), const(1.0)), op.Mul(x32, const(float("inf"))), y)
+    return op.CastLike(y, x)
 
 
 TRANSLATIONS = {torch.ops.aten.erfinv.default: _erfinv, torch.ops.prims.erf_inv.default: _erfinv}
