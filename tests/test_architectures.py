@@ -400,6 +400,26 @@ def test_a_language_model_not_found_by_name_loads_with_the_whole_model(tmp_path,
     assert type(hf.load_causal_lm(load_source(model_dir))).__name__ == "Gemma3ForConditionalGeneration"
 
 
+def test_a_towers_output_layer_is_not_taken_for_the_language_models(tmp_path, small_tokenizer):
+    """A [V, d] matrix named lm_head inside a tower is not the language model's output layer: the checkpoint is
+    loaded whole, and its tensor without a place there is refused in one line."""
+    from safetensors.numpy import load_file, save_file
+
+    from vqexport.errors import VQExportError
+    from vqexport.source import hf_config as model_config
+    from vqexport.source import load_source
+    from vqexport.trunk.hf import language_model, load_causal_lm
+
+    model_dir = _gemma3_multimodal(tmp_path / "mm", GEMMA3_ROPE, small_tokenizer)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["audio_tower.lm_head.weight"] = np.ones((320, 64), np.float32)
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    source = load_source(model_dir)
+    assert language_model(model_config(model_dir), source) is None
+    with pytest.raises(VQExportError, match="audio_tower.lm_head.weight"):
+        load_causal_lm(source)
+
+
 def test_erfinv_translation_matches_torch():
     """Where erfinv's input is not a constant, the translation computes it: within float32 rounding of torch's, with
     +-inf at +-1, for float32 and float64 inputs."""

@@ -35,36 +35,43 @@ def load_causal_lm(source: Source, dtype: torch.dtype = torch.float32) -> torch.
     if alone is not None:
         cls, kwargs, towers = alone
         model, info = _from_pretrained(source, cls, dtype, **kwargs)
-        if not _missing(model, info):
+        if not _missing(model, info) and not set(info.get("unexpected_keys") or ()) - towers:
             return _checked(source, model, info, towers)
         del model  # weights named otherwise than found: the whole model, as the checkpoint describes it
     model, info = _from_pretrained(source, composite, dtype)
     return _checked(source, model, info, frozenset())
 
 
+# multimodal model types checked to be a language model plus towers that replace only media tokens' embeddings
+LANGUAGE_MODEL_PLUS_TOWERS = frozenset({"gemma3", "gemma3n", "gemma4"})
+
+
 def language_model(cfg, source: Source):
     """A multimodal checkpoint's language model alone: (its causal-LM class, the ``from_pretrained`` arguments that
     load it, the names of the checkpoint's other weights), or None for a checkpoint that is one causal LM already.
 
-    The decoder's settings sit in a text config with a causal-LM class of its own (Gemma 3 4B and up, Gemma 3n,
-    Gemma 4). Its weights are those under the prefix of the checkpoint's one ``embed_tokens.weight``, wherever the
-    checkpoint put it (``model.language_model.``, ``language_model.model.``); the output layer's is the one
-    ``lm_head.weight``. The vision and audio towers are never built: less memory, and none of their dependencies
-    (Gemma 3n's vision tower needs timm)."""
+    Model types whose multimodal model is a language model plus towers that only replace the embeddings of media
+    tokens (``LANGUAGE_MODEL_PLUS_TOWERS``; Gemma 3 4B and up, Gemma 3n, Gemma 4): the text config's causal-LM class.
+    Its weights are those under the prefix of the checkpoint's one ``embed_tokens.weight``, wherever the checkpoint
+    put it (``model.language_model.``, ``language_model.model.``); the output layer's is ``lm_head.weight`` beside
+    the language model, or none (tied). The vision and audio towers are never built: less memory, and none of their
+    dependencies (Gemma 3n's vision tower needs timm)."""
     from transformers import AutoModelForCausalLM
 
     text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    if text is cfg or type(text) not in AutoModelForCausalLM._model_mapping:
+    if cfg.model_type not in LANGUAGE_MODEL_PLUS_TOWERS or text is cfg or type(text) not in AutoModelForCausalLM._model_mapping:
         return None
     cls = AutoModelForCausalLM._model_mapping[type(text)]
     names = [n for f in source.weight_files for n in read_header(f)]
-    tables = {n[: -len("embed_tokens.weight")] for n in names if n.endswith("embed_tokens.weight")}
-    heads = {n[: -len("lm_head.weight")] for n in names if n.endswith("lm_head.weight")}
+    tables = {n[: -len("embed_tokens.weight")] for n in names if n == "embed_tokens.weight" or n.endswith(".embed_tokens.weight")}
+    heads = {n[: -len("lm_head.weight")] for n in names if n == "lm_head.weight" or n.endswith(".lm_head.weight")}
     if len(tables) != 1 or len(heads) > 1:
         return None
     prefix, base = tables.pop(), f"{cls.base_model_prefix}."
-    mapping = {} if prefix == base else {"^" + re.escape(prefix): base}
     head = heads.pop() if heads else ""
+    if not prefix or not prefix.startswith(head):  # an output layer that is not the language model's: a tower's
+        return None
+    mapping = {} if prefix == base else {"^" + re.escape(prefix): base}
     if head:
         mapping["^" + re.escape(head) + r"lm_head\."] = "lm_head."
     towers = frozenset(n for n in names if not n.startswith(prefix) and n != f"{head}lm_head.weight")
