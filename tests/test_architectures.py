@@ -425,6 +425,7 @@ def test_erfinv_translation_matches_torch():
     +-inf at +-1, for float32 and float64 inputs."""
     import onnxruntime as ort
 
+    from vqexport.quiet import quiet
     from vqexport.trunk.portable import TRANSLATIONS
 
     class Quantile(torch.nn.Module):
@@ -433,7 +434,9 @@ def test_erfinv_translation_matches_torch():
 
     for dtype in (torch.float32, torch.float64):
         x = torch.cat([torch.linspace(-0.999999, 0.999999, 20001, dtype=dtype), torch.tensor([-1.0, 1.0], dtype=dtype)])
-        program = torch.onnx.export(Quantile().eval(), (x,), dynamo=True, custom_translation_table=TRANSLATIONS, verbose=False)
+        with quiet():  # torch.export's own deprecation warnings
+            program = torch.onnx.export(Quantile().eval(), (x,), dynamo=True, custom_translation_table=TRANSLATIONS,
+                                        verbose=False)
         got = ort.InferenceSession(program.model_proto.SerializeToString()).run(None, {"x": x.numpy()})[0]
         want = torch.erfinv(x.float().double()).numpy()  # computed in float32: of x rounded to float32
         assert got.dtype == x.numpy().dtype

@@ -12,17 +12,17 @@ is not failed for picking another one of them. "Exactly" is within ``TIE`` (rela
 
 Routing is tie-aware too. A two-stage head probes the P clusters with the best route scores, and where the P-th and
 the next score are closer than the tolerance allows a target's scores to move (2 · (atol + rtol · |score|): each side
-may move by the logit tolerance, atol grown as below where it grew), a correct target may probe either. Its probed tokens then carry exact logits
-where the reference's carry VQ logits, or the reverse: differences of whole logits, not rounding. Each such
-near-tied cluster is compared whole against the routing the target chose (all its tokens exact, or all VQ), with
-exactly P clusters probed in all; every other cluster must match the reference as it is. The reference runner
-gives the parts (``Runner.routing``).
+may move by the logit tolerance, atol grown as below where it grew), a correct target may probe either. Its probed
+tokens then carry exact logits where the reference's carry VQ logits, or the reverse: differences of whole logits,
+not rounding. Each such near-tied cluster is compared whole against the routing the target chose (all its tokens
+exact, or all VQ), with exactly P clusters probed in all; every other cluster must match the reference as it is.
+The reference runner gives the parts (``Runner.routing``).
 
 The logits' tolerance is the target's ``atol``, or ``reference_error_factor`` times the reference's own float32
 error, whichever is larger. That error is measured only when ``atol`` is not met: the same prompts and decode steps
-through the same model in float64 (``rounding_error``, ``with_reference_error``). Deep models can carry more float32 rounding than a
-fixed ``atol`` allows PyTorch itself; a target within a few times PyTorch's own error of it computes the model as
-well as PyTorch does.
+through the same model in float64 (``rounding_error``, ``with_reference_error``). Deep models can carry more
+float32 rounding than a fixed ``atol`` allows PyTorch itself; a target within a few times PyTorch's own error of it
+computes the model as well as PyTorch does.
 """
 
 from __future__ import annotations
