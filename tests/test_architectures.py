@@ -444,6 +444,23 @@ def test_erfinv_translation_matches_torch():
         np.testing.assert_allclose(got[:-2], want[:-2], rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("form, kv_heads", [(dict(multi_query=True), 1),  # Falcon-7B: one key/value head
+                                             (dict(new_decoder_architecture=True, num_kv_heads=2), 4),  # Falcon-40B
+                                             (dict(multi_query=False), 4)])  # Falcon-RW: one per attention head
+def test_falcons_cache_has_the_heads_its_attention_keeps(tmp_path, form, kv_heads):
+    """Falcon's cache: one key/value head in its first, multi-query form; in its new form (Falcon-40B) transformers
+    broadcasts its num_kv_heads to every attention head before caching them."""
+    import transformers as tf
+
+    config = tf.FalconConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             bos_token_id=None, eos_token_id=None, pad_token_id=None, **form)
+    model_dir = tmp_path / "model"
+    save_hf(model_dir, config)
+    write_head(model_dir, identity_head(model_dir))
+    result, _ = _oracle(tmp_path, model_dir)
+    assert result.manifest["config"]["kv_shapes"] == [[kv_heads, 8]] * 2
+
+
 def test_a_config_whose_every_layer_shares_its_cache_is_one_line(tmp_path):
     model_dir = _gemma4(tmp_path / "model", layers=4)
     config = json.loads((model_dir / "config.json").read_text())

@@ -265,6 +265,8 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
         if softcap < 0:
             raise ValueError(f"final_logit_softcapping = {softcap:g}")
         n_layers, n_kv = int(get("num_hidden_layers")), int(get("num_key_value_heads", heads))
+        if get("new_decoder_architecture") is not None:  # Falcon's cache: one head when multi-query in its first form;
+            n_kv = 1 if get("multi_query", True) and not get("new_decoder_architecture") else heads  # else keys broadcast to all
         head_dim = int(get("head_dim", d // heads))
         geo = Geometry(
             model_type=str(raw["model_type"]), vocab_size=int(get("vocab_size")), hidden_size=d,
