@@ -267,28 +267,38 @@ def _select(out, rows) -> dict:
     return picked
 
 
-def _run(reference: Runner, target: Runner, prompts: list[list[int]], steps: int, stats, pad_id: int, tick) -> int:
-    """Prefill one (left-padded) batch, then ``steps`` greedy decode steps; returns how many steps matched."""
+def _lockstep(reference: Runner, target: Runner, prompts: list[list[int]], steps: int, pad_id: int = 0):
+    """Prefill one (left-padded) batch of ``prompts`` through both runners, then ``steps`` greedy decode steps on the
+    reference's tokens, each runner with its own KV cache. Yields (step, reference output, target output, mask):
+    step 0 is the prefill, ``mask`` the attention mask of that step."""
     ids, mask = left_pad(prompts, pad_id)
     batch = ids.shape[0]
     r = reference.step(ids, mask, reference.empty_past(batch))
     t = target.step(ids, mask, target.empty_past(batch))
-    keep = mask.astype(bool)
-    tgt = _select(t, keep)
-    rows = keep if len(next(iter(tgt.values()))) == keep.sum() else "last"
-    stats.add(*_reference_rows(r, rows, tgt, reference.routing, stats.p), tgt=tgt)
-    greedy_ok, matched = True, 0
-    for step in range(steps):
-        nxt = r.logits[:, -1].argmax(-1)
+    yield 0, r, t, mask
+    for step in range(1, steps + 1):
+        nxt = r.logits[:, -1].argmax(-1)[:, None]
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        r = reference.step(nxt[:, None], mask, r.present)
-        t = target.step(nxt[:, None], mask, t.present)
+        r, t = reference.step(nxt, mask, r.present), target.step(nxt, mask, t.present)
+        yield step, r, t, mask
+
+
+def _run(reference: Runner, target: Runner, prompts: list[list[int]], steps: int, stats, pad_id: int, tick) -> int:
+    """Prefill one (left-padded) batch, then ``steps`` greedy decode steps; returns how many steps matched."""
+    greedy_ok, matched = True, 0
+    for step, r, t, mask in _lockstep(reference, target, prompts, steps, pad_id):
+        if step == 0:
+            keep = mask.astype(bool)
+            tgt = _select(t, keep)
+            rows = keep if len(next(iter(tgt.values()))) == keep.sum() else "last"
+            stats.add(*_reference_rows(r, rows, tgt, reference.routing, stats.p), tgt=tgt)
+            continue
         tgt = _select(t, "last")
         ref_rows = _reference_rows(r, "last", tgt, reference.routing, stats.p)
         stats.add(*ref_rows, tgt=tgt)
         greedy_ok = greedy_ok and bool(_tied_at_or_above(ref_rows[0], _greedy(t)[:, None], 1).all())
         matched += int(greedy_ok)
-        tick(step + 1)
+        tick(step)
     # the KV cache at real positions only: a padded position's keys are masked out and may differ freely
     real = mask.astype(bool)[:, None, :, None]
     diffs = [float(np.where(real, np.abs(a - b), 0.0).max()) for a, b in zip(r.present, t.present) if a.size]
@@ -384,15 +394,7 @@ def rounding_error(reference: Runner, exact: Runner, prompts: list[list[int]], s
         return max(float(d) if np.isfinite(d) else np.inf for d in diffs)
 
     for prompt in prompts:
-        ids = np.asarray([prompt], dtype=np.int64)
-        mask = np.ones_like(ids)
-        r = reference.step(ids, mask, reference.empty_past(1))
-        e = exact.step(ids, mask, exact.empty_past(1))
-        worst = max(worst, compare(r, e))
-        for _ in range(steps):
-            nxt = r.logits[:, -1].argmax(-1)[:, None]
-            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-            r, e = reference.step(nxt, mask, r.present), exact.step(nxt, mask, e.present)
+        for _, r, e, _ in _lockstep(reference, exact, [prompt], steps):
             worst = max(worst, compare(r, e))
     return worst
 
