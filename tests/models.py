@@ -10,7 +10,7 @@ import numpy as np
 def hf_config(arch: str = "llama", vocab: int = 97, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
               ffn: int = 48, max_position: int = 256, tie: bool = True, **extra):
     """A tiny transformers config of ``arch`` (llama, qwen2, qwen3, qwen3_moe, gemma2, gemma3, phi3, mistral, granite,
-    granitemoehybrid, cohere, gpt2)."""
+    granitemoehybrid, cohere, gpt_oss, gpt2)."""
     import transformers as tf
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
@@ -22,8 +22,8 @@ def hf_config(arch: str = "llama", vocab: int = 97, hidden: int = 32, layers: in
     cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config, "gemma2": tf.Gemma2Config,
            "gemma3": tf.Gemma3TextConfig,
            "phi3": tf.Phi3Config, "mistral": tf.MistralConfig, "granite": tf.GraniteConfig, "cohere": tf.CohereConfig,
-           "qwen3_moe": tf.Qwen3MoeConfig, "granitemoehybrid": tf.GraniteMoeHybridConfig}[arch]
-    if arch in ("qwen3", "qwen3_moe", "gemma2", "gemma3"):
+           "qwen3_moe": tf.Qwen3MoeConfig, "granitemoehybrid": tf.GraniteMoeHybridConfig, "gpt_oss": tf.GptOssConfig}[arch]
+    if arch in ("qwen3", "qwen3_moe", "gemma2", "gemma3", "gpt_oss"):
         common["head_dim"] = hidden // heads
     common.update(extra)
     return cls(**common)

@@ -177,15 +177,6 @@ def test_an_architecture_torch_onnx_cannot_export_is_one_line(tmp_path, monkeypa
     assert not (tmp_path / "o").exists()
 
 
-def test_mixture_of_experts_is_refused_by_the_portable_trunk(tmp_path):
-    """transformers' experts layers export only by gathering every token's expert weights (batched_mm: 8.8 GB for a
-    256-token prompt through one Granite-MoE-1B-shaped layer): refused by name before torch.onnx, nothing written."""
-    model_dir = _dense_model(tmp_path / "model", "qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
-    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
-                      "the qwen3_moe decoder has mixture-of-experts layers", 'source = "genai"')
-    assert not (tmp_path / "o").exists()
-
-
 def test_a_decoder_with_convolution_state_is_refused(tmp_path):
     """LFM2's convolution layers (and Mamba hybrids') keep a state that is not keys and values: one line, not an
     AttributeError from the cache check, and nothing written."""

@@ -74,6 +74,16 @@ def _tokenizer(path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
+def untie_routers(model) -> None:
+    """Random weights for mixture-of-experts routers that transformers initialises to zeros (AFMoE's): with every
+    expert's score equal, which experts a token gets is arbitrary, and ONNX's TopK breaks ties otherwise than
+    torch.topk does. Real checkpoints' routers are not zero."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name and name.endswith("weight") and p.ndim == 2 and not p.any():
+                p.normal_(0.0, 0.5)
+
+
 def sweep_one(model_type: str, work: Path, target: str = "ort") -> tuple[str, str]:
     """(outcome, detail) of one model type, built for ``target`` in ``work``."""
     from transformers import AutoModelForCausalLM
@@ -90,6 +100,7 @@ def sweep_one(model_type: str, work: Path, target: str = "ort") -> tuple[str, st
     try:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).eval()
+        untie_routers(model)
         model.save_pretrained(str(model_dir))
         _tokenizer(model_dir)
     except Exception as e:

@@ -22,6 +22,8 @@ import torch
 from ..errors import VQExportError
 from ..graph_io import BATCH, HIDDEN, PAST, SEQ, TOTAL, cache_names
 from ..source import Source
+from .experts import TRANSLATIONS as EXPERTS
+from .experts import expand_routed_experts, exportable_experts
 from .hf import Trunk, quiet
 
 DEFAULT_OPSET = 18
@@ -35,11 +37,6 @@ def export_trunk(trunk: Trunk, source: Source, opset: int = DEFAULT_OPSET) -> ir
     from torch.export import Dim
 
     geo = source.geometry
-    if any(hasattr(m, "_is_expert_parallel") for m in trunk.decoder.modules()):  # transformers' experts layers set it
-        raise VQExportError(f"{source.path}: the {geo.model_type} decoder has mixture-of-experts layers, which the portable "
-                            "trunk does not export (torch.onnx has no ONNX function for transformers' grouped experts, and "
-                            "gathering each token's expert weights takes gigabytes per prompt); use a target with [trunk] "
-                            "source = \"genai\" where onnxruntime-genai's builder supports the architecture")
     b, s, p = 2, 3, 5  # all >= 2 and pairwise different, so the tracer neither specialises nor conflates axes
     ids = torch.arange(b * s, dtype=torch.int64).reshape(b, s) % geo.vocab_size
     mask = torch.ones(b, p + s, dtype=torch.int64)
@@ -48,15 +45,25 @@ def export_trunk(trunk: Trunk, source: Source, opset: int = DEFAULT_OPSET) -> ir
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past_len} for _ in past))
     past_names, present_names = cache_names(trunk.n_layers)
     try:
-        with quiet(), torch.no_grad():
+        with quiet(), torch.no_grad(), exportable_experts(trunk.decoder, source.path) as experts:
             program = torch.onnx.export(trunk, (ids, mask, *past), dynamic_shapes=dynamic_shapes,
                                         input_names=["input_ids", "attention_mask", *past_names],
                                         output_names=[HIDDEN, *present_names], opset_version=opset, dynamo=True,
-                                        optimize=True, verbose=False, custom_translation_table=TRANSLATIONS)
+                                        optimize=True, verbose=False, custom_translation_table={**TRANSLATIONS, **EXPERTS})
+    except VQExportError:
+        raise
     except Exception as e:  # torch.export / torch.onnx raise many types
         raise VQExportError(f"{source.path}: torch.onnx cannot export the {geo.model_type} decoder "
                             f"({export_failure(e)[:240]})") from None
     model = program.model
+    try:
+        with quiet():
+            expand_routed_experts(model, experts, trunk.decoder_name, opset)
+    except VQExportError as e:
+        raise VQExportError(f"{source.path}: {e}") from None
+    except Exception as e:
+        raise VQExportError(f"{source.path}: the {geo.model_type} decoder's experts layers cannot be exported "
+                            f"({export_failure(e)[:240]})") from None
     canonicalize(model)
     return model
 
