@@ -266,6 +266,52 @@ def test_per_layer_cache_shapes_reach_openvino_and_tensorrt(tmp_path):
     assert "past_key_values.4.key" not in decode
 
 
+def _latent_attention(path, arch):
+    """Multi-head latent attention: DeepSeek-V3 (with its experts: 8 routed, 2 per token, one shared, after a dense
+    first layer) or MiniCPM3 (dense, its own embedding and depth scales)."""
+    import transformers as tf
+
+    sizes = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                 v_head_dim=12, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=None,
+                 eos_token_id=None, pad_token_id=None)
+    if arch == "deepseek_v3":
+        config = tf.DeepseekV3Config(**sizes, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                     moe_intermediate_size=16, first_k_dense_replace=1, n_group=1, topk_group=1)
+    else:
+        config = tf.MiniCPM3Config(**sizes, scale_emb=12.0, scale_depth=1.4, dim_model_base=16)
+    save_hf(path, config)
+    write_head(path, identity_head(path))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "minicpm3"])
+def test_multi_head_latent_attention_builds_with_its_latent_cache(tmp_path, arch):
+    """transformers caches latent attention compressed: one head of kv_lora_rank ("keys") and one of the rotary
+    part ("values"). The graph carries that cache as it is; OpenVINO runs it too. onnxruntime-genai gives values
+    the keys' size, so the artifact has no genai_config.json."""
+    import onnx
+
+    from vqexport.backends.runners import runner_from_runtime
+
+    model_dir = _latent_attention(tmp_path / "model", arch)
+    result, _ = _oracle(tmp_path, model_dir)
+    assert result.manifest["config"]["kv_shapes"] == [[1, 16, 8]] * 2
+    graph = onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph
+    past = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    assert past["past_key_values.1.key"] == ["batch_size", 1, "past_sequence_length", 16]
+    assert past["past_key_values.1.value"] == ["batch_size", 1, "past_sequence_length", 8]
+    assert not (result.out / "genai_config.json").exists()
+    shown = run_cli("inspect", model_dir)
+    assert shown.exit_code == 0 and "kv heads/head_dim 1/16 (values 8)" in " ".join(shown.stdout.split())
+
+    ov = api.build("openvino", model=model_dir, out=tmp_path / "ov", steps=4)
+    assert ov.parity.passed
+    with runner_from_runtime(ov.out / ov.manifest["runtime"]["model_file"], ov.manifest["runtime"]) as r:
+        assert r.kv_shapes == [(1, 16, 8)] * 2
+        assert [p.shape for p in r.empty_past(3)] == [(3, 1, 0, 16), (3, 1, 0, 8)] * 2
+
+
 def test_a_cache_other_than_the_config_implies_is_refused():
     """The decoder's own cache decides: a layer without keys among those the config says keep them (an MLP-only
     layer), a cache in a layer the config says shares one, or a shape the config does not give: one line each."""
@@ -287,8 +333,8 @@ def test_a_cache_other_than_the_config_implies_is_refused():
     for bad, words in ((cache((2, 3, 4), None, None), "keeps keys and values in 1 of its layers, where its config "
                                                       "implies the first 2 (layer 1 differs"),
                        (cache((2, 3, 4), (1, 3, 8), (1, 3, 8)), "layer 2 differs"),
-                       (cache((2, 3, 4), (2, 3, 4), None), "layer 1 keeps keys and values of (heads, head_dim) [(2, 4)], "
-                                                           "not the (1, 8) its config gives")):
+                       (cache((2, 3, 4), (2, 3, 4), None), "layer 1 keeps keys and values of (heads, head_dim) [(2, 4), "
+                                                           "(2, 4)], not the [(1, 8), (1, 8)] its config gives")):
         with pytest.raises(VQExportError, match=re.escape(words)):
             check_cache(bad, geo, src)
 

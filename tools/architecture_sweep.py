@@ -19,7 +19,8 @@ Each model type ends in one of:
   said about it.
 
 Tiny sizes: V = 101, d = 32 (64 for the builder, whose attention needs head sizes of 16k), 2 layers, 4 heads (2
-key/value heads where the config takes them). Each model type
+key/value heads where the config takes them, 4 for multi-head latent attention, which expands its latent to every
+head). Each model type
 runs in a process of its own. Takes about 12 minutes on 2 cores per target. Nothing is downloaded.
 docs/architectures.md holds both targets' tables (``--out`` writes one table: paste it there).
 """
@@ -57,6 +58,8 @@ def _config(model_type: str, sizes: dict = SIZES):
 
     cls = CONFIG_MAPPING[model_type]
     takes = set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "attribute_map", {}))
+    if "kv_lora_rank" in takes:  # latent attention expands its latent to every head: as many key/value heads
+        sizes = dict(sizes, num_key_value_heads=sizes["num_attention_heads"])
     try:
         config = cls(**{k: v for k, v in sizes.items() if k in takes})
     except Exception:

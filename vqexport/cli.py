@@ -361,6 +361,8 @@ def inspect(path, as_json):
     from rich.table import Table
     from rich.text import Text
 
+    from .graph_io import cache_dims
+
     c = _console(stderr=False)
     c.print(f"[bold]{info['kind']}[/] {info['path']}")
     if info["kind"] == "model":
@@ -377,9 +379,12 @@ def inspect(path, as_json):
             head_text = f"VQ-Logits head K={head['codebook_size']} bias={head['bias']} rank={head['rank']}"
         else:
             head_text = "no VQ-Logits head (a dense model: vqexport convert makes one)"
-        kv = list(dict.fromkeys(tuple(s) for s in cfg["kv_shapes"]))
-        cache = (f"heads={cfg['n_heads']}/{cfg['n_kv_heads']} head_dim={cfg['head_dim']}" if len(kv) == 1 else
-                 f"heads={cfg['n_heads']}, kv heads/head_dim {' or '.join(f'{h}/{d}' for h, d in kv)} by layer")
+        kv = list(dict.fromkeys(cache_dims(s) for s in cfg["kv_shapes"]))
+        if len(kv) == 1 and kv[0][1] == kv[0][2]:
+            cache = f"heads={cfg['n_heads']}/{cfg['n_kv_heads']} head_dim={cfg['head_dim']}"
+        else:
+            shapes = " or ".join(f"{h}/{k}" + (f" (values {v})" if v != k else "") for h, k, v in kv)
+            cache = f"heads={cfg['n_heads']}, kv heads/head_dim {shapes}" + (" by layer" if len(kv) > 1 else "")
         if len(cfg["kv_shapes"]) < cfg["n_layers"]:
             cache += f" (caches in {len(cfg['kv_shapes'])} layers, the rest share them)"
         if cfg.get("logit_softcap"):

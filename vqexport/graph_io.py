@@ -7,7 +7,9 @@ saved graph. No torch here: the app-side path (runners, generate, inspect) uses 
              [batch_size, n_kv_heads, total_sequence_length, head_dim]
 
 One past/present pair per layer that keeps keys and values of its own (layers that read another layer's, as
-Gemma 4's last ``num_kv_shared_layers`` do, have none); each pair has its layer's n_kv_heads and head_dim.
+Gemma 4's last ``num_kv_shared_layers`` do, have none); each pair has its layer's n_kv_heads and head_dim. A layer's
+cache shape is ``(n_kv_heads, head_dim)``, or ``(n_kv_heads, key_dim, value_dim)`` where its values have a size of
+their own (the latent cache of multi-head latent attention: DeepSeek-V3, MiniCPM3).
 
 Inside every joined graph the trunk's final hidden state (times the model's logit scale, ``Trunk.hidden_scale``) is
 the value ``hidden_states``; the head's initializers are named ``head.*`` and its nodes ``head/*``.
@@ -32,6 +34,17 @@ PAST_AXES = {0: BATCH, 2: PAST}
 PER_POSITION_AXES = {0: BATCH, 1: SEQ}
 PRESENT_AXES = {0: BATCH, 2: TOTAL}
 PER_POSITION_OUTPUTS = ("logits", "topk_ids", "topk_logprobs", "cluster_logprobs", HIDDEN)
+
+
+def cache_dims(shape) -> tuple[int, int, int]:
+    """(n_kv_heads, key_dim, value_dim) of a layer's cache shape, (n_kv_heads, head_dim) or all three."""
+    heads, key, *value = (int(v) for v in shape)
+    return heads, key, value[0] if value else key
+
+
+def cache_shape(heads: int, key: int, value: int) -> tuple[int, ...]:
+    """A layer's cache shape as the geometry and the runners keep it: two sizes where keys and values share one."""
+    return (heads, key) if key == value else (heads, key, value)
 
 
 def past_name(layer: int, kind: str) -> str:

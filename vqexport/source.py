@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import VQExportError
+from .graph_io import cache_shape
 from .head.spec import CONFIG_FILE as HEAD_CONFIG_FILE
 from .head.spec import WEIGHTS_FILE as HEAD_WEIGHTS_FILE
 from .head.spec import Head, read_head
@@ -35,10 +36,13 @@ EXTRA_FILES = ("generation_config.json",)
 class Geometry:
     """What the graph and its KV cache look like, from transformers' config of the model.
 
-    ``n_kv_heads`` / ``head_dim`` are the first layer's. ``kv_shapes`` holds (n_kv_heads, head_dim) of each layer that
-    keeps keys and values of its own, in order: the graph's ``past_key_values.{i}``. Most models give every layer the
-    same shape (the default); Gemma 4 gives its global layers a head size of their own, and its last
-    ``num_kv_shared_layers`` read an earlier layer's keys and values and keep none. ``logit_softcap``: the model's
+    ``n_kv_heads`` / ``head_dim`` are the first layer's. ``kv_shapes`` holds the cache shape of each layer that keeps
+    keys and values of its own, in order: the graph's ``past_key_values.{i}``; (n_kv_heads, head_dim), or
+    (n_kv_heads, key_dim, value_dim) where the values have a size of their own (``graph_io.cache_dims``). Most models
+    give every layer the same shape (the default); Gemma 4 gives its global layers a head size of their own, and its
+    last ``num_kv_shared_layers`` read an earlier layer's keys and values and keep none. Multi-head latent attention
+    (DeepSeek-V3, MiniCPM3) caches its compressed latent as one head of ``kv_lora_rank`` "keys" and its rotary
+    part as one head of ``qk_rope_head_dim`` "values", as transformers keeps them. ``logit_softcap``: the model's
     logits are ``cap * tanh(l / cap)`` of its output layer's ``l`` (Gemma 2 and 4), and the head's get the same."""
 
     model_type: str
@@ -53,7 +57,7 @@ class Geometry:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    kv_shapes: tuple[tuple[int, int], ...] = ()  # () = every layer (n_kv_heads, head_dim)
+    kv_shapes: tuple[tuple[int, ...], ...] = ()  # () = every layer (n_kv_heads, head_dim)
     logit_softcap: float | None = None  # final_logit_softcapping: logits = cap * tanh(output layer / cap)
 
     def __post_init__(self):
@@ -274,7 +278,8 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
             max_position=int(get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)),
             bos_token_id=_token(get("bos_token_id")), eos_token_ids=eos, pad_token_id=_token(get("pad_token_id")),
-            kv_shapes=_kv_shapes(text, n_layers, n_kv, head_dim, int(get("num_kv_shared_layers", 0)), path / CONFIG),
+            kv_shapes=_kv_shapes(text, n_layers, n_kv, head_dim, int(get("num_kv_shared_layers", 0)), path / CONFIG,
+                                 latent=(get("kv_lora_rank"), get("qk_rope_head_dim")), value_dim=get("v_head_dim")),
             logit_softcap=softcap or None,
         )
     except (TypeError, ValueError) as e:
@@ -294,18 +299,24 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
     return geo
 
 
-def _kv_shapes(text, n_layers: int, n_kv: int, head_dim: int, shared: int, where: Path) -> tuple[tuple[int, int], ...]:
-    """(n_kv_heads, head_dim) of each layer that keeps its own keys and values: all but the last ``shared``
-    (``num_kv_shared_layers``: Gemma 3n, Gemma 4), each from transformers 5's per-layer config where it has one."""
+def _kv_shapes(text, n_layers: int, n_kv: int, head_dim: int, shared: int, where: Path, latent=(None, None),
+               value_dim=None) -> tuple[tuple[int, ...], ...]:
+    """The cache shape of each layer that keeps its own keys and values: all but the last ``shared``
+    (``num_kv_shared_layers``: Gemma 3n, Gemma 4), each from transformers 5's per-layer config where it has one.
+    ``latent``: (kv_lora_rank, qk_rope_head_dim) of multi-head latent attention, whose cache is its latent (one head
+    of each); ``value_dim``: values of a head size other than the keys' (``v_head_dim``)."""
     if not 0 <= shared < n_layers:
         raise VQExportError(f"{where}: num_kv_shared_layers = {shared} leaves no layer of the {n_layers} that keeps keys "
                             "and values of its own")
+    if None not in latent:
+        return (cache_shape(1, int(latent[0]), int(latent[1])),) * (n_layers - shared)
     layers = getattr(text, "per_layer_config", None)
     shapes = []
     for i in range(n_layers - shared):
         layer = layers[i] if layers is not None else None
         heads, size = getattr(layer, "num_key_value_heads", None), getattr(layer, "head_dim", None)
-        shapes.append((n_kv if heads is None else int(heads), head_dim if size is None else int(size)))
+        size = head_dim if size is None else int(size)
+        shapes.append(cache_shape(n_kv if heads is None else int(heads), size, size if value_dim is None else int(value_dim)))
     return tuple(shapes)
 
 

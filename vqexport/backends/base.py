@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..graph_io import cache_dims
+
 
 @dataclass
 class StepOutput:
@@ -32,12 +34,12 @@ class Routing:
 
 
 class Runner:
-    """Base class: subclasses set ``name``, the cache geometry (``kv_shapes``: (n_kv_heads, head_dim) of each layer
+    """Base class: subclasses set ``name``, the cache geometry (``kv_shapes``: ``graph_io.cache_shape`` of each layer
     with a cache, in the graph's order) and ``vocab_size``, and implement ``_activate`` and ``step``."""
 
     name = "runner"
     routing: Routing | None = None  # set by a reference whose head is two-stage
-    kv_shapes: list[tuple[int, int]]
+    kv_shapes: list[tuple[int, ...]]
     vocab_size: int
 
     @property
@@ -60,7 +62,8 @@ class Runner:
         pass
 
     def empty_past(self, batch: int, length: int = 0) -> list[np.ndarray]:
-        return [np.zeros((batch, heads, length, size), dtype=np.float32) for heads, size in self.kv_shapes for _ in "kv"]
+        return [np.zeros((batch, heads, length, size), dtype=np.float32)
+                for heads, *sizes in map(cache_dims, self.kv_shapes) for size in sizes]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> StepOutput:
         raise NotImplementedError

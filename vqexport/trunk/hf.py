@@ -20,6 +20,7 @@ import re
 import torch
 
 from ..errors import VQExportError
+from ..graph_io import cache_dims
 from ..head.module import soft_cap
 from ..quiet import quiet
 from ..safetensors_io import read_header
@@ -196,7 +197,7 @@ class Trunk(torch.nn.Module):
         name = next((n for n, m in causal_lm.named_children() if m is decoder), "model")
         self.add_module(name, decoder)
         self.decoder_name = name
-        self.kv_shapes = tuple(tuple(s) for s in kv_shapes)  # (n_kv_heads, head_dim) per layer with a cache
+        self.kv_shapes = tuple(tuple(s) for s in kv_shapes)  # graph_io.cache_shape of each layer with a cache
         self.hidden_scale = hidden_scale  # the model's logit scale (logit_scale), taken by the hidden state
 
     @property
@@ -228,7 +229,8 @@ class Trunk(torch.nn.Module):
         return next(self.parameters()).dtype
 
     def empty_past(self, batch: int, length: int = 0) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.zeros(batch, heads, length, size, dtype=self.dtype) for heads, size in self.kv_shapes for _ in "kv")
+        return tuple(torch.zeros(batch, heads, length, size, dtype=self.dtype)
+                     for heads, *sizes in map(cache_dims, self.kv_shapes) for size in sizes)
 
 
 @torch.no_grad()
@@ -264,7 +266,9 @@ def check_cache(out, geo: Geometry, source: Source) -> None:
                             f"where its config implies the first {geo.kv_layers} (layer {without[0]} differs: no attention, "
                             "or a cache shared in a way the config does not declare); it cannot be exported")
     for i, (layer, want) in enumerate(zip(layers, geo.kv_shapes)):
-        got = {tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2])}
-        if got != {want}:
+        heads, key, value = cache_dims(want)
+        got = (tuple(layer.keys.shape[1::2]), tuple(layer.values.shape[1::2]))
+        if got != ((heads, key), (heads, value)):
             raise VQExportError(f"{source.path}: the {geo.model_type} decoder's layer {i} keeps keys and values of (heads, "
-                                f"head_dim) {sorted(got)}, not the {want} its config gives; it cannot be exported")
+                                f"head_dim) {list(got)}, not the {[(heads, key), (heads, value)]} its config gives; it "
+                                "cannot be exported")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...graph_io import cache_dims
 from ...head.spec import write_head
 from ...profiles import Profile
 from ...source import Source
@@ -23,12 +24,17 @@ def write_json(path: Path, obj) -> None:
 def write_app_files(out: Path, source: Source, providers: list[str], logits: bool, trunk: dict) -> None:
     """What an app needs beside the graph: the head's definition (exact sampling, inspect), genai_config.json
     (onnxruntime-genai loads graphs with a ``logits`` output; the builder's own for a genai trunk) and the tokenizer
-    files."""
+    files. No genai_config.json where onnxruntime-genai cannot run the graph: it gives each layer's values the size
+    of its keys, and multi-head latent attention caches values of another size."""
     write_head(out, source.head)
-    if logits:
+    if logits and (trunk.get("genai_config") or same_key_value_sizes(source.geometry)):
         cfg = trunk.get("genai_config") or genai_config(source.geometry, MODEL_FILE, providers)
         write_json(out / "genai_config.json", cfg)
     copy_tokenizer(source, out)
+
+
+def same_key_value_sizes(geo) -> bool:
+    return all(key == value for _, key, value in map(cache_dims, geo.kv_shapes))
 
 
 def copy_tokenizer(source: Source, out: Path) -> None:

@@ -8,7 +8,7 @@ Used by the engine builder and, on CPU, by the readiness check (tensor sizes at 
 from __future__ import annotations
 
 from ...errors import VQExportError
-from ...graph_io import BATCH, PAST, SEQ, TOTAL, cache_names
+from ...graph_io import BATCH, PAST, SEQ, TOTAL, cache_dims, cache_names
 from ...source import Geometry
 from ...target_options import TrtOptions
 
@@ -33,8 +33,8 @@ def input_shapes(trt: TrtOptions, cfg: Geometry) -> list[dict[str, tuple[tuple[i
         shapes = {"input_ids": tuple((d[BATCH], d[SEQ]) for d in points),
                   "attention_mask": tuple((d[BATCH], d[TOTAL]) for d in points)}
         for j, name in enumerate(past):
-            heads, size = cfg.kv_shapes[j // 2]
-            shapes[name] = tuple((d[BATCH], heads, d[PAST], size) for d in points)
+            heads, *sizes = cache_dims(cfg.kv_shapes[j // 2])
+            shapes[name] = tuple((d[BATCH], heads, d[PAST], sizes[j % 2]) for d in points)
         out.append(shapes)
     return out
 
