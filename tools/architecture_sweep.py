@@ -21,7 +21,8 @@ Each model type ends in one of:
 Tiny sizes: V = 101, d = 32 (64 for the builder, whose attention needs head sizes of 16k), 2 layers, 4 heads (2
 key/value heads where the config takes them, 4 for multi-head latent attention, which expands its latent to every
 head). Each model type
-runs in a process of its own. Takes about 12 minutes on 2 cores per target. Nothing is downloaded.
+runs in a process of its own. Takes about 20 minutes on 2 cores for the portable trunk (its mixture-of-experts and
+latent-attention types build now), 12 for the builder. Nothing is downloaded.
 docs/architectures.md holds both targets' tables (``--out`` writes one table: paste it there).
 """
 
