@@ -14,8 +14,8 @@ node, ``vqexport.RoutedExperts(hidden [tokens, d], top_k_index [tokens, k], top_
 
 Each expert's weights are initializers of their own (``<stacked name>.<e>``), so nothing gathers or copies weights
 at run time, and the MatMuls of an expert no token chose run on no rows. Every expert's nodes still run at every
-step (about 20 per expert and layer), and each NonZero has a data-dependent size: measured on onnxruntime's and
-OpenVINO's CPU runtimes; not on a GPU.
+step (about 20 per expert and layer), and each NonZero has a data-dependent size: timed on onnxruntime's CPU
+runtime, run on OpenVINO's; never on a GPU.
 """
 
 from __future__ import annotations
