@@ -47,6 +47,11 @@ def cache_shape(heads: int, key: int, value: int) -> tuple[int, ...]:
     return (heads, key) if key == value else (heads, key, value)
 
 
+def cache_shapes(layers: int, dims) -> list[tuple[int, ...]]:
+    """The cache shape of each of ``layers`` layers, from ``dims(input name)``: (heads, size) of a past input."""
+    return [cache_shape(*dims(past_name(i, "key")), dims(past_name(i, "value"))[1]) for i in range(layers)]
+
+
 def past_name(layer: int, kind: str) -> str:
     return f"past_key_values.{layer}.{kind}"
 

@@ -133,14 +133,12 @@ class _OneExpert(torch.nn.Module):
     def forward(self, x, w0, w1, w2=None, w3=None):
         m = self.module
         weights = [w for w in (w0, w1, w2, w3) if w is not None]
-        y = None
-        for i, _ in enumerate(_projections(m)):
+        y = x
+        for i in range(len(_projections(m))):  # the up (or gate and up) projection, then the down projection
             w = weights.pop(0)
-            b = weights.pop(0) if m.has_bias else None
-            y = (x @ w if m.is_transposed else torch.nn.functional.linear(x, w)) if i == 0 else \
-                (y @ w if m.is_transposed else torch.nn.functional.linear(y, w))
-            if b is not None:
-                y = y + b
+            y = y @ w if m.is_transposed else torch.nn.functional.linear(y, w)
+            if m.has_bias:
+                y = y + weights.pop(0)
             if i == 0:
                 y = m._apply_gate(y) if m.has_gate else m.act_fn(y)
         if m.has_post_expert_norm:
@@ -250,8 +248,9 @@ def expand_routed_experts(model: ir.Model, modules: list[tuple[str, torch.nn.Mod
         name, module = modules[layer]
         base = f"{prefix}.{name}" if prefix else name
         calls[layer] = calls.get(layer, 0) + 1  # a layer called twice shares its weights, not its nodes' names
-        if _body_key(module) not in bodies:
-            bodies[_body_key(module)] = _export_expert(module, opset)
+        key = _body_key(module)
+        if key not in bodies:
+            bodies[key] = _export_expert(module, opset)
         hidden, top_k_index, top_k_weights = node.inputs
         b = _Builder(graph, node, base, base if calls[layer] == 1 else f"{base}#{calls[layer]}")
         n = module.num_experts
@@ -269,7 +268,7 @@ def expand_routed_experts(model: ir.Model, modules: list[tuple[str, torch.nn.Mod
             x = b.op("Gather", hidden, rows, axis=0)
             tensors = [_initializer(graph, f"{base}.{t}.{e}", getattr(module, t)[e].detach().float().numpy())
                        for t in _tensor_names(module)]
-            y = b.inline(bodies[_body_key(module)], [x, *tensors], f"expert{e}", shared)
+            y = b.inline(bodies[key], [x, *tensors], f"expert{e}", shared)
             w = b.op("Unsqueeze", b.op("Gather", b.op("Gather", weight, index, axis=1), rows, axis=0), axis1)
             # NonZero gives each token once (an expert it chose twice has both weights summed), so the rows are
             # distinct: gather, add, scatter (ScatterND's reduction would do it in one node, but onnxruntime's CPU

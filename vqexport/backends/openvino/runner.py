@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import VQExportError
-from ...graph_io import cache_names, cache_shape
+from ...graph_io import cache_names, cache_shapes
 from ..base import Runner, StepOutput
 from .env import require_device, require_openvino
 
@@ -40,8 +40,8 @@ class OvRunner(Runner):
         self.output_names = [p.any_name for p in compiled.outputs]
         shapes = {p.any_name: p.get_partial_shape() for p in compiled.inputs if p.any_name.startswith("past_key_values.")}
         self._past_names, _ = cache_names(len(shapes) // 2)
-        self.kv_shapes = [cache_shape(shapes[k][1].get_length(), shapes[k][3].get_length(), shapes[v][3].get_length())
-                          for k, v in zip(self._past_names[::2], self._past_names[1::2])]
+        self.kv_shapes = cache_shapes(len(shapes) // 2,
+                                      lambda name: (shapes[name][1].get_length(), shapes[name][3].get_length()))
         logits = next((p for p in compiled.outputs if p.any_name == "logits"), None)
         self.vocab_size = logits.get_partial_shape()[-1].get_length() if logits is not None else None
 

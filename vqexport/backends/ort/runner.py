@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from ...errors import VQExportError
-from ...graph_io import attention_windows, cache_names, cache_shape, load_graph, past_name
+from ...graph_io import attention_windows, cache_names, cache_shapes, load_graph
 from ..base import Runner, StepOutput
 from .session import available_providers, create_session, session_options
 
@@ -76,8 +76,7 @@ class OrtRunner(Runner):
         self.session = create_session(model, so, available_providers(self.providers))
         inputs = {i.name: i for i in self.session.get_inputs()}
         layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-        self.kv_shapes = [cache_shape(*self._kv_shape(inputs[past_name(i, "key")].shape),
-                                      self._kv_shape(inputs[past_name(i, "value")].shape)[1]) for i in range(layers)]
+        self.kv_shapes = cache_shapes(layers, lambda name: self._kv_shape(inputs[name].shape))
         self._past_names, self._present_names = cache_names(layers)
         if self.share_buffer:  # GroupQueryAttention refuses a cache buffer shorter than its sliding window
             graph = onnx.load_from_string(model) if isinstance(model, bytes) else load_graph(model)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import VQExportError
-from ...graph_io import cache_names, cache_shape
+from ...graph_io import cache_names, cache_shapes
 from ..base import Runner, StepOutput
 from .env import check_engine_runs_here, probe, require
 from .shapes import profile_for
@@ -60,9 +60,8 @@ class TrtRunner(Runner):
         self.stream.synchronize()
         layers = sum(1 for n in self._inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         self._past_names, _ = cache_names(layers)
-        shape = self.engine.get_tensor_shape
-        self.kv_shapes = [cache_shape(int(shape(k)[1]), int(shape(k)[3]), int(shape(v)[3]))
-                          for k, v in zip(self._past_names[::2], self._past_names[1::2])]
+        self.kv_shapes = cache_shapes(layers, lambda name: (int(self.engine.get_tensor_shape(name)[1]),
+                                                            int(self.engine.get_tensor_shape(name)[3])))
         self.vocab_size = int(self.engine.get_tensor_shape("logits")[-1]) if "logits" in self.output_names else None
 
     def _deactivate(self):
