@@ -396,6 +396,32 @@ def _twin_is_the_dense_model(artifact: Path, model: Path, out: Path) -> None:
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
 
 
+def _int4_twin(artifact: Path, out: Path) -> None:
+    """The dense twin of a two-stage head on an int4 trunk: the output layer is the trunk's int4 embedding table
+    (read back through onnxruntime's own GatherBlockQuantized), int4 again as MatMulNBits, as the trunk's precision;
+    its logits at the tokens the artifact scored exactly are those exact logits, up to the int8 activations of
+    MatMulNBits' accuracy level 4 (the fixture's rows and head are unrelated, so every other logit differs)."""
+    from vqexport.backends.ort.runner import OrtRunner
+    from vqexport.bench.artifact import dense_twin
+
+    out.mkdir()
+    twin = dense_twin(artifact, "model.onnx", out)
+    head = [n for n in load_graph(twin).graph.node if n.name.startswith("head/dense")]
+    assert [n.op_type for n in head] == ["MatMulNBits"]
+    attrs = {a.name: a.i for a in head[0].attribute}
+    assert attrs["bits"] == 4 and attrs["N"] == 320 and attrs["K"] == 64
+    ids = np.arange(12).reshape(2, 6) + 100
+    runtime = json.loads((artifact / "manifest.json").read_text())["runtime"]
+    with OrtRunner.from_artifact(artifact) as a, OrtRunner.from_runtime(twin, runtime) as b:
+        ours = a.step(ids, np.ones_like(ids), a.empty_past(2)).logits[:, -1]
+        dense = b.step(ids, np.ones_like(ids), b.empty_past(2)).logits[:, -1]
+    # token v is in cluster v % 20 (the fixture's map): the P = 4 probed clusters got the exact logits, which the
+    # twin gives too; every other cluster has its VQ logits, which it does not
+    worst = np.abs(ours - dense).reshape(2, 16, 20).max(1)  # [row, cluster]
+    # (rows = "int8" rescored with an int8 copy of the fp32 rows: within the int4 table's error of the twin)
+    assert ((worst < 0.1).sum(1) == 4).all() and ((worst < 0.1) | (worst > 0.5)).all()
+
+
 def test_int4_genai_trunk_rows_shared_or_int8(tied, tmp_path):
     """On the builder's int4 trunk, rows = "shared" reads the int4 embedding table itself (GatherBlockQuantized);
     the bundled ort-int4 reads an int8 copy (measured faster). (An int4 trunk of this random tiny model is far from
@@ -414,12 +440,10 @@ def test_int4_genai_trunk_rows_shared_or_int8(tied, tmp_path):
     rows = next(n for n in proto.graph.node if n.name == "head/exact/rows")
     lookup = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized" and "input_ids" in n.input)
     assert rows.op_type == "GatherBlockQuantized" and rows.input[0] == lookup.input[0]
-    # the builder's int4 table, whatever the rows' form: the dense twin is the builder's own model (bench --e2e)
-    assert_user_error(run_cli("bench", "--artifact", result.out, "--vs-dense"), "cannot build the two-stage head's dense twin",
-                      "bench --e2e")
+    _int4_twin(result.out, tmp_path / "twin-shared")
     assert profile.two_stage.rows == "int8"
     result = api.build(dataclasses.replace(profile, parity=loose), model=tied, out=tmp_path / "int8", steps=2)
-    assert_user_error(run_cli("bench", "--artifact", result.out, "--vs-dense"), "cannot build the two-stage head's dense twin")
+    _int4_twin(result.out, tmp_path / "twin-int8")
     inits = {t.name: t for t in load_graph(result.out / "model.onnx").graph.initializer}
     cfg = read_head(tied).config  # the int8 copy is laid out by cluster, each cluster's rows transposed
     assert list(inits["head.rows_q"].dims) == [cfg.codebook_size, 64, cfg.cluster_size] and inits["head.rows_q"].data_type == 3

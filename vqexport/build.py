@@ -19,7 +19,7 @@ from . import __version__
 from .artifact import build_lock, check_files, check_output_dir, read_manifest, source_hashes, staged_dir, write_manifest
 from .errors import ParityError, VQExportError
 from .head.spec import has_head, read_head_config
-from .profiles import Profile, load_profile
+from .profiles import QUANTIZED, Profile, load_profile
 from .source import DEMO_NAME, Source, is_demo, resolve_source
 from .verify import ParityReport
 
@@ -250,6 +250,13 @@ def write_graph(directory: Path, profile: Profile, source: Source, reference, pr
 
                 progress("casting the trunk to fp16 (head stays fp32)")
                 trunk = fp16_trunk(trunk)
+            elif profile.precision in QUANTIZED:
+                from .trunk.quantize import quantize_weights
+
+                t = profile.trunk
+                progress(f"quantizing the trunk's weights to {profile.precision} (blocks of {t.block_size}) with "
+                         "onnxruntime's quantizer")
+                trunk = quantize_weights(trunk, profile.precision, t.block_size, t.accuracy_level, t.quantize_embedding)
             info = {"trunk": "portable", "past_present_share_buffer": False}
         progress(f"building the head ({source.head.config.type}, {profile.head}, {profile.codebook}, {profile.decode.mode})")
         rows = rows_bias = None
@@ -281,7 +288,7 @@ def check_machine(profile: Profile) -> None:
         from .backends.openvino.env import require_device, require_nncf
 
         require_device(profile.openvino.device, f"target {profile.name}")
-        if profile.openvino.weights == "int8":
+        if profile.openvino.weights != "fp32":
             require_nncf(f"target {profile.name}")
     else:
         from .backends.ort.session import available_providers

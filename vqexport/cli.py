@@ -482,7 +482,7 @@ _BENCH_OPTIONS = {
                    "for the embedded model.")
 @click.option("--shape", type=click.Choice(["qwen2.5-0.5b", "llama-3.2-1b", "gemma-3-1b", "gemma-3-270m"]), default=None,
               help="With --e2e: a random-weight model of this shape, made locally (no download).")
-@click.option("--target", "-t", default="ort-int4", show_default=True, help="With --e2e: the artifact's target (a genai trunk).")
+@click.option("--target", "-t", default="ort-int4", show_default=True, help="With --e2e: the artifact's target (the builder's trunk, or the portable trunk at fp32, int4 or int8).")
 @click.option("--e2e-head", "e2e_head", type=click.Choice(["vq", "two-stage"]), default="vq", show_default=True,
               help="With --e2e: the head a model without one (or --shape's) gets: vq (K = V/32) or two-stage (K = V/16, P = K/16).")
 @click.option("--work", type=click.Path(), default=None,
@@ -499,8 +499,9 @@ def bench(ctx, head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, mo
     """Latency benchmarks; figures and ratios measured side by side in one run.
 
     --head: the output layer alone for standard head shapes. --artifact DIR: time to first token,
-    per-token decode latency (p50/p90/p99), tokens/s, peak RSS and bytes of a built artifact. --e2e: a genai-trunk
-    artifact against onnxruntime-genai's own dense model, through onnxruntime-genai.
+    per-token decode latency (p50/p90/p99), tokens/s, peak RSS and bytes of a built artifact. --e2e: an ONNX Runtime
+    artifact (the builder's trunk, or the portable one at fp32, int4 or int8) against onnxruntime-genai's own dense
+    model at the same precision, both through onnxruntime-genai.
     """
     from . import api
 

@@ -18,11 +18,15 @@ the value ``hidden_states``; the head's initializers are named ``head.*`` and it
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from .errors import VQExportError
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 HIDDEN = "hidden_states"
@@ -108,7 +112,14 @@ def check_dynamic_axes(model: onnx.ModelProto, last_position_only: bool = False)
 
 
 def initializer_stats(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
-    """name -> (elements, bytes) of every initializer (read from its dims: external data need not be loaded)."""
+    """name -> (elements, bytes) of every initializer (read from its dims: external data need not be loaded). A
+    weight onnxruntime's MatMulNBits or GatherBlockQuantized reads packed in bytes counts its values: 8 / bits per
+    byte."""
+    packed = {}
+    for node in model.graph.node:
+        if node.domain == "com.microsoft" and node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            packed[node.input[1 if node.op_type == "MatMulNBits" else 0]] = bits
     out = {}
     for t in model.graph.initializer:
         n = int(np.prod(t.dims)) if len(t.dims) else 1
@@ -116,6 +127,8 @@ def initializer_stats(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
             nbytes = (n + 1) // 2
         else:
             nbytes = n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if t.name in packed and t.data_type == onnx.TensorProto.UINT8:
+            n = nbytes * 8 // packed[t.name]
         out[t.name] = (n, nbytes)
     return out
 
@@ -141,3 +154,22 @@ def load_graph(path, load_weights: bool = False) -> onnx.ModelProto:
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
+
+
+_ID_PASSTHROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity")  # the same ids, another shape
+
+
+def embedding_lookup(graph: ir.Graph) -> ir.Node | None:
+    """The trunk's embedding lookup of input_ids (Gather, or GatherBlockQuantized on a quantized table), if any."""
+    return next((n for n in graph if n.op_type in ("Gather", "GatherBlockQuantized")
+                 and n.inputs[1] is not None and _reads_input_ids(n.inputs[1])), None)
+
+
+def _reads_input_ids(value: ir.Value) -> bool:
+    """Is ``value`` the graph input ``input_ids``, or those ids reshaped or cast (its first input, op by op)?"""
+    while value.name != "input_ids":
+        node = value.producer()
+        if node is None or node.op_type not in _ID_PASSTHROUGH or not node.inputs or node.inputs[0] is None:
+            return False
+        value = node.inputs[0]
+    return value.producer() is None

@@ -18,10 +18,13 @@ from .target_options import TritonOptions, TrtOptions, parse_trt, parse_triton
 from .target_options import _table as read_table
 
 BACKENDS = ("ort", "trt", "openvino")
-# The trunk's precision: the portable trunk is fp32 or fp16 (trunk/fp16.py; the head stays fp32); the genai
-# trunk takes what onnxruntime-genai's builder makes (vqexport.trunk.genai.PRECISIONS).
-PRECISIONS = {"ort": ("fp32", "fp16"), "trt": ("fp32", "fp16"), "openvino": ("fp32",)}
-OV_WEIGHTS = ("fp32", "int8")  # openvino: the IR's weights as converted, or int8-compressed by NNCF
+# The trunk's precision: the portable trunk is fp32 or fp16 (trunk/fp16.py; the head stays fp32), or on ONNX Runtime
+# int4 / int8 weights (trunk/quantize.py: MatMulNBits, GatherBlockQuantized); the genai trunk takes what
+# onnxruntime-genai's builder makes (vqexport.trunk.genai.PRECISIONS).
+PRECISIONS = {"ort": ("fp32", "fp16", "int4", "int8"), "trt": ("fp32", "fp16"), "openvino": ("fp32",)}
+QUANTIZED = ("int4", "int8")  # weight-only precisions of the portable trunk
+QUANT_KEYS = ("block_size", "accuracy_level", "quantize_embedding")  # [trunk] keys of a quantized portable trunk
+OV_WEIGHTS = ("fp32", "int8", "int4")  # openvino: the IR's weights as converted, or compressed by NNCF
 TRUNK_SOURCES = ("portable", "genai")
 ROW_FORMS = ("shared", "fp32", "int8", "int4")  # a two-stage head's exact rows
 CODEBOOKS = ("fp32", "int8", "int4")  # int4: MatMulNBits (bits = 4), the native encoding only
@@ -62,12 +65,17 @@ class TrunkOptions:
     source: str = "portable"  # "portable": torch.onnx of transformers' decoder | "genai": onnxruntime-genai's builder
     execution_provider: str = "cpu"  # genai: the builder's -e (cpu | cuda | dml | webgpu | NvTensorRtRtx)
     extra_options: dict = field(default_factory=dict)  # genai: more of the builder's --extra_options (key = value)
+    # portable int4 / int8: values per scale (symmetric blocks), MatMulNBits' accuracy level (4: int8 activations),
+    # and whether the embedding table is quantized too (GatherBlockQuantized)
+    block_size: int = 32
+    accuracy_level: int = 4
+    quantize_embedding: bool = True
 
 
 @dataclass(frozen=True)
 class OpenVinoOptions:
     device: str = "CPU"  # an OpenVINO device (CPU, GPU, NPU, ...)
-    weights: str = "fp32"  # "fp32" | "int8": NNCF weight compression (INT8_ASYM) of the IR
+    weights: str = "fp32"  # "fp32" | "int8" | "int4": NNCF weight compression of the IR (INT8_ASYM, INT4_ASYM)
     inference_precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT ("f32" keeps parity with fp32 PyTorch)
 
 
@@ -132,7 +140,11 @@ class Profile:
         if d["decode"]["last_position_only"] is None:  # "decide by head" likewise
             del d["decode"]["last_position_only"]
         if self.trunk.source != "genai":
-            d["trunk"] = {"source": self.trunk.source}
+            quant = {k: d["trunk"][k] for k in QUANT_KEYS} if self.precision in QUANTIZED else {}
+            d["trunk"] = {"source": self.trunk.source, **quant}
+        else:
+            for k in QUANT_KEYS:
+                d["trunk"].pop(k)
         if self.backend != "openvino":
             d.pop("openvino")
         trt, triton = d.pop("trt"), d.pop("triton")
@@ -227,13 +239,23 @@ def _trunk(t: dict, backend: str, fail, take) -> TrunkOptions:
     source = take(t, "source", str, "portable", "trunk.", lambda v: v in TRUNK_SOURCES, " or ".join(map(repr, TRUNK_SOURCES)))
     if source == "genai" and backend != "ort":
         fail("trunk.source = 'genai' (onnxruntime-genai's builder) applies to backend = 'ort' only")
-    if source != "genai" and set(t) - {"source"}:
-        fail(f"trunk.{sorted(set(t) - {'source'})[0]} applies to trunk.source = 'genai' only")
+    if source != "genai" and set(t) - {"source", *QUANT_KEYS}:
+        fail(f"trunk.{sorted(set(t) - {'source', *QUANT_KEYS})[0]} applies to trunk.source = 'genai' only")
+    if source == "genai" and set(t) & set(QUANT_KEYS):
+        fail(f"trunk.{sorted(set(t) & set(QUANT_KEYS))[0]} applies to the portable trunk; onnxruntime-genai's builder "
+             "takes its own in [trunk] extra_options (int4_block_size, int4_accuracy_level)")
     ep = take(t, "execution_provider", str, "cpu", "trunk.", None, "a string")
     extra = take(t, "extra_options", dict, {}, "trunk.", lambda v: all(isinstance(x, (str, int, float, bool)) for x in v.values()),
                  "a table of the builder's options (strings, numbers or booleans)")
+    from .trunk.quantize import BLOCK_SIZES
+
     return TrunkOptions(source=source, execution_provider=ep,
-                        extra_options={str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in sorted(extra.items())})
+                        extra_options={str(k): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in sorted(extra.items())},
+                        block_size=take(t, "block_size", int, 32, "trunk.", lambda v: v in BLOCK_SIZES,
+                                        "one of " + ", ".join(map(str, BLOCK_SIZES))),
+                        accuracy_level=take(t, "accuracy_level", int, 4, "trunk.", lambda v: 0 <= v <= 4,
+                                            "an integer in [0, 4]"),
+                        quantize_embedding=take(t, "quantize_embedding", bool, True, "trunk.", None, "true or false"))
 
 
 def parse_profile(raw: dict, where: str) -> Profile:
@@ -276,6 +298,15 @@ def parse_profile(raw: dict, where: str) -> Profile:
     else:
         precision = take(raw, "precision", str, "fp32", "", lambda v: v in PRECISIONS[backend],
                          " or ".join(map(repr, PRECISIONS[backend])) + f" (precisions of the {backend} backend's portable trunk)")
+        given = sorted(set(raw.get("trunk") or {}) & set(QUANT_KEYS))
+        if given and precision not in QUANTIZED:
+            fail(f"trunk.{given[0]} applies to precision 'int4' or 'int8' (a quantized portable trunk), not {precision!r}")
+        if precision in QUANTIZED:
+            from .trunk.quantize import MIN_OPSET
+
+            if opset < MIN_OPSET:
+                fail(f"precision {precision!r} on the portable trunk needs opset >= {MIN_OPSET} (onnxruntime's quantizer "
+                     f"moves an older graph to opset {MIN_OPSET} without converting it), got {opset}")
     if "trt" in raw and backend != "trt":
         fail("[trt] applies to backend = 'trt' only")
     codebook = take(raw, "codebook", str, "fp32", "", lambda v: v in CODEBOOKS, " or ".join(map(repr, CODEBOOKS)))

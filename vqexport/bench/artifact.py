@@ -74,7 +74,8 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
     """The artifact's trunk with the dense-head twin of its head (W[v] = C[M[v]] (+ U[v] P), same bias), written to
     ``out``/dense.onnx: the same logits as the VQ head, from one V x d MatMul. A two-stage head's twin is the model's
     own output layer (the rows it rescores with: the trunk's embedding table when tied, else the artifact's fp32
-    copy): the dense model it was converted from."""
+    copy): the dense model it was converted from. On an int4 / int8 trunk the twin's output layer is quantized the
+    same way (MatMulNBits, the trunk's blocks), so both sides run at the trunk's precision."""
     import onnx_ir as ir
 
     from ..head.graph import HeadForm
@@ -87,7 +88,8 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
     model = ir.load(str(artifact / model_file))
     rows = rows_bias = None
     tied = False
-    config = read_manifest(artifact)["config"]
+    manifest = read_manifest(artifact)
+    config = manifest["config"]
     softcap = config.get("logit_softcap")  # the twin's logits capped as the artifact's
     if head.two_stage:
         rows, rows_bias = _initializer(model, "head.rows"), _initializer(model, "head.rows_bias")
@@ -95,21 +97,59 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
         if rows is None and not tied:
             raise VQExportError(f"{artifact}: the model's output layer is in this artifact only as quantized rows; its "
                                 "dense twin needs them in fp32 (build with [two_stage] rows = \"fp32\")")
+        if rows is None:
+            rows = _quantized_table(model)  # an int4 / int8 trunk's embedding table, as its own kernel reads it
+            tied = rows is None
     try:
         model = join(detach_head(model), head, HeadForm(dense=True, last_position_only=last_position_only), rows=rows,
                      rows_bias=rows_bias, tied=tied, softcap=softcap)
-    except ValueError as e:  # a tied two-stage head whose trunk reads its embedding table quantized
+    except ValueError as e:  # a tied two-stage head whose trunk reads its embedding table some other way
         if not head.two_stage:
             raise
-        raise VQExportError(f"{artifact}: cannot build the two-stage head's dense twin ({e}); on onnxruntime-genai's "
-                            "trunk, compare with the builder's own model through bench --e2e") from None
+        raise VQExportError(f"{artifact}: cannot build the two-stage head's dense twin ({e})") from None
+    quant = _trunk_quantization(manifest["profile"])
+    if quant is not None:
+        from ..trunk.quantize import quantize_nodes
+
+        model = quantize_nodes(model, [DENSE_MATMUL], *quant)
     save(model, out, "dense.onnx")
     return out / "dense.onnx"
 
 
+DENSE_MATMUL = "head/dense/MatMul"
+
+
+def _trunk_quantization(profile: dict) -> tuple[str, int, int] | None:
+    """(precision, block size, accuracy level) of an int4 / int8 trunk from the manifest's profile: the portable
+    trunk's [trunk] keys, or the builder's options (its CPU defaults: blocks of 32, accuracy level 4)."""
+    from ..profiles import QUANTIZED
+
+    precision = profile.get("precision")
+    if precision not in QUANTIZED:
+        return None
+    trunk = profile.get("trunk", {})
+    if trunk.get("source") == "genai":
+        extra = trunk.get("extra_options", {})
+        return precision, int(extra.get("int4_block_size", 32)), int(extra.get("int4_accuracy_level", 4))
+    return precision, int(trunk.get("block_size", 32)), int(trunk.get("accuracy_level", 4))
+
+
+def _quantized_table(model) -> np.ndarray | None:
+    """The rows of the trunk's embedding table when it is read by GatherBlockQuantized (None when a plain Gather
+    reads it: the twin then shares it)."""
+    from ..graph_io import embedding_lookup
+    from ..trunk.quantize import dequantized_rows
+
+    lookup = embedding_lookup(model.graph)
+    if lookup is None or lookup.op_type != "GatherBlockQuantized":
+        return None
+    return dequantized_rows(lookup)
+
+
 def _initializer(model, name: str) -> np.ndarray | None:
+    """A copy of the named initializer (a view would keep the weights file mapped, and the twin may load it)."""
     value = model.graph.initializers.get(name)
-    return None if value is None else value.const_value.numpy()
+    return None if value is None else np.array(value.const_value.numpy())
 
 
 def _rss_mb() -> float:

@@ -1,14 +1,17 @@
-"""``bench --e2e``: the artifact against onnxruntime-genai's own dense-head model of the same trunk at the same
-precision, both run by onnxruntime-genai, in one run and alternating.
+"""``bench --e2e``: the artifact against onnxruntime-genai's own dense-head model at the same precision (of the same
+trunk, or for a portable-trunk target the builder's model of the same directory), both run by onnxruntime-genai, in
+one run and alternating.
 
     model      --model DIR (a Hugging Face directory, with or without a VQ head), or --shape NAME: a random-weight
                model of a real shape made locally with transformers' config classes (no download), with a small
                byte-level tokenizer (prompts are token ids, so its size does not matter)
     head       a model without one gets `convert` (K = V/32, spherical clustering, no text; with head = "two-stage",
                K = V/16 equal clusters of 16 and P = K/16: (K + P * 16) = V/8 logits computed per position)
-    artifact   `build` with the target (default ort-int4: the builder's int4 trunk + the VQ head), parity included
+    artifact   `build` with the target (default ort-int4: the builder's int4 trunk + the VQ head; or the portable
+               trunk at fp32, int4 or int8, e.g. ort-int4-portable), parity included
     baseline   `python -m onnxruntime_genai.models.builder` on the same directory with the same precision, execution
-               provider and options, its own output layer included: what a user gets in one command; at int4 also
+               provider and options (a portable int4 / int8 trunk's block size and accuracy level), its own output
+               layer included: what a user gets in one command; at int4 also
                the same with an int8 output layer (algo_config=rtn_last), what users pick when an
                int4 head costs them accuracy
     timing     each side in a fresh worker process, sides alternating: time to first token (prefill of the prompt and
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VQExportError
+from ..profiles import QUANTIZED
 from .artifact import worker_failed
 
 SHAPES = {  # transformers config class, sizes; tied embeddings as the real models have
@@ -83,6 +87,17 @@ def make_shape_model(name: str, out: Path, seed: int = 0) -> Path:
 INT8_HEAD = {"algo_config": "rtn_last"}  # the builder's RTN int4 body with an int8 last MatMul (its output layer)
 
 
+def builder_options(profile) -> dict:
+    """The builder's options that give the dense baseline the artifact's trunk settings: a genai profile's own, or a
+    quantized portable trunk's blocks and accuracy level (the builder's defaults are blocks of 32, level 4)."""
+    if profile.trunk.source == "genai":
+        return dict(profile.trunk.extra_options)
+    t = profile.trunk
+    if profile.precision not in QUANTIZED or (t.block_size, t.accuracy_level) == (32, 4):
+        return {}
+    return {"int4_block_size": str(t.block_size), "int4_accuracy_level": str(t.accuracy_level)}
+
+
 def builder_dense(source, profile, out: Path, work: Path, extra: dict | None = None) -> Path:
     """onnxruntime-genai's builder on the same directory and settings, its output layer included."""
     from ..trunk.genai import failure_reason, require_builder, run_builder
@@ -91,7 +106,7 @@ def builder_dense(source, profile, out: Path, work: Path, extra: dict | None = N
     partial = out.with_name(f".{out.name}.partial")  # renamed into place when the builder succeeded
     shutil.rmtree(partial, ignore_errors=True)
     proc = run_builder(source.path, partial, profile.precision, profile.trunk.execution_provider,
-                       {**profile.trunk.extra_options, **(extra or {})}, work)
+                       {**builder_options(profile), **(extra or {})}, work)
     if proc.returncode != 0 or not (partial / "model.onnx").is_file():
         shutil.rmtree(partial, ignore_errors=True)
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder could not build the dense baseline "
@@ -240,9 +255,11 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
     if head not in ("vq", "two-stage"):
         raise VQExportError(f"--head must be 'vq' or 'two-stage', got {head!r}")
     profile = load_profile(target)
-    if profile.trunk.source != "genai":
-        raise VQExportError(f"target {profile.name} has a {profile.trunk.source} trunk; bench --e2e compares a genai-trunk "
-                            "artifact with the builder's own model (e.g. --target ort-int4)")
+    if profile.backend != "ort" or (profile.trunk.source != "genai" and profile.precision not in ("fp32", *QUANTIZED)):
+        raise VQExportError(f"target {profile.name} ({profile.backend}, {profile.trunk.source} trunk at {profile.precision}) "
+                            "has no onnxruntime-genai model of the builder to compare with; bench --e2e takes an ONNX "
+                            "Runtime target with the builder's trunk (e.g. ort-int4) or the portable trunk at fp32, "
+                            "int4 or int8 (ort, ort-int4-portable)")
 
     def say(label, i=0, n=1):
         if progress is not None:
@@ -283,13 +300,14 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
                                         top5_overlap_min=0.0, greedy_must_match=False)
             target = dataclasses.replace(profile, parity=loose)
         built = build(target, model=vq_dir, out=art, force=True)
-        dense = root / f"{src.name}-builder-{profile.precision}"
+        options = builder_options(profile)
+        dense = root / "-".join([f"{src.name}-builder-{profile.precision}", *(f"{k}{v}" for k, v in sorted(options.items()))])
         if not (dense / "model.onnx").is_file():
             say(f"building onnxruntime-genai's dense {profile.precision} model")
             builder_dense(source, profile, dense, root)
         sides = {"vq": art, "dense": dense}
         if profile.precision == "int4":
-            dense8 = root / f"{src.name}-builder-int4-int8head"
+            dense8 = dense.with_name(f"{dense.name}-int8head")
             if not (dense8 / "model.onnx").is_file():
                 say("building onnxruntime-genai's int4 model with an int8 output layer")
                 builder_dense(source, profile, dense8, root, INT8_HEAD)

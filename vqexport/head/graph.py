@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ..graph_io import BATCH, HIDDEN, SEQ
+from ..graph_io import BATCH, HIDDEN, SEQ, embedding_lookup
 from .decoding import cluster_tables
 from .quant import quantize_rows
 from .spec import Head, padded_members
@@ -217,19 +217,6 @@ class _Builder:
         return {"topk_ids": ids, "topk_logprobs": self.op("Sub", [values, lse], "head/topk/logprobs")}
 
 
-_ID_PASSTHROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity")  # the same ids, another shape
-
-
-def _reads_input_ids(value: ir.Value) -> bool:
-    """Is ``value`` the graph input ``input_ids``, or those ids reshaped or cast (its first input, op by op)?"""
-    while value.name != "input_ids":
-        node = value.producer()
-        if node is None or node.op_type not in _ID_PASSTHROUGH or not node.inputs or node.inputs[0] is None:
-            return False
-        value = node.inputs[0]
-    return value.producer() is None
-
-
 class _TwoStage:
     """Stage 2 of a two-stage head: the probed clusters' tokens get exact logits from the model's own rows."""
 
@@ -289,8 +276,7 @@ class _TwoStage:
     def _lookup(self) -> ir.Node:
         """The trunk's embedding lookup of input_ids over its [V, d] table (an initializer); the ids may reach it
         through ops that only reshape or cast them (GPT-2's export flattens them with a Reshape first)."""
-        lookup = next((n for n in self.b.graph if n.op_type in ("Gather", "GatherBlockQuantized")
-                       and n.inputs[1] is not None and _reads_input_ids(n.inputs[1])), None)
+        lookup = embedding_lookup(self.b.graph)
         V = self.head.config.vocab_size
         if (lookup is None or lookup.inputs[0] is None or not lookup.inputs[0].is_initializer()
                 or lookup.inputs[0].shape is None or list(lookup.inputs[0].shape)[0] != V):

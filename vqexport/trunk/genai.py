@@ -34,6 +34,8 @@ COMBINATIONS = {("fp32", "cpu"), ("fp32", "cuda"), ("fp16", "cuda"), ("fp16", "d
                 ("bf16", "cuda"), ("bf16", "NvTensorRtRtx"), ("int8", "cpu"), ("int8", "cuda"), ("int8", "webgpu"),
                 ("int4", "cpu"), ("int4", "cuda"), ("int4", "dml"), ("int4", "webgpu")}
 BUILDER_FRAME = re.compile(r'File ".*onnxruntime_genai/models/(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\w+)')
+# where a model the builder cannot serve goes instead
+PORTABLE = 'a target with [trunk] source = "portable" (ort; ort-int4-portable for int4 weights)'
 RESERVED_OPTIONS = ("exclude_lm_head", "include_hidden_states", "exclude_embeds", "filename", "config_only")
 
 
@@ -86,7 +88,7 @@ def check_fits(source: Source, target: str) -> None:
     if head_dim % GQA_HEAD_MULTIPLE:
         raise VQExportError(f"target {target}: onnxruntime-genai's builder makes attention with onnxruntime's "
                             f"GroupQueryAttention, which needs a head size that is a multiple of {GQA_HEAD_MULTIPLE}, and "
-                            f"{source.path} has {head_dim}; use a target with [trunk] source = \"portable\"")
+                            f"{source.path} has {head_dim}; use " + PORTABLE)
     from ..source import hf_config
 
     config = hf_config(source.path)
@@ -98,15 +100,15 @@ def check_fits(source: Source, target: str) -> None:
         raise VQExportError(f"target {target}: onnxruntime-genai's builder makes attention with onnxruntime's "
                             f"GroupQueryAttention, whose rotary cache needs half the rotated size to be a multiple of "
                             f"{GQA_ROTARY_MULTIPLE}, and {source.path} rotates {rotary} of its {head_dim} head dimensions "
-                            "(partial_rotary_factor); use a target with [trunk] source = \"portable\"")
+                            "(partial_rotary_factor); use " + PORTABLE)
     differs = builder_differs(text)
     if differs:
         raise VQExportError(f"target {target}: onnxruntime-genai's builder does not reproduce {source.path}'s "
-                            f"{text.model_type} model ({differs}); use a target with [trunk] source = \"portable\"")
+                            f"{text.model_type} model ({differs}); use " + PORTABLE)
     why = gemma3_rope_unsupported(config)
     if why:
         raise VQExportError(f"target {target}: onnxruntime-genai's builder does not reproduce {source.path}'s rope ({why}): "
-                            "its graph would rotate differently from the model; use a target with [trunk] source = \"portable\"")
+                            "its graph would rotate differently from the model; use " + PORTABLE)
 
 
 def active_sliding_window(config) -> int | None:
@@ -138,15 +140,13 @@ def check_window(source: Source, trunk) -> None:
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder gives this {source.model_type} model's attention a "
                             f"sliding window of {max(sizes)} positions, longer than its {positions} "
                             "(max_position_embeddings), and onnxruntime does not run a window longer than the KV cache; "
-                            "set sliding_window to at most max_position_embeddings or use a target with [trunk] source = "
-                            "\"portable\"")
+                            "set sliding_window to at most max_position_embeddings or use " + PORTABLE)
     window = active_sliding_window(hf_config(source.path).get_text_config(decoder=True))
     if window is None:
         return
     if sizes == {-1}:  # GroupQueryAttention everywhere, none of it windowed
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder ignores this {source.model_type} model's sliding "
-                            f"window ({window} positions): its attention would see every position; use a target with "
-                            "[trunk] source = \"portable\"")
+                            f"window ({window} positions): its attention would see every position; use " + PORTABLE)
 
 
 def run_builder(model: Path, out: Path, precision: str, execution_provider: str, options: dict,
@@ -169,12 +169,12 @@ def build_trunk(source: Source, precision: str, execution_provider: str, extra_o
     require_builder()
     if source.tokenizer_path is None:
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder loads the model's tokenizer, and this directory has "
-                            "no tokenizer.json; add the tokenizer files or use a target with [trunk] source = \"portable\"")
+                            "no tokenizer.json; add the tokenizer files or use " + PORTABLE)
     out = Path(workdir) / "trunk"
     proc = run_builder(source.path, out, precision, execution_provider, {"exclude_lm_head": "true", **extra_options}, workdir)
     if proc.returncode != 0 or not (out / "model.onnx").is_file():
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder cannot build this {source.model_type} model "
-                            f"({failure_reason(proc)}); use a target with [trunk] source = \"portable\"")
+                            f"({failure_reason(proc)}); use " + PORTABLE)
     return out
 
 
