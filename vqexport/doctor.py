@@ -70,8 +70,8 @@ def target_status(profile: Profile, facts: dict) -> dict:
             build.append("OpenVINO is not installed (pip install 'vqexport[openvino]')")
         elif profile.openvino.device.split(".")[0] not in {d.split(".")[0] for d in facts.get("openvino_devices", [])}:
             build.append(f"OpenVINO finds no {profile.openvino.device} device here")
-        if profile.openvino.weights == "int8" and facts.get("nncf") is None:
-            build.append("int8 weight compression needs NNCF (pip install 'vqexport[openvino]')")
+        if profile.openvino.weights != "fp32" and facts.get("nncf") is None:
+            build.append(f"{profile.openvino.weights} weight compression needs NNCF (pip install 'vqexport[openvino]')")
     else:
         if facts.get("tensorrt") is None:
             build.append(f"TensorRT: {facts.get('tensorrt_error') or 'not installed'} (pip install 'vqexport[trt]')")

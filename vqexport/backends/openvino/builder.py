@@ -1,7 +1,9 @@
 """Build an OpenVINO artifact: model.onnx (+ data, the portable graph, as for every target) converted with OpenVINO's
 own Python API (``openvino.convert_model`` / ``save_model``) to IR, ``model.xml`` + ``model.bin``, weights kept fp32
-(no fp16 compression: parity is against fp32 PyTorch), or with ``weights = "int8"`` compressed by NNCF
-(``nncf.compress_weights``, INT8_ASYM, per output channel: every MatMul / embedding weight, the head's codebook too)."""
+(no fp16 compression: parity is against fp32 PyTorch), or compressed by NNCF (``nncf.compress_weights``, data-free):
+``weights = "int8"`` INT8_ASYM per output channel, every MatMul / embedding weight and the head's codebook;
+``weights = "int4"`` INT4_ASYM in groups of 128 (NNCF's and optimum-intel's default), the embedding table and the
+last MatMul (the head's) kept INT8_ASYM, NNCF's own rule."""
 
 from __future__ import annotations
 
@@ -34,16 +36,29 @@ def _quiet():
             lg.setLevel(lv)
 
 
+def compress(nncf, model, weights: str):
+    """NNCF's data-free weight compression of an OpenVINO model: int8 per output channel, or int4 in groups of 128
+    (a layer whose input size 128 does not divide gets the largest group of at least 32 that does, NNCF's ADJUST
+    fallback, instead of an error)."""
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+    if weights == "int8":
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=128, ratio=1.0,
+                                 advanced_parameters=AdvancedCompressionParameters(
+                                     group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
+
+
 def to_ir(onnx_path: Path, xml_path: Path, weights: str, what: str) -> None:
-    """``onnx_path`` converted to IR at ``xml_path`` (+ .bin), weights fp32 or (``weights = "int8"``) compressed
-    by NNCF."""
+    """``onnx_path`` converted to IR at ``xml_path`` (+ .bin), weights fp32 or (``weights = "int8"`` / ``"int4"``)
+    compressed by NNCF."""
     ov = require_openvino(what)
-    nncf = require_nncf(what) if weights == "int8" else None
+    nncf = require_nncf(what) if weights != "fp32" else None
     try:
         with _quiet():
             model = ov.convert_model(str(onnx_path))
             if nncf is not None:
-                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+                model = compress(nncf, model, weights)
             ov.save_model(model, str(xml_path), compress_to_fp16=False)
     except Exception as e:  # OpenVINO's conversion errors (OpConversionFailure, RuntimeError, ...)
         msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
