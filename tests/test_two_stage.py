@@ -452,6 +452,23 @@ def test_int4_genai_trunk_rows_shared_or_int8(tied, tmp_path):
     assert out.type.tensor_type.shape.dim[1].dim_value == 1  # a two-stage head's prefill computes the last position
 
 
+def test_portable_int4_trunk_with_an_fp32_table_shares_it_and_its_twin_quantizes_it(tied, tmp_path):
+    """quantize_embedding = false keeps the tied table fp32: the head reads its exact rows from it, and the dense
+    twin's output layer is that table quantized like the trunk (int4), not an fp32 layer on an int4 trunk."""
+    import dataclasses
+
+    profile = api.load_profile("ort-int4-portable")
+    loose = dataclasses.replace(profile.parity, atol=100.0, kl_max=10.0, top1_agreement_min=0.0, top5_overlap_min=0.0)
+    shared = dataclasses.replace(profile, name="shared", parity=loose,
+                                 trunk=dataclasses.replace(profile.trunk, quantize_embedding=False),
+                                 two_stage=dataclasses.replace(profile.two_stage, rows="shared"))
+    result = api.build(shared, model=tied, out=tmp_path / "shared", steps=2)
+    proto = load_graph(result.out / "model.onnx")
+    rows = next(n for n in proto.graph.node if n.name == "head/exact/rows")
+    assert rows.op_type == "Gather" and rows.input[0] == "model.embed_tokens.weight"
+    _int4_twin(result.out, tmp_path / "twin")
+
+
 def test_profile_probes_and_row_forms(tied, tmp_path):
     f = tmp_path / "p.toml"
     f.write_text('backend = "ort"\nname = "p"\n[two_stage]\nprobes = 20\nrows = "int8"\n[parity]\nsteps = 2\natol = 0.5\n'

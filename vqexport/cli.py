@@ -473,10 +473,11 @@ _BENCH_OPTIONS = {
 @click.option("--artifact", "-a", type=click.Path(), default=None, help="Benchmark a built artifact end to end.")
 @click.option("--vs-dense", is_flag=True,
               help="With --artifact: also measure its dense-head twin (the same trunk, one V x d MatMul with the same logits; "
-                   "for a two-stage head, the model's own output layer).")
+                   "for a two-stage head, the model's own output layer; on an int4 / int8 trunk, quantized like it).")
 @click.option("--e2e", is_flag=True,
-              help="A genai-trunk artifact against onnxruntime-genai's own dense model of the same trunk and precision, "
-                   "both through onnxruntime-genai, alternating (needs --model or --shape).")
+              help="An ONNX Runtime artifact (the builder's trunk, or the portable one at fp32, int4 or int8) against "
+                   "onnxruntime-genai's own dense model at the same precision, both through onnxruntime-genai, "
+                   "alternating (needs --model or --shape).")
 @click.option("--model", "-m", "model", type=click.Path(), default=None,
               help="With --e2e: a Hugging Face model directory (converted at K = V/32 if it has no head), or 'demo' "
                    "for the embedded model.")

@@ -9,7 +9,7 @@ import hashlib
 import json
 import math
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -66,10 +66,11 @@ class TrunkOptions:
     execution_provider: str = "cpu"  # genai: the builder's -e (cpu | cuda | dml | webgpu | NvTensorRtRtx)
     extra_options: dict = field(default_factory=dict)  # genai: more of the builder's --extra_options (key = value)
     # portable int4 / int8: values per scale (symmetric blocks), MatMulNBits' accuracy level (4: int8 activations),
-    # and whether the embedding table is quantized too (GatherBlockQuantized)
+    # and whether the embedding table is quantized too (GatherBlockQuantized: int4 only; parse_profile decides it by
+    # the precision when the profile does not)
     block_size: int = 32
     accuracy_level: int = 4
-    quantize_embedding: bool = True
+    quantize_embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,7 @@ def _trunk(t: dict, backend: str, fail, take) -> TrunkOptions:
         fail(f"trunk.{sorted(set(t) - {'source', *QUANT_KEYS})[0]} applies to trunk.source = 'genai' only")
     if source == "genai" and set(t) & set(QUANT_KEYS):
         fail(f"trunk.{sorted(set(t) & set(QUANT_KEYS))[0]} applies to the portable trunk; onnxruntime-genai's builder "
-             "takes its own in [trunk] extra_options (int4_block_size, int4_accuracy_level)")
+             "takes its own in [trunk] extra_options (block_size, accuracy_level)")
     ep = take(t, "execution_provider", str, "cpu", "trunk.", None, "a string")
     extra = take(t, "extra_options", dict, {}, "trunk.", lambda v: all(isinstance(x, (str, int, float, bool)) for x in v.values()),
                  "a table of the builder's options (strings, numbers or booleans)")
@@ -255,7 +256,7 @@ def _trunk(t: dict, backend: str, fail, take) -> TrunkOptions:
                                         "one of " + ", ".join(map(str, BLOCK_SIZES))),
                         accuracy_level=take(t, "accuracy_level", int, 4, "trunk.", lambda v: 0 <= v <= 4,
                                             "an integer in [0, 4]"),
-                        quantize_embedding=take(t, "quantize_embedding", bool, True, "trunk.", None, "true or false"))
+                        quantize_embedding=take(t, "quantize_embedding", bool, False, "trunk.", None, "true or false"))
 
 
 def parse_profile(raw: dict, where: str) -> Profile:
@@ -302,11 +303,17 @@ def parse_profile(raw: dict, where: str) -> Profile:
         if given and precision not in QUANTIZED:
             fail(f"trunk.{given[0]} applies to precision 'int4' or 'int8' (a quantized portable trunk), not {precision!r}")
         if precision in QUANTIZED:
-            from .trunk.quantize import MIN_OPSET
+            from .trunk.quantize import EMBEDDING_PRECISIONS, MIN_OPSET
 
             if opset < MIN_OPSET:
                 fail(f"precision {precision!r} on the portable trunk needs opset >= {MIN_OPSET} (onnxruntime's quantizer "
                      f"moves an older graph to opset {MIN_OPSET} without converting it), got {opset}")
+            embedding = (raw.get("trunk") or {}).get("quantize_embedding")
+            if embedding and precision not in EMBEDDING_PRECISIONS:
+                fail(f"trunk.quantize_embedding = true needs precision 'int4' (onnxruntime's quantizer gives an embedding "
+                     f"table 4 bits only), got {precision!r}")
+            trunk = replace(trunk, quantize_embedding=precision in EMBEDDING_PRECISIONS if embedding is None
+                            else embedding)
     if "trt" in raw and backend != "trt":
         fail("[trt] applies to backend = 'trt' only")
     codebook = take(raw, "codebook", str, "fp32", "", lambda v: v in CODEBOOKS, " or ".join(map(repr, CODEBOOKS)))

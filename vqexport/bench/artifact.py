@@ -90,6 +90,7 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
     tied = False
     manifest = read_manifest(artifact)
     config = manifest["config"]
+    quant = _trunk_quantization(manifest["profile"])
     softcap = config.get("logit_softcap")  # the twin's logits capped as the artifact's
     if head.two_stage:
         rows, rows_bias = _initializer(model, "head.rows"), _initializer(model, "head.rows_bias")
@@ -98,7 +99,7 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
             raise VQExportError(f"{artifact}: the model's output layer is in this artifact only as quantized rows; its "
                                 "dense twin needs them in fp32 (build with [two_stage] rows = \"fp32\")")
         if rows is None:
-            rows = _quantized_table(model)  # an int4 / int8 trunk's embedding table, as its own kernel reads it
+            rows = _table_rows(model, quant is not None)
             tied = rows is None
     try:
         model = join(detach_head(model), head, HeadForm(dense=True, last_position_only=last_position_only), rows=rows,
@@ -107,11 +108,13 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
         if not head.two_stage:
             raise
         raise VQExportError(f"{artifact}: cannot build the two-stage head's dense twin ({e})") from None
-    quant = _trunk_quantization(manifest["profile"])
     if quant is not None:
         from ..trunk.quantize import quantize_nodes
 
         model = quantize_nodes(model, [DENSE_MATMUL], *quant)
+        if next((n.op_type for n in model.graph if n.name.startswith(DENSE_MATMUL)), None) != "MatMulNBits":
+            raise VQExportError(f"{artifact}: the dense twin's output layer could not be quantized like the "
+                                f"{quant[0]} trunk")
     save(model, out, "dense.onnx")
     return out / "dense.onnx"
 
@@ -121,7 +124,8 @@ DENSE_MATMUL = "head/dense/MatMul"
 
 def _trunk_quantization(profile: dict) -> tuple[str, int, int] | None:
     """(precision, block size, accuracy level) of an int4 / int8 trunk from the manifest's profile: the portable
-    trunk's [trunk] keys, or the builder's options (its CPU defaults: blocks of 32, accuracy level 4)."""
+    trunk's [trunk] keys, or the builder's options with the builder's defaults (blocks of 32; accuracy level 4 on
+    the CPU and WebGPU, else 0)."""
     from ..profiles import QUANTIZED
 
     precision = profile.get("precision")
@@ -130,20 +134,24 @@ def _trunk_quantization(profile: dict) -> tuple[str, int, int] | None:
     trunk = profile.get("trunk", {})
     if trunk.get("source") == "genai":
         extra = trunk.get("extra_options", {})
-        return precision, int(extra.get("int4_block_size", 32)), int(extra.get("int4_accuracy_level", 4))
+        level = 4 if trunk.get("execution_provider", "cpu") in ("cpu", "webgpu") else 0
+        return precision, int(extra.get("block_size", 32)), int(extra.get("accuracy_level", level))
     return precision, int(trunk.get("block_size", 32)), int(trunk.get("accuracy_level", 4))
 
 
-def _quantized_table(model) -> np.ndarray | None:
-    """The rows of the trunk's embedding table when it is read by GatherBlockQuantized (None when a plain Gather
-    reads it: the twin then shares it)."""
+def _table_rows(model, quantized_trunk: bool) -> np.ndarray | None:
+    """A tied model's output rows for its twin, when the twin cannot share the trunk's embedding table: a table
+    read by GatherBlockQuantized, as onnxruntime's kernel reads it, or a plain table on a quantized trunk (an fp32
+    copy, which the twin's output layer quantizes). None: the twin shares the table."""
     from ..graph_io import embedding_lookup
     from ..trunk.quantize import dequantized_rows
 
     lookup = embedding_lookup(model.graph)
-    if lookup is None or lookup.op_type != "GatherBlockQuantized":
-        return None
-    return dequantized_rows(lookup)
+    if lookup is not None and lookup.op_type == "GatherBlockQuantized":
+        return dequantized_rows(lookup)
+    if lookup is not None and quantized_trunk and lookup.inputs[0].const_value is not None:
+        return np.array(lookup.inputs[0].const_value.numpy(), dtype=np.float32)
+    return None
 
 
 def _initializer(model, name: str) -> np.ndarray | None:

@@ -24,6 +24,7 @@ one run and alternating.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -95,7 +96,7 @@ def builder_options(profile) -> dict:
     t = profile.trunk
     if profile.precision not in QUANTIZED or (t.block_size, t.accuracy_level) == (32, 4):
         return {}
-    return {"int4_block_size": str(t.block_size), "int4_accuracy_level": str(t.accuracy_level)}
+    return {"block_size": str(t.block_size), "accuracy_level": str(t.accuracy_level)}
 
 
 def builder_dense(source, profile, out: Path, work: Path, extra: dict | None = None) -> Path:
@@ -300,8 +301,9 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
                                         top5_overlap_min=0.0, greedy_must_match=False)
             target = dataclasses.replace(profile, parity=loose)
         built = build(target, model=vq_dir, out=art, force=True)
-        options = builder_options(profile)
-        dense = root / "-".join([f"{src.name}-builder-{profile.precision}", *(f"{k}{v}" for k, v in sorted(options.items()))])
+        options = builder_options(profile)  # a baseline built with other options is another directory
+        tag = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8] if options else ""
+        dense = root / "-".join(filter(None, [f"{src.name}-builder-{profile.precision}", tag]))
         if not (dense / "model.onnx").is_file():
             say(f"building onnxruntime-genai's dense {profile.precision} model")
             builder_dense(source, profile, dense, root)

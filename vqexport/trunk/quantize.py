@@ -1,12 +1,12 @@
 """Weight-only int4 / int8 quantization of the portable trunk with onnxruntime's own quantizer
 (``MatMulNBitsQuantizer``, the one onnxruntime-genai's builder runs): every MatMul reading a constant weight becomes a
-``MatMulNBits`` node (symmetric blocks along the input dimension), and the embedding table a ``GatherBlockQuantized``
-one (blocks along the hidden dimension). Runs on the trunk graph before the head is attached, so the head keeps the
-form its profile gives it.
+``MatMulNBits`` node (symmetric blocks along the input dimension), and at int4 the embedding table a
+``GatherBlockQuantized`` one (blocks along the hidden dimension; the quantizer takes Gather at 4 bits only). Runs on
+the trunk graph before the head is attached, so the head keeps the form its profile gives it.
 
 transformers' experts layers (``trunk/experts.py``) multiply each expert's rows by its weights with ``Gemm``
 (``transB = 1``), which the quantizer leaves alone; those are first rewritten as MatMul (+ Add of the bias) of the
-transposed weight, transposed only when the quantizer reads it.
+transposed weight (a lazy tensor: transposed when the graph is serialized for the quantizer, not before).
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import warnings
 import numpy as np
 import onnx_ir as ir
 
+from ..errors import VQExportError
 from ..graph_io import embedding_lookup
 
 BITS = {"int4": 4, "int8": 8}
+EMBEDDING_PRECISIONS = ("int4",)  # the quantizer's Gather (GatherBlockQuantized) takes 4 bits only
 MIN_OPSET = 21  # the quantizer moves an older graph to opset 21 without converting its nodes
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 QUANTIZER_OPS = ("MatMul", "Gather")
@@ -83,17 +85,39 @@ def gemm_as_matmul(model: ir.Model) -> int:
     return count
 
 
-def weights_to_quantize(model: ir.Model, embedding: bool) -> list[str]:
-    """Names of the nodes the quantizer is given: MatMuls whose second input is a constant 2-d float matrix, and
-    (``embedding``) the lookup of input_ids in the embedding table. Other constant tables a graph gathers from
-    (positions, rotary caches) stay as they are."""
+def weights_to_quantize(model: ir.Model, embedding: bool, block_size: int) -> list[str]:
+    """Names of the nodes the quantizer is given: MatMuls whose second input is a constant 2-d float matrix with at
+    least a block of inputs (a layer's weight, not a small constant table), and (``embedding``) the lookup of
+    input_ids in the embedding table. Other constant tables a graph gathers from (positions, rotary caches) stay as
+    they are."""
+    def weight(node) -> bool:
+        w = _constant(node.inputs[1])
+        return _float_matrix(w) and w.shape[0] >= block_size
+
     names = [n.name for n in ir.traversal.RecursiveGraphIterator(model.graph)
-             if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.name and _float_matrix(_constant(n.inputs[1]))]
+             if n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.name and weight(n)]
     lookup = embedding_lookup(model.graph) if embedding else None
     if lookup is not None and lookup.op_type == "Gather" and lookup.name and _float_matrix(_constant(lookup.inputs[0])) \
             and lookup.attributes.get_int("axis", 0) == 0:
         names.append(lookup.name)
     return names
+
+
+def _quantizer():
+    """onnxruntime's QuantFormat and MatMulNBitsQuantizer. Importing the quantizer's module calls
+    ``logging.basicConfig(level=INFO)``; the root logger's handlers and level are put back, so the process's other
+    loggers keep printing what they printed before."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization import QuantFormat
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:
+        raise VQExportError(f"int4 / int8 weights need onnxruntime's MatMulNBits quantizer (onnxruntime >= 1.22): {e}") from None
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return QuantFormat, MatMulNBitsQuantizer
 
 
 @contextlib.contextmanager
@@ -111,21 +135,21 @@ def _quiet_quantizer():
 
 def quantize_weights(model: ir.Model, precision: str, block_size: int, accuracy_level: int,
                      embedding: bool = True) -> ir.Model:
-    """``model`` with its MatMul weights (and, with ``embedding``, its embedding table) quantized to ``precision``
-    (int4 | int8), symmetric, ``block_size`` values per scale; MatMulNBits runs at ``accuracy_level`` (4: int8
-    activations). Returns a new model; ``model`` is changed only by the Gemm rewrite."""
+    """``model`` with its MatMul weights (and, with ``embedding``, its embedding table: int4 only) quantized to
+    ``precision`` (int4 | int8), symmetric, ``block_size`` values per scale; MatMulNBits runs at ``accuracy_level``
+    (4: int8 activations). Returns a new model; ``model`` itself is left with its Gemms rewritten and its weights
+    loaded into memory."""
     gemm_as_matmul(model)
-    return quantize_nodes(model, weights_to_quantize(model, embedding), precision, block_size, accuracy_level)
+    names = weights_to_quantize(model, embedding and precision in EMBEDDING_PRECISIONS, block_size)
+    return quantize_nodes(model, names, precision, block_size, accuracy_level)
 
 
 def quantize_nodes(model: ir.Model, nodes: list[str], precision: str, block_size: int, accuracy_level: int) -> ir.Model:
     """The named MatMul / Gather nodes of ``model`` quantized by onnxruntime's quantizer (a new model; ``model``
     itself when ``nodes`` is empty)."""
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     if not nodes:
         return model
+    QuantFormat, MatMulNBitsQuantizer = _quantizer()
     ir.external_data.load_to_model(model)  # the quantizer reads the weights from the graph itself
     # the quantizer takes every node of its op types not excluded (its nodes_to_include only adds to those)
     chosen = set(nodes)

@@ -3,7 +3,7 @@ own Python API (``openvino.convert_model`` / ``save_model``) to IR, ``model.xml`
 (no fp16 compression: parity is against fp32 PyTorch), or compressed by NNCF (``nncf.compress_weights``, data-free):
 ``weights = "int8"`` INT8_ASYM per output channel, every MatMul / embedding weight and the head's codebook;
 ``weights = "int4"`` INT4_ASYM in groups of 128 (NNCF's and optimum-intel's default), the embedding table and the
-last MatMul (the head's) kept INT8_ASYM, NNCF's own rule."""
+last MatMul (the standard head's codebook) kept INT8_ASYM, NNCF's own rule."""
 
 from __future__ import annotations
 
@@ -36,14 +36,17 @@ def _quiet():
             lg.setLevel(lv)
 
 
-def compress(nncf, model, weights: str):
+def compress(nncf, model, weights: str, what: str):
     """NNCF's data-free weight compression of an OpenVINO model: int8 per output channel, or int4 in groups of 128
-    (a layer whose input size 128 does not divide gets the largest group of at least 32 that does, NNCF's ADJUST
-    fallback, instead of an error)."""
-    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
-
+    (a layer whose input size 128 does not divide gets NNCF's ADJUST fallback instead of an error: the largest group
+    of at least 32 that divides it, or int8 where none does)."""
     if weights == "int8":
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    try:
+        from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+    except ImportError:
+        raise VQExportError(f"{what}: int4 weights need NNCF >= 2.18 (its group-size fallback); "
+                            f"this one is {nncf.__version__}") from None
     return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=128, ratio=1.0,
                                  advanced_parameters=AdvancedCompressionParameters(
                                      group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
@@ -58,8 +61,10 @@ def to_ir(onnx_path: Path, xml_path: Path, weights: str, what: str) -> None:
         with _quiet():
             model = ov.convert_model(str(onnx_path))
             if nncf is not None:
-                model = compress(nncf, model, weights)
+                model = compress(nncf, model, weights, what)
             ov.save_model(model, str(xml_path), compress_to_fp16=False)
+    except VQExportError:
+        raise
     except Exception as e:  # OpenVINO's conversion errors (OpConversionFailure, RuntimeError, ...)
         msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise VQExportError(f"{what}: OpenVINO could not convert the graph ({msg.strip()[:200]})") from None
