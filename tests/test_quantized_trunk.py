@@ -26,7 +26,7 @@ from vqexport.trunk.quantize import _quantizer, dequantized_rows, gemm_as_matmul
 
 from .conftest import assert_user_error, run_cli
 from .models import artifact_logits, genai_greedy, hf_config, identity_head, runner_greedy, save_hf
-from .test_experts import MOE
+from .test_experts import MOE, _all_nodes
 
 TARGET = "ort-int4-portable"
 
@@ -43,9 +43,9 @@ def _int8_profile(tmp_path):
 
 
 def _weight_matmuls(proto) -> list[onnx.NodeProto]:
-    """The trunk's MatMul / Gemm nodes that read a float weight (an initializer)."""
+    """The trunk's MatMul / Gemm nodes (in subgraphs too) that read a float weight (an initializer)."""
     inits = {t.name for t in proto.graph.initializer}
-    return [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and not n.name.startswith("head/")
+    return [n for n in _all_nodes(proto.graph) if n.op_type in ("MatMul", "Gemm") and not n.name.startswith("head/")
             and len(n.input) > 1 and n.input[1] in inits]
 
 
@@ -144,11 +144,12 @@ def test_mixture_of_experts_weights_are_quantized_per_expert(tmp_path, arch):
     assert result.parity.passed, result.parity.failures
     proto = load_graph(result.out / "model.onnx")
     assert not _weight_matmuls(proto)
-    assert "Gemm" not in {n.op_type for n in proto.graph.node}  # each expert's Gemm became MatMulNBits
-    experts = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and ".experts" in n.name]
+    nodes = _all_nodes(proto.graph)  # each expert's nodes are in an If's branch
+    assert "Gemm" not in {n.op_type for n in nodes}  # each expert's Gemm became MatMulNBits
+    experts = [n for n in nodes if n.op_type == "MatMulNBits" and ".experts" in n.name]
     layers, per_layer = 2, 8 * 2  # 8 experts, gate/up and down each
     assert len(experts) == layers * per_layer
-    assert len([n for n in proto.graph.node if n.op_type == "MatMulNBits" and not n.name.startswith("head/")]) == \
+    assert len([n for n in nodes if n.op_type == "MatMulNBits" and not n.name.startswith("head/")]) == \
         len(_weight_matmuls(load_graph(fp32.out / "model.onnx")))
 
 
@@ -180,8 +181,22 @@ def test_the_portable_int4_trunk_computes_what_the_builders_int4_trunk_computes(
         assert np.abs(ours[step] - fp32[step]).max() > 0.1
 
 
+def test_gpt2_conv1d_layers_are_quantized(tmp_path):
+    """GPT-2's Conv1D layers export as Gemm of an untransposed weight: rewritten as MatMul, then quantized."""
+    model = tmp_path / "gpt2"
+    save_hf(model, hf_config("gpt2", vocab=101, hidden=64, layers=2, heads=4, ffn=128))
+    write_head(model, identity_head(model))
+    result = api.build(TARGET, model=model, out=tmp_path / "int4", steps=8)
+    assert result.parity.passed, result.parity.failures
+    proto = load_graph(result.out / "model.onnx")
+    assert not _weight_matmuls(proto) and "Gemm" not in {n.op_type for n in proto.graph.node}
+    layers, per_layer = 2, 4  # c_attn, c_proj, c_fc, mlp c_proj
+    assert len([n for n in proto.graph.node if n.op_type == "MatMulNBits" and not n.name.startswith("head/")]) == layers * per_layer
+
+
 def _gemm_model():
-    """x [n, 4] through Gemm(transB) with a bias and without, sharing one weight, and two Gemms left as they are."""
+    """x [n, 4] through Gemm(transB) with a bias and without, sharing one weight, a Gemm of an untransposed weight,
+    and one with alpha != 1 (left as it is)."""
     rng = np.random.default_rng(0)
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["n", 4]))
 
@@ -205,14 +220,15 @@ def _run(model, x):
     return session.run(None, {"x": x})
 
 
-def test_gemm_with_a_transposed_weight_becomes_matmul_with_the_same_result():
+def test_gemm_of_a_weight_becomes_matmul_with_the_same_result():
     x = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
     before = _run(_gemm_model(), x)
     model = _gemm_model()
-    assert gemm_as_matmul(model) == 2
+    assert gemm_as_matmul(model) == 3
     ops = sorted(n.op_type for n in model.graph)
-    assert ops == ["Add", "Gemm", "Gemm", "MatMul", "MatMul"]  # transB = 0 and alpha != 1 are left alone
-    assert sorted(model.graph.initializers) == ["b", "w", "w.T", "w2"]  # one transposed copy; "scaled" still reads w
+    assert ops == ["Add", "Gemm", "MatMul", "MatMul", "MatMul"]  # alpha != 1 is left alone
+    # one transposed copy for the two transB Gemms; "scaled" still reads w; w2 is read as it is
+    assert sorted(model.graph.initializers) == ["b", "w", "w.T", "w2"]
     after = _run(model, x)
     for a, b in zip(before, after):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -7,15 +7,15 @@ node, ``vqexport.RoutedExperts(hidden [tokens, d], top_k_index [tokens, k], top_
 ``expand_routed_experts`` then replaces it by a graph built here:
 
     routed, weight [tokens, experts]  <- which experts each token's top-k holds, and their routing weights
-    for each expert e:   rows = NonZero(routed[:, e])           (the tokens routed to e: often none in a decode step)
-                         y = expert(hidden[rows]; e's weights)  (transformers' computation of one expert, exported
-                                                                 once per kind of experts layer)
-                         out[rows] += y * weight[rows, e]       (Gather, Add, ScatterND)
+    for each expert e:   if any token chose e:              (an If: in a decode step, most experts are not chosen)
+                           rows = NonZero(routed[:, e])           (the tokens routed to e)
+                           y = expert(hidden[rows]; e's weights)  (transformers' computation of one expert, exported
+                                                                   once per kind of experts layer)
+                           out[rows] += y * weight[rows, e]       (Gather, Add, ScatterND)
 
 Each expert's weights are initializers of their own (``<stacked name>.<e>``), so nothing gathers or copies weights
-at run time, and the MatMuls of an expert no token chose run on no rows. Every expert's nodes still run at every
-step (about 20 per expert and layer), and each NonZero has a data-dependent size: timed on onnxruntime's CPU
-runtime, run on OpenVINO's; never on a GPU.
+at run time, and an expert no token chose runs none of its nodes (about 20), only its If and the test before it.
+Each NonZero has a data-dependent size: timed on onnxruntime's CPU runtime, run on OpenVINO's; never on a GPU.
 """
 
 from __future__ import annotations
@@ -188,10 +188,38 @@ _OUTPUT_TYPES = {"Equal": ir.DataType.BOOL, "Greater": ir.DataType.BOOL, "Shape"
 
 
 class _Builder:
-    """Nodes inserted before ``anchor`` in ``graph``, named ``<nodes>/<op>_<count>``; initializers ``<prefix>.<name>``."""
+    """Nodes inserted before ``anchor`` in ``graph`` (or, inside ``branch()``, collected for a subgraph), named
+    ``<nodes>/<op>_<count>``; initializers ``<prefix>.<name>`` (always the main graph's)."""
 
     def __init__(self, graph: ir.Graph, anchor: ir.Node, prefix: str, nodes: str):
         self.graph, self.anchor, self.prefix, self.nodes, self.count = graph, anchor, prefix, nodes, 0
+        self.collected: list[ir.Node] | None = None
+
+    def emit(self, node: ir.Node) -> None:
+        if self.collected is not None:
+            self.collected.append(node)
+        else:
+            self.graph.insert_before(self.anchor, node)
+
+    @contextlib.contextmanager
+    def branch(self):
+        """The nodes made inside go to the list yielded, for a subgraph, instead of into the graph."""
+        self.collected = nodes = []
+        try:
+            yield nodes
+        finally:
+            self.collected = None
+
+    def when(self, condition: ir.Value, then: list[ir.Node], result: ir.Value, otherwise: ir.Value) -> ir.Value:
+        """``If(condition)``: ``then``'s nodes giving ``result``, else ``otherwise`` unchanged."""
+        keep = ir.node("Identity", [otherwise], name=self.name("Identity"))
+        keep.outputs[0].name, keep.outputs[0].type = keep.name, otherwise.type
+        branches = {"then_branch": ir.Graph([], [result], nodes=then, name=self.name("then")),
+                    "else_branch": ir.Graph([], [keep.outputs[0]], nodes=[keep], name=self.name("else"))}
+        node = ir.node("If", [condition], attributes=branches, name=self.name("If"))
+        node.outputs[0].name, node.outputs[0].type = node.name, otherwise.type
+        self.emit(node)
+        return node.outputs[0]
 
     def name(self, what: str) -> str:
         self.count += 1
@@ -204,7 +232,7 @@ class _Builder:
         out.name = node.name
         dtype = _OUTPUT_TYPES.get(op_type) or attributes.get("to") or inputs[-1 if op_type == "CastLike" else 0].dtype
         out.type = ir.TensorType(ir.DataType(dtype))
-        self.graph.insert_before(self.anchor, node)
+        self.emit(node)
         return node.outputs[0]
 
     def const(self, name: str, array: np.ndarray) -> ir.Value:
@@ -231,7 +259,7 @@ class _Builder:
             for out in node.outputs:  # no shapes: each expert's row count is its own, not the body's one "rows"
                 out.name = node.name if len(node.outputs) == 1 else f"{node.name}:{out.index()}"
                 out.shape = None
-            self.graph.insert_before(self.anchor, node)
+            self.emit(node)
         return result
 
 
@@ -261,20 +289,27 @@ def expand_routed_experts(model: ir.Model, modules: list[tuple[str, torch.nn.Mod
         weights = b.op("Unsqueeze", b.op("Cast", top_k_weights, to=ir.DataType.FLOAT), last)
         weight = b.op("CastLike", b.op("ReduceSum", b.op("Mul", chosen, weights), axis1, keepdims=0), hidden)
         out = b.op("ConstantOfShape", b.op("Shape", hidden))
+        zero = b.const("zero", np.array(0, np.float32))
+        tokens = b.op("ReduceSum", b.op("Cast", routed, to=ir.DataType.FLOAT), b.const("axis_0", np.array([0], np.int64)),
+                      keepdims=0)  # [experts]: how many tokens each expert got
         shared: dict[str, ir.Value] = {}
         for e in range(n):
             index = b.const(f"index.{e}", np.array(e, np.int64))
-            rows = b.op("Reshape", b.op("NonZero", b.op("Gather", routed, index, axis=1)), last)
-            x = b.op("Gather", hidden, rows, axis=0)
-            tensors = [_initializer(graph, f"{base}.{t}.{e}", getattr(module, t)[e].detach().float().numpy())
-                       for t in _tensor_names(module)]
-            y = b.inline(bodies[key], [x, *tensors], f"expert{e}", shared)
-            w = b.op("Unsqueeze", b.op("Gather", b.op("Gather", weight, index, axis=1), rows, axis=0), axis1)
-            # NonZero gives each token once (an expert it chose twice has both weights summed), so the rows are
-            # distinct: gather, add, scatter (ScatterND's reduction would do it in one node, but onnxruntime's CPU
-            # kernel has no fp16 form of it)
-            y = b.op("Add", b.op("Gather", out, rows, axis=0), b.op("Mul", y, w))
-            out = b.op("ScatterND", out, b.op("Unsqueeze", rows, axis1), y)
+            # an expert no token chose runs none of its nodes (in a decode step, most of them)
+            chosen_by_any = b.op("Greater", b.op("Gather", tokens, index, axis=0), zero)
+            with b.branch() as then:
+                rows = b.op("Reshape", b.op("NonZero", b.op("Gather", routed, index, axis=1)), last)
+                x = b.op("Gather", hidden, rows, axis=0)
+                tensors = [_initializer(graph, f"{base}.{t}.{e}", getattr(module, t)[e].detach().float().numpy())
+                           for t in _tensor_names(module)]
+                y = b.inline(bodies[key], [x, *tensors], f"expert{e}", shared)
+                w = b.op("Unsqueeze", b.op("Gather", b.op("Gather", weight, index, axis=1), rows, axis=0), axis1)
+                # NonZero gives each token once (an expert it chose twice has both weights summed), so the rows are
+                # distinct: gather, add, scatter (ScatterND's reduction would do it in one node, but onnxruntime's
+                # CPU kernel has no fp16 form of it)
+                y = b.op("Add", b.op("Gather", out, rows, axis=0), b.op("Mul", y, w))
+                added = b.op("ScatterND", out, b.op("Unsqueeze", rows, axis1), y)
+            out = b.when(chosen_by_any, then, added, out)
         result = node.outputs[0]
         output_name = result.name if result.is_graph_output() else None
         ir.convenience.replace_all_uses_with(result, out, replace_graph_outputs=True)

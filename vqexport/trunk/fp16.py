@@ -54,7 +54,10 @@ def fp16_trunk(model: ir.Model) -> ir.Model:
         return g.initializers[name]
 
     def cast(v: ir.Value, want: ir.DataType, before: ir.Node) -> ir.Value:
-        if (v, want) not in casts:
+        """``v`` in ``want``, computed just before ``before`` in ``before``'s graph, once per graph (a value made in
+        an If's branch is not visible outside it)."""
+        key = (v, want, id(before.graph))
+        if key not in casts:
             tag = "fp16" if want == F16 else "fp32"
             src = v
             if want == F16:  # fp32 values beyond fp16's range would become +-inf
@@ -62,18 +65,44 @@ def fp16_trunk(model: ir.Model) -> ir.Model:
                                name=f"fp16/{v.name}__clip")
                 clip.outputs[0].name = f"{v.name}__clip"
                 clip.outputs[0].type, clip.outputs[0].shape = ir.TensorType(F32), v.shape
-                g.insert_before(before, clip)
+                before.graph.insert_before(before, clip)
                 src = clip.outputs[0]
-            node = ir.Node("", "Cast", [src], [ir.AttrInt64("to", want.value)], name=f"fp16/{v.name}__to_{tag}")
-            node.outputs[0].name = f"{v.name}__to_{tag}"
+            where = "" if before.graph is g else f"{before.name}/"  # unique names per branch
+            node = ir.Node("", "Cast", [src], [ir.AttrInt64("to", want.value)], name=f"fp16/{where}{v.name}__to_{tag}")
+            node.outputs[0].name = f"{where}{v.name}__to_{tag}"
             node.outputs[0].type, node.outputs[0].shape = ir.TensorType(want), v.shape
-            g.insert_before(before, node)
-            casts[(v, want)] = node.outputs[0]
-        return casts[(v, want)]
+            before.graph.insert_before(before, node)
+            casts[key] = node.outputs[0]
+        return casts[key]
 
-    for node in list(g):
+    def branches(node: ir.Node) -> None:
+        """An If: its branches' nodes, then both branches' output made the wider precision of the two (fp16 if
+        either is), as the If's output."""
+        graphs = [a.as_graph() for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH]
+        for sub in graphs:
+            for n in list(sub):
+                visit(n)
+        for i, o in enumerate(node.outputs):
+            if not _is_float(o):
+                continue
+            want = F16 if any(prec.get(sub.outputs[i], F32) == F16 for sub in graphs) else F32
+            for sub in graphs:
+                result = sub.outputs[i]
+                if prec.get(result, F32) != want:
+                    to = ir.Node("", "Cast", [result], [ir.AttrInt64("to", want.value)],
+                                 name=f"fp16/{sub.name}/{result.name}__out")
+                    to.outputs[0].name, to.outputs[0].type = f"{sub.name}/{result.name}__out", ir.TensorType(want)
+                    sub.append(to)
+                    sub.outputs[i] = to.outputs[0]
+            prec[o] = want
+            o.type = ir.TensorType(want)
+
+    def visit(node: ir.Node) -> None:
         if node.name and node.name.startswith("fp16/"):
-            continue
+            return
+        if node.op_type == "If":
+            branches(node)
+            return
         floats = [v for v in node.inputs if _is_float(v)]
         dynamic = [v for v in floats if not v.is_initializer()]
         if node.op_type in KEEP_FP32:
@@ -96,6 +125,9 @@ def fp16_trunk(model: ir.Model) -> ir.Model:
             if o.dtype == F32 or (node.op_type == "Cast" and o.dtype == F16 and want == F16):
                 prec[o] = want
                 o.type = ir.TensorType(want)  # a new type: an exported trunk's clones share their type objects
+
+    for node in list(g):
+        visit(node)
     for i, out in enumerate(list(g.outputs)):
         if prec.get(out) == F16:  # the boundary stays fp32: the fp16 value is renamed and cast back
             name = out.name

@@ -5,8 +5,9 @@
 the trunk graph before the head is attached, so the head keeps the form its profile gives it.
 
 transformers' experts layers (``trunk/experts.py``) multiply each expert's rows by its weights with ``Gemm``
-(``transB = 1``), which the quantizer leaves alone; those are first rewritten as MatMul (+ Add of the bias) of the
-transposed weight (a lazy tensor: transposed when the graph is serialized for the quantizer, not before).
+(``transB = 1``), and GPT-2's Conv1D layers export as ``Gemm`` too; the quantizer leaves Gemm alone, so those are
+first rewritten as MatMul (+ Add of the bias), on the transposed weight where the Gemm transposed it (a lazy tensor:
+transposed when the graph is serialized for the quantizer, not before).
 """
 
 from __future__ import annotations
@@ -44,29 +45,28 @@ def _transposed(tensor: ir.TensorProtocol, name: str) -> ir.LazyTensor:
 
 
 def gemm_as_matmul(model: ir.Model) -> int:
-    """Rewrite each ``Gemm(A, W, [c])`` with ``transB = 1``, a constant float W and c (alpha = beta = 1, A not
-    transposed) as ``MatMul(A, Wᵀ) [+ c]``; returns how many were rewritten. A weight read by several such nodes is
-    transposed once."""
+    """Rewrite each ``Gemm(A, W, [c])`` with a constant float W and c (alpha = beta = 1, A not transposed) as
+    ``MatMul(A, W) [+ c]``, or ``MatMul(A, Wᵀ) [+ c]`` where ``transB = 1``; returns how many were rewritten. A weight
+    read transposed by several such nodes is transposed once."""
     g = model.graph
     done: dict[ir.Value, ir.Value] = {}
     count = 0
-    for node in list(g):
+    for node in list(ir.traversal.RecursiveGraphIterator(g)):  # experts' Gemms are in If branches
         if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
             continue
         attr = {k: a.value for k, a in node.attributes.items()}
-        if attr.get("transB", 0) != 1 or attr.get("transA", 0) != 0 or attr.get("alpha", 1.0) != 1.0 \
-                or attr.get("beta", 1.0) != 1.0:
+        if attr.get("transA", 0) != 0 or attr.get("alpha", 1.0) != 1.0 or attr.get("beta", 1.0) != 1.0:
             continue
         a, w, c = (list(node.inputs) + [None, None])[:3]
         if not _float_matrix(_constant(w)) or (c is not None and _constant(c) is None):
             continue
-        if w not in done:
+        if attr.get("transB", 0) and w not in done:
             t = ir.Value(name=f"{w.name}.T", type=w.type, shape=ir.Shape(list(reversed(w.shape.dims))),
                          const_value=_transposed(w.const_value, f"{w.name}.T"))
             g.register_initializer(t)
             done[w] = t
         out = node.outputs[0]
-        matmul = ir.node("MatMul", [a, done[w]], name=f"{node.name}/MatMul")
+        matmul = ir.node("MatMul", [a, done[w] if attr.get("transB", 0) else w], name=f"{node.name}/MatMul")
         new = [matmul]
         result = matmul.outputs[0]
         if c is not None:
@@ -75,9 +75,9 @@ def gemm_as_matmul(model: ir.Model) -> int:
             result = add.outputs[0]
         name, out.name = out.name, None
         result.name, result.type, result.shape = name, out.type, out.shape
-        g.insert_after(node, new)
+        node.graph.insert_after(node, new)
         out.replace_all_uses_with(result, replace_graph_outputs=True)
-        g.remove(node, safe=True)
+        node.graph.remove(node, safe=True)
         count += 1
     for w in done:  # the untransposed weight, when nothing else reads it
         if not w.uses() and w.name in g.initializers:
