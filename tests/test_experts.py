@@ -79,6 +79,22 @@ def test_a_mixture_of_experts_artifact_equals_transformers(tmp_path, arch):
         assert genai_greedy(result.out, prompt, 8) == runner_greedy(runner, prompt, 8)
 
 
+def test_openvino_gets_its_experts_unwrapped_and_compresses_every_one(tmp_path):
+    """NNCF compresses no weight inside an If's branch: an OpenVINO target gets each expert's nodes run
+    unconditionally (the graph before the Ifs), and openvino-int8 compresses every expert's weights."""
+    import openvino as ov
+
+    result = api.build("openvino-int8", model=_moe_model(tmp_path / "model", "qwen3_moe"), out=tmp_path / "ov", steps=4)
+    assert result.parity.passed, result.parity.failures
+    graph = onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph
+    assert not any(n.op_type == "If" for n in graph.node) and sum(n.op_type == "NonZero" for n in graph.node) == 2 * 8
+    names = [op.get_friendly_name() for op in ov.Core().read_model(str(result.out / "model.xml")).get_ops()
+             if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() == "u8"]
+    compressed = {n for n in names if ".mlp.experts." in n and not n.endswith("/zero_point")}
+    assert compressed == {f"model.layers.{i}.mlp.experts.{t}.{e}" for i in range(2) for t in ("gate_up_proj", "down_proj")
+                          for e in range(8)}
+
+
 def _all_graphs(graph):
     """``graph`` and every subgraph in it (an If's branches)."""
     yield graph

@@ -220,6 +220,35 @@ def _run(model, x):
     return session.run(None, {"x": x})
 
 
+def test_gemm_with_a_bias_in_a_branch_keeps_names_unique():
+    """A Gemm with a bias inside an If's branch: the MatMul's output is named from the node, not by the branch's own
+    naming, which knows nothing of the outer graph's names (a clash there makes the graph invalid)."""
+    model = _gemm_model()
+    g = model.graph
+    cond = ir.Value(name="cond", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
+    g.inputs.append(cond)
+    gemm = next(n for n in g if n.name == "with_bias")
+    out = gemm.outputs[0]
+    placeholder = ir.Value(name="y_if", type=out.type)
+    g.outputs[0] = placeholder  # y0 leaves the main graph's outputs for the branch's
+    g.remove(gemm, safe=False)
+    keep = ir.node("Identity", [g.inputs[0]], name="keep")
+    keep.outputs[0].name, keep.outputs[0].type = "kept", out.type
+    node = ir.node("If", [cond], {"then_branch": ir.Graph([], [out], nodes=[gemm], name="then"),
+                                  "else_branch": ir.Graph([], [keep.outputs[0]], nodes=[keep], name="else")}, name="if")
+    g.outputs[0] = node.outputs[0]
+    node.outputs[0].name, node.outputs[0].type = "y_if", out.type
+    g.append(node)
+    assert gemm_as_matmul(model) == 3
+    names = [v.name for n in ir.traversal.RecursiveGraphIterator(g) for v in n.outputs]
+    assert len(names) == len(set(names)) and "with_bias/MatMul" in names
+    x = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["y_if"], {"x": x, "cond": np.array(True)})[0]
+    w, b = (_gemm_model().graph.initializers[k].const_value.numpy() for k in ("w", "b"))
+    np.testing.assert_allclose(got, x @ w.T + b, rtol=1e-5, atol=1e-5)
+
+
 def test_gemm_of_a_weight_becomes_matmul_with_the_same_result():
     x = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
     before = _run(_gemm_model(), x)

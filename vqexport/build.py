@@ -245,6 +245,10 @@ def write_graph(directory: Path, profile: Profile, source: Source, reference, pr
                     "genai_config": genai_config(trunk_dir, logits="logits" in form.outputs(source.head))}
         else:
             trunk = export_trunk(profile, source, reference, progress)
+            if profile.backend != "ort":  # NNCF and TensorRT's readiness check do not look into an If's branches
+                from .trunk.experts import unwrap_experts
+
+                unwrap_experts(trunk)
             if profile.precision == "fp16":
                 from .trunk.fp16 import fp16_trunk
 

@@ -111,12 +111,24 @@ def check_dynamic_axes(model: onnx.ModelProto, last_position_only: bool = False)
         raise VQExportError("exported graph: inputs must include input_ids and attention_mask")
 
 
+def all_nodes(graph: onnx.GraphProto):
+    """The graph's nodes and those of every subgraph in it (an If's branches: a mixture of experts' experts)."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from all_nodes(g)
+
+
 def initializer_stats(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     """name -> (elements, bytes) of every initializer (read from its dims: external data need not be loaded). A
     weight onnxruntime's MatMulNBits or GatherBlockQuantized reads packed in bytes counts its values: 8 / bits per
     byte."""
     packed = {}
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):
         if node.domain == "com.microsoft" and node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
             packed[node.input[1 if node.op_type == "MatMulNBits" else 0]] = bits
@@ -134,7 +146,7 @@ def initializer_stats(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
-    c = Counter((f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model.graph.node)
+    c = Counter((f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in all_nodes(model.graph))
     return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VQExportError
-from .graph_io import dims_of, load_graph, op_histogram
+from .graph_io import all_nodes, dims_of, load_graph, op_histogram
 from .sizes import onnx_sizes, summary
 
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -88,6 +88,6 @@ def inspect_onnx(path: Path) -> dict:
         "inputs": io(proto.graph.input),
         "outputs": io(proto.graph.output),
         "ops": op_histogram(proto),
-        "nodes": len(proto.graph.node),
+        "nodes": sum(1 for _ in all_nodes(proto.graph)),
         "sizes": sizes,
     }

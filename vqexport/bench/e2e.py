@@ -204,7 +204,7 @@ def bytes_per_token(model_path: Path) -> dict:
     """Bytes one decode step reads: every weight of a MatMul-like node in full, the head's V-wide tables, the logits
     written; a Gather / GatherBlockQuantized of an embedding table reads one row (counted as nothing); a two-stage
     head's exact rows (a copy, or the shared embedding table) are read for the probed clusters' tokens only."""
-    from ..graph_io import initializer_stats, load_graph
+    from ..graph_io import all_nodes, initializer_stats, load_graph
 
     proto = load_graph(model_path)
     stats = initializer_stats(proto)
@@ -213,7 +213,7 @@ def bytes_per_token(model_path: Path) -> dict:
     matmul = {"MatMul", "MatMulNBits", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul"}
     weights = head = rows = 0
     seen = set()
-    for node in proto.graph.node:
+    for node in all_nodes(proto.graph):
         for name in node.input:
             if name not in stats or name in seen:
                 continue

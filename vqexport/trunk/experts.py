@@ -204,11 +204,11 @@ class _Builder:
     @contextlib.contextmanager
     def branch(self):
         """The nodes made inside go to the list yielded, for a subgraph, instead of into the graph."""
-        self.collected = nodes = []
+        outer, self.collected = self.collected, []
         try:
-            yield nodes
+            yield self.collected
         finally:
-            self.collected = None
+            self.collected = outer
 
     def when(self, condition: ir.Value, then: list[ir.Node], result: ir.Value, otherwise: ir.Value) -> ir.Value:
         """``If(condition)``: ``then``'s nodes giving ``result``, else ``otherwise`` unchanged."""
@@ -285,11 +285,11 @@ def expand_routed_experts(model: ir.Model, modules: list[tuple[str, torch.nn.Mod
         last, axis1 = b.const("axis_last", np.array([-1], np.int64)), b.const("axis_1", np.array([1], np.int64))
         chosen = b.op("Cast", b.op("Equal", b.op("Unsqueeze", top_k_index, last),
                                    b.const("expert_ids", np.arange(n, dtype=np.int64))), to=ir.DataType.FLOAT)
-        routed = b.op("Greater", b.op("ReduceSum", chosen, axis1, keepdims=0), b.const("zero", np.array(0, np.float32)))
+        zero = b.const("zero", np.array(0, np.float32))
+        routed = b.op("Greater", b.op("ReduceSum", chosen, axis1, keepdims=0), zero)
         weights = b.op("Unsqueeze", b.op("Cast", top_k_weights, to=ir.DataType.FLOAT), last)
         weight = b.op("CastLike", b.op("ReduceSum", b.op("Mul", chosen, weights), axis1, keepdims=0), hidden)
         out = b.op("ConstantOfShape", b.op("Shape", hidden))
-        zero = b.const("zero", np.array(0, np.float32))
         tokens = b.op("ReduceSum", b.op("Cast", routed, to=ir.DataType.FLOAT), b.const("axis_0", np.array([0], np.int64)),
                       keepdims=0)  # [experts]: how many tokens each expert got
         shared: dict[str, ir.Value] = {}
@@ -318,6 +318,27 @@ def expand_routed_experts(model: ir.Model, modules: list[tuple[str, torch.nn.Mod
             out.name = output_name
     if placeholders:
         model.opset_imports.pop(DOMAIN, None)
+
+
+def unwrap_experts(model: ir.Model) -> int:
+    """Each expert's ``If`` replaced by its then-branch, run unconditionally (the graph before the experts had their
+    Ifs): for runtimes whose tools do not look into branches (NNCF compresses no weight inside one; TensorRT's
+    readiness check reads the top-level graph). Returns how many were replaced."""
+    graph, count = model.graph, 0
+    for node in [n for n in graph if n.op_type == "If" and ".experts" in (n.name or "") and "/If_" in n.name]:
+        then = node.attributes["then_branch"].as_graph()
+        result = then.outputs[0]
+        then.outputs.clear()
+        for inner in list(then):
+            then.remove(inner)
+            graph.insert_before(node, inner)
+        out = node.outputs[0]
+        name, out.name = out.name, None
+        result.name = name
+        out.replace_all_uses_with(result, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        count += 1
+    return count
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -60,14 +60,14 @@ def fp16_trunk(model: ir.Model) -> ir.Model:
         if key not in casts:
             tag = "fp16" if want == F16 else "fp32"
             src = v
+            where = "" if before.graph is g else f"{before.name}/"  # unique names per branch
             if want == F16:  # fp32 values beyond fp16's range would become +-inf
                 clip = ir.Node("", "Clip", [v, clip_bound("fp16/min", -FP16_MAX), clip_bound("fp16/max", FP16_MAX)],
-                               name=f"fp16/{v.name}__clip")
-                clip.outputs[0].name = f"{v.name}__clip"
+                               name=f"fp16/{where}{v.name}__clip")
+                clip.outputs[0].name = f"{where}{v.name}__clip"
                 clip.outputs[0].type, clip.outputs[0].shape = ir.TensorType(F32), v.shape
                 before.graph.insert_before(before, clip)
                 src = clip.outputs[0]
-            where = "" if before.graph is g else f"{before.name}/"  # unique names per branch
             node = ir.Node("", "Cast", [src], [ir.AttrInt64("to", want.value)], name=f"fp16/{where}{v.name}__to_{tag}")
             node.outputs[0].name = f"{where}{v.name}__to_{tag}"
             node.outputs[0].type, node.outputs[0].shape = ir.TensorType(want), v.shape
@@ -78,20 +78,27 @@ def fp16_trunk(model: ir.Model) -> ir.Model:
     def branches(node: ir.Node) -> None:
         """An If: its branches' nodes, then both branches' output made the wider precision of the two (fp16 if
         either is), as the If's output."""
-        graphs = [a.as_graph() for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH]
-        for sub in graphs:
+        graphs = [(key, a.as_graph()) for key, a in node.attributes.items() if a.type == ir.AttributeType.GRAPH]
+        for _, sub in graphs:
             for n in list(sub):
                 visit(n)
         for i, o in enumerate(node.outputs):
             if not _is_float(o):
                 continue
-            want = F16 if any(prec.get(sub.outputs[i], F32) == F16 for sub in graphs) else F32
-            for sub in graphs:
+            want = F16 if any(prec.get(sub.outputs[i], F32) == F16 for _, sub in graphs) else F32
+            for key, sub in graphs:
                 result = sub.outputs[i]
-                if prec.get(result, F32) != want:
-                    to = ir.Node("", "Cast", [result], [ir.AttrInt64("to", want.value)],
-                                 name=f"fp16/{sub.name}/{result.name}__out")
-                    to.outputs[0].name, to.outputs[0].type = f"{sub.name}/{result.name}__out", ir.TensorType(want)
+                if prec.get(result, F32) != want:  # a branch's fp32 result (zeros, in the experts' graph) made fp16
+                    name = f"{node.name}/{key}/{i}__to_{'fp16' if want == F16 else 'fp32'}"
+                    src = result
+                    if want == F16:
+                        clip = ir.Node("", "Clip", [result, clip_bound("fp16/min", -FP16_MAX),
+                                                    clip_bound("fp16/max", FP16_MAX)], name=f"fp16/{name}__clip")
+                        clip.outputs[0].name, clip.outputs[0].type = f"{name}__clip", ir.TensorType(F32)
+                        sub.append(clip)
+                        src = clip.outputs[0]
+                    to = ir.Node("", "Cast", [src], [ir.AttrInt64("to", want.value)], name=f"fp16/{name}")
+                    to.outputs[0].name, to.outputs[0].type = name, ir.TensorType(want)
                     sub.append(to)
                     sub.outputs[i] = to.outputs[0]
             prec[o] = want

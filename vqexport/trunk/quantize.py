@@ -67,6 +67,7 @@ def gemm_as_matmul(model: ir.Model) -> int:
             done[w] = t
         out = node.outputs[0]
         matmul = ir.node("MatMul", [a, done[w] if attr.get("transB", 0) else w], name=f"{node.name}/MatMul")
+        matmul.outputs[0].name = matmul.name  # named here: a branch's own naming knows nothing of the outer graph
         new = [matmul]
         result = matmul.outputs[0]
         if c is not None:
