@@ -13,6 +13,7 @@ import torch
 from vqexport import api
 from vqexport.backends.ort.runner import OrtRunner
 from vqexport.errors import VQExportError
+from vqexport.graph_io import all_graphs, all_nodes
 from vqexport.head.spec import write_head
 from vqexport.trunk.experts import exportable_experts
 
@@ -65,13 +66,13 @@ def test_a_mixture_of_experts_artifact_equals_transformers(tmp_path, arch):
     assert stacked == []  # nothing gathers an expert from the stacked tensor at run time
     per_expert = sorted(n for n in names if ".mlp.experts.down_proj." in n)
     assert per_expert == sorted(f"model.layers.{i}.mlp.experts.down_proj.{e}" for i in range(2) for e in range(8))
-    nodes = _all_nodes(graph)
+    nodes = list(all_nodes(graph))
     assert sum(n.op_type == "NonZero" for n in nodes) == 2 * 8
     # each expert inside an If: an expert no token chose runs none of its nodes
     assert sum(n.op_type == "If" for n in graph.node) == 2 * 8 and not any(n.op_type == "NonZero" for n in graph.node)
     assert not any(n.domain == "vqexport" for n in nodes)
     # each expert's row count is its own: no shared symbolic dimension lets onnxruntime reuse one expert's buffer
-    infos = [v for g in _all_graphs(graph) for v in g.value_info]
+    infos = [v for g in all_graphs(graph) for v in g.value_info]
     assert not any(d.dim_param == "rows" for v in infos for d in v.type.tensor_type.shape.dim)
 
     prompt = [5, 17, 99, 3, 42]  # onnxruntime-genai runs the graph as it is
@@ -93,19 +94,6 @@ def test_openvino_gets_its_experts_unwrapped_and_compresses_every_one(tmp_path):
     compressed = {n for n in names if ".mlp.experts." in n and not n.endswith("/zero_point")}
     assert compressed == {f"model.layers.{i}.mlp.experts.{t}.{e}" for i in range(2) for t in ("gate_up_proj", "down_proj")
                           for e in range(8)}
-
-
-def _all_graphs(graph):
-    """``graph`` and every subgraph in it (an If's branches)."""
-    yield graph
-    for n in graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(a.g)
-
-
-def _all_nodes(graph):
-    return [n for g in _all_graphs(graph) for n in g.node]
 
 
 def test_the_experts_graph_is_byte_identical_across_exports(tmp_path):

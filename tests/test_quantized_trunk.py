@@ -18,15 +18,14 @@ from safetensors.numpy import load_file
 from vqexport import api
 from vqexport.backends.ort.runner import OrtRunner
 from vqexport.bench.artifact import DENSE_MATMUL, dense_twin
-from vqexport.graph_io import load_graph
-from vqexport.graph_io import embedding_lookup
+from vqexport.graph_io import all_nodes, embedding_lookup, load_graph
 from vqexport.head.spec import write_head
 from vqexport.source import demo_dir
 from vqexport.trunk.quantize import _quantizer, dequantized_rows, gemm_as_matmul
 
 from .conftest import assert_user_error, run_cli
 from .models import artifact_logits, genai_greedy, hf_config, identity_head, runner_greedy, save_hf
-from .test_experts import MOE, _all_nodes
+from .test_experts import MOE
 
 TARGET = "ort-int4-portable"
 
@@ -45,7 +44,7 @@ def _int8_profile(tmp_path):
 def _weight_matmuls(proto) -> list[onnx.NodeProto]:
     """The trunk's MatMul / Gemm nodes (in subgraphs too) that read a float weight (an initializer)."""
     inits = {t.name for t in proto.graph.initializer}
-    return [n for n in _all_nodes(proto.graph) if n.op_type in ("MatMul", "Gemm") and not n.name.startswith("head/")
+    return [n for n in all_nodes(proto.graph) if n.op_type in ("MatMul", "Gemm") and not n.name.startswith("head/")
             and len(n.input) > 1 and n.input[1] in inits]
 
 
@@ -144,7 +143,7 @@ def test_mixture_of_experts_weights_are_quantized_per_expert(tmp_path, arch):
     assert result.parity.passed, result.parity.failures
     proto = load_graph(result.out / "model.onnx")
     assert not _weight_matmuls(proto)
-    nodes = _all_nodes(proto.graph)  # each expert's nodes are in an If's branch
+    nodes = list(all_nodes(proto.graph))  # each expert's nodes are in an If's branch
     assert "Gemm" not in {n.op_type for n in nodes}  # each expert's Gemm became MatMulNBits
     experts = [n for n in nodes if n.op_type == "MatMulNBits" and ".experts" in n.name]
     layers, per_layer = 2, 8 * 2  # 8 experts, gate/up and down each

@@ -111,16 +111,22 @@ def check_dynamic_axes(model: onnx.ModelProto, last_position_only: bool = False)
         raise VQExportError("exported graph: inputs must include input_ids and attention_mask")
 
 
-def all_nodes(graph: onnx.GraphProto):
-    """The graph's nodes and those of every subgraph in it (an If's branches: a mixture of experts' experts)."""
+def all_graphs(graph: onnx.GraphProto):
+    """The graph and every subgraph in it (an If's branches: a mixture of experts' experts)."""
+    yield graph
     for node in graph.node:
-        yield node
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                yield from all_nodes(a.g)
+                yield from all_graphs(a.g)
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
-                    yield from all_nodes(g)
+                    yield from all_graphs(g)
+
+
+def all_nodes(graph: onnx.GraphProto):
+    """The nodes of the graph and of every subgraph in it."""
+    for g in all_graphs(graph):
+        yield from g.node
 
 
 def initializer_stats(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:

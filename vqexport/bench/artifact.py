@@ -124,8 +124,7 @@ DENSE_MATMUL = "head/dense/MatMul"
 
 def _trunk_quantization(profile: dict) -> tuple[str, int, int] | None:
     """(precision, block size, accuracy level) of an int4 / int8 trunk from the manifest's profile: the portable
-    trunk's [trunk] keys, or the builder's options with the builder's defaults (blocks of 32; accuracy level 4 on
-    the CPU and WebGPU, else 0)."""
+    trunk's [trunk] keys, or what the builder makes of its options."""
     from ..profiles import QUANTIZED
 
     precision = profile.get("precision")
@@ -133,9 +132,9 @@ def _trunk_quantization(profile: dict) -> tuple[str, int, int] | None:
         return None
     trunk = profile.get("trunk", {})
     if trunk.get("source") == "genai":
-        extra = trunk.get("extra_options", {})
-        level = 4 if trunk.get("execution_provider", "cpu") in ("cpu", "webgpu") else 0
-        return precision, int(extra.get("block_size", 32)), int(extra.get("accuracy_level", level))
+        from ..trunk.genai import weight_quantization
+
+        return precision, *weight_quantization(trunk.get("execution_provider", "cpu"), trunk.get("extra_options", {}))
     return precision, int(trunk.get("block_size", 32)), int(trunk.get("accuracy_level", 4))
 
 

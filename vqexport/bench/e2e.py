@@ -91,12 +91,13 @@ INT8_HEAD = {"algo_config": "rtn_last"}  # the builder's RTN int4 body with an i
 def builder_options(profile) -> dict:
     """The builder's options that give the dense baseline the artifact's trunk settings: a genai profile's own, or a
     quantized portable trunk's blocks and accuracy level (the builder's defaults are blocks of 32, level 4)."""
+    from ..trunk.genai import weight_options
+
     if profile.trunk.source == "genai":
         return dict(profile.trunk.extra_options)
-    t = profile.trunk
-    if profile.precision not in QUANTIZED or (t.block_size, t.accuracy_level) == (32, 4):
+    if profile.precision not in QUANTIZED:
         return {}
-    return {"block_size": str(t.block_size), "accuracy_level": str(t.accuracy_level)}
+    return weight_options(profile.trunk.block_size, profile.trunk.accuracy_level, profile.trunk.execution_provider)
 
 
 def builder_dense(source, profile, out: Path, work: Path, extra: dict | None = None) -> Path:

@@ -53,26 +53,31 @@ def fp16_trunk(model: ir.Model) -> ir.Model:
                                             const_value=ir.tensor(np.array(value, np.float32), name=name)))
         return g.initializers[name]
 
+    def convert(v: ir.Value, want: ir.DataType, stem: str, put) -> ir.Value:
+        """``v`` cast to ``want`` (to fp16: clipped to its range first), nodes named from ``stem`` and placed by
+        ``put``."""
+        src = v
+        if want == F16:  # fp32 values beyond fp16's range would become +-inf
+            clip = ir.Node("", "Clip", [v, clip_bound("fp16/min", -FP16_MAX), clip_bound("fp16/max", FP16_MAX)],
+                           name=f"fp16/{stem}__clip")
+            clip.outputs[0].name = f"{stem}__clip"
+            clip.outputs[0].type, clip.outputs[0].shape = ir.TensorType(F32), v.shape
+            put(clip)
+            src = clip.outputs[0]
+        tag = "fp16" if want == F16 else "fp32"
+        node = ir.Node("", "Cast", [src], [ir.AttrInt64("to", want.value)], name=f"fp16/{stem}__to_{tag}")
+        node.outputs[0].name = f"{stem}__to_{tag}"
+        node.outputs[0].type, node.outputs[0].shape = ir.TensorType(want), v.shape
+        put(node)
+        return node.outputs[0]
+
     def cast(v: ir.Value, want: ir.DataType, before: ir.Node) -> ir.Value:
         """``v`` in ``want``, computed just before ``before`` in ``before``'s graph, once per graph (a value made in
         an If's branch is not visible outside it)."""
         key = (v, want, id(before.graph))
         if key not in casts:
-            tag = "fp16" if want == F16 else "fp32"
-            src = v
             where = "" if before.graph is g else f"{before.name}/"  # unique names per branch
-            if want == F16:  # fp32 values beyond fp16's range would become +-inf
-                clip = ir.Node("", "Clip", [v, clip_bound("fp16/min", -FP16_MAX), clip_bound("fp16/max", FP16_MAX)],
-                               name=f"fp16/{where}{v.name}__clip")
-                clip.outputs[0].name = f"{where}{v.name}__clip"
-                clip.outputs[0].type, clip.outputs[0].shape = ir.TensorType(F32), v.shape
-                before.graph.insert_before(before, clip)
-                src = clip.outputs[0]
-            node = ir.Node("", "Cast", [src], [ir.AttrInt64("to", want.value)], name=f"fp16/{where}{v.name}__to_{tag}")
-            node.outputs[0].name = f"{where}{v.name}__to_{tag}"
-            node.outputs[0].type, node.outputs[0].shape = ir.TensorType(want), v.shape
-            before.graph.insert_before(before, node)
-            casts[key] = node.outputs[0]
+            casts[key] = convert(v, want, f"{where}{v.name}", lambda n: before.graph.insert_before(before, n))
         return casts[key]
 
     def branches(node: ir.Node) -> None:
@@ -87,20 +92,8 @@ def fp16_trunk(model: ir.Model) -> ir.Model:
                 continue
             want = F16 if any(prec.get(sub.outputs[i], F32) == F16 for _, sub in graphs) else F32
             for key, sub in graphs:
-                result = sub.outputs[i]
-                if prec.get(result, F32) != want:  # a branch's fp32 result (zeros, in the experts' graph) made fp16
-                    name = f"{node.name}/{key}/{i}__to_{'fp16' if want == F16 else 'fp32'}"
-                    src = result
-                    if want == F16:
-                        clip = ir.Node("", "Clip", [result, clip_bound("fp16/min", -FP16_MAX),
-                                                    clip_bound("fp16/max", FP16_MAX)], name=f"fp16/{name}__clip")
-                        clip.outputs[0].name, clip.outputs[0].type = f"{name}__clip", ir.TensorType(F32)
-                        sub.append(clip)
-                        src = clip.outputs[0]
-                    to = ir.Node("", "Cast", [src], [ir.AttrInt64("to", want.value)], name=f"fp16/{name}")
-                    to.outputs[0].name, to.outputs[0].type = name, ir.TensorType(want)
-                    sub.append(to)
-                    sub.outputs[i] = to.outputs[0]
+                if prec.get(sub.outputs[i], F32) != want:  # a branch's fp32 result (zeros, in the experts' graph)
+                    sub.outputs[i] = convert(sub.outputs[i], want, f"{node.name}/{key}/{i}", sub.append)
             prec[o] = want
             o.type = ir.TensorType(want)
 

@@ -39,6 +39,20 @@ PORTABLE = 'a target with [trunk] source = "portable" (ort; ort-int4-portable fo
 RESERVED_OPTIONS = ("exclude_lm_head", "include_hidden_states", "exclude_embeds", "filename", "config_only")
 
 
+def weight_quantization(execution_provider: str, extra_options: dict) -> tuple[int, int]:
+    """The MatMulNBits block size and accuracy level the builder (0.18) gives an int4 / int8 model with these
+    options: ``block_size`` (default 32) and ``accuracy_level`` (default 4 on the CPU and WebGPU, else 0)."""
+    level = 4 if execution_provider in ("cpu", "webgpu") else 0
+    return int(extra_options.get("block_size", 32)), int(extra_options.get("accuracy_level", level))
+
+
+def weight_options(block_size: int, accuracy_level: int, execution_provider: str = "cpu") -> dict:
+    """The builder's options that give its MatMulNBits this block size and accuracy level (none for its defaults)."""
+    if weight_quantization(execution_provider, {}) == (block_size, accuracy_level):
+        return {}
+    return {"block_size": str(block_size), "accuracy_level": str(accuracy_level)}
+
+
 def check_options(precision: str, execution_provider: str, extra_options: dict, fail) -> None:
     """Profile-level rules (no builder needed): a pair the builder makes, options vqexport does not own."""
     if execution_provider not in EXECUTION_PROVIDERS:
