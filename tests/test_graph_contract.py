@@ -120,3 +120,20 @@ def test_optimized_copy_only_when_the_profile_asks(tmp_path):
     mask = np.ones_like(ids)
     with OrtRunner(result.out / "model.onnx") as a, OrtRunner(result.out / "model.optimized.onnx") as b:
         np.testing.assert_allclose(a.step(ids, mask, a.empty_past(2)).logits, b.step(ids, mask, b.empty_past(2)).logits, atol=1e-5)
+
+
+def test_a_head_constant_name_is_one_value():
+    """The head builder reuses a constant asked for twice by the same name; a name already holding another value is
+    an error (a silent reuse would feed one term another term's constant)."""
+    import onnx_ir as ir
+
+    from vqexport.head.graph import HeadForm, _Builder
+
+    b = _Builder(ir.Graph(inputs=[], outputs=[], nodes=[], opset_imports={"": 18}), HeadForm(), None)
+    first = b.const("head/x", [0])
+    assert b.const("head/x", [0]) is first and len(b.graph.initializers) == 1
+    for other in ([2], [0, 0]):
+        with pytest.raises(ValueError, match="'head/x' already holds another value"):
+            b.const("head/x", other)
+    with pytest.raises(ValueError, match="already holds another value"):
+        b.const("head/x", [0], np.int32)  # same numbers, another type
