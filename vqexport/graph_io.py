@@ -177,6 +177,19 @@ def metadata(model: onnx.ModelProto) -> dict[str, str]:
 _ID_PASSTHROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity")  # the same ids, another shape
 
 
+def same_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value | None:
+    """The initializer ``name`` of ``graph`` when it already holds ``array`` (a builder asking twice for one constant
+    gets it once), None when there is none. A name holding another value (numbers, shape or type) is an error, not
+    a silent reuse: two constants named alike would make a wrong graph."""
+    if name not in graph.initializers:
+        return None
+    existing = graph.initializers[name]
+    held = existing.const_value.numpy() if existing.const_value is not None else None
+    if held is None or held.dtype != array.dtype or held.shape != array.shape or not np.array_equal(held, array):
+        raise ValueError(f"initializer {name!r} already holds another value")
+    return existing
+
+
 def embedding_lookup(graph: ir.Graph) -> ir.Node | None:
     """The trunk's embedding lookup of input_ids (Gather, or GatherBlockQuantized on a quantized table), if any."""
     return next((n for n in graph if n.op_type in ("Gather", "GatherBlockQuantized")

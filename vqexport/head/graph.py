@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ..graph_io import BATCH, HIDDEN, SEQ, embedding_lookup
+from ..graph_io import BATCH, HIDDEN, SEQ, embedding_lookup, same_constant
 from .decoding import cluster_tables
 from .quant import quantize_rows
 from .spec import Head, padded_members
@@ -76,17 +76,10 @@ class _Builder:
         self._quantized: dict[str, ir.Value] = {}  # activation -> its Q/DQ output (one pair per activation)
 
     def init(self, name: str, array: np.ndarray) -> ir.Value:
-        """The initializer ``name`` holding ``array``: made once, and the same value when a later term asks for the
-        same constant. A name already holding something else is an error, not a silent reuse (two constants named
-        alike would otherwise make a wrong graph)."""
+        """The initializer ``name`` holding ``array``, made once (``graph_io.same_constant``)."""
         array = np.ascontiguousarray(array)
-        if name in self.graph.initializers:
-            existing = self.graph.initializers[name]
-            held = existing.const_value.numpy() if existing.const_value is not None else None
-            if held is None or held.dtype != array.dtype or held.shape != array.shape or not np.array_equal(held, array):
-                raise ValueError(f"initializer {name!r} already holds another value")
-            return existing
-        return self.tape.initializer(ir.tensor(array, name=name))
+        existing = same_constant(self.graph, name, array)
+        return existing if existing is not None else self.tape.initializer(ir.tensor(array, name=name))
 
     def op(self, op_type: str, inputs: list, name: str, domain: str = "", **attrs) -> ir.Value:
         return self.tape.op(op_type, inputs, attrs or None, domain=domain, name=name)

@@ -28,6 +28,7 @@ import onnx_ir as ir
 import torch
 
 from ..errors import VQExportError
+from ..graph_io import same_constant
 
 DOMAIN = "vqexport"
 _ACTIVE: dict[int, torch.nn.Module] = {}  # layer -> experts module, while exportable_experts is open
@@ -342,9 +343,11 @@ def unwrap_experts(model: ir.Model) -> int:
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """The initializer ``name`` of ``graph``: ``array``, registered unless a call before registered it."""
-    if name in graph.initializers:
-        return graph.initializers[name]
+    """The initializer ``name`` of ``graph``: ``array``, registered unless a call before registered it
+    (``graph_io.same_constant``)."""
+    existing = same_constant(graph, name, array)
+    if existing is not None:
+        return existing
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.shape, value.type = value.const_value.shape, ir.TensorType(value.const_value.dtype)
     graph.register_initializer(value)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..graph_io import same_constant
+
 KEEP_FP32 = {"Pow", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceLogSumExp", "ReduceL2", "Softmax",
              "LogSoftmax", "Exp", "Log", "Cos", "Sin", "Range", "CumSum", "LayerNormalization", "RMSNormalization",
              "SimplifiedLayerNormalization"}
@@ -48,9 +50,10 @@ def fp16_trunk(model: ir.Model) -> ir.Model:
         return half_weights[v.name]
 
     def clip_bound(name: str, value: float) -> ir.Value:
-        if name not in g.initializers:
+        array = np.array(value, np.float32)
+        if same_constant(g, name, array) is None:
             g.register_initializer(ir.Value(name=name, shape=ir.Shape([]), type=ir.TensorType(F32),
-                                            const_value=ir.tensor(np.array(value, np.float32), name=name)))
+                                            const_value=ir.tensor(array, name=name)))
         return g.initializers[name]
 
     def convert(v: ir.Value, want: ir.DataType, stem: str, put) -> ir.Value:
