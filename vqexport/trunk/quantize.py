@@ -60,13 +60,14 @@ def gemm_as_matmul(model: ir.Model) -> int:
         a, w, c = (list(node.inputs) + [None, None])[:3]
         if not _float_matrix(_constant(w)) or (c is not None and _constant(c) is None):
             continue
-        if attr.get("transB", 0) and w not in done:
+        transposed = bool(attr.get("transB", 0))
+        if transposed and w not in done:
             t = ir.Value(name=f"{w.name}.T", type=w.type, shape=ir.Shape(list(reversed(w.shape.dims))),
                          const_value=_transposed(w.const_value, f"{w.name}.T"))
             g.register_initializer(t)
             done[w] = t
         out = node.outputs[0]
-        matmul = ir.node("MatMul", [a, done[w] if attr.get("transB", 0) else w], name=f"{node.name}/MatMul")
+        matmul = ir.node("MatMul", [a, done[w] if transposed else w], name=f"{node.name}/MatMul")
         matmul.outputs[0].name = matmul.name  # named here: a branch's own naming knows nothing of the outer graph
         new = [matmul]
         result = matmul.outputs[0]
