@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vqexport.convert.clustering import METHODS, balanced, capacity, cluster, kmeans, lloyd
+from vqexport.convert.clustering import EQUAL, EQUAL_METRIC, METHODS, balanced, capacity, cluster, kmeans, lloyd, state_metric
 
 D = 136  # above the default projection (128 dims): the projected passes run
 
@@ -91,3 +91,40 @@ def test_k_equals_n_gives_one_row_per_code_and_bad_k_is_refused():
             kmeans(x, bad)
     with pytest.raises(ValueError, match="unknown clustering method"):
         cluster(x, 4, "random")
+
+
+def test_state_metric_is_the_square_root_of_the_states_covariance():
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(5000, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3.0
+    s = state_metric(states, chunk=777)  # chunks that do not divide N
+    cov = torch.cov(states.double().T, correction=0)
+    assert torch.allclose(s, s.T) and torch.allclose((s @ s).double(), cov, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="at least two"):
+        state_metric(states[:1])
+
+
+def test_equal_metric_clusters_are_equal_and_cut_the_tail_error_where_the_states_are_anisotropic():
+    """Rows close along directions the hidden states never take, far along the ones they do: spherical clusters
+    group them by the silent directions, the metric by the ones that move the logits."""
+    g = torch.Generator().manual_seed(1)
+    n, d, k = 1024, 32, 64
+    rows = torch.randn(n, d, generator=g)
+    rows[:, :4] *= 0.2  # the states' directions: small spread across rows, but all that matters for the logits
+    rows[:, 4:] *= 3.0
+    states = torch.zeros(4000, d)
+    states[:, :4] = torch.randn(4000, 4, generator=g) * 5.0
+    metric = state_metric(states)
+
+    def tail_error(assign):  # mean square of (W[v] - C[M[v]]) . (h - h_mean) over the states and rows
+        cents = torch.zeros(k, d).index_add_(0, assign, rows) / torch.bincount(assign, minlength=k)[:, None]
+        resid = rows - cents[assign]
+        centred = states - states.mean(0)
+        return float((centred @ resid.T).pow(2).mean())
+
+    by_metric, spherical = cluster(rows, k, EQUAL_METRIC, metric=metric), cluster(rows, k, EQUAL)
+    assert torch.bincount(by_metric, minlength=k).tolist() == [n // k] * k
+    assert torch.equal(by_metric, cluster(rows, k, EQUAL_METRIC, metric=metric))  # deterministic
+    assert tail_error(by_metric) < 0.25 * tail_error(spherical)
+    for bad in (None, torch.eye(d + 1)):
+        with pytest.raises(ValueError, match="needs a"):
+            cluster(rows, k, EQUAL_METRIC, metric=bad)

@@ -97,7 +97,7 @@ def test_each_head_is_measured_once(dense_ckpt, text_file, tmp_path, monkeypatch
     two = api.convert(dense_ckpt, 24, tmp_path / "two", distill_text=text_file, steps=3, head="two-stage", rank=2).report
     assert len(calls) == 3  # the clustering's candidate, the head with its router and rank-2 tail, the two-stage head
     assert two["after_distillation"] == two["before_distillation"]
-    assert two["before_distillation"]["vq_ppl"] != two["clustering_scores"]["equal-spherical"]  # router, rank: measured
+    assert two["before_distillation"]["vq_ppl"] != two["clustering_scores"]["equal-metric"]  # router, rank: measured
 
 
 def test_converted_model_builds_and_passes_parity(converted, tmp_path):

@@ -1,6 +1,7 @@
 """Train the embedded default model (vqexport/data/demo) from scratch, seeded, on this machine.
 
     python tools/train_demo.py [--out vqexport/data/demo] [--steps N] [--anneal-steps N] [--dense DIR]
+                               [--dense-only DIR] [--hidden-size D] [--layers L]
 
 Text: the Python standard library's own source (present wherever Python is), split by file into
 train and held-out parts. Steps:
@@ -8,7 +9,9 @@ train and held-out parts. Steps:
 1. a byte-level BPE tokenizer (vocabulary 8192) trained on the train files, saved as a Hugging Face fast
    tokenizer (tokenizer.json + tokenizer_config.json);
 2. a transformers ``LlamaForCausalLM`` (3 layers, d = 128, tied embeddings) trained for ``--steps`` at lr 3e-3,
-   then ``--anneal-steps`` at lr 1e-3, saved with ``save_pretrained`` (``--dense DIR`` reuses a saved one);
+   then ``--anneal-steps`` at lr 1e-3, saved with ``save_pretrained`` (``--dense DIR`` reuses a saved one;
+   ``--dense-only DIR`` saves it there and stops; ``--hidden-size`` / ``--layers`` train a larger twin, with an
+   MLP of 2.75 d and heads of 32);
 3. ``vqexport convert`` (the public API) on that directory: K = V/16 spherical k-means, bias, 300 steps of
    head-only distillation on the training text, held-out perplexity in MODEL_CARD.md.
 
@@ -148,11 +151,13 @@ def distill_text(train_text: list[str], held_text: list[str]) -> str:
     return sep.join(head) + sep + held
 
 
-def train_dense(out: Path, train_ids: np.ndarray, steps: int, anneal: int, eot: int) -> None:
+def train_dense(out: Path, train_ids: np.ndarray, steps: int, anneal: int, eot: int, hidden: int = 128, layers: int = 3) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+    if hidden % 32:
+        raise SystemExit(f"--hidden-size must be a multiple of 32 (heads of 32), got {hidden}")
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
                       tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(cfg)
@@ -170,6 +175,8 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=300, help="head-only distillation steps of the conversion")
     ap.add_argument("--dense", type=Path, default=None, help="reuse a dense model saved by an earlier run (skips training)")
     ap.add_argument("--dense-only", type=Path, default=None, help="train and save the dense model here, then stop")
+    ap.add_argument("--hidden-size", type=int, default=128, help="d of the dense model (the demo's 128)")
+    ap.add_argument("--layers", type=int, default=3, help="decoder layers of the dense model (the demo's 3)")
     ap.add_argument("--max-bytes", type=int, default=24_000_000)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -185,7 +192,7 @@ def main() -> None:
             tok = train_tokenizer(train_text, dense_dir)
             train_ids = encode(tok, train_text)
             print(f"corpus: {len(train_files)} train files ({len(train_ids)} tokens), {len(held_files)} held-out")
-            train_dense(dense_dir, train_ids, args.steps, args.anneal_steps, tok.token_to_id(EOT))
+            train_dense(dense_dir, train_ids, args.steps, args.anneal_steps, tok.token_to_id(EOT), args.hidden_size, args.layers)
             if args.dense_only:
                 print(f"wrote {dense_dir} in {time.time() - t_start:.0f} s")
                 return

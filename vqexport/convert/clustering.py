@@ -3,7 +3,9 @@
     lloyd(x, k)                   exact Lloyd's k-means: the reference (every iteration is a full N x K x d pass)
     kmeans(x, k)                  the default: the same objective, most passes in a principal-component projection
     balanced(x, k, centroids)     size-balanced assignment: no cluster above ceil(slack * N / K) rows
-    cluster(x, k, method)         the methods ``convert`` offers, by name (METHODS, and EQUAL for two-stage heads)
+    cluster(x, k, method)         the methods ``convert`` offers, by name (METHODS, and EQUAL / EQUAL_METRIC for
+                                  two-stage heads)
+    state_metric(states)          the metric EQUAL_METRIC clusters in: the square root of the hidden states' covariance
 
 ``kmeans`` projects the rows onto their top principal directions (``proj_dim``; randomized subspace
 iteration on a row subsample), seeds with k-means++ on a row subsample in the top ``seed_dim`` of them
@@ -28,6 +30,7 @@ import torch
 
 METHODS = ("euclidean", "spherical", "balanced", "balanced-spherical")  # what --clustering auto tries
 EQUAL = "equal-spherical"  # clusters of exactly ceil(N / K) rows (a two-stage head's member table), spherical geometry
+EQUAL_METRIC = "equal-metric"  # the same sizes, euclidean in the metric of the hidden states (needs their state_metric)
 CHUNK = 4096
 
 
@@ -271,11 +274,39 @@ def _capacity_assign(xp, cp, dist, cand, cap: int):
     return torch.from_numpy(assign), torch.from_numpy(row_dist)
 
 
-def cluster(rows: torch.Tensor, k: int, method: str, seed: int = 0, _cache: dict | None = None) -> torch.Tensor:
-    """Assignment [N] int64 of the rows to k codes by ``method`` (one of METHODS). ``_cache`` (a dict shared
-    across calls on the same rows) lets the balanced variants start from the k-means of their geometry."""
-    if method not in (*METHODS, EQUAL):
-        raise ValueError(f"unknown clustering method {method!r}; known: {', '.join((*METHODS, EQUAL))}")
+@torch.no_grad()
+def state_metric(states: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """S [d, d], the symmetric square root of the covariance of the hidden states [N, d] (float64 sums).
+
+    A token's tail logit error at a hidden state h is ``(W[v] - C[M[v]]) · (h - h̄)`` once its bias is set at the
+    mean state h̄, so its mean square over the states is ``||(W[v] - C[M[v]]) S||²``: euclidean k-means on the rows
+    ``W S`` minimises exactly the tail's mean square logit error, where spherical k-means on ``W`` weighs every
+    direction alike, including those the states never take."""
+    n, d = states.shape
+    if n < 2:
+        raise ValueError("state_metric needs at least two hidden states")
+    mean = states.double().mean(0)
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(0, n, chunk):
+        x = states[i : i + chunk].double() - mean
+        cov.addmm_(x.T, x)
+    vals, vecs = torch.linalg.eigh(cov / n)
+    return ((vecs * vals.clamp(min=0).sqrt()) @ vecs.T).float()
+
+
+def cluster(rows: torch.Tensor, k: int, method: str, seed: int = 0, _cache: dict | None = None,
+            metric: torch.Tensor | None = None) -> torch.Tensor:
+    """Assignment [N] int64 of the rows to k codes by ``method`` (one of METHODS, EQUAL, EQUAL_METRIC). ``_cache``
+    (a dict shared across calls on the same rows) lets the balanced variants start from the k-means of their
+    geometry. EQUAL_METRIC needs ``metric`` [d, d] (``state_metric``)."""
+    if method not in (*METHODS, EQUAL, EQUAL_METRIC):
+        raise ValueError(f"unknown clustering method {method!r}; known: {', '.join((*METHODS, EQUAL, EQUAL_METRIC))}")
+    if method == EQUAL_METRIC:
+        if metric is None or metric.shape != (rows.shape[1], rows.shape[1]):
+            raise ValueError(f"{EQUAL_METRIC} needs a [{rows.shape[1]}, {rows.shape[1]}] metric (state_metric)")
+        x = rows.detach().float() @ metric
+        centroids = kmeans(x, k, seed=seed)[0]
+        return balanced(x, k, centroids, slack=1.0, iters=6, seed=seed)[1]
     spherical = method.endswith("spherical")
     base = "spherical" if spherical else "euclidean"
     cache = _cache if _cache is not None else {}

@@ -5,7 +5,8 @@ The trunk's files (config, weights, tokenizer) are copied byte for byte; only ``
 
     1. map       M = clustering of the dense output layer's rows W [V, d] into K codes (vqexport.convert.clustering:
                  k-means, euclidean or spherical, optionally size-balanced; with --clustering auto every method is
-                 measured on held-out text and the lowest perplexity kept)
+                 measured on held-out text and the lowest perplexity kept; a two-stage head's clusters are of equal
+                 size, with text in the metric of the hidden states' covariance: equal-metric)
     2. codebook  C[k] = mean of the rows in code k
     3. bias      b[v] = b_dense[v] + (W[v] - C[M[v]]) . mean hidden state   (with --no-bias: none)
     3b. rank r   optional correction (h·Pᵀ)·Uᵀ: the best rank-r fit U P of the residual W - C[M]
@@ -35,7 +36,7 @@ from ..errors import VQExportError
 from ..head.module import DenseHead, VQLogitsHead, head_logits
 from ..head.spec import HeadConfig, write_head
 from ..source import Source, load_source
-from .clustering import EQUAL, METHODS, cluster
+from .clustering import EQUAL, EQUAL_METRIC, METHODS, cluster, state_metric
 from .init import head_from_assignment
 from .router import kl_step
 
@@ -354,7 +355,8 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     """Write the model directory ``src`` to ``out`` (atomically) with a VQ-Logits head of ``codebook_size`` codes
     beside it; ``rank`` > 0 adds the rank-r correction (fitted to the residual, then distilled with the head).
 
-    ``head = "two-stage"``: equal-size spherical clusters (auto); with text, ``steps`` (default 300) of router fitting
+    ``head = "two-stage"``: equal-size clusters (auto: in the metric of the text's hidden states, ``equal-metric``;
+    without text spherical, ``equal-spherical``); with text, ``steps`` (default 300) of router fitting
     on it (``steps = 0`` or no text: training-free, clusters ranked by z alone); the tail's bias from the mean hidden
     state; ``probes`` recommended from the held-out recall curve (the fewest P whose clusters hold the dense argmax
     at RECALL_GOAL of positions; K/16 without text)."""
@@ -368,10 +370,12 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         raise VQExportError(f"--head must be 'vq' or 'two-stage', got {head!r}")
     two_stage = head == "two-stage"
     steps = 300 if steps is None else steps
-    if clustering not in ("auto", *METHODS, EQUAL):
-        raise VQExportError(f"--clustering must be one of auto, {', '.join((*METHODS, EQUAL))}; got {clustering!r}")
+    if clustering not in ("auto", *METHODS, EQUAL, EQUAL_METRIC):
+        raise VQExportError(f"--clustering must be one of auto, {', '.join((*METHODS, EQUAL, EQUAL_METRIC))}; got {clustering!r}")
+    if clustering == EQUAL_METRIC and text is None:
+        raise VQExportError(f"--clustering {EQUAL_METRIC} clusters in the metric of the model's hidden states: it needs --distill-text")
     if clustering == "auto" and two_stage:
-        clustering = EQUAL
+        clustering = EQUAL_METRIC if text is not None else EQUAL
     if probes is not None and (not isinstance(probes, int) or not 1 <= probes <= codebook_size):
         raise VQExportError(f"--probes must be in [1, codebook size {codebook_size}], got {probes!r}")
     if probes is not None and not two_stage:
@@ -406,11 +410,17 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
 
     plain = HeadConfig(vocab_size=V, hidden_size=d, codebook_size=codebook_size, bias=bias)
     variants = list(METHODS) if clustering == "auto" else [clustering]
+    pool = metric = None
+    if clustering == EQUAL_METRIC:  # the training text's hidden states: the clustering's metric, then the router's pool
+        from .router import hidden_pool
+
+        pool = hidden_pool(hidden, train, SEQ, progress=progress)
+        metric = state_metric(pool)
     scores, shared, held_h = {}, {}, {}  # shared: the balanced variants start from the k-means of their geometry
     chosen, vq, measured = None, None, {}
     for i, name in enumerate(variants):
         progress(f"clustering {V} rows into {codebook_size} codes ({name})", i, len(variants))
-        assign = cluster(weight, codebook_size, name, seed=seed, _cache=shared)
+        assign = cluster(weight, codebook_size, name, seed=seed, _cache=shared, metric=metric)
         candidate = _init_head(plain, weight, dense_bias, assign, mean_h)
         if held is not None:
             measured[name] = evaluate(hidden, dense, candidate, held, held_h)
@@ -420,11 +430,11 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         if chosen is None or scores[name] < scores[chosen]:
             chosen, vq = name, candidate
     shared.clear()
-    route = pool = None
+    route = None
     if two_stage and ids is not None and steps:
         from .router import fit_router, hidden_pool, refit_tail_bias
 
-        pool = hidden_pool(hidden, train, SEQ, progress=progress)
+        pool = hidden_pool(hidden, train, SEQ, progress=progress) if pool is None else pool
         route = fit_router(vq, dense, pool, steps, seed, progress)
         refit_tail_bias(vq, weight, dense_bias, mean_h)
     lowrank = None
