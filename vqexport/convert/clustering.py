@@ -31,6 +31,7 @@ import torch
 METHODS = ("euclidean", "spherical", "balanced", "balanced-spherical")  # what --clustering auto tries
 EQUAL = "equal-spherical"  # clusters of exactly ceil(N / K) rows (a two-stage head's member table), spherical geometry
 EQUAL_METRIC = "equal-metric"  # the same sizes, euclidean in the metric of the hidden states (needs their state_metric)
+NAMED = (*METHODS, EQUAL, EQUAL_METRIC)  # every method cluster() takes by name
 CHUNK = 4096
 
 
@@ -285,7 +286,7 @@ def state_metric(states: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     n, d = states.shape
     if n < 2:
         raise ValueError("state_metric needs at least two hidden states")
-    mean = states.double().mean(0)
+    mean = sum(states[i : i + chunk].double().sum(0) for i in range(0, n, chunk)) / n  # no float64 copy of all states
     cov = torch.zeros(d, d, dtype=torch.float64)
     for i in range(0, n, chunk):
         x = states[i : i + chunk].double() - mean
@@ -294,26 +295,31 @@ def state_metric(states: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     return ((vecs * vals.clamp(min=0).sqrt()) @ vecs.T).float()
 
 
+def _equal_size(rows: torch.Tensor, k: int, centroids: torch.Tensor, seed: int, spherical: bool) -> torch.Tensor:
+    """No cluster above ceil(N / K), starting from ``centroids``: with N a multiple of K every cluster has exactly N / K
+    rows (EQUAL, EQUAL_METRIC)."""
+    return balanced(rows, k, centroids, slack=1.0, iters=6, seed=seed, spherical=spherical)[1]
+
+
 def cluster(rows: torch.Tensor, k: int, method: str, seed: int = 0, _cache: dict | None = None,
             metric: torch.Tensor | None = None) -> torch.Tensor:
     """Assignment [N] int64 of the rows to k codes by ``method`` (one of METHODS, EQUAL, EQUAL_METRIC). ``_cache``
     (a dict shared across calls on the same rows) lets the balanced variants start from the k-means of their
     geometry. EQUAL_METRIC needs ``metric`` [d, d] (``state_metric``)."""
-    if method not in (*METHODS, EQUAL, EQUAL_METRIC):
-        raise ValueError(f"unknown clustering method {method!r}; known: {', '.join((*METHODS, EQUAL, EQUAL_METRIC))}")
+    if method not in NAMED:
+        raise ValueError(f"unknown clustering method {method!r}; known: {', '.join(NAMED)}")
     if method == EQUAL_METRIC:
         if metric is None or metric.shape != (rows.shape[1], rows.shape[1]):
             raise ValueError(f"{EQUAL_METRIC} needs a [{rows.shape[1]}, {rows.shape[1]}] metric (state_metric)")
         x = rows.detach().float() @ metric
-        centroids = kmeans(x, k, seed=seed)[0]
-        return balanced(x, k, centroids, slack=1.0, iters=6, seed=seed)[1]
+        return _equal_size(x, k, kmeans(x, k, seed=seed)[0], seed, spherical=False)
     spherical = method.endswith("spherical")
     base = "spherical" if spherical else "euclidean"
     cache = _cache if _cache is not None else {}
     if base not in cache:
         cache[base] = kmeans(rows, k, seed=seed, spherical=spherical)
-    if method == EQUAL:  # no cluster above ceil(N / K): with N a multiple of K every cluster has exactly N / K rows
-        return balanced(rows, k, cache[base][0], slack=1.0, iters=6, seed=seed, spherical=True)[1]
+    if method == EQUAL:
+        return _equal_size(rows, k, cache[base][0], seed, spherical=True)
     if not method.startswith("balanced"):
         return cache[base][1]
     return balanced(rows, k, cache[base][0], seed=seed, spherical=spherical)[1]

@@ -36,7 +36,7 @@ from ..errors import VQExportError
 from ..head.module import DenseHead, VQLogitsHead, head_logits
 from ..head.spec import HeadConfig, write_head
 from ..source import Source, load_source
-from .clustering import EQUAL, EQUAL_METRIC, METHODS, cluster, state_metric
+from .clustering import EQUAL, EQUAL_METRIC, METHODS, NAMED, cluster, state_metric
 from .init import head_from_assignment
 from .router import kl_step
 
@@ -370,8 +370,8 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         raise VQExportError(f"--head must be 'vq' or 'two-stage', got {head!r}")
     two_stage = head == "two-stage"
     steps = 300 if steps is None else steps
-    if clustering not in ("auto", *METHODS, EQUAL, EQUAL_METRIC):
-        raise VQExportError(f"--clustering must be one of auto, {', '.join((*METHODS, EQUAL, EQUAL_METRIC))}; got {clustering!r}")
+    if clustering not in ("auto", *NAMED):
+        raise VQExportError(f"--clustering must be one of auto, {', '.join(NAMED)}; got {clustering!r}")
     if clustering == EQUAL_METRIC and text is None:
         raise VQExportError(f"--clustering {EQUAL_METRIC} clusters in the metric of the model's hidden states: it needs --distill-text")
     if clustering == "auto" and two_stage:
@@ -410,12 +410,13 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
 
     plain = HeadConfig(vocab_size=V, hidden_size=d, codebook_size=codebook_size, bias=bias)
     variants = list(METHODS) if clustering == "auto" else [clustering]
+    fit_route = two_stage and ids is not None and steps > 0
     pool = metric = None
-    if clustering == EQUAL_METRIC:  # the training text's hidden states: the clustering's metric, then the router's pool
+    if clustering == EQUAL_METRIC or fit_route:  # the training text's hidden states, once: the metric, the router's pool
         from .router import hidden_pool
 
         pool = hidden_pool(hidden, train, SEQ, progress=progress)
-        metric = state_metric(pool)
+        metric = state_metric(pool) if clustering == EQUAL_METRIC else None
     scores, shared, held_h = {}, {}, {}  # shared: the balanced variants start from the k-means of their geometry
     chosen, vq, measured = None, None, {}
     for i, name in enumerate(variants):
@@ -431,10 +432,9 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
             chosen, vq = name, candidate
     shared.clear()
     route = None
-    if two_stage and ids is not None and steps:
-        from .router import fit_router, hidden_pool, refit_tail_bias
+    if fit_route:
+        from .router import fit_router, refit_tail_bias
 
-        pool = hidden_pool(hidden, train, SEQ, progress=progress) if pool is None else pool
         route = fit_router(vq, dense, pool, steps, seed, progress)
         refit_tail_bias(vq, weight, dense_bias, mean_h)
     lowrank = None
