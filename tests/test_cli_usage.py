@@ -158,7 +158,17 @@ def test_bench_artifact_table_names_the_runtime(result, runtime, monkeypatch):
 
 def test_convert_help_says_how_auto_clustering_chooses():
     text = " ".join(run_cli("convert", "--help").stdout.split())
-    assert "lowest held-out perplexity on --distill-text, or without it the lowest mean squared distance" in text
+    assert ("auto tries the first four, and metric with --distill-text, and keeps the one with the lowest held-out "
+            "perplexity on it, or without text the lowest mean squared distance") in text
+
+
+def test_convert_offers_every_clustering_method():
+    """The CLI spells the methods out (so that --help does not import torch): the same list as the converter's."""
+    from vqexport.cli import convert
+    from vqexport.convert.clustering import NAMED
+
+    choice = next(p for p in convert.params if p.name == "clustering").type
+    assert tuple(choice.choices) == ("auto", *NAMED)
 
 
 def test_inspect_takes_demo():

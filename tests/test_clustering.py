@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from vqexport.convert.clustering import EQUAL, EQUAL_METRIC, METHODS, balanced, capacity, cluster, kmeans, lloyd, state_metric
+from vqexport.convert.clustering import (EQUAL, EQUAL_METRIC, METHODS, METRIC, NAMED, balanced, capacity, cluster, kmeans,
+                                        lloyd, state_metric)
 
 D = 136  # above the default projection (128 dims): the projected passes run
 
@@ -35,16 +36,24 @@ def adversarial():
     }
 
 
-@pytest.mark.parametrize("method", METHODS)
+def some_metric(d, seed=3):
+    """A state_metric of anisotropic states, as the ``*metric`` methods take."""
+    g = torch.Generator().manual_seed(seed)
+    return state_metric(torch.randn(4 * d, d, generator=g) * torch.linspace(0.1, 3.0, d))
+
+
+@pytest.mark.parametrize("method", NAMED)
 @pytest.mark.parametrize("case", list(adversarial()))
 def test_every_code_used_and_valid(method, case):
     x, k = adversarial()[case]
-    a = cluster(x, k, method, seed=1)
+    a = cluster(x, k, method, seed=1, metric=some_metric(D))
     assert a.shape == (x.shape[0],) and a.dtype == torch.int64
     assert a.min() >= 0 and a.max() < k
     assert len(torch.unique(a)) == k  # no empty cluster
     if method.startswith("balanced"):
         assert int(torch.bincount(a, minlength=k).max()) <= capacity(x.shape[0], k, 1.5)
+    if method.startswith("equal"):
+        assert int(torch.bincount(a, minlength=k).max()) <= capacity(x.shape[0], k, 1.0)
 
 
 @pytest.mark.parametrize("spherical", [False, True])
@@ -61,11 +70,11 @@ def test_balanced_respects_its_capacity(spherical):
     assert capacity(2000, 40, 1.0) == 50 and capacity(10, 3, 1.0) == 4 and capacity(10, 10, 1.5) == 2
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", NAMED)
 def test_deterministic_for_a_seed(method):
     x, _ = blobs(n=1500, k=20, skew=0.5)
-    a = cluster(x, 24, method, seed=7)
-    b = cluster(x.clone(), 24, method, seed=7)
+    a = cluster(x, 24, method, seed=7, metric=some_metric(D))
+    b = cluster(x.clone(), 24, method, seed=7, metric=some_metric(D))
     assert a.numpy().tobytes() == b.numpy().tobytes()
 
 
@@ -103,9 +112,9 @@ def test_state_metric_is_the_square_root_of_the_states_covariance():
         state_metric(states[:1])
 
 
-def test_equal_metric_clusters_are_equal_and_cut_the_tail_error_where_the_states_are_anisotropic():
-    """Rows close along directions the hidden states never take, far along the ones they do: spherical clusters
-    group them by the silent directions, the metric by the ones that move the logits."""
+def test_clusters_in_the_metric_cut_the_tail_error_where_the_states_are_anisotropic():
+    """Rows close along directions the hidden states never take, far along the ones they do: spherical and euclidean
+    clusters group them by the silent directions, the metric by the ones that move the logits. Equal-size or not."""
     g = torch.Generator().manual_seed(1)
     n, d, k = 1024, 32, 64
     rows = torch.randn(n, d, generator=g)
@@ -125,6 +134,9 @@ def test_equal_metric_clusters_are_equal_and_cut_the_tail_error_where_the_states
     assert torch.bincount(by_metric, minlength=k).tolist() == [n // k] * k
     assert torch.equal(by_metric, cluster(rows, k, EQUAL_METRIC, metric=metric))  # deterministic
     assert tail_error(by_metric) < 0.25 * tail_error(spherical)
-    for bad in (None, torch.eye(d + 1)):
-        with pytest.raises(ValueError, match="needs a"):
-            cluster(rows, k, EQUAL_METRIC, metric=bad)
+    plain = cluster(rows, k, METRIC, metric=metric)  # the plain head's clusters, unequal sizes, against the rows alone's
+    assert tail_error(plain) < 0.25 * min(tail_error(cluster(rows, k, m)) for m in METHODS)
+    for method in (METRIC, EQUAL_METRIC):
+        for bad in (None, torch.eye(d + 1)):
+            with pytest.raises(ValueError, match=f"{method} needs a"):
+                cluster(rows, k, method, metric=bad)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vqexport import api
-from vqexport.convert.clustering import METHODS
+from vqexport.convert.clustering import METHODS, METRIC
 
 from vqexport.head.spec import read_head
 from vqexport.source import load_source
@@ -68,7 +68,7 @@ def test_report_measures_quality_and_distillation_helps(converted):
     assert after["dense_ppl"] == pytest.approx(before["dense_ppl"])  # trunk and dense head untouched
     assert after["kl_to_dense"] < before["kl_to_dense"]  # the KL distillation generalises to held-out text
     scores = report["clustering_scores"]
-    assert set(scores) == set(METHODS) and report["clustering_score"] == "held-out perplexity"  # auto measured all
+    assert set(scores) == {*METHODS, METRIC} and report["clustering_score"] == "held-out perplexity"  # auto measured all
     assert scores[report["clustering"]] == min(scores.values())  # (a balanced variant that moved nothing ties its base)
     assert scores[report["clustering"]] == pytest.approx(before["vq_ppl"])  # the kept candidate is the one reported
 
@@ -107,9 +107,24 @@ def test_converted_model_builds_and_passes_parity(converted, tmp_path):
 
 
 def test_without_text_or_bias(dense_ckpt, tmp_path):
-    result = api.convert(dense_ckpt, 8, tmp_path / "nb", bias=False, clustering="spherical")
+    result = api.convert(dense_ckpt, 8, tmp_path / "nb", bias=False)
     head = read_head(result.out)
     assert "bias" not in head.tensors and not head.config.bias and result.report["after_distillation"] is None
+    assert set(result.report["clustering_scores"]) == set(METHODS)  # auto: no hidden states, so no metric to cluster in
+
+
+def test_clusters_in_the_hidden_states_metric(dense_ckpt, text_file, tmp_path):
+    """--clustering metric: euclidean k-means of the rows in the metric of the training text's hidden states; it
+    needs the text."""
+    result = run_cli("convert", "--from", dense_ckpt, "-k", 8, "--clustering", "metric", "--distill-text", text_file,
+                     "--steps", 0, "--out", tmp_path / "m", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["clustering"] == "metric" and set(report["clustering_scores"]) == {"metric"}
+    assert len(np.unique(read_head(tmp_path / "m").map)) == 8
+    assert_user_error(run_cli("convert", "--from", dense_ckpt, "-k", 8, "--clustering", "metric", "--out", tmp_path / "o"),
+                      "--clustering metric clusters in the metric of the model's hidden states: it needs --distill-text")
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_vq_model_converts_again_from_its_dense_layer(converted, tmp_path):

@@ -9,10 +9,10 @@ tied embeddings, trained here by that tool's recipe, 1,700 steps; kept in ``--wo
 same text); or a dense (or VQ) Hugging Face model directory.
 
 1. the distillation text is tools/train_demo.py's (training files, then the held-out files as the last tenth);
-2. ``vqexport convert --head two-stage`` in three variants: training-free (``--steps 0``: equal-size spherical
-   clusters ranked by codebook score, bias from the mean hidden state), the default (the router fitted on the
-   text), and the default with a rank-16 tail correction (``--rank 16``); recall curves and recommended P are in
-   the reports;
+2. ``vqexport convert --head two-stage`` in three variants: training-free (``--steps 0``: equal-size clusters in
+   the hidden states' metric, ranked by codebook score, bias from the mean hidden state), the default (the router
+   fitted on the text), and the default with a rank-16 tail correction (``--rank 16``); recall curves and
+   recommended P are in the reports;
 3. for every variant and P, ``vqexport fidelity`` on the held-out files alone: perplexity dense vs two-stage, top-1
    agreement, the share of positions whose dense argmax fell inside the probed clusters, KL, and the same with
    ideal routing (the P clusters holding the most dense probability probed: what the variant's tail allows, with

@@ -602,14 +602,15 @@ def bench(ctx, head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, mo
 @click.option("--steps", type=int, default=None,
               help="Training steps on --distill-text [default: 300]: head-only distillation (--head vq) or router "
               "fitting, then as many steps of rank-r tail distillation with --rank (--head two-stage; 0: training-free).")
-@click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical", "balanced", "balanced-spherical", "equal-spherical",
-                                                 "equal-metric"]),
+@click.option("--clustering", type=click.Choice(["auto", "euclidean", "spherical", "balanced", "balanced-spherical", "metric",
+                                                 "equal-spherical", "equal-metric"]),
               default="auto", show_default=True,
-              help="How the map is clustered: k-means (euclidean or spherical), optionally size-balanced, or equal-size "
-              "clusters, spherical or euclidean in the metric of the hidden states on --distill-text (equal-metric); "
-              "auto tries the first four and keeps the one with the lowest held-out perplexity on --distill-text, or "
-              "without it the lowest mean squared distance of the head rows to their codebook rows (two-stage: "
-              "equal-metric with --distill-text, else equal-spherical).")
+              help="How the map is clustered: k-means of the rows (euclidean or spherical), optionally size-balanced; "
+              "euclidean k-means in the metric of the hidden states on --distill-text (metric); or equal-size "
+              "clusters, spherical or in that metric (equal-metric). auto tries the first four, and metric with "
+              "--distill-text, and keeps the one with the lowest held-out perplexity on it, or without text the lowest "
+              "mean squared distance of the head rows to their codebook rows (two-stage: equal-metric with "
+              "--distill-text, else equal-spherical).")
 @click.option("--head", "head", type=click.Choice(["vq", "two-stage"]), default="vq", show_default=True,
               help="vq: the plain VQ-Logits head; two-stage: the codebook routes and the model's own output-layer rows "
               "give the best P clusters exact logits (the router is fitted on --distill-text when given).")

@@ -3,9 +3,10 @@
     lloyd(x, k)                   exact Lloyd's k-means: the reference (every iteration is a full N x K x d pass)
     kmeans(x, k)                  the default: the same objective, most passes in a principal-component projection
     balanced(x, k, centroids)     size-balanced assignment: no cluster above ceil(slack * N / K) rows
-    cluster(x, k, method)         the methods ``convert`` offers, by name (METHODS, and EQUAL / EQUAL_METRIC for
-                                  two-stage heads)
-    state_metric(states)          the metric EQUAL_METRIC clusters in: the square root of the hidden states' covariance
+    cluster(x, k, method)         the methods ``convert`` offers, by name (METHODS on the rows alone, METRIC in the
+                                  hidden states' metric, and EQUAL / EQUAL_METRIC for two-stage heads)
+    state_metric(states)          the metric METRIC and EQUAL_METRIC cluster in: the square root of the hidden
+                                  states' covariance
 
 ``kmeans`` projects the rows onto their top principal directions (``proj_dim``; randomized subspace
 iteration on a row subsample), seeds with k-means++ on a row subsample in the top ``seed_dim`` of them
@@ -28,10 +29,11 @@ import math
 import numpy as np
 import torch
 
-METHODS = ("euclidean", "spherical", "balanced", "balanced-spherical")  # what --clustering auto tries
+METHODS = ("euclidean", "spherical", "balanced", "balanced-spherical")  # what --clustering auto tries on the rows alone
+METRIC = "metric"  # euclidean in the metric of the hidden states (state_metric): auto tries it too when there is text
 EQUAL = "equal-spherical"  # clusters of exactly ceil(N / K) rows (a two-stage head's member table), spherical geometry
-EQUAL_METRIC = "equal-metric"  # the same sizes, euclidean in the metric of the hidden states (needs their state_metric)
-NAMED = (*METHODS, EQUAL, EQUAL_METRIC)  # every method cluster() takes by name
+EQUAL_METRIC = "equal-metric"  # the same sizes, euclidean in the metric of the hidden states
+NAMED = (*METHODS, METRIC, EQUAL, EQUAL_METRIC)  # every method cluster() takes by name
 CHUNK = 4096
 
 
@@ -303,23 +305,22 @@ def _equal_size(rows: torch.Tensor, k: int, centroids: torch.Tensor, seed: int, 
 
 def cluster(rows: torch.Tensor, k: int, method: str, seed: int = 0, _cache: dict | None = None,
             metric: torch.Tensor | None = None) -> torch.Tensor:
-    """Assignment [N] int64 of the rows to k codes by ``method`` (one of METHODS, EQUAL, EQUAL_METRIC). ``_cache``
-    (a dict shared across calls on the same rows) lets the balanced variants start from the k-means of their
-    geometry. EQUAL_METRIC needs ``metric`` [d, d] (``state_metric``)."""
+    """Assignment [N] int64 of the rows to k codes by ``method`` (one of NAMED). ``_cache`` (a dict shared across
+    calls on the same rows and metric) lets the balanced and equal-size variants start from the k-means of their
+    geometry. METRIC and EQUAL_METRIC need ``metric`` [d, d] (``state_metric``) and cluster the rows ``W S``."""
     if method not in NAMED:
         raise ValueError(f"unknown clustering method {method!r}; known: {', '.join(NAMED)}")
-    if method == EQUAL_METRIC:
+    base = "metric" if method.endswith("metric") else "spherical" if method.endswith("spherical") else "euclidean"
+    if base == "metric":
         if metric is None or metric.shape != (rows.shape[1], rows.shape[1]):
-            raise ValueError(f"{EQUAL_METRIC} needs a [{rows.shape[1]}, {rows.shape[1]}] metric (state_metric)")
-        x = rows.detach().float() @ metric
-        return _equal_size(x, k, kmeans(x, k, seed=seed)[0], seed, spherical=False)
-    spherical = method.endswith("spherical")
-    base = "spherical" if spherical else "euclidean"
+            raise ValueError(f"{method} needs a [{rows.shape[1]}, {rows.shape[1]}] metric (state_metric)")
+        rows = rows.detach().float() @ metric
+    spherical = base == "spherical"
     cache = _cache if _cache is not None else {}
     if base not in cache:
         cache[base] = kmeans(rows, k, seed=seed, spherical=spherical)
-    if method == EQUAL:
-        return _equal_size(rows, k, cache[base][0], seed, spherical=True)
-    if not method.startswith("balanced"):
-        return cache[base][1]
-    return balanced(rows, k, cache[base][0], seed=seed, spherical=spherical)[1]
+    if method.startswith("equal-"):
+        return _equal_size(rows, k, cache[base][0], seed, spherical=spherical)
+    if method.startswith("balanced"):
+        return balanced(rows, k, cache[base][0], seed=seed, spherical=spherical)[1]
+    return cache[base][1]

@@ -4,9 +4,10 @@ The trunk's files (config, weights, tokenizer) are copied byte for byte; only ``
 ``vq_head.safetensors`` and ``MODEL_CARD.md`` are new. Seeded and deterministic.
 
     1. map       M = clustering of the dense output layer's rows W [V, d] into K codes (vqexport.convert.clustering:
-                 k-means, euclidean or spherical, optionally size-balanced; with --clustering auto every method is
-                 measured on held-out text and the lowest perplexity kept; a two-stage head's clusters are of equal
-                 size, with text in the metric of the hidden states' covariance: equal-metric)
+                 k-means, euclidean or spherical, optionally size-balanced, or with text euclidean in the metric of
+                 the hidden states' covariance; with --clustering auto every method is measured on held-out text and
+                 the lowest perplexity kept; a two-stage head's clusters are of equal size, with text in that
+                 metric: equal-metric)
     2. codebook  C[k] = mean of the rows in code k
     3. bias      b[v] = b_dense[v] + (W[v] - C[M[v]]) . mean hidden state   (with --no-bias: none)
     3b. rank r   optional correction (h·Pᵀ)·Uᵀ: the best rank-r fit U P of the residual W - C[M]
@@ -36,7 +37,7 @@ from ..errors import VQExportError
 from ..head.module import DenseHead, VQLogitsHead, head_logits
 from ..head.spec import HeadConfig, write_head
 from ..source import Source, load_source
-from .clustering import EQUAL, EQUAL_METRIC, METHODS, NAMED, cluster, state_metric
+from .clustering import EQUAL, EQUAL_METRIC, METHODS, METRIC, NAMED, cluster, state_metric
 from .init import head_from_assignment
 from .router import kl_step
 
@@ -355,6 +356,11 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     """Write the model directory ``src`` to ``out`` (atomically) with a VQ-Logits head of ``codebook_size`` codes
     beside it; ``rank`` > 0 adds the rank-r correction (fitted to the residual, then distilled with the head).
 
+    ``clustering = "auto"`` tries every method of clustering.METHODS, and METRIC when there is text, and keeps the
+    lowest held-out perplexity (without text, the lowest reconstruction error). The metric methods take the states'
+    covariance from the router's pool (router.hidden_pool: as many windows of the training text as 256 MiB of states
+    hold, spread evenly over it), whether a router is fitted or not.
+
     ``head = "two-stage"``: equal-size clusters (auto: in the metric of the text's hidden states, ``equal-metric``;
     without text spherical, ``equal-spherical``); with text, ``steps`` (default 300) of router fitting
     on it (``steps = 0`` or no text: training-free, clusters ranked by z alone); the tail's bias from the mean hidden
@@ -372,8 +378,8 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     steps = 300 if steps is None else steps
     if clustering not in ("auto", *NAMED):
         raise VQExportError(f"--clustering must be one of auto, {', '.join(NAMED)}; got {clustering!r}")
-    if clustering == EQUAL_METRIC and text is None:
-        raise VQExportError(f"--clustering {EQUAL_METRIC} clusters in the metric of the model's hidden states: it needs --distill-text")
+    if clustering.endswith("metric") and text is None:
+        raise VQExportError(f"--clustering {clustering} clusters in the metric of the model's hidden states: it needs --distill-text")
     if clustering == "auto" and two_stage:
         clustering = EQUAL_METRIC if text is not None else EQUAL
     if probes is not None and (not isinstance(probes, int) or not 1 <= probes <= codebook_size):
@@ -409,14 +415,16 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         mean_h = torch.zeros(d)
 
     plain = HeadConfig(vocab_size=V, hidden_size=d, codebook_size=codebook_size, bias=bias)
-    variants = list(METHODS) if clustering == "auto" else [clustering]
+    variants = [clustering] if clustering != "auto" else [*METHODS, METRIC] if ids is not None else list(METHODS)
+    in_metric = any(name.endswith("metric") for name in variants)
     fit_route = two_stage and ids is not None and steps > 0
     pool = metric = None
-    if clustering == EQUAL_METRIC or fit_route:  # the training text's hidden states, once: the metric, the router's pool
+    if in_metric or fit_route:
         from .router import hidden_pool
 
-        pool = hidden_pool(hidden, train, SEQ, progress=progress)
-        metric = state_metric(pool) if clustering == EQUAL_METRIC else None
+        pool = hidden_pool(hidden, train, SEQ, progress=progress)  # once: the metric's states and the router's pool
+        metric = state_metric(pool) if in_metric else None
+        pool = pool if fit_route else None
     scores, shared, held_h = {}, {}, {}  # shared: the balanced variants start from the k-means of their geometry
     chosen, vq, measured = None, None, {}
     for i, name in enumerate(variants):

@@ -44,7 +44,7 @@ def hidden_pool(hidden, windows: torch.Tensor, seq: int, budget: int = POOL_BYTE
     out = []
     for i in range(0, n, 8):
         out.append(hidden(x[i : i + 8]).reshape(-1, hidden.geo.hidden_size))
-        progress("hidden states for the router", min(i + 8, n), n)
+        progress("hidden states of the training text", min(i + 8, n), n)
     return torch.cat(out)
 
 
