@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..head.module import DenseHead, VQLogitsHead, head_logits
 
 LR = 1e-2
-POOL_BYTES = 256 << 20  # the hidden states kept for the router and the tail: at most this many bytes (float32)
+POOL_BYTES = 256 << 20  # the hidden states kept for the router, the tail and the metric: at most this many bytes (float32)
 LOGIT_BUDGET = 1 << 27  # positions per step x V: bounds the dense logits held at once (about 0.5 GB)
 MASS_BYTES = 2 << 30  # the pool's dense cluster masses, float16, are computed once when they fit in this many bytes
 
