@@ -157,7 +157,8 @@ def train_dense(out: Path, train_ids: np.ndarray, steps: int, anneal: int, eot: 
     if hidden % 32:
         raise SystemExit(f"--hidden-size must be a multiple of 32 (heads of 32), got {hidden}")
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32, max_position_embeddings=2048,
+                      rms_norm_eps=1e-5, rope_theta=10000.0,
                       tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(cfg)

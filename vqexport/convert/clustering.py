@@ -34,6 +34,7 @@ METRIC = "metric"  # euclidean in the metric of the hidden states (state_metric)
 EQUAL = "equal-spherical"  # clusters of exactly ceil(N / K) rows (a two-stage head's member table), spherical geometry
 EQUAL_METRIC = "equal-metric"  # the same sizes, euclidean in the metric of the hidden states
 NAMED = (*METHODS, METRIC, EQUAL, EQUAL_METRIC)  # every method cluster() takes by name
+IN_METRIC = (METRIC, EQUAL_METRIC)  # the methods that need state_metric, and so the text's hidden states
 CHUNK = 4096
 
 
@@ -310,7 +311,7 @@ def cluster(rows: torch.Tensor, k: int, method: str, seed: int = 0, _cache: dict
     geometry. METRIC and EQUAL_METRIC need ``metric`` [d, d] (``state_metric``) and cluster the rows ``W S``."""
     if method not in NAMED:
         raise ValueError(f"unknown clustering method {method!r}; known: {', '.join(NAMED)}")
-    base = "metric" if method.endswith("metric") else "spherical" if method.endswith("spherical") else "euclidean"
+    base = "metric" if method in IN_METRIC else "spherical" if method.endswith("spherical") else "euclidean"
     if base == "metric":
         if metric is None or metric.shape != (rows.shape[1], rows.shape[1]):
             raise ValueError(f"{method} needs a [{rows.shape[1]}, {rows.shape[1]}] metric (state_metric)")

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 
 from ..artifact import staged_dir
 from ..errors import VQExportError
-from ..head.module import DenseHead, VQLogitsHead, head_logits
+from ..head.module import DenseHead, VQLogitsHead, head_logits, head_module
 from ..head.spec import HeadConfig, write_head
 from ..source import Source, load_source
-from .clustering import EQUAL, EQUAL_METRIC, METHODS, METRIC, NAMED, cluster, state_metric
+from .clustering import EQUAL, EQUAL_METRIC, IN_METRIC, METHODS, METRIC, NAMED, cluster, state_metric
 from .init import head_from_assignment
-from .router import kl_step
+from .router import distill_tail, fit_router, hidden_pool, kl_step, refit_tail_bias
 
 SEQ = 128
 HEAD_POSITIONS = 8 * SEQ  # positions through the heads at a time when measuring: bounds the [positions, V] logits
@@ -378,7 +378,7 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     steps = 300 if steps is None else steps
     if clustering not in ("auto", *NAMED):
         raise VQExportError(f"--clustering must be one of auto, {', '.join(NAMED)}; got {clustering!r}")
-    if clustering.endswith("metric") and text is None:
+    if clustering in IN_METRIC and text is None:
         raise VQExportError(f"--clustering {clustering} clusters in the metric of the model's hidden states: it needs --distill-text")
     if clustering == "auto" and two_stage:
         clustering = EQUAL_METRIC if text is not None else EQUAL
@@ -416,12 +416,10 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
 
     plain = HeadConfig(vocab_size=V, hidden_size=d, codebook_size=codebook_size, bias=bias)
     variants = [clustering] if clustering != "auto" else [*METHODS, METRIC] if ids is not None else list(METHODS)
-    in_metric = any(name.endswith("metric") for name in variants)
+    in_metric = any(name in IN_METRIC for name in variants)
     fit_route = two_stage and ids is not None and steps > 0
     pool = metric = None
     if in_metric or fit_route:
-        from .router import hidden_pool
-
         pool = hidden_pool(hidden, train, SEQ, progress=progress)  # once: the metric's states and the router's pool
         metric = state_metric(pool) if in_metric else None
         pool = pool if fit_route else None
@@ -441,8 +439,6 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     shared.clear()
     route = None
     if fit_route:
-        from .router import fit_router, refit_tail_bias
-
         route = fit_router(vq, dense, pool, steps, seed, progress)
         refit_tail_bias(vq, weight, dense_bias, mean_h)
     lowrank = None
@@ -483,8 +479,6 @@ def _two_stage(vq: VQLogitsHead, route, weight, dense_b, hidden, dense, held, he
     """The two-stage head over ``vq`` (its codebook routes, plus the fitted ``route`` bias if any; the model's rows
     rescore): probes chosen from the held-out recall curve unless given; ``tail_steps`` of tail distillation at that
     P on the hidden-state ``pool``; its fidelity on held-out text."""
-    from ..head.module import head_module
-
     cfg = vq.config
     cap = math.ceil(cfg.vocab_size / cfg.codebook_size)
     sizes = torch.bincount(vq.map, minlength=cfg.codebook_size)
@@ -501,8 +495,6 @@ def _two_stage(vq: VQLogitsHead, route, weight, dense_b, hidden, dense, held, he
     P = probes or recommended
     head = vq.to_head(probes=P, cluster_size=cap, route_bias=route)
     if tail_steps:
-        from .router import distill_tail
-
         module = head_module(head, weight, dense_b)
         distill_tail(module, dense, pool, tail_steps, seed, progress)
         head = module.to_head(probes=P, cluster_size=cap, route_bias=module.route_bias)
