@@ -14,6 +14,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from vqexport import api
+from vqexport.errors import VQExportError
 from vqexport.convert.convert import ideally_routed
 from vqexport.graph_io import load_graph
 from vqexport.head import decoding
@@ -235,6 +236,21 @@ def test_a_tail_step_changes_the_tail_as_kl_div_would():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_distillation_step_reports_the_kl_per_position_of_windows_too():
+    """The plain head's distillation steps on windows [8, 128, d]: the loss is per window (as KLDiv's batchmean), and
+    the step reports the KL per position, the same figure as on the flat positions."""
+    from vqexport.convert.router import kl_step
+
+    head, W = _two_stage(rank=3), torch.from_numpy(_rows())
+    dense = DenseHead(W)
+    h = torch.from_numpy(np.random.default_rng(9).standard_normal((4, 16, 32)).astype(np.float32))
+    reported = [kl_step(head_module(head, W), dense, x, torch.optim.SGD(head_module(head, W).parameters(), lr=0.0))
+                for x in (h, h.reshape(64, 32))]
+    want = torch.nn.functional.kl_div(torch.log_softmax(head_module(head, W)(h.reshape(64, 32)), -1),
+                                      torch.log_softmax(dense(h.reshape(64, 32)), -1), log_target=True, reduction="batchmean")
+    assert reported == pytest.approx([want.item()] * 2, rel=1e-5)
+
+
 def test_router_pool_spreads_its_windows_over_the_text_within_its_budget():
     """The router's hidden states come from windows spread evenly over the training text, as many as fit the budget."""
     from vqexport.convert.router import hidden_pool
@@ -293,35 +309,42 @@ class _Echo:
         return x[..., None].float().expand(*x.shape, self.geo.hidden_size)
 
 
-def test_exact_decoding_without_the_v_wide_logits():
-    """Normaliser, top-k and sampling from z, the probed clusters and their tokens' exact logits equal the full
-    softmax over the head's V logits."""
+@pytest.mark.parametrize("rank", [0, 3])
+def test_exact_decoding_without_the_v_wide_logits(rank):
+    """Normaliser, top-k and sampling from z, the probed clusters and their tokens' exact logits (and, for a tail with
+    a rank-r correction, h·Pᵀ) equal the full softmax over the head's V logits."""
     rng = np.random.default_rng(5)
-    head, W = _two_stage(probes=5), _rows()
+    head, W = _two_stage(probes=5, rank=rank), _rows()
+    u = head.lowrank[1] * 20 if rank else None  # a correction large enough to reorder the tail
+    if rank:
+        head = make_head({**{k: v for k, v in head.tensors.items() if k != "map"}, "lowrank_u": u}, probes=5)
+
+    def position(h):
+        z = h @ head.codebook.T
+        probed = np.argsort(-z)[:5]
+        ids = head.members[probed].ravel()
+        ids = ids[ids >= 0]
+        proj = head.lowrank[0] @ h if rank else None
+        return z, probed, ids, W[ids] @ h, proj, head.logits(h[None], rows=W)[0]
+
     for T in (1.0, 0.7):
         tables = decoding.cluster_tables(head.map, head.bias, 20, width=10, temperature=T)
+        lr = decoding.lowrank_tables(head.map, head.bias, u, tables) if rank else None
         for _ in range(20):
-            h = rng.standard_normal(32) * 2
-            z = h @ head.codebook.T
-            probed = np.argsort(-z)[:5]
-            ids = head.members[probed].ravel()
-            ids = ids[ids >= 0]
-            exact = W[ids] @ h
-            full = head.logits(h[None], rows=W)[0] / T
-            assert decoding.two_stage_normalizer(z, probed, ids, exact, tables) == pytest.approx(
-                float(np.log(np.exp(full - full.max()).sum()) + full.max()), rel=1e-9)
-            ref_ids, ref_lp = decoding.reference_topk(full * T, 10, temperature=T)
-            got_ids, got_lp = decoding.two_stage_topk(z, probed, ids, exact, tables, 10)
+            z, probed, ids, exact, proj, full = position(rng.standard_normal(32) * 2)
+            ft = full / T
+            assert decoding.two_stage_normalizer(z, probed, ids, exact, tables, lr, proj) == pytest.approx(
+                float(np.log(np.exp(ft - ft.max()).sum()) + ft.max()), rel=1e-9)
+            ref_ids, ref_lp = decoding.reference_topk(full, 10, temperature=T)
+            got_ids, got_lp = decoding.two_stage_topk(z, probed, ids, exact, tables, 10, lr, proj)
             np.testing.assert_array_equal(got_ids, ref_ids)
             np.testing.assert_allclose(got_lp, ref_lp, atol=1e-9)
-    sampler = decoding.TwoStageSampler(head.map, head.bias, 20, temperature=1.0, seed=0)
-    h = rng.standard_normal(32)
-    z = h @ head.codebook.T
-    probed = np.argsort(-z)[:5]
-    ids = head.members[probed].ravel()
-    ids = ids[ids >= 0]
-    draws = np.bincount([sampler.sample(z, probed, ids, W[ids] @ h) for _ in range(20000)], minlength=300) / 20000
-    p = np.exp(head.logits(h[None], rows=W)[0] - head.logits(h[None], rows=W)[0].max())
+            if rank:  # the correction does reorder the tail: a head without it would give other figures
+                assert not np.allclose(decoding.two_stage_topk(z, probed, ids, exact, tables, 10)[1], ref_lp, atol=1e-3)
+    sampler = decoding.TwoStageSampler(head.map, head.bias, 20, temperature=1.0, seed=0, lowrank_u=u)
+    z, probed, ids, exact, proj, full = position(rng.standard_normal(32))
+    draws = np.bincount([sampler.sample(z, probed, ids, exact, proj) for _ in range(20000)], minlength=300) / 20000
+    p = np.exp(full - full.max())
     p /= p.sum()
     assert np.abs(draws - p).sum() < 0.1  # total variation of 20k draws
 
@@ -611,7 +634,14 @@ def test_inspect_and_the_card_describe_the_two_stage_head(converted):
     assert f"two-stage head K=20 clusters of 16, P={P} probed ({20 + 16 * P:,} logits computed per position), router=fitted" in text
     assert "dense head (same V x d + bias, fp32)" in text
     card = (tmp / "ts" / "MODEL_CARD.md").read_text()
-    assert f"| head parameters | {20 * 32 + 320 + 20:,} vs {320 * 32:,} dense" in card  # codebook, bias, route bias
+    # codebook, bias, route bias; the rows stage 2 reads are the model's
+    assert (f"| head parameters | {20 * 32 + 320 + 20:,} of its own and a member table [20, 16]; stage 2 reads the "
+            f"model's own {320 * 32:,} output-layer parameters") in card
+    assert "The held-out text also chose P, so its figures are somewhat optimistic" in card  # one clustering: P alone
+    from vqexport.convert.convert import model_card
+
+    given = model_card({**report, "probes_recommended": P + 1}, read_head(tmp / "ts").config)  # as if --probes was given
+    assert "Held-out" in given and "also chose" not in given
 
 
 def test_fewest_probes_counts_every_p():
@@ -619,6 +649,24 @@ def test_fewest_probes_counts_every_p():
 
     ranks = torch.tensor([90.0, 5, 3, 1, 1, 0, 0, 0], dtype=torch.float64)  # positions by their argmax cluster's rank
     assert [fewest_probes(ranks, g) for g in (0.9, 0.95, 0.96, 0.98, 0.99, 1.0)] == [1, 2, 3, 3, 4, 5]
+
+
+def test_recall_curve_counts_a_tied_cluster_after_the_others():
+    """Clusters with equal router scores (identical codebook rows: untrained tokens clustered apart): TopK probes only
+    some of them, so the recall curve must not count the argmax's cluster as probed at P = 1."""
+    from vqexport.convert.convert import SEQ, fewest_probes, probe_ranks
+    from vqexport.head.spec import HeadConfig
+    from vqexport.head.module import VQLogitsHead
+
+    rng = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 4, generator=rng)
+    head = VQLogitsHead(HeadConfig(vocab_size=8, hidden_size=4, codebook_size=2, bias=False))
+    with torch.no_grad():
+        head.codebook.copy_(torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]]))
+        head.map.copy_(torch.arange(8) % 2)
+    states = torch.randn(2, SEQ, 4, generator=rng)
+    ranks = probe_ranks(lambda x: states[: len(x)], DenseHead(weight), head, torch.zeros(2 * SEQ + 1, dtype=torch.long), {})
+    assert ranks.tolist() == [0.0, 2 * SEQ] and fewest_probes(ranks, 0.995) == 2
 
 
 def test_fidelity_command_measures_the_same(converted):
@@ -634,6 +682,11 @@ def test_fidelity_command_measures_the_same(converted):
     assert all_probed["ideal_routing_ppl_change"] == pytest.approx(0.0, abs=1e-4)
     assert r["ideal_routing_top1_agreement"] >= r["probe_recall"] - 0.02
     assert_user_error(run_cli("fidelity", "--model", tmp / "ts", "--text", tmp / "text.txt", "--probes", 21), "--probes must be in")
+    for probes in (3.0, True):  # from the Python API: not an integer, refused as the CLI's range is
+        with pytest.raises(VQExportError, match=r"--probes must be in \[1, codebook size 20\], got"):
+            api.fidelity(tmp / "ts", tmp / "text.txt", probes=probes)
+        with pytest.raises(VQExportError, match=r"--probes must be in"):
+            api.convert(tmp / "dense", 20, tmp / "never", head="two-stage", probes=probes)
     assert_user_error(run_cli("fidelity", "--text", tmp / "text.txt", "--probes", 3), "applies to a two-stage head")
 
 
@@ -676,6 +729,9 @@ def test_convert_two_stage_bad_input(converted, tmp_path):
                               "--out", tmp_path / "o"), "--probes must be in [1, codebook size 20]")
     assert_user_error(run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--clustering", "equal-metric",
                               "--out", tmp_path / "o"), "--clustering equal-metric clusters in the metric of the model's hidden states: it needs --distill-text")
+    for method in ("euclidean", "balanced-spherical"):  # unequal sizes: the largest cluster would set every probe's cost
+        assert_user_error(run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--clustering", method,
+                                  "--out", tmp_path / "o"), "--head two-stage needs equal-size clusters")
     assert not (tmp_path / "o").exists()
     # without text there are no hidden states to measure: a two-stage head's clusters are spherical
     result = run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--out", tmp_path / "free", "--json")

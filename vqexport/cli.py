@@ -609,8 +609,8 @@ def bench(ctx, head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, mo
               "euclidean k-means in the metric of the hidden states on --distill-text (metric); or equal-size "
               "clusters, spherical or in that metric (equal-metric). auto tries the first four, and metric with "
               "--distill-text, and keeps the one with the lowest held-out perplexity on it, or without text the lowest "
-              "mean squared distance of the head rows to their codebook rows (two-stage: equal-metric with "
-              "--distill-text, else equal-spherical).")
+              "mean squared distance of the head rows to their codebook rows. --head two-stage takes the equal-size "
+              "methods only (auto: equal-metric with --distill-text, else equal-spherical).")
 @click.option("--head", "head", type=click.Choice(["vq", "two-stage"]), default="vq", show_default=True,
               help="vq: the plain VQ-Logits head; two-stage: the codebook routes and the model's own output-layer rows "
               "give the best P clusters exact logits (the router is fitted on --distill-text when given).")

@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from ..artifact import staged_dir
 from ..errors import VQExportError
 from ..head.module import DenseHead, VQLogitsHead, head_logits, head_module
-from ..head.spec import HeadConfig, write_head
+from ..head.spec import HeadConfig, check_probes, write_head
 from ..source import Source, load_source
 from .clustering import EQUAL, EQUAL_METRIC, IN_METRIC, METHODS, METRIC, NAMED, cluster, state_metric
 from .init import head_from_assignment
-from .router import distill_tail, fit_router, hidden_pool, kl_step, refit_tail_bias
+from .router import LOGIT_BUDGET, distill_tail, fit_router, hidden_pool, kl_step, refit_tail_bias
 
 SEQ = 128
-HEAD_POSITIONS = 8 * SEQ  # positions through the heads at a time when measuring: bounds the [positions, V] logits
+HEAD_POSITIONS = 8 * SEQ  # positions through the trunk, and at most through the heads, at a time when measuring
 HELD_OUT = 0.1  # the distillation text's last tenth is held out
 
 
@@ -131,9 +131,15 @@ class _Hidden:
         return self.trunk(x, torch.ones_like(x), *past)[0]
 
 
-def _scored(hidden: _Hidden, ids: torch.Tensor, cache: dict | None, seq: int = SEQ):
+def head_positions(vocab: int) -> int:
+    """Positions through the heads at a time: HEAD_POSITIONS, fewer at a large vocabulary so that each [positions, V]
+    tensor holds at most router.LOGIT_BUDGET logits (about 0.5 GB; evaluate holds a few at once)."""
+    return max(64, min(HEAD_POSITIONS, LOGIT_BUDGET // vocab))
+
+
+def _scored(hidden: _Hidden, ids: torch.Tensor, cache: dict | None, seq: int = SEQ, positions: int = HEAD_POSITIONS):
     """(hidden states [N, d], next tokens [N]) of the text in windows of ``seq`` tokens (each window's first token has
-    no context), at most ``HEAD_POSITIONS`` at a time whatever the window. ``cache`` (a dict kept across calls with the
+    no context), at most ``positions`` at a time whatever the window. ``cache`` (a dict kept across calls with the
     same ids) keeps the trunk's hidden states for the next call."""
     n = (len(ids) - 1) // seq
     x = ids[: n * seq].view(n, seq)
@@ -146,8 +152,8 @@ def _scored(hidden: _Hidden, ids: torch.Tensor, cache: dict | None, seq: int = S
             if cache is not None:
                 cache[(seq, i)] = h
         h, targets = h.flatten(0, -2), y[i : i + step].flatten()
-        for j in range(0, len(targets), HEAD_POSITIONS):
-            yield h[j : j + HEAD_POSITIONS], targets[j : j + HEAD_POSITIONS]
+        for j in range(0, len(targets), positions):
+            yield h[j : j + positions], targets[j : j + positions]
 
 
 ENTROPY_BANDS = (1.0, 2.0, 3.0, 4.0, 5.0)  # nats: the edges of ``evaluate``'s bands of dense entropy
@@ -169,7 +175,7 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
     probes = getattr(vq, "probes", 0)
     ideal = ideal and bool(probes)
     bands = _Bands(bool(probes)) if by_entropy else None
-    for h, target in _scored(hidden, ids, cache, seq):
+    for h, target in _scored(hidden, ids, cache, seq, head_positions(dense.weight.shape[0])):
         dl = dense(h)
         ld, lv = F.log_softmax(dense.cap(dl), -1), F.log_softmax(dense.cap(head_logits(vq, h, dense, dl)), -1)
         nll_d += float(F.nll_loss(ld, target, reduction="sum"))
@@ -187,6 +193,8 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
             li = F.log_softmax(dense.cap(ideally_routed(vq, h, dense, dl, ld)), -1)
             nll_i += float(F.nll_loss(li, target, reduction="sum"))
             agree_i += float((best == li.argmax(-1)).sum())
+            del li
+        del dl, ld, lv  # before the next chunk's: each is [positions, V]
         count += len(target)
     ppl_d, ppl_v = math.exp(nll_d / count), math.exp(nll_v / count)
     out = {"dense_ppl": ppl_d, "vq_ppl": ppl_v, "ppl_change": ppl_v / ppl_d - 1, "top1_agreement": agree / count,
@@ -243,26 +251,28 @@ def ideally_routed(head, h: torch.Tensor, dense: DenseHead, dense_logits: torch.
 
 
 def probe_hits(head: VQLogitsHead, h: torch.Tensor, tokens: torch.Tensor, probes: int) -> torch.Tensor:
-    """Booleans [...]: is each token's cluster among the ``probes`` best clusters by z at its position?"""
+    """Booleans [...]: is each token's cluster among the ``probes`` best clusters by router score at its position?"""
     top = torch.topk(head.route_scores(h), probes, dim=-1).indices
     return (top == head.map[tokens].unsqueeze(-1)).any(-1)
 
 
 @torch.no_grad()
 def probe_ranks(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torch.Tensor, cache: dict) -> torch.Tensor:
-    """[K] counts: how many held-out positions have their dense argmax in the cluster ranked r-th by the router."""
+    """[K] counts: how many held-out positions have their dense argmax in the cluster ranked r-th by the router. A
+    cluster tied with others counts as ranked after all of them (TopK probes only some of a tie)."""
     K = head.config.codebook_size
     counts = torch.zeros(K, dtype=torch.float64)
-    for h, _ in _scored(hidden, ids, cache):
+    for h, _ in _scored(hidden, ids, cache, positions=head_positions(dense.weight.shape[0])):
         target = dense(h).argmax(-1)
         score = head.route_scores(h)
-        rank = (score > score.gather(-1, head.map[target].unsqueeze(-1))).sum(-1)
+        rank = (score >= score.gather(-1, head.map[target].unsqueeze(-1))).sum(-1) - 1
         counts += torch.bincount(rank.reshape(-1), minlength=K).to(torch.float64)
     return counts
 
 
 def recall_curve(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torch.Tensor, cache: dict) -> dict[int, float]:
-    """probes P -> share of held-out positions whose dense argmax lies in the P best clusters by z (P = 1, 2, 4, ... K)."""
+    """probes P -> share of held-out positions whose dense argmax lies in the P best clusters by router score
+    (P = 1, 2, 4, ... K)."""
     return recall_at_powers_of_two(probe_ranks(hidden, dense, head, ids, cache))
 
 
@@ -310,31 +320,46 @@ def _init_head(cfg: HeadConfig, weight: torch.Tensor, dense_bias, assign: torch.
     return head.eval()
 
 
+ROWS_AT_ONCE = 16384  # rows of the residual W - C[M] in float64 at a time (init_lowrank): 117 MB at d = 896
+
+
 def init_lowrank(head: VQLogitsHead, weight: torch.Tensor, mean_h: torch.Tensor | None = None) -> dict:
     """U, P from the best rank-r fit of the residual E = W - C[M] (what the codebook misses): with the top r
     eigenvectors Q [d, r] of EᵀE (E's right singular vectors), P = Qᵀ [r, d] and U = E Q [V, r] = U_r S_r.
-    The eigendecomposition is of a d x d matrix, so the cost is one pass over E, not an SVD of V x d.
+    The eigendecomposition is of a d x d matrix, so the cost is one pass over E, not an SVD of V x d; E is formed in
+    float64 ROWS_AT_ONCE rows at a time, never whole (at V = 262,144, d = 1,152 it would be 2.4 GB a copy).
 
     The bias was set so that the head equals the dense head at the mean hidden state h̄; the correction adds
     U P h̄ there, so that much comes off the bias again. Deterministic on one machine (each eigenvector's sign
     is fixed: largest |entry| positive); another BLAS may round differently. Returns the residual's size
     relative to W before and after the fit."""
-    r = head.lowrank_p.shape[0]
+    r, d = head.lowrank_p.shape
+    codebook = head.codebook.detach().double()
+
+    def residual_rows():
+        for i in range(0, len(weight), ROWS_AT_ONCE):
+            rows = weight[i : i + ROWS_AT_ONCE].double()
+            yield i, rows, rows - codebook[head.map[i : i + ROWS_AT_ONCE]]
+
     with torch.no_grad():
-        resid = weight.double() - head.codebook.double()[head.map]
-        _, vecs = torch.linalg.eigh(resid.T @ resid)  # ascending eigenvalues
+        gram = torch.zeros(d, d, dtype=torch.float64)
+        for _, _, e in residual_rows():
+            gram.addmm_(e.T, e)
+        _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
         q = vecs[:, -r:].flip(1)  # [d, r], largest first
         sign = torch.sign(q[q.abs().argmax(0), torch.arange(r)])
         sign[sign == 0] = 1
         q = q * sign
-        u = resid @ q
-        head.lowrank_u.copy_(u.float())
+        norms = torch.zeros(3, dtype=torch.float64)  # squared norms of W, E and E - U P
+        for i, rows, e in residual_rows():
+            u = e @ q
+            head.lowrank_u[i : i + len(u)] = u.float()
+            if head.bias is not None and mean_h is not None:
+                head.bias[i : i + len(u)] -= (u @ (q.T @ mean_h.double())).float()
+            norms += torch.stack([rows.pow(2).sum(), e.pow(2).sum(), e.sub_(u @ q.T).pow(2).sum()])
         head.lowrank_p.copy_(q.T.float())
-        if head.bias is not None and mean_h is not None:
-            head.bias.sub_((u @ (q.T @ mean_h.double())).float())
-        norm = float(weight.double().norm())
-        after = float((resid - u @ q.T).norm())
-    return {"residual_vs_weight": float(resid.norm()) / norm, "residual_after_lowrank_vs_weight": after / norm}
+        norm, before, after = norms.sqrt().tolist()
+    return {"residual_vs_weight": before / norm, "residual_after_lowrank_vs_weight": after / norm}
 
 
 def _distill(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Tensor, steps: int, seed: int, progress) -> None:
@@ -342,7 +367,7 @@ def _distill(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in vq.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=3e-3)
-    it = _batches(ids, 8, gen)
+    it = _batches(ids, max(1, min(8, LOGIT_BUDGET // (SEQ * vq.config.vocab_size))), gen)  # windows a step
     vq.train()
     for step in range(steps):
         x, _ = next(it)
@@ -382,8 +407,11 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         raise VQExportError(f"--clustering {clustering} clusters in the metric of the model's hidden states: it needs --distill-text")
     if clustering == "auto" and two_stage:
         clustering = EQUAL_METRIC if text is not None else EQUAL
-    if probes is not None and (not isinstance(probes, int) or not 1 <= probes <= codebook_size):
-        raise VQExportError(f"--probes must be in [1, codebook size {codebook_size}], got {probes!r}")
+    if two_stage and clustering not in (EQUAL, EQUAL_METRIC):
+        raise VQExportError(f"--head two-stage needs equal-size clusters (its member table and every probe's cost are set "
+                            f"by the largest): --clustering auto, {EQUAL} or {EQUAL_METRIC}; got {clustering!r}")
+    if probes is not None:
+        probes = check_probes(probes, codebook_size)
     if probes is not None and not two_stage:
         raise VQExportError("--probes applies to --head two-stage only")
     if steps < 0:
@@ -543,9 +571,13 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
         f"| codebook | K = {K} codes for V = {V} tokens (clustering: {report['clustering']}) |",
         f"| bias | {'per-token bias' if cfg.bias else 'none'} |",
         f"| low-rank correction | {f'rank {r}: P [{r}, {d}], U [{V}, {r}], fitted to the residual W - C[M], then distilled' if r else 'none'} |",
-        f"| head parameters | {head_vq:,} vs {head_dense:,} dense ({100 * (1 - head_vq / head_dense):.1f}% fewer) |",
     ]
     two_stage = cfg.type == "two-stage"
+    if two_stage:
+        lines.append(f"| head parameters | {head_vq:,} of its own and a member table [{K}, {cfg.cluster_size}]; stage 2 "
+                     f"reads the model's own {head_dense:,} output-layer parameters (shared, not copied) |")
+    else:
+        lines.append(f"| head parameters | {head_vq:,} vs {head_dense:,} dense ({100 * (1 - head_vq / head_dense):.1f}% fewer) |")
     if two_stage:
         steps, tail = report.get("router_steps", 0), report.get("tail_distill_steps", 0)
         lines.append(f"| router | {f'codebook and route bias fitted to the dense cluster mass, {steps} steps' if steps else 'none: clusters ranked by codebook score (training-free)'} |")
@@ -563,6 +595,11 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
                          f"KL(dense || VQ) {m['kl_to_dense']:.4f} nats/token.")
     if not report.get("before_distillation"):
         lines.append("No text was given, so no perplexity was measured.")
+    chosen = ((["the clustering"] if len(report["clustering_scores"]) > 1 else [])
+              + (["P"] if two_stage and report.get("probes") == report.get("probes_recommended") else []))
+    if report.get("before_distillation") and chosen:
+        lines += ["", f"The held-out text also chose {' and '.join(chosen)}, so its figures are somewhat optimistic; "
+                      "`vqexport fidelity` on other text measures the head on text that chose nothing."]
     if two_stage:
         lines += ["", "## Two-stage head", "",
                   f"The codebook routes: the P = {cfg.probes} best clusters by {'router' if cfg.route_bias else 'codebook'} score (clusters of {cfg.cluster_size} "

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import VQExportError
+from ..head.spec import check_probes
 from ..source import resolve_source
 from .convert import SEQ, _Hidden, _read_tokens, evaluate
 
@@ -38,8 +39,7 @@ def fidelity(model, text, probes: int | None = None, max_tokens: int | None = No
     if probes is not None:
         if not head.two_stage:
             raise VQExportError("--probes applies to a two-stage head; this model's head is a plain VQ head")
-        if not 1 <= probes <= head.config.codebook_size:
-            raise VQExportError(f"--probes must be in [1, codebook size {head.config.codebook_size}], got {probes}")
+        probes = check_probes(probes, head.config.codebook_size)
         head = dataclasses.replace(head, config=dataclasses.replace(head.config, probes=probes))
     ids = _read_tokens(Path(text), source.tokenizer_path, "scoring", min_tokens=window + 1)
     if max_tokens is not None:

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from .clustering import kmeans
+
+def tail_bias(weight: torch.Tensor, codebook: torch.Tensor, mapping: torch.Tensor, dense_bias: torch.Tensor | None,
+              mean_hidden: torch.Tensor) -> torch.Tensor:
+    """b[v] = b_dense[v] + (W[v] - C[M[v]]) · h̄: each token's VQ logit equals its dense logit at the mean state h̄."""
+    bias = (weight - codebook[mapping]) @ mean_hidden.float()
+    return bias if dense_bias is None else bias + dense_bias.detach().float()
 
 
 def head_from_assignment(weight: torch.Tensor, bias: torch.Tensor | None, assign: torch.Tensor, k: int,
@@ -18,13 +23,4 @@ def head_from_assignment(weight: torch.Tensor, bias: torch.Tensor | None, assign
     w = weight.detach().float()
     counts = torch.bincount(assign, minlength=k).clamp(min=1).to(w.dtype)
     codebook = torch.zeros(k, w.shape[1]).index_add_(0, assign, w) / counts[:, None]
-    new_bias = (w - codebook[assign]) @ mean_hidden.float()
-    if bias is not None:
-        new_bias = new_bias + bias.detach().float()
-    return codebook, assign.to(torch.int32), new_bias
-
-
-def vq_head_from_dense(weight: torch.Tensor, bias: torch.Tensor | None, k: int, mean_hidden: torch.Tensor, seed: int = 0):
-    """(codebook [K, d], map [V] int32, bias [V]) approximating the dense head ``h @ W.T + b`` (k-means map)."""
-    _, assign = kmeans(weight, k, seed=seed)
-    return head_from_assignment(weight, bias, assign, k, mean_hidden)
+    return codebook, assign.to(torch.int32), tail_bias(w, codebook, assign, bias, mean_hidden)

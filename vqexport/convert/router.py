@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..head.module import DenseHead, VQLogitsHead, head_logits
+from .init import tail_bias
 
 LR = 1e-2
 POOL_BYTES = 256 << 20  # the hidden states kept for the router, the tail and the metric: at most this many bytes (float32)
@@ -97,10 +98,8 @@ def fit_router(head: VQLogitsHead, dense: DenseHead, pool: torch.Tensor, steps: 
 @torch.no_grad()
 def refit_tail_bias(head: VQLogitsHead, weight: torch.Tensor, dense_bias: torch.Tensor | None, mean_h: torch.Tensor) -> None:
     """b[v] = b_dense[v] + (W[v] - C[M[v]]) · h̄ for the head's current codebook (the tail equals the dense head at h̄)."""
-    if head.bias is None:
-        return
-    bias = (weight - head.codebook[head.map]) @ mean_h
-    head.bias.copy_(bias if dense_bias is None else bias + dense_bias)
+    if head.bias is not None:
+        head.bias.copy_(tail_bias(weight, head.codebook, head.map, dense_bias, mean_h))
 
 
 def distill_tail(head, dense: DenseHead, pool: torch.Tensor, steps: int, seed: int, progress=_noop) -> None:
@@ -151,7 +150,8 @@ class KLDiv(torch.autograd.Function):
 
 
 def kl_step(student, dense: DenseHead, h: torch.Tensor, opt: torch.optim.Optimizer) -> float:
-    """One optimizer step on KL(dense || student) over the hidden states ``h``; returns the loss."""
+    """One optimizer step on KL(dense || student) over the hidden states ``h``; returns the KL per position (the loss
+    itself is per row of ``h``: per window when ``h`` is [windows, positions, d])."""
     with torch.no_grad():
         logits = dense(h)
         target = F.log_softmax(dense.cap(logits), -1)
@@ -159,4 +159,4 @@ def kl_step(student, dense: DenseHead, h: torch.Tensor, opt: torch.optim.Optimiz
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.item()
+    return loss.item() * h.shape[0] / h[..., 0].numel()

@@ -175,10 +175,7 @@ class Sampler:
         if self.top_k is not None:
             ids, logp = topk(z, t, self.top_k)
             return int(ids[softmax_draw(self.rng, logp)])
-        k = softmax_draw(self.rng, np.asarray(z, dtype=np.float64) / t.temperature + t.lse_bias)
-        lo, hi = t.offsets[k], t.offsets[k + 1]
-        j = int(np.searchsorted(t.member_cdf[lo:hi], self.rng.random() * t.member_cdf[hi - 1], side="right"))
-        return int(t.order[lo + min(j, hi - lo - 1)])
+        return _member_draw(self.rng, t, softmax_draw(self.rng, np.asarray(z, dtype=np.float64) / t.temperature + t.lse_bias))
 
 
 # --- heads with a rank-r correction: logits[v] = z[M[v]] + b[v] + U[v] . q, with q = h . P^T (r values) -----------
@@ -308,26 +305,52 @@ class LowRankSampler:
 # V tokens needs no V-wide work: the normaliser is logsumexp over the probed tokens' exact logits and the other
 # clusters' z[k] + B[k]; the top-k are the best of the exact logits and the non-probed clusters' top-k (their heads
 # bound them); a draw picks a probed token or a non-probed cluster, then a member by bias. O(K + P cap + k^2).
+#
+# A tail with a rank-r correction (``lr``, LowRankTables, and ``proj`` = h . P^T) gives every tail token its own
+# term U[v] . q, so no per-cluster table holds: the tail's logits are computed for all V tokens, O(V r), as for a
+# plain head with that correction (lowrank_logits), and the probed tokens' exact logits replace theirs.
 
 
-def two_stage_normalizer(z: np.ndarray, probed: np.ndarray, ids: np.ndarray, exact: np.ndarray, tables: ClusterTables) -> float:
+def _unique_exact(ids: np.ndarray, exact: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """The probed tokens once each (padding may repeat one) and their exact logits / T."""
+    ids, uniq = np.unique(np.asarray(ids, dtype=np.int64).ravel(), return_index=True)
+    return ids, np.asarray(exact, dtype=np.float64).ravel()[uniq] / temperature
+
+
+def _two_stage_logits(z, proj, ids: np.ndarray, exact_t: np.ndarray, tables: ClusterTables,
+                      lr: LowRankTables) -> np.ndarray:
+    """All V logits / T of one position of a two-stage head whose tail has a rank-r correction: O(V r)."""
+    if proj is None:
+        raise ValueError("a two-stage head with a rank-r tail needs proj = h . P^T")
+    out = lowrank_logits(z, proj, tables, lr)
+    out[ids] = exact_t
+    return out
+
+
+def two_stage_normalizer(z: np.ndarray, probed: np.ndarray, ids: np.ndarray, exact: np.ndarray, tables: ClusterTables,
+                         lr: LowRankTables | None = None, proj: np.ndarray | None = None) -> float:
     """logsumexp over all V logits / T of one position: ``probed`` [P] cluster ids, ``ids`` / ``exact`` their tokens
-    and exact logits (padding may repeat a token)."""
-    _, uniq = np.unique(np.asarray(ids, dtype=np.int64).ravel(), return_index=True)
-    exact_t = np.asarray(exact, dtype=np.float64).ravel()[uniq] / tables.temperature
+    and exact logits (padding may repeat a token); ``lr`` / ``proj`` for a tail with a rank-r correction."""
+    ids, exact_t = _unique_exact(ids, exact, tables.temperature)
+    if lr is not None:
+        return float(_logsumexp(_two_stage_logits(z, proj, ids, exact_t, tables, lr)))
     return _two_stage_lse(np.asarray(z, dtype=np.float64) / tables.temperature, probed, exact_t, tables)
 
 
 def two_stage_topk(z: np.ndarray, probed: np.ndarray, ids: np.ndarray, exact: np.ndarray, tables: ClusterTables,
-                   k: int) -> tuple[np.ndarray, np.ndarray]:
+                   k: int, lr: LowRankTables | None = None, proj: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k token ids (descending, ties to the smaller id) and log-probabilities over all V of one position.
-    ``ids`` / ``exact``: the probed clusters' tokens and their exact logits (padding may repeat a token)."""
+    ``ids`` / ``exact``: the probed clusters' tokens and their exact logits (padding may repeat a token); ``lr`` /
+    ``proj`` for a tail with a rank-r correction."""
     if not 1 <= k <= tables.vocab_size:
         raise VQExportError(f"k must be in [1, vocab size {tables.vocab_size}], got {k}")
+    ids, exact = _unique_exact(ids, exact, tables.temperature)
+    if lr is not None:
+        full = _two_stage_logits(z, proj, ids, exact, tables, lr)
+        top = np.lexsort((np.arange(len(full)), -full))[:k]
+        return top, full[top] - float(_logsumexp(full))
     if tables.members.shape[1] < min(k, int(np.diff(tables.offsets).max())):
         raise ValueError(f"tables were built for top-{tables.members.shape[1]}, not top-{k}")
-    ids, uniq = np.unique(np.asarray(ids, dtype=np.int64).ravel(), return_index=True)
-    exact = np.asarray(exact, dtype=np.float64).ravel()[uniq] / tables.temperature
     zt = np.asarray(z, dtype=np.float64) / tables.temperature
     rest = np.setdiff1d(np.arange(tables.codebook_size), np.asarray(probed))
     score = zt[rest] + tables.max_bias[rest]
@@ -348,22 +371,31 @@ def _two_stage_lse(zt: np.ndarray, probed: np.ndarray, exact_t: np.ndarray, tabl
 
 
 class TwoStageSampler:
-    """Exact sampling from softmax(logits / T) of a two-stage head, from z, the probed clusters and their exact logits."""
+    """Exact sampling from softmax(logits / T) of a two-stage head, from z, the probed clusters and their exact logits
+    (and, for a tail with a rank-r correction ``lowrank_u``, the projection h . P^T: each draw is then O(V r))."""
 
-    def __init__(self, mapping, bias, codebook_size: int, temperature: float = 1.0, seed: int | None = None):
+    def __init__(self, mapping, bias, codebook_size: int, temperature: float = 1.0, seed: int | None = None,
+                 lowrank_u=None):
         self.tables = cluster_tables(mapping, bias, codebook_size, width=1, temperature=temperature)
+        self.lr = None if lowrank_u is None else lowrank_tables(mapping, bias, lowrank_u, self.tables)
         self.rng = np.random.default_rng(seed)
 
-    def sample(self, z: np.ndarray, probed: np.ndarray, ids: np.ndarray, exact: np.ndarray) -> int:
+    def sample(self, z: np.ndarray, probed: np.ndarray, ids: np.ndarray, exact: np.ndarray,
+               proj: np.ndarray | None = None) -> int:
         t = self.tables
-        ids, uniq = np.unique(np.asarray(ids, dtype=np.int64).ravel(), return_index=True)
-        exact = np.asarray(exact, dtype=np.float64).ravel()[uniq] / t.temperature
+        ids, exact = _unique_exact(ids, exact, t.temperature)
+        if self.lr is not None:
+            return softmax_draw(self.rng, _two_stage_logits(z, proj, ids, exact, t, self.lr))
         rest = np.setdiff1d(np.arange(t.codebook_size), np.asarray(probed))
         zt = np.asarray(z, dtype=np.float64) / t.temperature
         pick = softmax_draw(self.rng, np.concatenate([exact, zt[rest] + t.lse_bias[rest]]))
         if pick < len(ids):
             return int(ids[pick])
-        k = int(rest[pick - len(ids)])
-        lo, hi = t.offsets[k], t.offsets[k + 1]
-        j = int(np.searchsorted(t.member_cdf[lo:hi], self.rng.random() * t.member_cdf[hi - 1], side="right"))
-        return int(t.order[lo + min(j, hi - lo - 1)])
+        return _member_draw(self.rng, t, int(rest[pick - len(ids)]))
+
+
+def _member_draw(rng: np.random.Generator, t: ClusterTables, k: int) -> int:
+    """A member of cluster k drawn with probability softmax(b / T) inside it."""
+    lo, hi = t.offsets[k], t.offsets[k + 1]
+    j = int(np.searchsorted(t.member_cdf[lo:hi], rng.random() * t.member_cdf[hi - 1], side="right"))
+    return int(t.order[lo + min(j, hi - lo - 1)])

@@ -223,8 +223,14 @@ def make_head(tensors: dict[str, np.ndarray], where: str = "head", probes: int =
 
 
 def _check_probes(cfg: HeadConfig, where: str) -> None:
-    if not 1 <= cfg.probes <= cfg.codebook_size:
-        raise VQExportError(f"{where}: probes must be in [1, codebook_size={cfg.codebook_size}], got {cfg.probes}")
+    check_probes(cfg.probes, cfg.codebook_size, f"{where}: probes", "codebook_size=")
+
+
+def check_probes(probes, codebook_size: int, what: str = "--probes", size: str = "codebook size ") -> int:
+    """``probes`` when it is an integer in [1, K], else a VQExportError naming ``what``."""
+    if isinstance(probes, bool) or not isinstance(probes, (int, np.integer)) or not 1 <= probes <= codebook_size:
+        raise VQExportError(f"{what} must be in [1, {size}{codebook_size}], got {probes!r}")
+    return int(probes)
 
 
 def _checked(cfg: HeadConfig, raw: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
