@@ -91,3 +91,7 @@ def test_bench_e2e_leaves_no_work_dir_on_bad_input(tmp_path):
     assert_user_error(run_cli("bench", "--e2e", "--model", tmp_path / "nonexistent", "--work", work),
                       "model directory does not exist")
     assert not (tmp_path / "x").exists()
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("")
+    assert_user_error(run_cli("bench", "--e2e", "--model", "demo", "--work", a_file), "--work must be a directory")
+    assert a_file.read_text() == ""

@@ -45,6 +45,9 @@ def test_missing_directory_and_a_file_instead(tmp_path):
     _build_fails(tmp_path, tmp_path / "nope", "does not exist")
     (tmp_path / "file").write_text("x")
     _build_fails(tmp_path, tmp_path / "file", "not a directory")
+    for command in ("verify", "bench"):  # an artifact path that is a file
+        assert_user_error(run_cli(command, "--artifact", tmp_path / "file"), "file: not a directory; an artifact is")
+    assert_user_error(run_cli("verify", "--artifact", tmp_path / "nope"), "nope: artifact directory does not exist")
 
 
 def test_config_missing_or_not_json_or_not_hf(model, tmp_path):
@@ -223,6 +226,9 @@ def test_tokenizer_larger_than_the_vocabulary(model, tmp_path, small_tokenizer):
 
 def test_unknown_and_malformed_targets(model, tmp_path):
     assert_user_error(run_cli("build", "--target", "nope", "--model", model), "unknown target 'nope'", "known targets")
+    as_json = run_cli("build", "--target", "nope", "--model", model, "--json")
+    assert_user_error(as_json, "unknown target 'nope'")
+    assert as_json.stdout == ""  # README: a bad input leaves stdout empty, with --json too
     bad = tmp_path / "bad.toml"
     bad.write_text("backend = [")
     assert_user_error(run_cli("build", "--target", bad, "--model", model), "malformed TOML")

@@ -85,6 +85,11 @@ def test_bench_e2e_offers_every_shape_it_can_make():
 
     choices = next(p.type.choices for p in bench.params if p.name == "shape")
     assert sorted(choices) == sorted(SHAPES)
+    from vqexport.bench.head import SHAPES as HEAD_SHAPES
+
+    shapes_help = next(p.help for p in bench.params if p.name == "shapes")
+    assert f"({', '.join(HEAD_SHAPES)})" in shapes_help  # --head --shapes lists every head shape it takes
+    assert set(SHAPES) <= set(HEAD_SHAPES)  # every shape --e2e makes has its head benchmark
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -181,6 +186,17 @@ def test_inspect_takes_demo():
     assert info["kind"] == "model" and Path(info["path"]) == demo_dir()
     assert info["config"]["head"]["codebook_size"] == api.resolve_source("demo").head.config.codebook_size
     assert "demo" in " ".join(run_cli("inspect", "--help").stdout.split())
+
+
+def test_output_into_a_pipe_wraps_no_line_and_names_align(monkeypatch):
+    """Into a file or a pipe (not a terminal) rich would wrap at 80 columns; unless COLUMNS says otherwise it does not."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    r = run_cli("inspect", "demo")
+    assert r.exit_code == 0, r.stderr
+    assert "tied=True; VQ-Logits head K=512 bias=True rank=0; tokenizer=True" in r.stdout  # one line, 115 characters
+    lines = run_cli("targets").stdout.splitlines()
+    starts = {len(line) - len(line.split(maxsplit=1)[1]) for line in lines}  # where each description starts
+    assert len(starts) == 1 and any(line.startswith("ort-int4-portable ONNX Runtime") for line in lines)
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")

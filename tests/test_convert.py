@@ -185,6 +185,8 @@ def test_bad_sources_and_outputs(dense_ckpt, text_file, tmp_path):
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"ok \xff\xfe bytes")
     assert_user_error(run_cli("convert", "--from", dense_ckpt, "-k", 4, "--distill-text", binary, "--out", tmp_path / "o"), "not UTF-8")
+    assert_user_error(run_cli("convert", "--from", dense_ckpt, "-k", 4, "--steps", 50, "--out", tmp_path / "o"),
+                      "--steps 50 trains on --distill-text, and none was given")
     assert not (tmp_path / "o").exists()
 
 

@@ -380,6 +380,12 @@ def test_verify_against_a_model_whose_head_differs_from_the_artifacts_is_one_lin
     (other / CONFIG_FILE).write_text(json.dumps({**cfg, "probes": 5}))
     assert_user_error(run_cli("verify", "--artifact", art, "--model", other, "--steps", 2),
                       "its head has probes = 5 but the artifact's has probes = 4")
+    plain = tmp_path / "plain"
+    shutil.copytree(tied, plain)
+    h = read_head(tied)
+    write_head(plain, make_head({"codebook": h.codebook, "map": h.map, "bias": h.bias}))
+    assert_user_error(run_cli("verify", "--artifact", art, "--model", plain, "--steps", 2),
+                      "its head is a vq head but the artifact's is a two-stage head")
     assert run_cli("verify", "--artifact", art, "--model", tied, "--steps", 2).exit_code == 0
 
 
@@ -620,11 +626,13 @@ def test_probes_costing_most_of_a_dense_layer_are_noted(converted, tmp_path):
                          tmp / "text.txt", "--steps", 0, "--probes", probes, "--out", out)
         assert result.exit_code == 0, result.stderr
         card = (out / "MODEL_CARD.md").read_text()
-        assert ("note: P = 4 computes 26.2% of the 320 logits" in result.stderr) is noted
-        assert ("**Note:** P = 4 computes 26.2%" in card) is noted
+        assert ("note: P = 4 computes 84 logits per position (20 cluster scores and 64 exact), 26.2% of V = 320"
+                in result.stderr) is noted
+        assert ("**Note:** P = 4 computes 84 logits" in card) is noted
         assert "router does not narrow" not in card  # the user chose P: no advice about the router
-    assert costly_probes_note(5, 80, 320, recommended=True) is None
-    assert "router does not narrow the vocabulary" in costly_probes_note(5, 81, 320, recommended=True)
+    assert costly_probes_note(5, 80, 320, recommended=True, codebook_size=20) is None
+    assert "router does not narrow the vocabulary" in costly_probes_note(5, 81, 320, recommended=True, codebook_size=20)
+    assert "(320 cluster scores and 16 exact), 105.0% of V = 320" in costly_probes_note(16, 336, 320, False, 320)
 
 
 def test_inspect_and_the_card_describe_the_two_stage_head(converted):
@@ -633,6 +641,8 @@ def test_inspect_and_the_card_describe_the_two_stage_head(converted):
     text = " ".join(run_cli("inspect", tmp / "ts").stdout.split())  # the console wraps long lines
     assert f"two-stage head K=20 clusters of 16, P={P} probed ({20 + 16 * P:,} logits computed per position), router=fitted" in text
     assert "dense head (same V x d + bias, fp32)" in text
+    listed = json.loads(run_cli("inspect", tmp / "ts", "--json").stdout)["head_tensors"]
+    assert sorted(listed) == sorted(load_file(tmp / "ts" / WEIGHTS_FILE)) == ["bias", "codebook", "members", "route_bias"]
     card = (tmp / "ts" / "MODEL_CARD.md").read_text()
     # codebook, bias, route bias; the rows stage 2 reads are the model's
     assert (f"| head parameters | {20 * 32 + 320 + 20:,} of its own and a member table [20, 16]; stage 2 reads the "
@@ -734,9 +744,14 @@ def test_convert_two_stage_bad_input(converted, tmp_path):
                                   "--out", tmp_path / "o"), "--head two-stage needs equal-size clusters")
     assert not (tmp_path / "o").exists()
     # without text there are no hidden states to measure: a two-stage head's clusters are spherical
-    result = run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--out", tmp_path / "free", "--json")
+    result = run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--rank", 2, "--steps", 0,
+                     "--out", tmp_path / "free", "--json")
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["clustering"] == "equal-spherical"
+    report = json.loads(result.stdout)
+    assert report["clustering"] == "equal-spherical" and report["out"] == str((tmp_path / "free").resolve())
+    card = (tmp_path / "free" / "MODEL_CARD.md").read_text()
+    assert "P recommended without text, where no recall can be measured: K/16 = 1." in card and "held-out recall" not in card
+    assert "fitted to the residual W - C[M] |" in card and "then distilled" not in card  # nothing was distilled
 
 
 def test_route_bias_key_and_tensor_are_checked(tmp_path):
@@ -767,8 +782,24 @@ def test_convert_two_stage_with_rank_distills_the_tail(converted, tmp_path):
     assert head.config.rank == 2 and head.config.route_bias and head.lowrank[0].shape == (2, 32)
     card = (tmp_path / "r2" / "MODEL_CARD.md").read_text()
     assert "| tail distillation (trunk frozen) | 20 steps on the two-stage distribution |" in card
+    assert "fitted to the residual W - C[M], then distilled |" in card
     assert "head-only distillation" not in card and "after distillation" not in card  # the plain head is not distilled
     assert card.count("every token its VQ logit (no probes)") == 1
     free = run_cli("convert", "--from", tmp / "dense", "-k", 20, "--head", "two-stage", "--rank", 2, "--steps", 0,
                    "--distill-text", tmp / "text.txt", "--out", tmp_path / "r2free", "--json")
     assert json.loads(free.stdout)["tail_distill_steps"] == 0  # training-free: nothing distilled
+
+
+def test_generate_notes_new_tokens_the_tokenizer_has_no_text_for(tied, tmp_path):
+    """The tiny model's vocabulary (320) is larger than its tokenizer's (about 300), as Qwen2.5's is: tokens past the
+    tokenizer print as nothing, and generate says so instead of printing a bare prompt."""
+    from tokenizers import Tokenizer
+
+    art = api.build("ort", model=tied, out=tmp_path / "art", steps=2).out
+    size = Tokenizer.from_file(str(art / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    gen = api.generate(art, "def main(", 48, sample=True, seed=0)
+    untold = sum(i >= size for i in gen.new_ids)
+    assert gen.without_text == untold > 0
+    result = run_cli("generate", "--artifact", art, "--prompt", "def main(", "-n", 48, "--sample", "--seed", 0)
+    assert result.exit_code == 0, result.stderr
+    assert f"note: {untold} of the {len(gen.new_ids)} new tokens have ids the tokenizer has no text for" in result.stderr

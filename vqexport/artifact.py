@@ -35,7 +35,8 @@ def source_hashes(files) -> dict[str, str]:
 def read_manifest(artifact: Path) -> dict:
     artifact = Path(artifact)
     if not artifact.is_dir():
-        raise VQExportError(f"{artifact}: artifact directory does not exist")
+        raise VQExportError(f"{artifact}: " + ("not a directory; an artifact is the directory 'vqexport build' writes"
+                                               if artifact.exists() else "artifact directory does not exist"))
     path = artifact / MANIFEST
     if not path.is_file():
         raise VQExportError(f"{artifact}: no {MANIFEST}; not a complete vqexport artifact (build it with 'vqexport build')")

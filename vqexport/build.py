@@ -368,7 +368,7 @@ def check_profile_fits(profile: Profile, source: Source) -> None:
                             "two-stage head; build it with --head standard (head = 'standard' in a target file)")
     if profile.codebook == "int8" and profile.int8.encoding == "native":
         if profile.head == "fused":
-            raise VQExportError(f"target {profile.name}: the native int8 encoding (MatMulNBits) cannot feed a fused VQLogits head; use encoding = 'qdq'")
+            raise VQExportError(f"target {profile.name}: the native int8 encoding (MatMulNBits) cannot feed a fused VQLogits head; build with --head standard, or set [int8] encoding = 'qdq' in a target file")
         if profile.int8.activations:
             raise VQExportError(f"target {profile.name}: int8.activations applies to the QDQ encoding only")
     if profile.backend == "trt":
@@ -531,6 +531,9 @@ def verify_artifact(artifact, steps: int | None = None, model=None, atol: float 
     check_files(artifact, manifest, hashes=True)
     if has_head(artifact):  # the head the artifact was built with, as given to the build
         ours, theirs = read_head_config(artifact).to_dict(), source.head.config.to_dict()
+        if ours["type"] != theirs["type"]:
+            raise VQExportError(f"{source.path}: its head is a {theirs['type']} head but the artifact's is a {ours['type']} "
+                                "head; pass the model it was built from")
         for key in sorted(set(ours) | set(theirs)):
             if ours.get(key) != theirs.get(key):
                 raise VQExportError(f"{source.path}: its head has {key} = {theirs.get(key)!r} but the artifact's has "

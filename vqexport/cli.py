@@ -14,9 +14,15 @@ from .errors import ParityError, VQExportError
 
 
 def _console(stderr=True):
+    """A rich console; into a file or a pipe it wraps no line (rich would wrap at 80 columns there) unless COLUMNS
+    says how wide."""
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    unwrapped = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, highlight=False, **({"width": 200, "soft_wrap": True} if unwrapped else {}))
 
 
 def _clean(obj):
@@ -447,9 +453,12 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
             click.echo(prompt, nl=False)
         click.echo(piece, nl=False)
 
-    api.generate(artifact, prompt, max_new_tokens, on_token=stream, sample=sample,
-                 temperature=temperature, top_k=top_k, seed=seed)
+    gen = api.generate(artifact, prompt, max_new_tokens, on_token=stream, sample=sample,
+                       temperature=temperature, top_k=top_k, seed=seed)
     click.echo("" if started else prompt)
+    if gen.without_text:
+        click.echo(f"note: {gen.without_text} of the {len(gen.new_ids)} new tokens have ids the tokenizer has no text "
+                   "for (the model's vocabulary is larger than its tokenizer's), so they print as nothing", err=True)
 
 
 # The options each bench mode uses besides --json; any other one given is refused.
@@ -463,7 +472,7 @@ _BENCH_OPTIONS = {
 @main.command()
 @click.option("--head", "head", is_flag=True, help="Benchmark the output layer alone at batch-1 decode for standard head shapes.")
 @click.option("--shapes", default=",".join(("gpt2", "qwen2.5-0.5b", "llama-3.2-1b")), show_default=True,
-              help="Comma-separated head shapes for --head (gpt2, qwen2.5-0.5b, llama-3.2-1b, gemma-3-1b, tiny).")
+              help="Comma-separated head shapes for --head (gpt2, qwen2.5-0.5b, llama-3.2-1b, gemma-3-1b, gemma-3-270m, tiny).")
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True,
               help="onnxruntime intra-op threads for --head (--artifact uses the threads its profile recorded).")
 @click.option("--seconds", type=click.FloatRange(0.05, 60), default=0.5, show_default=True,
@@ -637,7 +646,8 @@ def convert(src, codebook_size, no_bias, distill_text, steps, clustering, head, 
     click.echo(f"wrote {result.out}")
     r = result.report.get("after_distillation")
     if r:
-        click.echo(f"held-out perplexity: dense {r['dense_ppl']:.2f}, VQ {r['vq_ppl']:.2f} ({100 * r['ppl_change']:+.1f}%), "
+        what = "every token its VQ logit (no probes)" if result.report["head"] == "two-stage" else "VQ head"
+        click.echo(f"held-out perplexity: dense {r['dense_ppl']:.2f}, {what} {r['vq_ppl']:.2f} ({100 * r['ppl_change']:+.1f}%), "
                    f"top-1 agreement {r['top1_agreement']:.3f}")
     t = result.report.get("two_stage")
     if t:
@@ -651,7 +661,8 @@ def convert(src, codebook_size, no_bias, distill_text, steps, clustering, head, 
 @click.option("--model", "-m", default=None, help="Model directory with a VQ-Logits head, or 'demo' (the default).")
 @click.option("--text", required=True, type=click.Path(), help="UTF-8 text to score (tokenized with the model's tokenizer).")
 @click.option("--probes", type=int, default=None, help="A two-stage head's probes for this measurement [default: its own].")
-@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of the text (at least one window).")
+@click.option("--max-tokens", type=int, default=None, help="Score the text's first N tokens only, in whole windows: rounded down to a multiple of --window, "
+                   "and at least one window (the report's tokens says how many were scored).")
 @click.option("--window", type=int, default=None,
               help="Tokens per scored window, each from an empty cache, up to the model's maximum positions; the text "
                    "needs one window and the token after it [default: 128, the windows convert measures on].")
@@ -715,9 +726,10 @@ def doctor(as_json):
             f"onnxruntime-genai {m.get('onnxruntime_genai') or 'not installed'}; "
             f"OpenVINO {m.get('openvino') or 'not installed'} ({', '.join(m.get('openvino_devices') or []) or 'no devices'}); "
             f"TensorRT {m['tensorrt'] or 'not installed'}; GPU {gpu}", markup=False)
+    width = max(map(len, d["targets"]), default=0)
     for name, t in d["targets"].items():
         state = "build + run" if t["build"] else ("run only" if t["run"] else "no")
-        c.print(f"{name:16s} {state:12s} {'; '.join(t['why_not'])}", markup=False, soft_wrap=True)
+        c.print(f"{name:{width}s} {state:12s} {'; '.join(t['why_not'])}", markup=False, soft_wrap=True)
 
 
 @main.command()
@@ -731,6 +743,7 @@ def targets(as_json):
         _print_json({n: p.to_dict() for n, p in profiles.items()})
         return
     aliases = api.target_aliases()
+    width = max(map(len, profiles), default=0)
     for n, p in profiles.items():
         note = f" (alias of {aliases[n]})" if n in aliases else ""
-        click.echo(f"{n:16s} {p.description}{note}")
+        click.echo(f"{n:{width}s} {p.description}{note}")

@@ -31,6 +31,7 @@ class Generation:
     new_ids: list[int]
     text: str
     stopped_at_eos: bool
+    without_text: int = 0  # new tokens the tokenizer has no text for (ids of a vocabulary larger than the tokenizer's)
 
 
 class _Chooser:
@@ -147,4 +148,5 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
                     shown = text
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
             out = runner.step(np.asarray([[nxt]], dtype=np.int64), mask, out.present)
-    return Generation(prompt_ids=ids, new_ids=new, text=tok.decode(new), stopped_at_eos=stopped)
+    return Generation(prompt_ids=ids, new_ids=new, text=tok.decode(new), stopped_at_eos=stopped,
+                      without_text=sum(tok.id_to_token(i) is None for i in new))

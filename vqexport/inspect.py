@@ -63,7 +63,8 @@ def inspect_model(path: Path) -> dict:
         "path": str(path),
         "config": {**geo.to_dict(), "head": source.head.config.to_dict() if source.head else None},
         "tokenizer": source.tokenizer_path is not None,
-        "head_tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted((source.head.tensors if source.head else {}).items())},
+        "head_tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                         for k, v in sorted((source.head.tensors if source.head else {}).items()) if k in stored},
         "sizes": summary(head, trunk, geo.vocab_size, geo.hidden_size, bool(source.head and source.head.config.bias)),
     }
 

@@ -269,6 +269,8 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
 
     with tempfile.TemporaryDirectory(prefix="vqexport-e2e-") as tmp:
         root = Path(work) if work is not None else Path(tmp)
+        if root.exists() and not root.is_dir():
+            raise VQExportError(f"{root}: --work must be a directory (it exists and is not one)")
         src = model_dir(model) if model is not None else root / shape  # "demo": the embedded model
         make = shape is not None and not (src / "config.json").is_file()
         if make and shape not in SHAPES:

@@ -29,6 +29,7 @@ SHAPES = {
     "qwen2.5-0.5b": (151936, 896, 2048),
     "llama-3.2-1b": (128256, 2048, 2048),
     "gemma-3-1b": (262144, 1152, 2048),  # the largest vocabulary of the set (not in the default run)
+    "gemma-3-270m": (262144, 640, 2048),  # the same vocabulary, narrower (not in the default run)
     "tiny": (4099, 64, 256),  # a quick smoke shape (not in the default set)
 }
 TOPK = 50

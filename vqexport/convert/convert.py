@@ -297,11 +297,12 @@ RECALL_GOAL = 0.995  # the recommended probes: the fewest whose probed clusters 
 COSTLY_SHARE = 0.25
 
 
-def costly_probes_note(probes: int, scored: int, vocab: int, recommended: bool) -> str | None:
+def costly_probes_note(probes: int, scored: int, vocab: int, recommended: bool, codebook_size: int) -> str | None:
     """One line when P probes compute more than COSTLY_SHARE of the vocabulary's logits per position, else None."""
     if scored <= COSTLY_SHARE * vocab:
         return None
-    note = (f"P = {probes} computes {100 * scored / vocab:.1f}% of the {vocab:,} logits per position, more than "
+    note = (f"P = {probes} computes {scored:,} logits per position ({codebook_size:,} cluster scores and "
+            f"{scored - codebook_size:,} exact), {100 * scored / vocab:.1f}% of V = {vocab:,}, more than "
             f"{COSTLY_SHARE:.0%}, where a two-stage head is no faster than a dense int4 output layer on CPU")
     if recommended:
         note += ("; the router does not narrow the vocabulary on this model and text (more text or --steps may help; "
@@ -400,7 +401,7 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     if head not in ("vq", "two-stage"):
         raise VQExportError(f"--head must be 'vq' or 'two-stage', got {head!r}")
     two_stage = head == "two-stage"
-    steps = 300 if steps is None else steps
+    steps_given, steps = steps is not None, 300 if steps is None else steps
     if clustering not in ("auto", *NAMED):
         raise VQExportError(f"--clustering must be one of auto, {', '.join(NAMED)}; got {clustering!r}")
     if clustering in IN_METRIC and text is None:
@@ -416,6 +417,8 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         raise VQExportError("--probes applies to --head two-stage only")
     if steps < 0:
         raise VQExportError(f"--steps must be >= 0, got {steps}")
+    if steps and text is None and steps_given:
+        raise VQExportError(f"--steps {steps} trains on --distill-text, and none was given")
     if not isinstance(rank, int) or isinstance(rank, bool):
         raise VQExportError(f"--rank must be an integer, got {rank!r}")
     source = _check_inputs(src, codebook_size, out, text, rank)
@@ -485,7 +488,7 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         after = evaluate(hidden, dense, vq, held, held_h)
     for p in vq.parameters():
         p.requires_grad_(False)
-    report = {"source": str(src.resolve()), "architecture": source.model_type, "head": head, "codebook_size": codebook_size,
+    report = {"source": str(src.resolve()), "out": str(out.resolve()), "architecture": source.model_type, "head": head, "codebook_size": codebook_size,
               "bias": bias, "rank": rank, "clustering": chosen, "clustering_scores": scores,
               "clustering_score": "held-out perplexity" if held is not None else "mean squared distance of head rows to their code",
               "distill_steps": steps if ids is not None and not two_stage else 0, "lowrank_init": lowrank,
@@ -528,7 +531,8 @@ def _two_stage(vq: VQLogitsHead, route, weight, dense_b, hidden, dense, held, he
         head = module.to_head(probes=P, cluster_size=cap, route_bias=module.route_bias)
     stage.update(probes=P, probes_recommended=recommended, scored=head.config.scored,
                  scored_share=head.config.scored / cfg.vocab_size)
-    note = costly_probes_note(P, head.config.scored, cfg.vocab_size, recommended=probes is None and held is not None)
+    note = costly_probes_note(P, head.config.scored, cfg.vocab_size, recommended=probes is None and held is not None,
+                              codebook_size=cfg.codebook_size)
     if note:
         stage["note"] = note
     if held is not None:
@@ -561,6 +565,7 @@ def _write(out: Path, source: Source, head, report: dict) -> None:
 
 def model_card(report: dict, cfg: HeadConfig) -> str:
     V, d, K, r = cfg.vocab_size, cfg.hidden_size, cfg.codebook_size, cfg.rank
+    distilled = ", then distilled" if report.get("tail_distill_steps", report["distill_steps"]) else ""
     head_vq = K * d + (V if cfg.bias else 0) + r * (V + d) + (K if cfg.route_bias else 0)
     head_dense = V * d
     lines = [
@@ -570,7 +575,7 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
         "| | |", "|---|---|",
         f"| codebook | K = {K} codes for V = {V} tokens (clustering: {report['clustering']}) |",
         f"| bias | {'per-token bias' if cfg.bias else 'none'} |",
-        f"| low-rank correction | {f'rank {r}: P [{r}, {d}], U [{V}, {r}], fitted to the residual W - C[M], then distilled' if r else 'none'} |",
+        f"| low-rank correction | {f'rank {r}: P [{r}, {d}], U [{V}, {r}], fitted to the residual W - C[M]{distilled}' if r else 'none'} |",
     ]
     two_stage = cfg.type == "two-stage"
     if two_stage:
@@ -605,9 +610,10 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
                   f"The codebook routes: the P = {cfg.probes} best clusters by {'router' if cfg.route_bias else 'codebook'} score (clusters of {cfg.cluster_size} "
                   f"tokens) get exact logits from the model's own output layer; every other token keeps its VQ logit. "
                   f"{cfg.scored:,} of {V:,} logits are computed per position ({100 * cfg.scored / V:.1f}%); "
-                  f"P recommended from the held-out recall (the fewest probes whose clusters hold the dense argmax at "
-                  f"{100 * RECALL_GOAL:g}% of positions, every P counted; the curve below at powers of two): "
-                  f"{report.get('probes_recommended')}."]
+                  + (f"P recommended from the held-out recall (the fewest probes whose clusters hold the dense argmax at "
+                     f"{100 * RECALL_GOAL:g}% of positions, every P counted; the curve below at powers of two): "
+                     if report.get("recall_curve") else "P recommended without text, where no recall can be measured: K/16 = ")
+                  + f"{report.get('probes_recommended')}."]
         if report.get("note"):
             lines += ["", f"**Note:** {report['note']}."]
         m = report.get("two_stage")
