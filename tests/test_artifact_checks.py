@@ -95,3 +95,30 @@ def test_bench_e2e_leaves_no_work_dir_on_bad_input(tmp_path):
     a_file.write_text("")
     assert_user_error(run_cli("bench", "--e2e", "--model", "demo", "--work", a_file), "--work must be a directory")
     assert a_file.read_text() == ""
+
+
+def test_bench_e2e_refuses_what_onnxruntime_genai_cannot_run_before_any_work(tmp_path):
+    work = tmp_path / "w"
+    assert_user_error(run_cli("bench", "--e2e", "--model", "demo", "--target", "ort-topk", "--work", work),
+                      "target ort-topk outputs the top-k only", "bench --e2e takes a target with logits")
+    assert_user_error(run_cli("bench", "--e2e", "--model", "demo", "--prompt-length", 2000, "--tokens", 100, "--work", work),
+                      "--prompt-length 2000 + --tokens 100 exceed the model's maximum positions 2048")
+    assert not work.exists()
+
+
+def test_bench_e2e_keeps_another_models_work_apart_even_under_the_same_name(tmp_path):
+    """--work keeps conversions and the builder's baselines between runs: a model of the same directory name with
+    other weights must not be timed against the first one's."""
+    from vqexport.bench.e2e import work_stem
+    from vqexport.source import demo_dir, load_source
+
+    a, b = tmp_path / "a" / "m", tmp_path / "b" / "m"
+    for d in (a, b):
+        shutil.copytree(demo_dir(), d)
+    stems = [work_stem(load_source(d, need_head=False)) for d in (a, b)]
+    assert stems[0] == stems[1] and stems[0].startswith("m-")  # the same files: the same work
+    weights = b / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert work_stem(load_source(b, need_head=False)) != stems[0]

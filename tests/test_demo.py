@@ -7,11 +7,12 @@ import sys
 
 import pytest
 
+from vqexport import api
 from vqexport.artifact import read_manifest, sha256_file
 from vqexport.source import demo_dir, load_source
 
 from .conftest import generate_in_a_fresh_process, run_cli
-from .models import genai_greedy, runner_greedy
+from .models import genai_greedy, make_model, runner_greedy
 
 PROMPT = "def read_config(path):\n    "
 
@@ -95,6 +96,27 @@ def test_verify_rejects_tampered_or_incomplete_artifacts(demo_artifact, tmp_path
     assert r.exit_code == 2 and "does not exist" in r.stderr
 
 
+@pytest.mark.parametrize("change, says", [
+    (lambda m: m["files"].pop("model.onnx.data"), "model.onnx.data: the model's weights are not among the files"),
+    (lambda m: m["files"].pop("model.onnx"), "runtime.model_file must be one of the files it lists"),
+    (lambda m: m["runtime"].update(model_file="../elsewhere.onnx"), "runtime.model_file must be one of the files it lists"),
+    (lambda m: m["files"].update({"../outside": m["files"]["vq_head.json"]}), "files must name files inside the artifact"),
+])
+def test_verify_runs_only_files_the_manifest_vouches_for(demo_artifact, tmp_path, change, says):
+    """A manifest edited to leave the weights, or the model file itself, out of its hashes, or to point outside the
+    directory: refused, not run unchecked."""
+    import shutil
+
+    copy = tmp_path / "art"
+    shutil.copytree(demo_artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    change(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for command in (["verify", "--artifact", copy, "--steps", 1], ["generate", "--artifact", copy, "--prompt", "x"]):
+        r = run_cli(*command)
+        assert r.exit_code == 2 and says in r.stderr, (command, r.stderr)
+
+
 def test_two_builds_give_byte_identical_model(demo_artifact, tmp_path):
     out = tmp_path / "again"
     proc = subprocess.run([sys.executable, "-m", "vqexport", "build", "--target", "ort", "--out", str(out), "--steps", "1"],
@@ -102,6 +124,18 @@ def test_two_builds_give_byte_identical_model(demo_artifact, tmp_path):
     assert proc.returncode == 0, proc.stderr
     for name in ("model.onnx", "model.onnx.data", "vq_head.safetensors", "genai_config.json"):
         assert (out / name).read_bytes() == (demo_artifact / name).read_bytes(), name
+
+
+def test_builds_in_one_process_give_byte_identical_models(tmp_path):
+    """The first build of a model in a process exports its trunk, the next ones copy it from a cache: the values the
+    head and the passes add must be named alike in both, whatever target."""
+    from vqexport import build
+
+    model = make_model(tmp_path / "m", arch="llama", vocab=97, hidden=32, k=11)
+    for target in ("ort", "ort-int8", "ort-topk"):
+        build._TRUNKS.clear()  # the first build exports
+        outs = [api.build(target, model=model, out=tmp_path / f"{target}-{i}", steps=1).out for i in range(2)]
+        assert (outs[0] / "model.onnx").read_bytes() == (outs[1] / "model.onnx").read_bytes(), target
 
 
 def _torch_greedy(prompt_ids, n):

@@ -36,8 +36,6 @@ def test_a_complete_machine_builds_every_target(name):
     ({"onnxruntime": None, "ort_providers": []}, "ort-int8", ["onnxruntime is not installed"]),
     ({"openvino": None}, "openvino", ["OpenVINO is not installed", "vqexport[openvino]"]),
     ({"openvino_devices": ["GPU.0"]}, "openvino-int8", ["OpenVINO finds no CPU device"]),
-    ({"nncf": None}, "openvino-int8", ["needs NNCF"]),
-    ({"onnxruntime_genai": None}, "ort-int4", ["onnxruntime-genai's model builder", "vqexport[genai]"]),
 ])
 def test_each_missing_piece_is_named(change, target, fragments):
     status = target_status(load_profile(target), {**FULL, **change})
@@ -69,6 +67,15 @@ def test_no_tritonclient_still_runs_but_cannot_build_the_repository():
         assert status["run"] and not status["build"], name
         assert len(status["why_not"]) == 1 and "tritonclient" in status["why_not"][0]
     assert target_status(load_profile("ort"), {**FULL, "tritonclient": None})["build"]
+
+
+@pytest.mark.parametrize("name, lacking, says", [("ort-int4", "onnxruntime_genai", "model builder (pip install 'vqexport[genai]')"),
+                                                 ("openvino-int8", "nncf", "needs NNCF")])
+def test_a_tool_only_the_build_uses_does_not_stop_the_artifact_from_running(name, lacking, says):
+    status = target_status(load_profile(name), {**FULL, lacking: None})
+    assert status["run"] and not status["build"] and len(status["why_not"]) == 1 and says in status["why_not"][0]
+    without_runtime = {**FULL, lacking: None, "onnxruntime": None, "openvino": None}
+    assert not target_status(load_profile(name), without_runtime)["run"]
 
 
 def test_doctor_cli_reports_this_machine():

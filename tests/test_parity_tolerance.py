@@ -187,10 +187,18 @@ def test_tolerances_given_on_the_command_line_are_recorded_and_can_be_replaced_f
     assert json.loads((out / "manifest.json").read_text())["profile"]["parity"]["atol"] == 0.25  # the check changed nothing
 
 
-@pytest.mark.parametrize("args, says", [(("--atol", "nan"), "--atol must be a number >= 0"),
-                                        (("--rtol", "-1"), "--rtol must be a number >= 0"),
+@pytest.mark.parametrize("args, says", [(("--atol", "nan"), "--atol must be a finite number >= 0"),
+                                        (("--atol", "inf"), "--atol must be a finite number >= 0, got inf"),
+                                        (("--rtol", "-1"), "--rtol must be a finite number >= 0"),
                                         (("--atol", "1e-3", "--check-only"), "--check-only cannot be combined with --atol")])
 def test_bad_tolerances_are_refused(tmp_path, args, says):
     assert_user_error(run_cli("build", *args, "--out", tmp_path / "art") if "--check-only" not in args
                       else run_cli("build", *args), says)
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", [1], True, float("inf")])
+def test_tolerances_from_the_api_are_checked_as_the_cli_s(tmp_path, value):
+    with pytest.raises(api.VQExportError, match="--atol must be a finite number >= 0"):
+        api.build("ort", out=tmp_path / "art", atol=value)
     assert not (tmp_path / "art").exists()

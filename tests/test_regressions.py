@@ -96,7 +96,33 @@ def test_parity_accepts_another_member_of_an_exactly_tied_cluster():
         report = compare_runners(r, t, [[1, 2, 3], [4]], 3, parity)
     assert not report.passed and report.top1_agreement == 0.0 and report.greedy_match_steps == 0
     assert any(f.startswith("top-1 agreement 0.0000 < 1.0") for f in report.failures), report.failures
-    assert "greedy tokens diverge at decode step 1 of 3" in report.failures
+    assert any(f.startswith("greedy tokens diverge at decode step 1 of 3") for f in report.failures), report.failures
+
+
+class _FirstTokenOff(Runner):
+    """Fixed logits at every position; ``swap``: the prefill's last position prefers the second token instead."""
+
+    def __init__(self, swap: bool):
+        self.kv_shapes, self.vocab_size, self.swap = [(1, 2)], 10, swap
+
+    def step(self, input_ids, attention_mask, past):
+        b, s = input_ids.shape
+        logits = np.tile(np.linspace(-1, 1, 10, dtype=np.float32), (b, s, 1))
+        if self.swap and s > 1:
+            logits[:, -1, [8, 9]] = logits[:, -1, [9, 8]]
+        return StepOutput(logits=logits, present=[np.zeros((b, 1, attention_mask.shape[1], 2), np.float32)] * 2)
+
+
+def test_the_greedy_check_judges_the_first_new_token():
+    """The prefill's greedy token is the first decode step's input: a target that would choose another one diverges at
+    step 1, even where the top-1 share it may miss lets it through."""
+    parity = Parity(steps=8, atol=10.0, kl_max=10.0, top1_agreement_min=0.5, top5_overlap_min=0.0, greedy_must_match=True)
+    with _FirstTokenOff(False) as r, _FirstTokenOff(True) as t:
+        report = compare_runners(r, t, [list(range(1, 21))], 8, parity)
+    assert report.top1_agreement > 0.9 and report.greedy_match_steps == 0 and not report.passed
+    assert any(f.startswith("greedy tokens diverge at decode step 1 of 8") for f in report.failures), report.failures
+    with _FirstTokenOff(False) as r, _FirstTokenOff(False) as t:
+        assert compare_runners(r, t, [list(range(1, 21))], 8, parity).greedy_match_steps == 8
 
 
 @pytest.mark.parametrize("row, pos, reported", [
@@ -199,3 +225,47 @@ def test_session_setting_onnxruntime_rejects(tiny_model, tmp_path):
     result = run_cli("build", "--target", f, "--model", tiny_model, "--out", tmp_path / "o")
     assert_user_error(result, "onnxruntime could not load the model")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_target_file_without_top_5_checks_it_as_strictly_as_top_1(tmp_path):
+    from vqexport.profiles import load_profile
+
+    f = tmp_path / "plain.toml"
+    f.write_text('name = "plain"\nbackend = "ort"\n')
+    parity = load_profile(str(f)).parity
+    assert parity.top1_agreement_min == parity.top5_overlap_min == 1.0
+    f.write_text('name = "plain"\nbackend = "ort"\n[parity]\ntop1_agreement_min = 0.9\n')  # relaxed: top-5 alike
+    parity = load_profile(str(f)).parity
+    assert parity.top1_agreement_min == parity.top5_overlap_min == 0.9
+
+
+def test_generated_text_keeps_the_word_boundary_after_the_prompt_with_a_sentencepiece_decoder(tmp_path):
+    """A Metaspace decoder (SentencePiece, as Llama 2's and Gemma's tokenizers) drops the leading space of the text it
+    decodes: the new tokens, decoded alone, would be glued to the prompt's last word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"\u2581w{i}": i + 1 for i in range(96)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    model = make_model(tmp_path / "m", arch="llama", vocab=97, hidden=32, k=11, tokenizer=path)
+    art = api.build("ort", model=model, out=tmp_path / "art", steps=1).out
+    gen = api.generate(art, "w1 w2", 5)
+    assert len(gen.new_ids) == 5 and gen.text == " " + " ".join(f"w{i - 1}" for i in gen.new_ids)
+    assert tok.decode(gen.new_ids) == gen.text[1:]  # what the text was before: no space after the prompt
+    printed = run_cli("generate", "--artifact", art, "--prompt", "w1 w2", "-n", 5).stdout
+    assert printed == "w1 w2" + gen.text + "\n"
+
+
+def test_end_of_sequence_ids_include_generation_config_s(tmp_path):
+    """An instruct model's end of turn is often only in generation_config.json (transformers' generate stops there)."""
+    from vqexport.source import load_source
+
+    model = make_model(tmp_path / "m", arch="llama", vocab=97, hidden=32, k=11, eos_token_id=2)
+    assert load_source(model).geometry.eos_token_ids == (2,)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 2, 7]}))
+    assert load_source(model).geometry.eos_token_ids == (2, 5, 7)  # the config's first, then the others, once each
+    (model / "generation_config.json").write_text("{not json")
+    with pytest.raises(api.VQExportError, match="generation_config.json: not a JSON object"):
+        load_source(model)

@@ -144,10 +144,13 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(demo_topk):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--sample", "--temperature", "0"], "temperature must be a finite number > 0"),
-    (["--sample", "--temperature", "-1"], "temperature must be a finite number > 0"),
-    (["--sample", "--temperature", "nan"], "temperature must be a finite number > 0"),
-    (["--sample", "--temperature", "inf"], "temperature must be a finite number > 0"),
+    (["--sample", "--temperature", "0"], "temperature must be a finite number >= 1e-06"),
+    (["--sample", "--temperature", "-1"], "temperature must be a finite number >= 1e-06"),
+    (["--sample", "--temperature", "nan"], "temperature must be a finite number >= 1e-06"),
+    (["--sample", "--temperature", "inf"], "temperature must be a finite number >= 1e-06"),
+    (["--sample", "--temperature", "1e-310"], "temperature must be a finite number >= 1e-06"),
+    (["--top-k", "5"], "error: --top-k applies to sampling; add --sample"),
+    (["--temperature", "0.5", "--seed", "1"], "error: --temperature and --seed apply to sampling; add --sample"),
     (["--sample", "--top-k", "0"], "--top-k must be in [1, vocab size"),
     (["--sample", "--top-k", "100000"], "--top-k must be in [1, vocab size"),
     (["--sample", "--top-k", "51"], "exceeds the k=50"),

@@ -166,6 +166,7 @@ def fake_trt_artifact(tmp_path):
     art = tmp_path / "art"
     art.mkdir()
     (art / "model.plan").write_bytes(b"not an engine")
+    (art / "model.onnx").write_bytes(b"not a graph")  # the graph the engine was built from, kept beside it
     record = source_record(source)
     write_manifest(art, {"fingerprint": fingerprint(record, profile), "target": profile.name, "profile": profile.to_dict(),
                          "source": record, "config": {**source.geometry.to_dict(), "head": source.head.config.to_dict()},

@@ -408,7 +408,7 @@ def test_an_untied_model_ships_its_output_rows(tmp_path, small_tokenizer):
 
 def _twin_is_the_dense_model(artifact: Path, model: Path, out: Path) -> None:
     """A two-stage artifact's dense twin (bench --artifact --vs-dense) computes transformers' own dense logits."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from vqexport.backends.ort.runner import OrtRunner
     from vqexport.bench.artifact import dense_twin
@@ -416,8 +416,16 @@ def _twin_is_the_dense_model(artifact: Path, model: Path, out: Path) -> None:
     out.mkdir()
     twin = dense_twin(artifact, "model.onnx", out)
     names = {n.name for n in load_graph(twin).graph.node}
-    assert "head/dense/MatMul" in names and not any(n.startswith(("head/route", "head/exact", "head/codebook")) for n in names)
+    tied = AutoConfig.from_pretrained(str(model)).tie_word_embeddings  # the embedding table is the output layer
+    assert ("head/dense/Gemm" if tied else "head/dense/MatMul") in names
+    assert not any(n.startswith(("head/route", "head/exact", "head/codebook")) for n in names)
     ids = np.arange(12).reshape(2, 6) + 100
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(out / "optimized.onnx")
+    ort.InferenceSession(str(twin), options, providers=["CPUExecutionProvider"])
+    V, d = read_head(artifact).config.vocab_size, read_head(artifact).config.hidden_size
+    tables = [t.name for t in load_graph(out / "optimized.onnx").graph.initializer if list(t.dims) in ([V, d], [d, V])]
+    assert len(tables) == (1 if tied else 2), tables  # ONNX Runtime made no second copy of a tied model's table
     with OrtRunner(twin) as runner:
         got = runner.step(ids, np.ones_like(ids), runner.empty_past(2)).logits
     with torch.no_grad():

@@ -10,7 +10,7 @@ import os
 import shutil
 import signal
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import VQExportError
 
@@ -68,11 +68,14 @@ def _malformed(manifest: dict) -> str | None:
     for name, info in manifest["files"].items():
         if not isinstance(info, dict) or not is_int(info.get("bytes")) or not isinstance(info.get("sha256"), str):
             return f"files[{name!r}] must have an integer bytes and a string sha256"
+    if any(PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts or name == MANIFEST
+           for name in manifest["files"]):
+        return "files must name files inside the artifact directory"
     rt = manifest["runtime"]
-    if not isinstance(rt.get("model_file"), str) or not rt["model_file"]:
-        return "runtime.model_file must be a file name"
-    if "onnx_file" in rt and not isinstance(rt["onnx_file"], str):
-        return "runtime.onnx_file must be a file name"
+    for key in ("model_file", "onnx_file"):
+        if key in rt or key == "model_file":
+            if not isinstance(rt.get(key), str) or rt[key] not in manifest["files"]:
+                return f"runtime.{key} must be one of the files it lists"
     if rt.get("backend", "ort") not in ("openvino", "trt"):  # what an ONNX Runtime session is created with
         if not isinstance(rt.get("providers"), list) or not all(isinstance(p, str) for p in rt["providers"]):
             return "runtime.providers must be a list of provider names"
@@ -98,8 +101,17 @@ def _malformed(manifest: dict) -> str | None:
     return None
 
 
+COMPANIONS = {".onnx": ".onnx.data", ".xml": ".bin"}  # the weights a runtime reads beside its model file
+
+
 def check_files(artifact: Path, manifest: dict, hashes: bool = False) -> None:
-    """Every file the manifest lists is there with its size (and, with ``hashes``, its sha256): one line if not."""
+    """Every file the manifest lists is there with its size (and, with ``hashes``, its sha256), and the weights beside
+    the model file are among them: one line if not."""
+    model = PurePosixPath(manifest["runtime"]["model_file"])
+    weights = model.with_suffix(COMPANIONS[model.suffix]).as_posix() if model.suffix in COMPANIONS else None
+    if weights and (Path(artifact) / weights).exists() and weights not in manifest["files"]:
+        raise VQExportError(f"{Path(artifact) / weights}: the model's weights are not among the files manifest.json lists; "
+                            "rebuild the artifact")
     for name, info in manifest["files"].items():
         f = Path(artifact) / name
         if not f.is_file():

@@ -82,10 +82,11 @@ def with_tolerances(profile: Profile, atol: float | None = None, rtol: float | N
     """``profile`` with its parity check's ``atol`` / ``rtol`` replaced where given (``--atol``, ``--rtol``)."""
     import dataclasses
 
-    given = {k: float(v) for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
+    given = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
     for key, value in given.items():
-        if not value >= 0:
-            raise VQExportError(f"--{key} must be a number >= 0, got {value:g}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise VQExportError(f"--{key} must be a finite number >= 0, got {value!r}")
+    given = {k: float(v) for k, v in given.items()}
     return dataclasses.replace(profile, parity=dataclasses.replace(profile.parity, **given)) if given else profile
 
 
@@ -200,7 +201,10 @@ def reference_runner(source: Source, progress=_noop):
 
 
 def export_trunk(profile: Profile, source: Source, reference, progress=_noop):
-    """The trunk graph (onnx_ir) of ``source``: exported once per process for small models, then copied."""
+    """The trunk graph (onnx_ir) of ``source``: exported once per process for small models, then copied. Always a
+    copy (its tensors shared, not duplicated): a copy names the values added to it afterwards (the head's, those of
+    the passes) from a fresh counter, where the export's own graph would continue the export's, so the first build
+    in a process and every later one write the same bytes."""
     from .trunk.portable import export_trunk as export, memo_key
 
     key = memo_key(source, profile.opset)
@@ -211,8 +215,8 @@ def export_trunk(profile: Profile, source: Source, reference, progress=_noop):
     if _weight_bytes(reference.trunk) <= _MEMO_MAX_BYTES:
         while len(_TRUNKS) >= _MEMO_ENTRIES:
             _TRUNKS.pop(next(iter(_TRUNKS)))
-        _TRUNKS[key] = model.clone()
-    return model
+        _TRUNKS[key] = model
+    return model.clone()
 
 
 def write_graph(directory: Path, profile: Profile, source: Source, reference, progress=_noop) -> dict:
@@ -343,15 +347,13 @@ def check_readiness(target: str | Profile, model=None, head: str | None = None, 
 
 
 def for_target(source: Source, profile: Profile) -> Source:
-    """The model as the target builds it: a two-stage head with the profile's probes when the profile sets them."""
+    """The model as the target builds it: a two-stage head with the profile's probes when the profile sets them
+    (``check_profile_fits``, run first, saw that they fit)."""
     import dataclasses
 
     head = source.head
     if head is None or not head.two_stage or not profile.two_stage.probes or profile.two_stage.probes == head.config.probes:
         return source
-    if profile.two_stage.probes > head.config.codebook_size:
-        raise VQExportError(f"target {profile.name}: two_stage.probes = {profile.two_stage.probes} exceeds the head's "
-                            f"codebook_size {head.config.codebook_size}")
     config = dataclasses.replace(head.config, probes=profile.two_stage.probes)
     return dataclasses.replace(source, head=dataclasses.replace(head, config=config))
 

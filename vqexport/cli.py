@@ -167,7 +167,7 @@ def _artifact_table(r) -> None:
     c.print(f"{r['artifact']} ({r['target']}) on {m['cpu']}; prompt {r['prompt_length']} tokens, {r['tokens']} decode tokens timed; "
             f"medians of {r['repeats']} fresh runs")
     t = Table(title=f"end-to-end latency ({_runtime_name(r)})")
-    cols = ["metric", "vq-logits"] + (["dense twin", "dense / vq"] if "dense" in r else [])
+    cols = ["metric", "vq-logits"] + (["dense twin", "vq gain (>1: vq better)"] if "dense" in r else [])
     for col in cols:
         t.add_column(col, justify="right" if col != "metric" else "left")
     rows = [("time to first token (ms)", "ttft_ms", "ttft"), ("decode p50 (ms)", "decode_ms_p50", "decode_p50"),

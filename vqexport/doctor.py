@@ -54,7 +54,8 @@ def machine_facts() -> dict:
 
 def target_status(profile: Profile, facts: dict) -> dict:
     """{"build": bool, "run": bool, "why_not": [reasons]} for one profile on a machine with ``facts``."""
-    build, run = [], []  # reasons each is impossible; a build also runs the artifact (parity)
+    build, only_build = [], []  # reasons it cannot build (a build also runs the artifact: parity), and of those the
+    # ones that do not stop a built artifact from running (a tool only the build uses)
     if profile.backend == "ort":
         if facts.get("onnxruntime") is None:
             build.append("onnxruntime is not installed")
@@ -64,14 +65,14 @@ def target_status(profile: Profile, facts: dict) -> dict:
         if profile.head == "fused" and profile.ort.kernel == "extensions" and not facts.get("onnxruntime_extensions"):
             build.append("the fused head's kernel needs onnxruntime-extensions (pip install 'vqexport[fused]')")
         if profile.trunk.source == "genai" and not facts.get("onnxruntime_genai"):
-            build.append("the genai trunk needs onnxruntime-genai's model builder (pip install 'vqexport[genai]')")
+            only_build.append("the genai trunk needs onnxruntime-genai's model builder (pip install 'vqexport[genai]')")
     elif profile.backend == "openvino":
         if facts.get("openvino") is None:
             build.append("OpenVINO is not installed (pip install 'vqexport[openvino]')")
         elif profile.openvino.device.split(".")[0] not in {d.split(".")[0] for d in facts.get("openvino_devices", [])}:
             build.append(f"OpenVINO finds no {profile.openvino.device} device here")
         if profile.openvino.weights != "fp32" and facts.get("nncf") is None:
-            build.append(f"{profile.openvino.weights} weight compression needs NNCF (pip install 'vqexport[openvino]')")
+            only_build.append(f"{profile.openvino.weights} weight compression needs NNCF (pip install 'vqexport[openvino]')")
     else:
         if facts.get("tensorrt") is None:
             build.append(f"TensorRT: {facts.get('tensorrt_error') or 'not installed'} (pip install 'vqexport[trt]')")
@@ -80,17 +81,16 @@ def target_status(profile: Profile, facts: dict) -> dict:
             if major < TRT_MIN_MAJOR:
                 build.append(f"TensorRT {facts['tensorrt']} is older than {TRT_MIN_MAJOR}.x")
             if not facts.get("tensorrt_strongly_typed"):
-                build.append(f"TensorRT {facts['tensorrt']} cannot build strongly typed networks (the precision is in the graph)")
+                only_build.append(f"TensorRT {facts['tensorrt']} cannot build strongly typed networks (the precision is in the graph)")
             if profile.head == "fused" and not facts.get("tensorrt_plugin_api"):
                 build.append(f"the fused head's plugin needs tensorrt.plugin (TensorRT >= 10.7), not in {facts['tensorrt']}")
         if facts.get("gpu") is None:
             build.append(f"no NVIDIA GPU: {facts.get('gpu_error') or 'none visible'}")
         if profile.head == "fused" and not facts.get("triton"):
             build.append("the plugin's kernel needs Triton (pip install triton)")
-    run = list(build)
     if profile.triton.enabled and not facts.get("tritonclient"):
-        build.append("checking the Triton model config needs tritonclient (pip install 'vqexport[triton]')")
-    return {"build": not build, "run": not run, "why_not": sorted(set(build) | set(run), key=(build + run).index)}
+        only_build.append("checking the Triton model config needs tritonclient (pip install 'vqexport[triton]')")
+    return {"build": not (build or only_build), "run": not build, "why_not": build + only_build}
 
 
 def doctor(facts: dict | None = None) -> dict:

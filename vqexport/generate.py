@@ -1,7 +1,8 @@
 """Text generation with the artifact's own runtime, no torch: the minimal "embed the artifact in an app" path.
 
-Imports numpy, tokenizers, safetensors and the runtime: onnxruntime, or OpenVINO for an OpenVINO artifact (never
-torch; a TensorRT engine is run by verify and bench, whose runner needs torch for CUDA memory).
+Imports numpy, tokenizers, safetensors, onnx (to read the graph) and the runtime: onnxruntime, or OpenVINO for an
+OpenVINO artifact (never torch; a TensorRT engine is run by verify and bench, whose runner needs torch for CUDA
+memory).
 
 * greedy (default): argmax of the logits, or the first of the graph's exact top-k;
 * ``sample=True``: exact sampling from softmax(logits / T) over all V tokens (optionally only the top-k).
@@ -13,7 +14,6 @@ torch; a TensorRT engine is run by verify and bench, whose runner needs torch fo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,12 +101,14 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
     manifest = read_manifest(artifact)
     if max_new_tokens < 1:
         raise VQExportError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if not sample and (temperature != 1.0 or top_k is not None or seed is not None):
-        raise VQExportError("--temperature, --top-k and --seed apply to sampling; add --sample")
+    given = [name for name, v in (("--temperature", temperature != 1.0), ("--top-k", top_k is not None),
+                                  ("--seed", seed is not None)) if v]
+    if not sample and given:
+        raise VQExportError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to sampling; add --sample")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
         raise VQExportError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-    if sample and not math.isfinite(float(temperature)):
-        raise VQExportError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if sample:
+        check_temperature(temperature)
     if manifest["runtime"].get("backend", "ort") not in ("ort", "openvino"):
         raise VQExportError(f"{artifact}: generate runs ONNX Runtime and OpenVINO artifacts; this one is a "
                             f"{manifest['runtime']['backend']} engine (use verify or bench)")
@@ -128,6 +130,15 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
     eos = set(cfg.get("eos_token_ids") or [])
     rt = manifest["runtime"]
     runner = runner_from_runtime(artifact / rt["model_file"], rt)
+    # the new tokens are decoded after the prompt's last few: decoded alone, a SentencePiece-style decoder (Metaspace,
+    # Llama's Strip) would drop the leading space of the first one, which is a word boundary after a prompt
+    context = ids[-4:]
+    lead = tok.decode(context)
+
+    def text_of(new: list[int]) -> str:
+        full = tok.decode(context + new)
+        return full[len(lead):] if full.startswith(lead) else tok.decode(new)
+
     new: list[int] = []
     stopped = False
     with runner:
@@ -142,11 +153,13 @@ def generate(artifact, prompt: str, max_new_tokens: int = 32, on_token=None, sam
                 break
             new.append(nxt)
             if on_token is not None:
-                text = tok.decode(new)
+                text = text_of(new)
                 if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
                     on_token(text[len(shown):])
                     shown = text
+            if len(new) == max_new_tokens:  # its logits would go unused
+                break
             mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
             out = runner.step(np.asarray([[nxt]], dtype=np.int64), mask, out.present)
-    return Generation(prompt_ids=ids, new_ids=new, text=tok.decode(new), stopped_at_eos=stopped,
+    return Generation(prompt_ids=ids, new_ids=new, text=text_of(new), stopped_at_eos=stopped,
                       without_text=sum(tok.id_to_token(i) is None for i in new))

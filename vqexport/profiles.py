@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tomllib
@@ -42,7 +41,7 @@ class Parity:
     atol: float = 1e-4
     rtol: float = 0.0
     top1_agreement_min: float = 1.0
-    top5_overlap_min: float = 0.0
+    top5_overlap_min: float = 1.0
     kl_max: float = 1e-6
     greedy_must_match: bool = True
     # logits may differ by this many times PyTorch's own float32 error (0: never); profiles that quantize or run fp16
@@ -170,9 +169,6 @@ class Profile:
                         weight_bits=self.int8.weight_bits(self.backend), decode=self.decode.mode, k=self.decode.k,
                         keep_logits=self.decode.keep_logits, last_position_only=last,
                         probes=self.two_stage.probes, rows=self.two_stage.rows)
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 MAX_THREADS = 1024  # ONNX Runtime starts every thread asked for, and with it the memory of each
@@ -383,8 +379,9 @@ def parse_profile(raw: dict, where: str) -> Profile:
         steps=take(p, "steps", int, 32, "parity.", lambda v: 0 <= v <= 4096, "an integer in [0, 4096]"),
         atol=float(take(p, "atol", num, 1e-4, "parity.", lambda v: v >= 0, "a number >= 0")),
         rtol=float(take(p, "rtol", num, 0.0, "parity.", lambda v: v >= 0, "a number >= 0")),
-        top1_agreement_min=float(take(p, "top1_agreement_min", num, 1.0, "parity.", lambda v: 0 <= v <= 1, "a number in [0, 1]")),
-        top5_overlap_min=float(take(p, "top5_overlap_min", num, 0.0, "parity.", lambda v: 0 <= v <= 1, "a number in [0, 1]")),
+        top1_agreement_min=(top1 := float(take(p, "top1_agreement_min", num, 1.0, "parity.", lambda v: 0 <= v <= 1,
+                                                "a number in [0, 1]"))),
+        top5_overlap_min=float(take(p, "top5_overlap_min", num, top1, "parity.", lambda v: 0 <= v <= 1, "a number in [0, 1]")),
         kl_max=float(take(p, "kl_max", num, 1e-6, "parity.", lambda v: v >= 0, "a number >= 0")),
         greedy_must_match=take(p, "greedy_must_match", bool, True, "parity.", None, "true or false"),
         reference_error_factor=float(take(p, "reference_error_factor", num, 4.0 if exact else 0.0, "parity.", lambda v: v >= 0,

@@ -239,6 +239,21 @@ def causal_lm_class(cfg, path: Path):
     return AutoModelForCausalLM._model_mapping[type(cfg)]
 
 
+def _token_ids(value) -> tuple[int, ...]:
+    return tuple(int(e) for e in (value if isinstance(value, (list, tuple)) else [value])) if value is not None else ()
+
+
+def _generation_eos(path: Path) -> tuple[int, ...]:
+    """The end-of-sequence ids of generation_config.json, which transformers' generate stops at (an instruct model's
+    end of turn often is only there: Qwen2.5-Instruct's <|im_end|> beside <|endoftext|>, Llama 3.1's <|eot_id|>)."""
+    f = path / "generation_config.json"
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        return _token_ids(raw.get("eos_token_id")) if isinstance(raw, dict) else ()
+    except (OSError, ValueError, TypeError):
+        raise VQExportError(f"{f}: not a JSON object with integer eos_token_id(s)") from None
+
+
 def read_geometry(path: Path, raw: dict) -> Geometry:
     cfg = hf_config(path)
     check_causal_lm(cfg, path)
@@ -263,8 +278,8 @@ def read_geometry(path: Path, raw: dict) -> Geometry:
                         ("num_hidden_layers", int(get("num_hidden_layers")))):
             if v < 1:
                 raise ValueError(f"{name} = {v}")
-        eos = get("eos_token_id")
-        eos = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])) if eos is not None else ()
+        eos = _token_ids(get("eos_token_id")) + _generation_eos(path)  # chat models list their turn ends there too
+        eos = tuple(dict.fromkeys(eos))
         softcap = float(get("final_logit_softcapping", 0.0))
         if softcap < 0:
             raise ValueError(f"final_logit_softcapping = {softcap:g}")

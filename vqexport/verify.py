@@ -4,7 +4,7 @@ Prefill the (left-padded) prompt batch, then ``steps`` greedy decode steps. The 
 reference's greedy choice, fed to both runners, each of which keeps its own KV cache. Reported, in the
 spirit of Polygraphy's comparator: max abs / rel logit difference, the atol and rtol that would have been
 needed, top-1 agreement, top-5 overlap, mean KL(reference || target), and how many decode steps from the
-first chose the same greedy token in every row.
+first were fed a token the target would have chosen too in every row (the first step's: the prefill's greedy token).
 
 Rankings are tie-aware: when the reference gives several tokens exactly the same logit (a VQ head without a bias
 gives every member of a cluster its code's score), any of them is a correct argmax or k-th token, and the target
@@ -284,20 +284,23 @@ def _lockstep(reference: Runner, target: Runner, prompts: list[list[int]], steps
 
 
 def _run(reference: Runner, target: Runner, prompts: list[list[int]], steps: int, stats, pad_id: int, tick) -> int:
-    """Prefill one (left-padded) batch, then ``steps`` greedy decode steps; returns how many steps matched."""
+    """Prefill one (left-padded) batch, then ``steps`` greedy decode steps; returns how many decode steps matched: those
+    before the first whose token (the reference's greedy choice at the step before, the prefill's for the first)
+    the target would not have chosen."""
     greedy_ok, matched = True, 0
     for step, r, t, mask in _lockstep(reference, target, prompts, steps, pad_id):
+        last = _select(t, "last")
+        ref_last = _reference_rows(r, "last", last, reference.routing, stats.p)
+        if step < steps:  # this step's greedy token is the next step's input
+            greedy_ok = greedy_ok and bool(_tied_at_or_above(ref_last[0], _greedy(t)[:, None], 1).all())
+            matched += int(greedy_ok)
         if step == 0:
             keep = mask.astype(bool)
             tgt = _select(t, keep)
             rows = keep if len(next(iter(tgt.values()))) == keep.sum() else "last"
             stats.add(*_reference_rows(r, rows, tgt, reference.routing, stats.p), tgt=tgt)
             continue
-        tgt = _select(t, "last")
-        ref_rows = _reference_rows(r, "last", tgt, reference.routing, stats.p)
-        stats.add(*ref_rows, tgt=tgt)
-        greedy_ok = greedy_ok and bool(_tied_at_or_above(ref_rows[0], _greedy(t)[:, None], 1).all())
-        matched += int(greedy_ok)
+        stats.add(*ref_last, tgt=last)
         tick(step)
     # the KV cache at real positions only: a padded position's keys are masked out and may differ freely
     real = mask.astype(bool)[:, None, :, None]
@@ -435,7 +438,8 @@ def judged(report: ParityReport, parity: Parity) -> ParityReport:
     if r.kl_divergence > parity.kl_max:
         failures.append(f"mean KL {r.kl_divergence:.3g} > {parity.kl_max:g}")
     if parity.greedy_must_match and r.greedy_match_steps < r.steps:
-        failures.append(f"greedy tokens diverge at decode step {r.greedy_match_steps + 1} of {r.steps}")
+        failures.append(f"greedy tokens diverge at decode step {r.greedy_match_steps + 1} of {r.steps} (the target "
+                        "would have fed it another token)")
     shares = [f for f in failures if f.startswith(("top-1 agreement", "top-5 overlap"))]
     if shares and r.steps < parity.steps:  # a share of few positions moves a lot with one of them
         failures[failures.index(shares[-1])] += (f" (judged on {r.positions} positions; this target's tolerances are set for "

@@ -34,6 +34,9 @@ def measure(model_path: str, runtime: dict, prompt_len: int, tokens: int, warmup
             return int(out.logits[0, -1].argmax())
         return int(out.extra["topk_ids"][0, -1, 0])
 
+    import importlib  # the runtime's own import is not the model's memory: done before the first reading
+
+    importlib.import_module(RUNTIME_MODULES.get(runtime.get("backend", "ort"), "onnxruntime"))
     rss_before = _rss_mb()
     with runner:
         ttft = []
@@ -62,6 +65,9 @@ def measure(model_path: str, runtime: dict, prompt_len: int, tokens: int, warmup
         "session_rss_mb": rss_loaded - rss_before,  # resident memory the loaded, running model added
         "model_bytes": _model_bytes(Path(model_path)),
     }
+
+
+RUNTIME_MODULES = {"ort": "onnxruntime", "openvino": "openvino", "trt": "tensorrt"}
 
 
 def _model_bytes(path: Path) -> int:
@@ -212,10 +218,10 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     from ..artifact import check_files
 
     artifact = Path(artifact)
-    manifest = read_manifest(artifact)
-    check_files(artifact, manifest, hashes=True)  # the weights timed are the ones built
     if tokens < 1 or prompt_len < 1 or repeats < 1:
         raise VQExportError("--tokens, --prompt-length and --repeats must be >= 1")
+    manifest = read_manifest(artifact)
+    check_files(artifact, manifest, hashes=True)  # the weights timed are the ones built
     cfg = manifest["config"]
     if prompt_len + warmup + tokens > cfg.get("max_position", 2048):
         raise VQExportError(f"prompt + tokens exceed the model's max_position {cfg.get('max_position')}")

@@ -233,6 +233,15 @@ def bytes_per_token(model_path: Path) -> dict:
     return {"bytes_per_token": weights + rows + out_bytes, "weights": weights + rows, "head": head + rows, "logits": out_bytes}
 
 
+def work_stem(source) -> str:
+    """The name what --work keeps for ``source`` starts with: its directory's name and a hash of its files, so that
+    another model of the same name (or the same directory changed) gets its own conversions and baselines."""
+    from ..build import source_record
+
+    files = json.dumps(source_record(source)["sha256"], sort_keys=True)
+    return f"{source.path.name}-{hashlib.sha256(files.encode()).hexdigest()[:8]}"
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.name.startswith("model.onnx"))
 
@@ -262,6 +271,9 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
                             "has no onnxruntime-genai model of the builder to compare with; bench --e2e takes an ONNX "
                             "Runtime target with the builder's trunk (e.g. ort-int4) or the portable trunk at fp32, "
                             "int4 or int8 (ort, ort-int4-portable)")
+    if profile.decode.mode == "topk" and not profile.decode.keep_logits:
+        raise VQExportError(f"target {profile.name} outputs the top-k only (decode.mode = 'topk'), and onnxruntime-genai "
+                            "runs a model that outputs logits; bench --e2e takes a target with logits")
 
     def say(label, i=0, n=1):
         if progress is not None:
@@ -275,15 +287,22 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
         make = shape is not None and not (src / "config.json").is_file()
         if make and shape not in SHAPES:
             raise VQExportError(f"unknown --shape {shape!r}; known: {', '.join(SHAPES)}")
-        source = None if make else load_source(src, need_head=False)  # bad inputs fail before --work is created
+        def fits(source):
+            if prompt_len + tokens > source.geometry.max_position:
+                raise VQExportError(f"--prompt-length {prompt_len} + --tokens {tokens} exceed the model's maximum "
+                                    f"positions {source.geometry.max_position}")
+            return source
+
+        source = None if make else fits(load_source(src, need_head=False))  # bad inputs fail before --work is created
         root.mkdir(parents=True, exist_ok=True)
         if make:
             say(f"making a random-weight {shape} model")
             make_shape_model(shape, src)
-            source = load_source(src, need_head=False)
+            source = fits(load_source(src, need_head=False))
+        stem = work_stem(source)
         vq_dir = src
         if not has_head(src) or head == "two-stage":
-            vq_dir = root / f"{src.name}-{head}"
+            vq_dir = root / f"{stem}-{head}"
             if not has_head(vq_dir):
                 V = source.geometry.vocab_size
                 if head == "two-stage":
@@ -306,7 +325,7 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
         built = build(target, model=vq_dir, out=art, force=True)
         options = builder_options(profile)  # a baseline built with other options is another directory
         tag = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8] if options else ""
-        dense = root / "-".join(filter(None, [f"{src.name}-builder-{profile.precision}", tag]))
+        dense = root / "-".join(filter(None, [f"{stem}-builder-{profile.precision}", tag]))
         if not (dense / "model.onnx").is_file():
             say(f"building onnxruntime-genai's dense {profile.precision} model")
             builder_dense(source, profile, dense, root)

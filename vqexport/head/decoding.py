@@ -46,10 +46,14 @@ class ClusterTables:
     member_cdf: np.ndarray  # [V] cumulative member probabilities inside each cluster, aligned with ``order``
 
 
+MIN_TEMPERATURE = 1e-6  # below it logits / T overflow float64 where they are large; greedy decoding is that limit
+
+
 def check_temperature(temperature: float) -> float:
     t = float(temperature)
-    if not np.isfinite(t) or t <= 0:
-        raise VQExportError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not np.isfinite(t) or t < MIN_TEMPERATURE:
+        raise VQExportError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (greedy decoding is the limit "
+                            f"of a small one), got {temperature!r}")
     return t
 
 

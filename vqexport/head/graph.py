@@ -129,8 +129,6 @@ class _Builder:
         per block), or 4 bits with one scale per block of NATIVE_BLOCK (symmetric, codes in [-7, 7], zero point 8)."""
         K, N = w_t.shape
         blocks = -(-K // NATIVE_BLOCK)
-        w = np.zeros((N, blocks * NATIVE_BLOCK), np.float32)
-        w[:, :K] = w_t.T
         if bits == 8:
             q, scale = quantize_rows(w_t.T, base)  # [N, K]: one row per output
             packed = np.full((N, blocks * NATIVE_BLOCK), 128, dtype=np.uint8)
@@ -138,6 +136,8 @@ class _Builder:
             packed = packed.reshape(N, blocks, NATIVE_BLOCK)
             scales = np.repeat(scale, blocks).astype(np.float32)
         else:
+            w = np.zeros((N, blocks * NATIVE_BLOCK), np.float32)
+            w[:, :K] = w_t.T
             q, scale = quantize_rows(w.reshape(N * blocks, NATIVE_BLOCK), base, bits=4)  # one scale per block
             codes = (q.astype(np.int16) + 8).astype(np.uint8).reshape(N, blocks, NATIVE_BLOCK)
             packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)  # two codes a byte, low nibble first
@@ -249,7 +249,7 @@ class _TwoStage:
             else:  # "fp32", or an untied model, whose output layer (lm_head) is not in the trunk: ship its rows
                 if self.rows is None:
                     raise ValueError("a two-stage head without a shared embedding table needs the model's rows")
-                rows = b.op("Gather", [b.init("head.rows", self.rows.astype(np.float32)), ids], "head/exact/rows", axis=0)
+                rows = b.op("Gather", [b.init("head.rows", self.rows.astype(np.float32, copy=False)), ids], "head/exact/rows", axis=0)
             col = b.op("Unsqueeze", [h, b.const("head/exact/axis3", [3])], "head/exact/h_col")
             out = b.op("Squeeze", [b.op("MatMul", [rows, col], "head/exact/MatMul"), b.const("head/exact/axis3", [3])],
                        "head/exact/logits")
@@ -285,19 +285,27 @@ class _TwoStage:
         return lookup
 
     def dense(self, h: ir.Value) -> ir.Value:
-        """The dense twin (benchmarks): every token's exact logit h · Wᵀ (+ b_dense) by one V x d MatMul, from the
-        rows' copy if given, else from the trunk's own embedding table (tied models; an fp32 or fp16 Gather table)."""
+        """The dense twin (benchmarks): every token's exact logit h · Wᵀ (+ b_dense) by one V x d product, from the
+        rows' copy if given, else from the trunk's own embedding table (tied models; an fp32 or fp16 Gather table),
+        read as it is by a Gemm with transB (a Transpose of it would be folded by ONNX Runtime into a second table,
+        which the model it stands for does not hold)."""
         b = self.b
         if self.rows is not None:
-            weight_t = b.init("head.rows_t", np.ascontiguousarray(self.rows.T, dtype=np.float32))
+            out = b.op("MatMul", [h, b.init("head.rows_t", np.ascontiguousarray(self.rows.T, dtype=np.float32))],
+                       "head/dense/MatMul")
         else:
             lookup = self._lookup()
             if lookup.op_type != "Gather":
                 raise ValueError(f"the trunk's embedding table is read by {lookup.op_type}, not a plain Gather")
-            weight_t = b.op("Transpose", [lookup.inputs[0]], "head/dense/rows_t", perm=[1, 0])
-            if lookup.inputs[0].dtype is not None and lookup.inputs[0].dtype != ir.DataType.FLOAT:
-                weight_t = b.op("Cast", [weight_t], "head/dense/rows_t_fp32", to=int(ir.DataType.FLOAT))
-        out = b.op("MatMul", [h, weight_t], "head/dense/MatMul")
+            table = lookup.inputs[0]
+            if table.dtype is not None and table.dtype != ir.DataType.FLOAT:
+                table = b.op("Cast", [table], "head/dense/rows_fp32", to=int(ir.DataType.FLOAT))
+            d, V = self.head.config.hidden_size, self.head.config.vocab_size
+            flat = b.op("Reshape", [h, b.const("head/dense/flat", [-1, d])], "head/dense/h_flat")
+            lead = b.op("Slice", [b.op("Shape", [h], "head/dense/shape"), b.const("head/dense/start", [0]),
+                                  b.const("head/dense/end", [2])], "head/dense/lead")
+            shape = b.op("Concat", [lead, b.const("head/dense/vocab", [V])], "head/dense/out_shape", axis=0)
+            out = b.op("Reshape", [b.op("Gemm", [flat, table], "head/dense/Gemm", transB=1), shape], "head/dense/logits")
         if self.rows_bias is not None:
             out = b.op("Add", [out, b.init("head.rows_bias", self.rows_bias.astype(np.float32))], "head/dense/rows_bias")
         return out
@@ -351,13 +359,22 @@ def _act_base(key: str) -> str:
     return {"hidden": "head.hidden", "lowrank": "head.lowrank_proj"}[key]
 
 
+DENSE_ROWS_AT_ONCE = 16384  # rows of dense_weight_t computed in float64 at a time
+
+
 def dense_weight_t(head: Head) -> np.ndarray:
-    """W_t [d, V] with W[v] = C[M[v]] (+ U[v] P): the dense layer computing the same logits (minus the bias)."""
-    w = head.codebook.astype(np.float64)[head.map]
-    if head.lowrank is not None:
-        p, u = head.lowrank
-        w = w + u.astype(np.float64) @ p.astype(np.float64)
-    return np.ascontiguousarray(w.T, dtype=np.float32)
+    """W_t [d, V] with W[v] = C[M[v]] (+ U[v] P): the dense layer computing the same logits (minus the bias), each
+    row summed in float64, DENSE_ROWS_AT_ONCE rows at a time (whole, the float64 copies were four times the result)."""
+    codebook, mapping = head.codebook.astype(np.float64), head.map
+    V, d = mapping.shape[0], codebook.shape[1]
+    out = np.empty((d, V), np.float32)
+    for i in range(0, V, DENSE_ROWS_AT_ONCE):
+        w = codebook[mapping[i : i + DENSE_ROWS_AT_ONCE]]
+        if head.lowrank is not None:
+            p, u = head.lowrank
+            w += u[i : i + DENSE_ROWS_AT_ONCE].astype(np.float64) @ p.astype(np.float64)
+        out[:, i : i + len(w)] = w.T
+    return out
 
 
 def build_head(graph: ir.Graph, hidden: ir.Value, head: Head, form: HeadForm, scales: dict[str, float] | None = None,
