@@ -31,7 +31,8 @@ import torch
 
 METHODS = ("euclidean", "spherical", "balanced", "balanced-spherical")  # what --clustering auto tries on the rows alone
 METRIC = "metric"  # euclidean in the metric of the hidden states (state_metric): auto tries it too when there is text
-EQUAL = "equal-spherical"  # clusters of at most ceil(N / K) rows, all N / K when K divides N (a two-stage head's member table), spherical
+EQUAL = "equal-spherical"  # clusters of at most ceil(N / K) rows (all N / K when K divides N): a two-stage head's
+# member table; spherical geometry
 EQUAL_METRIC = "equal-metric"  # the same sizes, euclidean in the metric of the hidden states
 NAMED = (*METHODS, METRIC, EQUAL, EQUAL_METRIC)  # every method cluster() takes by name
 IN_METRIC = (METRIC, EQUAL_METRIC)  # the methods that need state_metric, and so the text's hidden states

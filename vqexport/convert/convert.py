@@ -488,8 +488,8 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         after = evaluate(hidden, dense, vq, held, held_h)
     for p in vq.parameters():
         p.requires_grad_(False)
-    report = {"source": str(src.resolve()), "out": str(out.resolve()), "architecture": source.model_type, "head": head, "codebook_size": codebook_size,
-              "bias": bias, "rank": rank, "clustering": chosen, "clustering_scores": scores,
+    report = {"source": str(src.resolve()), "out": str(out.resolve()), "architecture": source.model_type, "head": head,
+              "codebook_size": codebook_size, "bias": bias, "rank": rank, "clustering": chosen, "clustering_scores": scores,
               "clustering_score": "held-out perplexity" if held is not None else "mean squared distance of head rows to their code",
               "distill_steps": steps if ids is not None and not two_stage else 0, "lowrank_init": lowrank,
               **({"router_steps": steps if ids is not None else 0} if two_stage else {}),
