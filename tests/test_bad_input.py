@@ -285,7 +285,7 @@ def test_a_failed_build_leaves_no_directory_it_made(model, tmp_path, monkeypatch
 
     monkeypatch.setattr(TorchRunner, "step", perturbed)
     result = run_cli("build", "--model", model, "--out", tmp_path / "kept" / "new" / "y", "--steps", 1)
-    assert result.exit_code == 1 and "parity FAILED" in result.stderr, (result.exit_code, result.stderr)
+    assert result.exit_code == 1 and "parity FAILED for target ort: " in result.stderr, (result.exit_code, result.stderr)
     assert list((tmp_path / "kept").iterdir()) == []
 
 

@@ -811,3 +811,18 @@ def test_generate_notes_new_tokens_the_tokenizer_has_no_text_for(tied, tmp_path)
     result = run_cli("generate", "--artifact", art, "--prompt", "def main(", "-n", 48, "--sample", "--seed", 0)
     assert result.exit_code == 0, result.stderr
     assert f"note: {untold} of the {len(gen.new_ids)} new tokens have ids the tokenizer has no text for" in result.stderr
+
+
+def test_the_dense_twin_computes_as_many_positions_as_the_two_stage_artifact(tied, tmp_path, monkeypatch):
+    """A two-stage artifact gives the last position's logits only (its default): its twin must too, or the time to
+    first token compares one position's head with the whole prompt's."""
+    from vqexport.bench import artifact as bench_artifact
+
+    art = api.build("ort", model=tied, out=tmp_path / "art", steps=1).out
+    outputs = {o.name: o for o in load_graph(art / "model.onnx").graph.output}
+    assert outputs["logits"].type.tensor_type.shape.dim[1].dim_value == 1
+    seen = []
+    real = bench_artifact.dense_twin
+    monkeypatch.setattr(bench_artifact, "dense_twin", lambda *a, **k: seen.append(k) or real(*a, **k))
+    bench_artifact.run_artifact_bench(art, vs_dense=True, prompt_len=8, tokens=2, repeats=1)
+    assert seen == [{"last_position_only": True}]

@@ -179,7 +179,7 @@ def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, s
         if readiness is not None:
             manifest["readiness"] = readiness.to_dict()
         if not report.passed:
-            raise ParityError(f"parity failed for target {profile.name}: {'; '.join(report.failures)}", report)
+            raise ParityError(f"for target {profile.name}: {'; '.join(report.failures)}", report)
         progress("writing manifest")
         manifest = write_manifest(tmp, manifest)
     return BuildResult(out=out, manifest=manifest, parity=report)

@@ -93,7 +93,7 @@ class _Group(click.Group):
                 _print_json(e.report.to_dict())
             elif e.report is not None:
                 _parity_table(e.report)
-            click.echo(f"parity FAILED: {e}", err=True)
+            click.echo(f"parity FAILED {e}", err=True)
             ctx.exit(1)
         except Exception as e:  # a full disk, whichever library was writing (Python, safetensors, ONNX Runtime)
             if not _out_of_space(e):

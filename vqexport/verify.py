@@ -444,4 +444,9 @@ def judged(report: ParityReport, parity: Parity) -> ParityReport:
     if shares and r.steps < parity.steps:  # a share of few positions moves a lot with one of them
         failures[failures.index(shares[-1])] += (f" (judged on {r.positions} positions; this target's tolerances are set for "
                                                  f"its {parity.steps} decode steps)")
+    rankings = ("top-1 agreement", "top-5 overlap", "greedy tokens")
+    if failures and all(f.startswith(rankings) for f in failures):
+        failures[-1] += (f" (every logit is within the allowed atol {r.allowed_atol:.3g}, so the tokens ranked otherwise "
+                         "were near-ties, which flat logits, as random weights give, make common; a target file's "
+                         "[parity] top1_agreement_min, top5_overlap_min and greedy_must_match set how many may differ)")
     return replace(r, passed=not failures, failures=failures)

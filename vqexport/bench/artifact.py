@@ -70,6 +70,15 @@ def measure(model_path: str, runtime: dict, prompt_len: int, tokens: int, warmup
 RUNTIME_MODULES = {"ort": "onnxruntime", "openvino": "openvino", "trt": "tensorrt"}
 
 
+def _last_position_only(graph_path: Path) -> bool:
+    """Does the artifact's graph give logits for the last position only (a two-stage head's default, or the
+    profile's choice)? Read from the graph itself, so that the twin computes as many positions as the artifact."""
+    from ..graph_io import dims_of, load_graph
+
+    logits = next((o for o in load_graph(graph_path).graph.output if o.name == "logits"), None)
+    return logits is not None and dims_of(logits)[1] == 1
+
+
 def _model_bytes(path: Path) -> int:
     """The graph file and its weights (an ONNX graph's external data, an OpenVINO IR's .bin)."""
     extra = [path.with_name(path.name + ".data"), path.with_suffix(".bin") if path.suffix == ".xml" else None]
@@ -233,7 +242,7 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     models = {"vq": artifact / runtime["model_file"]}
     with tempfile.TemporaryDirectory() as tmp:
         if vs_dense:
-            last = manifest["profile"].get("decode", {}).get("last_position_only", False)
+            last = _last_position_only(artifact / runtime.get("onnx_file", runtime["model_file"]))
             if runtime.get("backend") == "openvino":  # the twin of the portable graph, converted as the build did
                 from ..backends.openvino.builder import to_ir
 
