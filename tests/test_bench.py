@@ -48,6 +48,10 @@ def test_bench_artifact_vs_dense(demo_artifact):
             assert out[side][key] > 0
         assert out[side]["decode_ms_p50"] <= out[side]["decode_ms_p99"]
     assert out["dense"]["model_bytes"] > out["vq"]["model_bytes"]  # the twin carries the V x d matrix
+    # the demo ties its embeddings: its own dense model would not carry that matrix, and the report says so
+    assert out["note"].startswith("the model ties its embeddings") and f"{4 * 8192 * 128:,} bytes" in out["note"]
+    table = run_cli("bench", "--artifact", demo_artifact, "--vs-dense", "--prompt-length", 16, "--tokens", 2, "--repeats", 1)
+    assert "note: the model ties its embeddings" in table.stdout
     assert set(out["ratios"]) >= {"ttft", "decode_p50", "tokens_per_s", "model_bytes", "peak_rss"}
     assert out["repeats"] == 2
 

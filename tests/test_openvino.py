@@ -94,6 +94,10 @@ def test_int8_weights_meet_their_measured_goal(tmp_path, fp32):
     types = {op.get_element_type().get_type_name() for op in ov.Core().read_model(str(result.out / "model.xml")).get_ops()
              if op.get_type_name() == "Constant"}
     assert types & {"u8", "i8"}
+    info = api.inspect(result.out)  # the sizes read from the ONNX graph are fp32's: inspect says what OpenVINO loads
+    deployed = info["deployed"]
+    assert deployed["files"] == {n: result.manifest["files"][n]["bytes"] for n in ("model.xml", "model.bin")}
+    assert deployed["files"]["model.bin"] < 0.5 * (info["sizes"]["head"]["bytes"] + info["sizes"]["trunk"]["bytes"])
 
 
 def test_int4_weights_meet_their_measured_goal(tmp_path, fp32):

@@ -182,6 +182,8 @@ def _artifact_table(r) -> None:
             cells += [f"{d:,.3f}" if isinstance(d, float) else f"{d:,}", f"{r['ratios'][ratio]:.2f}x" if ratio else ""]
         t.add_row(*cells)
     c.print(t)
+    if r.get("note"):
+        c.print(f"note: {r['note']}", markup=False)
 
 
 def _e2e_table(r) -> None:
@@ -427,6 +429,10 @@ def inspect(path, as_json):
     c.print(t)
     c.print(f"head is {100 * s['head_fraction_of_params']:.1f}% of all parameters and "
             f"{100 * s['head_params_vs_dense']:.1f}% of a dense head's")
+    deployed = info.get("deployed")
+    if deployed:
+        c.print(f"{deployed['note']}; what {deployed['backend']} loads: "
+                + ", ".join(f"{n} {b:,} bytes" for n, b in deployed["files"].items()), markup=False)
 
 
 @main.command()

@@ -34,6 +34,8 @@ def inspect_path(path) -> dict:
             info = inspect_onnx(graph)
             info.update(kind="artifact", path=str(path), target=manifest["target"], parity=manifest.get("parity"),
                         config=manifest["config"])
+            if graph.name != rt["model_file"]:  # an OpenVINO IR or a TensorRT engine made from the graph inspected
+                info["deployed"] = _deployed(path, rt, graph.name)
             return info
         if (path / "config.json").is_file():
             return inspect_model(path)
@@ -41,6 +43,18 @@ def inspect_path(path) -> dict:
     if path.suffix == ".onnx":
         return inspect_onnx(path)
     raise VQExportError(f"{path}: expected a model directory, an artifact directory or an .onnx file")
+
+
+def _deployed(path: Path, runtime: dict, inspected: str) -> dict:
+    """What the runtime loads when it is not the graph inspected: its files and bytes (an OpenVINO IR with compressed
+    weights, a TensorRT engine), which the sizes read from the graph do not describe."""
+    from .artifact import COMPANIONS
+
+    model = Path(runtime["model_file"])
+    names = [model.name] + ([model.with_suffix(COMPANIONS[model.suffix]).name] if model.suffix in COMPANIONS else [])
+    files = {n: (path / model.parent / n).stat().st_size for n in names if (path / model.parent / n).is_file()}
+    return {"files": files, "bytes": sum(files.values()), "backend": runtime.get("backend", "ort"),
+            "note": f"the sizes are those of {inspected}, the graph the {runtime.get('backend')} model was made from"}
 
 
 def inspect_model(path: Path) -> dict:

@@ -274,6 +274,12 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
             "peak_rss": dense["peak_rss_mb"] / vq["peak_rss_mb"],
             "session_rss": dense["session_rss_mb"] / max(vq["session_rss_mb"], 1e-9),
         }
+        cfg = manifest["config"]
+        if cfg.get("tie_word_embeddings") and cfg["head"].get("type", "vq") == "vq":
+            extra = 4 * cfg["vocab_size"] * cfg["hidden_size"]
+            result["note"] = (f"the model ties its embeddings, so its own dense output layer is the embedding table; the "
+                              f"twin computes the VQ head's logits with a V x d layer of its own, {extra:,} bytes that model "
+                              "does not hold, in the twin's model bytes and memory")
     if progress:
         progress("done", steps, steps)
     return result
