@@ -104,11 +104,17 @@ def _malformed(manifest: dict) -> str | None:
 COMPANIONS = {".onnx": ".onnx.data", ".xml": ".bin"}  # the weights a runtime reads beside its model file
 
 
+def weights_beside(model_file) -> str | None:
+    """The file of weights a runtime reads beside ``model_file`` (an ONNX graph's external data, an OpenVINO IR's
+    .bin), as a path like ``model_file``'s; None for a file that has none (a TensorRT engine)."""
+    model = PurePosixPath(model_file)
+    return model.with_suffix(COMPANIONS[model.suffix]).as_posix() if model.suffix in COMPANIONS else None
+
+
 def check_files(artifact: Path, manifest: dict, hashes: bool = False) -> None:
     """Every file the manifest lists is there with its size (and, with ``hashes``, its sha256), and the weights beside
     the model file are among them: one line if not."""
-    model = PurePosixPath(manifest["runtime"]["model_file"])
-    weights = model.with_suffix(COMPANIONS[model.suffix]).as_posix() if model.suffix in COMPANIONS else None
+    weights = weights_beside(manifest["runtime"]["model_file"])
     if weights and (Path(artifact) / weights).exists() and weights not in manifest["files"]:
         raise VQExportError(f"{Path(artifact) / weights}: the model's weights are not among the files manifest.json lists; "
                             "rebuild the artifact")

@@ -48,11 +48,10 @@ def inspect_path(path) -> dict:
 def _deployed(path: Path, runtime: dict, inspected: str) -> dict:
     """What the runtime loads when it is not the graph inspected: its files and bytes (an OpenVINO IR with compressed
     weights, a TensorRT engine), which the sizes read from the graph do not describe."""
-    from .artifact import COMPANIONS
+    from .artifact import weights_beside
 
-    model = Path(runtime["model_file"])
-    names = [model.name] + ([model.with_suffix(COMPANIONS[model.suffix]).name] if model.suffix in COMPANIONS else [])
-    files = {n: (path / model.parent / n).stat().st_size for n in names if (path / model.parent / n).is_file()}
+    names = [runtime["model_file"], weights_beside(runtime["model_file"])]
+    files = {n: (path / n).stat().st_size for n in names if n is not None and (path / n).is_file()}
     return {"files": files, "bytes": sum(files.values()), "backend": runtime.get("backend", "ort"),
             "note": f"the sizes are those of {inspected}, the graph the {runtime.get('backend')} model was made from"}
 

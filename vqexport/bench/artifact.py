@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import read_manifest
+from ..artifact import read_manifest, weights_beside
 from ..errors import VQExportError
 
 
@@ -81,8 +81,9 @@ def _last_position_only(graph_path: Path) -> bool:
 
 def _model_bytes(path: Path) -> int:
     """The graph file and its weights (an ONNX graph's external data, an OpenVINO IR's .bin)."""
-    extra = [path.with_name(path.name + ".data"), path.with_suffix(".bin") if path.suffix == ".xml" else None]
-    return path.stat().st_size + sum(f.stat().st_size for f in extra if f is not None and f.is_file())
+    weights = weights_beside(path.name)
+    extra = path.with_name(weights) if weights is not None else None
+    return path.stat().st_size + (extra.stat().st_size if extra is not None and extra.is_file() else 0)
 
 
 def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: bool = False) -> Path:

@@ -39,10 +39,11 @@ from ..head.spec import HeadConfig, check_probes, write_head
 from ..source import Source, load_source
 from .clustering import EQUAL, EQUAL_METRIC, IN_METRIC, METHODS, METRIC, NAMED, cluster, state_metric
 from .init import head_from_assignment
-from .router import LOGIT_BUDGET, distill_tail, fit_router, hidden_pool, kl_step, refit_tail_bias
+from .router import distill_tail, fit_router, hidden_pool, kl_step, positions_within_budget, refit_tail_bias
 
 SEQ = 128
-HEAD_POSITIONS = 8 * SEQ  # positions through the trunk, and at most through the heads, at a time when measuring
+HEAD_POSITIONS = 8 * SEQ  # positions at a time when measuring: through the trunk, and at most through the heads
+# (fewer where their [positions, V] logits would pass router.LOGIT_BUDGET)
 HELD_OUT = 0.1  # the distillation text's last tenth is held out
 
 
@@ -131,12 +132,6 @@ class _Hidden:
         return self.trunk(x, torch.ones_like(x), *past)[0]
 
 
-def head_positions(vocab: int) -> int:
-    """Positions through the heads at a time: HEAD_POSITIONS, fewer at a large vocabulary so that each [positions, V]
-    tensor holds at most router.LOGIT_BUDGET logits (about 0.5 GB; evaluate holds a few at once)."""
-    return max(64, min(HEAD_POSITIONS, LOGIT_BUDGET // vocab))
-
-
 def _scored(hidden: _Hidden, ids: torch.Tensor, cache: dict | None, seq: int = SEQ, positions: int = HEAD_POSITIONS):
     """(hidden states [N, d], next tokens [N]) of the text in windows of ``seq`` tokens (each window's first token has
     no context), at most ``positions`` at a time whatever the window. ``cache`` (a dict kept across calls with the
@@ -175,7 +170,7 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
     probes = getattr(vq, "probes", 0)
     ideal = ideal and bool(probes)
     bands = _Bands(bool(probes)) if by_entropy else None
-    for h, target in _scored(hidden, ids, cache, seq, head_positions(dense.weight.shape[0])):
+    for h, target in _scored(hidden, ids, cache, seq, positions_within_budget(dense.weight.shape[0], HEAD_POSITIONS)):
         dl = dense(h)
         ld, lv = F.log_softmax(dense.cap(dl), -1), F.log_softmax(dense.cap(head_logits(vq, h, dense, dl)), -1)
         nll_d += float(F.nll_loss(ld, target, reduction="sum"))
@@ -262,7 +257,7 @@ def probe_ranks(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torc
     cluster tied with others counts as ranked after all of them (TopK probes only some of a tie)."""
     K = head.config.codebook_size
     counts = torch.zeros(K, dtype=torch.float64)
-    for h, _ in _scored(hidden, ids, cache, positions=head_positions(dense.weight.shape[0])):
+    for h, _ in _scored(hidden, ids, cache, positions=positions_within_budget(dense.weight.shape[0], HEAD_POSITIONS)):
         target = dense(h).argmax(-1)
         score = head.route_scores(h)
         rank = (score >= score.gather(-1, head.map[target].unsqueeze(-1))).sum(-1) - 1
@@ -368,7 +363,7 @@ def _distill(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in vq.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=3e-3)
-    it = _batches(ids, max(1, min(8, LOGIT_BUDGET // (SEQ * vq.config.vocab_size))), gen)  # windows a step
+    it = _batches(ids, max(1, positions_within_budget(vq.config.vocab_size, 8 * SEQ) // SEQ), gen)  # windows a step
     vq.train()
     for step in range(steps):
         x, _ = next(it)

@@ -31,6 +31,11 @@ def _noop(label: str, done: int, total: int) -> None:
     pass
 
 
+def positions_within_budget(vocab: int, most: int) -> int:
+    """Positions whose [positions, V] logits stay within LOGIT_BUDGET: at most ``most``, and never fewer than 64."""
+    return int(max(64, min(most, LOGIT_BUDGET // vocab)))
+
+
 @torch.no_grad()
 def hidden_pool(hidden, windows: torch.Tensor, seq: int, budget: int = POOL_BYTES, progress=_noop) -> torch.Tensor:
     """The trunk's final hidden states [N, d] of the training text's windows of ``seq`` tokens: all of them when they
@@ -73,7 +78,7 @@ def fit_router(head: VQLogitsHead, dense: DenseHead, pool: torch.Tensor, steps: 
     ``mass_bytes`` (float16; default ``MASS_BYTES``), else at every step."""
     K = head.config.codebook_size
     V = dense.weight.shape[0]
-    batch = int(max(64, min(4096, LOGIT_BUDGET // V)))
+    batch = positions_within_budget(V, 4096)
     codebook = head.codebook.detach().clone().requires_grad_(True)
     route = torch.zeros(K, requires_grad=True)
     opt = torch.optim.Adam([codebook, route], lr=LR)
@@ -112,7 +117,7 @@ def distill_tail(head, dense: DenseHead, pool: torch.Tensor, steps: int, seed: i
     for p in params:
         p.requires_grad_(True)
     V = dense.weight.shape[0]
-    batch = int(max(64, min(1024, LOGIT_BUDGET // V)))
+    batch = positions_within_budget(V, 1024)
     opt = torch.optim.Adam(params, lr=LR)
     gen = torch.Generator().manual_seed(seed + 1)
     for step in range(steps):

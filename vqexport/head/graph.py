@@ -148,13 +148,17 @@ class _Builder:
                        block_size=NATIVE_BLOCK, accuracy_level=self.form.accuracy_level)
 
     # -- terms -----------------------------------------------------------------------------------------------
+    def vocab_shape(self, x: ir.Value, V: int, stem: str) -> ir.Value:
+        """The shape [batch, sequence, V] of logits for ``x`` [batch, sequence, ...] (nodes named ``stem/...``)."""
+        lead = self.op("Slice", [self.op("Shape", [x], f"{stem}/shape"), self.const(f"{stem}/start", [0]),
+                                 self.const(f"{stem}/end", [2])], f"{stem}/lead")
+        return self.op("Concat", [lead, self.const(f"{stem}/vocab", [V])], f"{stem}/out_shape", axis=0)
+
     def select(self, z: ir.Value, mapping: np.ndarray) -> ir.Value:
         V = mapping.shape[0]
         if self.form.select == "gather":
             return self.op("Gather", [z, self.init("head.map", mapping.astype(np.int32))], "head/select/gather", axis=2)
-        lead = self.op("Slice", [self.op("Shape", [z], "head/select/shape"), self.const("head/select/start", [0]),
-                                 self.const("head/select/end", [2])], "head/select/lead")
-        shape = self.op("Concat", [lead, self.const("head/select/vocab", [V])], "head/select/out_shape", axis=0)
+        shape = self.vocab_shape(z, V, "head/select")
         index = self.op("Expand", [self.init("head.map", mapping.astype(np.int32).reshape(1, 1, V)), shape], "head/select/index")
         return self.op("GatherElements", [z, index], "head/select/gather", axis=2)
 
@@ -302,10 +306,8 @@ class _TwoStage:
                 table = b.op("Cast", [table], "head/dense/rows_fp32", to=int(ir.DataType.FLOAT))
             d, V = self.head.config.hidden_size, self.head.config.vocab_size
             flat = b.op("Reshape", [h, b.const("head/dense/flat", [-1, d])], "head/dense/h_flat")
-            lead = b.op("Slice", [b.op("Shape", [h], "head/dense/shape"), b.const("head/dense/start", [0]),
-                                  b.const("head/dense/end", [2])], "head/dense/lead")
-            shape = b.op("Concat", [lead, b.const("head/dense/vocab", [V])], "head/dense/out_shape", axis=0)
-            out = b.op("Reshape", [b.op("Gemm", [flat, table], "head/dense/Gemm", transB=1), shape], "head/dense/logits")
+            out = b.op("Reshape", [b.op("Gemm", [flat, table], "head/dense/Gemm", transB=1), b.vocab_shape(h, V, "head/dense")],
+                       "head/dense/logits")
         if self.rows_bias is not None:
             out = b.op("Add", [out, b.init("head.rows_bias", self.rows_bias.astype(np.float32))], "head/dense/rows_bias")
         return out
