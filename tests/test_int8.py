@@ -319,3 +319,27 @@ def test_native_encoding_errors(tmp_path):
     assert_user_error(run_cli("build", "--target", f, "--out", tmp_path / "o"), "int8.accuracy_level must be")
     assert not (tmp_path / "o").exists()
     assert load_profile("ort-int8-native").head_form().int8_encoding == "native"
+
+
+def test_activation_scales_come_from_calibration_prompts_not_parity_prompts():
+    """The int8 activation scale is max |h| / 127 over the calibration prompts' states, which are not the states the
+    parity check then measures (a scale fitted on those would make parity optimistic)."""
+    from vqexport.backends.torch_ref import TorchRunner
+    from vqexport.calibrate import activation_scales, calibration_ids
+    from vqexport.source import resolve_source
+    from vqexport.verify import left_pad, prompt_ids
+
+    source = resolve_source(None)
+    calibration = calibration_ids(source.tokenizer_path, source.geometry.vocab_size)
+    parity = prompt_ids(source.tokenizer_path, source.geometry.vocab_size)
+    assert not {tuple(p) for p in calibration} & {tuple(p) for p in parity}
+    assert sum(map(len, calibration)) > 2 * sum(map(len, parity))
+    with TorchRunner.from_source(source) as ref:
+        def amax(prompts):
+            ids, mask = left_pad(prompts)
+            h, _ = ref.hidden(ids, mask, ref.empty_past(ids.shape[0]))
+            return float(np.abs(h.numpy()[mask.astype(bool)]).max())
+
+        scale = activation_scales(ref, source)["hidden"]
+        assert scale == pytest.approx(amax(calibration) / 127, rel=1e-6)
+        assert scale != pytest.approx(amax(parity) / 127, rel=1e-6)
