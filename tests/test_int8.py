@@ -228,6 +228,38 @@ def int8_demo(tmp_path_factory):
     return api.build("ort-int8", out=tmp_path_factory.mktemp("int8") / "ort-int8", steps=8)
 
 
+def test_genai_config_carries_the_session_settings_parity_was_checked_with(int8_demo):
+    """onnxruntime-genai runs the directory with the profile's session config entries and optimization level, so
+    its logits are those parity measured (the int8 MatMul's accuracy level changes them)."""
+    import json
+
+    import onnxruntime_genai as og
+
+    options = json.loads((int8_demo.out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert options["session.qdq_matmulnbits_accuracy_level"] == "4"
+    assert options["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    prompt = [5, 17, 200, 33, 7]
+    model = og.Model(str(int8_demo.out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    genai = np.asarray(gen.get_output("logits"))[0]
+    runtime = int8_demo.manifest["runtime"]
+
+    def ort_logits(config):
+        so = session_options(runtime["session_optimization_level"], 1, config)
+        sess = ort.InferenceSession(str(int8_demo.out / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": np.asarray([prompt]), "attention_mask": np.ones((1, len(prompt)), np.int64)}
+        for i in sess.get_inputs()[2:]:
+            feeds[i.name] = np.zeros([1 if k == 0 else (0 if isinstance(n, str) else n) for k, n in enumerate(i.shape)],
+                                     np.float32)
+        return sess.run(["logits"], feeds)[0][0]
+
+    assert np.abs(genai - ort_logits(runtime["session_config"])).max() <= 1e-5
+    assert np.abs(genai - ort_logits({"session.qdq_matmulnbits_accuracy_level": "0"})).max() > 1e-3
+
+
 def test_int8_artifact_stores_an_int8_codebook(int8_demo):
     proto, inits = _inits(int8_demo.out / "model.onnx", weights=True)
     geo = int8_demo.manifest["config"]

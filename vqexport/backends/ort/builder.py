@@ -3,6 +3,7 @@ onnxruntime-genai's genai_config.json and the tokenizer files, and optionally an
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from ...graph_io import cache_dims
 from ...head.spec import write_head
 from ...profiles import Profile
 from ...source import Source
-from .genai import genai_config, tokenizer_config
+from .genai import genai_config, genai_graph_level, tokenizer_config
 from .session import available_providers, create_session, session_options
 
 MODEL_FILE = "model.onnx"
@@ -21,16 +22,31 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_app_files(out: Path, source: Source, providers: list[str], logits: bool, trunk: dict) -> None:
+def write_app_files(out: Path, source: Source, providers: list[str], logits: bool, trunk: dict,
+                    ort_options=None) -> None:
     """What an app needs beside the graph: the head's definition (exact sampling, inspect), genai_config.json
     (onnxruntime-genai loads graphs with a ``logits`` output; the builder's own for a genai trunk) and the tokenizer
     files. No genai_config.json where onnxruntime-genai cannot run the graph: it gives each layer's values the size
-    of its keys, and multi-head latent attention caches values of another size."""
+    of its keys, and multi-head latent attention caches values of another size. ``ort_options``: the profile's
+    session settings, which genai_config.json then carries (see ``with_session_options``)."""
     write_head(out, source.head)
     if logits and (trunk.get("genai_config") or same_key_value_sizes(source.geometry)):
         cfg = trunk.get("genai_config") or genai_config(source.geometry, MODEL_FILE, providers)
-        write_json(out / "genai_config.json", cfg)
+        write_json(out / "genai_config.json", with_session_options(cfg, ort_options))
     copy_tokenizer(source, out)
+
+
+def with_session_options(cfg: dict, ort_options) -> dict:
+    """``cfg`` with the decoder's session options set as the profile's were when parity was checked: its session
+    config entries (e.g. the int8 MatMul accuracy level, which changes the logits) and its graph optimization level.
+    The thread count is left to the device that runs it."""
+    if ort_options is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    options = cfg["model"]["decoder"].setdefault("session_options", {})
+    options["graph_optimization_level"] = genai_graph_level(ort_options.session_optimization_level)
+    options.update(sorted(ort_options.session_config.items()))
+    return cfg
 
 
 def same_key_value_sizes(geo) -> bool:
@@ -68,7 +84,8 @@ def build_ort(out: Path, profile: Profile, source: Source, trunk: dict) -> dict:
     providers = available_providers(profile.ort.providers)
     if profile.ort.saved_optimization_level != "none":
         write_optimized(out, profile, providers)
-    write_app_files(out, source, providers, profile.decode.mode == "logits" or profile.decode.keep_logits, trunk)
+    write_app_files(out, source, providers, profile.decode.mode == "logits" or profile.decode.keep_logits, trunk,
+                    profile.ort)
     return {
         "backend": "ort",
         "model_file": MODEL_FILE,
