@@ -85,6 +85,35 @@ def test_the_same_swap_across_a_real_gap_fails():
     assert report.max_abs_diff > 1e-2
 
 
+def test_a_swap_across_a_real_gap_names_the_atol_that_would_count_it_as_a_tie():
+    """The failure says the logits differ by whole clusters' exact-vs-VQ gap because the target probed clusters
+    outside the near-tie band, and which atol's band would hold them (half the route-score gap): at that atol the
+    same target passes, a little below it it does not."""
+    head, rows = _head(gap=0.5), _rows()
+    target = _Runner(_swapped(head, 1.0), rows, reference=False)
+    report = _compare(_Runner(head, rows), target)
+    assert report.misrouted_positions == report.positions > 0
+    assert report.misrouted_atol == pytest.approx(0.25, rel=1e-4)
+    assert any("an atol of 0.25 would count them as near-ties" in f for f in report.failures)
+    assert report.required_atol > 1.0  # what the logits alone would ask for
+    near = _compare(_Runner(head, rows), target, Parity(atol=0.2501))
+    assert near.passed, near.failures
+    assert near.rerouted_positions == near.positions and near.misrouted_positions == 0
+    below = _compare(_Runner(head, rows), target, Parity(atol=0.24))
+    assert not below.passed and below.misrouted_positions == below.positions
+
+
+def test_no_misrouting_is_reported_where_the_target_routes_as_the_reference():
+    head, rows = _head(gap=0.5), _rows()
+
+    def nudged(out):  # every logit off by 0.01: rounding, not routing
+        return StepOutput(logits=out.logits + 0.01, present=out.present)
+
+    report = _compare(_Runner(head, rows), _Runner(head, rows, reference=False, edit=nudged))
+    assert not report.passed and report.misrouted_positions == 0 and report.misrouted_atol == 0.0
+    assert not any("near-ties" in f for f in report.failures)
+
+
 @pytest.mark.parametrize("probes", [P - 1, P + 1])
 def test_a_target_probing_another_number_of_clusters_fails(probes):
     head, rows = _head(gap=2e-5), _rows()  # the band holds clusters P-1 and P: either alone is right, both or none not

@@ -60,6 +60,8 @@ class ParityReport:
     positions: int
     compared: str = "logits"  # "logits" | "topk" (log-probs of the target's top-k ids; KL over clusters)
     rerouted_positions: int = 0  # two-stage: positions where the target probed a near-tied cluster otherwise
+    misrouted_positions: int = 0  # two-stage: positions where the target probed clusters outside the near-tie band
+    misrouted_atol: float = 0.0  # the atol whose near-tie band would have held those clusters (0: none)
     nonfinite_values: int = 0  # non-finite target values where the reference is finite
     allowed_atol: float = 0.0  # the logits' tolerance applied: atol, or the reference's own error times its factor
     reference_error: float | None = None  # max |float32 - float64 reference| on the same steps, when measured
@@ -105,9 +107,10 @@ def _tied_at_or_above(ref: np.ndarray, chosen: np.ndarray, rank: int) -> np.ndar
 
 
 def _routed_as_target(ref: np.ndarray, parts: dict, tgt: dict, routing: Routing | None,
-                      parity: Parity) -> tuple[np.ndarray, int]:
+                      parity: Parity) -> tuple[np.ndarray, int, list[float]]:
     """The reference logits [N, V] with the near-tied clusters (see the module's docstring) routed as the target
-    routed them, and how many positions that changed.
+    routed them, how many positions that changed, and ``_misrouted``'s atol for each position where the target
+    probed clusters outside the band.
 
     At each position the clusters above the band are probed and those below are not; of the band's clusters
     exactly as many are probed as the reference probed there (P in all). Which ones follows the target's values on
@@ -117,17 +120,21 @@ def _routed_as_target(ref: np.ndarray, parts: dict, tgt: dict, routing: Routing 
     a target probing more or fewer clusters, or half a cluster, still fails."""
     scores = parts.get("route_scores")
     if routing is None or scores is None or routing.probes >= scores.shape[-1]:
-        return ref, 0
+        return ref, 0, []
     observed, values = _observed(ref, tgt)
     exact, vq, clusters, P = parts["exact_logits"], parts["vq_logits"], routing.clusters, routing.probes
-    out, rerouted = ref, 0
+    out, rerouted, misrouted = ref, 0, []
     for n in range(ref.shape[0]):
         s = scores[n].astype(np.float64)
         part = np.partition(-s, [P - 1, P])
         hi, lo = -part[P - 1], -part[P]
-        slack = 2.0 * (parity.atol + parity.rtol * max(abs(hi), abs(lo)))
+        rtol_part = parity.rtol * max(abs(hi), abs(lo))
+        slack = 2.0 * (parity.atol + rtol_part)
         band = np.nonzero((s >= hi - slack) & (s <= lo + slack))[0]  # the P-th and next cluster, if they nearly tie
         if len(band) < 2:
+            gap = _misrouted(s, hi, lo, clusters, observed[n], values[n], exact[n], vq[n], out[n], parity.atol)
+            if gap > slack:
+                misrouted.append(max(gap / 2.0 - rtol_part, 0.0))
             continue
         probed = P - int((s > lo + slack).sum())  # of the band's clusters: as many as the reference probed
         tokens = np.nonzero(np.isin(clusters, band))[0]  # the band's tokens
@@ -138,7 +145,34 @@ def _routed_as_target(ref: np.ndarray, parts: dict, tgt: dict, routing: Routing 
                 out = ref.copy()
             out[n, tokens] = after
             rerouted += 1
-    return out, rerouted
+        gap = _misrouted(s, hi, lo, clusters, observed[n], values[n], exact[n], vq[n], out[n], parity.atol)
+        if gap > slack:
+            misrouted.append(max(gap / 2.0 - rtol_part, 0.0))
+    return out, rerouted, misrouted
+
+
+def _misrouted(s, hi: float, lo: float, clusters, observed, values, exact, vq, ref, atol: float) -> float:
+    """How far from the P-th / next route score (``hi`` / ``lo``) the clusters lie whose observed values the target
+    gave as the other routing (exact logits where ``ref``, the reference as compared, has VQ ones, or the reverse):
+    0 when there are none. A cluster counts when its worst token misses the reference's value by more than ``atol``
+    and the other routing's value by at most half as much."""
+    tokens = np.nonzero(observed & (exact != vq))[0]
+    if not len(tokens):
+        return 0.0
+    K = len(s)
+    cl = clusters[tokens]
+    was_exact = ref[tokens] == exact[tokens]
+    other = np.where(was_exact, vq[tokens], exact[tokens])
+    err_ref, err_other = np.zeros(K), np.zeros(K)
+    np.maximum.at(err_ref, cl, np.abs(values[tokens] - ref[tokens]))
+    np.maximum.at(err_other, cl, np.abs(values[tokens] - other))
+    swapped = np.nonzero((err_ref > atol) & (err_other <= 0.5 * err_ref))[0]
+    if not len(swapped):
+        return 0.0
+    probed = np.zeros(K, dtype=bool)
+    probed[cl[was_exact]] = True  # clusters the reference (as compared) gives exact logits
+    gaps = np.where(probed[swapped], s[swapped] - lo, hi - s[swapped])
+    return float(np.max(gaps))
 
 
 def _probed_in_band(band, probed: int, s, clusters, tokens, values, exact, vq) -> np.ndarray:
@@ -191,6 +225,7 @@ class _Stats:
         self.present_max = 0.0
         self.nonfinite = 0
         self.rerouted = 0
+        self.misrouted: list[float] = []
         self.compared = "logits"
 
     def _diff(self, ref: np.ndarray, tgt: np.ndarray) -> None:
@@ -215,10 +250,12 @@ class _Stats:
         self.kl_sum += float(kl.sum())
         self.kl_max = max(self.kl_max, float(kl.max()))
 
-    def add(self, ref: np.ndarray, rerouted: int, tgt: dict) -> None:
+    def add(self, ref: np.ndarray, rerouted: int, misrouted: list[float], tgt: dict) -> None:
         """ref: [N, V] reference logits as compared (``rerouted`` positions with near-tied clusters routed as the
-        target routed them); tgt: the target's outputs for the same N positions."""
+        target routed them; ``misrouted``: the atol that would have held each position's clusters the target probed
+        outside the band); tgt: the target's outputs for the same N positions."""
         self.rerouted += rerouted
+        self.misrouted += misrouted
         k = min(5, ref.shape[-1]) if tgt.get("logits") is not None else min(5, ref.shape[-1], tgt["topk_ids"].shape[-1])
         lp = _log_softmax(ref)  # a top-k graph with k < 5 is compared on its k ids
         if tgt.get("logits") is not None:
@@ -309,9 +346,9 @@ def _run(reference: Runner, target: Runner, prompts: list[list[int]], steps: int
     return matched
 
 
-def _reference_rows(r, rows, tgt: dict, routing: Routing | None, parity: Parity) -> tuple[np.ndarray, int]:
-    """The reference's logits at ``rows`` as compared (routed as the target routed near-tied clusters), and how
-    many of those positions that rerouted."""
+def _reference_rows(r, rows, tgt: dict, routing: Routing | None, parity: Parity) -> tuple[np.ndarray, int, list[float]]:
+    """The reference's logits at ``rows`` as compared (routed as the target routed near-tied clusters), how many of
+    those positions that rerouted, and the misrouted positions' atols (``_routed_as_target``)."""
     pick = (lambda a: a[:, -1]) if isinstance(rows, str) else (lambda a: a[rows])
     parts = {k: pick(v) for k, v in r.extra.items() if k in ("route_scores", "exact_logits", "vq_logits")}
     return _routed_as_target(pick(r.logits), parts, tgt, routing, parity)
@@ -349,6 +386,7 @@ def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]],
         top5_overlap=stats.top5 / stats.n, kl_divergence=max(stats.kl_sum / stats.n, 0.0),
         kl_divergence_max=max(stats.kl_max, 0.0), present_max_abs_diff=stats.present_max, greedy_match_steps=matched,
         steps=steps, batch=batch, positions=stats.n, compared=stats.compared, rerouted_positions=stats.rerouted,
+        misrouted_positions=len(stats.misrouted), misrouted_atol=max(stats.misrouted, default=0.0),
         nonfinite_values=stats.nonfinite, allowed_atol=parity.atol, tolerances=asdict(parity),
     )
     return judged(report, parity)
@@ -431,6 +469,11 @@ def judged(report: ParityReport, parity: Parity) -> ParityReport:
                                                           if r.reference_error_note else "")
         failures.append(f"{r.compared} differ by up to {r.max_abs_diff:.3g} (needs atol {r.required_atol:.3g} at rtol "
                         f"{parity.rtol:g}; {allowed})")
+        if r.misrouted_positions:
+            where = f"{r.misrouted_positions} position" + ("s" if r.misrouted_positions > 1 else "")
+            failures[-1] += (f"; at {where} the target probed clusters whose route scores "
+                             f"lie outside the near-tie band of the reference's P-th, so whole clusters differ by their "
+                             f"exact-vs-VQ gap: an atol of {r.misrouted_atol:.3g} would count them as near-ties")
     if r.top1_agreement < parity.top1_agreement_min:
         failures.append(f"top-1 agreement {r.top1_agreement:.4f} < {parity.top1_agreement_min}")
     if r.top5_overlap < parity.top5_overlap_min:
