@@ -32,6 +32,15 @@ def test_openvino_artifact_matches_pytorch(fp32):
     assert {p.get_element_type().get_type_name() for p in model.outputs} == {"f32"}
 
 
+def test_build_says_the_sizes_are_the_onnx_graphs(fp32, capsys):
+    from vqexport.cli import _print_built
+
+    _print_built(fp32)
+    out = capsys.readouterr().out
+    assert "params in model.onnx, from which the runtime's model.xml was made" in out
+    assert "model.bin" in out
+
+
 def test_verify_and_bench_run_the_ir(fp32):
     v = run_cli("verify", "--artifact", fp32.out, "--steps", 4, "--json")
     assert v.exit_code == 0, v.stderr

@@ -311,6 +311,11 @@ def build(ctx, target, model, out, force, steps, head, atol, rtol, check_only, a
     if as_json:
         _print_json(result.manifest)
         return
+    _print_built(result)
+
+
+def _print_built(result) -> None:
+    """What ``build`` prints of the artifact it wrote: its files, the head's size and the parity verdict."""
     m = result.manifest
     c = _console(stderr=False)
     r = result.parity
@@ -319,8 +324,11 @@ def build(ctx, target, model, out, force, steps, head, atol, rtol, check_only, a
         c.print(f"  {name:28s} {info['bytes']:>12,d} bytes")
     c.print(f"  {'manifest.json':28s} {(result.out / 'manifest.json').stat().st_size:>12,d} bytes")
     s = m["sizes"]
+    rt = m["runtime"]
+    graph = rt.get("onnx_file", rt["model_file"])
+    where = "" if graph == rt["model_file"] else f" in {graph}, from which the runtime's {rt['model_file']} was made"
     c.print(f"head {s['head']['params']:,} params ({s['head']['bytes']:,} bytes) vs dense {s['dense_head']['params']:,}; "
-            f"trunk {s['trunk']['params']:,} params")
+            f"trunk {s['trunk']['params']:,} params{where}")
     own = (f" (within {r.allowed_atol:.3g}: PyTorch's own float32 error is {r.reference_error:.3g})"
            if r.reference_error is not None else "")
     c.print(f"parity vs torch: max abs diff {r.max_abs_diff:.3g}{own}, top-1 {r.top1_agreement:.4f}, "
