@@ -255,3 +255,37 @@ def test_a_soft_capped_model_on_the_builders_trunk_gives_its_own_logits(tmp_path
     np.testing.assert_allclose(prefill[0], transformers_logits(model, ids, np.ones_like(ids))[0], atol=1e-4, rtol=0)
     full = np.concatenate([ids, nxt], 1)
     np.testing.assert_allclose(decode, transformers_logits(model, full, np.ones_like(full))[:, -1], atol=1e-4, rtol=0)
+
+
+def _gqa_trunk(windows):
+    """A graph with one GroupQueryAttention node per layer, named as the builder names them, with these windows
+    (None: no local_window_size attribute)."""
+    import onnx_ir as ir
+
+    x = ir.Value(name="x")
+    nodes = [ir.node("GroupQueryAttention", [x], domain="com.microsoft", name=f"/model/layers.{i}/attn/GroupQueryAttention",
+                     attributes={} if w is None else {"local_window_size": w}) for i, w in enumerate(windows)]
+    return ir.Model(ir.Graph([x], [n.outputs[0] for n in nodes], nodes=nodes), ir_version=10)
+
+
+@pytest.mark.parametrize("windows, wrong", [([300, 300, -1, 300], None), ([300, 300, None, 300], None),
+                                            ([300, -1, 300, 300], "layer 1: full attention where transformers' model "
+                                                                  "has a window of 300, layer 2: a window of 300 where "
+                                                                  "transformers' model has full attention"),
+                                            ([300, 300, -1, 299], "layer 3: a window of 299")])
+def test_the_builders_windows_are_checked_layer_by_layer(tmp_path, windows, wrong):
+    """Each layer's window in the builder's graph must be transformers' (layer_types): a window on the wrong layers,
+    or of another size, changes the logits only past the window, where short parity prompts never reach."""
+    from vqexport.errors import VQExportError
+    from vqexport.trunk.genai import check_window
+
+    model = make_model(tmp_path / "g3", arch="gemma3", vocab=320, hidden=64, sliding_window=300, max_position=512,
+                       layers=4, layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                              "sliding_attention"], head=False)
+    source = load_source(model, need_head=False)
+    if wrong is None:
+        check_window(source, _gqa_trunk(windows))
+    else:
+        with pytest.raises(VQExportError, match="another attention window than transformers") as e:
+            check_window(source, _gqa_trunk(windows))
+        assert wrong in str(e.value)

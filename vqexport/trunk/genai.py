@@ -155,12 +155,43 @@ def check_window(source: Source, trunk) -> None:
                             f"sliding window of {max(sizes)} positions, longer than its {positions} "
                             "(max_position_embeddings), and onnxruntime does not run a window longer than the KV cache; "
                             "set sliding_window to at most max_position_embeddings or use " + PORTABLE)
-    window = active_sliding_window(hf_config(source.path).get_text_config(decoder=True))
+    config = hf_config(source.path).get_text_config(decoder=True)
+    window = active_sliding_window(config)
     if window is None:
         return
     if sizes == {-1}:  # GroupQueryAttention everywhere, none of it windowed
         raise VQExportError(f"{source.path}: onnxruntime-genai's builder ignores this {source.model_type} model's sliding "
                             f"window ({window} positions): its attention would see every position; use " + PORTABLE)
+    types = getattr(config, "layer_types", None)
+    built = _windows_by_layer(trunk)
+    if not types or built is None or sorted(built) != list(range(len(types))):
+        return  # no per-layer record on one side: the check above is all there is
+    expected = [window if t == "sliding_attention" else -1 for t in types]
+    wrong = [i for i, w in enumerate(expected) if built[i] != w]
+    if wrong:
+        said = ", ".join(f"layer {i}: {_window_words(built[i])} where transformers' model has {_window_words(expected[i])}"
+                         for i in wrong[:3])
+        raise VQExportError(f"{source.path}: onnxruntime-genai's builder gives {len(wrong)} of this {source.model_type} "
+                            f"model's layers another attention window than transformers ({said}); use " + PORTABLE)
+
+
+def _windows_by_layer(trunk) -> dict[int, int] | None:
+    """Each layer's GroupQueryAttention window (-1: none), by the layer number in the node's name
+    (``/model/layers.N/...``); None when a node's name gives none or a layer has two."""
+    out: dict[int, int] = {}
+    for n in trunk.graph:
+        if n.op_type != "GroupQueryAttention":
+            continue
+        m = re.search(r"/layers\.(\d+)/", n.name or "")
+        if m is None or int(m.group(1)) in out:
+            return None
+        attr = n.attributes.get("local_window_size")
+        out[int(m.group(1))] = attr.value if attr is not None else -1
+    return out
+
+
+def _window_words(w: int) -> str:
+    return "full attention" if w == -1 else f"a window of {w}"
 
 
 def run_builder(model: Path, out: Path, precision: str, execution_provider: str, options: dict,
