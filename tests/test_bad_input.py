@@ -263,6 +263,31 @@ def test_parity_steps_beyond_the_models_positions(tmp_path):
     assert_user_error(run_cli("verify", "--artifact", out, "--steps", 6), "+ 6 decode steps", "max_position 16")
 
 
+def test_verify_prompts_a_user_gives(tmp_path):
+    """Each prompt is a string (encoded with the model's tokenizer) or a list of token ids in [0, V), and must fit
+    with the decode steps in the model's positions: anything else is one line, exit 2, before any work."""
+    model = make_model(tmp_path / "short", max_position=16)  # no tokenizer; V = 97 (make_model's default)
+    out = tmp_path / "ok"
+    assert run_cli("build", "--model", model, "--out", out, "--steps", 5).exit_code == 0
+    files = {"not-json.json": "[1, 2", "not-a-list.json": '{"p": "x"}', "empty.json": "[]",
+             "bad-entry.json": "[[1, 2], 3.5]", "out-of-range.json": "[[1, 97]]", "empty-prompt.json": "[[]]",
+             "too-many.json": json.dumps([[1]] * 65), "too-long.json": "[[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]"}
+    for name, body in files.items():
+        (tmp_path / name).write_text(body)
+    cases = {"not-json.json": ["not-json.json: not JSON"], "not-a-list.json": ["expected a JSON list of prompts"],
+             "empty.json": ["no prompts given"], "bad-entry.json": ["prompt 2 is neither a string nor a list of token ids"],
+             "out-of-range.json": ["prompt 1 has token id 97 outside [0, 97)"],
+             "empty-prompt.json": ["prompt 1 is empty"], "too-many.json": ["65 prompts given; at most 64"],
+             "too-long.json": ["longest prompt (12 tokens) + 5 decode steps", "max_position 16"],
+             "missing.json": ["missing.json: cannot read the prompts file"]}
+    for name, says in cases.items():
+        assert_user_error(run_cli("verify", "--artifact", out, "--steps", 5, "--prompts", tmp_path / name), *says)
+    assert_user_error(run_cli("verify", "--artifact", out, "--prompt", "x = 1"),
+                      "prompt 1 is text and the model has no tokenizer.json; give token ids")
+    ok = run_cli("verify", "--artifact", out, "--steps", 4, "--prompts", tmp_path / "too-long.json", "--json")
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["positions"] == 12 + 4  # 12 + 4 = 16 positions fit
+
+
 def test_a_failed_build_leaves_no_directory_it_made(model, tmp_path, monkeypatch):
     from vqexport.backends.torch_ref import TorchRunner
 

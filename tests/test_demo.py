@@ -80,6 +80,25 @@ def test_verify_human_output(demo_artifact):
     assert "PASSED" in result.stdout and "top-1 agreement" in result.stdout
 
 
+def test_verify_on_the_users_prompts(demo_artifact, tmp_path):
+    """--prompt (text, the model's tokenizer) and --prompts (a JSON list of strings or token-id lists) replace the
+    built-in prompts: every given token and decode step is compared, and nothing else."""
+    from tokenizers import Tokenizer
+
+    from vqexport.source import demo_dir
+
+    text = "import numpy as np\n\n\ndef norm(x):\n    return"
+    (tmp_path / "p.json").write_text(json.dumps(["while True:\n    ", [5, 900, 77, 4000]]))
+    result = run_cli("verify", "--artifact", demo_artifact, "--prompt", text, "--prompts", tmp_path / "p.json",
+                     "--steps", 3, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    tok = Tokenizer.from_file(str(demo_dir() / "tokenizer.json"))
+    lengths = [len(tok.encode(text).ids), len(tok.encode("while True:\n    ").ids), 4]
+    assert report["passed"] and report["batch"] == 3
+    assert report["positions"] == sum(lengths) + 3 * 3  # every prompt position, then 3 decode steps per prompt
+
+
 def test_verify_rejects_tampered_or_incomplete_artifacts(demo_artifact, tmp_path):
     import shutil
 

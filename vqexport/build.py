@@ -412,14 +412,16 @@ def check_profile_fits(profile: Profile, source: Source) -> None:
 MAX_STEPS = 4096  # greedy decode steps of a parity check (the CLI's --steps range)
 
 
-def check_steps_fit(source: Source, profile: Profile, steps: int | None) -> None:
-    """The parity check's longest prompt and its decode steps must fit in the model's positions."""
+def check_steps_fit(source: Source, profile: Profile, steps: int | None, prompts: list[list[int]] | None = None) -> None:
+    """The parity check's longest prompt (``prompts``' ids, or the built-in prompts) and its decode steps must fit in
+    the model's positions."""
     from .verify import prompt_ids
 
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS):
         raise VQExportError(f"steps must be an integer in [0, {MAX_STEPS}], got {steps!r}")
     n = profile.parity.steps if steps is None else steps
-    longest = max(len(p) for p in prompt_ids(source.tokenizer_path, source.geometry.vocab_size))
+    prompts = prompts if prompts is not None else prompt_ids(source.tokenizer_path, source.geometry.vocab_size)
+    longest = max(len(p) for p in prompts)
     limit = source.geometry.max_position
     if limit and longest + n > limit:
         raise VQExportError(f"the parity check's longest prompt ({longest} tokens) + {n} decode steps exceeds the "
@@ -427,15 +429,16 @@ def check_steps_fit(source: Source, profile: Profile, steps: int | None) -> None
 
 
 def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, reference=None, steps=None,
-               progress=_noop) -> ParityReport:
-    """Compare the artifact in ``artifact`` (its runtime section) with the PyTorch reference."""
+               progress=_noop, prompts: list[list[int]] | None = None) -> ParityReport:
+    """Compare the artifact in ``artifact`` (its runtime section) with the PyTorch reference, on ``prompts`` (token
+    ids) or the built-in parity prompts."""
     from .backends.runners import runner_from_runtime
     from .verify import prompt_ids, verify_runners
 
     reference = reference if reference is not None else reference_runner(source, progress)
     n = profile.parity.steps if steps is None else steps
     geo = source.geometry
-    prompts = prompt_ids(source.tokenizer_path, geo.vocab_size)
+    prompts = prompts if prompts is not None else prompt_ids(source.tokenizer_path, geo.vocab_size)
     pad = geo.pad_token_id if geo.pad_token_id is not None else (geo.eos_token_id or 0)
     if profile.backend == "trt":
         from .backends.trt.shapes import check_fits_run
@@ -508,10 +511,12 @@ def _available_memory() -> int | None:
 
 
 def verify_artifact(artifact, steps: int | None = None, model=None, atol: float | None = None, rtol: float | None = None,
-                    progress=_noop) -> ParityReport:
+                    progress=_noop, prompts=None) -> ParityReport:
     """Re-run parity for a built artifact against the model it was built from (or ``model``), with the tolerances
-    it was built with (or ``atol`` / ``rtol`` for this check)."""
+    it was built with (or ``atol`` / ``rtol`` for this check), on the built-in prompts or ``prompts`` (a list of
+    strings, encoded with the model's tokenizer, or of token-id lists)."""
     from .profiles import parse_profile
+    from .verify import given_prompt_ids
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
@@ -529,7 +534,8 @@ def verify_artifact(artifact, steps: int | None = None, model=None, atol: float 
                                 f"{key} = {built.get(key)}; pass the model it was built from")
     if model is None and source_record(source)["sha256"] != src["sha256"]:
         raise VQExportError(f"{source.path}: the model changed since the artifact was built; rebuild, or pass --model")
-    check_steps_fit(source, profile, steps)
+    ids = given_prompt_ids(prompts, source.tokenizer_path, source.geometry.vocab_size) if prompts is not None else None
+    check_steps_fit(source, profile, steps, ids)
     check_files(artifact, manifest, hashes=True)
     if has_head(artifact):  # the head the artifact was built with, as given to the build
         ours, theirs = read_head_config(artifact).to_dict(), source.head.config.to_dict()
@@ -540,4 +546,4 @@ def verify_artifact(artifact, steps: int | None = None, model=None, atol: float 
             if ours.get(key) != theirs.get(key):
                 raise VQExportError(f"{source.path}: its head has {key} = {theirs.get(key)!r} but the artifact's has "
                                     f"{key} = {ours.get(key)!r}; pass the model it was built from")
-    return verify_dir(artifact, manifest["runtime"], profile, source, steps=steps, progress=progress)
+    return verify_dir(artifact, manifest["runtime"], profile, source, steps=steps, progress=progress, prompts=ids)

@@ -344,9 +344,14 @@ def _print_built(result) -> None:
                    "grows to the profile's reference_error_factor times PyTorch's own float32 error where that is larger.")
 @click.option("--rtol", type=float, default=None,
               help="The logits' relative tolerance for this check [default: the one the artifact was built with].")
+@click.option("--prompt", "prompt_texts", multiple=True,
+              help="A prompt to check on, encoded with the model's tokenizer (repeatable) [default: three built-in code "
+                   "prompts].")
+@click.option("--prompts", "prompts_file", type=click.Path(), default=None,
+              help="A JSON file: a list of prompts, each a string or a list of token ids (added to --prompt's).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (the parity report) on stdout.")
 @click.pass_context
-def verify(ctx, artifact, steps, model, atol, rtol, as_json):
+def verify(ctx, artifact, steps, model, atol, rtol, prompt_texts, prompts_file, as_json):
     """Compare an artifact with the PyTorch reference: prefill, then greedy decode steps.
 
     Exit 0 on pass, 1 on parity failure, 2 on bad input.
@@ -354,8 +359,13 @@ def verify(ctx, artifact, steps, model, atol, rtol, as_json):
     from . import api
 
     ctx.meta["json"] = as_json
+    prompts = None
+    if prompt_texts or prompts_file is not None:
+        from .verify import read_prompts_file
+
+        prompts = list(prompt_texts) + (read_prompts_file(prompts_file) if prompts_file is not None else [])
     with _Progress() as progress:
-        report = api.verify(artifact, steps=steps, model=model, atol=atol, rtol=rtol, progress=progress)
+        report = api.verify(artifact, steps=steps, model=model, atol=atol, rtol=rtol, progress=progress, prompts=prompts)
     if as_json:
         _print_json(report.to_dict())
     else:

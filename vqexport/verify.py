@@ -85,6 +85,61 @@ def prompt_ids(tokenizer_path=None, vocab_size: int = 0, prompts=DEFAULT_PROMPTS
     return [rng.integers(0, vocab_size, size=n).tolist() for n in (7, 4, 11)[: len(prompts)]]
 
 
+MAX_PROMPTS = 64  # prompts of one parity check (they go in as one batch)
+
+
+def given_prompt_ids(prompts, tokenizer_path, vocab_size: int) -> list[list[int]]:
+    """The token ids of a user's parity prompts: each a string (encoded with the model's tokenizer) or a list of token
+    ids in [0, vocab_size). Anything else, an empty prompt, or none at all is a VQExportError."""
+    from .errors import VQExportError
+
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise VQExportError("no prompts given: expected a list of prompts, each a string or a list of token ids")
+    if len(prompts) > MAX_PROMPTS:
+        raise VQExportError(f"{len(prompts)} prompts given; at most {MAX_PROMPTS} (they go in as one batch)")
+    tok, out = None, []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer_path is None:
+                raise VQExportError(f"prompt {i + 1} is text and the model has no tokenizer.json; give token ids")
+            if tok is None:
+                from tokenizers import Tokenizer
+
+                tok = Tokenizer.from_file(str(tokenizer_path))
+            ids = tok.encode(p).ids
+        elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            ids = list(p)
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise VQExportError(f"prompt {i + 1} has token id {bad[0]} outside [0, {vocab_size})")
+        else:
+            raise VQExportError(f"prompt {i + 1} is neither a string nor a list of token ids")
+        if not ids:
+            raise VQExportError(f"prompt {i + 1} is empty (no tokens)")
+        out.append(ids)
+    return out
+
+
+def read_prompts_file(path) -> list:
+    """A prompts file: a JSON list whose entries are strings or lists of token ids."""
+    import json
+    from pathlib import Path
+
+    from .errors import VQExportError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise VQExportError(f"{path}: cannot read the prompts file ({getattr(e, 'strerror', None) or e})") from None
+    except json.JSONDecodeError as e:
+        raise VQExportError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected a list of strings or of token-id "
+                            "lists") from None
+    if not isinstance(data, list):
+        raise VQExportError(f"{path}: expected a JSON list of prompts (strings or lists of token ids)")
+    return data
+
+
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     width = max(len(p) for p in prompts)
     ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
