@@ -1,6 +1,6 @@
 """Quality and speed of the two-stage head against the number of probed clusters P.
 
-    python tools/two_stage_curve.py [--model demo|gpt2|DIR] [--codebook-size K] [--probes 4,8,16,32,64,128]
+    python tools/two_stage_curve.py [--model demo|gpt2|DIR] [--codebook-size K] [--probes 8,16,32,64]
                                    [--speed-shape qwen2.5-0.5b] [--work build/two-stage-work] [--out benchmarks/two_stage]
 
 Quality, on a model this repository trains and held-out text. ``--model``: ``demo``, the embedded model's dense
