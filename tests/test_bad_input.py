@@ -327,3 +327,32 @@ def test_api_steps_and_seed_are_checked_like_the_cli(demo_artifact, tmp_path):
     for seed in (-1, 2**63, "a"):
         with pytest.raises(VQExportError, match=r"seed must be an integer in \[0, 2\^63\)"):
             api.generate(demo_artifact, "def main(", max_new_tokens=2, sample=True, seed=seed)
+
+
+@pytest.mark.parametrize("body, says", [
+    ('backend = "openvino"\n[ort]\nintra_op_num_threads = 2', "[ort] applies to backend = 'ort' only, not 'openvino'"),
+    ('backend = "ort"\n[ort]\nkernel = "function"', "ort.kernel applies to head = 'fused' only"),
+    ('backend = "ort"\n[int8]\nencoding = "native"', "[int8] applies to codebook = 'int8' or 'int4', not 'fp32'"),
+    ('backend = "ort"\ncodebook = "int8"\n[int8]\naccuracy_level = 0', "int8.accuracy_level applies to encoding = 'native'"),
+    ('backend = "ort"\ncodebook = "int8"\n[int8]\nencoding = "native"\nreduce_range = true',
+     "int8.reduce_range applies to the QDQ encoding only"),
+    ('backend = "ort"\n[decode]\nk = 20', "decode.k applies to decode.mode = 'topk' only"),
+    ('backend = "ort"\n[decode]\nkeep_logits = true', "decode.keep_logits applies to decode.mode = 'topk' only"),
+])
+def test_a_profile_key_that_would_be_ignored_is_refused(tmp_path, body, says):
+    """A valid key this profile would ignore (its backend, codebook, head, encoding or decode mode has no use for it)
+    is a misconfiguration: one line, exit 2, nothing written."""
+    f = tmp_path / "p.toml"
+    f.write_text('name = "p"\n' + body + "\n")
+    assert_user_error(run_cli("build", "--target", f, "--out", tmp_path / "o"), says)
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_bundled_profile_round_trips_through_its_manifest_record():
+    """A manifest records every key of its profile (Profile.to_dict), including those the profile ignores; reading the
+    record back (verify, bench) gives the same profile and refuses nothing."""
+    from vqexport.profiles import bundled_names, load_profile, parse_profile
+
+    for name in bundled_names():
+        profile = load_profile(name)
+        assert parse_profile(profile.to_dict(), "manifest.json", recorded=True).to_dict() == profile.to_dict(), name

@@ -34,7 +34,7 @@ def user_toml(tmp_path, base="trt", **replace):
 @pytest.mark.parametrize("target", ["trt", "trt-fp16", "trt-int8", "triton-ort", "triton-trt"])
 def test_profiles_round_trip_through_the_manifest(target):
     p = load_profile(target)
-    back = parse_profile(json.loads(json.dumps(p.to_dict())), "manifest")
+    back = parse_profile(json.loads(json.dumps(p.to_dict())), "manifest", recorded=True)
     assert back.to_dict() == p.to_dict() and back.trt == p.trt and back.triton == p.triton
     if p.backend == "trt":
         assert p.to_dict()["trt"]["prefill"] == {"batch": [1, 1, 8], "sequence": [1, 64, 512]}

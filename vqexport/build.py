@@ -520,7 +520,7 @@ def verify_artifact(artifact, steps: int | None = None, model=None, atol: float 
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    profile = with_tolerances(parse_profile(manifest["profile"], f"{artifact}/manifest.json"), atol, rtol)
+    profile = with_tolerances(parse_profile(manifest["profile"], f"{artifact}/manifest.json", recorded=True), atol, rtol)
     src = manifest["source"]
     if model is None and src["model"] != DEMO_NAME and not Path(src["model"]).exists():
         raise VQExportError(f"{src['model']}: the model this artifact was built from is gone; pass --model DIR")

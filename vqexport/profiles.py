@@ -255,7 +255,27 @@ def _trunk(t: dict, backend: str, fail, take) -> TrunkOptions:
                         quantize_embedding=take(t, "quantize_embedding", bool, False, "trunk.", None, "true or false"))
 
 
-def parse_profile(raw: dict, where: str) -> Profile:
+def _check_applies(raw: dict, backend: str, codebook: str, head: str, int8: Int8Options, fail) -> None:
+    """Refuse keys that are valid but would be ignored by this profile (its backend, codebook, head or encoding):
+    a setting that silently does nothing is a misconfiguration."""
+    if "ort" in raw and backend != "ort":
+        fail(f"[ort] applies to backend = 'ort' only, not {backend!r}")
+    if "kernel" in (raw.get("ort") or {}) and head != "fused":
+        fail("ort.kernel applies to head = 'fused' only")
+    given = set(raw.get("int8") or {})
+    if given and codebook == "fp32":
+        fail("[int8] applies to codebook = 'int8' or 'int4', not 'fp32'")
+    if int8.encoding == "qdq" and "accuracy_level" in given:
+        fail("int8.accuracy_level applies to encoding = 'native' (MatMulNBits); a QDQ codebook's MatMul takes ONNX "
+             "Runtime's session.qdq_matmulnbits_accuracy_level in [ort] session_config")
+    qdq_only = sorted({"activations", "reduce_range"} & given)
+    if int8.encoding == "native" and codebook == "int8" and qdq_only:
+        fail(f"int8.{qdq_only[0]} applies to the QDQ encoding only")
+
+
+def parse_profile(raw: dict, where: str, recorded: bool = False) -> Profile:
+    """A validated Profile from a target file's table. ``recorded``: ``raw`` is a manifest's record of a profile
+    (``Profile.to_dict``: every key with its value), so keys the profile ignores are not refused there."""
     def fail(msg):
         raise VQExportError(f"{where}: {msg}")
 
@@ -340,6 +360,8 @@ def parse_profile(raw: dict, where: str) -> Profile:
         reduce_range=take(q, "reduce_range", bool, None, "int8.", None, "true or false"),
     )
 
+    if not recorded:
+        _check_applies(raw, backend, codebook, head, int8, fail)
     if "openvino" in raw and backend != "openvino":
         fail("[openvino] applies to backend = 'openvino' only")
     ovt = table("openvino", OpenVinoOptions.__dataclass_fields__)
@@ -370,6 +392,9 @@ def parse_profile(raw: dict, where: str) -> Profile:
         keep_logits=take(dtab, "keep_logits", bool, False, "decode.", None, "true or false"),
         last_position_only=take(dtab, "last_position_only", bool, None, "decode.", None, "true or false"),
     )
+    topk_only = sorted({"k", "keep_logits"} & set(dtab))
+    if decode.mode != "topk" and topk_only and not recorded:
+        fail(f"decode.{topk_only[0]} applies to decode.mode = 'topk' only")
 
     p = table("parity", Parity.__dataclass_fields__)
     # float32 through and through: PyTorch's own float32 error can set the tolerance; quantization or fp16 sets it otherwise
