@@ -97,6 +97,19 @@ def test_bench_e2e_leaves_no_work_dir_on_bad_input(tmp_path):
     assert a_file.read_text() == ""
 
 
+def test_bench_e2e_text_is_checked_before_any_work(tmp_path):
+    work, short = tmp_path / "w", tmp_path / "short.txt"
+    short.write_text("x = 1\n")
+    assert_user_error(run_cli("bench", "--e2e", "--model", "demo", "--text", short, "--work", work),
+                      "short.txt", "the agreement needs --prompt-length + --tokens = 128")
+    assert_user_error(run_cli("bench", "--e2e", "--model", "demo", "--text", tmp_path / "none.txt", "--work", work),
+                      "none.txt: cannot read --text")
+    assert_user_error(run_cli("bench", "--e2e", "--shape", "qwen2.5-0.5b", "--text", short, "--work", work),
+                      "--text applies to --model")
+    assert_user_error(run_cli("bench", "--artifact", tmp_path, "--text", short), "--text does not apply to --artifact")
+    assert not work.exists()
+
+
 def test_bench_e2e_refuses_what_onnxruntime_genai_cannot_run_before_any_work(tmp_path):
     work = tmp_path / "w"
     assert_user_error(run_cli("bench", "--e2e", "--model", "demo", "--target", "ort-topk", "--work", work),

@@ -212,8 +212,10 @@ def test_the_e2e_runs_max_length_holds_the_window_its_layers_use(tmp_path, windo
 def test_bench_e2e_runs_both_sides_through_onnxruntime_genai(tmp_path):
     work = tmp_path / "work"
     shutil.copytree(demo_dir(), tmp_path / "demo")
+    text = tmp_path / "text.py"
+    text.write_text("import os\n\n\ndef walk(top):\n    for root, dirs, files in os.walk(top):\n        yield root\n")
     result = run_cli("bench", "--e2e", "--model", tmp_path / "demo", "--work", work, "--tokens", 4, "--prompt-length", 8,
-                     "--repeats", 1, "--json")
+                     "--repeats", 1, "--text", text, "--json")
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     for side in ("vq", "dense"):
@@ -224,6 +226,7 @@ def test_bench_e2e_runs_both_sides_through_onnxruntime_genai(tmp_path):
     assert out["dense_int8_head"]["tokens_per_s"] > 0 and out["ratios_dense_int8_head"]["tokens_per_s"] > 0
     agree = out["agreement_with_dense"]  # vs the builder's dense int4 model: the prompt's last position + each step
     assert agree["positions"] == 1 + 4
+    assert agree["on"] == f"the first 12 tokens of {text}"  # teacher-forced on the text, not on random ids
     # the figures are those of the two sides' logits, which the run keeps in --work: recomputed here
     vq, dense = (np.load(work / f"logits-{side}.npy").astype(np.float64) for side in ("vq", "dense"))
     V = load_source(demo_dir()).geometry.vocab_size

@@ -60,13 +60,13 @@ def fidelity(model, text, probes: int | None = None, max_tokens: int | None = No
 
 
 def bench_e2e(model=None, shape: str | None = None, target: str = "ort-int4", prompt_len: int = 64, tokens: int = 64,
-              repeats: int = 3, work=None, progress=None, head: str = "vq") -> dict:
+              repeats: int = 3, work=None, progress=None, head: str = "vq", text=None) -> dict:
     """The artifact against onnxruntime-genai's own dense model of the same trunk, through onnxruntime-genai
-    (see vqexport.bench.e2e)."""
+    (see vqexport.bench.e2e); ``text``: a file whose first tokens the agreement with the dense model is measured on."""
     from .bench.e2e import run_e2e_bench
 
     return run_e2e_bench(model=model, shape=shape, target=target, prompt_len=prompt_len, tokens=tokens, repeats=repeats,
-                         work=work, progress=progress, head=head)
+                         work=work, progress=progress, head=head, text=text)
 
 
 def bench_artifact(artifact, vs_dense: bool = False, prompt_len: int = 128, tokens: int = 64, repeats: int = 3,

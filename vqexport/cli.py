@@ -210,7 +210,7 @@ def _e2e_table(r) -> None:
     c.print(t)
     if "agreement_with_dense" in r:
         a = r["agreement_with_dense"]
-        c.print(f"against the dense model at the same precision, teacher-forced on {a['positions']} positions: top-1 agreement "
+        c.print(f"against the dense model at the same precision, teacher-forced on {a['positions']} positions of {a['on']}: top-1 agreement "
                 f"{a['top1_agreement']:.4f}, KL(dense || artifact) {a['kl_dense_to_vq']:.5f} nats/token")
     if "dense_int8_head" in r:
         d8, ratio8 = r["dense_int8_head"], r["ratios_dense_int8_head"]
@@ -492,7 +492,7 @@ def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed)
 _BENCH_OPTIONS = {
     "head": ("shapes", "threads", "seconds", "rank"),
     "artifact": ("vs_dense", "prompt_length", "tokens", "repeats"),
-    "e2e": ("model", "shape", "target", "e2e_head", "work", "prompt_length", "tokens", "repeats"),
+    "e2e": ("model", "shape", "target", "e2e_head", "work", "prompt_length", "tokens", "repeats", "text"),
 }
 
 
@@ -522,6 +522,9 @@ _BENCH_OPTIONS = {
 @click.option("--target", "-t", default="ort-int4", show_default=True, help="With --e2e: the artifact's target (the builder's trunk, or the portable trunk at fp32, int4 or int8).")
 @click.option("--e2e-head", "e2e_head", type=click.Choice(["vq", "two-stage"]), default="vq", show_default=True,
               help="With --e2e: the head a model without one (or --shape's) gets: vq (K = V/32) or two-stage (K = V/16, P = K/16).")
+@click.option("--text", type=click.Path(), default=None,
+              help="With --e2e --model: a text file; the agreement with the dense model is measured on its first "
+                   "prompt + decode tokens [default: seeded random token ids].")
 @click.option("--work", type=click.Path(), default=None,
               help="With --e2e: keep the models and artifacts here (reused by the next run) instead of a temporary directory.")
 @click.option("--prompt-length", type=int, default=None,
@@ -531,7 +534,7 @@ _BENCH_OPTIONS = {
               help="With --artifact / --e2e: fresh worker runs per model (the sides alternating); medians reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.pass_context
-def bench(ctx, head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, shape, target, e2e_head, work, prompt_length,
+def bench(ctx, head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, model, shape, target, e2e_head, text, work, prompt_length,
           tokens, repeats, as_json):
     """Latency benchmarks; figures and ratios measured side by side in one run.
 
@@ -558,7 +561,7 @@ def bench(ctx, head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, mo
     if e2e:
         with _Bar() as bar:
             result = api.bench_e2e(model=model, shape=shape, target=target, prompt_len=64 if prompt_length is None else prompt_length, tokens=tokens,
-                                   repeats=repeats, work=work, progress=bar, head=e2e_head)
+                                   repeats=repeats, work=work, progress=bar, head=e2e_head, text=text)
         if as_json:
             _print_json(result)
         else:

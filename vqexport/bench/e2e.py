@@ -19,7 +19,9 @@ one run and alternating.
     bound      bytes read per decode token (every MatMul weight, the head's V-wide tables and logits; an embedding
                lookup reads one row) over the measured copy bandwidth: the fastest a token could possibly be
     agreement  with --model (trained weights): the artifact against the dense model at the same precision,
-               teacher-forced on the same tokens: top-1 agreement and KL (random weights make both meaningless)
+               teacher-forced on the same tokens (the first prompt + decode tokens of --text, encoded with the
+               model's tokenizer; without it, seeded random ids): top-1 agreement and KL (random weights make both
+               meaningless)
 """
 
 from __future__ import annotations
@@ -172,10 +174,30 @@ def forced_logits(model_dir: str, ids: list[int], prompt_len: int, out: str) -> 
     np.save(out, np.stack(rows).astype(np.float32))
 
 
-def agreement(vq_dir: Path, dense_dir: Path, prompt_len: int, tokens: int, vocab: int, work: Path) -> dict:
-    """The artifact against the dense model at the same precision, teacher-forced on the same tokens: top-1 agreement
-    and mean KL(dense || artifact) over every step (the fidelity reference of a quantized trunk)."""
-    ids = np.random.default_rng(1).integers(3, min(vocab, 32000), size=prompt_len + tokens).tolist()
+def agreement_ids(source, text, n: int) -> tuple[list[int], str]:
+    """The ``n`` token ids the agreement is teacher-forced on, and what they are: the start of ``text`` (a file,
+    encoded with the model's tokenizer), or seeded random ids without one."""
+    if text is None:
+        vocab = source.geometry.vocab_size
+        return np.random.default_rng(1).integers(3, min(vocab, 32000), size=n).tolist(), "random token ids (seed 1)"
+    from tokenizers import Tokenizer
+
+    if source.tokenizer_path is None:
+        raise VQExportError(f"{source.path}: --text is encoded with the model's tokenizer, and it has no tokenizer.json")
+    try:
+        body = Path(text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise VQExportError(f"{text}: cannot read --text ({getattr(e, 'strerror', None) or e})") from None
+    ids = Tokenizer.from_file(str(source.tokenizer_path)).encode(body).ids
+    if len(ids) < n:
+        raise VQExportError(f"{text}: {len(ids)} tokens; the agreement needs --prompt-length + --tokens = {n}")
+    return ids[:n], f"the first {n} tokens of {text}"
+
+
+def agreement(vq_dir: Path, dense_dir: Path, ids: list[int], prompt_len: int, work: Path) -> dict:
+    """The artifact against the dense model at the same precision, teacher-forced on ``ids``: top-1 agreement and
+    mean KL(dense || artifact) at the prompt's last position and every token after it (the fidelity reference of a
+    quantized trunk)."""
     got = {}
     for side, path in (("vq", vq_dir), ("dense", dense_dir)):
         out = work / f"logits-{side}.npy"
@@ -247,7 +269,7 @@ def _dir_bytes(path: Path) -> int:
 
 
 def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4", prompt_len: int = 64, tokens: int = 64,
-                  repeats: int = 3, work=None, progress=None, head: str = "vq") -> dict:
+                  repeats: int = 3, work=None, progress=None, head: str = "vq", text=None) -> dict:
     import importlib.util
 
     from ..build import build
@@ -265,6 +287,9 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
         raise VQExportError("--prompt-length must be >= 1, --tokens >= 2 and --repeats >= 1")
     if head not in ("vq", "two-stage"):
         raise VQExportError(f"--head must be 'vq' or 'two-stage', got {head!r}")
+    if text is not None and shape is not None:
+        raise VQExportError("--text applies to --model (trained weights): a --shape model's random weights make the "
+                            "agreement meaningless")
     profile = load_profile(target)
     if profile.backend != "ort" or (profile.trunk.source != "genai" and profile.precision not in ("fp32", *QUANTIZED)):
         raise VQExportError(f"target {profile.name} ({profile.backend}, {profile.trunk.source} trunk at {profile.precision}) "
@@ -294,6 +319,7 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
             return source
 
         source = None if make else fits(load_source(src, need_head=False))  # bad inputs fail before --work is created
+        forced = agreement_ids(source, text, prompt_len + tokens) if model is not None else None
         root.mkdir(parents=True, exist_ok=True)
         if make:
             say(f"making a random-weight {shape} model")
@@ -363,6 +389,6 @@ def run_e2e_bench(model=None, shape: str | None = None, target: str = "ort-int4"
         result["head"] = json.loads((art / "vq_head.json").read_text())
         if shape is None:  # a real model: how close the artifact is to the dense model at the same precision
             say("comparing the artifact's logits with the dense model's")
-            result["agreement_with_dense"] = agreement(art, dense, prompt_len, tokens, source.geometry.vocab_size, root)
+            result["agreement_with_dense"] = {**agreement(art, dense, forced[0], prompt_len, root), "on": forced[1]}
         say("done", n * repeats, n * repeats)
     return result
