@@ -101,9 +101,9 @@ def test_bench_e2e_text_is_checked_before_any_work(tmp_path):
     work, short = tmp_path / "w", tmp_path / "short.txt"
     short.write_text("x = 1\n")
     assert_user_error(run_cli("bench", "--e2e", "--model", "demo", "--text", short, "--work", work),
-                      "short.txt", "the agreement needs --prompt-length + --tokens = 128")
+                      "short.txt: too short for agreement", "need at least 128")
     assert_user_error(run_cli("bench", "--e2e", "--model", "demo", "--text", tmp_path / "none.txt", "--work", work),
-                      "none.txt: cannot read --text")
+                      "none.txt: cannot read the agreement text")
     assert_user_error(run_cli("bench", "--e2e", "--shape", "qwen2.5-0.5b", "--text", short, "--work", work),
                       "--text applies to --model")
     assert_user_error(run_cli("bench", "--artifact", tmp_path, "--text", short), "--text does not apply to --artifact")

@@ -274,12 +274,12 @@ def test_verify_prompts_a_user_gives(tmp_path):
              "too-many.json": json.dumps([[1]] * 65), "too-long.json": "[[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]"}
     for name, body in files.items():
         (tmp_path / name).write_text(body)
-    cases = {"not-json.json": ["not-json.json: not JSON"], "not-a-list.json": ["expected a JSON list of prompts"],
+    cases = {"not-json.json": ["not-json.json: not valid JSON"], "not-a-list.json": ["expected a JSON list of prompts"],
              "empty.json": ["no prompts given"], "bad-entry.json": ["prompt 2 is neither a string nor a list of token ids"],
              "out-of-range.json": ["prompt 1 has token id 97 outside [0, 97)"],
              "empty-prompt.json": ["prompt 1 is empty"], "too-many.json": ["65 prompts given; at most 64"],
              "too-long.json": ["longest prompt (12 tokens) + 5 decode steps", "max_position 16"],
-             "missing.json": ["missing.json: cannot read the prompts file"]}
+             "missing.json": ["missing.json: cannot read"]}
     for name, says in cases.items():
         assert_user_error(run_cli("verify", "--artifact", out, "--steps", 5, "--prompts", tmp_path / name), *says)
     assert_user_error(run_cli("verify", "--artifact", out, "--prompt", "x = 1"),
@@ -331,7 +331,8 @@ def test_api_steps_and_seed_are_checked_like_the_cli(demo_artifact, tmp_path):
 
 @pytest.mark.parametrize("body, says", [
     ('backend = "openvino"\n[ort]\nintra_op_num_threads = 2', "[ort] applies to backend = 'ort' only, not 'openvino'"),
-    ('backend = "ort"\n[ort]\nkernel = "function"', "ort.kernel applies to head = 'fused' only"),
+    ('backend = "ort"\nopset = 23\n[trunk]\nsource = "genai"', "opset applies to the portable trunk"),
+    ('backend = "ort"\ncodebook = "int4"\n[int8]\naccuracy_level = 0', "codebook = 'int4' is ONNX Runtime's MatMulNBits"),
     ('backend = "ort"\n[int8]\nencoding = "native"', "[int8] applies to codebook = 'int8' or 'int4', not 'fp32'"),
     ('backend = "ort"\ncodebook = "int8"\n[int8]\naccuracy_level = 0', "int8.accuracy_level applies to encoding = 'native'"),
     ('backend = "ort"\ncodebook = "int8"\n[int8]\nencoding = "native"\nreduce_range = true',

@@ -41,8 +41,11 @@ def test_fp32_genai_trunk_matches_pytorch(fp32):
     assert r.passed and r.max_abs_diff <= 1e-4 and r.top1_agreement == 1.0 and r.greedy_match_steps == 8
     rt = fp32.manifest["runtime"]
     assert rt["trunk"] == "genai" and rt["past_present_share_buffer"] is True
-    ops = {n.op_type for n in load_graph(fp32.out / "model.onnx").graph.node}
+    graph = load_graph(fp32.out / "model.onnx")
+    ops = {n.op_type for n in graph.graph.node}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops  # the builder's graph, not ours
+    # the manifest records the graph's own opset (the builder's), not the profile's default
+    assert fp32.manifest["opset"] == next(o.version for o in graph.opset_import if o.domain == "") > 18
     cfg = json.loads((fp32.out / "genai_config.json").read_text())
     assert cfg["search"]["past_present_share_buffer"] is True
     assert cfg["model"]["decoder"]["outputs"]["logits"] == "logits"

@@ -191,7 +191,18 @@ def test_bench_refuses_an_engine_for_another_version_or_a_run_beyond_its_profile
     assert_user_error(run_cli("bench", "--artifact", fake_trt_artifact, "--repeats", "1", "--tokens", "2"),
                       "built with TensorRT 10.15.1, this machine has TensorRT 10.13.0")
     assert_user_error(run_cli("bench", "--artifact", fake_trt_artifact, "--repeats", "1", "--tokens", "2", "--prompt-length", "600"),
-                      "prefill.sequence = 600 is outside the engine's range [1, 512]", "widen [trt] prefill.sequence")
+                      "prefill.sequence = 600 is outside the engine's range [1, 512]",
+                      "keep the run within it, or rebuild with a wider [trt] prefill.sequence")
+
+
+def test_verify_refuses_prompts_beyond_the_engines_profiles_before_any_work(fake_trt_artifact, tmp_path):
+    """The engine is built: prompts it cannot take are refused from its ranges before the reference is loaded."""
+    (tmp_path / "nine.json").write_text(json.dumps([[5, 6, 7]] * 9))
+    assert_user_error(run_cli("verify", "--artifact", fake_trt_artifact, "--prompts", tmp_path / "nine.json"),
+                      "the prompts given: prefill.batch = 9 is outside the engine's range [1, 8]", "keep the run within it")
+    (tmp_path / "long.json").write_text(json.dumps([[5] * 600]))
+    assert_user_error(run_cli("verify", "--artifact", fake_trt_artifact, "--prompts", tmp_path / "long.json", "--steps", 2),
+                      "prefill.sequence = 600 is outside the engine's range [1, 512]")
 
 
 @pytest.mark.skipif(HAS_TRT_AND_GPU, reason="this machine has TensorRT and a GPU")

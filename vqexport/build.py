@@ -164,16 +164,17 @@ def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, s
 
             progress("laying out the Triton model repository")
             runtime = layout(tmp, runtime, profile)
+        sizes, opset = _graph_record(tmp, runtime)
         manifest = {
             "fingerprint": fp,
             "target": profile.name,
             "profile": profile.to_dict(),
             "source": record,
             "config": {**source.geometry.to_dict(), "head": source.head.config.to_dict()},
-            "opset": profile.opset,
+            "opset": opset,
             "versions": versions(runtime),
             "runtime": runtime,
-            "sizes": _sizes(tmp, runtime),
+            "sizes": sizes,
             "parity": report.to_dict(),
         }
         if readiness is not None:
@@ -185,11 +186,14 @@ def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, s
     return BuildResult(out=out, manifest=manifest, parity=report)
 
 
-def _sizes(directory: Path, runtime: dict) -> dict:
+def _graph_record(directory: Path, runtime: dict) -> tuple[dict, int]:
+    """The written graph's head and trunk sizes, and its opset (the builder's trunk has its own, whatever the
+    profile's ``opset``)."""
     from .graph_io import load_graph
     from .sizes import onnx_sizes
 
-    return onnx_sizes(load_graph(directory / runtime.get("onnx_file", runtime["model_file"])))
+    proto = load_graph(directory / runtime.get("onnx_file", runtime["model_file"]))
+    return onnx_sizes(proto), next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def reference_runner(source: Source, progress=_noop):
@@ -536,6 +540,11 @@ def verify_artifact(artifact, steps: int | None = None, model=None, atol: float 
         raise VQExportError(f"{source.path}: the model changed since the artifact was built; rebuild, or pass --model")
     ids = given_prompt_ids(prompts, source.tokenizer_path, source.geometry.vocab_size) if prompts is not None else None
     check_steps_fit(source, profile, steps, ids)
+    if ids is not None and profile.backend == "trt":  # the engine is built: its ranges bound the prompts, not the profile
+        from .backends.trt.shapes import check_fits_run
+
+        check_fits_run(profile.trt, len(ids), max(map(len, ids)), profile.parity.steps if steps is None else steps,
+                       f"{artifact}: the prompts given", built=True)
     check_files(artifact, manifest, hashes=True)
     if has_head(artifact):  # the head the artifact was built with, as given to the build
         ours, theirs = read_head_config(artifact).to_dict(), source.head.config.to_dict()

@@ -26,13 +26,9 @@ CALIBRATION_LENGTHS = (24, 17, 31, 9, 28, 20)
 
 def calibration_ids(tokenizer_path=None, vocab_size: int = 0) -> list[list[int]]:
     """Token ids of the calibration prompts (with the model's tokenizer), or seeded random ids without one."""
-    if tokenizer_path is not None:
-        from tokenizers import Tokenizer
+    from .verify import prompt_ids
 
-        tok = Tokenizer.from_file(str(tokenizer_path))
-        return [tok.encode(p).ids or [0] for p in CALIBRATION_PROMPTS]
-    rng = np.random.default_rng(CALIBRATION_SEED)
-    return [rng.integers(0, vocab_size, size=n).tolist() for n in CALIBRATION_LENGTHS]
+    return prompt_ids(tokenizer_path, vocab_size, CALIBRATION_PROMPTS, CALIBRATION_SEED, CALIBRATION_LENGTHS)
 
 
 def activation_scales(reference, source) -> dict[str, float]:

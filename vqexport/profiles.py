@@ -255,13 +255,14 @@ def _trunk(t: dict, backend: str, fail, take) -> TrunkOptions:
                         quantize_embedding=take(t, "quantize_embedding", bool, False, "trunk.", None, "true or false"))
 
 
-def _check_applies(raw: dict, backend: str, codebook: str, head: str, int8: Int8Options, fail) -> None:
-    """Refuse keys that are valid but would be ignored by this profile (its backend, codebook, head or encoding):
-    a setting that silently does nothing is a misconfiguration."""
+def _check_applies(raw: dict, backend: str, codebook: str, trunk_source: str, int8: Int8Options, fail) -> None:
+    """Refuse keys that are valid but would be ignored by this profile (its backend, trunk, codebook or encoding):
+    a setting that silently does nothing is a misconfiguration. (``[ort] kernel`` is not among them: ``--head fused``
+    can make a standard-head profile use it.)"""
     if "ort" in raw and backend != "ort":
         fail(f"[ort] applies to backend = 'ort' only, not {backend!r}")
-    if "kernel" in (raw.get("ort") or {}) and head != "fused":
-        fail("ort.kernel applies to head = 'fused' only")
+    if "opset" in raw and trunk_source == "genai":
+        fail("opset applies to the portable trunk; onnxruntime-genai's builder gives its graph its own opset")
     given = set(raw.get("int8") or {})
     if given and codebook == "fp32":
         fail("[int8] applies to codebook = 'int8' or 'int4', not 'fp32'")
@@ -360,8 +361,6 @@ def parse_profile(raw: dict, where: str, recorded: bool = False) -> Profile:
         reduce_range=take(q, "reduce_range", bool, None, "int8.", None, "true or false"),
     )
 
-    if not recorded:
-        _check_applies(raw, backend, codebook, head, int8, fail)
     if "openvino" in raw and backend != "openvino":
         fail("[openvino] applies to backend = 'openvino' only")
     ovt = table("openvino", OpenVinoOptions.__dataclass_fields__)
@@ -376,6 +375,8 @@ def parse_profile(raw: dict, where: str, recorded: bool = False) -> Profile:
         fail("codebook = 'int4' is ONNX Runtime's MatMulNBits (bits = 4): set [int8] encoding = 'native' and head = 'standard'")
     if codebook == "int4" and (int8.activations or int8.reduce_range is not None):
         fail("int8.activations and int8.reduce_range apply to the QDQ int8 codebook, not to codebook = 'int4'")
+    if not recorded:
+        _check_applies(raw, backend, codebook, trunk.source, int8, fail)
     if "triton" in raw and backend not in ("ort", "trt"):
         fail(f"[triton] lays out ONNX Runtime or TensorRT models; backend {backend!r} has no Triton backend here")
 

@@ -74,15 +74,17 @@ class ParityReport:
         return asdict(self)
 
 
-def prompt_ids(tokenizer_path=None, vocab_size: int = 0, prompts=DEFAULT_PROMPTS, seed: int = 0) -> list[list[int]]:
-    """Token ids of the prompts (with the model's tokenizer), or seeded random ids without one."""
+def prompt_ids(tokenizer_path=None, vocab_size: int = 0, prompts=DEFAULT_PROMPTS, seed: int = 0,
+               lengths=(7, 4, 11)) -> list[list[int]]:
+    """Token ids of the prompts (with the model's tokenizer), or without one seeded random ids, one run of each of
+    ``lengths``."""
     if tokenizer_path is not None:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(tokenizer_path))
         return [tok.encode(p).ids or [0] for p in prompts]
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab_size, size=n).tolist() for n in (7, 4, 11)[: len(prompts)]]
+    return [rng.integers(0, vocab_size, size=n).tolist() for n in lengths]
 
 
 MAX_PROMPTS = 64  # prompts of one parity check (they go in as one batch)
@@ -93,7 +95,10 @@ def given_prompt_ids(prompts, tokenizer_path, vocab_size: int) -> list[list[int]
     ids in [0, vocab_size). Anything else, an empty prompt, or none at all is a VQExportError."""
     from .errors import VQExportError
 
-    if not isinstance(prompts, (list, tuple)) or not prompts:
+    if not isinstance(prompts, (list, tuple)):
+        raise VQExportError(f"prompts must be a list of prompts (each a string or a list of token ids), not a "
+                            f"{type(prompts).__name__}")
+    if not prompts:
         raise VQExportError("no prompts given: expected a list of prompts, each a string or a list of token ids")
     if len(prompts) > MAX_PROMPTS:
         raise VQExportError(f"{len(prompts)} prompts given; at most {MAX_PROMPTS} (they go in as one batch)")
@@ -122,22 +127,9 @@ def given_prompt_ids(prompts, tokenizer_path, vocab_size: int) -> list[list[int]
 
 def read_prompts_file(path) -> list:
     """A prompts file: a JSON list whose entries are strings or lists of token ids."""
-    import json
-    from pathlib import Path
+    from .jsonfile import read_json
 
-    from .errors import VQExportError
-
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise VQExportError(f"{path}: cannot read the prompts file ({getattr(e, 'strerror', None) or e})") from None
-    except json.JSONDecodeError as e:
-        raise VQExportError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected a list of strings or of token-id "
-                            "lists") from None
-    if not isinstance(data, list):
-        raise VQExportError(f"{path}: expected a JSON list of prompts (strings or lists of token ids)")
-    return data
+    return read_json(path, list, "a JSON list of prompts (strings or lists of token ids)")
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -187,7 +179,7 @@ def _routed_as_target(ref: np.ndarray, parts: dict, tgt: dict, routing: Routing 
         slack = 2.0 * (parity.atol + rtol_part)
         band = np.nonzero((s >= hi - slack) & (s <= lo + slack))[0]  # the P-th and next cluster, if they nearly tie
         if len(band) < 2:
-            gap = _misrouted(s, hi, lo, clusters, observed[n], values[n], exact[n], vq[n], out[n], parity.atol)
+            gap = _misrouted(s, hi, lo, clusters, observed[n], values[n], exact[n], vq[n], out[n], parity)
             if gap > slack:
                 misrouted.append(max(gap / 2.0 - rtol_part, 0.0))
             continue
@@ -200,17 +192,19 @@ def _routed_as_target(ref: np.ndarray, parts: dict, tgt: dict, routing: Routing 
                 out = ref.copy()
             out[n, tokens] = after
             rerouted += 1
-        gap = _misrouted(s, hi, lo, clusters, observed[n], values[n], exact[n], vq[n], out[n], parity.atol)
+        gap = _misrouted(s, hi, lo, clusters, observed[n], values[n], exact[n], vq[n], out[n], parity)
         if gap > slack:
             misrouted.append(max(gap / 2.0 - rtol_part, 0.0))
     return out, rerouted, misrouted
 
 
-def _misrouted(s, hi: float, lo: float, clusters, observed, values, exact, vq, ref, atol: float) -> float:
+def _misrouted(s, hi: float, lo: float, clusters, observed, values, exact, vq, ref, parity: Parity) -> float:
     """How far from the P-th / next route score (``hi`` / ``lo``) the clusters lie whose observed values the target
     gave as the other routing (exact logits where ``ref``, the reference as compared, has VQ ones, or the reverse):
-    0 when there are none. A cluster counts when its worst token misses the reference's value by more than ``atol``
-    and the other routing's value by at most half as much."""
+    0 when there are none. A cluster counts when its worst token misses the reference's value by more than the
+    tolerance (atol + rtol · |value|) and by more than 4 times the median cluster's miss (the target's rounding: the
+    other clusters route as the reference), and the other routing's value by at most half as much, and its exact and
+    VQ logits lie at least 10 tolerances apart (a routing, not rounding, difference)."""
     tokens = np.nonzero(observed & (exact != vq))[0]
     if not len(tokens):
         return 0.0
@@ -219,9 +213,15 @@ def _misrouted(s, hi: float, lo: float, clusters, observed, values, exact, vq, r
     was_exact = ref[tokens] == exact[tokens]
     other = np.where(was_exact, vq[tokens], exact[tokens])
     err_ref, err_other = np.zeros(K), np.zeros(K)
-    np.maximum.at(err_ref, cl, np.abs(values[tokens] - ref[tokens]))
+    over, apart = np.full(K, -np.inf), np.full(K, -np.inf)
+    miss = np.abs(values[tokens] - ref[tokens])
+    tol = parity.atol + parity.rtol * np.abs(ref[tokens])
+    np.maximum.at(err_ref, cl, miss)
     np.maximum.at(err_other, cl, np.abs(values[tokens] - other))
-    swapped = np.nonzero((err_ref > atol) & (err_other <= 0.5 * err_ref))[0]
+    np.maximum.at(over, cl, miss - tol)
+    np.maximum.at(apart, cl, np.abs(exact[tokens] - vq[tokens]) - 10.0 * tol)
+    rounding = float(np.median(err_ref[np.unique(cl)]))
+    swapped = np.nonzero((over > 0) & (apart > 0) & (err_ref > 4.0 * rounding) & (err_other <= 0.5 * err_ref))[0]
     if not len(swapped):
         return 0.0
     probed = np.zeros(K, dtype=bool)
@@ -262,6 +262,14 @@ def _observed(ref: np.ndarray, tgt: dict) -> tuple[np.ndarray, np.ndarray]:
     np.put_along_axis(observed, ids, True, -1)
     np.put_along_axis(values, ids, lp + offset, -1)
     return observed, values
+
+
+def _round_up(x: float, digits: int = 3) -> float:
+    """``x`` rounded up to ``digits`` significant digits (a tolerance to suggest: the rounded value still holds)."""
+    if x <= 0 or not np.isfinite(x):
+        return x
+    step = 10.0 ** (np.floor(np.log10(x)) - digits + 1)
+    return float(f"{np.ceil(x / step) * step:.{digits}g}")
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -441,7 +449,7 @@ def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]],
         top5_overlap=stats.top5 / stats.n, kl_divergence=max(stats.kl_sum / stats.n, 0.0),
         kl_divergence_max=max(stats.kl_max, 0.0), present_max_abs_diff=stats.present_max, greedy_match_steps=matched,
         steps=steps, batch=batch, positions=stats.n, compared=stats.compared, rerouted_positions=stats.rerouted,
-        misrouted_positions=len(stats.misrouted), misrouted_atol=max(stats.misrouted, default=0.0),
+        misrouted_positions=len(stats.misrouted), misrouted_atol=_round_up(max(stats.misrouted, default=0.0)),
         nonfinite_values=stats.nonfinite, allowed_atol=parity.atol, tolerances=asdict(parity),
     )
     return judged(report, parity)

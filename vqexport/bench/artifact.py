@@ -213,7 +213,7 @@ def _check_trt_bench(manifest: dict, artifact: Path, vs_dense: bool, prompt_len:
     if vs_dense:
         raise VQExportError("--vs-dense builds an ONNX Runtime twin; it is not available for a TensorRT artifact")
     profile = parse_profile(manifest["profile"], f"{artifact}/manifest.json", recorded=True)
-    check_fits_run(profile.trt, 1, prompt_len, steps, f"{artifact}: bench")
+    check_fits_run(profile.trt, 1, prompt_len, steps, f"{artifact}: bench", built=True)
     check_engine_runs_here(manifest["runtime"].get("engine", {}), probe(), str(artifact))
 
 

@@ -180,18 +180,12 @@ def agreement_ids(source, text, n: int) -> tuple[list[int], str]:
     if text is None:
         vocab = source.geometry.vocab_size
         return np.random.default_rng(1).integers(3, min(vocab, 32000), size=n).tolist(), "random token ids (seed 1)"
-    from tokenizers import Tokenizer
+    from ..convert.convert import _read_tokens
 
     if source.tokenizer_path is None:
         raise VQExportError(f"{source.path}: --text is encoded with the model's tokenizer, and it has no tokenizer.json")
-    try:
-        body = Path(text).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise VQExportError(f"{text}: cannot read --text ({getattr(e, 'strerror', None) or e})") from None
-    ids = Tokenizer.from_file(str(source.tokenizer_path)).encode(body).ids
-    if len(ids) < n:
-        raise VQExportError(f"{text}: {len(ids)} tokens; the agreement needs --prompt-length + --tokens = {n}")
-    return ids[:n], f"the first {n} tokens of {text}"
+    ids = _read_tokens(Path(text), source.tokenizer_path, "agreement", n)
+    return ids[:n].tolist(), f"the first {n} tokens of {text}"
 
 
 def agreement(vq_dir: Path, dense_dir: Path, ids: list[int], prompt_len: int, work: Path) -> dict:

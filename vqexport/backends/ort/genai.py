@@ -65,8 +65,9 @@ def genai_config(geo: Geometry, model_file: str, providers: list[str], context_l
 def genai_graph_level(level: str) -> str:
     """A profile's session optimization level as onnxruntime-genai's config names it (it has no layout level;
     ``all`` includes it)."""
-    return {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}.get(
-        level, "ORT_ENABLE_ALL")
+    from .session import _LEVELS
+
+    return "ORT_ENABLE_ALL" if level == "layout" else _LEVELS[level]
 
 
 _GENAI_PROVIDER = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}

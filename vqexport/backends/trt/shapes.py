@@ -53,12 +53,14 @@ def check_fits_model(trt: TrtOptions, cfg: Geometry, where: str) -> None:
                             f"max_position {cfg.max_position}")
 
 
-def check_fits_run(trt: TrtOptions, batch: int, prompt_len: int, steps: int, where: str) -> None:
-    """Refuse a run (parity prompts, bench) the engine's profiles cannot serve, naming the range to widen."""
+def check_fits_run(trt: TrtOptions, batch: int, prompt_len: int, steps: int, where: str, built: bool = False) -> None:
+    """Refuse a run (parity prompts, bench) the engine's profiles cannot serve, naming the range to widen (``built``:
+    the engine exists, so the run must fit it instead)."""
     def need(rng, v, name):
         if not rng.min <= v <= rng.max:
-            raise VQExportError(f"{where}: {name} = {v} is outside the engine's range [{rng.min}, {rng.max}]; "
-                                f"widen [trt] {name} in the profile")
+            fix = (f"keep the run within it, or rebuild with a wider [trt] {name}" if built
+                   else f"widen [trt] {name} in the profile")
+            raise VQExportError(f"{where}: {name} = {v} is outside the engine's range [{rng.min}, {rng.max}]; {fix}")
 
     need(trt.prefill_batch, batch, "prefill.batch")
     need(trt.prefill_sequence, prompt_len, "prefill.sequence")
