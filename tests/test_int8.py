@@ -359,7 +359,7 @@ def test_activation_scales_come_from_calibration_prompts_not_parity_prompts():
     from vqexport.backends.torch_ref import TorchRunner
     from vqexport.calibrate import activation_scales, calibration_ids
     from vqexport.source import resolve_source
-    from vqexport.verify import left_pad, prompt_ids
+    from vqexport.prompts import left_pad, prompt_ids
 
     source = resolve_source(None)
     calibration = calibration_ids(source.tokenizer_path, source.geometry.vocab_size)

@@ -419,7 +419,7 @@ MAX_STEPS = 4096  # greedy decode steps of a parity check (the CLI's --steps ran
 def check_steps_fit(source: Source, profile: Profile, steps: int | None, prompts: list[list[int]] | None = None) -> None:
     """The parity check's longest prompt (``prompts``' ids, or the built-in prompts) and its decode steps must fit in
     the model's positions."""
-    from .verify import prompt_ids
+    from .prompts import prompt_ids
 
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS):
         raise VQExportError(f"steps must be an integer in [0, {MAX_STEPS}], got {steps!r}")
@@ -437,7 +437,8 @@ def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, 
     """Compare the artifact in ``artifact`` (its runtime section) with the PyTorch reference, on ``prompts`` (token
     ids) or the built-in parity prompts."""
     from .backends.runners import runner_from_runtime
-    from .verify import prompt_ids, verify_runners
+    from .prompts import prompt_ids
+    from .verify import verify_runners
 
     reference = reference if reference is not None else reference_runner(source, progress)
     n = profile.parity.steps if steps is None else steps
@@ -520,7 +521,7 @@ def verify_artifact(artifact, steps: int | None = None, model=None, atol: float 
     it was built with (or ``atol`` / ``rtol`` for this check), on the built-in prompts or ``prompts`` (a list of
     strings, encoded with the model's tokenizer, or of token-id lists)."""
     from .profiles import parse_profile
-    from .verify import given_prompt_ids
+    from .prompts import given_prompt_ids
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)

@@ -4,7 +4,7 @@
     lowrank   max |h · Pᵀ|   (the rank-r correction's second MatMul reads it)
 
 Scales are amax / 127 (symmetric, zero point 0). The hidden states come from the PyTorch reference, so calibration
-needs no runtime. The calibration prompts are not the parity prompts (``verify.DEFAULT_PROMPTS``): a scale fitted on
+needs no runtime. The calibration prompts are not the parity prompts (``prompts.DEFAULT_PROMPTS``): a scale fitted on
 the very states parity then measures would make the parity figures optimistic.
 """
 
@@ -26,13 +26,13 @@ CALIBRATION_LENGTHS = (24, 17, 31, 9, 28, 20)
 
 def calibration_ids(tokenizer_path=None, vocab_size: int = 0) -> list[list[int]]:
     """Token ids of the calibration prompts (with the model's tokenizer), or seeded random ids without one."""
-    from .verify import prompt_ids
+    from .prompts import prompt_ids
 
     return prompt_ids(tokenizer_path, vocab_size, CALIBRATION_PROMPTS, CALIBRATION_SEED, CALIBRATION_LENGTHS)
 
 
 def activation_scales(reference, source) -> dict[str, float]:
-    from .verify import left_pad
+    from .prompts import left_pad
 
     geo = source.geometry
     prompts = calibration_ids(source.tokenizer_path, geo.vocab_size)

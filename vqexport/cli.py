@@ -361,7 +361,7 @@ def verify(ctx, artifact, steps, model, atol, rtol, prompt_texts, prompts_file, 
     ctx.meta["json"] = as_json
     prompts = None
     if prompt_texts or prompts_file is not None:
-        from .verify import read_prompts_file
+        from .prompts import read_prompts_file
 
         prompts = list(prompt_texts) + (read_prompts_file(prompts_file) if prompts_file is not None else [])
     with _Progress() as progress:
