@@ -104,20 +104,16 @@ def _routed_as_target(ref: np.ndarray, parts: dict, tgt: dict, routing: Routing 
         rtol_part = parity.rtol * max(abs(hi), abs(lo))
         slack = 2.0 * (parity.atol + rtol_part)
         band = np.nonzero((s >= hi - slack) & (s <= lo + slack))[0]  # the P-th and next cluster, if they nearly tie
-        if len(band) < 2:
-            gap = _misrouted(s, hi, lo, clusters, observed[n], values[n], exact[n], vq[n], out[n], parity)
-            if gap > slack:
-                misrouted.append(max(gap / 2.0 - rtol_part, 0.0))
-            continue
-        probed = P - int((s > lo + slack).sum())  # of the band's clusters: as many as the reference probed
-        tokens = np.nonzero(np.isin(clusters, band))[0]  # the band's tokens
-        chosen = _probed_in_band(band, probed, s, clusters, tokens[observed[n, tokens]], values[n], exact[n], vq[n])
-        after = np.where(np.isin(clusters[tokens], chosen), exact[n, tokens], vq[n, tokens])
-        if not np.array_equal(ref[n, tokens], after, equal_nan=True):
-            if out is ref:
-                out = ref.copy()
-            out[n, tokens] = after
-            rerouted += 1
+        if len(band) >= 2:
+            probed = P - int((s > lo + slack).sum())  # of the band's clusters: as many as the reference probed
+            tokens = np.nonzero(np.isin(clusters, band))[0]  # the band's tokens
+            chosen = _probed_in_band(band, probed, s, clusters, tokens[observed[n, tokens]], values[n], exact[n], vq[n])
+            after = np.where(np.isin(clusters[tokens], chosen), exact[n, tokens], vq[n, tokens])
+            if not np.array_equal(ref[n, tokens], after, equal_nan=True):
+                if out is ref:
+                    out = ref.copy()
+                out[n, tokens] = after
+                rerouted += 1
         gap = _misrouted(s, hi, lo, clusters, observed[n], values[n], exact[n], vq[n], out[n], parity)
         if gap > slack:
             misrouted.append(max(gap / 2.0 - rtol_part, 0.0))
@@ -132,7 +128,9 @@ def _misrouted(s, hi: float, lo: float, clusters, observed, values, exact, vq, r
     other clusters route as the reference), and the other routing's value by at most half as much, and its exact and
     VQ logits lie at least 10 tolerances apart (a routing, not rounding, difference)."""
     tokens = np.nonzero(observed & (exact != vq))[0]
-    if not len(tokens):
+    miss = np.abs(values[tokens] - ref[tokens])
+    tol = parity.atol + parity.rtol * np.abs(ref[tokens])
+    if not (miss > tol).any():  # every value within the tolerance: nothing to explain (a passing check's positions)
         return 0.0
     K = len(s)
     cl = clusters[tokens]
@@ -140,8 +138,6 @@ def _misrouted(s, hi: float, lo: float, clusters, observed, values, exact, vq, r
     other = np.where(was_exact, vq[tokens], exact[tokens])
     err_ref, err_other = np.zeros(K), np.zeros(K)
     over, apart = np.full(K, -np.inf), np.full(K, -np.inf)
-    miss = np.abs(values[tokens] - ref[tokens])
-    tol = parity.atol + parity.rtol * np.abs(ref[tokens])
     np.maximum.at(err_ref, cl, miss)
     np.maximum.at(err_other, cl, np.abs(values[tokens] - other))
     np.maximum.at(over, cl, miss - tol)
