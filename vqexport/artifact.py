@@ -104,6 +104,12 @@ def _malformed(manifest: dict) -> str | None:
 COMPANIONS = {".onnx": ".onnx.data", ".xml": ".bin"}  # the weights a runtime reads beside its model file
 
 
+def graph_file(runtime: dict) -> str:
+    """The ONNX graph of an artifact (its manifest's ``runtime`` section): the file the runtime loads, or for an
+    OpenVINO IR or a TensorRT engine the graph it was made from (``onnx_file``)."""
+    return runtime.get("onnx_file", runtime["model_file"])
+
+
 def weights_beside(model_file) -> str | None:
     """The file of weights a runtime reads beside ``model_file`` (an ONNX graph's external data, an OpenVINO IR's
     .bin), as a path like ``model_file``'s; None for a file that has none (a TensorRT engine)."""

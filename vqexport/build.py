@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .artifact import build_lock, check_files, check_output_dir, read_manifest, source_hashes, staged_dir, write_manifest
+from .artifact import (build_lock, check_files, check_output_dir, graph_file, read_manifest, source_hashes, staged_dir,
+                       write_manifest)
 from .errors import ParityError, VQExportError
 from .head.spec import has_head, read_head_config
 from .profiles import QUANTIZED, Profile, load_profile
@@ -192,7 +193,7 @@ def _graph_record(directory: Path, runtime: dict) -> tuple[dict, int]:
     from .graph_io import load_graph
     from .sizes import onnx_sizes
 
-    proto = load_graph(directory / runtime.get("onnx_file", runtime["model_file"]))
+    proto = load_graph(directory / graph_file(runtime))
     return onnx_sizes(proto), next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 

@@ -324,8 +324,10 @@ def _print_built(result) -> None:
         c.print(f"  {name:28s} {info['bytes']:>12,d} bytes")
     c.print(f"  {'manifest.json':28s} {(result.out / 'manifest.json').stat().st_size:>12,d} bytes")
     s = m["sizes"]
+    from .artifact import graph_file
+
     rt = m["runtime"]
-    graph = rt.get("onnx_file", rt["model_file"])
+    graph = graph_file(rt)
     where = "" if graph == rt["model_file"] else f" in {graph}, from which the runtime's {rt['model_file']} was made"
     c.print(f"head {s['head']['params']:,} params ({s['head']['bytes']:,} bytes) vs dense {s['dense_head']['params']:,}; "
             f"trunk {s['trunk']['params']:,} params{where}")

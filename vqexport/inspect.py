@@ -24,11 +24,11 @@ def inspect_path(path) -> dict:
         raise VQExportError(f"{path}: does not exist")
     if path.is_dir():
         if (path / "manifest.json").is_file():
-            from .artifact import read_manifest
+            from .artifact import graph_file, read_manifest
 
             manifest = read_manifest(path)
             rt = manifest["runtime"]
-            graph = path / rt.get("onnx_file", rt["model_file"])
+            graph = path / graph_file(rt)
             if not graph.is_file():
                 raise VQExportError(f"{graph}: missing from the artifact; rebuild it")
             info = inspect_onnx(graph)

@@ -255,8 +255,10 @@ def _trunk(t: dict, backend: str, fail, take) -> TrunkOptions:
                         quantize_embedding=take(t, "quantize_embedding", bool, False, "trunk.", None, "true or false"))
 
 
-def _check_applies(raw: dict, backend: str, codebook: str, trunk_source: str, int8: Int8Options, fail) -> None:
-    """Refuse keys that are valid but would be ignored by this profile (its backend, trunk, codebook or encoding):
+def _check_applies(raw: dict, backend: str, codebook: str, trunk_source: str, int8: Int8Options, decode_mode: str,
+                   fail) -> None:
+    """Refuse keys that are valid but would be ignored by this profile (its backend, trunk, codebook, encoding or
+    decode mode):
     a setting that silently does nothing is a misconfiguration. (``[ort] kernel`` is not among them: ``--head fused``
     can make a standard-head profile use it.)"""
     if "ort" in raw and backend != "ort":
@@ -272,6 +274,9 @@ def _check_applies(raw: dict, backend: str, codebook: str, trunk_source: str, in
     qdq_only = sorted({"activations", "reduce_range"} & given)
     if int8.encoding == "native" and codebook == "int8" and qdq_only:
         fail(f"int8.{qdq_only[0]} applies to the QDQ encoding only")
+    topk_only = sorted({"k", "keep_logits"} & set(raw.get("decode") or {}))
+    if decode_mode != "topk" and topk_only:
+        fail(f"decode.{topk_only[0]} applies to decode.mode = 'topk' only")
 
 
 def parse_profile(raw: dict, where: str, recorded: bool = False) -> Profile:
@@ -375,8 +380,6 @@ def parse_profile(raw: dict, where: str, recorded: bool = False) -> Profile:
         fail("codebook = 'int4' is ONNX Runtime's MatMulNBits (bits = 4): set [int8] encoding = 'native' and head = 'standard'")
     if codebook == "int4" and (int8.activations or int8.reduce_range is not None):
         fail("int8.activations and int8.reduce_range apply to the QDQ int8 codebook, not to codebook = 'int4'")
-    if not recorded:
-        _check_applies(raw, backend, codebook, trunk.source, int8, fail)
     if "triton" in raw and backend not in ("ort", "trt"):
         fail(f"[triton] lays out ONNX Runtime or TensorRT models; backend {backend!r} has no Triton backend here")
 
@@ -393,9 +396,8 @@ def parse_profile(raw: dict, where: str, recorded: bool = False) -> Profile:
         keep_logits=take(dtab, "keep_logits", bool, False, "decode.", None, "true or false"),
         last_position_only=take(dtab, "last_position_only", bool, None, "decode.", None, "true or false"),
     )
-    topk_only = sorted({"k", "keep_logits"} & set(dtab))
-    if decode.mode != "topk" and topk_only and not recorded:
-        fail(f"decode.{topk_only[0]} applies to decode.mode = 'topk' only")
+    if not recorded:
+        _check_applies(raw, backend, codebook, trunk.source, int8, decode.mode, fail)
 
     p = table("parity", Parity.__dataclass_fields__)
     # float32 through and through: PyTorch's own float32 error can set the tolerance; quantization or fp16 sets it otherwise

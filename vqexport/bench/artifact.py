@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import read_manifest, weights_beside
+from ..artifact import graph_file, read_manifest, weights_beside
 from ..errors import VQExportError
 
 
@@ -243,7 +243,7 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     models = {"vq": artifact / runtime["model_file"]}
     with tempfile.TemporaryDirectory() as tmp:
         if vs_dense:
-            last = _last_position_only(artifact / runtime.get("onnx_file", runtime["model_file"]))
+            last = _last_position_only(artifact / graph_file(runtime))
             if runtime.get("backend") == "openvino":  # the twin of the portable graph, converted as the build did
                 from ..backends.openvino.builder import to_ir
 

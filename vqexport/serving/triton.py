@@ -124,11 +124,12 @@ def validate_config(text: str, proto: onnx.ModelProto, profile: Profile, where: 
 def layout(out: Path, runtime: dict, profile: Profile) -> dict:
     """Move the runtime's model file (and its external data) into ``<model_name>/1/`` beside a checked
     config.pbtxt; returns the new runtime section."""
+    from ..artifact import graph_file
     from ..graph_io import load_graph
 
     _, filename = PLATFORMS[profile.backend]
     name = profile.triton.model_name
-    proto = load_graph(out / runtime.get("onnx_file", runtime["model_file"]))
+    proto = load_graph(out / graph_file(runtime))
     text = config_text(proto, profile)
     validate_config(text, proto, profile, f"{name}/{CONFIG_FILE}")
     version_dir = out / name / "1"
