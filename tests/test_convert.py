@@ -202,3 +202,15 @@ def test_balanced_from_the_cli(dense_ckpt, tmp_path):
     with pytest.raises(api.VQExportError, match="--clustering must be one of auto, euclidean, spherical, balanced, balanced-spherical"):
         api.convert(dense_ckpt, 8, tmp_path / "w", clustering="ward")
     assert not (tmp_path / "w").exists()
+
+
+def test_distillation_windows_reach_the_end_of_the_text():
+    import torch
+
+    from vqexport.convert.convert import SEQ, _batches
+
+    ids = torch.arange(SEQ + 3)  # three windows of SEQ + 1 tokens: starts 0, 1, 2
+    x, y = next(_batches(ids, 300, torch.Generator().manual_seed(0)))
+    assert x.shape == y.shape == (300, SEQ) and torch.equal(y[:, :-1], x[:, 1:])
+    assert sorted(set(x[:, 0].tolist())) == [0, 1, 2]
+    assert y[:, -1].max().item() == SEQ + 2  # the text's last token is a target

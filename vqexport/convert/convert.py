@@ -113,7 +113,9 @@ def _windows(ids: np.ndarray) -> torch.Tensor:
 
 
 def _batches(ids: torch.Tensor, batch: int, gen: torch.Generator):
-    n = len(ids) - SEQ - 1
+    """Endless (inputs, next tokens) batches of ``batch`` windows of SEQ tokens, each drawn at a uniformly random start
+    among every window the text holds (the last one ends at the text's last token)."""
+    n = len(ids) - SEQ  # starts 0 .. len - SEQ - 1: a window needs SEQ + 1 tokens
     while True:
         starts = torch.randint(n, (batch,), generator=gen)
         chunk = torch.stack([ids[s : s + SEQ + 1] for s in starts.tolist()])
