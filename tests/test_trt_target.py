@@ -251,3 +251,10 @@ def test_a_rebuild_reuses_the_previous_timing_cache(tmp_path, monkeypatch):
     again = api.build("trt-int8", out=out, steps=2, force=True)
     assert len(seen) == 2 and seen[1] == cache  # the engine build started from the replaced artifact's measurements
     assert again.parity.passed and (out / "timing.cache").is_file()
+
+
+def test_verify_refuses_decode_steps_beyond_the_engines_profiles_before_any_work(fake_trt_artifact):
+    """The built-in prompts too: more decode steps than the built engine's past range are refused from its ranges, with
+    the advice for an engine that exists (not 'widen the profile', which would not change this engine)."""
+    assert_user_error(run_cli("verify", "--artifact", fake_trt_artifact, "--steps", 1500),
+                      "the parity check: decode.past = ", "is outside the engine's range [1, 1023]", "keep the run within it")

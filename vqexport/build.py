@@ -110,7 +110,7 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
         raise VQExportError(f"{out}: the output directory would replace the model directory {model_dir} (or a folder "
                             "holding it); choose another --out")
     check_profile_fits(profile, source)
-    check_steps_fit(source, profile, steps)
+    prompts = check_steps_fit(source, profile, steps)
     source = for_target(source, profile)
     record = source_record(source)
     fp = fingerprint(record, profile)
@@ -119,7 +119,7 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
         check_output_dir(out, fp, force)
         with build_lock(out):  # another build into the same directory finishes first; then this one decides again
             check_output_dir(out, fp, force)
-            return _build(profile, source, record, fp, out, steps, progress)
+            return _build(profile, source, record, fp, out, steps, prompts, progress)
     except BaseException:
         for d in missing:
             try:
@@ -131,7 +131,7 @@ def build(target: str | Profile = "ort", model=None, out=None, force: bool = Fal
         raise
 
 
-def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, steps, progress) -> BuildResult:
+def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, steps, prompts, progress) -> BuildResult:
     previous_cache = _previous_timing_cache(out) if profile.backend == "trt" else None
     with staged_dir(out) as tmp:
         reference = reference_runner(source, progress)
@@ -159,7 +159,7 @@ def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, s
 
             runtime = build_ort(tmp, profile, source, trunk)
         progress("verifying parity against PyTorch")
-        report = verify_dir(tmp, runtime, profile, source, reference, steps=steps, progress=progress)
+        report = verify_dir(tmp, runtime, profile, source, reference, steps=steps, progress=progress, prompts=prompts)
         if profile.triton.enabled:
             from .serving.triton import layout
 
@@ -417,9 +417,10 @@ def check_profile_fits(profile: Profile, source: Source) -> None:
 MAX_STEPS = 4096  # greedy decode steps of a parity check (the CLI's --steps range)
 
 
-def check_steps_fit(source: Source, profile: Profile, steps: int | None, prompts: list[list[int]] | None = None) -> None:
+def check_steps_fit(source: Source, profile: Profile, steps: int | None,
+                    prompts: list[list[int]] | None = None) -> list[list[int]]:
     """The parity check's longest prompt (``prompts``' ids, or the built-in prompts) and its decode steps must fit in
-    the model's positions."""
+    the model's positions. Returns the prompts' ids checked."""
     from .prompts import prompt_ids
 
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS):
@@ -431,6 +432,7 @@ def check_steps_fit(source: Source, profile: Profile, steps: int | None, prompts
     if limit and longest + n > limit:
         raise VQExportError(f"the parity check's longest prompt ({longest} tokens) + {n} decode steps exceeds the "
                             f"model's max_position {limit}; pass --steps {max(limit - longest, 0)} or fewer")
+    return prompts
 
 
 def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, reference=None, steps=None,
@@ -541,12 +543,12 @@ def verify_artifact(artifact, steps: int | None = None, model=None, atol: float 
     if model is None and source_record(source)["sha256"] != src["sha256"]:
         raise VQExportError(f"{source.path}: the model changed since the artifact was built; rebuild, or pass --model")
     ids = given_prompt_ids(prompts, source.tokenizer_path, source.geometry.vocab_size) if prompts is not None else None
-    check_steps_fit(source, profile, steps, ids)
-    if ids is not None and profile.backend == "trt":  # the engine is built: its ranges bound the prompts, not the profile
+    ids = check_steps_fit(source, profile, steps, ids)
+    if profile.backend == "trt":  # the engine is built: its ranges bound the run, not the profile
         from .backends.trt.shapes import check_fits_run
 
         check_fits_run(profile.trt, len(ids), max(map(len, ids)), profile.parity.steps if steps is None else steps,
-                       f"{artifact}: the prompts given", built=True)
+                       f"{artifact}: " + ("the prompts given" if prompts is not None else "the parity check"), built=True)
     check_files(artifact, manifest, hashes=True)
     if has_head(artifact):  # the head the artifact was built with, as given to the build
         ours, theirs = read_head_config(artifact).to_dict(), source.head.config.to_dict()
