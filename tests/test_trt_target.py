@@ -258,3 +258,19 @@ def test_verify_refuses_decode_steps_beyond_the_engines_profiles_before_any_work
     the advice for an engine that exists (not 'widen the profile', which would not change this engine)."""
     assert_user_error(run_cli("verify", "--artifact", fake_trt_artifact, "--steps", 1500),
                       "the parity check: decode.past = ", "is outside the engine's range [1, 1023]", "keep the run within it")
+
+
+def test_a_build_whose_parity_check_exceeds_the_profiles_ranges_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Refused from the profile's ranges before the model is exported or an engine built (it used to be refused
+    after both, when parity began)."""
+    import vqexport.build as build_module
+
+    monkeypatch.setattr(build_module, "check_machine", lambda profile: None)  # as on a machine with TensorRT
+    monkeypatch.setattr(build_module, "reference_runner", lambda *a: pytest.fail("the model was loaded"))
+    short = tmp_path / "short.toml"
+    short.write_text('name = "short"\nbackend = "trt"\n[trt.decode]\nbatch = [1, 1, 8]\npast = [1, 16, 32]\n')
+    out = tmp_path / "out"
+    assert_user_error(run_cli("build", "--target", short, "--out", out, "--steps", 40),
+                      "target short parity check: decode.past = ", "is outside the engine's range [1, 32]",
+                      "widen [trt] decode.past in the profile")
+    assert not out.exists()

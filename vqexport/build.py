@@ -159,7 +159,7 @@ def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, s
 
             runtime = build_ort(tmp, profile, source, trunk)
         progress("verifying parity against PyTorch")
-        report = verify_dir(tmp, runtime, profile, source, reference, steps=steps, progress=progress, prompts=prompts)
+        report = verify_dir(tmp, runtime, profile, source, prompts, reference, steps=steps, progress=progress)
         if profile.triton.enabled:
             from .serving.triton import layout
 
@@ -417,41 +417,43 @@ def check_profile_fits(profile: Profile, source: Source) -> None:
 MAX_STEPS = 4096  # greedy decode steps of a parity check (the CLI's --steps range)
 
 
-def check_steps_fit(source: Source, profile: Profile, steps: int | None,
-                    prompts: list[list[int]] | None = None) -> list[list[int]]:
+def check_steps_fit(source: Source, profile: Profile, steps: int | None, prompts: list[list[int]] | None = None,
+                    artifact: Path | None = None) -> list[list[int]]:
     """The parity check's longest prompt (``prompts``' ids, or the built-in prompts) and its decode steps must fit in
-    the model's positions. Returns the prompts' ids checked."""
+    the model's positions, and on a TensorRT target in the engine's ranges: the profile's (a build), or those of the
+    engine built in ``artifact`` (a verify). Returns the prompts' ids checked."""
     from .prompts import prompt_ids
 
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS):
         raise VQExportError(f"steps must be an integer in [0, {MAX_STEPS}], got {steps!r}")
     n = profile.parity.steps if steps is None else steps
-    prompts = prompts if prompts is not None else prompt_ids(source.tokenizer_path, source.geometry.vocab_size)
+    given = prompts is not None
+    prompts = prompts if given else prompt_ids(source.tokenizer_path, source.geometry.vocab_size)
     longest = max(len(p) for p in prompts)
     limit = source.geometry.max_position
     if limit and longest + n > limit:
         raise VQExportError(f"the parity check's longest prompt ({longest} tokens) + {n} decode steps exceeds the "
                             f"model's max_position {limit}; pass --steps {max(limit - longest, 0)} or fewer")
+    if profile.backend == "trt":
+        from .backends.trt.shapes import check_fits_run
+
+        where = (f"target {profile.name} parity check" if artifact is None
+                 else f"{artifact}: " + ("the prompts given" if given else "the parity check"))
+        check_fits_run(profile.trt, len(prompts), longest, n, where, built=artifact is not None)
     return prompts
 
 
-def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, reference=None, steps=None,
-               progress=_noop, prompts: list[list[int]] | None = None) -> ParityReport:
+def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, prompts: list[list[int]], reference=None,
+               steps=None, progress=_noop) -> ParityReport:
     """Compare the artifact in ``artifact`` (its runtime section) with the PyTorch reference, on ``prompts`` (token
-    ids) or the built-in parity prompts."""
+    ids, as ``check_steps_fit`` checked and returned them)."""
     from .backends.runners import runner_from_runtime
-    from .prompts import prompt_ids
     from .verify import verify_runners
 
     reference = reference if reference is not None else reference_runner(source, progress)
     n = profile.parity.steps if steps is None else steps
     geo = source.geometry
-    prompts = prompts if prompts is not None else prompt_ids(source.tokenizer_path, geo.vocab_size)
     pad = geo.pad_token_id if geo.pad_token_id is not None else (geo.eos_token_id or 0)
-    if profile.backend == "trt":
-        from .backends.trt.shapes import check_fits_run
-
-        check_fits_run(profile.trt, len(prompts), max(len(p) for p in prompts), n, f"target {profile.name} parity check")
     target = runner_from_runtime(Path(artifact) / runtime["model_file"], runtime)
     batched = not runtime.get("past_present_share_buffer", False)  # GroupQueryAttention takes no left-padded batch
     with reference as ref:
@@ -543,12 +545,7 @@ def verify_artifact(artifact, steps: int | None = None, model=None, atol: float 
     if model is None and source_record(source)["sha256"] != src["sha256"]:
         raise VQExportError(f"{source.path}: the model changed since the artifact was built; rebuild, or pass --model")
     ids = given_prompt_ids(prompts, source.tokenizer_path, source.geometry.vocab_size) if prompts is not None else None
-    ids = check_steps_fit(source, profile, steps, ids)
-    if profile.backend == "trt":  # the engine is built: its ranges bound the run, not the profile
-        from .backends.trt.shapes import check_fits_run
-
-        check_fits_run(profile.trt, len(ids), max(map(len, ids)), profile.parity.steps if steps is None else steps,
-                       f"{artifact}: " + ("the prompts given" if prompts is not None else "the parity check"), built=True)
+    ids = check_steps_fit(source, profile, steps, ids, artifact)  # the engine is built: its ranges bound the run
     check_files(artifact, manifest, hashes=True)
     if has_head(artifact):  # the head the artifact was built with, as given to the build
         ours, theirs = read_head_config(artifact).to_dict(), source.head.config.to_dict()
@@ -559,4 +556,4 @@ def verify_artifact(artifact, steps: int | None = None, model=None, atol: float 
             if ours.get(key) != theirs.get(key):
                 raise VQExportError(f"{source.path}: its head has {key} = {theirs.get(key)!r} but the artifact's has "
                                     f"{key} = {ours.get(key)!r}; pass the model it was built from")
-    return verify_dir(artifact, manifest["runtime"], profile, source, steps=steps, progress=progress, prompts=ids)
+    return verify_dir(artifact, manifest["runtime"], profile, source, ids, steps=steps, progress=progress)
