@@ -10,6 +10,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # a test that needs one sets it.
 os.environ.pop("COLUMNS", None)
 
+
+def _interpret_triton_without_a_gpu() -> None:
+    """Without a CUDA GPU, Triton kernels run in Triton's interpreter on CPU tensors (tests/test_gpu_kernel.py).
+    Triton reads the switch when it is first imported, and its own library functions are kernels too."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_a_gpu()
+
 from .models import make_model  # noqa: E402
 
 

@@ -1,17 +1,35 @@
-"""The fused op's GPU kernel (ops/vqlogits/gpu, Triton) against the op's formula; runs where a CUDA GPU and Triton exist."""
+"""The GPU kernels of the VQ-Logits heads (ops/vqlogits/gpu, Triton) against their definitions.
+
+On a CUDA GPU they run compiled; elsewhere under Triton's interpreter on CPU tensors, which checks their indexing,
+masks and arithmetic (not their speed, nor the GPU's rounding). Without Triton they skip.
+"""
+
+import os
 
 import numpy as np
 import pytest
 
 from vqexport.ops.gpu import load_kernel, source_path
 
+from .models import random_head
 
-def _cuda_or_skip():
-    import torch
+
+@pytest.fixture(scope="module")
+def kernel():
+    """(the kernel module, its device): compiled on a CUDA GPU, else interpreted on the CPU (tests/conftest.py turns
+    Triton's interpreter on where there is no GPU)."""
+    torch = pytest.importorskip("torch")
     pytest.importorskip("triton", reason="Triton is not installed")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU on this machine")
-    return torch
+    if torch.cuda.is_available():
+        return load_kernel(), "cuda"
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    return load_kernel(), "cpu"
+
+
+def _on(device):
+    import torch
+
+    return lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
 
 def _formula(h, ct, m, b, p=None, u=None):
@@ -30,9 +48,10 @@ def test_kernel_source_is_shipped():
 
 @pytest.mark.parametrize("lowrank", [False, True], ids=["4-inputs", "6-inputs"])
 @pytest.mark.parametrize("shape_h", [(1, 1, 64), (3, 7, 64), (5, 64), (2, 0, 64), (1, 1, 896)])
-def test_kernel_matches_formula(shape_h, lowrank):
-    torch = _cuda_or_skip()
-    kernel = load_kernel()
+def test_kernel_matches_formula(kernel, shape_h, lowrank):
+    import torch
+
+    kernel, device = kernel
     d = shape_h[-1]
     K, V, r = 37, 3001, 8  # V not a multiple of any block size
     rng = np.random.default_rng(sum(shape_h) + lowrank)
@@ -42,17 +61,121 @@ def test_kernel_matches_formula(shape_h, lowrank):
     b = rng.standard_normal(V).astype(np.float32)
     p = (rng.standard_normal((d, r)) / np.sqrt(d)).astype(np.float32) if lowrank else None
     u = rng.standard_normal((r, V)).astype(np.float32) if lowrank else None
-    cuda = lambda a: None if a is None else torch.from_numpy(a).cuda()  # noqa: E731
-    got = kernel.vq_logits(cuda(h), cuda(ct), cuda(m), cuda(b), cuda(p), cuda(u))
-    torch.cuda.synchronize()
+    on = _on(device)
+    got = kernel.vq_logits(on(h), on(ct), on(m), on(b), on(p), on(u))
     assert got.shape == (*shape_h[:-1], V) and got.dtype == torch.float32
     np.testing.assert_allclose(got.cpu().numpy(), _formula(h, ct, m, b, p, u), atol=2e-4, rtol=1e-5)
 
 
-def test_kernel_refuses_half_a_lowrank_term():
-    torch = _cuda_or_skip()
-    kernel = load_kernel()
-    x = torch.zeros((1, 8), device="cuda")
+def test_kernel_refuses_half_a_lowrank_term(kernel):
+    import torch
+
+    kernel, device = kernel
+    x = torch.zeros((1, 8), device=device)
     with pytest.raises(ValueError, match="both"):
-        kernel.vq_logits(x, torch.zeros((8, 4), device="cuda"), torch.zeros(5, dtype=torch.int32, device="cuda"),
-                         torch.zeros(5, device="cuda"), lowrank_p_t=torch.zeros((8, 2), device="cuda"))
+        kernel.vq_logits(x, torch.zeros((8, 4), device=device), torch.zeros(5, dtype=torch.int32, device=device),
+                         torch.zeros(5, device=device), lowrank_p_t=torch.zeros((8, 2), device=device))
+
+
+def _two_stage(V, d, K, probes, rank=0, route=False, seed=0):
+    from vqexport.head.spec import make_head
+
+    h = random_head(V, d, K, rank=rank, seed=seed)  # clusters of unequal sizes: the member table is padded
+    extra = {"route_bias": (np.random.default_rng(seed + 7).standard_normal(K) * 3).astype(np.float32)} if route else {}
+    return make_head({**h.tensors, **extra}, probes=probes)
+
+
+@pytest.mark.parametrize("shape_h, probes, rank, route, rows_dtype, rows_bias", [
+    ((1, 1, 64), 5, 0, False, "float32", False),       # decode
+    ((3, 7, 64), 5, 8, True, "float32", True),         # prefill, router, rank-8 tail, the rows' bias
+    ((5, 64), 1, 0, True, "float16", False),           # one probe, rows in half precision (read as they are)
+    ((4, 64), 5, 0, True, "bfloat16", True),           # rows in bfloat16, a GPU model's own table
+    ((2, 37), 37, 0, False, "float32", True),          # every cluster probed: the dense layer; d not a block multiple
+    ((1, 1, 896), 12, 8, False, "float32", False),     # the hidden size of Qwen2.5-0.5B
+    ((2, 0, 64), 5, 0, False, "float32", False),       # no positions
+], ids=["decode", "prefill-router-rank8-rowbias", "one-probe-fp16-rows", "bf16-rows", "all-clusters", "d896", "empty"])
+def test_two_stage_kernel_matches_the_heads_definition(kernel, shape_h, probes, rank, route, rows_dtype, rows_bias):
+    import torch
+
+    kernel, device = kernel
+    d = shape_h[-1]
+    K = 37
+    V = 1001  # not a multiple of any cluster size or block
+    head = _two_stage(V, d, K, probes, rank=rank, route=route)
+    rng = np.random.default_rng(sum(shape_h) + probes)
+    W = torch.from_numpy((rng.standard_normal((V, d)) * d**-0.5 * 3).astype(np.float32)).to(getattr(torch, rows_dtype))
+    wb = rng.standard_normal(V).astype(np.float32) if rows_bias else None
+    h = rng.standard_normal(shape_h).astype(np.float32)
+    assert (head.members < 0).any()  # padded: the kernel must skip those slots
+    want = head.logits(h, rows=W.double().numpy(), rows_bias=wb)  # the rows as stored
+    on = _on(device)
+    lowrank = (head.lowrank[0].T, head.lowrank[1].T) if rank else (None, None)
+    got = kernel.two_stage_logits(on(h), on(head.codebook.T), on(head.map), on(head.bias), on(head.members), W.to(device),
+                                  probes, rows_bias=on(wb), route_bias=on(head.route_bias), lowrank_p_t=on(lowrank[0]),
+                                  lowrank_u_t=on(lowrank[1]))
+    assert got.shape == (*shape_h[:-1], V) and got.dtype == torch.float32
+    got = got.cpu().numpy()
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-5)
+    if got.size:  # the probed tokens took exact logits, which differ from their VQ logits
+        assert np.abs(got - head.tail_logits(h)).max() > 0.1
+
+
+def test_two_stage_kernel_probes_the_clusters_it_is_given(kernel):
+    kernel, device = kernel
+    V, d, K, P = 500, 32, 20, 3
+    head = _two_stage(V, d, K, P)
+    rng = np.random.default_rng(5)
+    W = rng.standard_normal((V, d)).astype(np.float32)
+    h = rng.standard_normal((2, d)).astype(np.float32)
+    top = np.argsort(head.route_scores(h), axis=-1)[:, :P]  # the worst clusters: not the router's choice
+    on = _on(device)
+    got = kernel.two_stage_logits(on(h), on(head.codebook.T), on(head.map), on(head.bias), on(head.members), on(W),
+                                  P, top=on(top)).cpu().numpy()
+    tail = head.tail_logits(h)
+    for n in range(2):
+        probed = np.isin(head.map, top[n])
+        np.testing.assert_allclose(got[n, probed], h[n].astype(np.float64) @ W[probed].T.astype(np.float64), atol=2e-4)
+        np.testing.assert_allclose(got[n, ~probed], tail[n, ~probed], atol=2e-4)
+
+
+@pytest.mark.parametrize("probes, members_shape, rows_shape, match", [
+    (0, None, None, r"probes must be in \[1, 20\]"),
+    (21, None, None, r"probes must be in \[1, 20\]"),
+    (3, (19, 40), None, r"members must be \[20, cap\] and rows \[500, 32\]"),
+    (3, None, (500, 31), r"members must be \[20, cap\] and rows \[500, 32\]"),
+])
+def test_two_stage_kernel_refuses_inconsistent_shapes(kernel, probes, members_shape, rows_shape, match):
+    import torch
+
+    kernel, device = kernel
+    V, d, K = 500, 32, 20
+    head = _two_stage(V, d, K, 3)
+    on = _on(device)
+    members = torch.zeros(members_shape, dtype=torch.int32) if members_shape else on(head.members)
+    rows = torch.zeros(rows_shape) if rows_shape else torch.zeros((V, d))
+    with pytest.raises(ValueError, match=match):
+        kernel.two_stage_logits(torch.zeros((1, d)), on(head.codebook.T), on(head.map), on(head.bias), members,
+                                rows, probes)
+
+
+def test_the_two_stage_benchmarks_problem_and_parity_figure(kernel):
+    """ops/vqlogits/gpu/bench.py --head two-stage, its parts that are not timing, at a small shape: the kernel on its
+    problem agrees with its float64 figure, and the figure sees a wrong probe."""
+    import importlib.util
+
+    import torch
+
+    kernel, device = kernel
+    spec = importlib.util.spec_from_file_location("vqlogits_gpu_bench", source_path().with_name("bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    t = bench.two_stage_problem(torch.Generator().manual_seed(0), 320, 32, 20, device)
+    assert sorted(t["members"].flatten().tolist()) == list(range(320))
+    assert all((t["mapping"][t["members"][c].long()] == c).all() for c in range(20))
+    h = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    args = (t["codebook_t"], t["mapping"], t["bias"], t["members"], t["rows"], 4)
+    got = kernel.two_stage_logits(h, *args, route_bias=t["route_bias"])
+    assert bench.two_stage_error(h, t, 4, got) < 1e-4
+    assert bench.two_stage_error(h, t, 4, kernel.two_stage_reference(h, *args, route_bias=t["route_bias"])) < 1e-4
+    worst = torch.topk(-(h @ t["codebook_t"] + t["route_bias"]), 4, dim=-1).indices
+    assert bench.two_stage_error(h, t, 4, kernel.two_stage_logits(h, *args, route_bias=t["route_bias"], top=worst)) > 0.1

@@ -168,10 +168,11 @@ class Head:
         P = self.config.probes if probes is None else probes
         top = np.argsort(-self.route_scores(h), axis=-1, kind="stable")[..., :P]  # [..., P]
         ids = self.members[top]  # [..., P, cap]
-        exact = np.einsum("...d,...nd->...n", h, rows.astype(np.float64)[np.where(ids >= 0, ids, 0)].reshape(*ids.shape[:-2], -1, h.shape[-1]))
+        flat_rows = rows.astype(np.float64)[np.where(ids >= 0, ids, 0)]  # [..., P, cap, d]
+        exact = np.einsum("...d,...nd->...n", h, flat_rows.reshape(*ids.shape[:-2], ids.shape[-2] * ids.shape[-1], h.shape[-1]))
         if rows_bias is not None:
             exact = exact + rows_bias.astype(np.float64)[np.where(ids >= 0, ids, 0)].reshape(exact.shape)
-        flat = ids.reshape(*ids.shape[:-2], -1)
+        flat = ids.reshape(*ids.shape[:-2], ids.shape[-2] * ids.shape[-1])
         keep = flat >= 0
         lead = np.indices(flat.shape[:-1])
         idx = tuple(np.broadcast_to(a[..., None], flat.shape)[keep] for a in lead) + (flat[keep],)

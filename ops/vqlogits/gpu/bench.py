@@ -1,10 +1,15 @@
-"""Time the Triton VQLogits kernel against the same op in plain torch, and against a dense head, on one GPU.
+"""Time the Triton kernels of the VQ-Logits heads against the same heads in plain torch, and against a dense head,
+on one GPU.
 
-    python ops/vqlogits/gpu/bench.py [--out results.json]
+    python ops/vqlogits/gpu/bench.py [--head vqlogits|two-stage] [--out results.json]
 
-Qwen2.5-0.5B head shape (V=151936, d=896, K=2048), rows N = 1 (decode), 8, 128 (prefill chunk); with and without
-a rank-8 low-rank term. Median of CUDA-event timings after warm-up, eager (launch overhead included) and
-replayed from a CUDA graph (kernel time); parity as max |kernel - float64 formula|.
+Qwen2.5-0.5B head shape (V=151936, d=896); rows N = 1 (decode), 8, 128 (prefill chunk). Median of CUDA-event
+timings after warm-up, eager (launch overhead included) and replayed from a CUDA graph (kernel time); parity as
+max |kernel - float64 formula|.
+
+* ``vqlogits`` (the fused op): K=2048, with and without a rank-8 low-rank term.
+* ``two-stage``: K=9496 equal clusters of 16, P = 296 and 593 (K/32, K/16), the exact rows in float32 and in
+  bfloat16 (a GPU model's own table); the dense head is the same rows' N x d . d x V product.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vqlogits_triton import torch_reference, vq_logits  # noqa: E402
+from vqlogits_triton import torch_reference, two_stage_logits, two_stage_reference, vq_logits  # noqa: E402
 
 V, D, K, R = 151936, 896, 2048, 8
+K2, CAP = 9496, 16  # the two-stage head: V = K2 * CAP
 
 
 def _time(fn, iters=200, warmup=20) -> float:
@@ -53,12 +59,7 @@ def _time_graph(fn, iters=200) -> float:
     return _time(graph.replay, iters=iters // 10 + 5, warmup=3) / 10
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    g = torch.Generator(device="cpu").manual_seed(0)
+def _vqlogits_rows(g) -> list[dict]:
     ct = (torch.randn(D, K, generator=g) / D**0.5).cuda()
     m = torch.randint(0, K, (V,), generator=g, dtype=torch.int32).cuda()
     b = torch.randn(V, generator=g).cuda()
@@ -88,8 +89,75 @@ def main() -> None:
                 "graph_dense_matmul_ms": _time_graph(lambda: h @ w),
             })
             print(json.dumps(rows[-1]), flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "shape": {"V": V, "d": D, "K": K}, "rows": rows}
+    return rows
+
+
+def two_stage_problem(g, vocab: int, d: int, k: int, device: str) -> dict:
+    """A random two-stage head of ``k`` equal clusters (vocab = k * cap) on ``device``: its tensors by the names
+    ``two_stage_logits`` takes, the rows float32."""
+    members = torch.randperm(vocab, generator=g).reshape(k, vocab // k).to(torch.int32)
+    mapping = torch.empty(vocab, dtype=torch.int32)
+    mapping[members.flatten().long()] = torch.arange(k, dtype=torch.int32).repeat_interleave(vocab // k)
+    rows = torch.randn(vocab, d, generator=g) * d**-0.5 * 3
+    codebook = torch.zeros(k, d).index_add_(0, mapping.long(), rows) / (vocab // k)  # the clusters' means
+    t = {"codebook_t": codebook.t().contiguous(), "mapping": mapping, "bias": torch.randn(vocab, generator=g) * 0.1,
+         "members": members, "rows": rows, "route_bias": torch.randn(k, generator=g) * 0.1}
+    return {name: v.to(device) for name, v in t.items()}
+
+
+def two_stage_error(h: torch.Tensor, t: dict, probes: int, got: torch.Tensor) -> float:
+    """max |got - the two-stage head in float64|, probing the clusters float64 route scores pick."""
+    h64 = h.double()
+    z = h64 @ t["codebook_t"].double()
+    top = torch.topk(z + t["route_bias"].double(), probes, dim=-1).indices
+    want = z[:, t["mapping"].long()] + t["bias"].double()
+    ids = t["members"].long()[top].flatten(-2)
+    exact = h64 @ t["rows"].double().t()  # every exact logit: one product, then the probed ones picked
+    want.scatter_(-1, ids, exact.gather(-1, ids))
+    return float((got.double() - want).abs().max())
+
+
+def _two_stage_rows(g) -> list[dict]:
+    t = two_stage_problem(g, V, D, K2, "cuda")
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = t["rows"].to(dtype)
+        t_rows = {**t, "rows": rows}  # the kernel reads the table as the model stores it
+        for n in (1, 8, 128):
+            h = torch.randn(n, D, generator=g).cuda()
+            for probes in (K2 // 32, K2 // 16):
+                buf = torch.empty((n, V), device="cuda")
+                kernel = lambda: two_stage_logits(h, t["codebook_t"], t["mapping"], t["bias"], t["members"], rows,  # noqa: E731
+                                                  probes, route_bias=t["route_bias"], out=buf)
+                ops = lambda: two_stage_reference(h, t["codebook_t"], t["mapping"], t["bias"], t["members"], rows,  # noqa: E731
+                                                  probes, route_bias=t["route_bias"])
+                dense = lambda: h.to(dtype) @ rows.t()  # noqa: E731
+                kernel()
+                torch.cuda.synchronize()
+                out.append({
+                    "rows": n, "probes": probes, "rows_dtype": str(dtype).removeprefix("torch."),
+                    "logits_scored": K2 + probes * CAP, "max_abs_err_vs_fp64": two_stage_error(h, t_rows, probes, buf),
+                    "triton_ms": _time(kernel), "torch_ms": _time(ops), "dense_matmul_ms": _time(dense),
+                    "graph_triton_ms": _time_graph(kernel), "graph_torch_ms": _time_graph(ops),
+                    "graph_dense_matmul_ms": _time_graph(dense),
+                })
+                print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--head", choices=("vqlogits", "two-stage"), default="vqlogits")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if args.head == "vqlogits":
+        shape, rows = {"V": V, "d": D, "K": K}, _vqlogits_rows(g)
+    else:
+        shape, rows = {"V": V, "d": D, "K": K2, "cluster_size": CAP}, _two_stage_rows(g)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "head": args.head,
+              "triton": __import__("triton").__version__, "shape": shape, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

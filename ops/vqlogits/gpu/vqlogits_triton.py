@@ -1,4 +1,5 @@
-"""The fused VQLogits op on a GPU, in Triton: the kernel the TensorRT plugin runs.
+"""The VQ-Logits heads on a GPU, in Triton: the fused VQLogits op (the kernel the TensorRT plugin runs) and the
+two-stage head.
 
     logits = (hidden @ codebook_t)[..., map] + bias  [+ (hidden @ lowrank_p_t) @ lowrank_u_t]
 
@@ -10,7 +11,16 @@ Two launches:
    biases once, gathers z at those codes for BLOCK_N rows (z is N x K floats: cache resident), adds the bias and,
    with the low-rank term, sum_r t[n, r] * u_t[r, v]. The V-wide output is written once; nothing else is V-sized.
 
-Inputs are torch CUDA tensors (the plugin wraps TensorRT's buffers as torch tensors without copying).
+The two-stage head (``two_stage_logits``; vqexport.head.module.TwoStageHead is its definition) adds two steps:
+the P best clusters by z (+ the router's bias) (``torch.topk``), then ``_rescore``: one program per position and
+probed cluster reads the cluster's member ids and their rows of the model's own output layer (the shared table, in
+its own dtype: nothing is copied or gathered into a buffer first), takes their dot products with h in fp32, adds
+the rows' bias and writes the exact logits over the VQ logits ``_select`` wrote. Per position it reads K codebook
+columns and P * cap rows instead of the V rows of a dense head.
+
+Inputs are torch CUDA tensors (the plugin wraps TensorRT's buffers as torch tensors without copying). Under Triton's
+interpreter (TRITON_INTERPRET=1 before this module is imported) they may be CPU tensors: how the tests check the
+kernels' indexing on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ def _select(z_ptr, map_ptr, bias_ptr, t_ptr, u_ptr, out_ptr, N, V, R, stride_z, 
             HAS_LOWRANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # N * V can pass 2**31 in a prefill
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     rmask = rows < N
     cmask = cols < V
@@ -57,6 +67,29 @@ def _select(z_ptr, map_ptr, bias_ptr, t_ptr, u_ptr, out_ptr, N, V, R, stride_z, 
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc, mask=both)
 
 
+@triton.jit
+def _rescore(h_ptr, top_ptr, members_ptr, rows_ptr, rows_bias_ptr, out_ptr, D, CAP, stride_h, stride_top,
+             stride_members, stride_rows, stride_out, HAS_ROWS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    cluster = tl.load(top_ptr + n * stride_top + p).to(tl.int64)
+    slots = tl.arange(0, BLOCK_C)
+    ids = tl.load(members_ptr + cluster * stride_members + slots, mask=slots < CAP, other=-1).to(tl.int64)
+    smask = ids >= 0  # -1: padding of a short cluster
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        kmask = ks < D
+        hv = tl.load(h_ptr + n * stride_h + ks, mask=kmask, other=0.0)
+        w = tl.load(rows_ptr + ids[:, None] * stride_rows + ks[None, :], mask=smask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(w * hv[None, :], axis=1)
+    if HAS_ROWS_BIAS:
+        acc += tl.load(rows_bias_ptr + ids, mask=smask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n * stride_out + ids, acc, mask=smask)
+
+
 def _matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
     N, D = a.shape
     M = b.shape[1]
@@ -66,29 +99,21 @@ def _matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
     _matmul[grid](a, b, c, N, D, M, a.stride(0), b.stride(0), c.stride(0), BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
 
 
-def vq_logits(hidden: torch.Tensor, codebook_t: torch.Tensor, mapping: torch.Tensor, bias: torch.Tensor,
-              lowrank_p_t: torch.Tensor | None = None, lowrank_u_t: torch.Tensor | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """VQLogits on CUDA tensors: hidden [..., d] f32, codebook_t [d, K] f32, map [V] int32, bias [V] f32,
-    optionally lowrank_p_t [d, r] and lowrank_u_t [r, V] f32 (both or neither). Returns (or fills) [..., V] f32."""
+def _check_lowrank(lowrank_p_t, lowrank_u_t) -> None:
     if (lowrank_p_t is None) != (lowrank_u_t is None):
         raise ValueError("the low-rank term needs both lowrank_p_t and lowrank_u_t")
-    d, K = codebook_t.shape
-    V = mapping.shape[0]
-    lead = hidden.shape[:-1]
-    h = hidden.reshape(-1, d).contiguous()
+
+
+def _vq_into(h: torch.Tensor, codebook_t, mapping, bias, lowrank_p_t, lowrank_u_t, out2: torch.Tensor) -> torch.Tensor:
+    """Fill out2 [N, V] with the VQ logits of h [N, d] (N > 0); returns z = h @ codebook_t [N, K]."""
     N = h.shape[0]
-    if out is None:
-        out = torch.empty((*lead, V), dtype=torch.float32, device=hidden.device)
-    if N == 0:
-        return out
-    out2 = out.view(N, V)
-    z = torch.empty((N, K), dtype=torch.float32, device=hidden.device)
+    V = mapping.shape[0]
+    z = torch.empty((N, codebook_t.shape[1]), dtype=torch.float32, device=h.device)
     _matmul_into(h, codebook_t.contiguous(), z)
     has_lowrank = lowrank_p_t is not None
     if has_lowrank:
         R = lowrank_p_t.shape[1]
-        t = torch.empty((N, R), dtype=torch.float32, device=hidden.device)
+        t = torch.empty((N, R), dtype=torch.float32, device=h.device)
         _matmul_into(h, lowrank_p_t.contiguous(), t)
         u = lowrank_u_t.contiguous()
     else:
@@ -98,6 +123,65 @@ def vq_logits(hidden: torch.Tensor, codebook_t: torch.Tensor, mapping: torch.Ten
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V))
     _select[grid](z, mapping, bias, t, u, out2, N, V, R, z.stride(0), t.stride(0), u.stride(0), out2.stride(0),
                   HAS_LOWRANK=has_lowrank, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V)
+    return z
+
+
+def vq_logits(hidden: torch.Tensor, codebook_t: torch.Tensor, mapping: torch.Tensor, bias: torch.Tensor,
+              lowrank_p_t: torch.Tensor | None = None, lowrank_u_t: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """VQLogits on CUDA tensors: hidden [..., d] f32, codebook_t [d, K] f32, map [V] int32, bias [V] f32,
+    optionally lowrank_p_t [d, r] and lowrank_u_t [r, V] f32 (both or neither). Returns (or fills) [..., V] f32."""
+    _check_lowrank(lowrank_p_t, lowrank_u_t)
+    d = codebook_t.shape[0]
+    V = mapping.shape[0]
+    h = hidden.reshape(-1, d).contiguous()
+    if out is None:
+        out = torch.empty((*hidden.shape[:-1], V), dtype=torch.float32, device=hidden.device)
+    if h.shape[0]:
+        _vq_into(h, codebook_t, mapping, bias, lowrank_p_t, lowrank_u_t, out.view(-1, V))
+    return out
+
+
+def two_stage_logits(hidden: torch.Tensor, codebook_t: torch.Tensor, mapping: torch.Tensor, bias: torch.Tensor,
+                     members: torch.Tensor, rows: torch.Tensor, probes: int, rows_bias: torch.Tensor | None = None,
+                     route_bias: torch.Tensor | None = None, lowrank_p_t: torch.Tensor | None = None,
+                     lowrank_u_t: torch.Tensor | None = None, top: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The two-stage head on CUDA tensors: the VQ logits (as ``vq_logits``), with the tokens of the ``probes`` best
+    clusters by ``z + route_bias`` rescored exactly, ``h @ rows[v] (+ rows_bias[v])``.
+
+    members [K, cap] int32 or int64 (a partition of [0, V); a short cluster padded with -1, or with repeats of one
+    of its members),
+    rows [V, d] the model's output layer in any float dtype (read in place), rows_bias [V] and route_bias [K]
+    optional. ``top`` [..., P] int: probe these clusters instead of the router's choice. Returns (or fills)
+    [..., V] f32."""
+    _check_lowrank(lowrank_p_t, lowrank_u_t)
+    d, K = codebook_t.shape
+    V = mapping.shape[0]
+    if not 1 <= probes <= K:
+        raise ValueError(f"probes must be in [1, {K}], got {probes}")
+    if members.shape[0] != K or rows.shape != (V, d):
+        raise ValueError(f"members must be [{K}, cap] and rows [{V}, {d}], got {list(members.shape)} and {list(rows.shape)}")
+    h = hidden.reshape(-1, d).contiguous()
+    N = h.shape[0]
+    if top is not None and top.shape != (*hidden.shape[:-1], probes):
+        raise ValueError(f"top must be {[*hidden.shape[:-1], probes]}, got {list(top.shape)}")
+    if out is None:
+        out = torch.empty((*hidden.shape[:-1], V), dtype=torch.float32, device=hidden.device)
+    if N == 0:
+        return out
+    out2 = out.view(N, V)
+    z = _vq_into(h, codebook_t, mapping, bias, lowrank_p_t, lowrank_u_t, out2)
+    if top is None:
+        top = torch.topk(z if route_bias is None else z + route_bias, probes, dim=-1).indices
+    top = top.reshape(N, probes).contiguous()
+    members = members.contiguous()
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    has_rows_bias = rows_bias is not None
+    cap = members.shape[1]
+    _rescore[(N, probes)](h, top, members, rows, rows_bias if has_rows_bias else h, out2, d, cap, h.stride(0),
+                          top.stride(0), members.stride(0), rows.stride(0), out2.stride(0),
+                          HAS_ROWS_BIAS=has_rows_bias, BLOCK_C=triton.next_power_of_2(cap), BLOCK_D=128)
     return out
 
 
@@ -108,3 +192,17 @@ def torch_reference(hidden, codebook_t, mapping, bias, lowrank_p_t=None, lowrank
     if lowrank_p_t is not None:
         logits = logits + (hidden @ lowrank_p_t) @ lowrank_u_t
     return logits
+
+
+def two_stage_reference(hidden, codebook_t, mapping, bias, members, rows, probes, rows_bias=None, route_bias=None,
+                        lowrank_p_t=None, lowrank_u_t=None):
+    """The two-stage head in plain torch ops, probed rows gathered then multiplied (what the kernel is timed
+    against; it reads the same bytes, through a [N, P * cap, d] copy)."""
+    logits = torch_reference(hidden, codebook_t, mapping, bias, lowrank_p_t, lowrank_u_t)
+    z = hidden @ codebook_t
+    top = torch.topk(z if route_bias is None else z + route_bias, probes, dim=-1).indices
+    ids = members.long()[top].flatten(-2)  # [..., P * cap], padded with repeats of a member (not -1)
+    exact = (rows[ids].float() @ hidden.unsqueeze(-1)).squeeze(-1)
+    if rows_bias is not None:
+        exact = exact + rows_bias[ids].float()
+    return logits.scatter_(-1, ids, exact)
