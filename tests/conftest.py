@@ -13,7 +13,8 @@ os.environ.pop("COLUMNS", None)
 
 def _interpret_triton_without_a_gpu() -> None:
     """Without a CUDA GPU, Triton kernels run in Triton's interpreter on CPU tensors (tests/test_gpu_kernel.py).
-    Triton reads the switch when it is first imported, and its own library functions are kernels too."""
+    Triton reads the switch when a kernel is defined, and its own library functions are kernels defined when it is
+    imported: so it is set before anything imports Triton."""
     import torch
 
     if not torch.cuda.is_available():

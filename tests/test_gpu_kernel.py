@@ -120,6 +120,75 @@ def test_two_stage_kernel_matches_the_heads_definition(kernel, shape_h, probes, 
         assert np.abs(got - head.tail_logits(h)).max() > 0.1
 
 
+def test_two_stage_kernel_reads_views_wide_clusters_and_fills_out(kernel):
+    """A table read through a strided view (and a transposed one), strided vectors, a cluster wider than the
+    kernel's tile of member slots, members padded with repeats, clusters given as int32, d not a block multiple,
+    and ``out`` given as a slice of a wider buffer."""
+    import torch
+
+    from vqexport.head.spec import make_head, padded_members
+
+    kernel, device = kernel
+    V, d, K, P = 700, 160, 12, 3
+    rng = np.random.default_rng(11)
+    mapping = np.concatenate([np.zeros(100), rng.integers(1, K, V - 100)]).astype(np.int32)  # cluster 0: 100 wide
+    head = make_head({"codebook": rng.standard_normal((K, d)).astype(np.float32) * d**-0.5 * 4, "map": mapping,
+                      "bias": rng.standard_normal(V).astype(np.float32)}, probes=P)
+    assert head.members.shape[1] >= 100
+    W = rng.standard_normal((V, d)).astype(np.float32) * d**-0.5 * 3
+    wb = rng.standard_normal(V).astype(np.float32)
+    h = rng.standard_normal((4, d)).astype(np.float32)
+    top = np.stack([np.argsort(-head.route_scores(h[i]))[:P] for i in range(4)])
+    top[:, 0] = 0  # the wide cluster probed everywhere
+    want = head.tail_logits(h)  # the definition, with these clusters probed
+    for n in range(4):
+        probed = np.isin(head.map, top[n])
+        want[n, probed] = h[n].astype(np.float64) @ W[probed].T.astype(np.float64) + wb[probed]
+    on = _on(device)
+    wide = torch.zeros((V, d + 7)).to(device)
+    wide[:, :d] = on(W)
+    strided = lambda a: torch.from_numpy(np.repeat(a, 2)).to(device)[::2]  # noqa: E731  a view, stride 2
+    for rows in (wide[:, :d], on(W.T.copy()).t()):  # rows of stride d + 7; a transposed view (copied)
+        buf = torch.full((4, V + 5), -7.0).to(device)
+        got = kernel.two_stage_logits(on(h), on(head.codebook.T), strided(mapping), strided(head.bias),
+                                      on(padded_members(head)), rows, P, rows_bias=strided(wb),
+                                      top=on(top.astype(np.int32)), out=buf[:, :V])
+        assert got.data_ptr() == buf.data_ptr()
+        np.testing.assert_allclose(buf[:, :V].cpu().numpy(), want, atol=2e-4, rtol=1e-5)
+        assert (buf[:, V:] == -7.0).all()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"out": "wrong shape"}, r"out must be float32 \[2, 500\]"),
+    ({"out": "3-d view"}, "out must be contiguous"),
+    ({"top": [[0, 1, 20]]}, r"top must hold cluster indices in \[0, 20\)"),
+    ({"top": [[0, 1]]}, r"top must be \[2, 3\]"),
+    ({"bias": 499}, r"bias must be \[500\]"),
+    ({"route_bias": 19}, r"route_bias must be \[20\]"),
+    ({"rows_bias": 501}, r"rows_bias must be \[500\]"),
+])
+def test_two_stage_kernel_refuses_what_it_would_misread(kernel, change, match):
+    import torch
+
+    kernel, device = kernel
+    V, d, K, P = 500, 32, 20, 3
+    head = _two_stage(V, d, K, P)
+    on = _on(device)
+    kw = {}
+    for name, value in change.items():
+        if name == "out":
+            kw["out"] = (torch.zeros((2, V + 1)) if value == "wrong shape" else torch.zeros((2, 1, 2 * V))[..., ::2]).to(device)
+        elif name == "top":
+            kw["top"] = torch.tensor(value * 2).to(device)
+        else:
+            kw[name] = torch.zeros(value).to(device)
+    bias = kw.pop("bias", on(head.bias))
+    shape = (2, 1, d) if change.get("out") == "3-d view" else (2, d)
+    with pytest.raises(ValueError, match=match):
+        kernel.two_stage_logits(torch.zeros(shape).to(device), on(head.codebook.T), on(head.map), bias, on(head.members),
+                                torch.zeros((V, d)).to(device), P, **kw)
+
+
 def test_two_stage_kernel_probes_the_clusters_it_is_given(kernel):
     kernel, device = kernel
     V, d, K, P = 500, 32, 20, 3
@@ -159,8 +228,8 @@ def test_two_stage_kernel_refuses_inconsistent_shapes(kernel, probes, members_sh
 
 
 def test_the_two_stage_benchmarks_problem_and_parity_figure(kernel):
-    """ops/vqlogits/gpu/bench.py --head two-stage, its parts that are not timing, at a small shape: the kernel on its
-    problem agrees with its float64 figure, and the figure sees a wrong probe."""
+    """ops/vqlogits/gpu/bench.py --head two-stage, its parts that are not timing, at a small shape: the kernel and
+    the torch form on its problem agree with its float64 figure, and the figure sees a wrong probe."""
     import importlib.util
 
     import torch
@@ -174,8 +243,8 @@ def test_the_two_stage_benchmarks_problem_and_parity_figure(kernel):
     assert all((t["mapping"][t["members"][c].long()] == c).all() for c in range(20))
     h = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)).to(device)
     args = (t["codebook_t"], t["mapping"], t["bias"], t["members"], t["rows"], 4)
-    got = kernel.two_stage_logits(h, *args, route_bias=t["route_bias"])
-    assert bench.two_stage_error(h, t, 4, got) < 1e-4
-    assert bench.two_stage_error(h, t, 4, kernel.two_stage_reference(h, *args, route_bias=t["route_bias"])) < 1e-4
+    top = bench.route_top(h, t, 4)
+    assert bench.two_stage_error(h, t, top, kernel.two_stage_logits(h, *args, route_bias=t["route_bias"])) < 1e-4
+    assert bench.two_stage_error(h, t, top, kernel.two_stage_reference(h, *args, route_bias=t["route_bias"])) < 1e-4
     worst = torch.topk(-(h @ t["codebook_t"] + t["route_bias"]), 4, dim=-1).indices
-    assert bench.two_stage_error(h, t, 4, kernel.two_stage_logits(h, *args, route_bias=t["route_bias"], top=worst)) > 0.1
+    assert bench.two_stage_error(h, t, top, kernel.two_stage_logits(h, *args, route_bias=t["route_bias"], top=worst)) > 0.1

@@ -14,7 +14,7 @@ Two launches:
 The two-stage head (``two_stage_logits``; vqexport.head.module.TwoStageHead is its definition) adds two steps:
 the P best clusters by z (+ the router's bias) (``torch.topk``), then ``_rescore``: one program per position and
 probed cluster reads the cluster's member ids and their rows of the model's own output layer (the shared table, in
-its own dtype: nothing is copied or gathered into a buffer first), takes their dot products with h in fp32, adds
+its own dtype, in place: nothing is gathered into a buffer first), takes their dot products with h in fp32, adds
 the rows' bias and writes the exact logits over the VQ logits ``_select`` wrote. Per position it reads K codebook
 columns and P * cap rows instead of the V rows of a dense head.
 
@@ -48,7 +48,7 @@ def _matmul(a_ptr, b_ptr, c_ptr, N, D, M, stride_a, stride_b, stride_c,
 
 @triton.jit
 def _select(z_ptr, map_ptr, bias_ptr, t_ptr, u_ptr, out_ptr, N, V, R, stride_z, stride_t, stride_u, stride_out,
-            HAS_LOWRANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+            HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # N * V can pass 2**31 in a prefill
@@ -56,9 +56,10 @@ def _select(z_ptr, map_ptr, bias_ptr, t_ptr, u_ptr, out_ptr, N, V, R, stride_z, 
     rmask = rows < N
     cmask = cols < V
     codes = tl.load(map_ptr + cols, mask=cmask, other=0)
-    bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
     both = rmask[:, None] & cmask[None, :]
-    acc = tl.load(z_ptr + rows[:, None] * stride_z + codes[None, :], mask=both, other=0.0) + bias[None, :]
+    acc = tl.load(z_ptr + rows[:, None] * stride_z + codes[None, :], mask=both, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
     if HAS_LOWRANK:
         for r in range(0, R):
             tr = tl.load(t_ptr + rows * stride_t + r, mask=rmask, other=0.0)
@@ -74,20 +75,21 @@ def _rescore(h_ptr, top_ptr, members_ptr, rows_ptr, rows_bias_ptr, out_ptr, D, C
     n = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     cluster = tl.load(top_ptr + n * stride_top + p).to(tl.int64)
-    slots = tl.arange(0, BLOCK_C)
-    ids = tl.load(members_ptr + cluster * stride_members + slots, mask=slots < CAP, other=-1).to(tl.int64)
-    smask = ids >= 0  # -1: padding of a short cluster
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_D):
-        ks = k0 + tl.arange(0, BLOCK_D)
-        kmask = ks < D
-        hv = tl.load(h_ptr + n * stride_h + ks, mask=kmask, other=0.0)
-        w = tl.load(rows_ptr + ids[:, None] * stride_rows + ks[None, :], mask=smask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(w * hv[None, :], axis=1)
-    if HAS_ROWS_BIAS:
-        acc += tl.load(rows_bias_ptr + ids, mask=smask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + n * stride_out + ids, acc, mask=smask)
+    for c0 in range(0, CAP, BLOCK_C):  # the member table's slots, BLOCK_C at a time (clusters may be unequal)
+        slots = c0 + tl.arange(0, BLOCK_C)
+        ids = tl.load(members_ptr + cluster * stride_members + slots, mask=slots < CAP, other=-1).to(tl.int64)
+        smask = ids >= 0  # -1: padding of a short cluster
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            kmask = ks < D
+            hv = tl.load(h_ptr + n * stride_h + ks, mask=kmask, other=0.0)
+            w = tl.load(rows_ptr + ids[:, None] * stride_rows + ks[None, :], mask=smask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(w * hv[None, :], axis=1)
+        if HAS_ROWS_BIAS:
+            acc += tl.load(rows_bias_ptr + ids, mask=smask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * stride_out + ids, acc, mask=smask)
 
 
 def _matmul_into(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
@@ -108,6 +110,9 @@ def _vq_into(h: torch.Tensor, codebook_t, mapping, bias, lowrank_p_t, lowrank_u_
     """Fill out2 [N, V] with the VQ logits of h [N, d] (N > 0); returns z = h @ codebook_t [N, K]."""
     N = h.shape[0]
     V = mapping.shape[0]
+    mapping = mapping.contiguous()  # the kernels index vectors by position: a strided view would be misread
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else mapping  # an unused pointer without one
     z = torch.empty((N, codebook_t.shape[1]), dtype=torch.float32, device=h.device)
     _matmul_into(h, codebook_t.contiguous(), z)
     has_lowrank = lowrank_p_t is not None
@@ -122,8 +127,24 @@ def _vq_into(h: torch.Tensor, codebook_t, mapping, bias, lowrank_p_t, lowrank_u_
     BLOCK_V = 1024 if BLOCK_N <= 2 else 256
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V))
     _select[grid](z, mapping, bias, t, u, out2, N, V, R, z.stride(0), t.stride(0), u.stride(0), out2.stride(0),
-                  HAS_LOWRANK=has_lowrank, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V)
+                  HAS_BIAS=has_bias, HAS_LOWRANK=has_lowrank, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V)
     return z
+
+
+def _check_vectors(**vectors) -> None:
+    for name, (v, n) in vectors.items():
+        if v is not None and tuple(v.shape) != (n,):
+            raise ValueError(f"{name} must be [{n}], got {list(v.shape)}")
+
+
+def _output(out: torch.Tensor | None, lead: tuple, V: int, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty((*lead, V), dtype=torch.float32, device=device)
+    if tuple(out.shape) != (*lead, V) or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 {[*lead, V]}, got {out.dtype} {list(out.shape)}")
+    if out.stride(-1) != 1 or (out.dim() > 2 and not out.is_contiguous()):
+        raise ValueError("out must be contiguous (or [N, V] with contiguous rows)")
+    return out
 
 
 def vq_logits(hidden: torch.Tensor, codebook_t: torch.Tensor, mapping: torch.Tensor, bias: torch.Tensor,
@@ -135,8 +156,7 @@ def vq_logits(hidden: torch.Tensor, codebook_t: torch.Tensor, mapping: torch.Ten
     d = codebook_t.shape[0]
     V = mapping.shape[0]
     h = hidden.reshape(-1, d).contiguous()
-    if out is None:
-        out = torch.empty((*hidden.shape[:-1], V), dtype=torch.float32, device=hidden.device)
+    out = _output(out, hidden.shape[:-1], V, hidden.device)
     if h.shape[0]:
         _vq_into(h, codebook_t, mapping, bias, lowrank_p_t, lowrank_u_t, out.view(-1, V))
     return out
@@ -147,27 +167,31 @@ def two_stage_logits(hidden: torch.Tensor, codebook_t: torch.Tensor, mapping: to
                      route_bias: torch.Tensor | None = None, lowrank_p_t: torch.Tensor | None = None,
                      lowrank_u_t: torch.Tensor | None = None, top: torch.Tensor | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """The two-stage head on CUDA tensors: the VQ logits (as ``vq_logits``), with the tokens of the ``probes`` best
-    clusters by ``z + route_bias`` rescored exactly, ``h @ rows[v] (+ rows_bias[v])``.
+    """The two-stage head on CUDA tensors: the VQ logits (as ``vq_logits``; ``bias`` may be None), with the tokens of
+    the ``probes`` best clusters by ``z + route_bias`` rescored exactly, ``h @ rows[v] (+ rows_bias[v])``.
 
-    members [K, cap] int32 or int64 (a partition of [0, V); a short cluster padded with -1, or with repeats of one
-    of its members),
-    rows [V, d] the model's output layer in any float dtype (read in place), rows_bias [V] and route_bias [K]
-    optional. ``top`` [..., P] int: probe these clusters instead of the router's choice. Returns (or fills)
-    [..., V] f32."""
+    members [K, cap] int32 or int64: a partition of [0, V), a short cluster padded with -1 or with repeats of one of
+    its members. rows [V, d]: the model's output layer in any float dtype, read in place when its rows are
+    contiguous (a transposed view is copied first). rows_bias [V] and route_bias [K] optional. ``top`` [..., P]
+    int: probe these clusters (each in [0, K)) instead of the router's choice. Returns (or fills ``out``, float32
+    [..., V]) the logits."""
     _check_lowrank(lowrank_p_t, lowrank_u_t)
     d, K = codebook_t.shape
     V = mapping.shape[0]
     if not 1 <= probes <= K:
         raise ValueError(f"probes must be in [1, {K}], got {probes}")
-    if members.shape[0] != K or rows.shape != (V, d):
+    if members.dim() != 2 or members.shape[0] != K or rows.shape != (V, d):
         raise ValueError(f"members must be [{K}, cap] and rows [{V}, {d}], got {list(members.shape)} and {list(rows.shape)}")
+    _check_vectors(bias=(bias, V), rows_bias=(rows_bias, V), route_bias=(route_bias, K))
+    lead = hidden.shape[:-1]
+    if top is not None:
+        if tuple(top.shape) != (*lead, probes):
+            raise ValueError(f"top must be {[*lead, probes]}, got {list(top.shape)}")
+        if top.numel() and not (0 <= int(top.min()) and int(top.max()) < K):
+            raise ValueError(f"top must hold cluster indices in [0, {K})")
     h = hidden.reshape(-1, d).contiguous()
     N = h.shape[0]
-    if top is not None and top.shape != (*hidden.shape[:-1], probes):
-        raise ValueError(f"top must be {[*hidden.shape[:-1], probes]}, got {list(top.shape)}")
-    if out is None:
-        out = torch.empty((*hidden.shape[:-1], V), dtype=torch.float32, device=hidden.device)
+    out = _output(out, lead, V, hidden.device)
     if N == 0:
         return out
     out2 = out.view(N, V)
@@ -179,16 +203,18 @@ def two_stage_logits(hidden: torch.Tensor, codebook_t: torch.Tensor, mapping: to
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     has_rows_bias = rows_bias is not None
     cap = members.shape[1]
-    _rescore[(N, probes)](h, top, members, rows, rows_bias if has_rows_bias else h, out2, d, cap, h.stride(0),
-                          top.stride(0), members.stride(0), rows.stride(0), out2.stride(0),
-                          HAS_ROWS_BIAS=has_rows_bias, BLOCK_C=triton.next_power_of_2(cap), BLOCK_D=128)
+    _rescore[(N, probes)](h, top, members, rows, rows_bias.contiguous() if has_rows_bias else h, out2, d, cap,
+                          h.stride(0), top.stride(0), members.stride(0), rows.stride(0), out2.stride(0),
+                          HAS_ROWS_BIAS=has_rows_bias, BLOCK_C=min(32, triton.next_power_of_2(cap)), BLOCK_D=128)
     return out
 
 
-def torch_reference(hidden, codebook_t, mapping, bias, lowrank_p_t=None, lowrank_u_t=None):
-    """The same op in plain torch (what the kernel is timed against)."""
-    z = hidden @ codebook_t
-    logits = z.index_select(-1, mapping.long()) + bias
+def torch_reference(hidden, codebook_t, mapping, bias, lowrank_p_t=None, lowrank_u_t=None, z=None):
+    """The same op in plain torch (what the kernel is timed against); ``z``: hidden @ codebook_t, if known."""
+    z = hidden @ codebook_t if z is None else z
+    logits = z.index_select(-1, mapping.long())
+    if bias is not None:
+        logits = logits + bias
     if lowrank_p_t is not None:
         logits = logits + (hidden @ lowrank_p_t) @ lowrank_u_t
     return logits
@@ -198,10 +224,12 @@ def two_stage_reference(hidden, codebook_t, mapping, bias, members, rows, probes
                         lowrank_p_t=None, lowrank_u_t=None):
     """The two-stage head in plain torch ops, probed rows gathered then multiplied (what the kernel is timed
     against; it reads the same bytes, through a [N, P * cap, d] copy)."""
-    logits = torch_reference(hidden, codebook_t, mapping, bias, lowrank_p_t, lowrank_u_t)
     z = hidden @ codebook_t
+    logits = torch_reference(hidden, codebook_t, mapping, bias, lowrank_p_t, lowrank_u_t, z=z)
     top = torch.topk(z if route_bias is None else z + route_bias, probes, dim=-1).indices
-    ids = members.long()[top].flatten(-2)  # [..., P * cap], padded with repeats of a member (not -1)
+    members = members.long()
+    members = torch.where(members >= 0, members, members[:, :1])  # -1 padding: a repeat of the first member
+    ids = members[top].flatten(-2)  # [..., P * cap]
     exact = (rows[ids].float() @ hidden.unsqueeze(-1)).squeeze(-1)
     if rows_bias is not None:
         exact = exact + rows_bias[ids].float()
