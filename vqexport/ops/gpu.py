@@ -1,6 +1,7 @@
-"""Where the fused op's GPU kernel lives: ops/vqlogits/gpu/ (installed as ``vqexport._ops_gpu``).
+"""Where the GPU kernels of the heads live: ops/vqlogits/gpu/ (installed as ``vqexport._ops_gpu``).
 
-Imported lazily: it needs torch with CUDA and Triton, which only GPU machines have.
+Imported lazily: it needs torch with CUDA and Triton, which only GPU machines have (or Triton's interpreter, on CPU
+tensors: the tests).
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ def source_path() -> Path:
 
 
 def load_kernel():
-    """The Triton kernel module (``vq_logits``, ``torch_reference``); a clear error when it cannot run here."""
+    """The Triton kernel module (``vq_logits`` and ``two_stage_logits``, and their plain-torch forms
+    ``torch_reference`` and ``two_stage_reference``); a clear error when it cannot run here."""
     missing = [m for m in ("torch", "triton") if importlib.util.find_spec(m) is None]
     if missing:
-        raise VQExportError(f"the VQLogits GPU kernel needs {' and '.join(missing)} (pip install triton; a CUDA build of torch)")
+        raise VQExportError(f"the GPU kernels of the heads need {' and '.join(missing)} (pip install triton; a CUDA build of torch)")
     if _MODULE in sys.modules:
         return sys.modules[_MODULE]
     if importlib.util.find_spec("vqexport._ops_gpu") is not None:
         return importlib.import_module(_MODULE)
     path = source_path()
     if not path.is_file():
-        raise VQExportError(f"the VQLogits GPU kernel is missing ({path}); reinstall vqexport")
+        raise VQExportError(f"the GPU kernels of the heads are missing ({path}); reinstall vqexport")
     spec = importlib.util.spec_from_file_location(_MODULE, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[_MODULE] = module

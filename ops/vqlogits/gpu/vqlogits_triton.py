@@ -150,7 +150,7 @@ def _output(out: torch.Tensor | None, lead: tuple, V: int, device) -> torch.Tens
 def vq_logits(hidden: torch.Tensor, codebook_t: torch.Tensor, mapping: torch.Tensor, bias: torch.Tensor,
               lowrank_p_t: torch.Tensor | None = None, lowrank_u_t: torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
-    """VQLogits on CUDA tensors: hidden [..., d] f32, codebook_t [d, K] f32, map [V] int32, bias [V] f32,
+    """VQLogits on CUDA tensors: hidden [..., d] f32, codebook_t [d, K] f32, map [V] int32, bias [V] f32 (or None),
     optionally lowrank_p_t [d, r] and lowrank_u_t [r, V] f32 (both or neither). Returns (or fills) [..., V] f32."""
     _check_lowrank(lowrank_p_t, lowrank_u_t)
     d = codebook_t.shape[0]
