@@ -22,7 +22,8 @@ def kernel():
     pytest.importorskip("triton", reason="Triton is not installed")
     if torch.cuda.is_available():
         return load_kernel(), "cuda"
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(f"no CUDA GPU, and Triton's interpreter is off (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')})")
     return load_kernel(), "cpu"
 
 
