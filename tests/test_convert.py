@@ -101,6 +101,31 @@ def test_each_head_is_measured_once(dense_ckpt, text_file, tmp_path, monkeypatch
     assert two["before_distillation"]["vq_ppl"] != two["clustering_scores"]["equal-metric"]  # router, rank: measured
 
 
+def test_distillation_that_raises_held_out_perplexity_is_said(dense_ckpt, text_file, tmp_path, monkeypatch):
+    """Distillation that leaves the head worse on the held-out text (few steps, little text, random weights) is said
+    on stderr and in the card, with what to do; one that does not says nothing."""
+    import torch
+
+    from vqexport.convert import convert as module
+
+    def harmful(hidden, dense, vq, *a, **k):
+        with torch.no_grad():  # confident and wrong: far worse
+            vq.codebook.normal_(std=5.0, generator=torch.Generator().manual_seed(0))
+            vq.bias.normal_(std=10.0, generator=torch.Generator().manual_seed(1))
+
+    monkeypatch.setattr(module, "_distill", harmful)
+    result = run_cli("convert", "--from", dense_ckpt, "--codebook-size", 24, "--clustering", "spherical",
+                     "--distill-text", text_file, "--steps", 2, "--out", tmp_path / "worse")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("note: distillation raised the held-out perplexity from ")
+    assert "the head written is the distilled one" in result.stderr and "--steps 0 keeps the head before" in result.stderr
+    assert "**Note:** distillation raised the held-out perplexity" in (tmp_path / "worse" / "MODEL_CARD.md").read_text()
+    monkeypatch.setattr(module, "_distill", lambda *a, **k: None)  # changes nothing: no worse
+    same = api.convert(dense_ckpt, 24, tmp_path / "same", distill_text=text_file, steps=2, clustering="spherical").report
+    assert same["after_distillation"]["vq_ppl"] == same["before_distillation"]["vq_ppl"] and "note" not in same
+    assert "Note" not in (tmp_path / "same" / "MODEL_CARD.md").read_text()
+
+
 def test_converted_model_builds_and_passes_parity(converted, tmp_path):
     out, _ = converted
     result = api.build("ort", model=out, out=tmp_path / "art", steps=4)

@@ -480,9 +480,14 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     if held is not None:  # each measured once: the chosen clustering's head is measured again only if it changed
         before = measured[chosen] if route is None and not rank else evaluate(hidden, dense, vq, held, held_h)
         after = before
+    note = None
     if ids is not None and steps and not two_stage:
         _distill(hidden, dense, vq, train, steps, seed, progress)
         after = evaluate(hidden, dense, vq, held, held_h)
+        if after["vq_ppl"] > before["vq_ppl"]:
+            note = (f"distillation raised the held-out perplexity from {before['vq_ppl']:.4g} to {after['vq_ppl']:.4g}, and "
+                    f"the head written is the distilled one: more text or more --steps may help, --steps 0 keeps the "
+                    f"head before distillation")
     for p in vq.parameters():
         p.requires_grad_(False)
     report = {"source": str(src.resolve()), "out": str(out.resolve()), "architecture": source.model_type, "head": head,
@@ -490,7 +495,7 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
               "clustering_score": "held-out perplexity" if held is not None else "mean squared distance of head rows to their code",
               "distill_steps": steps if ids is not None and not two_stage else 0, "lowrank_init": lowrank,
               **({"router_steps": steps if ids is not None else 0} if two_stage else {}),
-              "seed": seed, "before_distillation": before, "after_distillation": after}
+              "seed": seed, "before_distillation": before, "after_distillation": after, **({"note": note} if note else {})}
     result = vq.to_head()
     if two_stage:
         tail_steps = steps if rank and pool is not None else 0  # a rank-r tail is distilled, like the plain head's
@@ -597,6 +602,8 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
                          f"KL(dense || VQ) {m['kl_to_dense']:.4f} nats/token.")
     if not report.get("before_distillation"):
         lines.append("No text was given, so no perplexity was measured.")
+    if report.get("note") and not two_stage:
+        lines += ["", f"**Note:** {report['note']}."]
     chosen = ((["the clustering"] if len(report["clustering_scores"]) > 1 else [])
               + (["P"] if two_stage and report.get("probes") == report.get("probes_recommended") else []))
     if report.get("before_distillation") and chosen:
