@@ -230,3 +230,22 @@ def test_json_runs_show_progress_on_a_terminal():
     assert json.loads(out)["rows"][0]["name"] == "tiny"
     assert "tiny: " in err  # the bar's label, e.g. "tiny: dense"
 
+
+
+def test_the_parity_table_shows_failures_and_notes_as_written(capsys):
+    """Text in square brackets ("[parity]", a path, "[/x]") is shown, not read as a style: the table on stdout says
+    what the one line on stderr says."""
+    from vqexport import cli
+    from vqexport.verify import ParityReport
+
+    failures = ["top-1 agreement 0.5 < 0.85 (a target file's [parity] top1_agreement_min sets it)", "odd [/x] text"]
+    report = ParityReport(target="ort", passed=False, max_abs_diff=0.1, max_rel_diff=0.1, required_atol=0.1,
+                          required_rtol=0.1, top1_agreement=0.5, top5_overlap=0.9, kl_divergence=0.01,
+                          kl_divergence_max=0.1, present_max_abs_diff=0.0, greedy_match_steps=1, steps=4, batch=1,
+                          positions=8, reference_error_note="the reference in [float64] did not fit", failures=failures,
+                          tolerances={"rtol": 0, "atol": 1e-4, "top1_agreement_min": 0.85, "top5_overlap_min": 0.9,
+                                      "kl_max": 0.02, "greedy_must_match": True, "reference_error_factor": 4})
+    cli._parity_table(report)
+    out = capsys.readouterr().out
+    assert "FAILED: " + "; ".join(failures) in out
+    assert "[float64]" in out

@@ -370,6 +370,16 @@ def test_portable_build_reads_rows_from_the_shared_embedding_table(tied, tmp_pat
     _twin_is_the_dense_model(result.out, tied, tmp_path / "twin")  # its output layer: the embedding table, transposed
 
 
+def test_build_says_what_a_two_stage_heads_size_leaves_out(tied, tmp_path):
+    result = run_cli("build", "--target", "ort", "--model", tied, "--out", tmp_path / "art", "--steps", 2)
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    cap = read_head(tied).config.cluster_size
+    assert f"vs a dense head's {320 * 64 + 320:,} (same V x d + bias)" in text
+    assert (f"two-stage head: {20 + 4 * cap:,} of 320 logits computed per position ({100 * (20 + 4 * cap) / 320:.1f}%); "
+            "stage 2 reads its exact rows from the model's own output layer, shared (not counted above)") in text
+
+
 def test_verify_against_a_model_whose_head_differs_from_the_artifacts_is_one_line(tied, tmp_path):
     import shutil
 
@@ -397,6 +407,9 @@ def test_an_untied_model_ships_its_output_rows(tmp_path, small_tokenizer):
     assert result.parity.passed
     inits = {t.name: list(t.dims) for t in load_graph(result.out / "model.onnx").graph.initializer}
     assert inits["head.rows"] == [320, 32]
+    text = " ".join(run_cli("inspect", result.out).stdout.split())
+    assert (f"two-stage head: {20 + 3 * read_head(model).config.cluster_size:,} of 320 logits computed per position" in text
+            and "stage 2 reads its exact rows from the head's own copy of the output rows (10,240 params, counted above)" in text)
     _twin_is_the_dense_model(result.out, model, tmp_path / "twin")
     rows8 = tmp_path / "rows8.toml"  # rows only as int8 codes: no fp32 output layer to make the twin from
     rows8.write_text('name = "rows8"\nbackend = "ort"\nopset = 18\n[two_stage]\nrows = "int8"\n'
@@ -649,6 +662,8 @@ def test_inspect_and_the_card_describe_the_two_stage_head(converted):
     text = " ".join(run_cli("inspect", tmp / "ts").stdout.split())  # the console wraps long lines
     assert f"two-stage head K=20 clusters of 16, P={P} probed ({20 + 16 * P:,} logits computed per position), router=fitted" in text
     assert "dense head (same V x d + bias, fp32)" in text
+    assert (f"two-stage head: {20 + 16 * P:,} of 320 logits computed per position ({100 * (20 + 16 * P) / 320:.1f}%); stage 2 "
+            "reads its exact rows from the model's own output layer, shared (not counted above)") in text
     listed = json.loads(run_cli("inspect", tmp / "ts", "--json").stdout)["head_tensors"]
     assert sorted(listed) == sorted(load_file(tmp / "ts" / WEIGHTS_FILE)) == ["bias", "codebook", "members", "route_bias"]
     card = (tmp / "ts" / "MODEL_CARD.md").read_text()

@@ -13,6 +13,13 @@ from . import __version__
 from .errors import ParityError, VQExportError
 
 
+def escape(text: str) -> str:
+    """``text`` shown as it is in a rich line with markup (a "[parity]" in it is not a style tag)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _console(stderr=True):
     """A rich console; into a file or a pipe it wraps no line (rich would wrap at 80 columns there) unless COLUMNS
     says how wide."""
@@ -219,6 +226,26 @@ def _e2e_table(r) -> None:
                 f"{d8['model_bytes']:,} bytes on disk")
 
 
+def _dense_shape(s: dict) -> str:
+    V, d = s["dense_head"]["shape"]
+    return f"same V x d{' + bias' if s['dense_head']['params'] > V * d else ''}"
+
+
+def _dense_words(s: dict) -> str:
+    return f"a dense head's {s['dense_head']['params']:,} ({_dense_shape(s)})"
+
+
+def _two_stage_words(s: dict) -> str:
+    """What a two-stage head's parameter count leaves out: the logits it computes, and where its exact rows are."""
+    V = s["dense_head"]["shape"][0]
+    n = s["head"]["logits_computed_per_position"]
+    own = s["head"]["terms"].get("rows")
+    rows = (f"the head's own copy of the output rows ({own['params']:,} params, counted above)" if own
+            else "the model's own output layer, shared (not counted above)")
+    return (f"two-stage head: {n:,} of {V:,} logits computed per position ({100 * n / V:.1f}%); "
+            f"stage 2 reads its exact rows from {rows}")
+
+
 def _parity_table(r) -> None:
     from rich.table import Table
 
@@ -232,7 +259,7 @@ def _parity_table(r) -> None:
         t.add_row("PyTorch's own float32 error", f"{r.reference_error:.3g}",
                   f"x {tol['reference_error_factor']:g} when above atol {tol['atol']:g}")
     elif r.reference_error_note:
-        t.add_row("PyTorch's own float32 error", "not measured", r.reference_error_note)
+        t.add_row("PyTorch's own float32 error", "not measured", escape(r.reference_error_note))
     t.add_row("max rel logit diff", f"{r.max_rel_diff:.3g}", "")
     t.add_row("atol / rtol needed", f"{r.required_atol:.3g} / {r.required_rtol:.3g}", "")
     t.add_row("top-1 agreement", f"{r.top1_agreement:.4f}", f">= {tol['top1_agreement_min']}")
@@ -249,7 +276,7 @@ def _parity_table(r) -> None:
     c = _console(stderr=False)
     c.print(t)
     c.print(f"reference: {r.reference}", markup=False)
-    c.print("[bold green]PASSED[/]" if r.passed else "[bold red]FAILED[/]: " + "; ".join(r.failures))
+    c.print("[bold green]PASSED[/]" if r.passed else "[bold red]FAILED[/]: " + escape("; ".join(r.failures)))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -319,7 +346,7 @@ def _print_built(result) -> None:
     m = result.manifest
     c = _console(stderr=False)
     r = result.parity
-    c.print(f"built [bold]{m['target']}[/] artifact in {result.out}")
+    c.print(f"built [bold]{escape(m['target'])}[/] artifact in {escape(str(result.out))}")
     for name, info in m["files"].items():
         c.print(f"  {name:28s} {info['bytes']:>12,d} bytes")
     c.print(f"  {'manifest.json':28s} {(result.out / 'manifest.json').stat().st_size:>12,d} bytes")
@@ -329,8 +356,10 @@ def _print_built(result) -> None:
     rt = m["runtime"]
     graph = graph_file(rt)
     where = "" if graph == rt["model_file"] else f" in {graph}, from which the runtime's {rt['model_file']} was made"
-    c.print(f"head {s['head']['params']:,} params ({s['head']['bytes']:,} bytes) vs dense {s['dense_head']['params']:,}; "
+    c.print(f"head {s['head']['params']:,} params ({s['head']['bytes']:,} bytes) vs {_dense_words(s)}; "
             f"trunk {s['trunk']['params']:,} params{where}")
+    if "logits_computed_per_position" in s["head"]:
+        c.print(_two_stage_words(s))
     own = (f" (within {r.allowed_atol:.3g}: PyTorch's own float32 error is {r.reference_error:.3g})"
            if r.reference_error is not None else "")
     c.print(f"parity vs torch: max abs diff {r.max_abs_diff:.3g}{own}, top-1 {r.top1_agreement:.4f}, "
@@ -395,7 +424,7 @@ def inspect(path, as_json):
     from .graph_io import cache_dims
 
     c = _console(stderr=False)
-    c.print(f"[bold]{info['kind']}[/] {info['path']}")
+    c.print(f"[bold]{info['kind']}[/] {escape(str(info['path']))}")
     if info["kind"] == "model":
         cfg = info["config"]
         head = cfg["head"]
@@ -440,9 +469,7 @@ def inspect(path, as_json):
         t.add_row(f"  {name}", f"{part['params']:,}", f"{part['bytes']:,}")
     t.add_row("head", f"{s['head']['params']:,}", f"{s['head']['bytes']:,}")
     t.add_row("trunk", f"{s['trunk']['params']:,}", f"{s['trunk']['bytes']:,}")
-    V, d = s["dense_head"]["shape"]
-    dense = f"dense head (same V x d{' + bias' if s['dense_head']['params'] > V * d else ''}, fp32)"
-    t.add_row(dense, f"{s['dense_head']['params']:,}", f"{s['dense_head']['bytes']:,}")
+    t.add_row(f"dense head ({_dense_shape(s)}, fp32)", f"{s['dense_head']['params']:,}", f"{s['dense_head']['bytes']:,}")
     c.print(t)
     t = Table(title="head terms")
     for col in ("term", "params", "bytes", "% of dense head params"):
@@ -452,6 +479,8 @@ def inspect(path, as_json):
     c.print(t)
     c.print(f"head is {100 * s['head_fraction_of_params']:.1f}% of all parameters and "
             f"{100 * s['head_params_vs_dense']:.1f}% of a dense head's")
+    if "logits_computed_per_position" in s["head"]:
+        c.print(_two_stage_words(s))
     deployed = info.get("deployed")
     if deployed:
         c.print(f"{deployed['note']}; what {deployed['backend']} loads: "

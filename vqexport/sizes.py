@@ -39,13 +39,17 @@ def _terms(head: dict[str, tuple[int, int]], dense_params: int) -> dict:
     return out
 
 
-def summary(head: dict[str, tuple[int, int]], trunk: dict[str, tuple[int, int]], vocab: int, d: int, bias: bool) -> dict:
+def summary(head: dict[str, tuple[int, int]], trunk: dict[str, tuple[int, int]], vocab: int, d: int, bias: bool,
+            scored: int | None = None) -> dict:
+    """``scored``: a two-stage head's logits computed per position (K + P * cap; its exact rows are not its own
+    parameters)."""
     hp, hb = sum(n for n, _ in head.values()), sum(b for _, b in head.values())
     tp, tb = sum(n for n, _ in trunk.values()), sum(b for _, b in trunk.values())
     dense_params = vocab * d + (vocab if bias else 0)
     return {
         "head": {"params": hp, "bytes": hb, "tensors": {k: {"params": n, "bytes": b} for k, (n, b) in sorted(head.items())},
-                 "terms": _terms(head, dense_params)},
+                 "terms": _terms(head, dense_params),
+                 **({"logits_computed_per_position": scored} if scored is not None else {})},
         "trunk": {"params": tp, "bytes": tb},
         "total": {"params": hp + tp, "bytes": hb + tb},
         "dense_head": {"params": dense_params, "bytes": 4 * dense_params, "shape": [vocab, d]},
@@ -58,7 +62,7 @@ def head_file_sizes(head) -> dict:
     """Sizes of a head's own tensors (a model directory's vq_head.safetensors)."""
     stats = {f"head.{k}": (int(v.size), int(v.nbytes)) for k, v in head.tensors.items()}
     cfg = head.config
-    return summary(stats, {}, cfg.vocab_size, cfg.hidden_size, cfg.bias)
+    return summary(stats, {}, cfg.vocab_size, cfg.hidden_size, cfg.bias, cfg.scored if head.two_stage else None)
 
 
 def onnx_sizes(proto: onnx.ModelProto) -> dict:
@@ -68,4 +72,6 @@ def onnx_sizes(proto: onnx.ModelProto) -> dict:
     cfg = json.loads(metadata(proto).get("vqexport.head", "{}") or "{}")
     if not cfg:
         raise ValueError("this graph carries no vqexport head metadata")
-    return summary(head, trunk, cfg["vocab_size"], cfg["hidden_size"], cfg.get("bias", False))
+    two_stage = cfg.get("type") == "two-stage"
+    scored = cfg["codebook_size"] + cfg["probes"] * cfg["cluster_size"] if two_stage else None
+    return summary(head, trunk, cfg["vocab_size"], cfg["hidden_size"], cfg.get("bias", False), scored)
