@@ -58,6 +58,7 @@ def test_output_is_the_source_plus_a_head(converted, dense_ckpt):
     assert m.min() >= 0 and m.max() < 24 and len(np.unique(m)) == 24  # every code used
     card = (out / "MODEL_CARD.md").read_text()
     assert "VQ ppl" in card and "top-1 agreement" in card
+    assert f"| head parameters | {24 * 32 + 300:,} vs {300 * 32:,} in the dense output layer's V x d weight (88.9% fewer) |" in card
     assert "The held-out text also chose the clustering" in card  # auto kept the best of its candidates on it
 
 

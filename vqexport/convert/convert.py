@@ -584,7 +584,8 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
         lines.append(f"| head parameters | {head_vq:,} of its own and a member table [{K}, {cfg.cluster_size}]; stage 2 "
                      f"reads the model's own {head_dense:,} output-layer parameters (shared, not copied) |")
     else:
-        lines.append(f"| head parameters | {head_vq:,} vs {head_dense:,} dense ({100 * (1 - head_vq / head_dense):.1f}% fewer) |")
+        lines.append(f"| head parameters | {head_vq:,} vs {head_dense:,} in the dense output layer's V x d weight "
+                     f"({100 * (1 - head_vq / head_dense):.1f}% fewer) |")
     if two_stage:
         steps, tail = report.get("router_steps", 0), report.get("tail_distill_steps", 0)
         lines.append(f"| router | {f'codebook and route bias fitted to the dense cluster mass, {steps} steps' if steps else 'none: clusters ranked by codebook score (training-free)'} |")
