@@ -377,7 +377,7 @@ def test_build_says_what_a_two_stage_heads_size_leaves_out(tied, tmp_path):
     cap = read_head(tied).config.cluster_size
     assert f"vs a dense head's {320 * 64 + 320:,} (same V x d + bias)" in text
     assert (f"two-stage head: {20 + 4 * cap:,} of 320 logits computed per position ({100 * (20 + 4 * cap) / 320:.1f}%); "
-            "stage 2 reads its exact rows from the model's own output layer, shared (not counted above)") in text
+            "stage 2 reads its exact rows from the model's own output layer, read in place (not counted above)") in text
 
 
 def test_verify_against_a_model_whose_head_differs_from_the_artifacts_is_one_line(tied, tmp_path):
@@ -663,7 +663,7 @@ def test_inspect_and_the_card_describe_the_two_stage_head(converted):
     assert f"two-stage head K=20 clusters of 16, P={P} probed ({20 + 16 * P:,} logits computed per position), router=fitted" in text
     assert "dense head (same V x d + bias, fp32)" in text
     assert (f"two-stage head: {20 + 16 * P:,} of 320 logits computed per position ({100 * (20 + 16 * P) / 320:.1f}%); stage 2 "
-            "reads its exact rows from the model's own output layer, shared (not counted above)") in text
+            "reads its exact rows from the model's own output layer, read in place (not counted above)") in text
     listed = json.loads(run_cli("inspect", tmp / "ts", "--json").stdout)["head_tensors"]
     assert sorted(listed) == sorted(load_file(tmp / "ts" / WEIGHTS_FILE)) == ["bias", "codebook", "members", "route_bias"]
     card = (tmp / "ts" / "MODEL_CARD.md").read_text()

@@ -241,7 +241,7 @@ def _two_stage_words(s: dict) -> str:
     n = s["head"]["logits_computed_per_position"]
     own = s["head"]["terms"].get("rows")
     rows = (f"the head's own copy of the output rows ({own['params']:,} params, counted above)" if own
-            else "the model's own output layer, shared (not counted above)")
+            else "the model's own output layer, read in place (not counted above)")
     return (f"two-stage head: {n:,} of {V:,} logits computed per position ({100 * n / V:.1f}%); "
             f"stage 2 reads its exact rows from {rows}")
 
