@@ -68,6 +68,16 @@ def test_kernel_matches_formula(kernel, shape_h, lowrank):
     np.testing.assert_allclose(got.cpu().numpy(), _formula(h, ct, m, b, p, u), atol=2e-4, rtol=1e-5)
 
 
+def test_kernel_without_a_bias(kernel):
+    kernel, device = kernel
+    rng = np.random.default_rng(3)
+    h, ct = rng.standard_normal((3, 7, 64)).astype(np.float32), rng.standard_normal((64, 37)).astype(np.float32)
+    m = rng.integers(0, 37, 3001).astype(np.int32)
+    on = _on(device)
+    got = kernel.vq_logits(on(h), on(ct), on(m), None).cpu().numpy()
+    np.testing.assert_allclose(got, _formula(h, ct, m, 0.0), atol=2e-4, rtol=1e-5)
+
+
 def test_kernel_refuses_half_a_lowrank_term(kernel):
     import torch
 
