@@ -118,7 +118,7 @@ def test_distillation_that_raises_held_out_perplexity_is_said(dense_ckpt, text_f
     result = run_cli("convert", "--from", dense_ckpt, "--codebook-size", 24, "--clustering", "spherical",
                      "--distill-text", text_file, "--steps", 2, "--out", tmp_path / "worse")
     assert result.exit_code == 0, result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("note: distillation raised the held-out perplexity from ")
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("note: distillation raised the held-out perplexity by +")
     assert "the head written is the distilled one" in result.stderr and "--steps 0 keeps the head before" in result.stderr
     assert "**Note:** distillation raised the held-out perplexity" in (tmp_path / "worse" / "MODEL_CARD.md").read_text()
     monkeypatch.setattr(module, "_distill", lambda *a, **k: None)  # changes nothing: no worse

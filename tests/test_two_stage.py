@@ -54,6 +54,13 @@ def test_definition_probed_tokens_exact_the_rest_vq(route):
             assert 0 < probed.sum() < 300
 
 
+@pytest.mark.parametrize("shape", [(0, 32), (2, 0, 32), (0, 5, 32)])
+def test_definition_of_no_positions_is_empty(shape):
+    head, W = _two_stage(rank=3), _rows()
+    out = head.logits(np.zeros(shape), rows=W, rows_bias=np.ones(300, np.float32))
+    assert out.shape == (*shape[:-1], 300)
+
+
 def test_files_round_trip_and_the_map_is_derived(tmp_path):
     head = _two_stage(rank=2, route=True)
     write_head(tmp_path, head)
@@ -376,8 +383,9 @@ def test_build_says_what_a_two_stage_heads_size_leaves_out(tied, tmp_path):
     text = " ".join(result.stdout.split())
     cap = read_head(tied).config.cluster_size
     assert f"vs a dense head's {320 * 64 + 320:,} (same V x d + bias)" in text
-    assert (f"two-stage head: {20 + 4 * cap:,} of 320 logits computed per position ({100 * (20 + 4 * cap) / 320:.1f}%); "
-            "stage 2 reads its exact rows from the model's own output layer, read in place (not counted above)") in text
+    assert (f"two-stage head: 20 cluster scores + {4 * cap:,} exact rows = {20 + 4 * cap:,} logits computed per position "
+            f"({100 * (20 + 4 * cap) / 320:.1f}% of V = 320); stage 2 reads its exact rows from the trunk's own table of the "
+            "output rows, read in place (among the trunk's parameters, not the head's)") in text
 
 
 def test_verify_against_a_model_whose_head_differs_from_the_artifacts_is_one_line(tied, tmp_path):
@@ -408,8 +416,8 @@ def test_an_untied_model_ships_its_output_rows(tmp_path, small_tokenizer):
     inits = {t.name: list(t.dims) for t in load_graph(result.out / "model.onnx").graph.initializer}
     assert inits["head.rows"] == [320, 32]
     text = " ".join(run_cli("inspect", result.out).stdout.split())
-    assert (f"two-stage head: {20 + 3 * read_head(model).config.cluster_size:,} of 320 logits computed per position" in text
-            and "stage 2 reads its exact rows from the head's own copy of the output rows (10,240 params, counted above)" in text)
+    assert (f"= {20 + 3 * read_head(model).config.cluster_size:,} logits computed per position" in text
+            and "stage 2 reads its exact rows from the head's own copy of the output rows (10,240 params, among the head's)" in text)
     _twin_is_the_dense_model(result.out, model, tmp_path / "twin")
     rows8 = tmp_path / "rows8.toml"  # rows only as int8 codes: no fp32 output layer to make the twin from
     rows8.write_text('name = "rows8"\nbackend = "ort"\nopset = 18\n[two_stage]\nrows = "int8"\n'
@@ -528,6 +536,12 @@ def test_profile_probes_and_row_forms(tied, tmp_path):
     k = next(t for t in proto.graph.initializer if t.name == "head/route/k")
     assert list(np.frombuffer(k.raw_data, np.int64)) == [20]  # every cluster probed: every logit exact (up to int8)
     assert any(n.op_type == "MatMulInteger" for n in proto.graph.node) and result.parity.passed
+    tensors = result.manifest["sizes"]["head"]["tensors"]
+    own = tensors["head.rows_q"]["params"] + tensors["head.rows_scale"]["params"]
+    assert own == 20 * 64 * 16 + 320  # the int8 copy by cluster [K, d, cap] and a scale per row
+    text = " ".join(run_cli("inspect", result.out).stdout.split())
+    assert ("two-stage head: 20 cluster scores + 320 exact rows = 340 logits computed per position (106.2% of V = 320); "
+            f"stage 2 reads its exact rows from the head's own copy of the output rows ({own:,} params, among the head's)") in text
     f.write_text('backend = "ort"\nname = "p"\n[two_stage]\nprobes = 21\n')
     assert_user_error(run_cli("build", "--target", f, "--model", tied, "--out", tmp_path / "o"), "exceeds the head's codebook_size 20")
     f.write_text('backend = "ort"\nname = "p"\nhead = "fused"\n[ort]\nkernel = "function"\n')
@@ -662,14 +676,15 @@ def test_inspect_and_the_card_describe_the_two_stage_head(converted):
     text = " ".join(run_cli("inspect", tmp / "ts").stdout.split())  # the console wraps long lines
     assert f"two-stage head K=20 clusters of 16, P={P} probed ({20 + 16 * P:,} logits computed per position), router=fitted" in text
     assert "dense head (same V x d + bias, fp32)" in text
-    assert (f"two-stage head: {20 + 16 * P:,} of 320 logits computed per position ({100 * (20 + 16 * P) / 320:.1f}%); stage 2 "
-            "reads its exact rows from the model's own output layer, read in place (not counted above)") in text
+    assert (f"two-stage head: 20 cluster scores + {16 * P:,} exact rows = {20 + 16 * P:,} logits computed per position "
+            f"({100 * (20 + 16 * P) / 320:.1f}% of V = 320); stage 2 reads its exact rows from the model's output layer (among "
+            "the trunk's parameters; a target's [two_stage] rows may copy it)") in text
     listed = json.loads(run_cli("inspect", tmp / "ts", "--json").stdout)["head_tensors"]
     assert sorted(listed) == sorted(load_file(tmp / "ts" / WEIGHTS_FILE)) == ["bias", "codebook", "members", "route_bias"]
     card = (tmp / "ts" / "MODEL_CARD.md").read_text()
     # codebook, bias, route bias; the rows stage 2 reads are the model's
     assert (f"| head parameters | {20 * 32 + 320 + 20:,} of its own and a member table [20, 16]; stage 2 reads the "
-            f"model's own {320 * 32:,} output-layer parameters") in card
+            f"model's own output layer ({320 * 32:,} parameters, V x d), not stored in the head |") in card
     assert "The held-out text also chose P, so its figures are somewhat optimistic" in card  # one clustering: P alone
     from vqexport.convert.convert import model_card
 

@@ -171,7 +171,7 @@ def _artifact_table(r) -> None:
 
     c = _console(stderr=False)
     m = r["machine"]
-    c.print(f"{r['artifact']} ({r['target']}) on {m['cpu']}; prompt {r['prompt_length']} tokens, {r['tokens']} decode tokens timed; "
+    c.print(f"{escape(str(r['artifact']))} ({escape(str(r['target']))}) on {escape(m['cpu'])}; prompt {r['prompt_length']} tokens, {r['tokens']} decode tokens timed; "
             f"medians of {r['repeats']} fresh runs")
     t = Table(title=f"end-to-end latency ({_runtime_name(r)})")
     cols = ["metric", "vq-logits"] + (["dense twin", "vq gain (>1: vq better)"] if "dense" in r else [])
@@ -198,8 +198,8 @@ def _e2e_table(r) -> None:
 
     c = _console(stderr=False)
     m = r["machine"]
-    c.print(f"{r['model']}, {r['target']} ({r['precision']} trunk) vs onnxruntime-genai's dense {r['precision']} model, both "
-            f"through onnxruntime-genai on {m['cpu']} ({m['cores']} cores); prompt {r['prompt_length']} tokens, "
+    c.print(f"{escape(str(r['model']))}, {escape(str(r['target']))} ({r['precision']} trunk) vs onnxruntime-genai's dense {r['precision']} model, both "
+            f"through onnxruntime-genai on {escape(m['cpu'])} ({m['cores']} cores); prompt {r['prompt_length']} tokens, "
             f"{r['tokens']} decode tokens, medians of {r['repeats']} alternating runs; copy bandwidth {r['bandwidth_gbps']:.1f} GB/s")
     t = Table(title="end to end (onnxruntime-genai)")
     for col in ("metric", "vq-logits artifact", "builder dense", "ratio"):
@@ -217,7 +217,7 @@ def _e2e_table(r) -> None:
     c.print(t)
     if "agreement_with_dense" in r:
         a = r["agreement_with_dense"]
-        c.print(f"against the dense model at the same precision, teacher-forced on {a['positions']} positions of {a['on']}: top-1 agreement "
+        c.print(f"against the dense model at the same precision, teacher-forced on {a['positions']} positions of {escape(str(a['on']))}: top-1 agreement "
                 f"{a['top1_agreement']:.4f}, KL(dense || artifact) {a['kl_dense_to_vq']:.5f} nats/token")
     if "dense_int8_head" in r:
         d8, ratio8 = r["dense_int8_head"], r["ratios_dense_int8_head"]
@@ -235,15 +235,22 @@ def _dense_words(s: dict) -> str:
     return f"a dense head's {s['dense_head']['params']:,} ({_dense_shape(s)})"
 
 
-def _two_stage_words(s: dict) -> str:
+def _two_stage_words(s: dict, model_dir: bool = False) -> str:
     """What a two-stage head's parameter count leaves out: the logits it computes, and where its exact rows are."""
     V = s["dense_head"]["shape"][0]
-    n = s["head"]["logits_computed_per_position"]
-    own = s["head"]["terms"].get("rows")
-    rows = (f"the head's own copy of the output rows ({own['params']:,} params, counted above)" if own
-            else "the model's own output layer, read in place (not counted above)")
-    return (f"two-stage head: {n:,} of {V:,} logits computed per position ({100 * n / V:.1f}%); "
-            f"stage 2 reads its exact rows from {rows}")
+    t = s["head"]["two_stage"]
+    n = t["logits_computed_per_position"]
+    own = sum(x["params"] for name, x in s["head"]["tensors"].items()
+              if name.startswith("head.rows") and not name.startswith("head.rows_bias"))
+    if own:
+        rows = f"the head's own copy of the output rows ({own:,} params, among the head's)"
+    elif model_dir:
+        rows = "the model's output layer (among the trunk's parameters; a target's [two_stage] rows may copy it)"
+    else:
+        rows = "the trunk's own table of the output rows, read in place (among the trunk's parameters, not the head's)"
+    tail = f", and a rank-{t['rank']} term for every token" if t["rank"] else ""
+    return (f"two-stage head: {t['cluster_scores']:,} cluster scores + {t['exact_rows']:,} exact rows = {n:,} logits "
+            f"computed per position ({100 * n / V:.1f}% of V = {V:,}){tail}; stage 2 reads its exact rows from {rows}")
 
 
 def _parity_table(r) -> None:
@@ -358,8 +365,8 @@ def _print_built(result) -> None:
     where = "" if graph == rt["model_file"] else f" in {graph}, from which the runtime's {rt['model_file']} was made"
     c.print(f"head {s['head']['params']:,} params ({s['head']['bytes']:,} bytes) vs {_dense_words(s)}; "
             f"trunk {s['trunk']['params']:,} params{where}")
-    if "logits_computed_per_position" in s["head"]:
-        c.print(_two_stage_words(s))
+    if "two_stage" in s["head"]:
+        c.print(_two_stage_words(s), markup=False)
     own = (f" (within {r.allowed_atol:.3g}: PyTorch's own float32 error is {r.reference_error:.3g})"
            if r.reference_error is not None else "")
     c.print(f"parity vs torch: max abs diff {r.max_abs_diff:.3g}{own}, top-1 {r.top1_agreement:.4f}, "
@@ -457,7 +464,7 @@ def inspect(path, as_json):
             t.add_column(col)
         for kind in ("inputs", "outputs"):
             for v in info[kind]:
-                t.add_row(kind[:-1], v["name"], v["dtype"], Text("[" + ", ".join(map(str, v["shape"])) + "]"))
+                t.add_row(kind[:-1], Text(v["name"]), v["dtype"], Text("[" + ", ".join(map(str, v["shape"])) + "]"))
         c.print(t)
         c.print("ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
         c.print("opset: " + ", ".join(f"{k} {v}" for k, v in info["opset"].items()))
@@ -466,7 +473,7 @@ def inspect(path, as_json):
     for col in ("part", "params", "bytes"):
         t.add_column(col, justify="right" if col != "part" else "left")
     for name, part in s["head"]["tensors"].items():
-        t.add_row(f"  {name}", f"{part['params']:,}", f"{part['bytes']:,}")
+        t.add_row(Text(f"  {name}"), f"{part['params']:,}", f"{part['bytes']:,}")
     t.add_row("head", f"{s['head']['params']:,}", f"{s['head']['bytes']:,}")
     t.add_row("trunk", f"{s['trunk']['params']:,}", f"{s['trunk']['bytes']:,}")
     t.add_row(f"dense head ({_dense_shape(s)}, fp32)", f"{s['dense_head']['params']:,}", f"{s['dense_head']['bytes']:,}")
@@ -479,8 +486,8 @@ def inspect(path, as_json):
     c.print(t)
     c.print(f"head is {100 * s['head_fraction_of_params']:.1f}% of all parameters and "
             f"{100 * s['head_params_vs_dense']:.1f}% of a dense head's")
-    if "logits_computed_per_position" in s["head"]:
-        c.print(_two_stage_words(s))
+    if "two_stage" in s["head"]:
+        c.print(_two_stage_words(s, model_dir=info["kind"] == "model"), markup=False)
     deployed = info.get("deployed")
     if deployed:
         c.print(f"{deployed['note']}; what {deployed['backend']} loads: "
@@ -617,7 +624,7 @@ def bench(ctx, head, shapes, threads, seconds, rank, artifact, vs_dense, e2e, mo
 
     c = _console(stderr=False)
     m = result["machine"]
-    c.print(f"{m['cpu']}, {threads} threads, onnxruntime {m['onnxruntime']}; copy bandwidth {result['bandwidth_gbps']:.1f} GB/s")
+    c.print(f"{escape(m['cpu'])}, {threads} threads, onnxruntime {m['onnxruntime']}; copy bandwidth {result['bandwidth_gbps']:.1f} GB/s")
     t = Table(title="head latency, batch 1, one decode step (median ms; x = speed-up over dense fp32)")
     for col in ("shape", "V", "d", "K", "dense", "dense int8", "vq", "vq int8", "fused", "top-k 50 (int8)"):
         t.add_column(col, justify="right" if col != "shape" else "left")
@@ -759,10 +766,10 @@ def fidelity(model, text, probes, max_tokens, window, as_json):
 def _readiness_text(r) -> None:
     c = _console(stderr=False)
     lst = r.op_list
-    c.print(f"TensorRT readiness of {r.target}: {sum(r.ops.values())} nodes, {len(r.ops)} op types, checked against "
+    c.print(f"TensorRT readiness of {escape(str(r.target))}: {sum(r.ops.values())} nodes, {len(r.ops)} op types, checked against "
             f"{lst['source']} (TensorRT {lst['tensorrt']}, opset {lst['opset'][0]}-{lst['opset'][1]})")
     for which, t in r.largest.items():
-        c.print(f"  largest tensor at the {which} profile's max shapes: {t['tensor']} {t['shape']} = {t['elements']:,} elements")
+        c.print(f"  largest tensor at the {which} profile's max shapes: {escape(t['tensor'])} {t['shape']} = {t['elements']:,} elements")
     if r.unresolved:
         c.print(f"  ({r.unresolved} tensors whose size shape inference cannot pin down)")
     for reason in r.reasons:

@@ -40,16 +40,16 @@ def _terms(head: dict[str, tuple[int, int]], dense_params: int) -> dict:
 
 
 def summary(head: dict[str, tuple[int, int]], trunk: dict[str, tuple[int, int]], vocab: int, d: int, bias: bool,
-            scored: int | None = None) -> dict:
-    """``scored``: a two-stage head's logits computed per position (K + P * cap; its exact rows are not its own
-    parameters)."""
+            config: dict | None = None) -> dict:
+    """``config``: the head's config (vq_head.json's keys); a two-stage head's then says what it computes per
+    position, since its exact rows are not its own parameters unless a target copied them."""
     hp, hb = sum(n for n, _ in head.values()), sum(b for _, b in head.values())
     tp, tb = sum(n for n, _ in trunk.values()), sum(b for _, b in trunk.values())
     dense_params = vocab * d + (vocab if bias else 0)
     return {
         "head": {"params": hp, "bytes": hb, "tensors": {k: {"params": n, "bytes": b} for k, (n, b) in sorted(head.items())},
                  "terms": _terms(head, dense_params),
-                 **({"logits_computed_per_position": scored} if scored is not None else {})},
+                 **({"two_stage": _two_stage(config)} if config and config.get("type") == "two-stage" else {})},
         "trunk": {"params": tp, "bytes": tb},
         "total": {"params": hp + tp, "bytes": hb + tb},
         "dense_head": {"params": dense_params, "bytes": 4 * dense_params, "shape": [vocab, d]},
@@ -58,11 +58,16 @@ def summary(head: dict[str, tuple[int, int]], trunk: dict[str, tuple[int, int]],
     }
 
 
+def _two_stage(cfg: dict) -> dict:
+    K, exact = cfg["codebook_size"], cfg["probes"] * cfg["cluster_size"]
+    return {"cluster_scores": K, "exact_rows": exact, "logits_computed_per_position": K + exact, "rank": cfg.get("rank", 0)}
+
+
 def head_file_sizes(head) -> dict:
     """Sizes of a head's own tensors (a model directory's vq_head.safetensors)."""
     stats = {f"head.{k}": (int(v.size), int(v.nbytes)) for k, v in head.tensors.items()}
     cfg = head.config
-    return summary(stats, {}, cfg.vocab_size, cfg.hidden_size, cfg.bias, cfg.scored if head.two_stage else None)
+    return summary(stats, {}, cfg.vocab_size, cfg.hidden_size, cfg.bias, cfg.to_dict())
 
 
 def onnx_sizes(proto: onnx.ModelProto) -> dict:
@@ -72,6 +77,4 @@ def onnx_sizes(proto: onnx.ModelProto) -> dict:
     cfg = json.loads(metadata(proto).get("vqexport.head", "{}") or "{}")
     if not cfg:
         raise ValueError("this graph carries no vqexport head metadata")
-    two_stage = cfg.get("type") == "two-stage"
-    scored = cfg["codebook_size"] + cfg["probes"] * cfg["cluster_size"] if two_stage else None
-    return summary(head, trunk, cfg["vocab_size"], cfg["hidden_size"], cfg.get("bias", False), scored)
+    return summary(head, trunk, cfg["vocab_size"], cfg["hidden_size"], cfg.get("bias", False), cfg)

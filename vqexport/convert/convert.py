@@ -484,10 +484,10 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     if ids is not None and steps and not two_stage:
         _distill(hidden, dense, vq, train, steps, seed, progress)
         after = evaluate(hidden, dense, vq, held, held_h)
-        if after["vq_ppl"] > before["vq_ppl"]:
-            note = (f"distillation raised the held-out perplexity from {before['vq_ppl']:.4g} to {after['vq_ppl']:.4g}, and "
-                    f"the head written is the distilled one: more text or more --steps may help, --steps 0 keeps the "
-                    f"head before distillation")
+        if not after["vq_ppl"] <= before["vq_ppl"]:  # worse, or not a number
+            note = (f"distillation raised the held-out perplexity by {100 * (after['vq_ppl'] / before['vq_ppl'] - 1):+.3g}% "
+                    f"(from {before['vq_ppl']:.6g} to {after['vq_ppl']:.6g}), and the head written is the distilled one: more "
+                    f"text or more --steps may help, --steps 0 keeps the head before distillation")
     for p in vq.parameters():
         p.requires_grad_(False)
     report = {"source": str(src.resolve()), "out": str(out.resolve()), "architecture": source.model_type, "head": head,
@@ -582,7 +582,7 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
     two_stage = cfg.type == "two-stage"
     if two_stage:
         lines.append(f"| head parameters | {head_vq:,} of its own and a member table [{K}, {cfg.cluster_size}]; stage 2 "
-                     f"reads the model's own {head_dense:,} output-layer parameters (shared, not copied) |")
+                     f"reads the model's own output layer ({head_dense:,} parameters, V x d), not stored in the head |")
     else:
         lines.append(f"| head parameters | {head_vq:,} vs {head_dense:,} in the dense output layer's V x d weight "
                      f"({100 * (1 - head_vq / head_dense):.1f}% fewer) |")
