@@ -56,6 +56,17 @@ def test_bench_artifact_vs_dense(demo_artifact):
     assert out["repeats"] == 2
 
 
+def test_a_path_with_brackets_is_printed_as_it_is(demo_artifact, tmp_path):
+    """Rich reads "[/x]" as a closing tag: the table's first line printed the user's path through markup and raised
+    after the whole measurement."""
+    import shutil
+
+    art = shutil.copytree(demo_artifact, tmp_path / "b[/x]" / "[exp]art")
+    result = run_cli("bench", "--artifact", art, "--prompt-length", 4, "--tokens", 2, "--repeats", 1)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"{art} (ort) on ")
+
+
 def test_dense_twin_has_identical_logits(demo_artifact, tmp_path):
     """The twin is the artifact's own trunk with one V x d MatMul computing the same logits as the VQ head."""
     import numpy as np
