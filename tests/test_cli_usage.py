@@ -254,9 +254,10 @@ def test_the_parity_table_shows_failures_and_notes_as_written(capsys):
 def test_a_two_stage_heads_rows_are_its_own_only_when_it_copies_them():
     """The rows' bias alone is no copy of the rows: a head that reads the trunk's table keeps saying so."""
     from vqexport import cli
+    from vqexport.head.spec import HeadConfig
     from vqexport.sizes import summary
 
-    cfg = {"type": "two-stage", "codebook_size": 20, "probes": 4, "cluster_size": 16, "rank": 3}
+    cfg = HeadConfig(vocab_size=320, hidden_size=64, codebook_size=20, rank=3, type="two-stage", cluster_size=16, probes=4)
     head = {"head.codebook": (20 * 64, 4 * 20 * 64), "head.rows_bias": (320, 1280), "head.members": (320, 1280)}
     words = cli._two_stage_words(summary(head, {"model.embed_tokens.weight": (320 * 64, 4 * 320 * 64)}, 320, 64, True, cfg))
     assert words == ("two-stage head: 20 cluster scores + 64 exact rows = 84 logits computed per position (26.2% of V = 320), "

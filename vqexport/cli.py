@@ -240,8 +240,7 @@ def _two_stage_words(s: dict, model_dir: bool = False) -> str:
     V = s["dense_head"]["shape"][0]
     t = s["head"]["two_stage"]
     n = t["logits_computed_per_position"]
-    own = sum(x["params"] for name, x in s["head"]["tensors"].items()
-              if name.startswith("head.rows") and not name.startswith("head.rows_bias"))
+    own = t["rows_copy_params"]
     if own:
         rows = f"the head's own copy of the output rows ({own:,} params, among the head's)"
     elif model_dir:

@@ -79,7 +79,7 @@ def inspect_model(path: Path) -> dict:
         "head_tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                          for k, v in sorted((source.head.tensors if source.head else {}).items()) if k in stored},
         "sizes": summary(head, trunk, geo.vocab_size, geo.hidden_size, bool(source.head and source.head.config.bias),
-                         source.head.config.to_dict() if source.head else None),
+                         source.head.config if source.head else None),
     }
 
 

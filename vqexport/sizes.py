@@ -11,6 +11,7 @@ import json
 import onnx
 
 from .graph_io import HEAD_PREFIX, initializer_stats, metadata
+from .head.spec import HeadConfig
 
 # The head's terms, by tensor name: logits = codebook term (C, M) + bias term + rank-r correction (P, U); a two-stage
 # head adds its member table and, when it does not read the trunk's own embedding table, a copy of the exact rows.
@@ -40,16 +41,16 @@ def _terms(head: dict[str, tuple[int, int]], dense_params: int) -> dict:
 
 
 def summary(head: dict[str, tuple[int, int]], trunk: dict[str, tuple[int, int]], vocab: int, d: int, bias: bool,
-            config: dict | None = None) -> dict:
-    """``config``: the head's config (vq_head.json's keys); a two-stage head's then says what it computes per
-    position, since its exact rows are not its own parameters unless a target copied them."""
+            config: HeadConfig | None = None) -> dict:
+    """``config``: the head's config; a two-stage head's then says what it computes per position, since its exact
+    rows are not its own parameters unless a target copied them."""
     hp, hb = sum(n for n, _ in head.values()), sum(b for _, b in head.values())
     tp, tb = sum(n for n, _ in trunk.values()), sum(b for _, b in trunk.values())
     dense_params = vocab * d + (vocab if bias else 0)
     return {
         "head": {"params": hp, "bytes": hb, "tensors": {k: {"params": n, "bytes": b} for k, (n, b) in sorted(head.items())},
                  "terms": _terms(head, dense_params),
-                 **({"two_stage": _two_stage(config)} if config and config.get("type") == "two-stage" else {})},
+                 **({"two_stage": _two_stage(config, head)} if config is not None and config.type == "two-stage" else {})},
         "trunk": {"params": tp, "bytes": tb},
         "total": {"params": hp + tp, "bytes": hb + tb},
         "dense_head": {"params": dense_params, "bytes": 4 * dense_params, "shape": [vocab, d]},
@@ -58,16 +59,12 @@ def summary(head: dict[str, tuple[int, int]], trunk: dict[str, tuple[int, int]],
     }
 
 
-def _two_stage(cfg: dict) -> dict:
-    K, exact = cfg["codebook_size"], cfg["probes"] * cfg["cluster_size"]
-    return {"cluster_scores": K, "exact_rows": exact, "logits_computed_per_position": K + exact, "rank": cfg.get("rank", 0)}
-
-
-def head_file_sizes(head) -> dict:
-    """Sizes of a head's own tensors (a model directory's vq_head.safetensors)."""
-    stats = {f"head.{k}": (int(v.size), int(v.nbytes)) for k, v in head.tensors.items()}
-    cfg = head.config
-    return summary(stats, {}, cfg.vocab_size, cfg.hidden_size, cfg.bias, cfg.to_dict())
+def _two_stage(cfg: HeadConfig, head: dict[str, tuple[int, int]]) -> dict:
+    """What a two-stage head computes per position, and the parameters of its own copy of the exact rows, if a
+    target made one (the rows' bias alone is no copy of them)."""
+    copy = sum(n for name, (n, _) in head.items() if term_of(name) == "rows" and not name.startswith("head.rows_bias"))
+    return {"cluster_scores": cfg.codebook_size, "exact_rows": cfg.scored - cfg.codebook_size,
+            "logits_computed_per_position": cfg.scored, "rank": cfg.rank, "rows_copy_params": copy}
 
 
 def onnx_sizes(proto: onnx.ModelProto) -> dict:
@@ -77,4 +74,5 @@ def onnx_sizes(proto: onnx.ModelProto) -> dict:
     cfg = json.loads(metadata(proto).get("vqexport.head", "{}") or "{}")
     if not cfg:
         raise ValueError("this graph carries no vqexport head metadata")
-    return summary(head, trunk, cfg["vocab_size"], cfg["hidden_size"], cfg.get("bias", False), cfg)
+    config = HeadConfig.from_dict(cfg, "the graph's vqexport.head metadata")
+    return summary(head, trunk, config.vocab_size, config.hidden_size, config.bias, config)
