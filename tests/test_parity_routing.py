@@ -251,3 +251,19 @@ def test_a_rounding_miss_on_a_cluster_far_from_the_boundary_is_not_called_misrou
     swapped = np.where(np.isin(clusters, [0, 2]), exact, vq)  # cluster 2 probed instead of cluster 1: a routing
     _, _, misrouted = _routed_as_target(ref, parts, {"logits": swapped}, Routing(clusters, 2), Parity(atol=0.01, rtol=rtol))
     assert len(misrouted) == 1 and misrouted[0] == pytest.approx(1.0 - rtol * 2.0)  # half the route-score gap of 2
+
+
+@pytest.mark.parametrize("gap, shift, passes", [(2e-5, 4e-5, True), (0.5, 1.0, False)])
+def test_a_prefill_compared_a_position_at_a_time_gives_the_same_report(monkeypatch, gap, shift, passes):
+    """verify compares a long prefill in blocks of positions (a [S, V] float64 comparison is GBs at V = 262k): the
+    report does not depend on the block size, rerouted and misrouted positions included."""
+    import vqexport.verify as verify
+
+    head, rows = _head(gap=gap), _rows()
+    whole = _compare(_Runner(head, rows), _Runner(_swapped(head, shift), rows, reference=False))
+    monkeypatch.setattr(verify, "CHUNK", 1)  # one position per block
+    blocks = _compare(_Runner(head, rows), _Runner(_swapped(head, shift), rows, reference=False))
+    assert whole.passed is passes and whole.rerouted_positions + whole.misrouted_positions > 0
+    mine, theirs = whole.to_dict(), blocks.to_dict()
+    assert mine.pop("kl_divergence") == pytest.approx(theirs.pop("kl_divergence"), rel=1e-9, abs=1e-15)
+    assert mine == theirs

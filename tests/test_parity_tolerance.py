@@ -203,3 +203,29 @@ def test_tolerances_from_the_api_are_checked_as_the_cli_s(tmp_path, value):
     with pytest.raises(api.VQExportError, match="--atol must be a finite number >= 0"):
         api.build("ort", out=tmp_path / "art", atol=value)
     assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("head", ["vq", "two-stage"])
+def test_the_reference_s_prefill_computes_the_head_only_where_it_is_read(tmp_path, head):
+    """TorchRunner.prefill holds the trunk's hidden states, not [B, S, V] logits (and a two-stage head's two more
+    [B, S, V] parts): the values at the positions read are the step's own, to float32 rounding (the head's matmuls
+    are of other shapes)."""
+    dense = make_model(tmp_path / "dense", head=False, vocab=120, hidden=32)
+    converted = run_cli("convert", "--from", dense, "-k", 12, "--head", head, "--out", tmp_path / "m")
+    assert converted.exit_code == 0, converted.stderr
+    ids = np.array([[0, 0, 5, 9, 33], [7, 8, 9, 10, 11]])
+    mask = (np.arange(5) >= np.array([[2], [0]])).astype(np.int64)
+    with TorchRunner.from_source(resolve_source(tmp_path / "m")) as ref:
+        full, lazy = ref.step(ids, mask, ref.empty_past(2)), ref.prefill(ids, mask, ref.empty_past(2))
+    assert lazy.logits is None and lazy.length == 5
+    b, s = np.nonzero(mask)
+    got = lazy.at(b, s)
+    close = dict(rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.logits, full.logits[b, s], **close)
+    assert set(got.extra) == set(full.extra) == ({"route_scores", "exact_logits", "vq_logits"} if head == "two-stage" else set())
+    for name, value in full.extra.items():
+        np.testing.assert_allclose(got.extra[name], value[b, s], **close)
+    np.testing.assert_allclose(lazy.last().logits, full.logits[:, -1], **close)
+    assert lazy.last().logits.shape == (2, 120)
+    for a, c in zip(lazy.present, full.present):
+        np.testing.assert_array_equal(a, c)

@@ -273,33 +273,42 @@ def _with_rest(logp: np.ndarray) -> np.ndarray:
 
 
 _PER_POSITION = ("logits", "topk_ids", "topk_logprobs", "cluster_logprobs")
+CHUNK = 1 << 22  # values per [n, V] block of positions compared at once: 16 positions at V = 262k (the float64
+# arrays of a comparison are tens of MB then, not GBs; a long prompt's prefill is compared block by block)
 
 
-def _select(out, rows) -> dict:
-    """The target's per-position outputs at ``rows`` (a boolean [B, S] mask, or "last")."""
-    picked = {}
-    for name in _PER_POSITION:
-        arr = out.logits if name == "logits" else out.extra.get(name)
-        if arr is None:
-            continue
-        if isinstance(rows, str) or arr.shape[1] == 1:  # last position only (or a last-position-only graph)
-            picked[name] = arr[:, -1]
-        else:
-            picked[name] = arr[rows]
-    return picked
+def _select(out) -> dict:
+    """The target's per-position outputs (``StepOutput.at`` of the positions compared)."""
+    picked = {"logits": out.logits, **out.extra}
+    return {name: picked[name] for name in _PER_POSITION if picked.get(name) is not None}
+
+
+def _blocks(b: np.ndarray, s: np.ndarray, vocab: int):
+    """(b, s) position pairs in blocks of at most ``CHUNK`` values of a [n, vocab] array."""
+    n = max(1, CHUNK // max(vocab, 1))
+    for i in range(0, len(b), n):
+        yield b[i : i + n], s[i : i + n]
+
+
+def _compared_positions(out, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of a prefill compared: every real (unpadded) one, or each row's last where ``out`` covers the
+    last position only."""
+    if out.length == mask.shape[1]:
+        return np.nonzero(mask.astype(bool))
+    return np.arange(mask.shape[0]), np.full(mask.shape[0], -1)
 
 
 def _lockstep(reference: Runner, target: Runner, prompts: list[list[int]], steps: int, pad_id: int = 0):
     """Prefill one (left-padded) batch of ``prompts`` through both runners, then ``steps`` greedy decode steps on the
     reference's tokens, each runner with its own KV cache. Yields (step, reference output, target output, mask):
-    step 0 is the prefill, ``mask`` the attention mask of that step."""
+    step 0 is the prefill (``Runner.prefill``: read it by positions), ``mask`` the attention mask of that step."""
     ids, mask = left_pad(prompts, pad_id)
     batch = ids.shape[0]
-    r = reference.step(ids, mask, reference.empty_past(batch))
-    t = target.step(ids, mask, target.empty_past(batch))
+    r = reference.prefill(ids, mask, reference.empty_past(batch))
+    t = target.prefill(ids, mask, target.empty_past(batch))
     yield 0, r, t, mask
     for step in range(1, steps + 1):
-        nxt = r.logits[:, -1].argmax(-1)[:, None]
+        nxt = r.last().logits.argmax(-1)[:, None]
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         r, t = reference.step(nxt, mask, r.present), target.step(nxt, mask, t.present)
         yield step, r, t, mask
@@ -311,16 +320,15 @@ def _run(reference: Runner, target: Runner, prompts: list[list[int]], steps: int
     the target would not have chosen."""
     greedy_ok, matched = True, 0
     for step, r, t, mask in _lockstep(reference, target, prompts, steps, pad_id):
-        last = _select(t, "last")
-        ref_last = _reference_rows(r, "last", last, reference.routing, stats.p)
+        last = _select(t.last())
+        ref_last = _reference_rows(r.last(), last, reference.routing, stats.p)
         if step < steps:  # this step's greedy token is the next step's input
-            greedy_ok = greedy_ok and bool(_tied_at_or_above(ref_last[0], _greedy(t)[:, None], 1).all())
+            greedy_ok = greedy_ok and bool(_tied_at_or_above(ref_last[0], _greedy(last)[:, None], 1).all())
             matched += int(greedy_ok)
         if step == 0:
-            keep = mask.astype(bool)
-            tgt = _select(t, keep)
-            rows = keep if len(next(iter(tgt.values()))) == keep.sum() else "last"
-            stats.add(*_reference_rows(r, rows, tgt, reference.routing, stats.p), tgt=tgt)
+            for b, s in _blocks(*_compared_positions(t, mask), reference.vocab_size):
+                tgt = _select(t.at(b, s))
+                stats.add(*_reference_rows(r.at(b, s), tgt, reference.routing, stats.p), tgt=tgt)
             continue
         stats.add(*ref_last, tgt=last)
         tick(step)
@@ -331,18 +339,19 @@ def _run(reference: Runner, target: Runner, prompts: list[list[int]], steps: int
     return matched
 
 
-def _reference_rows(r, rows, tgt: dict, routing: Routing | None, parity: Parity) -> tuple[np.ndarray, int, list[float]]:
-    """The reference's logits at ``rows`` as compared (routed as the target routed near-tied clusters), how many of
-    those positions that rerouted, and the misrouted positions' atols (``_routed_as_target``)."""
-    pick = (lambda a: a[:, -1]) if isinstance(rows, str) else (lambda a: a[rows])
-    parts = {k: pick(v) for k, v in r.extra.items() if k in ("route_scores", "exact_logits", "vq_logits")}
-    return _routed_as_target(pick(r.logits), parts, tgt, routing, parity)
+def _reference_rows(r, tgt: dict, routing: Routing | None, parity: Parity) -> tuple[np.ndarray, int, list[float]]:
+    """The reference's logits at the positions of ``r`` (``StepOutput.at``) as compared (routed as the target routed
+    near-tied clusters), how many of those positions that rerouted, and the misrouted positions' atols
+    (``_routed_as_target``)."""
+    parts = {k: v for k, v in r.extra.items() if k in ("route_scores", "exact_logits", "vq_logits")}
+    return _routed_as_target(r.logits, parts, tgt, routing, parity)
 
 
-def _greedy(out) -> np.ndarray:
-    if out.logits is not None:
-        return out.logits[:, -1].argmax(-1)
-    return out.extra["topk_ids"][:, -1, 0]
+def _greedy(last: dict) -> np.ndarray:
+    """The target's greedy tokens from its outputs at the last positions (``_select``)."""
+    if "logits" in last:
+        return last["logits"].argmax(-1)
+    return last["topk_ids"][:, 0]
 
 
 def compare_runners(reference: Runner, target: Runner, prompts: list[list[int]], steps: int, parity: Parity,
@@ -420,8 +429,10 @@ def rounding_error(reference: Runner, exact: Runner, prompts: list[list[int]], s
         return max(float(d) if np.isfinite(d) else np.inf for d in diffs)
 
     for prompt in prompts:
-        for _, r, e, _ in _lockstep(reference, exact, [prompt], steps):
-            worst = max(worst, compare(r, e))
+        for step, r, e, mask in _lockstep(reference, exact, [prompt], steps):
+            positions = _compared_positions(r, mask) if step == 0 else (np.zeros(1, dtype=int), np.full(1, -1))
+            for b, s in _blocks(*positions, reference.vocab_size):
+                worst = max(worst, compare(r.at(b, s), e.at(b, s)))
     return worst
 
 

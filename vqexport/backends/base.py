@@ -18,9 +18,28 @@ from ..graph_io import cache_dims
 
 @dataclass
 class StepOutput:
-    logits: np.ndarray  # [B, S, V] float32
+    logits: np.ndarray | None  # [B, S, V] float32 (None for a graph that outputs top-k only)
     present: list[np.ndarray]  # 2 per layer with a cache: [B, Hkv, T, hd], each its layer's Hkv and hd
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # other outputs per position: [B, S, ...]
+
+    def _arrays(self) -> list[np.ndarray]:
+        return [a for a in (self.logits, *self.extra.values()) if a is not None]
+
+    @property
+    def length(self) -> int:
+        """S: the positions the per-position outputs cover (1 for a graph that outputs the last position only)."""
+        return self._arrays()[0].shape[1]
+
+    def at(self, b: np.ndarray, s: np.ndarray) -> "StepOutput":
+        """The per-position outputs at the positions (b[i], s[i]) (s may count from the end: -1 is the last), as
+        [n, ...] arrays; no cache."""
+        return StepOutput(logits=None if self.logits is None else self.logits[b, s], present=[],
+                          extra={k: v[b, s] for k, v in self.extra.items()})
+
+    def last(self) -> "StepOutput":
+        """The outputs at each row's last position ([B, ...] arrays)."""
+        batch = self._arrays()[0].shape[0]
+        return self.at(np.arange(batch), np.full(batch, -1))
 
 
 @dataclass(frozen=True)
@@ -67,3 +86,9 @@ class Runner:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> StepOutput:
         raise NotImplementedError
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> StepOutput:
+        """``step``, for a long prompt whose outputs are read a few positions at a time (``StepOutput.at``): a runner
+        that can compute them when read returns a step that does (the PyTorch reference: a [B, S, V] array is
+        GBs at V = 262k and a few thousand positions, and a two-stage head has three of them)."""
+        return self.step(input_ids, attention_mask, past)

@@ -55,6 +55,32 @@ class TorchRunner(Runner):
         h, present = self.hidden(input_ids, attention_mask, past)
         return head_step(self.head, h, [t.numpy() for t in present], self.softcap)
 
+    @torch.no_grad()
+    def prefill(self, input_ids, attention_mask, past):
+        """The trunk's step; the head's outputs are computed for the positions read (``HeadAt``)."""
+        h, present = self.hidden(input_ids, attention_mask, past)
+        return HeadAt(self.head, h, [t.numpy() for t in present], self.softcap)
+
+
+class HeadAt(StepOutput):
+    """A step whose head outputs are computed for the positions read (``at``, ``last``) from the trunk's hidden
+    states [B, S, d]: the same values as ``head_step`` (the head is per position), without its [B, S, V] arrays."""
+
+    def __init__(self, head: torch.nn.Module, h: torch.Tensor, present: list[np.ndarray], softcap: float | None):
+        super().__init__(logits=None, present=present)
+        self.head, self.h, self.softcap = head, h, softcap
+
+    @property
+    def length(self) -> int:
+        return self.h.shape[1]
+
+    @torch.no_grad()
+    def at(self, b, s) -> StepOutput:
+        return head_step(self.head, self.h[torch.as_tensor(b), torch.as_tensor(s)], [], self.softcap)
+
+    def last(self) -> StepOutput:
+        return self.at(np.arange(self.h.shape[0]), np.full(self.h.shape[0], -1))
+
 
 @torch.no_grad()
 def head_step(head: torch.nn.Module, h: torch.Tensor, present: list[np.ndarray], softcap: float | None = None) -> StepOutput:
