@@ -600,6 +600,27 @@ def test_the_builders_trunk_is_refused_where_its_graph_would_differ(tmp_path, sm
     assert not (tmp_path / "d").exists()
 
 
+
+def test_a_model_without_an_end_of_sequence_token_is_refused_before_the_builder_runs(tmp_path, small_tokenizer, monkeypatch):
+    """The builder writes eos_token_id into genai_config.json and fails without one, after building the whole graph:
+    refused up front in one line that says what to set, nothing written, the builder never started. The tokenizer's
+    eos_token is enough for the builder, and for the check."""
+    from vqexport.trunk import genai
+
+    from .models import make_model
+
+    model = make_model(tmp_path / "noeos", vocab=320, hidden=64, tokenizer=small_tokenizer)  # eos_token_id None
+    started = []
+    real_builder = genai.run_builder
+    monkeypatch.setattr(genai, "run_builder", lambda *a, **k: started.append(a) or real_builder(*a, **k))
+    assert_user_error(run_cli("build", "--target", "ort-int4", "--model", model, "--out", tmp_path / "a"),
+                      "end-of-sequence token", "set eos_token_id in config.json", 'source = "portable"')
+    assert not (tmp_path / "a").exists() and not started
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    assert api.build("ort-genai", model=model, out=tmp_path / "b", steps=2).parity.passed
+    assert started
+
+
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=None, eos_token_id=0, pad_token_id=None)
 # Granite 4.0's hybrid class with attention layers only; without position_embedding_type = "rope" it has no rope
