@@ -182,3 +182,39 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, tiny_model, monkey
     says = ("no space left on the device writing", "manifest.json") if raised == "python" else ("no space left on the device",)
     assert_user_error(run_cli("build", "--model", tiny_model, "--out", out, "--steps", 1), *says)
     assert not out.exists() and list(tmp_path.glob(".out*")) == []
+
+
+class _Dropping:
+    """An object whose __del__ runs while a signal arrives: the exception its handler raises there is printed as
+    "Exception ignored" and dropped, as Python drops every exception a __del__ raises."""
+
+    def __init__(self, sig):
+        self.sig = sig
+
+    def __del__(self):
+        os.kill(os.getpid(), self.sig)
+        time.sleep(0.2)  # the handler runs here, inside __del__
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the exception __del__ drops
+@pytest.mark.parametrize("sig, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
+def test_a_signal_whose_exception_is_dropped_still_stops_the_artifact(tmp_path, sig, raised):
+    """A Ctrl-C (or SIGTERM) that lands in a __del__ does not unwind the work; the output is still not put in place,
+    and the staging directory is removed."""
+    import threading
+
+    from vqexport.artifact import staged_dir
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed from the main thread only")
+    out = tmp_path / "out"
+    with pytest.raises(raised):
+        with staged_dir(out) as tmp:
+            (tmp / "model.onnx").write_bytes(b"x")
+            _Dropping(sig)  # dropped at once: its __del__ swallows the handler's exception
+            assert (tmp / "model.onnx").exists()  # the work went on
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    with staged_dir(out) as tmp:  # and the next write works
+        (tmp / "a").write_text("a")
+    assert (out / "a").read_text() == "a"

@@ -220,12 +220,24 @@ def staged_dir(out: Path):
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)
 
-    def on_term(signum, frame):
-        raise _Terminated()
+    # A signal's exception can be raised where Python drops it: inside a __del__ or a callback it is printed as
+    # "Exception ignored" and the work goes on. So each signal is also recorded, and a recorded one stops the
+    # artifact from being put in place: the work was interrupted, whatever swallowed the exception.
+    caught: list[int] = []
 
-    old = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    def on_signal(signum, frame):
+        caught.append(signum)
+        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    old = {}
+    if _main_thread():
+        old[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_signal)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # a caller's own SIGINT handler stays
+            old[signal.SIGINT] = signal.signal(signal.SIGINT, on_signal)
     try:
         yield tmp
+        if caught:
+            raise _Terminated() if signal.SIGTERM in caught else KeyboardInterrupt()
         if out.exists():
             trash = out.parent / f".{out.name}{_PARTIAL}{os.getpid()}-old"
             shutil.rmtree(trash, ignore_errors=True)
@@ -245,8 +257,8 @@ def staged_dir(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
 
 
 def _main_thread() -> bool:
