@@ -232,6 +232,27 @@ def test_json_runs_show_progress_on_a_terminal():
 
 
 
+def test_the_progress_bar_takes_each_stage_s_total():
+    """A stage's total replaces the one before it: a bar kept at the first stage's total of 1 read 100% (or 0%) for
+    every later stage."""
+    from vqexport import cli
+
+    updates = []
+
+    class Widget:
+        def add_task(self, label, total):
+            return 7
+
+        def update(self, task, **fields):
+            updates.append(fields)
+
+    bar = cli._Bar.__new__(cli._Bar)
+    bar.widget, bar.task = Widget(), None
+    bar("loading", 0, 1)
+    bar("clustering", 3, 38)
+    assert updates[-1] == {"completed": 3, "total": 38, "description": "clustering"}
+
+
 def test_the_parity_table_shows_failures_and_notes_as_written(capsys):
     """Text in square brackets ("[parity]", a path, "[/x]") is shown, not read as a style: the table on stdout says
     what the one line on stderr says."""

@@ -634,6 +634,35 @@ def test_convert_two_stage_fits_the_router_on_the_text_or_is_training_free(conve
     assert not np.allclose(free.codebook, head.codebook) and not np.allclose(free.bias, head.bias)
 
 
+
+def test_convert_and_fidelity_count_their_progress_in_each_stage(converted, tmp_path):
+    """Each stage's progress counts up to its own total and ends there (a bar sitting at 0% or 100% for minutes
+    tells a user nothing): the hidden states, the clustering's passes, the recall curve and the fidelity over the
+    held-out positions; fidelity's line counts the tokens its report scores."""
+    tmp, report = converted
+    calls: dict[str, list] = {}
+    api.convert(tmp / "dense", 20, tmp_path / "again", distill_text=tmp / "text.txt", head="two-stage", steps=2,
+                progress=lambda label, done, total: calls.setdefault(label, []).append((done, total)))
+    for label, seen in calls.items():
+        assert len({total for _, total in seen}) == 1, (label, seen)  # one total per stage
+        dones = [done for done, _ in seen]
+        assert dones == sorted(dones) and 0 <= dones[0] and dones[-1] <= seen[0][1], (label, seen)
+    def stage(start):
+        return next(seen for label, seen in calls.items() if label.startswith(start))
+
+    for start in ("hidden states of the training text", "clustering", "measuring the probe recall curve",
+                  "measuring two-stage fidelity at P = "):
+        seen = stage(start)
+        assert seen[-1][0] == seen[-1][1] > 1 and len(seen) >= 2, (start, seen)  # counted, and finished
+    assert stage("clustering")[0][0] == 0 and len(stage("clustering")) > 3  # from 0, a step per pass
+    assert stage("measuring the probe recall curve")[-1][1] == report["two_stage"]["tokens"]  # the held-out positions
+
+    lines = []
+    fid = api.fidelity(tmp / "ts", tmp / "text.txt", max_tokens=300, progress=lines.append)
+    scoring = [line for line in lines if line.startswith("scoring")]
+    assert scoring and scoring[-1] == f"scoring {fid['tokens']:,} tokens with both heads: {fid['tokens']:,} done"
+
+
 def test_convert_two_stage_recommends_p_from_the_measured_recall_curve(converted):
     tmp, report = converted
     curve = dict(sorted((int(p), r) for p, r in report["recall_curve"].items()))

@@ -155,7 +155,7 @@ class _Bar(_Live):
             return
         if self.task is None:
             self.task = self.widget.add_task(label, total=total)
-        self.widget.update(self.task, completed=done, description=label)
+        self.widget.update(self.task, completed=done, total=total, description=label)  # each stage its own total
 
 
 _RUNTIMES = {"ort": "onnxruntime", "openvino": "OpenVINO", "trt": "TensorRT"}

@@ -167,12 +167,17 @@ def lloyd(rows: torch.Tensor, k: int, iters: int = 25, seed: int = 0, spherical:
     return centroids, assign
 
 
-def kmeans(rows: torch.Tensor, k: int, iters: int = 30, seed: int = 0, spherical: bool = False, max_seed_rows: int = 16384,
-           proj_dim: int = PROJ_DIM, seed_dim: int = 32, tol: float = 1e-3, exact_iters: int = 2,
-           stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+KMEANS_ITERS, KMEANS_EXACT_ITERS = 30, 2
+
+
+def kmeans(rows: torch.Tensor, k: int, iters: int = KMEANS_ITERS, seed: int = 0, spherical: bool = False,
+           max_seed_rows: int = 16384, proj_dim: int = PROJ_DIM, seed_dim: int = 32, tol: float = 1e-3,
+           exact_iters: int = KMEANS_EXACT_ITERS,
+           stats: dict | None = None, on_pass=None) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means of rows [N, d] (module docstring). Returns (centroids [k, d], assignment [N] int64).
 
-    ``stats``, if given, receives the pass counts."""
+    ``stats``, if given, receives the pass counts; ``on_pass()`` is called after each pass (at most ``iters +
+    exact_iters``)."""
     x, g, proj, xp = _projected(rows, k, spherical, seed, proj_dim)
     sq = x.pow(2).sum(1)
     xp_sq = xp.pow(2).sum(1)
@@ -184,6 +189,8 @@ def kmeans(rows: torch.Tensor, k: int, iters: int = 30, seed: int = 0, spherical
     for _ in range(iters if proj is not None else 0):  # passes in the projected space
         dist, new = _nearest(xp, xp_sq, centroids @ proj)
         approx += 1
+        if on_pass is not None:
+            on_pass()
         inertia = float(dist.mean())
         centroids = _means(x, new, _fill_empty(dist, new, k), k, spherical)
         stable, assign, improved = torch.equal(new, assign), new, prev - inertia
@@ -194,6 +201,8 @@ def kmeans(rows: torch.Tensor, k: int, iters: int = 30, seed: int = 0, spherical
     for _ in range(exact_iters if proj is not None else iters):  # exact passes
         dist, new = _nearest(x, sq, centroids)
         exact += 1
+        if on_pass is not None:
+            on_pass()
         inertia = float(dist.mean())
         centroids = _means(x, new, _fill_empty(dist, new, k), k, spherical)
         stable, assign, improved = torch.equal(new, assign), new, prev - inertia
@@ -214,8 +223,11 @@ def _projected(rows: torch.Tensor, k: int, spherical: bool, seed: int, proj_dim:
     return x, g, proj, (x @ proj if proj is not None else x)
 
 
-def balanced(rows: torch.Tensor, k: int, centroids: torch.Tensor, slack: float = 1.5, iters: int = 4, seed: int = 0,
-             spherical: bool = False, proj_dim: int = PROJ_DIM, n_cand: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+EQUAL_PASSES, BALANCED_PASSES = 6, 4  # the most passes of _equal_size and of the balanced methods
+
+
+def balanced(rows: torch.Tensor, k: int, centroids: torch.Tensor, slack: float = 1.5, iters: int = BALANCED_PASSES, seed: int = 0,
+             spherical: bool = False, proj_dim: int = PROJ_DIM, n_cand: int = 16, on_pass=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-balanced clustering starting from ``centroids``: no cluster has more than ``capacity(N, k, slack)``
     rows. Each pass assigns rows by proposals in order of distance (a row tries its nearest centroids first;
     a full centroid keeps its nearest proposers), rows whose ``n_cand`` candidates are all full go to their
@@ -230,6 +242,8 @@ def balanced(rows: torch.Tensor, k: int, centroids: torch.Tensor, slack: float =
         new, row_dist = _capacity_assign(xp, cp, dist, cand, cap)
         counts = _fill_empty(row_dist, new, k)
         centroids = _means(x, new, counts, k, spherical)
+        if on_pass is not None:
+            on_pass()
         if torch.equal(new, assign):
             break
         assign = new
@@ -280,36 +294,40 @@ def _capacity_assign(xp, cp, dist, cand, cap: int):
 
 
 @torch.no_grad()
-def state_metric(states: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+def state_metric(states: torch.Tensor, chunk: int = 65536, progress=None) -> torch.Tensor:
     """S [d, d], the symmetric square root of the covariance of the hidden states [N, d] (float64 sums).
 
     A token's tail logit error at a hidden state h is ``(W[v] - C[M[v]]) · (h - h̄)`` once its bias is set at the
     mean state h̄, so its mean square over the states is ``||(W[v] - C[M[v]]) S||²``: euclidean k-means on the rows
     ``W S`` minimises exactly the tail's mean square logit error, where spherical k-means on ``W`` weighs every
-    direction alike, including those the states never take."""
+    direction alike, including those the states never take. ``progress(done, total)`` counts states."""
     n, d = states.shape
     if n < 2:
         raise ValueError("state_metric needs at least two hidden states")
     mean = sum(states[i : i + chunk].double().sum(0) for i in range(0, n, chunk)) / n  # no float64 copy of all states
     cov = torch.zeros(d, d, dtype=torch.float64)
     for i in range(0, n, chunk):
+        if progress is not None:
+            progress(i, n)
         x = states[i : i + chunk].double() - mean
         cov.addmm_(x.T, x)
     vals, vecs = torch.linalg.eigh(cov / n)
     return ((vecs * vals.clamp(min=0).sqrt()) @ vecs.T).float()
 
 
-def _equal_size(rows: torch.Tensor, k: int, centroids: torch.Tensor, seed: int, spherical: bool) -> torch.Tensor:
+def _equal_size(rows: torch.Tensor, k: int, centroids: torch.Tensor, seed: int, spherical: bool, on_pass=None) -> torch.Tensor:
     """No cluster above ceil(N / K), starting from ``centroids``: with N a multiple of K every cluster has exactly N / K
     rows (EQUAL, EQUAL_METRIC)."""
-    return balanced(rows, k, centroids, slack=1.0, iters=6, seed=seed, spherical=spherical)[1]
+    return balanced(rows, k, centroids, slack=1.0, iters=EQUAL_PASSES, seed=seed, spherical=spherical, on_pass=on_pass)[1]
 
 
 def cluster(rows: torch.Tensor, k: int, method: str, seed: int = 0, _cache: dict | None = None,
-            metric: torch.Tensor | None = None) -> torch.Tensor:
+            metric: torch.Tensor | None = None, progress=None) -> torch.Tensor:
     """Assignment [N] int64 of the rows to k codes by ``method`` (one of NAMED). ``_cache`` (a dict shared across
     calls on the same rows and metric) lets the balanced and equal-size variants start from the k-means of their
-    geometry. METRIC and EQUAL_METRIC need ``metric`` [d, d] (``state_metric``) and cluster the rows ``W S``."""
+    geometry. METRIC and EQUAL_METRIC need ``metric`` [d, d] (``state_metric``) and cluster the rows ``W S``.
+    ``progress(done, most)``: passes over the rows so far, of the most this method can take (it may stop early,
+    when the assignment settles; the last call says done = most)."""
     if method not in NAMED:
         raise ValueError(f"unknown clustering method {method!r}; known: {', '.join(NAMED)}")
     base = "metric" if method in IN_METRIC else "spherical" if method.endswith("spherical") else "euclidean"
@@ -319,10 +337,26 @@ def cluster(rows: torch.Tensor, k: int, method: str, seed: int = 0, _cache: dict
         rows = rows.detach().float() @ metric
     spherical = base == "spherical"
     cache = _cache if _cache is not None else {}
+    most = {"kmeans": 0 if base in cache else KMEANS_ITERS + KMEANS_EXACT_ITERS,
+            "balanced": EQUAL_PASSES if method.startswith("equal-") else BALANCED_PASSES if method.startswith("balanced") else 0}
+    done, total = dict.fromkeys(most, 0), max(1, sum(most.values()))
+
+    def report(kind: str | None = None) -> None:
+        if kind is not None:
+            done[kind] = min(done[kind] + 1, most[kind])
+        if progress is not None:
+            progress(sum(done.values()), total)
+
+    report()
     if base not in cache:
-        cache[base] = kmeans(rows, k, seed=seed, spherical=spherical)
+        cache[base] = kmeans(rows, k, seed=seed, spherical=spherical, on_pass=lambda: report("kmeans"))
+    done["kmeans"] = most["kmeans"]  # however early it settled
     if method.startswith("equal-"):
-        return _equal_size(rows, k, cache[base][0], seed, spherical=spherical)
-    if method.startswith("balanced"):
-        return balanced(rows, k, cache[base][0], seed=seed, spherical=spherical)[1]
-    return cache[base][1]
+        out = _equal_size(rows, k, cache[base][0], seed, spherical=spherical, on_pass=lambda: report("balanced"))
+    elif method.startswith("balanced"):
+        out = balanced(rows, k, cache[base][0], seed=seed, spherical=spherical, on_pass=lambda: report("balanced"))[1]
+    else:
+        out = cache[base][1]
+    if progress is not None:
+        progress(total, total)
+    return out

@@ -134,11 +134,16 @@ class _Hidden:
         return self.trunk(x, torch.ones_like(x), *past)[0]
 
 
-def _scored(hidden: _Hidden, ids: torch.Tensor, cache: dict | None, seq: int = SEQ, positions: int = HEAD_POSITIONS):
+def _scored(hidden: _Hidden, ids: torch.Tensor, cache: dict | None, seq: int = SEQ, positions: int = HEAD_POSITIONS,
+            progress=None):
     """(hidden states [N, d], next tokens [N]) of the text in windows of ``seq`` tokens (each window's first token has
     no context), at most ``positions`` at a time whatever the window. ``cache`` (a dict kept across calls with the
-    same ids) keeps the trunk's hidden states for the next call."""
+    same ids) keeps the trunk's hidden states for the next call. ``progress(done, total)``: positions scored so far
+    (each chunk counted when the caller asks for the next)."""
     n = (len(ids) - 1) // seq
+    done, total = 0, n * seq
+    if progress is not None:
+        progress(done, total)
     x = ids[: n * seq].view(n, seq)
     y = ids[1 : n * seq + 1].view(n, seq)
     step = max(1, HEAD_POSITIONS // seq)  # windows through the trunk at a time
@@ -151,6 +156,9 @@ def _scored(hidden: _Hidden, ids: torch.Tensor, cache: dict | None, seq: int = S
         h, targets = h.flatten(0, -2), y[i : i + step].flatten()
         for j in range(0, len(targets), positions):
             yield h[j : j + positions], targets[j : j + positions]
+            done += len(targets[j : j + positions])
+            if progress is not None:
+                progress(done, total)
 
 
 ENTROPY_BANDS = (1.0, 2.0, 3.0, 4.0, 5.0)  # nats: the edges of ``evaluate``'s bands of dense entropy
@@ -158,7 +166,7 @@ ENTROPY_BANDS = (1.0, 2.0, 3.0, 4.0, 5.0)  # nats: the edges of ``evaluate``'s b
 
 @torch.no_grad()
 def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Tensor, cache: dict | None = None,
-             ideal: bool = False, seq: int = SEQ, by_entropy: bool = False) -> dict:
+             ideal: bool = False, seq: int = SEQ, by_entropy: bool = False, progress=None) -> dict:
     """Held-out perplexity of the dense and the VQ head on the same hidden states, top-1 agreement and KL; for a
     two-stage head also ``probe_recall``: the share of positions whose dense argmax fell inside the probed clusters,
     and with ``ideal`` the perplexity change and top-1 agreement of the same head probing, instead of its router's
@@ -166,13 +174,14 @@ def evaluate(hidden: _Hidden, dense: DenseHead, vq: VQLogitsHead, ids: torch.Ten
     do with this tail; choosing by mass is not guaranteed optimal for perplexity).
     With ``by_entropy``, ``by_dense_entropy`` breaks the figures down by the dense distribution's entropy at each
     position (bands between ENTROPY_BANDS): how the cost grows where the dense model is unsure.
-    The text is scored in windows of ``seq`` tokens (``_scored``; ``cache`` keeps the hidden states)."""
+    The text is scored in windows of ``seq`` tokens (``_scored``; ``cache`` keeps the hidden states; ``progress(done,
+    total)`` counts positions)."""
     nll_d = nll_v = agree = kl = recall = nll_i = agree_i = 0.0
     count = 0
     probes = getattr(vq, "probes", 0)
     ideal = ideal and bool(probes)
     bands = _Bands(bool(probes)) if by_entropy else None
-    for h, target in _scored(hidden, ids, cache, seq, positions_within_budget(dense.weight.shape[0], HEAD_POSITIONS)):
+    for h, target in _scored(hidden, ids, cache, seq, positions_within_budget(dense.weight.shape[0], HEAD_POSITIONS), progress):
         dl = dense(h)
         ld, lv = F.log_softmax(dense.cap(dl), -1), F.log_softmax(dense.cap(head_logits(vq, h, dense, dl)), -1)
         nll_d += float(F.nll_loss(ld, target, reduction="sum"))
@@ -254,12 +263,15 @@ def probe_hits(head: VQLogitsHead, h: torch.Tensor, tokens: torch.Tensor, probes
 
 
 @torch.no_grad()
-def probe_ranks(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torch.Tensor, cache: dict) -> torch.Tensor:
+def probe_ranks(hidden: _Hidden, dense: DenseHead, head: VQLogitsHead, ids: torch.Tensor, cache: dict,
+                progress=None) -> torch.Tensor:
     """[K] counts: how many held-out positions have their dense argmax in the cluster ranked r-th by the router. A
-    cluster tied with others counts as ranked after all of them (TopK probes only some of a tie)."""
+    cluster tied with others counts as ranked after all of them (TopK probes only some of a tie). ``progress(done,
+    total)`` counts positions."""
     K = head.config.codebook_size
     counts = torch.zeros(K, dtype=torch.float64)
-    for h, _ in _scored(hidden, ids, cache, positions=positions_within_budget(dense.weight.shape[0], HEAD_POSITIONS)):
+    for h, _ in _scored(hidden, ids, cache, positions=positions_within_budget(dense.weight.shape[0], HEAD_POSITIONS),
+                        progress=progress):
         target = dense(h).argmax(-1)
         score = head.route_scores(h)
         rank = (score >= score.gather(-1, head.map[target].unsqueeze(-1))).sum(-1) - 1
@@ -449,16 +461,19 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     pool = metric = None
     if in_metric or fit_route:
         pool = hidden_pool(hidden, train, SEQ, progress=progress)  # once: the metric's states and the router's pool
-        metric = state_metric(pool) if in_metric else None
+        metric = state_metric(pool, progress=_labelled(progress, "covariance of the hidden states")) if in_metric else None
         pool = pool if fit_route else None
     scores, shared, held_h = {}, {}, {}  # shared: the balanced variants start from the k-means of their geometry
     chosen, vq, measured = None, None, {}
     for i, name in enumerate(variants):
-        progress(f"clustering {V} rows into {codebook_size} codes ({name})", i, len(variants))
-        assign = cluster(weight, codebook_size, name, seed=seed, _cache=shared, metric=metric)
+        which = f" {i + 1} of {len(variants)}" if len(variants) > 1 else ""
+        label = f"clustering{which}: {V:,} rows into {codebook_size:,} codes ({name}), passes"
+        assign = cluster(weight, codebook_size, name, seed=seed, _cache=shared, metric=metric,
+                         progress=_labelled(progress, label))
         candidate = _init_head(plain, weight, dense_bias, assign, mean_h)
         if held is not None:
-            measured[name] = evaluate(hidden, dense, candidate, held, held_h)
+            measured[name] = evaluate(hidden, dense, candidate, held, held_h,
+                                      progress=_labelled(progress, f"held-out perplexity of the {name} head, positions"))
             scores[name] = measured[name]["vq_ppl"]
         else:
             scores[name] = _reconstruction_error(weight, candidate)
@@ -478,12 +493,14 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         lowrank = init_lowrank(vq, weight, mean_h)
     before = after = None
     if held is not None:  # each measured once: the chosen clustering's head is measured again only if it changed
-        before = measured[chosen] if route is None and not rank else evaluate(hidden, dense, vq, held, held_h)
+        before = measured[chosen] if route is None and not rank else evaluate(
+            hidden, dense, vq, held, held_h, progress=_labelled(progress, "held-out perplexity of the head, positions"))
         after = before
     note = None
     if ids is not None and steps and not two_stage:
         _distill(hidden, dense, vq, train, steps, seed, progress)
-        after = evaluate(hidden, dense, vq, held, held_h)
+        after = evaluate(hidden, dense, vq, held, held_h,
+                         progress=_labelled(progress, "held-out perplexity of the distilled head, positions"))
         if not after["vq_ppl"] <= before["vq_ppl"]:  # worse, or not a number
             note = (f"distillation raised the held-out perplexity by {100 * (after['vq_ppl'] / before['vq_ppl'] - 1):+.3g}% "
                     f"(from {before['vq_ppl']:.6g} to {after['vq_ppl']:.6g}), and the head written is the distilled one: more "
@@ -518,9 +535,9 @@ def _two_stage(vq: VQLogitsHead, route, weight, dense_b, hidden, dense, held, he
     cap = max(cap, int(sizes.max()))
     stage: dict = {"cluster_size": cap}
     if held is not None:
-        progress("measuring the probe recall curve", 0, 1)
         router = head_module(vq.to_head(probes=1, cluster_size=cap, route_bias=route), weight, dense_b)
-        ranks = probe_ranks(hidden, dense, router, held, held_h)
+        ranks = probe_ranks(hidden, dense, router, held, held_h,
+                            progress=_labelled(progress, "measuring the probe recall curve, positions"))
         stage["recall_curve"] = {str(p): r for p, r in recall_at_powers_of_two(ranks).items()}
         recommended = min(fewest_probes(ranks, RECALL_GOAL), cfg.codebook_size)
     else:
@@ -538,9 +555,14 @@ def _two_stage(vq: VQLogitsHead, route, weight, dense_b, hidden, dense, held, he
     if note:
         stage["note"] = note
     if held is not None:
-        progress(f"measuring two-stage fidelity at P = {P}", 0, 1)
-        stage["two_stage"] = evaluate(hidden, dense, head_module(head, weight, dense_b), held, held_h)
+        stage["two_stage"] = evaluate(hidden, dense, head_module(head, weight, dense_b), held, held_h,
+                                      progress=_labelled(progress, f"measuring two-stage fidelity at P = {P}, positions"))
     return head, stage
+
+
+def _labelled(progress, label: str):
+    """``progress(label, done, total)`` as a ``progress(done, total)`` of one stage."""
+    return lambda done, total: progress(label, done, total)
 
 
 def _reconstruction_error(weight: torch.Tensor, head: VQLogitsHead) -> float:

@@ -52,10 +52,12 @@ def fidelity(model, text, probes: int | None = None, max_tokens: int | None = No
     trunk = make_trunk(source, model_)
     hidden = _Hidden(trunk, source.geometry)
     weight, bias = output_weight(model_).detach().float(), output_bias(model_, trunk.hidden_scale)
-    if progress is not None:
-        progress(f"scoring {len(ids)} tokens with both heads")
+    def scored(done: int, total: int) -> None:
+        if progress is not None:
+            progress(f"scoring {total:,} tokens with both heads: {done:,} done")
+
     with torch.no_grad():
         dense = DenseHead(weight, bias, source.geometry.logit_softcap)
         report = evaluate(hidden, dense, head_module(head, weight, bias), torch.from_numpy(ids), ideal=True, seq=window,
-                          by_entropy=True)
+                          by_entropy=True, progress=scored)
     return {"model": str(source.path), "head": head.config.to_dict(), "text": str(text), "window": window, **report}
