@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from vqexport import api
 from vqexport.backends.ort.runner import OrtRunner
-from vqexport.bench.artifact import DENSE_MATMUL, dense_twin
+from vqexport.bench.artifact import DENSE_MATMUL, dense_twin, output_layer_bytes
 from vqexport.graph_io import all_nodes, embedding_lookup, load_graph
 from vqexport.head.spec import write_head
 from vqexport.source import demo_dir
@@ -275,10 +275,17 @@ def test_a_quantized_embedding_tables_rows_are_within_one_int4_step(int4_demo):
 
 
 def test_the_dense_twin_runs_at_the_trunks_precision(int4_demo, tmp_path):
-    twin = load_graph(dense_twin(int4_demo.out, "model.onnx", tmp_path))
+    path = dense_twin(int4_demo.out, "model.onnx", tmp_path)
+    twin = load_graph(path)
     head = [n for n in twin.graph.node if n.name.startswith(DENSE_MATMUL)]
     assert [n.op_type for n in head] == ["MatMulNBits"] and _attr(head[0], "bits") == 4
     assert not [n for n in twin.graph.node if n.op_type == "MatMul" and n.name.startswith("head/")]
+    # the bytes bench's note gives for the twin's layer: int4 blocks and their scales, not the fp32 matrix's
+    V, d, block = 8192, 128, _attr(head[0], "block_size")
+    blocks = V * (d // block)
+    stored = {i.name: i for i in twin.graph.initializer}
+    expected = V * d // 2 + blocks * 4 + (blocks // 2 if len(head[0].input) > 3 and head[0].input[3] in stored else 0)
+    assert output_layer_bytes(path) == expected < 4 * V * d // 6
 
 
 @pytest.mark.parametrize("body, fragment", [

@@ -138,6 +138,17 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
 DENSE_MATMUL = "head/dense/MatMul"
 
 
+def output_layer_bytes(twin: Path) -> int:
+    """The bytes of the dense twin's output layer as stored (fp32, or the trunk's int4 / int8 blocks with their
+    scales and zero points): the initializers its MatMul reads."""
+    import onnx_ir as ir
+
+    graph = ir.load(str(twin)).graph
+    weights = {v.name: v.const_value for n in graph if n.name.startswith(DENSE_MATMUL)
+               for v in n.inputs if v is not None and v.const_value is not None}
+    return sum(t.nbytes for t in weights.values())
+
+
 def _trunk_quantization(profile: dict) -> tuple[str, int, int] | None:
     """(precision, block size, accuracy level) of an int4 / int8 trunk from the manifest's profile: the portable
     trunk's [trunk] keys, or what the builder makes of its options."""
@@ -251,7 +262,8 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
                 to_ir(twin, Path(tmp) / "dense.xml", runtime.get("weights", "fp32"), f"{artifact}: the dense twin")
                 models["dense"] = Path(tmp) / "dense.xml"
             else:
-                models["dense"] = dense_twin(artifact, runtime["model_file"], Path(tmp), last_position_only=last)
+                twin = models["dense"] = dense_twin(artifact, runtime["model_file"], Path(tmp), last_position_only=last)
+            layer_bytes = output_layer_bytes(twin)
         # the sides alternate, `repeats` times each, so drift on the machine hits both alike; medians reported
         runs: dict[str, list[dict]] = {k: [] for k in models}
         steps = repeats * len(models)
@@ -277,10 +289,9 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
         }
         cfg = manifest["config"]
         if cfg.get("tie_word_embeddings") and cfg["head"].get("type", "vq") == "vq":
-            extra = 4 * cfg["vocab_size"] * cfg["hidden_size"]
             result["note"] = (f"the model ties its embeddings, so its own dense output layer is the embedding table; the "
-                              f"twin computes the VQ head's logits with a V x d layer of its own, {extra:,} bytes that model "
-                              "does not hold, in the twin's model bytes and memory")
+                              f"twin computes the VQ head's logits with a V x d layer of its own, {layer_bytes:,} bytes "
+                              "that model does not hold, in the twin's model bytes and memory")
     if progress:
         progress("done", steps, steps)
     return result
