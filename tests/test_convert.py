@@ -58,7 +58,10 @@ def test_output_is_the_source_plus_a_head(converted, dense_ckpt):
     assert m.min() >= 0 and m.max() < 24 and len(np.unique(m)) == 24  # every code used
     card = (out / "MODEL_CARD.md").read_text()
     assert "VQ ppl" in card and "top-1 agreement" in card
-    assert f"| head parameters | {24 * 32 + 300:,} vs {300 * 32:,} in the dense output layer's V x d weight (88.9% fewer) |" in card
+    # codebook, map and bias: the count inspect gives for the same directory
+    own = 24 * 32 + 300 + 300
+    assert f"| head parameters | {own:,} (codebook, token map, bias) vs {300 * 32:,} in the dense output layer's V x d weight (85.8% fewer) |" in card
+    assert json.loads(run_cli("inspect", out, "--json").stdout)["sizes"]["head"]["params"] == own
     assert "The held-out text also chose the clustering" in card  # auto kept the best of its candidates on it
 
 

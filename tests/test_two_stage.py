@@ -711,9 +711,12 @@ def test_inspect_and_the_card_describe_the_two_stage_head(converted):
     listed = json.loads(run_cli("inspect", tmp / "ts", "--json").stdout)["head_tensors"]
     assert sorted(listed) == sorted(load_file(tmp / "ts" / WEIGHTS_FILE)) == ["bias", "codebook", "members", "route_bias"]
     card = (tmp / "ts" / "MODEL_CARD.md").read_text()
-    # codebook, bias, route bias; the rows stage 2 reads are the model's
-    assert (f"| head parameters | {20 * 32 + 320 + 20:,} of its own and a member table [20, 16]; stage 2 reads the "
-            f"model's own output layer ({320 * 32:,} parameters, V x d), not stored in the head |") in card
+    # codebook, member table, route bias, bias (inspect's count); the rows stage 2 reads are the model's
+    own = 20 * 32 + 20 * 16 + 20 + 320
+    assert (f"| head parameters | {own:,} of its own (codebook, member table, route bias, bias; the member table is "
+            f"[20, 16]); stage 2 reads the model's own output layer ({320 * 32:,} parameters, V x d), not stored in the "
+            "head |") in card
+    assert json.loads(run_cli("inspect", tmp / "ts", "--json").stdout)["sizes"]["head"]["params"] == own
     assert "The held-out text also chose P, so its figures are somewhat optimistic" in card  # one clustering: P alone
     from vqexport.convert.convert import model_card
 

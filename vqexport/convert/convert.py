@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..artifact import staged_dir
 from ..errors import VQExportError
 from ..head.module import DenseHead, VQLogitsHead, head_logits, head_module
-from ..head.spec import HeadConfig, check_probes, write_head
+from ..head.spec import HeadConfig, check_probes, expected_tensors, write_head
 from ..source import Source, load_source
 from .clustering import EQUAL, EQUAL_METRIC, IN_METRIC, METHODS, METRIC, NAMED, cluster, state_metric
 from .init import head_from_assignment
@@ -587,10 +587,16 @@ def _write(out: Path, source: Source, head, report: dict) -> None:
         (tmp / CARD).write_text(model_card(report, head.config), encoding="utf-8")
 
 
+_TENSOR_WORDS = {"codebook": "codebook", "map": "token map", "members": "member table", "route_bias": "route bias",
+                 "bias": "bias", "lowrank_p": "P", "lowrank_u": "U"}
+
+
 def model_card(report: dict, cfg: HeadConfig) -> str:
     V, d, K, r = cfg.vocab_size, cfg.hidden_size, cfg.codebook_size, cfg.rank
     distilled = ", then distilled" if report.get("tail_distill_steps", report["distill_steps"]) else ""
-    head_vq = K * d + (V if cfg.bias else 0) + r * (V + d) + (K if cfg.route_bias else 0)
+    stored = {name: math.prod(shape) for name, (shape, _) in expected_tensors(cfg).items()}
+    head_vq = sum(stored.values())  # the head's own tensors, as inspect counts them
+    what = ", ".join(_TENSOR_WORDS.get(name, name) for name in stored)
     head_dense = V * d
     lines = [
         "# VQ-Logits conversion", "",
@@ -603,10 +609,10 @@ def model_card(report: dict, cfg: HeadConfig) -> str:
     ]
     two_stage = cfg.type == "two-stage"
     if two_stage:
-        lines.append(f"| head parameters | {head_vq:,} of its own and a member table [{K}, {cfg.cluster_size}]; stage 2 "
-                     f"reads the model's own output layer ({head_dense:,} parameters, V x d), not stored in the head |")
+        lines.append(f"| head parameters | {head_vq:,} of its own ({what}; the member table is [{K}, {cfg.cluster_size}]); "
+                     f"stage 2 reads the model's own output layer ({head_dense:,} parameters, V x d), not stored in the head |")
     else:
-        lines.append(f"| head parameters | {head_vq:,} vs {head_dense:,} in the dense output layer's V x d weight "
+        lines.append(f"| head parameters | {head_vq:,} ({what}) vs {head_dense:,} in the dense output layer's V x d weight "
                      f"({100 * (1 - head_vq / head_dense):.1f}% fewer) |")
     if two_stage:
         steps, tail = report.get("router_steps", 0), report.get("tail_distill_steps", 0)
