@@ -105,8 +105,20 @@ def test_an_unknown_architecture_is_one_line(tmp_path):
     raw = json.loads((model_dir / "config.json").read_text())
     raw["model_type"] = "not-a-model"
     (model_dir / "config.json").write_text(json.dumps(raw))
-    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"), "cannot load this config")
+    assert_user_error(run_cli("build", "--model", model_dir, "--out", tmp_path / "o"),
+                      "does not know the architecture 'not-a-model' (config.json's model_type)", "newer transformers")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_long_message_from_transformers_is_cut_where_a_sentence_or_word_ends():
+    from vqexport.source import _shortened
+
+    sentences = "The checkpoint has model type `x` which is not known. " * 3 + "This could be because of an issue " * 8
+    cut = _shortened(sentences.strip())
+    assert len(cut) <= 300 and cut.endswith("not known.")
+    words = _shortened("word " * 100)
+    assert len(words) <= 300 and words.endswith("word ...")
+    assert _shortened("short message") == "short message"
 
 
 def test_a_model_that_is_not_a_causal_lm_is_one_line(tmp_path):
