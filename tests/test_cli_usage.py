@@ -167,6 +167,21 @@ def test_convert_help_says_how_auto_clustering_chooses():
             "perplexity on it, or without text the lowest mean squared distance") in text
 
 
+
+def test_generate_help_gives_the_smallest_temperature_the_check_takes():
+    """The help spells the bound out (so that --help does not import numpy): the same as the error's."""
+    from vqexport.head.decoding import MIN_TEMPERATURE
+
+    text = " ".join(run_cli("generate", "--help").stdout.split())
+    assert f"Sampling temperature, at least {MIN_TEMPERATURE:g}" in text
+    from vqexport.errors import VQExportError
+    from vqexport.head.decoding import check_temperature
+
+    assert check_temperature(MIN_TEMPERATURE) == MIN_TEMPERATURE
+    with pytest.raises(VQExportError, match=f">= {MIN_TEMPERATURE:g}"):
+        check_temperature(MIN_TEMPERATURE / 2)
+
+
 def test_convert_offers_every_clustering_method():
     """The CLI spells the methods out (so that --help does not import torch): the same list as the converter's."""
     from vqexport.cli import convert

@@ -498,7 +498,7 @@ def inspect(path, as_json):
 @click.option("--prompt", "-p", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", "-n", type=int, default=32, show_default=True, help="Tokens to generate.")
 @click.option("--sample", is_flag=True, help="Sample from the full-vocabulary distribution instead of greedy decoding.")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature (> 0).")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature, at least 1e-06 (greedy decoding is the limit of a small one).")
 @click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens only.")
 @click.option("--seed", type=_SEED, default=None, help="Random seed for sampling (0 to 2^63 - 1).")
 def generate(artifact, prompt, max_new_tokens, sample, temperature, top_k, seed):
