@@ -135,3 +135,16 @@ def test_bench_e2e_keeps_another_models_work_apart_even_under_the_same_name(tmp_
     data[-1] ^= 1  # one bit of one weight
     weights.write_bytes(bytes(data))
     assert work_stem(load_source(b, need_head=False)) != stems[0]
+
+
+def test_inspect_notices_a_truncated_weights_file(demo_artifact, tmp_path):
+    """inspect reads headers only, and still says when a file is shorter than the build left it (an artifact) or
+    than the graph's own offsets need (a bare .onnx beside its data), instead of describing what cannot run."""
+    art = _copy(demo_artifact, tmp_path)
+    data = art / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    assert_user_error(run_cli("inspect", art), "model.onnx.data", "modified since the build")
+    assert_user_error(run_cli("inspect", art / "model.onnx"), "model.onnx.data", "truncated", "weights reach byte")
+    data.unlink()
+    assert_user_error(run_cli("inspect", art / "model.onnx"), "model.onnx.data: missing", "keeps its weights there")
+    assert run_cli("inspect", demo_artifact / "model.onnx").exit_code == 0

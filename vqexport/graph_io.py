@@ -18,6 +18,7 @@ the value ``hidden_states``; the head's initializers are named ``head.*`` and it
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -168,6 +169,26 @@ def load_graph(path, load_weights: bool = False) -> onnx.ModelProto:
         return onnx.load(str(path), load_external_data=load_weights)
     except Exception as e:  # onnx raises DecodeError / OSError variants
         raise VQExportError(f"{path}: cannot read ONNX model ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+
+
+def check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Every file the graph's initializers keep their data in (beside ``path``) is there and long enough for them (the
+    offsets and lengths in the graph; nothing is read): one line if not, such as a truncated copy of model.onnx.data."""
+    need: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        need[info.get("location", "")] = max(need.get(info.get("location", ""), 0), end)
+    for location, end in sorted(need.items()):
+        f = Path(path).parent / location
+        if not f.is_file():
+            raise VQExportError(f"{f}: missing; {Path(path).name} keeps its weights there")
+        size = f.stat().st_size
+        if size < end:
+            raise VQExportError(f"{f}: {size:,} bytes, and {Path(path).name}'s weights reach byte {end:,}: the file is "
+                                "truncated")
 
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VQExportError
-from .graph_io import all_nodes, dims_of, load_graph, op_histogram
+from .graph_io import all_nodes, check_external_data, dims_of, load_graph, op_histogram
 from .sizes import onnx_sizes, summary
 
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -24,13 +24,14 @@ def inspect_path(path) -> dict:
         raise VQExportError(f"{path}: does not exist")
     if path.is_dir():
         if (path / "manifest.json").is_file():
-            from .artifact import graph_file, read_manifest
+            from .artifact import check_files, graph_file, read_manifest
 
             manifest = read_manifest(path)
             rt = manifest["runtime"]
             graph = path / graph_file(rt)
             if not graph.is_file():
                 raise VQExportError(f"{graph}: missing from the artifact; rebuild it")
+            check_files(path, manifest)  # sizes only: a truncated or replaced file says so here, not when it is run
             info = inspect_onnx(graph)
             info.update(kind="artifact", path=str(path), target=manifest["target"], parity=manifest.get("parity"),
                         config=manifest["config"])
@@ -87,6 +88,7 @@ def inspect_onnx(path: Path) -> dict:
     import onnx
 
     proto = load_graph(path)
+    check_external_data(proto, path)
 
     def io(vis):
         return [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
