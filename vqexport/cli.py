@@ -435,12 +435,9 @@ def inspect(path, as_json):
         cfg = info["config"]
         head = cfg["head"]
         if head and head.get("type") == "two-stage":
-            from .head.spec import HeadConfig
-
-            scored = HeadConfig.from_dict(head, "inspect").scored
+            # what it computes per position: the sizes' line below
             head_text = (f"two-stage head K={head['codebook_size']} clusters of {head['cluster_size']}, P={head['probes']} "
-                         f"probed ({scored:,} logits computed per position), "
-                         f"router={'fitted' if head['route_bias'] else 'codebook'} bias={head['bias']} rank={head['rank']}")
+                         f"probed, router={'fitted' if head['route_bias'] else 'codebook'} bias={head['bias']} rank={head['rank']}")
         elif head:
             head_text = f"VQ-Logits head K={head['codebook_size']} bias={head['bias']} rank={head['rank']}"
         else:
