@@ -311,6 +311,8 @@ def state_metric(states: torch.Tensor, chunk: int = 65536, progress=None) -> tor
             progress(i, n)
         x = states[i : i + chunk].double() - mean
         cov.addmm_(x.T, x)
+    if progress is not None:
+        progress(n, n)
     vals, vecs = torch.linalg.eigh(cov / n)
     return ((vecs * vals.clamp(min=0).sqrt()) @ vecs.T).float()
 
