@@ -207,14 +207,20 @@ def test_a_signal_whose_exception_is_dropped_still_stops_the_artifact(tmp_path, 
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers are installed from the main thread only")
-    out = tmp_path / "out"
-    with pytest.raises(raised):
-        with staged_dir(out) as tmp:
-            (tmp / "model.onnx").write_bytes(b"x")
-            _Dropping(sig)  # dropped at once: its __del__ swallows the handler's exception
-            assert (tmp / "model.onnx").exists()  # the work went on
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
-    with staged_dir(out) as tmp:  # and the next write works
-        (tmp / "a").write_text("a")
-    assert (out / "a").read_text() == "a"
+    # Python's own SIGINT handler, as a run from a terminal has it (one started in the background ignores SIGINT, and
+    # staged_dir leaves an ignored or a caller's own handler as it is)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        out = tmp_path / "out"
+        with pytest.raises(raised):
+            with staged_dir(out) as tmp:
+                (tmp / "model.onnx").write_bytes(b"x")
+                _Dropping(sig)  # dropped at once: its __del__ swallows the handler's exception
+                assert (tmp / "model.onnx").exists()  # the work went on
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+        with staged_dir(out) as tmp:  # and the next write works
+            (tmp / "a").write_text("a")
+        assert (out / "a").read_text() == "a"
+    finally:
+        signal.signal(signal.SIGINT, before)

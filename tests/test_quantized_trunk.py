@@ -169,15 +169,20 @@ def test_bench_e2e_compares_the_portable_int4_artifact_with_the_builders_int4_mo
 
 def test_the_portable_int4_trunk_computes_what_the_builders_int4_trunk_computes(int4_demo, demo_artifact, tmp_path):
     """The same weights quantized the same way (onnxruntime's quantizer, blocks of 32, accuracy level 4) by both
-    paths: the two artifacts agree far more closely than either agrees with the fp32 model."""
+    paths: at the first position, where attention sees one key and is the identity, the two artifacts agree to
+    rounding; everywhere they agree far more closely than either agrees with the fp32 model. (How closely past the
+    first position depends on the machine: the builder's GroupQueryAttention and our attention ops take different
+    onnxruntime kernels, 1e-3 apart on some CPUs and up to 0.14 on others, against 0.5 to 1 from fp32.)"""
     builder = api.build("ort-int4", out=tmp_path / "builder")
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 8192, size=(1, 20))  # one unpadded row: the builder's attention takes no left padding
     mask, nxt = np.ones_like(ids), rng.integers(0, 8192, size=(1, 1))
     ours, theirs, fp32 = (artifact_logits(a, ids, mask, nxt) for a in (int4_demo.out, builder.out, demo_artifact))
+    assert np.abs(ours[0][:, 0] - theirs[0][:, 0]).max() < 1e-3
     for step in range(2):
-        assert np.abs(ours[step] - theirs[step]).max() < 1e-3
-        assert np.abs(ours[step] - fp32[step]).max() > 0.1
+        apart = np.abs(ours[step] - fp32[step]).max()
+        assert apart > 0.1
+        assert np.abs(ours[step] - theirs[step]).max() < apart / 4
 
 
 def test_gpt2_conv1d_layers_are_quantized(tmp_path):

@@ -123,28 +123,29 @@ def check_fits(source: Source, target: str) -> None:
     if why:
         raise VQExportError(f"target {target}: onnxruntime-genai's builder does not reproduce {source.path}'s rope ({why}): "
                             "its graph would rotate differently from the model; use " + PORTABLE)
-    if not has_eos(source.path, config):
+    if source.tokenizer_path is not None and not has_eos(source.path, config):  # no tokenizer: build_trunk says so
         raise VQExportError(f"target {target}: onnxruntime-genai's builder writes the model's end-of-sequence token into "
-                            f"genai_config.json, and {source.path} gives none (eos_token_id in config.json, or eos_token in "
-                            "tokenizer_config.json); set eos_token_id in config.json or use " + PORTABLE)
+                            f"genai_config.json, and {source.path} gives none (neither config.json's eos_token_id nor the "
+                            "tokenizer's eos_token); set eos_token_id in config.json or use " + PORTABLE)
 
 
 def has_eos(path: Path, config) -> bool:
     """Does the model give an end-of-sequence token where the builder looks for one: the config's eos_token_id, its
-    decoder config's, or the tokenizer's eos_token (tokenizer_config.json or special_tokens_map.json)."""
+    decoder config's, or that of the tokenizer transformers loads for it (whose class may supply a default, as
+    Qwen2's and GPT-2's do)."""
     text = getattr(config, "text_config", None)
     if any(getattr(c, "eos_token_id", None) is not None for c in (config, text) if c is not None):
         return True
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        try:
-            eos = json.loads((Path(path) / name).read_text()).get("eos_token")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(eos, dict):  # an AddedToken written out: {"content": ..., ...}
-            eos = eos.get("content")
-        if isinstance(eos, str) and eos:
-            return True
-    return False
+    from transformers import AutoTokenizer
+
+    from ..quiet import quiet
+
+    try:
+        with quiet():
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception:  # the builder goes on without the tokenizer then, and so does this check
+        return False
+    return getattr(tokenizer, "eos_token_id", None) is not None
 
 
 def active_sliding_window(config) -> int | None:
