@@ -209,14 +209,9 @@ def hf_config(path: Path):
     """transformers' config object of a model directory (its text part for a multimodal one); one line on failure."""
     import transformers
     from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     from .quiet import quiet
 
-    model_type = _raw_model_type(Path(path))
-    if model_type is not None and model_type not in CONFIG_MAPPING_NAMES:
-        raise VQExportError(f"{path}: transformers {transformers.__version__} does not know the architecture {model_type!r} "
-                            "(config.json's model_type): a newer transformers may, or the model_type is misspelt")
     try:
         with quiet():
             cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -224,15 +219,6 @@ def hf_config(path: Path):
         msg = " ".join(ln.strip() for ln in str(e).strip().splitlines()[:2]) or type(e).__name__  # a heading, then what
         raise VQExportError(f"{path}: transformers {transformers.__version__} cannot load this config ({_shortened(msg)})") from None
     return cfg
-
-
-def _raw_model_type(path: Path) -> str | None:
-    """config.json's model_type as written, or None when it cannot be read (AutoConfig then says why)."""
-    try:
-        value = json.loads((path / CONFIG).read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
 
 
 def _shortened(msg: str, limit: int = 300) -> str:
@@ -281,6 +267,13 @@ def _generation_eos(path: Path) -> tuple[int, ...]:
 
 
 def read_geometry(path: Path, raw: dict) -> Geometry:
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if raw["model_type"] not in CONFIG_MAPPING_NAMES:  # AutoConfig's own message says so in a paragraph
+        raise VQExportError(f"{path}: transformers {transformers.__version__} does not know the architecture "
+                            f"{raw['model_type']!r} (config.json's model_type): a newer transformers may, or the "
+                            "model_type is misspelt")
     cfg = hf_config(path)
     check_causal_lm(cfg, path)
     text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg

@@ -26,6 +26,10 @@ class StepOutput:
         return [a for a in (self.logits, *self.extra.values()) if a is not None]
 
     @property
+    def batch(self) -> int:
+        return self._arrays()[0].shape[0]
+
+    @property
     def length(self) -> int:
         """S: the positions the per-position outputs cover (1 for a graph that outputs the last position only)."""
         return self._arrays()[0].shape[1]
@@ -38,8 +42,7 @@ class StepOutput:
 
     def last(self) -> "StepOutput":
         """The outputs at each row's last position ([B, ...] arrays)."""
-        batch = self._arrays()[0].shape[0]
-        return self.at(np.arange(batch), np.full(batch, -1))
+        return self.at(np.arange(self.batch), np.full(self.batch, -1))
 
 
 @dataclass(frozen=True)

@@ -71,15 +71,16 @@ class HeadAt(StepOutput):
         self.head, self.h, self.softcap = head, h, softcap
 
     @property
+    def batch(self) -> int:
+        return self.h.shape[0]
+
+    @property
     def length(self) -> int:
         return self.h.shape[1]
 
     @torch.no_grad()
     def at(self, b, s) -> StepOutput:
         return head_step(self.head, self.h[torch.as_tensor(b), torch.as_tensor(s)], [], self.softcap)
-
-    def last(self) -> StepOutput:
-        return self.at(np.arange(self.h.shape[0]), np.full(self.h.shape[0], -1))
 
 
 @torch.no_grad()
