@@ -89,7 +89,8 @@ def test_deterministic(dense_ckpt, text_file, converted, tmp_path):
 
 def test_each_head_is_measured_once(dense_ckpt, text_file, tmp_path, monkeypatch):
     """A held-out measurement takes minutes at V = 152k: the chosen clustering's head is not measured a second time
-    before distillation, nor a two-stage head before and after nothing was distilled."""
+    before distillation, nor a two-stage head before and after nothing was distilled, nor a lone clustering whose
+    head the router and the rank-r term change before it is measured."""
     from vqexport.convert import convert as module
 
     calls, measure = [], module.evaluate
@@ -100,9 +101,13 @@ def test_each_head_is_measured_once(dense_ckpt, text_file, tmp_path, monkeypatch
     assert plain["after_distillation"]["kl_to_dense"] < plain["before_distillation"]["kl_to_dense"]
     calls.clear()
     two = api.convert(dense_ckpt, 24, tmp_path / "two", distill_text=text_file, steps=3, head="two-stage", rank=2).report
-    assert len(calls) == 3  # the clustering's candidate, the head with its router and rank-2 tail, the two-stage head
+    assert len(calls) == 2  # the head with its router and rank-2 tail, the two-stage head
     assert two["after_distillation"] == two["before_distillation"]
-    assert two["before_distillation"]["vq_ppl"] != two["clustering_scores"]["equal-metric"]  # router, rank: measured
+    assert two["clustering"] == "equal-metric" and two["clustering_scores"] == {} and two["clustering_score"] is None
+    calls.clear()
+    auto = api.convert(dense_ckpt, 24, tmp_path / "auto", distill_text=text_file, steps=3, rank=2).report
+    assert set(auto["clustering_scores"]) == {*METHODS, METRIC}  # a choice to make: every candidate measured
+    assert len(calls) == len(auto["clustering_scores"]) + 2  # then the chosen head with its rank-2 term, and distilled
 
 
 def test_distillation_that_raises_held_out_perplexity_is_said(dense_ckpt, text_file, tmp_path, monkeypatch):

@@ -465,19 +465,22 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         pool = pool if fit_route else None
     scores, shared, held_h = {}, {}, {}  # shared: the balanced variants start from the k-means of their geometry
     chosen, vq, measured = None, None, {}
+    # A lone candidate that a router or a rank-r term will change is not measured (minutes at V = 152k): the head
+    # measured below is that one, and there is nothing to choose.
+    score = len(variants) > 1 or not (fit_route or rank)
     for i, name in enumerate(variants):
         which = f" {i + 1} of {len(variants)}" if len(variants) > 1 else ""
         label = f"clustering{which}: {V:,} rows into {codebook_size:,} codes ({name}), passes"
         assign = cluster(weight, codebook_size, name, seed=seed, _cache=shared, metric=metric,
                          progress=_labelled(progress, label))
         candidate = _init_head(plain, weight, dense_bias, assign, mean_h)
-        if held is not None:
+        if held is not None and score:
             measured[name] = evaluate(hidden, dense, candidate, held, held_h,
                                       progress=_labelled(progress, f"held-out perplexity of the {name} head, positions"))
             scores[name] = measured[name]["vq_ppl"]
-        else:
+        elif held is None:
             scores[name] = _reconstruction_error(weight, candidate)
-        if chosen is None or scores[name] < scores[chosen]:
+        if chosen is None or (name in scores and scores[name] < scores[chosen]):
             chosen, vq = name, candidate
     shared.clear()
     route = None
@@ -509,7 +512,7 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
         p.requires_grad_(False)
     report = {"source": str(src.resolve()), "out": str(out.resolve()), "architecture": source.model_type, "head": head,
               "codebook_size": codebook_size, "bias": bias, "rank": rank, "clustering": chosen, "clustering_scores": scores,
-              "clustering_score": "held-out perplexity" if held is not None else "mean squared distance of head rows to their code",
+              "clustering_score": None if not scores else "held-out perplexity" if held is not None else "mean squared distance of head rows to their code",
               "distill_steps": steps if ids is not None and not two_stage else 0, "lowrank_init": lowrank,
               **({"router_steps": steps if ids is not None else 0} if two_stage else {}),
               "seed": seed, "before_distillation": before, "after_distillation": after, **({"note": note} if note else {})}
