@@ -467,20 +467,20 @@ def convert(src, codebook_size: int, out, bias: bool = True, distill_text=None, 
     chosen, vq, measured = None, None, {}
     # A lone candidate that a router or a rank-r term will change is not measured (minutes at V = 152k): the head
     # measured below is that one, and there is nothing to choose.
-    score = len(variants) > 1 or not (fit_route or rank)
+    measure_candidates = len(variants) > 1 or not (fit_route or rank)
     for i, name in enumerate(variants):
         which = f" {i + 1} of {len(variants)}" if len(variants) > 1 else ""
         label = f"clustering{which}: {V:,} rows into {codebook_size:,} codes ({name}), passes"
         assign = cluster(weight, codebook_size, name, seed=seed, _cache=shared, metric=metric,
                          progress=_labelled(progress, label))
         candidate = _init_head(plain, weight, dense_bias, assign, mean_h)
-        if held is not None and score:
+        if held is not None and measure_candidates:
             measured[name] = evaluate(hidden, dense, candidate, held, held_h,
                                       progress=_labelled(progress, f"held-out perplexity of the {name} head, positions"))
             scores[name] = measured[name]["vq_ppl"]
         elif held is None:
             scores[name] = _reconstruction_error(weight, candidate)
-        if chosen is None or (name in scores and scores[name] < scores[chosen]):
+        if chosen is None or scores[name] < scores[chosen]:  # a lone candidate is chosen unscored
             chosen, vq = name, candidate
     shared.clear()
     route = None
