@@ -443,6 +443,26 @@ def check_steps_fit(source: Source, profile: Profile, steps: int | None, prompts
     return prompts
 
 
+def check_logits_fit(source: Source, profile: Profile, runtime: dict, prompts: list[list[int]], where: str) -> None:
+    """The target's own logits for the prompts' prefill must fit in the memory available: a graph that outputs
+    every position gives [B, S, V] float32 at once (1 MiB per position at V = 262,144; the reference and the
+    comparison need more besides), so a check that cannot hold even that is refused before anything is loaded."""
+    form = profile.head_form(source.head.two_stage)
+    if form.decode != "logits" and not form.keep_logits:  # top-k outputs: k values per position
+        return
+    batched = not runtime.get("past_present_share_buffer", False)  # else the prompts go in one at a time
+    n = len(prompts) if batched else 1
+    longest = max(len(p) for p in prompts)
+    V = source.geometry.vocab_size
+    need = n * (1 if form.last_position_only else longest) * V * 4
+    free = _available_memory()
+    if free is not None and need > free:
+        shape = (f"the last position of {n} prompt{'s' if n > 1 else ''}" if form.last_position_only
+                 else f"{n} prompts padded to {longest} tokens" if n > 1 else f"a prompt of {longest} tokens")
+        raise VQExportError(f"{where}: the target's logits alone need {need / 2**30:.1f} GiB ({shape} x V = {V:,} float32) "
+                            f"and {free / 2**30:.1f} GiB is available; give fewer or shorter prompts")
+
+
 def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, prompts: list[list[int]], reference=None,
                steps=None, progress=_noop) -> ParityReport:
     """Compare the artifact in ``artifact`` (its runtime section) with the PyTorch reference, on ``prompts`` (token
@@ -546,6 +566,8 @@ def verify_artifact(artifact, steps: int | None = None, model=None, atol: float 
         raise VQExportError(f"{source.path}: the model changed since the artifact was built; rebuild, or pass --model")
     ids = given_prompt_ids(prompts, source.tokenizer_path, source.geometry.vocab_size) if prompts is not None else None
     ids = check_steps_fit(source, profile, steps, ids, artifact)  # the engine is built: its ranges bound the run
+    if prompts is not None:
+        check_logits_fit(source, profile, manifest["runtime"], ids, f"{artifact}: the prompts given")
     check_files(artifact, manifest, hashes=True)
     if has_head(artifact):  # the head the artifact was built with, as given to the build
         ours, theirs = read_head_config(artifact).to_dict(), source.head.config.to_dict()
