@@ -444,23 +444,28 @@ def check_steps_fit(source: Source, profile: Profile, steps: int | None, prompts
 
 
 def check_logits_fit(source: Source, profile: Profile, runtime: dict, prompts: list[list[int]], where: str) -> None:
-    """The target's own logits for the prompts' prefill must fit in the memory available: a graph that outputs
-    every position gives [B, S, V] float32 at once (1 MiB per position at V = 262,144; the reference and the
-    comparison need more besides), so a check that cannot hold even that is refused before anything is loaded."""
+    """The target's own logits for the prompts' prefill must fit in the memory available (``logits_fit``)."""
     form = profile.head_form(source.head.two_stage)
     if form.decode != "logits" and not form.keep_logits:  # top-k outputs: k values per position
         return
     batched = not runtime.get("past_present_share_buffer", False)  # else the prompts go in one at a time
     n = len(prompts) if batched else 1
     longest = max(len(p) for p in prompts)
-    V = source.geometry.vocab_size
-    need = n * (1 if form.last_position_only else longest) * V * 4
+    shape = (f"the last position of {n} prompt{'s' if n > 1 else ''}" if form.last_position_only
+             else f"{n} prompts padded to {longest} tokens" if n > 1 else f"a prompt of {longest} tokens")
+    logits_fit(n * (1 if form.last_position_only else longest), source.geometry.vocab_size, where, shape,
+               "give fewer or shorter prompts")
+
+
+def logits_fit(rows: int, vocab: int, where: str, shape: str, remedy: str) -> None:
+    """``rows`` positions of V float32 logits, what a prefill outputs at once (1 MiB per position at V = 262,144;
+    whoever reads them needs more besides), must fit in the memory available: a run that cannot hold even that is
+    refused before anything is loaded. ``shape`` says what the rows are."""
+    need = rows * vocab * 4
     free = _available_memory()
     if free is not None and need > free:
-        shape = (f"the last position of {n} prompt{'s' if n > 1 else ''}" if form.last_position_only
-                 else f"{n} prompts padded to {longest} tokens" if n > 1 else f"a prompt of {longest} tokens")
-        raise VQExportError(f"{where}: the target's logits alone need {need / 2**30:.1f} GiB ({shape} x V = {V:,} float32) "
-                            f"and {free / 2**30:.1f} GiB is available; give fewer or shorter prompts")
+        raise VQExportError(f"{where}: the target's logits alone need {need / 2**30:.1f} GiB ({shape} x V = {vocab:,} "
+                            f"float32) and {free / 2**30:.1f} GiB is available; {remedy}")
 
 
 def verify_dir(artifact: Path, runtime: dict, profile: Profile, source: Source, prompts: list[list[int]], reference=None,

@@ -251,10 +251,15 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
         raise VQExportError("this artifact has no logits output (decode = 'topk'); its dense twin cannot be built")
     if runtime.get("backend") == "trt":
         _check_trt_bench(manifest, artifact, vs_dense, prompt_len, warmup + tokens)
+    last = _last_position_only(artifact / graph_file(runtime))
+    if manifest["profile"].get("decode", {}).get("mode") != "topk":  # a top-k graph outputs k values per position
+        from ..build import logits_fit
+
+        logits_fit(1 if last else prompt_len, cfg["vocab_size"], f"{artifact}: bench",
+                   "its last position" if last else f"a prompt of {prompt_len} tokens", "give a shorter --prompt-length")
     models = {"vq": artifact / runtime["model_file"]}
     with tempfile.TemporaryDirectory() as tmp:
         if vs_dense:
-            last = _last_position_only(artifact / graph_file(runtime))
             if runtime.get("backend") == "openvino":  # the twin of the portable graph, converted as the build did
                 from ..backends.openvino.builder import to_ir
 
