@@ -73,6 +73,23 @@ def test_the_runner_drives_the_shared_cache_like_onnxruntime_genai(fp32, tiny):
         assert t.present[0].shape == r.present[0].shape == (1, 2, 258, 16)
 
 
+def test_each_new_sequence_gets_buffers_of_its_own_length(fp32):
+    """A new sequence (an empty past) gets cache buffers of the length it needs, not twice the last one's: verify
+    runs such graphs one prompt at a time, and 16 prompts of 4,000 tokens at the Qwen2.5-0.5B head shape doubled the
+    buffers to 10 GB by the 11th (and each prompt ran slower than the last)."""
+    with OrtRunner.from_artifact(fp32.out) as tgt:
+        lengths = []
+        for n in (300, 300, 300, 20):
+            ids = np.arange(n).reshape(1, n) % 320
+            out = tgt.step(ids, np.ones_like(ids), tgt.empty_past(1))
+            lengths.append(tgt._buffers[0].shape[2])
+            assert out.present[0].shape[2] == n
+        assert lengths == [300, 300, 300, 256]  # 256: the first buffer's least length
+        mask = np.ones((1, 21), np.int64)
+        tgt.step(np.array([[5]]), mask, out.present)
+        assert tgt._buffers[0].shape[2] == 256  # the sequence still fits: no new buffer
+
+
 def test_int4_trunk_meets_its_measured_tolerances(int4_demo):
     r = int4_demo.parity
     assert r.passed, r.failures

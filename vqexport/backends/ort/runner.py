@@ -123,7 +123,10 @@ class OrtRunner(Runner):
         valid = past[0].shape[2] if past else 0
         ours = bool(self._buffers) and all(np.shares_memory(p, b) for p, b in zip(past, self._buffers))
         if not ours or self._buffers[0].shape[0] != batch or self._buffers[0].shape[2] < total:
-            length = max(total, 2 * self._buffers[0].shape[2] if self._buffers else 0, self._min_length)
+            # a sequence that outgrew its buffers gets twice their length (decode steps grow it by one at a time); a
+            # new sequence gets what it needs, whatever the last one had: doubling there compounds over prompts
+            grow = 2 * self._buffers[0].shape[2] if ours else 0
+            length = max(total, grow, self._min_length)
             fresh = self.empty_past(batch, length)
             for buf, p in zip(fresh, past):
                 buf[:, :, :valid] = p
