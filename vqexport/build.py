@@ -443,32 +443,24 @@ def check_steps_fit(source: Source, profile: Profile, steps: int | None, prompts
     return prompts
 
 
-def check_logits_fit(source: Source, profile: Profile, runtime: dict, prompts: list[list[int]], where: str) -> None:
-    """The target's logits for the prompts' prefill must fit in the memory available (``logits_fit``)."""
-    form = profile.head_form(source.head.two_stage)
-    if form.decode != "logits" and not form.keep_logits:  # top-k outputs: k values per position
-        return
-    batched = not runtime.get("past_present_share_buffer", False)  # else the prompts go in one at a time
-    n = len(prompts) if batched else 1
-    longest = max(len(p) for p in prompts)
-    shape = (f"the last position of {n} prompt{'s' if n > 1 else ''}" if form.last_position_only
-             else f"{n} prompts padded to {longest} tokens" if n > 1 else f"a prompt of {longest} tokens")
-    logits_fit(n * (1 if form.last_position_only else longest), source.geometry.vocab_size, where, shape,
-               "give fewer or shorter prompts")
-
-
 PEAK_PER_LOGITS = 3  # a prefill's peak memory over its [B, S, V] float32 logits: the head's V-wide intermediates
 # (the standard head's expanded map and gathered scores) and the output's copy. Measured at the Qwen2.5-0.5B head
 # shape, 8 prompts of 1,000 tokens (4.5 GiB of logits): verify peaked at 14.7 GB, onnxruntime's run alone at 12.8 GB.
 
 
-def logits_fit(rows: int, vocab: int, where: str, shape: str, remedy: str) -> None:
-    """``rows`` positions of V float32 logits, what a prefill outputs at once (1 MiB per position at V = 262,144),
-    must fit PEAK_PER_LOGITS times over in the memory available: a run that cannot is refused before anything is
-    loaded, rather than killed by the kernel minutes in. ``shape`` says what the rows are."""
-    need = PEAK_PER_LOGITS * rows * vocab * 4
+def check_logits_fit(form, batch: int, longest: int, vocab: int, where: str, remedy: str) -> None:
+    """A prefill of ``batch`` prompts padded to ``longest`` tokens gives V float32 logits at every position (1 MiB per
+    position at V = 262,144), or at the last one for a graph of that ``form`` (vqexport.head.graph.HeadForm), and
+    none V-wide for a top-k graph; they must fit PEAK_PER_LOGITS times over in the memory available: a run that
+    cannot is refused before anything is loaded, rather than killed by the kernel minutes in."""
+    if form.decode != "logits" and not form.keep_logits:  # top-k outputs: k values per position
+        return
+    need = PEAK_PER_LOGITS * batch * (1 if form.last_position_only else longest) * vocab * 4
     free = _available_memory()
     if free is not None and need > free:
+        s = "s" if batch > 1 else ""
+        shape = (f"the last position of {batch} prompt{s}" if form.last_position_only
+                 else f"{batch} prompts padded to {longest} tokens" if batch > 1 else f"a prompt of {longest} tokens")
         raise VQExportError(f"{where}: the target's logits need about {need / 2**30:.1f} GiB at their peak ({shape} x "
                             f"V = {vocab:,} float32, {PEAK_PER_LOGITS} times over: the head's V-wide intermediates and "
                             f"the output's copy) and {free / 2**30:.1f} GiB is available; {remedy}")
@@ -577,8 +569,10 @@ def verify_artifact(artifact, steps: int | None = None, model=None, atol: float 
         raise VQExportError(f"{source.path}: the model changed since the artifact was built; rebuild, or pass --model")
     ids = given_prompt_ids(prompts, source.tokenizer_path, source.geometry.vocab_size) if prompts is not None else None
     ids = check_steps_fit(source, profile, steps, ids, artifact)  # the engine is built: its ranges bound the run
-    if prompts is not None:
-        check_logits_fit(source, profile, manifest["runtime"], ids, f"{artifact}: the prompts given")
+    if prompts is not None:  # the builder's graphs (a shared cache buffer) take the prompts one at a time
+        batch = 1 if manifest["runtime"].get("past_present_share_buffer", False) else len(ids)
+        check_logits_fit(profile.head_form(source.head.two_stage), batch, max(len(p) for p in ids),
+                         source.geometry.vocab_size, f"{artifact}: the prompts given", "give fewer or shorter prompts")
     check_files(artifact, manifest, hashes=True)
     if has_head(artifact):  # the head the artifact was built with, as given to the build
         ours, theirs = read_head_config(artifact).to_dict(), source.head.config.to_dict()

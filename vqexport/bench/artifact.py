@@ -232,26 +232,13 @@ def _median(values):
     return float(np.median(values))
 
 
-def _check_logits_fit(manifest: dict, artifact: Path, prompt_len: int) -> None:
-    """The prompt's prefill logits must fit in memory (``build.logits_fit``), as the recorded profile shapes them
-    (no file is read: a graph the runtime cannot load is the worker's to say)."""
-    from ..build import logits_fit
-    from ..profiles import parse_profile
-
-    profile = parse_profile(manifest["profile"], f"{artifact}/manifest.json", recorded=True)
-    form = profile.head_form((manifest["config"].get("head") or {}).get("type") == "two-stage")
-    if form.decode != "logits" and not form.keep_logits:  # a top-k graph outputs k values per position
-        return
-    last = form.last_position_only
-    logits_fit(1 if last else prompt_len, manifest["config"]["vocab_size"], f"{artifact}: bench",
-               "its last position" if last else f"a prompt of {prompt_len} tokens", "give a shorter --prompt-length")
-
-
 def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, tokens: int = 64, warmup: int = 8,
                        repeats: int = 3, progress=None) -> dict:
     from .timing import machine
 
     from ..artifact import check_files
+    from ..build import check_logits_fit
+    from ..profiles import parse_profile
 
     artifact = Path(artifact)
     if tokens < 1 or prompt_len < 1 or repeats < 1:
@@ -266,7 +253,10 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
         raise VQExportError("this artifact has no logits output (decode = 'topk'); its dense twin cannot be built")
     if runtime.get("backend") == "trt":
         _check_trt_bench(manifest, artifact, vs_dense, prompt_len, warmup + tokens)
-    _check_logits_fit(manifest, artifact, prompt_len)
+    # the prefill's shape from the recorded profile, not the graph: one onnxruntime cannot load is the worker's to say
+    profile = parse_profile(manifest["profile"], f"{artifact}/manifest.json", recorded=True)
+    check_logits_fit(profile.head_form((cfg.get("head") or {}).get("type") == "two-stage"), 1, prompt_len,
+                     cfg["vocab_size"], f"{artifact}: bench", "give a shorter --prompt-length")
     models = {"vq": artifact / runtime["model_file"]}
     with tempfile.TemporaryDirectory() as tmp:
         if vs_dense:
