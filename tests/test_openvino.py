@@ -59,6 +59,42 @@ def test_verify_and_bench_run_the_ir(fp32):
     assert out["dense"]["model_bytes"] - out["vq"]["model_bytes"] > 0.5 * V * d * 4
 
 
+def test_the_ir_ships_alone_without_its_onnx_graph(fp32, tmp_path):
+    """[openvino] keep_onnx = false: the same IR, verified and recorded as with the graph, without
+    model.onnx and its data; verify, generate and inspect run on it, and bench --vs-dense, which makes its dense twin
+    from that graph, says so in one line."""
+    profile = tmp_path / "openvino.toml"  # the bundled profile's name: the IR's metadata names the target
+    profile.write_text('name = "openvino"\nbackend = "openvino"\n[openvino]\nkeep_onnx = false\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nbackend = "openvino"\n[openvino]\nkeep_onnx = "no"\n')
+    assert_user_error(run_cli("build", "--target", bad, "--out", tmp_path / "bad"), "openvino.keep_onnx must be true or false")
+    assert not (tmp_path / "bad").exists()
+    lean = api.build(profile, out=tmp_path / "lean")
+    m, kept = lean.manifest, fp32.manifest
+    assert set(m["files"]) == set(kept["files"]) - {"model.onnx", "model.onnx.data"}
+    assert not (lean.out / "model.onnx").exists() and not (lean.out / "model.onnx.data").exists()
+    assert "onnx_file" not in m["runtime"] and m["runtime"]["model_file"] == "model.xml"
+    assert m["files"]["model.bin"] == kept["files"]["model.bin"]  # the xml too, but for the names OpenVINO numbers per process
+    assert m["sizes"] == kept["sizes"] and m["opset"] == kept["opset"]  # the graph's, recorded before it was dropped
+    assert lean.parity.passed and lean.parity.max_abs_diff == fp32.parity.max_abs_diff
+
+    v = run_cli("verify", "--artifact", lean.out, "--steps", 2, "--json")
+    assert v.exit_code == 0 and json.loads(v.stdout)["passed"] is True, v.stderr
+    got = generate_in_a_fresh_process(lean.out, "def main(", 6, absent=("torch", "onnxruntime"))
+    assert got["new"] == generate_in_a_fresh_process(fp32.out, "def main(", 6, absent=("torch", "onnxruntime"))["new"]
+    info = api.inspect(lean.out)  # the IR as OpenVINO reads it; the sizes as recorded
+    assert info["sizes"] == kept["sizes"]
+    assert [v["name"] for v in info["inputs"]][:2] == ["input_ids", "attention_mask"]
+    assert info["outputs"][0]["name"] == "logits" and info["ops"]["MatMul"] > 0
+    assert info["deployed"]["files"] == {n: m["files"][n]["bytes"] for n in ("model.xml", "model.bin")}
+    assert "does not keep it" in info["deployed"]["note"]
+    shown = run_cli("inspect", lean.out)
+    assert shown.exit_code == 0 and "the ONNX graph the IR was made from" in shown.stdout, shown.stderr
+    assert_user_error(run_cli("bench", "--artifact", lean.out, "--vs-dense", "--tokens", 2, "--repeats", 1),
+                      "does not keep", "keep_onnx = true")
+    assert run_cli("bench", "--artifact", lean.out, "--tokens", 2, "--prompt-length", 4, "--repeats", 1).exit_code == 0
+
+
 def test_generate_runs_the_ir_without_torch(fp32, demo_artifact):
     """The artifact ships the model's tokenizer; generate decodes with OpenVINO, the greedy tokens of ONNX Runtime."""
     assert (fp32.out / "tokenizer.json").read_bytes() == (demo_artifact / "tokenizer.json").read_bytes()

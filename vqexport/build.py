@@ -66,7 +66,7 @@ def versions(runtime: dict | None = None) -> dict:
     return out
 
 
-def resolve_profile(target: str | Profile, head: str | None = None) -> Profile:
+def resolve_profile(target: str | Path | Profile, head: str | None = None) -> Profile:
     """The profile for ``target``, with the head form overridden by ``--head`` if given."""
     profile = target if isinstance(target, Profile) else load_profile(target)
     if head is not None and head != profile.head:
@@ -91,7 +91,7 @@ def with_tolerances(profile: Profile, atol: float | None = None, rtol: float | N
     return dataclasses.replace(profile, parity=dataclasses.replace(profile.parity, **given)) if given else profile
 
 
-def build(target: str | Profile = "ort", model=None, out=None, force: bool = False, steps: int | None = None,
+def build(target: str | Path | Profile = "ort", model=None, out=None, force: bool = False, steps: int | None = None,
           head: str | None = None, atol: float | None = None, rtol: float | None = None, progress=_noop) -> BuildResult:
     """Build a verified artifact for ``target`` from ``model`` (a model directory; None = the embedded demo).
     ``atol`` / ``rtol`` replace the profile's parity tolerances; the manifest records them, so ``verify`` applies
@@ -166,6 +166,10 @@ def _build(profile: Profile, source: Source, record: dict, fp: str, out: Path, s
             progress("laying out the Triton model repository")
             runtime = layout(tmp, runtime, profile)
         sizes, opset = _graph_record(tmp, runtime)
+        if profile.backend == "openvino" and not profile.openvino.keep_onnx:  # sizes recorded: the IR alone ships
+            from .backends.openvino.builder import drop_onnx
+
+            runtime = drop_onnx(tmp, runtime)
         manifest = {
             "fingerprint": fp,
             "target": profile.name,
@@ -327,7 +331,7 @@ def _previous_timing_cache(out: Path) -> bytes | None:
     return path.read_bytes() if path is not None and path.is_file() else None
 
 
-def check_readiness(target: str | Profile, model=None, head: str | None = None, progress=_noop):
+def check_readiness(target: str | Path | Profile, model=None, head: str | None = None, progress=_noop):
     """``build --check-only``: export, attach the profile's head, then the TensorRT readiness check, on CPU.
 
     Returns the Readiness report (``passed``, ``reasons``); writes nothing and needs neither TensorRT nor a GPU.

@@ -361,7 +361,12 @@ def _print_built(result) -> None:
 
     rt = m["runtime"]
     graph = graph_file(rt)
-    where = "" if graph == rt["model_file"] else f" in {graph}, from which the runtime's {rt['model_file']} was made"
+    if graph != rt["model_file"]:
+        where = f" in {graph}, from which the runtime's {rt['model_file']} was made"
+    elif rt.get("backend") == "openvino":  # the IR alone ships ([openvino] keep_onnx = false)
+        where = f" in the ONNX graph the runtime's {rt['model_file']} was made from (not kept)"
+    else:
+        where = ""
     c.print(f"head {s['head']['params']:,} params ({s['head']['bytes']:,} bytes) vs {_dense_words(s)}; "
             f"trunk {s['trunk']['params']:,} params{where}")
     if "two_stage" in s["head"]:

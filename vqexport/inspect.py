@@ -32,11 +32,18 @@ def inspect_path(path) -> dict:
             if not graph.is_file():
                 raise VQExportError(f"{graph}: missing from the artifact; rebuild it")
             check_files(path, manifest)  # sizes only: a truncated or replaced file says so here, not when it is run
-            info = inspect_onnx(graph)
+            if graph.suffix == ".xml":  # an OpenVINO IR shipped without the ONNX graph it was made from
+                info = inspect_ir(graph, manifest)
+            else:
+                info = inspect_onnx(graph)
             info.update(kind="artifact", path=str(path), target=manifest["target"], parity=manifest.get("parity"),
                         config=manifest["config"])
             if graph.name != rt["model_file"]:  # an OpenVINO IR or a TensorRT engine made from the graph inspected
-                info["deployed"] = _deployed(path, rt, graph.name)
+                info["deployed"] = _deployed(path, rt, f"the sizes are those of {graph.name}, the graph the "
+                                                       f"{rt.get('backend')} model was made from")
+            elif graph.suffix == ".xml":
+                info["deployed"] = _deployed(path, rt, "the sizes are those of the ONNX graph the IR was made from, "
+                                                       "recorded when it was built (the artifact does not keep it)")
             return info
         if (path / "config.json").is_file():
             return inspect_model(path)
@@ -46,15 +53,14 @@ def inspect_path(path) -> dict:
     raise VQExportError(f"{path}: expected a model directory, an artifact directory or an .onnx file")
 
 
-def _deployed(path: Path, runtime: dict, inspected: str) -> dict:
-    """What the runtime loads when it is not the graph inspected: its files and bytes (an OpenVINO IR with compressed
-    weights, a TensorRT engine), which the sizes read from the graph do not describe."""
+def _deployed(path: Path, runtime: dict, note: str) -> dict:
+    """What the runtime loads when the sizes do not describe it: its files and bytes (an OpenVINO IR with compressed
+    weights, a TensorRT engine); ``note`` says which graph the sizes are those of."""
     from .artifact import weights_beside
 
     names = [runtime["model_file"], weights_beside(runtime["model_file"])]
     files = {n: (path / n).stat().st_size for n in names if n is not None and (path / n).is_file()}
-    return {"files": files, "bytes": sum(files.values()), "backend": runtime.get("backend", "ort"),
-            "note": f"the sizes are those of {inspected}, the graph the {runtime.get('backend')} model was made from"}
+    return {"files": files, "bytes": sum(files.values()), "backend": runtime.get("backend", "ort"), "note": note}
 
 
 def inspect_model(path: Path) -> dict:
@@ -81,6 +87,37 @@ def inspect_model(path: Path) -> dict:
                          for k, v in sorted((source.head.tensors if source.head else {}).items()) if k in stored},
         "sizes": summary(head, trunk, geo.vocab_size, geo.hidden_size, bool(source.head and source.head.config.bias),
                          source.head.config if source.head else None),
+    }
+
+
+def inspect_ir(path: Path, manifest: dict) -> dict:
+    """An OpenVINO IR as OpenVINO reads it (its weights mapped, not loaded): inputs, outputs and operations; the sizes
+    and opset of the ONNX graph it was made from, as the build recorded them."""
+    from .backends.openvino.env import require_openvino
+
+    ov = require_openvino(f"{path.parent}: inspecting its OpenVINO IR")
+    try:
+        model = ov.Core().read_model(str(path))
+    except Exception as e:  # OpenVINO's own errors: a file it cannot parse
+        line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise VQExportError(f"{path}: OpenVINO cannot read it ({line[:200]})") from None
+
+    def io(ports):
+        return [{"name": p.any_name, "dtype": p.get_element_type().to_dtype().name,
+                 "shape": [d.get_length() if d.is_static else "?" for d in p.get_partial_shape()]} for p in ports]
+
+    ops: dict[str, int] = {}
+    for op in model.get_ordered_ops():
+        ops[op.get_type_name()] = ops.get(op.get_type_name(), 0) + 1
+    return {
+        "kind": "openvino-ir",
+        "path": str(path),
+        "opset": {"ai.onnx": manifest["opset"]},  # the ONNX graph's it was made from
+        "inputs": io(model.inputs),
+        "outputs": io(model.outputs),
+        "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "nodes": sum(ops.values()),
+        "sizes": manifest["sizes"],
     }
 
 

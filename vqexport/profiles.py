@@ -77,6 +77,9 @@ class OpenVinoOptions:
     device: str = "CPU"  # an OpenVINO device (CPU, GPU, NPU, ...)
     weights: str = "fp32"  # "fp32" | "int8" | "int4": NNCF weight compression of the IR (INT8_ASYM, INT4_ASYM)
     inference_precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT ("f32" keeps parity with fp32 PyTorch)
+    # the portable model.onnx (+ data) the IR was made from stays in the artifact: inspect's graph view and bench
+    # --vs-dense (the dense twin) read it; false ships the IR alone, about half the bytes with fp32 weights
+    keep_onnx: bool = True
 
 
 @dataclass(frozen=True)
@@ -209,9 +212,9 @@ def aliases() -> dict[str, str]:
     return out
 
 
-def load_profile(target: str) -> Profile:
-    """Resolve ``target`` (a bundled name or a .toml path) to a validated Profile."""
-    if target.endswith(".toml") or "/" in target or "\\" in target:
+def load_profile(target: str | Path) -> Profile:
+    """Resolve ``target`` (a bundled name, or a .toml file's path as a string or a Path) to a validated Profile."""
+    if isinstance(target, Path) or target.endswith(".toml") or "/" in target or "\\" in target:
         path = Path(target)
         try:
             text = path.read_text(encoding="utf-8")
@@ -374,6 +377,7 @@ def parse_profile(raw: dict, where: str, recorded: bool = False) -> Profile:
         weights=take(ovt, "weights", str, "fp32", "openvino.", lambda v: v in OV_WEIGHTS, " or ".join(map(repr, OV_WEIGHTS))),
         inference_precision=take(ovt, "inference_precision", str, "f32", "openvino.", lambda v: v in ("f32", "f16", "bf16"),
                                  "'f32', 'f16' or 'bf16'"),
+        keep_onnx=take(ovt, "keep_onnx", bool, True, "openvino.", None, "true or false"),
     )
 
     if codebook == "int4" and (int8.encoding != "native" or head != "standard"):

@@ -251,6 +251,10 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     runtime = manifest["runtime"]
     if vs_dense and manifest["profile"].get("decode", {}).get("mode") == "topk":
         raise VQExportError("this artifact has no logits output (decode = 'topk'); its dense twin cannot be built")
+    if vs_dense and runtime.get("backend") == "openvino" and "onnx_file" not in runtime:
+        raise VQExportError(f"{artifact}: --vs-dense makes the dense twin from the ONNX graph the IR was made from, which "
+                            "this artifact does not keep ([openvino] keep_onnx = false); build with keep_onnx = true "
+                            "to compare")
     if runtime.get("backend") == "trt":
         _check_trt_bench(manifest, artifact, vs_dense, prompt_len, warmup + tokens)
     # the prefill's shape from the recorded profile, not the graph: one onnxruntime cannot load is the worker's to say

@@ -3,7 +3,8 @@ own Python API (``openvino.convert_model`` / ``save_model``) to IR, ``model.xml`
 (no fp16 compression: parity is against fp32 PyTorch), or compressed by NNCF (``nncf.compress_weights``, data-free):
 ``weights = "int8"`` INT8_ASYM per output channel, every MatMul / embedding weight and the head's codebook;
 ``weights = "int4"`` INT4_ASYM in groups of 128 (NNCF's and optimum-intel's default), the embedding table and the
-last MatMul (the standard head's codebook) kept INT8_ASYM, NNCF's own rule."""
+last MatMul (the standard head's codebook) kept INT8_ASYM, NNCF's own rule. With ``[openvino] keep_onnx = false`` the
+ONNX graph is dropped once the IR is verified and its sizes recorded (``drop_onnx``): the artifact is the IR alone."""
 
 from __future__ import annotations
 
@@ -68,6 +69,17 @@ def to_ir(onnx_path: Path, xml_path: Path, weights: str, what: str) -> None:
     except Exception as e:  # OpenVINO's conversion errors (OpConversionFailure, RuntimeError, ...)
         msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise VQExportError(f"{what}: OpenVINO could not convert the graph ({msg.strip()[:200]})") from None
+
+
+def drop_onnx(directory: Path, runtime: dict) -> dict:
+    """Remove the ONNX graph (and its external data) the IR in ``directory`` was made from; ``runtime`` without its
+    ``onnx_file``."""
+    from ...artifact import weights_beside
+
+    name = runtime["onnx_file"]
+    for f in (name, weights_beside(name)):
+        (directory / f).unlink(missing_ok=True)
+    return {k: v for k, v in runtime.items() if k != "onnx_file"}
 
 
 def build_openvino(out: Path, profile: Profile, source: Source) -> dict:
