@@ -1,6 +1,7 @@
 """``inspect``: what is inside a model directory, an artifact directory or an .onnx file. External weights are never
-loaded (sizes come from tensor headers and dims). Artifacts and .onnx files need onnx alone; a model directory is
-read through transformers' config (which imports torch)."""
+loaded (sizes come from tensor headers and dims). Artifacts and .onnx files need onnx alone, except an OpenVINO
+artifact that ships its IR alone (read through OpenVINO); a model directory is read through transformers' config
+(which imports torch)."""
 
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def inspect_ir(path: Path, manifest: dict) -> dict:
     return {
         "kind": "openvino-ir",
         "path": str(path),
-        "opset": {"ai.onnx": manifest["opset"]},  # the ONNX graph's it was made from
+        "opset": {"ai.onnx": manifest["opset"]},  # that of the ONNX graph the IR was made from
         "inputs": io(model.inputs),
         "outputs": io(model.outputs),
         "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
