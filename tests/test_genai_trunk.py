@@ -107,6 +107,27 @@ def test_int4_trunk_meets_its_measured_tolerances(int4_demo):
     assert any(n.startswith("head.codebook") for n in names)
 
 
+def test_an_untied_models_embedding_table_is_int4_too(tmp_path, small_tokenizer):
+    """The builder keeps an untied model's table fp32 unless told; ort-int4 tells it, so no [V, d] fp32 table ships."""
+    import dataclasses
+
+    from vqexport.build import resolve_profile
+
+    V, d = 320, 64
+    model = make_model(tmp_path / "untied", arch="qwen2", vocab=V, hidden=d, heads=4, kv_heads=2, k=20, max_position=512,
+                       tie=False, tokenizer=small_tokenizer)
+    profile = resolve_profile("ort-int4")  # random weights: flat logits, which int4 moves and reorders more
+    profile = dataclasses.replace(profile, parity=dataclasses.replace(profile.parity, top1_agreement_min=0.0,
+                                                                      top5_overlap_min=0.0, kl_max=0.5))
+    result = api.build(profile, model=model, out=tmp_path / "art", steps=4)
+    assert result.parity.passed, result.parity.failures
+    proto = load_graph(result.out / "model.onnx")
+    lookups = [n for n in proto.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
+               and n.input[1] == "input_ids"]
+    assert [n.op_type for n in lookups] == ["GatherBlockQuantized"]
+    assert not [t.name for t in proto.graph.initializer if list(t.dims) == [V, d] and t.data_type == 1]
+
+
 def test_int4_artifact_runs_in_onnxruntime_genai_and_generate(int4_demo):
     """onnxruntime-genai and vqexport's generate (ONNX Runtime alone) pick the same greedy tokens from the artifact."""
     ours = api.generate(int4_demo.out, "def main(", max_new_tokens=6)
@@ -255,7 +276,8 @@ def test_bench_e2e_runs_both_sides_through_onnxruntime_genai(tmp_path):
     assert agree["top1_agreement"] == pytest.approx(np.mean(vq.argmax(-1) == dense.argmax(-1)))
     assert agree["kl_dense_to_vq"] == pytest.approx(np.mean(np.sum(np.exp(ld) * (ld - lq), -1)), rel=1e-6)
     assert agree["kl_dense_to_vq"] > 1e-4  # a VQ head is not the dense output layer: its distribution differs
-    dense_ops = {n.name for n in load_graph(next(work.glob("demo-*-builder-int4")) / "model.onnx").graph.node}
+    baseline = next(p for p in work.glob("demo-*-builder-int4*") if not p.name.endswith("-int8head"))  # options' tag
+    dense_ops = {n.name for n in load_graph(baseline / "model.onnx").graph.node}
     assert any("lm_head" in n for n in dense_ops)
     assert_user_error(run_cli("bench", "--e2e", "--target", "openvino", "--model", tmp_path / "demo"),
                       "has no onnxruntime-genai model of the builder to compare with")
