@@ -20,11 +20,17 @@ def fp32(tmp_path_factory):
     return api.build("openvino", out=tmp_path_factory.mktemp("ov") / "fp32")
 
 
+@pytest.fixture(scope="module")
+def int4(tmp_path_factory):
+    return api.build("openvino-int4", out=tmp_path_factory.mktemp("ov") / "int4")
+
+
 def test_openvino_artifact_matches_pytorch(fp32):
     r = fp32.parity
     assert r.passed and r.max_abs_diff <= 1e-4 and r.greedy_match_steps == r.steps == 32
     files = set(fp32.manifest["files"])
-    assert {"model.xml", "model.bin", "model.onnx", "model.onnx.data", "vq_head.json"} <= files
+    assert {"model.xml", "model.bin", "vq_head.json"} <= files and not files & {"model.onnx", "model.onnx.data"}
+    assert not (fp32.out / "model.onnx").exists() and "onnx_file" not in fp32.manifest["runtime"]  # the IR alone
     rt = fp32.manifest["runtime"]
     assert rt["backend"] == "openvino" and rt["device"] == "CPU" and fp32.manifest["versions"]["openvino"]
     model = ov.Core().read_model(str(fp32.out / "model.xml"))
@@ -37,7 +43,7 @@ def test_build_says_the_sizes_are_the_onnx_graphs(fp32, capsys):
 
     _print_built(fp32)
     out = capsys.readouterr().out
-    assert "params in model.onnx, from which the runtime's model.xml was made" in out
+    assert "params in the ONNX graph the runtime's model.xml was made from (not kept)" in out
     assert "model.bin" in out
 
 
@@ -59,40 +65,63 @@ def test_verify_and_bench_run_the_ir(fp32):
     assert out["dense"]["model_bytes"] - out["vq"]["model_bytes"] > 0.5 * V * d * 4
 
 
-def test_the_ir_ships_alone_without_its_onnx_graph(fp32, tmp_path):
-    """[openvino] keep_onnx = false: the same IR, verified and recorded as with the graph, without
-    model.onnx and its data; verify, generate and inspect run on it, and bench --vs-dense, which makes its dense twin
-    from that graph, says so in one line."""
+def test_keep_onnx_keeps_the_graph_the_ir_was_made_from(fp32, tmp_path):
+    """[openvino] keep_onnx = true: the same IR, verified and recorded as without it, and model.onnx + data beside
+    it, which inspect then reads; the IR alone (the default) is inspected through OpenVINO, with the sizes the build
+    recorded from that graph."""
     profile = tmp_path / "openvino.toml"  # the bundled profile's name: the IR's metadata names the target
-    profile.write_text('name = "openvino"\nbackend = "openvino"\n[openvino]\nkeep_onnx = false\n')
+    profile.write_text('name = "openvino"\nbackend = "openvino"\n[openvino]\nkeep_onnx = true\n')
     bad = tmp_path / "bad.toml"
-    bad.write_text('name = "x"\nbackend = "openvino"\n[openvino]\nkeep_onnx = "no"\n')
+    bad.write_text('name = "x"\nbackend = "openvino"\n[openvino]\nkeep_onnx = "yes"\n')
     assert_user_error(run_cli("build", "--target", bad, "--out", tmp_path / "bad"), "openvino.keep_onnx must be true or false")
     assert not (tmp_path / "bad").exists()
-    lean = api.build(profile, out=tmp_path / "lean")
-    m, kept = lean.manifest, fp32.manifest
-    assert set(m["files"]) == set(kept["files"]) - {"model.onnx", "model.onnx.data"}
-    assert not (lean.out / "model.onnx").exists() and not (lean.out / "model.onnx.data").exists()
-    assert "onnx_file" not in m["runtime"] and m["runtime"]["model_file"] == "model.xml"
-    assert m["files"]["model.bin"] == kept["files"]["model.bin"]  # the xml too, but for the names OpenVINO numbers per process
-    assert m["sizes"] == kept["sizes"] and m["opset"] == kept["opset"]  # the graph's, recorded before it was dropped
-    assert lean.parity.passed and lean.parity.max_abs_diff == fp32.parity.max_abs_diff
+    kept = api.build(profile, out=tmp_path / "kept")
+    m, lean = kept.manifest, fp32.manifest
+    assert set(m["files"]) == set(lean["files"]) | {"model.onnx", "model.onnx.data"}
+    assert m["runtime"]["onnx_file"] == "model.onnx" and m["runtime"]["model_file"] == "model.xml"
+    assert m["files"]["model.bin"] == lean["files"]["model.bin"]  # the xml too, but for the names OpenVINO numbers per process
+    assert m["sizes"] == lean["sizes"] and m["opset"] == lean["opset"]  # the graph's, recorded before it was dropped
+    assert kept.parity.passed and kept.parity.max_abs_diff == fp32.parity.max_abs_diff
 
-    v = run_cli("verify", "--artifact", lean.out, "--steps", 2, "--json")
-    assert v.exit_code == 0 and json.loads(v.stdout)["passed"] is True, v.stderr
-    got = generate_in_a_fresh_process(lean.out, "def main(", 6, absent=("torch", "onnxruntime"))
-    assert got["new"] == generate_in_a_fresh_process(fp32.out, "def main(", 6, absent=("torch", "onnxruntime"))["new"]
-    info = api.inspect(lean.out)  # the IR as OpenVINO reads it; the sizes as recorded
-    assert info["sizes"] == kept["sizes"]
-    assert [v["name"] for v in info["inputs"]][:2] == ["input_ids", "attention_mask"]
-    assert info["outputs"][0]["name"] == "logits" and info["ops"]["MatMul"] > 0
-    assert info["deployed"]["files"] == {n: m["files"][n]["bytes"] for n in ("model.xml", "model.bin")}
-    assert "does not keep it" in info["deployed"]["note"]
-    shown = run_cli("inspect", lean.out)
+    graph, ir_only = api.inspect(kept.out), api.inspect(fp32.out)
+    assert graph["sizes"] == ir_only["sizes"] == lean["sizes"]
+    assert "Parameter" not in graph["ops"] and ir_only["ops"]["Parameter"] == len(ir_only["inputs"])  # OpenVINO's ops
+    assert [v["name"] for v in ir_only["inputs"]][:2] == ["input_ids", "attention_mask"]
+    assert ir_only["outputs"][0]["name"] == "logits" and ir_only["ops"]["MatMul"] > 0
+    assert ir_only["deployed"]["files"] == {n: lean["files"][n]["bytes"] for n in ("model.xml", "model.bin")}
+    assert "does not keep it" in ir_only["deployed"]["note"] and "model.onnx" in graph["deployed"]["note"]
+    shown = run_cli("inspect", fp32.out)
     assert shown.exit_code == 0 and "the ONNX graph the IR was made from" in shown.stdout, shown.stderr
-    assert_user_error(run_cli("bench", "--artifact", lean.out, "--vs-dense", "--tokens", 2, "--repeats", 1),
-                      "does not keep", "keep_onnx = true")
-    assert run_cli("bench", "--artifact", lean.out, "--tokens", 2, "--prompt-length", 4, "--repeats", 1).exit_code == 0
+    b = run_cli("bench", "--artifact", kept.out, "--vs-dense", "--tokens", 2, "--prompt-length", 4, "--repeats", 1, "--json")
+    assert b.exit_code == 0 and json.loads(b.stdout)["dense"]["tokens_per_s"] > 0, b.stderr
+
+
+def test_the_dense_twin_is_the_irs_trunk_with_the_dense_layer(fp32, int4, tmp_path):
+    """bench --vs-dense's twin: the IR's own trunk, the head replaced by W[v] = C[M[v]] and the head's bias, so with
+    fp32 weights it gives the artifact's logits; with int4 weights its layer is compressed as a dense model's last
+    MatMul (int8), the trunk's weights left as the build compressed them."""
+    from vqexport.backends.openvino.runner import OvRunner
+    from vqexport.backends.openvino.twin import dense_twin_ir
+    from vqexport.head.spec import read_head
+
+    cfg = fp32.manifest["config"]
+    V, d = cfg["vocab_size"], cfg["hidden_size"]
+    ids = np.array([[5, 77, 300, 12, 9, 1000], [8, 41, 8, 600, 7, 3]], np.int64)
+    (tmp_path / "fp32").mkdir()
+    twin, layer = dense_twin_ir(fp32.out, fp32.manifest["runtime"], read_head(fp32.out), None, tmp_path / "fp32")
+    assert layer == V * d * 4
+    names = {op.get_friendly_name() for op in ov.Core().read_model(str(twin)).get_ops()}
+    assert "head/dense/MatMul" in names and not any(n.startswith("head/codebook") or n.startswith("head.") for n in names)
+    with OvRunner(fp32.out / "model.xml") as art, OvRunner(twin) as dense:
+        want = art.step(ids, np.ones_like(ids), art.empty_past(2))
+        got = dense.step(ids, np.ones_like(ids), dense.empty_past(2))
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-4)
+    np.testing.assert_allclose(got.present[0], want.present[0], atol=1e-6)
+    (tmp_path / "int4").mkdir()
+    twin4, layer4 = dense_twin_ir(int4.out, int4.manifest["runtime"], read_head(int4.out), None, tmp_path / "int4")
+    assert V * d <= layer4 < 1.1 * V * d  # int8 codes, with a scale and zero point per row
+    consts = [op for op in ov.Core().read_model(str(twin4)).get_ops() if op.get_type_name() == "Constant"]
+    assert sum(op.get_element_type().get_type_name() == "u4" for op in consts) == 2 * 3 * 7  # the trunk's, as built
 
 
 def test_generate_runs_the_ir_without_torch(fp32, demo_artifact):
@@ -145,9 +174,9 @@ def test_int8_weights_meet_their_measured_goal(tmp_path, fp32):
     assert deployed["files"]["model.bin"] < 0.5 * (info["sizes"]["head"]["bytes"] + info["sizes"]["trunk"]["bytes"])
 
 
-def test_int4_weights_meet_their_measured_goal(tmp_path, fp32):
+def test_int4_weights_meet_their_measured_goal(int4, fp32):
     """NNCF's INT4_ASYM in groups of 128; the demo's MLP input (352) takes groups of 32 (NNCF's ADJUST fallback)."""
-    result = api.build("openvino-int4", out=tmp_path / "int4")
+    result = int4
     r = result.parity
     assert r.passed, r.failures
     assert r.max_abs_diff > 1e-2  # really compressed to int4

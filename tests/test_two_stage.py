@@ -427,6 +427,39 @@ def test_an_untied_model_ships_its_output_rows(tmp_path, small_tokenizer):
     assert_user_error(run_cli("bench", "--artifact", art8, "--vs-dense"), "only as quantized rows", 'rows = "fp32"')
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_an_openvino_artifacts_dense_twin_is_the_dense_model(tie, tied, tmp_path, small_tokenizer):
+    """The twin made from an OpenVINO artifact's IR (which ships without its ONNX graph) computes transformers' own
+    dense logits at the last position, as the artifact does: the output layer its stage 2 reads rows from (the
+    embedding table when tied, the head's copy of lm_head when not), the head's nodes gone."""
+    import openvino as ov
+    from transformers import AutoModelForCausalLM
+
+    from vqexport.backends.openvino.runner import OvRunner
+    from vqexport.backends.openvino.twin import dense_twin_ir
+
+    model = tied
+    if not tie:
+        model = make_model(tmp_path / "untied", arch="qwen2", vocab=320, hidden=64, heads=4, kv_heads=2, tie=False,
+                           head=False, tokenizer=small_tokenizer)
+        h = random_head(320, 64, 20)
+        write_head(model, make_head({"codebook": h.codebook, "map": h.map, "bias": h.bias}, probes=3))
+    art = api.build("openvino", model=model, out=tmp_path / "art", steps=2)
+    assert not (art.out / "model.onnx").exists()
+    (tmp_path / "twin").mkdir()
+    twin, _ = dense_twin_ir(art.out, art.manifest["runtime"], read_head(art.out), None, tmp_path / "twin")
+    names = {op.get_friendly_name() for op in ov.Core().read_model(str(twin)).get_ops()}
+    assert "head/dense/MatMul" in names and not any(n.startswith(("head/route", "head/exact/scatter", "head/codebook"))
+                                                    for n in names)
+    ids = np.arange(12).reshape(2, 6) + 100
+    with OvRunner(twin) as runner:
+        got = runner.step(ids, np.ones_like(ids), runner.empty_past(2)).logits
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()(input_ids=torch.from_numpy(ids)).logits
+    assert got.shape == (2, 1, 320)  # the artifact's prefill gives the last position only, and so does its twin
+    np.testing.assert_allclose(got, want[:, -1:].numpy(), atol=1e-4)
+
+
 def _twin_is_the_dense_model(artifact: Path, model: Path, out: Path) -> None:
     """A two-stage artifact's dense twin (bench --artifact --vs-dense) computes transformers' own dense logits."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -77,9 +77,9 @@ class OpenVinoOptions:
     device: str = "CPU"  # an OpenVINO device (CPU, GPU, NPU, ...)
     weights: str = "fp32"  # "fp32" | "int8" | "int4": NNCF weight compression of the IR (INT8_ASYM, INT4_ASYM)
     inference_precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT ("f32" keeps parity with fp32 PyTorch)
-    # the portable model.onnx (+ data) the IR was made from stays in the artifact: inspect's graph view and bench
-    # --vs-dense (the dense twin) read it; false ships the IR alone, about half the bytes with fp32 weights
-    keep_onnx: bool = True
+    # keep the portable model.onnx (+ data) the IR was made from in the artifact (inspect then reads that graph);
+    # false, the default, ships the IR alone: about half the bytes with fp32 weights, a fifth with int4
+    keep_onnx: bool = False
 
 
 @dataclass(frozen=True)
@@ -377,7 +377,7 @@ def parse_profile(raw: dict, where: str, recorded: bool = False) -> Profile:
         weights=take(ovt, "weights", str, "fp32", "openvino.", lambda v: v in OV_WEIGHTS, " or ".join(map(repr, OV_WEIGHTS))),
         inference_precision=take(ovt, "inference_precision", str, "f32", "openvino.", lambda v: v in ("f32", "f16", "bf16"),
                                  "'f32', 'f16' or 'bf16'"),
-        keep_onnx=take(ovt, "keep_onnx", bool, True, "openvino.", None, "true or false"),
+        keep_onnx=take(ovt, "keep_onnx", bool, False, "openvino.", None, "true or false"),
     )
 
     if codebook == "int4" and (int8.encoding != "native" or head != "standard"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import graph_file, read_manifest, weights_beside
+from ..artifact import read_manifest, weights_beside
 from ..errors import VQExportError
 
 
@@ -86,6 +86,16 @@ def _model_bytes(path: Path) -> int:
     return path.stat().st_size + (extra.stat().st_size if extra is not None and extra.is_file() else 0)
 
 
+def _head_of(artifact: Path):
+    """The head's definition the artifact keeps (what its dense twin is made from)."""
+    from ..head.spec import read_head
+
+    head = read_head(artifact)
+    if head is None:
+        raise VQExportError(f"{artifact}: the head's definition (vq_head.json + vq_head.safetensors) is missing; rebuild the artifact")
+    return head
+
+
 def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: bool = False) -> Path:
     """The artifact's trunk with the dense-head twin of its head (W[v] = C[M[v]] (+ U[v] P), same bias), written to
     ``out``/dense.onnx: the same logits as the VQ head, from one V x d MatMul. A two-stage head's twin is the model's
@@ -94,13 +104,10 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
     same way (MatMulNBits, the trunk's blocks), so both sides run at the trunk's precision."""
     import onnx_ir as ir
 
-    from ..head.graph import HeadForm
-    from ..head.spec import read_head
+    from ..head.graph import DENSE_MATMUL, HeadForm
     from ..join import detach_head, join, save
 
-    head = read_head(artifact)
-    if head is None:
-        raise VQExportError(f"{artifact}: the head's definition (vq_head.json + vq_head.safetensors) is missing; rebuild the artifact")
+    head = _head_of(artifact)
     model = ir.load(str(artifact / model_file))
     rows = rows_bias = None
     tied = False
@@ -135,13 +142,12 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
     return out / "dense.onnx"
 
 
-DENSE_MATMUL = "head/dense/MatMul"
-
-
 def output_layer_bytes(twin: Path) -> int:
     """The bytes of the dense twin's output layer as stored (fp32, or the trunk's int4 / int8 blocks with their
     scales and zero points): the initializers its MatMul reads."""
     import onnx_ir as ir
+
+    from ..head.graph import DENSE_MATMUL
 
     graph = ir.load(str(twin)).graph
     weights = {v.name: v.const_value for n in graph if n.name.startswith(DENSE_MATMUL)
@@ -251,10 +257,6 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     runtime = manifest["runtime"]
     if vs_dense and manifest["profile"].get("decode", {}).get("mode") == "topk":
         raise VQExportError("this artifact has no logits output (decode = 'topk'); its dense twin cannot be built")
-    if vs_dense and runtime.get("backend") == "openvino" and "onnx_file" not in runtime:
-        raise VQExportError(f"{artifact}: --vs-dense makes the dense twin from the ONNX graph the IR was made from, which "
-                            "this artifact does not keep ([openvino] keep_onnx = false); build with keep_onnx = true "
-                            "to compare")
     if runtime.get("backend") == "trt":
         _check_trt_bench(manifest, artifact, vs_dense, prompt_len, warmup + tokens)
     # the prefill's shape from the recorded profile, not the graph: one onnxruntime cannot load is the worker's to say
@@ -264,16 +266,15 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
     models = {"vq": artifact / runtime["model_file"]}
     with tempfile.TemporaryDirectory() as tmp:
         if vs_dense:
-            last = _last_position_only(artifact / graph_file(runtime))
-            if runtime.get("backend") == "openvino":  # the twin of the portable graph, converted as the build did
-                from ..backends.openvino.builder import to_ir
+            if runtime.get("backend") == "openvino":  # the IR's own trunk, as built and compressed, the head replaced
+                from ..backends.openvino.twin import dense_twin_ir
 
-                twin = dense_twin(artifact, runtime["onnx_file"], Path(tmp), last_position_only=last)
-                to_ir(twin, Path(tmp) / "dense.xml", runtime.get("weights", "fp32"), f"{artifact}: the dense twin")
-                models["dense"] = Path(tmp) / "dense.xml"
+                models["dense"], layer_bytes = dense_twin_ir(artifact, runtime, _head_of(artifact), cfg.get("logit_softcap"),
+                                                             Path(tmp))
             else:
-                twin = models["dense"] = dense_twin(artifact, runtime["model_file"], Path(tmp), last_position_only=last)
-            layer_bytes = output_layer_bytes(twin)
+                twin = models["dense"] = dense_twin(artifact, runtime["model_file"], Path(tmp),
+                                                    last_position_only=_last_position_only(artifact / runtime["model_file"]))
+                layer_bytes = output_layer_bytes(twin)
         # the sides alternate, `repeats` times each, so drift on the machine hits both alike; medians reported
         runs: dict[str, list[dict]] = {k: [] for k in models}
         steps = repeats * len(models)

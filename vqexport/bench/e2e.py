@@ -222,6 +222,7 @@ def bytes_per_token(model_path: Path) -> dict:
     written; a Gather / GatherBlockQuantized of an embedding table reads one row (counted as nothing); a two-stage
     head's exact rows (a copy, or the shared embedding table) are read for the probed clusters' tokens only."""
     from ..graph_io import all_nodes, initializer_stats, load_graph
+    from ..head.graph import EXACT_ROWS
 
     proto = load_graph(model_path)
     stats = initializer_stats(proto)
@@ -234,7 +235,7 @@ def bytes_per_token(model_path: Path) -> dict:
         for name in node.input:
             if name not in stats or name in seen:
                 continue
-            if node.name == "head/exact/rows" or name.startswith(("head.rows", "head.rows_q")):  # probed rows only
+            if node.name == EXACT_ROWS or name.startswith(("head.rows", "head.rows_q")):  # probed rows only
                 seen.add(name)
                 rows += int(stats[name][1] * share)
                 continue

@@ -29,6 +29,9 @@ from .spec import Head, padded_members
 NATIVE_BLOCK = 32
 SELECT_FORMS = ("gather", "gather_elements")
 CODEBOOK_MATMUL = "head/codebook/MatMul"  # the node computing z (every standard form)
+DENSE_MATMUL = "head/dense/MatMul"  # the dense twin's output layer (benchmarks)
+EXACT_ROWS, EXACT_BIAS = "head/exact/rows", "head/exact/bias"  # a two-stage head's lookups of its rows and their bias
+LAST_POSITION = "head/last_position"  # the Slice of the hidden state when the head computes the last position only
 FUSED_NODE = "head/VQLogits"
 
 
@@ -253,13 +256,13 @@ class _TwoStage:
             else:  # "fp32", or an untied model, whose output layer (lm_head) is not in the trunk: ship its rows
                 if self.rows is None:
                     raise ValueError("a two-stage head without a shared embedding table needs the model's rows")
-                rows = b.op("Gather", [b.init("head.rows", self.rows.astype(np.float32, copy=False)), ids], "head/exact/rows", axis=0)
+                rows = b.op("Gather", [b.init("head.rows", self.rows.astype(np.float32, copy=False)), ids], EXACT_ROWS, axis=0)
             col = b.op("Unsqueeze", [h, b.const("head/exact/axis3", [3])], "head/exact/h_col")
             out = b.op("Squeeze", [b.op("MatMul", [rows, col], "head/exact/MatMul"), b.const("head/exact/axis3", [3])],
                        "head/exact/logits")
         if self.rows_bias is not None:
             out = b.op("Add", [out, b.op("Gather", [b.init("head.rows_bias", self.rows_bias.astype(np.float32)), ids],
-                                         "head/exact/bias", axis=0)], "head/exact/Add")
+                                         EXACT_BIAS, axis=0)], "head/exact/Add")
         return out
 
     def _shared(self, ids: ir.Value) -> ir.Value:
@@ -271,7 +274,7 @@ class _TwoStage:
         attrs = {k: a.value for k, a in lookup.attributes.items()}
         if lookup.domain:
             b.domains[lookup.domain] = 1
-        rows = b.tape.op(lookup.op_type, inputs, attrs or None, domain=lookup.domain, name="head/exact/rows")
+        rows = b.tape.op(lookup.op_type, inputs, attrs or None, domain=lookup.domain, name=EXACT_ROWS)
         # a Gather yields the table's type, GatherBlockQuantized its scales'
         dtype = (lookup.inputs[2] if lookup.op_type == "GatherBlockQuantized" else lookup.inputs[0]).dtype
         if dtype is not None and dtype != ir.DataType.FLOAT:
@@ -296,7 +299,7 @@ class _TwoStage:
         b = self.b
         if self.rows is not None:
             out = b.op("MatMul", [h, b.init("head.rows_t", np.ascontiguousarray(self.rows.T, dtype=np.float32))],
-                       "head/dense/MatMul")
+                       DENSE_MATMUL)
         else:
             lookup = self._lookup()
             if lookup.op_type != "Gather":
@@ -322,7 +325,7 @@ class _TwoStage:
         table = b.tape.initializer(ir.PackedTensor(packed, ir.DataType.INT4, shape=ir.Shape([V, d]), name="head.rows_q4"))
         b.domains["com.microsoft"] = 1
         return b.op("GatherBlockQuantized", [table, ids, b.init("head.rows_scale", scale.reshape(V, d // NATIVE_BLOCK))],
-                    "head/exact/rows", domain="com.microsoft", block_size=NATIVE_BLOCK, gather_axis=0, quantize_axis=1)
+                    EXACT_ROWS, domain="com.microsoft", block_size=NATIVE_BLOCK, gather_axis=0, quantize_axis=1)
 
     def _int8(self, h: ir.Value, top: ir.Value) -> ir.Value:
         """7-bit row codes (an int8 copy of the rows, one scale each) times h quantized per position (symmetric,
@@ -395,13 +398,13 @@ def build_head(graph: ir.Graph, hidden: ir.Value, head: Head, form: HeadForm, sc
         h = b.op("Cast", [hidden], "head/hidden_fp32", to=int(ir.DataType.FLOAT))
     if form.last_position_only:  # prefill computes the head for the last position only
         h = b.op("Slice", [h, b.const("head/last/start", [-1]), b.const("head/last/end", [np.iinfo(np.int64).max]),
-                           b.const("head/last/axis", [1])], "head/last_position")
+                           b.const("head/last/axis", [1])], LAST_POSITION)
     functions = []
     outputs: dict[str, ir.Value] = {}
     if form.dense and head.two_stage:  # a two-stage head's dense twin: the model's own output layer
         outputs["logits"] = _TwoStage(b, head, rows, rows_bias, tied).dense(h)
     elif form.dense:
-        out = b.op("MatMul", [h, b.init("head.weight_t", dense_weight_t(head))], "head/dense/MatMul")
+        out = b.op("MatMul", [h, b.init("head.weight_t", dense_weight_t(head))], DENSE_MATMUL)
         if head.bias is not None:
             out = b.op("Add", [out, b.init("head.bias", head.bias)], "head/bias/Add")
         outputs["logits"] = out

@@ -3,8 +3,8 @@ own Python API (``openvino.convert_model`` / ``save_model``) to IR, ``model.xml`
 (no fp16 compression: parity is against fp32 PyTorch), or compressed by NNCF (``nncf.compress_weights``, data-free):
 ``weights = "int8"`` INT8_ASYM per output channel, every MatMul / embedding weight and the head's codebook;
 ``weights = "int4"`` INT4_ASYM in groups of 128 (NNCF's and optimum-intel's default), the embedding table and the
-last MatMul (the standard head's codebook) kept INT8_ASYM, NNCF's own rule. With ``[openvino] keep_onnx = false`` the
-ONNX graph is dropped once the IR is verified and its sizes recorded (``drop_onnx``): the artifact is the IR alone."""
+last MatMul (the standard head's codebook) kept INT8_ASYM, NNCF's own rule. The ONNX graph is dropped once the IR is
+verified and its sizes recorded (``drop_onnx``), so the artifact is the IR alone, unless ``[openvino] keep_onnx``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ ONNX_FILE = "model.onnx"
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_logs():
     loggers = [logging.getLogger(n) for n in ("nncf", "openvino")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -59,7 +59,7 @@ def to_ir(onnx_path: Path, xml_path: Path, weights: str, what: str) -> None:
     ov = require_openvino(what)
     nncf = require_nncf(what) if weights != "fp32" else None
     try:
-        with _quiet():
+        with quiet_logs():
             model = ov.convert_model(str(onnx_path))
             if nncf is not None:
                 model = compress(nncf, model, weights, what)

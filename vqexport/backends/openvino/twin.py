@@ -1,0 +1,102 @@
+"""The dense twin of an OpenVINO artifact, made from its IR (``bench --artifact --vs-dense``): the IR's own trunk, as
+built and compressed, with the head replaced by one V x d output layer computing what the dense model computes.
+
+* A standard VQ head's twin: W[v] = C[M[v]] (+ U[v] P) and the head's bias, fp32, compressed by NNCF as the build
+  compressed the artifact (``weights``): NNCF leaves the trunk's already compressed weights as they are, and gives
+  the new layer what it gives a dense model's last MatMul.
+* A two-stage head's twin: the model's own output layer, the rows its stage 2 reads (the trunk's embedding table
+  when tied, as the IR holds it, compressed or not; else the artifact's copy) and their bias.
+
+The model's soft cap applies to the twin's logits as to the artifact's, and a graph that gives the last position's
+logits only gets a twin that does the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import VQExportError
+from ...graph_io import HIDDEN
+from ...head.graph import DENSE_MATMUL, EXACT_BIAS, EXACT_ROWS, LAST_POSITION
+from .builder import quiet_logs, compress
+from .env import require_nncf, require_openvino
+
+
+
+def _find_output(model, name: str, what: str):
+    port = next((o for op in model.get_ordered_ops() for o in op.outputs() if name in o.get_names()), None)
+    if port is None:
+        raise VQExportError(f"{what}: the IR has no {name!r} value: not a vqexport decoder")
+    return port
+
+
+def _op(model, name: str):
+    return next((op for op in model.get_ordered_ops() if op.get_friendly_name() == name), None)
+
+
+def layer_bytes(model) -> int:
+    """The bytes of the twin's output layer as stored: the constants its MatMul reads its weights from (through a
+    decompression's Convert / Subtract / Multiply)."""
+    seen, todo, total = set(), [_op(model, DENSE_MATMUL).input_value(1).get_node()], 0
+    while todo:
+        node = todo.pop()
+        if node.get_friendly_name() in seen:
+            continue
+        seen.add(node.get_friendly_name())
+        if node.get_type_name() == "Constant":
+            total += node.get_byte_size()
+        else:
+            todo.extend(i.get_node() for i in node.input_values())
+    return total
+
+
+def dense_twin_ir(artifact: Path, runtime: dict, head, softcap: float | None, out: Path) -> tuple[Path, int]:
+    """``out``/dense.xml (+ .bin): the artifact's IR with its head replaced by the dense output layer; returns the
+    path and the output layer's bytes as stored."""
+    what = f"{artifact}: the dense twin"
+    ov = require_openvino(what)
+    from openvino import opset13 as ops
+
+    model = ov.Core().read_model(str(artifact / runtime["model_file"]))
+    h = _find_output(model, HIDDEN, what)
+    if _op(model, LAST_POSITION) is not None:  # the artifact's prefill gives the last position's logits only
+        h = ops.slice(h, np.array([-1]), np.array([np.iinfo(np.int64).max]), np.array([1]), np.array([1])).output(0)
+    bias = None
+    if head.two_stage:  # the model's own output layer: what stage 2 reads its rows from
+        rows = _op(model, EXACT_ROWS)
+        if rows is None or rows.get_type_name() != "Gather":
+            raise VQExportError(f"{what}: the IR's two-stage head reads its rows as quantized codes, not as a table "
+                                "to make the dense layer of (build with [two_stage] rows = \"shared\" or \"fp32\")")
+        weight, transpose = rows.input_value(0), True
+        found = _op(model, EXACT_BIAS)
+        if found is not None:
+            bias = found.input_value(0)
+    else:
+        from ...head.graph import dense_weight_t
+
+        weight, transpose = ops.constant(dense_weight_t(head)).output(0), False
+        if head.bias is not None:
+            bias = ops.constant(head.bias.astype(np.float32)).output(0)
+    logits = ops.matmul(h, weight, False, transpose)
+    logits.set_friendly_name(DENSE_MATMUL)
+    if bias is not None:
+        logits = ops.add(logits, bias)
+    if softcap:
+        cap = np.float32(softcap)
+        logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+    logits.output(0).set_names({"logits"})
+    results = [ops.result(logits) if "logits" in r.input_value(0).get_names() else r for r in model.get_results()]
+    twin = ov.Model(results, model.get_parameters(), "dense_twin")
+    weights = runtime.get("weights", "fp32")
+    try:
+        with quiet_logs():
+            if weights != "fp32" and not head.two_stage:  # the new layer only: the trunk's weights are compressed
+                twin = compress(require_nncf(what), twin, weights, what)
+            ov.save_model(twin, str(out / "dense.xml"), compress_to_fp16=False)
+    except VQExportError:
+        raise
+    except Exception as e:  # OpenVINO's or NNCF's own errors
+        line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise VQExportError(f"{what}: OpenVINO could not make it ({line[:200]})") from None
+    return out / "dense.xml", layer_bytes(twin)
