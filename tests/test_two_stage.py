@@ -458,6 +458,14 @@ def test_an_openvino_artifacts_dense_twin_is_the_dense_model(tie, tied, tmp_path
         want = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()(input_ids=torch.from_numpy(ids)).logits
     assert got.shape == (2, 1, 320)  # the artifact's prefill gives the last position only, and so does its twin
     np.testing.assert_allclose(got, want[:, -1:].numpy(), atol=1e-4)
+    if tie:
+        return
+    rows8 = tmp_path / "rows8.toml"  # rows only as int8 codes: no table to make the twin's layer of
+    rows8.write_text('name = "rows8"\nbackend = "openvino"\n[two_stage]\nrows = "int8"\n[parity]\natol = 100.0\n'
+                     'top1_agreement_min = 0.0\ntop5_overlap_min = 0.0\nkl_max = 10.0\ngreedy_must_match = false\n')
+    art8 = api.build(rows8, model=model, out=tmp_path / "art8", steps=2).out
+    assert_user_error(run_cli("bench", "--artifact", art8, "--vs-dense", "--tokens", 2, "--repeats", 1),
+                      "reads its rows as quantized codes", 'rows = "shared" or "fp32"')
 
 
 def _twin_is_the_dense_model(artifact: Path, model: Path, out: Path) -> None:
