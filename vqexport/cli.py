@@ -363,7 +363,7 @@ def _print_built(result) -> None:
     graph = graph_file(rt)
     if graph != rt["model_file"]:
         where = f" in {graph}, from which the runtime's {rt['model_file']} was made"
-    elif rt.get("backend") == "openvino":  # the IR alone ships ([openvino] keep_onnx = false)
+    elif rt.get("backend") == "openvino":  # the IR alone ships (unless [openvino] keep_onnx)
         where = f" in the ONNX graph the runtime's {rt['model_file']} was made from (not kept)"
     else:
         where = ""

@@ -18,10 +18,9 @@ import numpy as np
 
 from ...errors import VQExportError
 from ...graph_io import HIDDEN
-from ...head.graph import DENSE_MATMUL, EXACT_BIAS, EXACT_ROWS, LAST_POSITION
-from .builder import quiet_logs, compress
+from ...head.graph import DENSE_MATMUL, EXACT_BIAS, EXACT_ROWS, LAST_POSITION, dense_weight_t
+from .builder import compress, quiet_logs
 from .env import require_nncf, require_openvino
-
 
 
 def _find_output(model, name: str, what: str):
@@ -73,8 +72,6 @@ def dense_twin_ir(artifact: Path, runtime: dict, head, softcap: float | None, ou
         if found is not None:
             bias = found.input_value(0)
     else:
-        from ...head.graph import dense_weight_t
-
         weight, transpose = ops.constant(dense_weight_t(head)).output(0), False
         if head.bias is not None:
             bias = ops.constant(head.bias.astype(np.float32)).output(0)
