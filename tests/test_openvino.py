@@ -108,7 +108,7 @@ def test_the_dense_twin_is_the_irs_trunk_with_the_dense_layer(fp32, int4, tmp_pa
     V, d = cfg["vocab_size"], cfg["hidden_size"]
     ids = np.array([[5, 77, 300, 12, 9, 1000], [8, 41, 8, 600, 7, 3]], np.int64)
     (tmp_path / "fp32").mkdir()
-    twin, layer = dense_twin_ir(fp32.out, fp32.manifest["runtime"], read_head(fp32.out), None, tmp_path / "fp32")
+    twin, layer = dense_twin_ir(fp32.out, fp32.manifest["runtime"], read_head(fp32.out), None, False, tmp_path / "fp32")
     assert layer == V * d * 4
     names = {op.get_friendly_name() for op in ov.Core().read_model(str(twin)).get_ops()}
     assert "head/dense/MatMul" in names and not any(n.startswith("head/codebook") or n.startswith("head.") for n in names)
@@ -118,10 +118,33 @@ def test_the_dense_twin_is_the_irs_trunk_with_the_dense_layer(fp32, int4, tmp_pa
     np.testing.assert_allclose(got.logits, want.logits, atol=1e-4)
     np.testing.assert_allclose(got.present[0], want.present[0], atol=1e-6)
     (tmp_path / "int4").mkdir()
-    twin4, layer4 = dense_twin_ir(int4.out, int4.manifest["runtime"], read_head(int4.out), None, tmp_path / "int4")
+    twin4, layer4 = dense_twin_ir(int4.out, int4.manifest["runtime"], read_head(int4.out), None, False, tmp_path / "int4")
     assert V * d <= layer4 < 1.1 * V * d  # int8 codes, with a scale and zero point per row
     consts = [op for op in ov.Core().read_model(str(twin4)).get_ops() if op.get_type_name() == "Constant"]
     assert sum(op.get_element_type().get_type_name() == "u4" for op in consts) == 2 * 3 * 7  # the trunk's, as built
+
+
+def test_a_soft_capped_models_twin_caps_its_logits(tmp_path, small_tokenizer):
+    """Gemma 2 caps its logits (final_logit_softcapping): its twin's logits are the artifact's, capped the same way."""
+    from vqexport.backends.openvino.runner import OvRunner
+    from vqexport.backends.openvino.twin import dense_twin_ir
+    from vqexport.head.spec import read_head
+
+    from .models import make_model
+
+    model = make_model(tmp_path / "gemma2", arch="gemma2", vocab=320, hidden=64, heads=4, kv_heads=2, k=20,
+                       max_position=512, tokenizer=small_tokenizer, final_logit_softcapping=3.0, sliding_window=4)
+    art = api.build("openvino", model=model, out=tmp_path / "art", steps=2)
+    cap = art.manifest["config"]["logit_softcap"]
+    assert cap == 3.0
+    (tmp_path / "twin").mkdir()
+    twin, _ = dense_twin_ir(art.out, art.manifest["runtime"], read_head(art.out), cap, False, tmp_path / "twin")
+    ids = np.array([[5, 77, 300, 12, 9, 100]], np.int64)
+    with OvRunner(art.out / "model.xml") as vq, OvRunner(twin) as dense:
+        want = vq.step(ids, np.ones_like(ids), vq.empty_past(1)).logits
+        got = dense.step(ids, np.ones_like(ids), dense.empty_past(1)).logits
+    assert np.abs(want).max() > 2.0  # the cap bites
+    np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_generate_runs_the_ir_without_torch(fp32, demo_artifact):

@@ -437,6 +437,7 @@ def test_an_openvino_artifacts_dense_twin_is_the_dense_model(tie, tied, tmp_path
 
     from vqexport.backends.openvino.runner import OvRunner
     from vqexport.backends.openvino.twin import dense_twin_ir
+    from vqexport.profiles import parse_profile
 
     model = tied
     if not tie:
@@ -447,7 +448,9 @@ def test_an_openvino_artifacts_dense_twin_is_the_dense_model(tie, tied, tmp_path
     art = api.build("openvino", model=model, out=tmp_path / "art", steps=2)
     assert not (art.out / "model.onnx").exists()
     (tmp_path / "twin").mkdir()
-    twin, _ = dense_twin_ir(art.out, art.manifest["runtime"], read_head(art.out), None, tmp_path / "twin")
+    form = parse_profile(art.manifest["profile"], "manifest", recorded=True).head_form(True)  # as bench reads it
+    assert form.last_position_only
+    twin, _ = dense_twin_ir(art.out, art.manifest["runtime"], read_head(art.out), None, True, tmp_path / "twin")
     names = {op.get_friendly_name() for op in ov.Core().read_model(str(twin)).get_ops()}
     assert "head/dense/MatMul" in names and not any(n.startswith(("head/route", "head/exact/scatter", "head/codebook"))
                                                     for n in names)

@@ -261,8 +261,8 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
         _check_trt_bench(manifest, artifact, vs_dense, prompt_len, warmup + tokens)
     # the prefill's shape from the recorded profile, not the graph: one onnxruntime cannot load is the worker's to say
     profile = parse_profile(manifest["profile"], f"{artifact}/manifest.json", recorded=True)
-    check_logits_fit(profile.head_form((cfg.get("head") or {}).get("type") == "two-stage"), 1, prompt_len,
-                     cfg["vocab_size"], f"{artifact}: bench", "give a shorter --prompt-length")
+    form = profile.head_form((cfg.get("head") or {}).get("type") == "two-stage")
+    check_logits_fit(form, 1, prompt_len, cfg["vocab_size"], f"{artifact}: bench", "give a shorter --prompt-length")
     models = {"vq": artifact / runtime["model_file"]}
     with tempfile.TemporaryDirectory() as tmp:
         if vs_dense:
@@ -270,7 +270,7 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
                 from ..backends.openvino.twin import dense_twin_ir
 
                 models["dense"], layer_bytes = dense_twin_ir(artifact, runtime, _head_of(artifact), cfg.get("logit_softcap"),
-                                                             Path(tmp))
+                                                             form.last_position_only, Path(tmp))
             else:
                 twin = models["dense"] = dense_twin(artifact, runtime["model_file"], Path(tmp),
                                                     last_position_only=_last_position_only(artifact / runtime["model_file"]))

@@ -31,6 +31,7 @@ SELECT_FORMS = ("gather", "gather_elements")
 CODEBOOK_MATMUL = "head/codebook/MatMul"  # the node computing z (every standard form)
 DENSE_MATMUL = "head/dense/MatMul"  # the dense twin's output layer (benchmarks)
 EXACT_ROWS, EXACT_BIAS = "head/exact/rows", "head/exact/bias"  # a two-stage head's lookups of its rows and their bias
+EXACT_BIAS_ADD = "head/exact/Add"  # the rows' bias added to the exact logits
 LAST_POSITION = "head/last_position"  # the Slice of the hidden state when the head computes the last position only
 FUSED_NODE = "head/VQLogits"
 
@@ -262,7 +263,7 @@ class _TwoStage:
                        "head/exact/logits")
         if self.rows_bias is not None:
             out = b.op("Add", [out, b.op("Gather", [b.init("head.rows_bias", self.rows_bias.astype(np.float32)), ids],
-                                         EXACT_BIAS, axis=0)], "head/exact/Add")
+                                         EXACT_BIAS, axis=0)], EXACT_BIAS_ADD)
         return out
 
     def _shared(self, ids: ir.Value) -> ir.Value:

@@ -7,8 +7,8 @@ built and compressed, with the head replaced by one V x d output layer computing
 * A two-stage head's twin: the model's own output layer, the rows its stage 2 reads (the trunk's embedding table
   when tied, as the IR holds it, compressed or not; else the artifact's copy) and their bias.
 
-The model's soft cap applies to the twin's logits as to the artifact's, and a graph that gives the last position's
-logits only gets a twin that does the same."""
+The model's soft cap applies to the twin's logits as to the artifact's, and an artifact whose head gives the last
+position's logits only gets a twin that does the same."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from ...errors import VQExportError
 from ...graph_io import HIDDEN
-from ...head.graph import DENSE_MATMUL, EXACT_BIAS, EXACT_ROWS, LAST_POSITION, dense_weight_t
+from ...head.graph import DENSE_MATMUL, EXACT_BIAS, EXACT_BIAS_ADD, EXACT_ROWS, dense_weight_t
 from .builder import compress, quiet_logs
 from .env import require_nncf, require_openvino
 
@@ -50,50 +50,58 @@ def layer_bytes(model) -> int:
     return total
 
 
-def dense_twin_ir(artifact: Path, runtime: dict, head, softcap: float | None, out: Path) -> tuple[Path, int]:
-    """``out``/dense.xml (+ .bin): the artifact's IR with its head replaced by the dense output layer; returns the
-    path and the output layer's bytes as stored."""
+def _dense_layer(model, head, ops, what: str):
+    """The twin's weight (an output of the IR, or a new constant), whether the MatMul transposes it, and its bias."""
+    if not head.two_stage:
+        bias = ops.constant(head.bias.astype(np.float32)).output(0) if head.bias is not None else None
+        return ops.constant(dense_weight_t(head)).output(0), False, bias
+    rows = _op(model, EXACT_ROWS)  # the model's own output layer: what stage 2 reads its rows from
+    if rows is None or rows.get_type_name() != "Gather":
+        raise VQExportError(f"{what}: the IR's two-stage head reads its rows as quantized codes, not as a table "
+                            "to make the dense layer of (build with [two_stage] rows = \"shared\" or \"fp32\")")
+    found = _op(model, EXACT_BIAS)
+    if found is None and _op(model, EXACT_BIAS_ADD) is not None:
+        raise VQExportError(f"{what}: the IR adds a bias to its exact logits but its lookup ({EXACT_BIAS!r}) is not "
+                            "found")
+    return rows.input_value(0), True, found.input_value(0) if found is not None else None
+
+
+def dense_twin_ir(artifact: Path, runtime: dict, head, softcap: float | None, last_position_only: bool,
+                  out: Path) -> tuple[Path, int]:
+    """``out``/dense.xml (+ .bin): the artifact's IR with its head replaced by the dense output layer, for the last
+    position only when the artifact's head computes only that (``last_position_only``, the recorded profile's);
+    returns the path and the output layer's bytes as stored."""
     what = f"{artifact}: the dense twin"
     ov = require_openvino(what)
     from openvino import opset13 as ops
 
-    model = ov.Core().read_model(str(artifact / runtime["model_file"]))
-    h = _find_output(model, HIDDEN, what)
-    if _op(model, LAST_POSITION) is not None:  # the artifact's prefill gives the last position's logits only
-        h = ops.slice(h, np.array([-1]), np.array([np.iinfo(np.int64).max]), np.array([1]), np.array([1])).output(0)
-    bias = None
-    if head.two_stage:  # the model's own output layer: what stage 2 reads its rows from
-        rows = _op(model, EXACT_ROWS)
-        if rows is None or rows.get_type_name() != "Gather":
-            raise VQExportError(f"{what}: the IR's two-stage head reads its rows as quantized codes, not as a table "
-                                "to make the dense layer of (build with [two_stage] rows = \"shared\" or \"fp32\")")
-        weight, transpose = rows.input_value(0), True
-        found = _op(model, EXACT_BIAS)
-        if found is not None:
-            bias = found.input_value(0)
-    else:
-        weight, transpose = ops.constant(dense_weight_t(head)).output(0), False
-        if head.bias is not None:
-            bias = ops.constant(head.bias.astype(np.float32)).output(0)
-    logits = ops.matmul(h, weight, False, transpose)
-    logits.set_friendly_name(DENSE_MATMUL)
-    if bias is not None:
-        logits = ops.add(logits, bias)
-    if softcap:
-        cap = np.float32(softcap)
-        logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
-    logits.output(0).set_names({"logits"})
-    results = [ops.result(logits) if "logits" in r.input_value(0).get_names() else r for r in model.get_results()]
-    twin = ov.Model(results, model.get_parameters(), "dense_twin")
     weights = runtime.get("weights", "fp32")
     try:
+        model = ov.Core().read_model(str(artifact / runtime["model_file"]))
+        h = _find_output(model, HIDDEN, what)
+        if last_position_only:
+            h = ops.slice(h, *(np.array([v], np.int64) for v in (-1, np.iinfo(np.int64).max, 1, 1))).output(0)
+        weight, transpose, bias = _dense_layer(model, head, ops, what)
+        logits = ops.matmul(h, weight, False, transpose)
+        logits.set_friendly_name(DENSE_MATMUL)
+        if bias is not None:
+            logits = ops.add(logits, bias)
+        if softcap:
+            cap = np.float32(softcap)
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        logits.output(0).set_names({"logits"})
+        old = [r for r in model.get_results() if "logits" in r.input_value(0).get_names()]
+        if len(old) != 1:
+            raise VQExportError(f"{what}: the IR has {len(old)} outputs named 'logits', not one: not a vqexport decoder")
+        results = [ops.result(logits) if "logits" in r.input_value(0).get_names() else r for r in model.get_results()]
+        twin = ov.Model(results, model.get_parameters(), "dense_twin")
         with quiet_logs():
             if weights != "fp32" and not head.two_stage:  # the new layer only: the trunk's weights are compressed
                 twin = compress(require_nncf(what), twin, weights, what)
             ov.save_model(twin, str(out / "dense.xml"), compress_to_fp16=False)
+        return out / "dense.xml", layer_bytes(twin)
     except VQExportError:
         raise
     except Exception as e:  # OpenVINO's or NNCF's own errors
         line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise VQExportError(f"{what}: OpenVINO could not make it ({line[:200]})") from None
-    return out / "dense.xml", layer_bytes(twin)
