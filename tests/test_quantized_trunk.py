@@ -17,8 +17,9 @@ from safetensors.numpy import load_file
 
 from vqexport import api
 from vqexport.backends.ort.runner import OrtRunner
-from vqexport.bench.artifact import DENSE_MATMUL, dense_twin, output_layer_bytes
+from vqexport.bench.artifact import dense_twin, output_layer_bytes
 from vqexport.graph_io import all_nodes, embedding_lookup, load_graph
+from vqexport.head.graph import DENSE_MATMUL
 from vqexport.head.spec import write_head
 from vqexport.source import demo_dir
 from vqexport.trunk.quantize import _quantizer, dequantized_rows, gemm_as_matmul
