@@ -94,14 +94,13 @@ def inspect_model(path: Path) -> dict:
 def inspect_ir(path: Path, manifest: dict) -> dict:
     """An OpenVINO IR as OpenVINO reads it (its weights mapped, not loaded): inputs, outputs and operations; the sizes
     and opset of the ONNX graph it was made from, as the build recorded them."""
-    from .backends.openvino.env import require_openvino
+    from .backends.openvino.env import error_line, require_openvino
 
     ov = require_openvino(f"{path.parent}: inspecting its OpenVINO IR")
     try:
         model = ov.Core().read_model(str(path))
     except Exception as e:  # OpenVINO's own errors: a file it cannot parse
-        line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise VQExportError(f"{path}: OpenVINO cannot read it ({line[:200]})") from None
+        raise VQExportError(f"{path}: OpenVINO cannot read it ({error_line(e)})") from None
 
     def io(ports):
         return [{"name": p.any_name, "dtype": p.get_element_type().to_dtype().name,

@@ -17,7 +17,7 @@ from ...errors import VQExportError
 from ...head.spec import write_head
 from ...profiles import Profile
 from ...source import Source
-from .env import require_device, require_nncf, require_openvino
+from .env import error_line, require_device, require_nncf, require_openvino
 
 MODEL_FILE = "model.xml"
 ONNX_FILE = "model.onnx"
@@ -67,8 +67,7 @@ def to_ir(onnx_path: Path, xml_path: Path, weights: str, what: str) -> None:
     except VQExportError:
         raise
     except Exception as e:  # OpenVINO's conversion errors (OpConversionFailure, RuntimeError, ...)
-        msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise VQExportError(f"{what}: OpenVINO could not convert the graph ({msg.strip()[:200]})") from None
+        raise VQExportError(f"{what}: OpenVINO could not convert the graph ({error_line(e)})") from None
 
 
 def drop_onnx(directory: Path, runtime: dict) -> dict:

@@ -18,6 +18,11 @@ def require_openvino(what: str):
     return openvino
 
 
+def error_line(e: Exception) -> str:
+    """OpenVINO's or NNCF's error as one line: its first non-empty line, at most 200 characters."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
+
+
 def require_device(device: str, what: str) -> None:
     ov = require_openvino(what)
     devices = ov.Core().available_devices

@@ -20,7 +20,7 @@ from ...errors import VQExportError
 from ...graph_io import HIDDEN
 from ...head.graph import DENSE_MATMUL, EXACT_BIAS, EXACT_BIAS_ADD, EXACT_ROWS, dense_weight_t
 from .builder import compress, quiet_logs
-from .env import require_nncf, require_openvino
+from .env import error_line, require_nncf, require_openvino
 
 
 def _find_output(model, name: str, what: str):
@@ -103,5 +103,4 @@ def dense_twin_ir(artifact: Path, runtime: dict, head, softcap: float | None, la
     except VQExportError:
         raise
     except Exception as e:  # OpenVINO's or NNCF's own errors
-        line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise VQExportError(f"{what}: OpenVINO could not make it ({line[:200]})") from None
+        raise VQExportError(f"{what}: OpenVINO could not make it ({error_line(e)})") from None
