@@ -32,7 +32,6 @@ CODEBOOK_MATMUL = "head/codebook/MatMul"  # the node computing z (every standard
 DENSE_MATMUL = "head/dense/MatMul"  # the dense twin's output layer (benchmarks)
 EXACT_ROWS, EXACT_BIAS = "head/exact/rows", "head/exact/bias"  # a two-stage head's lookups of its rows and their bias
 EXACT_BIAS_ADD = "head/exact/Add"  # the rows' bias added to the exact logits
-LAST_POSITION = "head/last_position"  # the Slice of the hidden state when the head computes the last position only
 FUSED_NODE = "head/VQLogits"
 
 
@@ -399,7 +398,7 @@ def build_head(graph: ir.Graph, hidden: ir.Value, head: Head, form: HeadForm, sc
         h = b.op("Cast", [hidden], "head/hidden_fp32", to=int(ir.DataType.FLOAT))
     if form.last_position_only:  # prefill computes the head for the last position only
         h = b.op("Slice", [h, b.const("head/last/start", [-1]), b.const("head/last/end", [np.iinfo(np.int64).max]),
-                           b.const("head/last/axis", [1])], LAST_POSITION)
+                           b.const("head/last/axis", [1])], "head/last_position")
     functions = []
     outputs: dict[str, ir.Value] = {}
     if form.dense and head.two_stage:  # a two-stage head's dense twin: the model's own output layer

@@ -90,10 +90,11 @@ def dense_twin_ir(artifact: Path, runtime: dict, head, softcap: float | None, la
             cap = np.float32(softcap)
             logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
         logits.output(0).set_names({"logits"})
-        old = [r for r in model.get_results() if "logits" in r.input_value(0).get_names()]
-        if len(old) != 1:
-            raise VQExportError(f"{what}: the IR has {len(old)} outputs named 'logits', not one: not a vqexport decoder")
-        results = [ops.result(logits) if "logits" in r.input_value(0).get_names() else r for r in model.get_results()]
+        results = model.get_results()
+        is_logits = ["logits" in r.input_value(0).get_names() for r in results]
+        if sum(is_logits) != 1:
+            raise VQExportError(f"{what}: the IR has {sum(is_logits)} outputs named 'logits', not one: not a vqexport decoder")
+        results = [ops.result(logits) if replace else r for r, replace in zip(results, is_logits)]
         twin = ov.Model(results, model.get_parameters(), "dense_twin")
         with quiet_logs():
             if weights != "fp32" and not head.two_stage:  # the new layer only: the trunk's weights are compressed
