@@ -20,7 +20,8 @@ from vqexport.graph_io import load_graph
 from vqexport.head import decoding
 from vqexport.head.graph import HeadForm, head_model
 from vqexport.head.module import DenseHead, head_logits, head_module
-from vqexport.head.spec import CONFIG_FILE, WEIGHTS_FILE, make_head, read_head, write_head
+from vqexport.head.spec import (CONFIG_FILE, WEIGHTS_FILE, make_head, read_artifact_head, read_head, read_head_config,
+                                 write_artifact_head, write_head)
 
 from .conftest import assert_user_error, run_cli
 from .models import make_model, random_head
@@ -71,6 +72,24 @@ def test_files_round_trip_and_the_map_is_derived(tmp_path):
     np.testing.assert_array_equal(back.map, head.map)
     np.testing.assert_array_equal(back.members, head.members)
     assert back.config.scored == 20 + 4 * head.config.cluster_size
+
+
+def test_an_artifact_keeps_a_two_stage_heads_config_alone_and_a_plain_heads_tensors(tmp_path):
+    head = _two_stage(rank=2, route=True)
+    (tmp_path / "ts").mkdir()
+    write_artifact_head(tmp_path / "ts", head)
+    assert sorted(p.name for p in (tmp_path / "ts").iterdir()) == [CONFIG_FILE]
+    kept = read_artifact_head(tmp_path / "ts")
+    assert kept.config == head.config and kept.two_stage and kept.tensors == {}
+    write_head(tmp_path / "ts", head)  # an artifact built when the tensors were kept reads whole
+    np.testing.assert_array_equal(read_artifact_head(tmp_path / "ts").members, head.members)
+    plain = make_head({"codebook": head.codebook, "map": head.map, "bias": head.bias})
+    (tmp_path / "vq").mkdir()
+    write_artifact_head(tmp_path / "vq", plain)  # exact sampling and the dense twin read a plain head's tensors
+    np.testing.assert_array_equal(read_artifact_head(tmp_path / "vq").map, head.map)
+    (tmp_path / "vq" / WEIGHTS_FILE).unlink()
+    with pytest.raises(VQExportError, match="head config without its weights"):
+        read_artifact_head(tmp_path / "vq")
 
 
 @pytest.mark.parametrize("rank, route", [(0, False), (3, False), (0, True)])
@@ -373,7 +392,9 @@ def test_portable_build_reads_rows_from_the_shared_embedding_table(tied, tmp_pat
     rows = next(n for n in proto.graph.node if n.name == "head/exact/rows")
     assert rows.input[0] == "model.embed_tokens.weight"  # the embedding table itself: never copied
     assert not any(t.name.startswith("head.rows") for t in proto.graph.initializer)
-    assert read_head(result.out).config.type == "two-stage"
+    # the artifact keeps the head's config alone: every tensor of it is in the graph
+    assert read_head_config(result.out) == read_head(tied).config
+    assert not (result.out / WEIGHTS_FILE).exists() and WEIGHTS_FILE not in result.manifest["files"]
     _twin_is_the_dense_model(result.out, tied, tmp_path / "twin")  # its output layer: the embedding table, transposed
 
 
@@ -450,7 +471,8 @@ def test_an_openvino_artifacts_dense_twin_is_the_dense_model(tie, tied, tmp_path
     (tmp_path / "twin").mkdir()
     form = parse_profile(art.manifest["profile"], "manifest", recorded=True).head_form(True)  # as bench reads it
     assert form.last_position_only
-    twin, _ = dense_twin_ir(art.out, art.manifest["runtime"], read_head(art.out), None, True, tmp_path / "twin")
+    twin, _ = dense_twin_ir(art.out, art.manifest["runtime"], read_artifact_head(art.out), None, True,
+                            tmp_path / "twin")
     names = {op.get_friendly_name() for op in ov.Core().read_model(str(twin)).get_ops()}
     assert "head/dense/MatMul" in names and not any(n.startswith(("head/route", "head/exact/scatter", "head/codebook"))
                                                     for n in names)
@@ -488,7 +510,7 @@ def _twin_is_the_dense_model(artifact: Path, model: Path, out: Path) -> None:
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(out / "optimized.onnx")
     ort.InferenceSession(str(twin), options, providers=["CPUExecutionProvider"])
-    V, d = read_head(artifact).config.vocab_size, read_head(artifact).config.hidden_size
+    V, d = read_head_config(artifact).vocab_size, read_head_config(artifact).hidden_size
     tables = [t.name for t in load_graph(out / "optimized.onnx").graph.initializer if list(t.dims) in ([V, d], [d, V])]
     assert len(tables) == (1 if tied else 2), tables  # ONNX Runtime made no second copy of a tied model's table
     with OrtRunner(twin) as runner:

@@ -88,12 +88,9 @@ def _model_bytes(path: Path) -> int:
 
 def _head_of(artifact: Path):
     """The head's definition the artifact keeps (what its dense twin is made from)."""
-    from ..head.spec import read_head
+    from ..head.spec import read_artifact_head
 
-    head = read_head(artifact)
-    if head is None:
-        raise VQExportError(f"{artifact}: the head's definition (vq_head.json + vq_head.safetensors) is missing; rebuild the artifact")
-    return head
+    return read_artifact_head(artifact)
 
 
 def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: bool = False) -> Path:

@@ -16,6 +16,7 @@ Initializers are named ``head.*``, nodes ``head/*``: nothing ever has to find th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -230,7 +231,12 @@ class _TwoStage:
 
     def __init__(self, b: _Builder, head: Head, rows: np.ndarray | None, rows_bias: np.ndarray | None, tied: bool):
         self.b, self.head, self.rows, self.rows_bias, self.tied = b, head, rows, rows_bias, tied
-        self.members = padded_members(head)  # [K, cap] int32 ids; padding repeats a member of its cluster
+
+    @functools.cached_property
+    def members(self) -> np.ndarray:
+        """[K, cap] int32 ids; padding repeats a member of its cluster (the dense twin needs none: an artifact's
+        two-stage head may be its config alone)."""
+        return padded_members(self.head)
 
     def route(self, z: ir.Value) -> tuple[ir.Value, ir.Value]:
         """The probed clusters [B, S, P] and their token ids [B, S, P * cap] (padding repeats a cluster's first member)."""

@@ -330,6 +330,32 @@ def write_head(directory: Path, head: Head) -> None:
     save_arrays(directory / WEIGHTS_FILE, {k: v for k, v in head.tensors.items() if k in stored}, metadata={"format": FORMAT})
 
 
+def write_artifact_head(artifact: Path, head: Head) -> None:
+    """The head's definition an artifact keeps for its tools: a plain head whole (exact sampling reads its map and
+    bias, its dense twin its codebook); a two-stage head's ``vq_head.json`` alone. Every tensor of a two-stage head
+    is in the graph, and its dense twin is the model's own rows, so its tensors would be dead weight: the fp32
+    codebook alone is K x d x 4 bytes (35 MB at the Qwen2.5-0.5B shape)."""
+    if head.two_stage:
+        Path(artifact, CONFIG_FILE).write_text(head.config.to_json(), encoding="utf-8")
+    else:
+        write_head(artifact, head)
+
+
+def read_artifact_head(artifact: Path) -> Head:
+    """The head an artifact keeps (``write_artifact_head``): a two-stage head may be its config alone, and is then a
+    ``Head`` with no tensors (what its dense twin needs); an artifact built when the tensors were kept reads whole."""
+    artifact = Path(artifact)
+    cfg_file = artifact / CONFIG_FILE
+    if cfg_file.is_file() and not (artifact / WEIGHTS_FILE).exists():
+        cfg = read_head_config(artifact)
+        if cfg.type == "two-stage":
+            return Head(cfg, {})
+    head = read_head(artifact)
+    if head is None:
+        raise VQExportError(f"{artifact}: the head's definition ({CONFIG_FILE}) is missing; rebuild the artifact")
+    return head
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from ...errors import VQExportError
-from ...head.spec import write_head
+from ...head.spec import write_artifact_head
 from ...profiles import Profile
 from ...source import Source
 from .env import error_line, require_device, require_nncf, require_openvino
@@ -86,7 +86,7 @@ def build_openvino(out: Path, profile: Profile, source: Source) -> dict:
     ov = require_openvino(what)
     require_device(profile.openvino.device, what)
     to_ir(out / ONNX_FILE, out / MODEL_FILE, profile.openvino.weights, what)
-    write_head(out, source.head)
+    write_artifact_head(out, source.head)
     source.copy_tokenizer(out)
     return {
         "backend": "openvino",

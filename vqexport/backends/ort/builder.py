@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ...graph_io import cache_dims
-from ...head.spec import write_head
+from ...head.spec import write_artifact_head
 from ...profiles import Profile
 from ...source import Source
 from .genai import genai_config, genai_graph_level, tokenizer_config
@@ -29,7 +29,7 @@ def write_app_files(out: Path, source: Source, providers: list[str], logits: boo
     files. No genai_config.json where onnxruntime-genai cannot run the graph: it gives each layer's values the size
     of its keys, and multi-head latent attention caches values of another size. ``ort_options``: the profile's
     session settings, which genai_config.json then carries (see ``with_session_options``)."""
-    write_head(out, source.head)
+    write_artifact_head(out, source.head)
     if logits and (trunk.get("genai_config") or same_key_value_sizes(source.geometry)):
         cfg = trunk.get("genai_config") or genai_config(source.geometry, MODEL_FILE, providers)
         write_json(out / "genai_config.json", with_session_options(cfg, ort_options))

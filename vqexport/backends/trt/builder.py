@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-from ...head.spec import write_head
+from ...head.spec import write_artifact_head
 from ...source import Source
 from ...errors import VQExportError
 from ...profiles import Profile
@@ -81,7 +81,7 @@ def build_trt(out: Path, profile: Profile, source: Source, timing_cache: bytes |
     if plan is None:
         raise VQExportError(f"target {profile.name}: TensorRT could not build the engine (its log above says why)")
     (out / PLAN_FILE).write_bytes(bytes(plan))
-    write_head(out, source.head)
+    write_artifact_head(out, source.head)
     source.copy_tokenizer(out)
     if opts.timing_cache:
         (out / TIMING_CACHE_FILE).write_bytes(bytes(config.get_timing_cache().serialize()))
