@@ -80,7 +80,12 @@ def test_an_artifact_keeps_a_two_stage_heads_config_alone_and_a_plain_heads_tens
     write_artifact_head(tmp_path / "ts", head)
     assert sorted(p.name for p in (tmp_path / "ts").iterdir()) == [CONFIG_FILE]
     kept = read_artifact_head(tmp_path / "ts")
-    assert kept.config == head.config and kept.two_stage and kept.tensors == {}
+    assert kept.config == head.config and kept.two_stage and kept.config_only
+    for read in (lambda: kept.bias, lambda: kept.members, lambda: kept.route_bias, lambda: kept.tail_logits(np.zeros(32))):
+        with pytest.raises(VQExportError, match="keeps its config alone"):  # never a silent None for a kept bias
+            read()
+    with pytest.raises(VQExportError, match="read_artifact_head reads it"):
+        read_head(tmp_path / "ts")
     write_head(tmp_path / "ts", head)  # an artifact built when the tensors were kept reads whole
     np.testing.assert_array_equal(read_artifact_head(tmp_path / "ts").members, head.members)
     plain = make_head({"codebook": head.codebook, "map": head.map, "bias": head.bias})
@@ -89,6 +94,9 @@ def test_an_artifact_keeps_a_two_stage_heads_config_alone_and_a_plain_heads_tens
     np.testing.assert_array_equal(read_artifact_head(tmp_path / "vq").map, head.map)
     (tmp_path / "vq" / WEIGHTS_FILE).unlink()
     with pytest.raises(VQExportError, match="head config without its weights"):
+        read_artifact_head(tmp_path / "vq")
+    (tmp_path / "vq" / CONFIG_FILE).unlink()
+    with pytest.raises(VQExportError, match="the head's definition is missing"):
         read_artifact_head(tmp_path / "vq")
 
 
@@ -386,6 +394,8 @@ def tied(tmp_path_factory, small_tokenizer):
 
 
 def test_portable_build_reads_rows_from_the_shared_embedding_table(tied, tmp_path):
+    from vqexport.bench.artifact import dense_twin
+
     result = api.build("ort", model=tied, out=tmp_path / "art", steps=8)
     assert result.parity.passed and result.parity.max_abs_diff <= 1e-4 and result.parity.greedy_match_steps == 8
     proto = load_graph(result.out / "model.onnx")
@@ -395,7 +405,12 @@ def test_portable_build_reads_rows_from_the_shared_embedding_table(tied, tmp_pat
     # the artifact keeps the head's config alone: every tensor of it is in the graph
     assert read_head_config(result.out) == read_head(tied).config
     assert not (result.out / WEIGHTS_FILE).exists() and WEIGHTS_FILE not in result.manifest["files"]
-    _twin_is_the_dense_model(result.out, tied, tmp_path / "twin")  # its output layer: the embedding table, transposed
+    twin = _twin_is_the_dense_model(result.out, tied, tmp_path / "twin")  # its output layer: the embedding table
+    write_head(result.out, read_head(tied))  # as an artifact built when the head's tensors were kept: the same twin
+    (tmp_path / "kept").mkdir()
+    again = dense_twin(result.out, "model.onnx", tmp_path / "kept")
+    assert [f.read_bytes() for f in sorted(again.parent.glob("dense.onnx*"))] == [
+        f.read_bytes() for f in sorted(twin.parent.glob("dense.onnx*"))]
 
 
 def test_build_says_what_a_two_stage_heads_size_leaves_out(tied, tmp_path):
@@ -467,7 +482,7 @@ def test_an_openvino_artifacts_dense_twin_is_the_dense_model(tie, tied, tmp_path
         h = random_head(320, 64, 20)
         write_head(model, make_head({"codebook": h.codebook, "map": h.map, "bias": h.bias}, probes=3))
     art = api.build("openvino", model=model, out=tmp_path / "art", steps=2)
-    assert not (art.out / "model.onnx").exists()
+    assert not (art.out / "model.onnx").exists() and not (art.out / WEIGHTS_FILE).exists()  # the IR, the head's config
     (tmp_path / "twin").mkdir()
     form = parse_profile(art.manifest["profile"], "manifest", recorded=True).head_form(True)  # as bench reads it
     assert form.last_position_only
@@ -493,7 +508,7 @@ def test_an_openvino_artifacts_dense_twin_is_the_dense_model(tie, tied, tmp_path
                       "reads its rows as quantized codes", 'rows = "shared" or "fp32"')
 
 
-def _twin_is_the_dense_model(artifact: Path, model: Path, out: Path) -> None:
+def _twin_is_the_dense_model(artifact: Path, model: Path, out: Path) -> Path:
     """A two-stage artifact's dense twin (bench --artifact --vs-dense) computes transformers' own dense logits."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -518,6 +533,7 @@ def _twin_is_the_dense_model(artifact: Path, model: Path, out: Path) -> None:
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()(input_ids=torch.from_numpy(ids)).logits
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+    return twin
 
 
 def _int4_twin(artifact: Path, out: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .bench.head import SHAPES as HEAD_SHAPES
 from .build import BuildResult, build, check_readiness, verify_artifact as verify
-from .head.spec import Head, HeadConfig, make_head, read_head, write_head
+from .head.spec import Head, HeadConfig, make_head, read_artifact_head, read_head, write_head
 from .source import Source, load_source, resolve_source
 from .errors import ParityError, VQExportError
 from .generate import Generation, generate
@@ -81,5 +81,5 @@ def bench_artifact(artifact, vs_dense: bool = False, prompt_len: int = 128, toke
 __all__ = [
     "BuildResult", "Generation", "Head", "HeadConfig", "ParityError", "ParityReport", "Profile", "Source", "VQExportError",
     "bench_artifact", "bench_e2e", "bench_head", "build", "check_readiness", "convert", "doctor", "fidelity", "generate", "inspect", "load_profile",
-    "load_source", "make_head", "read_head", "resolve_source", "target_aliases", "target_names", "verify", "write_head",
+    "load_source", "make_head", "read_artifact_head", "read_head", "resolve_source", "target_aliases", "target_names", "verify", "write_head",
 ]

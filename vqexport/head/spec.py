@@ -108,21 +108,32 @@ class Head:
     tensors: dict[str, np.ndarray]
 
     @property
+    def config_only(self) -> bool:
+        """A two-stage head as its artifact keeps it: the config, no tensors (``read_artifact_head``)."""
+        return not self.tensors
+
+    def _tensor(self, name: str) -> np.ndarray | None:
+        if self.config_only:
+            raise VQExportError(f"the head's {name} is not kept: an artifact of a two-stage head keeps its config alone "
+                                "(every tensor of the head is in its graph)")
+        return self.tensors.get(name)
+
+    @property
     def codebook(self) -> np.ndarray:
-        return self.tensors["codebook"]
+        return self._tensor("codebook")
 
     @property
     def map(self) -> np.ndarray:
-        return self.tensors["map"]
+        return self._tensor("map")
 
     @property
     def bias(self) -> np.ndarray | None:
-        return self.tensors.get("bias")
+        return self._tensor("bias")
 
     @property
     def lowrank(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(P [r, d], U [V, r]), or None for the plain head."""
-        return (self.tensors["lowrank_p"], self.tensors["lowrank_u"]) if self.config.rank else None
+        return (self._tensor("lowrank_p"), self._tensor("lowrank_u")) if self.config.rank else None
 
     @property
     def members(self) -> np.ndarray:
@@ -138,7 +149,7 @@ class Head:
     @property
     def route_bias(self) -> np.ndarray | None:
         """[K] added to z to rank the clusters (a two-stage head with a fitted router), or None."""
-        return self.tensors.get("route_bias")
+        return self._tensor("route_bias")
 
     def route_scores(self, h: np.ndarray) -> np.ndarray:
         """The scores that pick the probed clusters (float64): z = h · Cᵀ, plus the router's bias when it has one."""
@@ -304,9 +315,11 @@ def read_head(directory: Path) -> Head | None:
         return None
     if not cfg_file.exists():
         raise VQExportError(f"{weights}: head weights without their config {CONFIG_FILE}; both files make a head")
-    if not weights.exists():
-        raise VQExportError(f"{cfg_file}: head config without its weights {WEIGHTS_FILE}; both files make a head")
     cfg = read_head_config(directory)
+    if not weights.exists():
+        kept = (" (a two-stage head's artifact keeps its config alone: read_artifact_head reads it)"
+                if cfg.type == "two-stage" else "")
+        raise VQExportError(f"{cfg_file}: head config without its weights {WEIGHTS_FILE}; both files make a head{kept}")
     header = read_header(weights)
     for name, (shape, dtypes) in expected_tensors(cfg).items():
         if name in header and header[name]["dtype"] not in dtypes:
@@ -334,7 +347,7 @@ def write_artifact_head(artifact: Path, head: Head) -> None:
     """The head's definition an artifact keeps for its tools: a plain head whole (exact sampling reads its map and
     bias, its dense twin its codebook); a two-stage head's ``vq_head.json`` alone. Every tensor of a two-stage head
     is in the graph, and its dense twin is the model's own rows, so its tensors would be dead weight: the fp32
-    codebook alone is K x d x 4 bytes (35 MB at the Qwen2.5-0.5B shape)."""
+    codebook alone is K x d x 4 bytes (34 MB at the Qwen2.5-0.5B shape)."""
     if head.two_stage:
         Path(artifact, CONFIG_FILE).write_text(head.config.to_json(), encoding="utf-8")
     else:
@@ -343,7 +356,8 @@ def write_artifact_head(artifact: Path, head: Head) -> None:
 
 def read_artifact_head(artifact: Path) -> Head:
     """The head an artifact keeps (``write_artifact_head``): a two-stage head may be its config alone, and is then a
-    ``Head`` with no tensors (what its dense twin needs); an artifact built when the tensors were kept reads whole."""
+    ``Head`` with no tensors (``config_only``: what its dense twin needs; reading a tensor of it is an error); an
+    artifact built when the tensors were kept reads whole."""
     artifact = Path(artifact)
     cfg_file = artifact / CONFIG_FILE
     if cfg_file.is_file() and not (artifact / WEIGHTS_FILE).exists():
@@ -352,7 +366,8 @@ def read_artifact_head(artifact: Path) -> Head:
             return Head(cfg, {})
     head = read_head(artifact)
     if head is None:
-        raise VQExportError(f"{artifact}: the head's definition ({CONFIG_FILE}) is missing; rebuild the artifact")
+        raise VQExportError(f"{artifact}: the head's definition is missing ({CONFIG_FILE}, and a plain head's {WEIGHTS_FILE}); "
+                            "rebuild the artifact")
     return head
 
 
