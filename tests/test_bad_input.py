@@ -375,13 +375,13 @@ def test_verify_prompts_whose_logits_cannot_fit_in_memory(tmp_path, monkeypatch)
     prompts.write_text(json.dumps([list(range(1, 11)), [5, 6, 7]]))  # padded to 2 x 10 positions: 3 x 7,760 bytes
     loads = []
     monkeypatch.setattr(build, "reference_runner", lambda *a, **k: loads.append(1) or pytest.fail("loaded a model"))
-    monkeypatch.setattr(build, "_available_memory", lambda: 3 * 7_760 - 1)
+    monkeypatch.setattr(build, "available_memory", lambda: 3 * 7_760 - 1)
     assert_user_error(run_cli("verify", "--artifact", every, "--steps", 2, "--prompts", prompts),
                       "the prompts given: the target's logits need about", "2 prompts padded to 10 tokens x V = 97 float32",
                       "give fewer or shorter prompts")
     assert not loads
     monkeypatch.undo()
-    monkeypatch.setattr(build, "_available_memory", lambda: 3 * 7_760 - 1)
+    monkeypatch.setattr(build, "available_memory", lambda: 3 * 7_760 - 1)
     assert run_cli("verify", "--artifact", last, "--steps", 2, "--prompts", prompts).exit_code == 0  # 2 rows: 3 x 776 bytes
-    monkeypatch.setattr(build, "_available_memory", lambda: 3 * 7_760)
+    monkeypatch.setattr(build, "available_memory", lambda: 3 * 7_760)
     assert run_cli("verify", "--artifact", every, "--steps", 2, "--prompts", prompts).exit_code == 0

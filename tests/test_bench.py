@@ -97,10 +97,10 @@ def test_a_prompt_whose_logits_cannot_fit_in_memory_is_refused(demo_artifact, mo
     import vqexport.build as build
 
     monkeypatch.setattr(bench, "_in_worker", lambda *a, **k: pytest.fail("a run started"))
-    monkeypatch.setattr(build, "_available_memory", lambda: 3 * 64 * 8192 * 4 - 1)  # 64 positions of V = 8,192: 1 byte short
+    monkeypatch.setattr(build, "available_memory", lambda: 3 * 64 * 8192 * 4 - 1)  # 64 positions of V = 8,192: 1 byte short
     assert_user_error(run_cli("bench", "--artifact", demo_artifact, "--vs-dense", "--prompt-length", 64, "--tokens", 2),
                       "bench: the target's logits need about", "a prompt of 64 tokens x V = 8,192 float32",
                       "give a shorter --prompt-length")
     monkeypatch.undo()
-    monkeypatch.setattr(build, "_available_memory", lambda: 3 * 64 * 8192 * 4)
+    monkeypatch.setattr(build, "available_memory", lambda: 3 * 64 * 8192 * 4)
     assert run_cli("bench", "--artifact", demo_artifact, "--prompt-length", 64, "--tokens", 2, "--repeats", 1).exit_code == 0

@@ -142,7 +142,7 @@ def test_a_target_beyond_its_factor_fails_and_writes_nothing(tmp_path, factor, s
 def test_without_memory_for_the_float64_model_it_says_so(tmp_path, monkeypatch):
     import vqexport.build as build
 
-    monkeypatch.setattr(build, "_available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(build, "available_memory", lambda: 1 << 20)
     with pytest.raises(ParityError) as e:
         api.build(_target(tmp_path, 1e-9, 4), out=tmp_path / "art")
     assert "not measured: the model in float64 needs" in e.value.report.failures[0]

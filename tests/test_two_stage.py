@@ -333,6 +333,30 @@ def test_router_targets_computed_once_for_the_pool_fit_as_those_of_every_step(mo
     torch.testing.assert_close(r1, r0, rtol=0, atol=1e-4)
 
 
+def test_router_targets_are_cached_within_half_the_memory_available(monkeypatch):
+    from vqexport.convert import router
+    from vqexport.head.module import VQLogitsHead
+    from vqexport.head.spec import HeadConfig
+
+    for free, budget in ((None, router.MASS_BYTES), (4 * router.MASS_BYTES, router.MASS_BYTES), (1 << 30, 1 << 29)):
+        monkeypatch.setattr(router, "available_memory", lambda f=free: f)
+        assert router.mass_budget() == budget
+    V, d, K = 96, 8, 12  # 100 positions x 12 clusters x 2 bytes = 2,400 bytes of masses
+    gen = torch.Generator().manual_seed(0)
+    dense, pool = DenseHead(torch.randn(V, d, generator=gen)), torch.randn(100, d, generator=gen)
+    monkeypatch.setattr(router, "LOGIT_BUDGET", 64 * V)  # 64 positions a step: 3 steps draw more than the pool
+    calls, mass = [], router.cluster_mass
+    monkeypatch.setattr(router, "cluster_mass", lambda *a: calls.append(len(a[1])) or mass(*a))
+    for free, expected in ((4_800, [64, 36]), (4_799, [64] * 3)):
+        head = VQLogitsHead(HeadConfig(V, d, K))
+        with torch.no_grad():
+            head.map.copy_(torch.arange(V) % K)
+        monkeypatch.setattr(router, "available_memory", lambda f=free: f)
+        calls.clear()
+        router.fit_router(head, dense, pool, 3, seed=0)
+        assert calls == expected  # cached (the pool in two batches), or computed at every step
+
+
 class _Echo:
     """A stand-in trunk whose hidden state at each position is its token id, repeated d times."""
 

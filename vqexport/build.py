@@ -20,6 +20,7 @@ from .artifact import (build_lock, check_files, check_output_dir, graph_file, re
                        write_manifest)
 from .errors import ParityError, VQExportError
 from .head.spec import has_head, read_head_config
+from .memory import available_memory
 from .profiles import QUANTIZED, Profile, load_profile
 from .source import DEMO_NAME, Source, is_demo, resolve_source
 from .verify import ParityReport
@@ -460,7 +461,7 @@ def check_logits_fit(form, batch: int, longest: int, vocab: int, where: str, rem
     if form.decode != "logits" and not form.keep_logits:  # top-k outputs: k values per position
         return
     need = PEAK_PER_LOGITS * batch * (1 if form.last_position_only else longest) * vocab * 4
-    free = _available_memory()
+    free = available_memory()
     if free is not None and need > free:
         s = "s" if batch > 1 else ""
         shape = (f"the last position of {batch} prompt{s}" if form.last_position_only
@@ -506,7 +507,7 @@ def reference_error(source: Source, reference, prompts, steps: int, progress=_no
     geo = source.geometry
     # the float64 model (twice the float32 trunk and output layer) and what loading it maps (measured: 2.4x to 2.6x)
     need = int(2.5 * (_weight_bytes(reference.trunk) + 4 * geo.vocab_size * geo.hidden_size))
-    free = _available_memory()
+    free = available_memory()
     if free is not None and need > free:
         return None, (f"the model in float64 needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is available; --atol sets "
                       "the tolerance")
@@ -527,24 +528,6 @@ def reference_error(source: Source, reference, prompts, steps: int, progress=_no
 
 def _weight_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in module.parameters())
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation: Linux's MemAvailable, or what the process's cgroup (v2) limit
-    leaves, whichever is less; None where neither is known."""
-    found = []
-    try:
-        with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
 
 
 def verify_artifact(artifact, steps: int | None = None, model=None, atol: float | None = None, rtol: float | None = None,

@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from ..head.module import DenseHead, VQLogitsHead, head_logits
+from ..memory import available_memory
 from .init import tail_bias
 
 LR = 1e-2
 POOL_BYTES = 256 << 20  # the hidden states kept for the router, the tail and the metric: at most this many bytes (float32)
 LOGIT_BUDGET = 1 << 27  # positions per step x V: bounds the dense logits held at once (about 0.5 GB)
-MASS_BYTES = 2 << 30  # the pool's dense cluster masses, float16, are computed once when they fit in this many bytes
+# The pool's dense cluster masses, float16, are computed once when they fit in this many bytes: at most
+# POOL_BYTES / (4 d) positions x K x 2 bytes, 3.2 GiB at the Gemma-3-270M shape (d = 640, K = V/16 = 16,384).
+MASS_BYTES = 4 << 30
 
 
 def _noop(label: str, done: int, total: int) -> None:
@@ -71,11 +74,18 @@ def pool_mass(dense: DenseHead, pool: torch.Tensor, assign: torch.Tensor, K: int
     return out
 
 
+def mass_budget() -> int:
+    """The bytes the pool's cached masses may take: MASS_BYTES, or half the memory available when that is less (a
+    smaller machine computes them at every step, as a larger pool would, rather than run out of memory)."""
+    free = available_memory()
+    return MASS_BYTES if free is None else min(MASS_BYTES, free // 2)
+
+
 def fit_router(head: VQLogitsHead, dense: DenseHead, pool: torch.Tensor, steps: int, seed: int, progress=_noop,
                mass_bytes: int | None = None) -> torch.Tensor:
     """Train ``head.codebook`` in place and return the route bias B [K] (see the module's docstring). The targets
     are computed once for the whole pool when the steps draw more positions than it holds and its masses fit in
-    ``mass_bytes`` (float16; default ``MASS_BYTES``), else at every step."""
+    ``mass_bytes`` (float16; default ``mass_budget()``), else at every step."""
     K = head.config.codebook_size
     V = dense.weight.shape[0]
     batch = positions_within_budget(V, 4096)
@@ -84,7 +94,7 @@ def fit_router(head: VQLogitsHead, dense: DenseHead, pool: torch.Tensor, steps: 
     opt = torch.optim.Adam([codebook, route], lr=LR)
     gen = torch.Generator().manual_seed(seed)
     assign = head.map
-    once = steps * batch > len(pool) and len(pool) * K * 2 <= (MASS_BYTES if mass_bytes is None else mass_bytes)
+    once = steps * batch > len(pool) and len(pool) * K * 2 <= (mass_budget() if mass_bytes is None else mass_bytes)
     cached = pool_mass(dense, pool, assign, K, batch, progress) if once else None
     for step in range(steps):
         pick = torch.randint(len(pool), (batch,), generator=gen)
