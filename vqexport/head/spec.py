@@ -25,7 +25,8 @@ the P clusters with the best ``z`` get exact logits ``h · W[v]`` from the model
 embedding table or the dense lm_head: never stored here), every other token keeps ``z[M[v]] + b[v]`` (+ the rank-r
 term). It stores ``members`` [K, cap] (the clusters' tokens, -1 padding; a partition of [0, V)) instead of ``map``,
 which is derived from it. With ``"route_bias": true`` the clusters are ranked by ``z + route_bias`` ([K], a router
-fitted by ``convert`` to the dense model's probability mass per cluster) instead of ``z``.
+fitted by ``convert`` to the dense model's probability mass per cluster) instead of ``z``. A built artifact keeps a
+two-stage head's ``vq_head.json`` alone, its tensors being in the graph (``write_artifact_head``).
 
 numpy, json and safetensors only (no torch): apps and the ONNX side read heads too.
 """
