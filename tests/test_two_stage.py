@@ -479,12 +479,41 @@ def test_an_untied_model_ships_its_output_rows(tmp_path, small_tokenizer):
     assert (f"= {20 + 3 * read_head(model).config.cluster_size:,} logits computed per position" in text
             and "stage 2 reads its exact rows from the head's own copy of the output rows (10,240 params, among the head's)" in text)
     _twin_is_the_dense_model(result.out, model, tmp_path / "twin")
-    rows8 = tmp_path / "rows8.toml"  # rows only as int8 codes: no fp32 output layer to make the twin from
-    rows8.write_text('name = "rows8"\nbackend = "ort"\nopset = 18\n[two_stage]\nrows = "int8"\n'
-                     '[parity]\natol = 100.0\ntop1_agreement_min = 0.0\ntop5_overlap_min = 0.0\nkl_max = 10.0\n'
-                     'greedy_must_match = false\n')
-    art8 = api.build(str(rows8), model=model, out=tmp_path / "art8", steps=2).out
-    assert_user_error(run_cli("bench", "--artifact", art8, "--vs-dense"), "only as quantized rows", 'rows = "fp32"')
+
+
+@pytest.mark.parametrize("form", ["int8", "int4"])
+def test_an_untied_models_twin_is_made_from_the_row_codes_its_artifact_keeps(form, tmp_path, small_tokenizer):
+    """Without an fp32 copy of the output layer (rows stored as stage 2's codes), the dense twin's layer is those
+    codes dequantized: exactly the rows the artifact's kernels compute with."""
+    from onnx import numpy_helper
+
+    from vqexport.bench.artifact import dense_twin
+    from vqexport.head.graph import NATIVE_BLOCK
+    from vqexport.head.quant import dequantize_rows, quantize_rows
+
+    model = make_model(tmp_path / "untied", vocab=320, hidden=32, tie=False, head=False, tokenizer=small_tokenizer)
+    h = random_head(320, 32, 20)
+    write_head(model, make_head({"codebook": h.codebook, "map": h.map, "bias": h.bias}, probes=3))
+    profile = tmp_path / "codes.toml"
+    profile.write_text(f'name = "codes"\nbackend = "ort"\nopset = 21\n[two_stage]\nrows = "{form}"\n'
+                       '[parity]\natol = 100.0\ntop1_agreement_min = 0.0\ntop5_overlap_min = 0.0\nkl_max = 10.0\n'
+                       'greedy_must_match = false\n')
+    art = api.build(str(profile), model=model, out=tmp_path / "art", steps=2).out
+    assert not any(t.name == "head.rows" for t in load_graph(art / "model.onnx").graph.initializer)
+    W = load_file(str(model / "model.safetensors"))["lm_head.weight"]
+    if form == "int8":  # 7-bit codes, one scale per row
+        want = dequantize_rows(*quantize_rows(W, bits=7))
+    else:  # 4-bit codes, one scale per block of NATIVE_BLOCK
+        want = dequantize_rows(*quantize_rows(W.reshape(-1, NATIVE_BLOCK), bits=4)).reshape(W.shape)
+    (tmp_path / "twin").mkdir()
+    twin = load_graph(dense_twin(art, "model.onnx", tmp_path / "twin"), load_weights=True)
+    got = next(numpy_helper.to_array(t) for t in twin.graph.initializer if t.name == "head.rows_t")
+    np.testing.assert_allclose(got.T, want, rtol=0, atol=1e-6)
+    assert np.abs(want - W).max() > 1e-4  # the codes' error: the twin is not the fp32 layer
+    report = json.loads(run_cli("bench", "--artifact", art, "--vs-dense", "--tokens", 2, "--repeats", 1,
+                                "--prompt-length", 4, "--json").stdout)
+    assert report["ratios"]["tokens_per_s"] > 0
+    assert f"only as the {'7-bit' if form == 'int8' else '4-bit'} codes its stage 2 reads" in report["note"]
 
 
 @pytest.mark.parametrize("tie", [True, False])

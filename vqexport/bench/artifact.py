@@ -95,10 +95,11 @@ def _head_of(artifact: Path):
 
 def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: bool = False) -> Path:
     """The artifact's trunk with the dense-head twin of its head (W[v] = C[M[v]] (+ U[v] P), same bias), written to
-    ``out``/dense.onnx: the same logits as the VQ head, from one V x d MatMul. A two-stage head's twin is the model's
-    own output layer (the rows it rescores with: the trunk's embedding table when tied, else the artifact's fp32
-    copy): the dense model it was converted from. On an int4 / int8 trunk the twin's output layer is quantized the
-    same way (MatMulNBits, the trunk's blocks), so both sides run at the trunk's precision."""
+    ``out``/dense.onnx: the same logits as the VQ head, from one V x d MatMul. A two-stage head's twin is the
+    model's own output layer (the rows it rescores with: the trunk's embedding table when tied, else the artifact's
+    fp32 copy, or the codes stage 2 reads dequantized when it keeps no fp32 copy): the dense model it was converted
+    from. On an int4 / int8 trunk the twin's output layer is quantized the same way (MatMulNBits, the trunk's
+    blocks), so both sides run at the trunk's precision."""
     import onnx_ir as ir
 
     from ..head.graph import DENSE_MATMUL, HeadForm
@@ -115,9 +116,11 @@ def dense_twin(artifact: Path, model_file: str, out: Path, last_position_only: b
     if head.two_stage:
         rows, rows_bias = _initializer(model, "head.rows"), _initializer(model, "head.rows_bias")
         tied = bool(config.get("tie_word_embeddings"))
+        if rows is None and not tied:  # an untied model's output layer, kept only as stage 2's codes
+            rows = _rows_from_codes(model, head.config.vocab_size)
         if rows is None and not tied:
-            raise VQExportError(f"{artifact}: the model's output layer is in this artifact only as quantized rows; its "
-                                "dense twin needs them in fp32 (build with [two_stage] rows = \"fp32\")")
+            raise VQExportError(f"{artifact}: the model's output layer is not in this artifact in a form its dense twin "
+                                "can be made of; build with [two_stage] rows = \"fp32\"")
         if rows is None:
             rows = _table_rows(model, quant is not None)
             tied = rows is None
@@ -181,6 +184,29 @@ def _table_rows(model, quantized_trunk: bool) -> np.ndarray | None:
     if lookup is not None and quantized_trunk and lookup.inputs[0].const_value is not None:
         return np.array(lookup.inputs[0].const_value.numpy(), dtype=np.float32)
     return None
+
+
+ROW_CODES = {"int8": "7-bit", "int4": "4-bit"}  # a two-stage head's row forms: the codes each stores (head/graph.py)
+
+
+def _rows_from_codes(model, vocab: int) -> np.ndarray | None:
+    """An untied model's output rows [V, d], fp32, from the codes a two-stage head's stage 2 reads them as (the int8
+    copy laid out by cluster, or the int4 table), dequantized as the artifact's kernels dequantize them; None when the
+    graph has neither."""
+    from ..head.graph import EXACT_ROWS
+    from ..trunk.quantize import dequantized_rows
+
+    codes = _initializer(model, "head.rows_q")  # [K, d, cap] codes, each cluster's rows transposed
+    if codes is not None:
+        scale, ids = _initializer(model, "head.rows_scale"), _initializer(model, "head.members")  # [K, cap] each
+        K, d, cap = codes.shape
+        rows = np.empty((vocab, d), np.float32)
+        for k in range(0, K, 1024):  # padding repeats a member of its cluster: the same row written twice
+            block = codes[k : k + 1024].transpose(0, 2, 1).astype(np.float32) * scale[k : k + 1024, :, None]
+            rows[ids[k : k + 1024].reshape(-1)] = block.reshape(-1, d)
+        return rows
+    lookup = next((n for n in model.graph if n.name == EXACT_ROWS and n.op_type == "GatherBlockQuantized"), None)
+    return None if lookup is None else dequantized_rows(lookup)
 
 
 def _initializer(model, name: str) -> np.ndarray | None:
@@ -296,6 +322,12 @@ def run_artifact_bench(artifact, vs_dense: bool = False, prompt_len: int = 128, 
             "session_rss": dense["session_rss_mb"] / max(vq["session_rss_mb"], 1e-9),
         }
         cfg = manifest["config"]
+        rows_form = manifest["profile"].get("two_stage", {}).get("rows")
+        if cfg["head"].get("type") == "two-stage" and not cfg.get("tie_word_embeddings") and rows_form in ("int8", "int4"):
+            result["note"] = (f"this artifact keeps the model's output layer only as the {ROW_CODES[rows_form]} codes its "
+                              "stage 2 reads, so the twin's layer is made from them, dequantized"
+                              + (" (then quantized like the trunk)" if _trunk_quantization(manifest["profile"]) else "")
+                              + ": a dense layer's size and speed, its logits within the codes' error of the dense model's")
         if cfg.get("tie_word_embeddings") and cfg["head"].get("type", "vq") == "vq":
             result["note"] = (f"the model ties its embeddings, so its own dense output layer is the embedding table; the "
                               f"twin computes the VQ head's logits with a V x d layer of its own, {layer_bytes:,} bytes "
