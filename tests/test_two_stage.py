@@ -481,39 +481,47 @@ def test_an_untied_model_ships_its_output_rows(tmp_path, small_tokenizer):
     _twin_is_the_dense_model(result.out, model, tmp_path / "twin")
 
 
-@pytest.mark.parametrize("form", ["int8", "int4"])
-def test_an_untied_models_twin_is_made_from_the_row_codes_its_artifact_keeps(form, tmp_path, small_tokenizer):
+@pytest.mark.parametrize("form, trunk", [("int8", "fp32"), ("int4", "fp32"), ("int8", "int4")])
+def test_an_untied_models_twin_is_made_from_the_row_codes_its_artifact_keeps(form, trunk, tmp_path, small_tokenizer):
     """Without an fp32 copy of the output layer (rows stored as stage 2's codes), the dense twin's layer is those
-    codes dequantized: exactly the rows the artifact's kernels compute with."""
+    codes dequantized: exactly the rows the artifact's kernels compute with (on an int4 trunk, then quantized like
+    it, as ort-int4-portable's artifact is)."""
     from onnx import numpy_helper
 
     from vqexport.bench.artifact import dense_twin
-    from vqexport.head.graph import NATIVE_BLOCK
+    from vqexport.head.graph import DENSE_MATMUL, NATIVE_BLOCK
     from vqexport.head.quant import dequantize_rows, quantize_rows
 
     model = make_model(tmp_path / "untied", vocab=320, hidden=32, tie=False, head=False, tokenizer=small_tokenizer)
     h = random_head(320, 32, 20)
     write_head(model, make_head({"codebook": h.codebook, "map": h.map, "bias": h.bias}, probes=3))
     profile = tmp_path / "codes.toml"
-    profile.write_text(f'name = "codes"\nbackend = "ort"\nopset = 21\n[two_stage]\nrows = "{form}"\n'
+    int4 = ('precision = "int4"\n[trunk]\nsource = "portable"\nblock_size = 32\naccuracy_level = 4\n'
+            'quantize_embedding = true\n') if trunk == "int4" else ""
+    profile.write_text(f'name = "codes"\nbackend = "ort"\nopset = 21\n{int4}[two_stage]\nrows = "{form}"\n'
                        '[parity]\natol = 100.0\ntop1_agreement_min = 0.0\ntop5_overlap_min = 0.0\nkl_max = 10.0\n'
                        'greedy_must_match = false\n')
     art = api.build(str(profile), model=model, out=tmp_path / "art", steps=2).out
     assert not any(t.name == "head.rows" for t in load_graph(art / "model.onnx").graph.initializer)
-    W = load_file(str(model / "model.safetensors"))["lm_head.weight"]
-    if form == "int8":  # 7-bit codes, one scale per row
-        want = dequantize_rows(*quantize_rows(W, bits=7))
-    else:  # 4-bit codes, one scale per block of NATIVE_BLOCK
-        want = dequantize_rows(*quantize_rows(W.reshape(-1, NATIVE_BLOCK), bits=4)).reshape(W.shape)
     (tmp_path / "twin").mkdir()
     twin = load_graph(dense_twin(art, "model.onnx", tmp_path / "twin"), load_weights=True)
-    got = next(numpy_helper.to_array(t) for t in twin.graph.initializer if t.name == "head.rows_t")
-    np.testing.assert_allclose(got.T, want, rtol=0, atol=1e-6)
-    assert np.abs(want - W).max() > 1e-4  # the codes' error: the twin is not the fp32 layer
+    if trunk == "fp32":
+        W = load_file(str(model / "model.safetensors"))["lm_head.weight"]
+        if form == "int8":  # 7-bit codes, one scale per row
+            want = dequantize_rows(*quantize_rows(W, bits=7))
+        else:  # 4-bit codes, one scale per block of NATIVE_BLOCK
+            want = dequantize_rows(*quantize_rows(W.reshape(-1, NATIVE_BLOCK), bits=4)).reshape(W.shape)
+        got = next(numpy_helper.to_array(t) for t in twin.graph.initializer if t.name == "head.rows_t")
+        np.testing.assert_allclose(got.T, want, rtol=0, atol=1e-6)
+        assert np.abs(want - W).max() > 1e-4  # the codes' error: the twin is not the fp32 layer
+    else:
+        assert next(n.op_type for n in twin.graph.node if n.name.startswith(DENSE_MATMUL)) == "MatMulNBits"
     report = json.loads(run_cli("bench", "--artifact", art, "--vs-dense", "--tokens", 2, "--repeats", 1,
                                 "--prompt-length", 4, "--json").stdout)
     assert report["ratios"]["tokens_per_s"] > 0
-    assert f"only as the {'7-bit' if form == 'int8' else '4-bit'} codes its stage 2 reads" in report["note"]
+    codes = "7-bit" if form == "int8" else "4-bit"
+    assert f"only as the {codes} codes its stage 2 reads" in report["note"]
+    assert ("then quantized like the trunk" in report["note"]) == (trunk == "int4")
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -549,8 +549,8 @@ _BENCH_OPTIONS = {
 @click.option("--vs-dense", is_flag=True,
               help="With --artifact: also measure its dense-head twin (the same trunk, one V x d MatMul with the same logits; "
                    "for a two-stage head, the model's own output layer, from the row codes its stage 2 reads where an "
-                   "ONNX Runtime artifact keeps no fp32 copy; on an int4 / int8 trunk, quantized like it; on "
-                   "OpenVINO, compressed as NNCF compresses a dense model's last layer).")
+                   "untied model's ONNX Runtime artifact keeps no fp32 copy; on an int4 / int8 trunk, quantized like "
+                   "it; on OpenVINO, compressed as NNCF compresses a dense model's last layer).")
 @click.option("--e2e", is_flag=True,
               help="An ONNX Runtime artifact (the builder's trunk, or the portable one at fp32, int4 or int8) against "
                    "onnxruntime-genai's own dense model at the same precision, both through onnxruntime-genai, "

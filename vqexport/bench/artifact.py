@@ -191,14 +191,15 @@ ROW_CODES = {"int8": "7-bit", "int4": "4-bit"}  # a two-stage head's row forms: 
 
 def _rows_from_codes(model, vocab: int) -> np.ndarray | None:
     """An untied model's output rows [V, d], fp32, from the codes a two-stage head's stage 2 reads them as (the int8
-    copy laid out by cluster, or the int4 table), dequantized as the artifact's kernels dequantize them; None when the
-    graph has neither."""
+    copy laid out by cluster: codes times their scales; the int4 table: as onnxruntime's kernel gathers it); None when
+    the graph has neither. (The int8 form's kernel multiplies the codes by h quantized per position, so the artifact's
+    exact logits also carry h's rounding, which the twin's do not.)"""
     from ..head.graph import EXACT_ROWS
     from ..trunk.quantize import dequantized_rows
 
     codes = _initializer(model, "head.rows_q")  # [K, d, cap] codes, each cluster's rows transposed
-    if codes is not None:
-        scale, ids = _initializer(model, "head.rows_scale"), _initializer(model, "head.members")  # [K, cap] each
+    scale, ids = _initializer(model, "head.rows_scale"), _initializer(model, "head.members")  # [K, cap] each
+    if codes is not None and scale is not None and ids is not None:
         K, d, cap = codes.shape
         rows = np.empty((vocab, d), np.float32)
         for k in range(0, K, 1024):  # padding repeats a member of its cluster: the same row written twice
