@@ -198,7 +198,8 @@ def _rows_from_codes(model, vocab: int) -> np.ndarray | None:
     from ..trunk.quantize import dequantized_rows
 
     codes = _initializer(model, "head.rows_q")  # [K, d, cap] codes, each cluster's rows transposed
-    scale, ids = _initializer(model, "head.rows_scale"), _initializer(model, "head.members")  # [K, cap] each
+    if codes is not None:  # its scales and member ids, [K, cap] each (the int4 form has other scales: not copied)
+        scale, ids = _initializer(model, "head.rows_scale"), _initializer(model, "head.members")
     if codes is not None and scale is not None and ids is not None:
         K, d, cap = codes.shape
         rows = np.empty((vocab, d), np.float32)
