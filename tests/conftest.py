@@ -59,6 +59,17 @@ def small_tokenizer(tmp_path_factory) -> Path:
     return path
 
 
+TEXT_CHARS = 150_000
+
+
+def sample_text(chars: int = TEXT_CHARS) -> str:
+    """Text to fit and measure on: the test files' own source, in name order, cut to ``chars`` characters, so that
+    what the tests convert and score does not grow with the suite."""
+    text = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("test_*.py")))
+    assert len(text) >= chars, (len(text), chars)
+    return text[:chars]
+
+
 def run_cli(*args):
     """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
     from click.testing import CliRunner

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, run_cli, sample_text
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -32,7 +32,7 @@ def test_the_largest_seed_is_accepted_downstream(demo_artifact, tmp_path, small_
     largest = 2**63 - 1
     model = make_model(tmp_path / "dense", vocab=320, layers=1, head=False, tokenizer=small_tokenizer)
     text = tmp_path / "text.txt"
-    text.write_text("".join(p.read_text() for p in sorted(Path(__file__).parent.glob("test_*.py"))))
+    text.write_text(sample_text())
     for head in ("vq", "two-stage"):
         r = run_cli("convert", "--from", model, "-k", 16, "--head", head, "--rank", 2, "--distill-text", text, "--steps", 1,
                     "--seed", largest, "--out", tmp_path / head, "--json")

@@ -2,7 +2,6 @@
 copied unchanged; determinism, quality report, build, bad input."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +12,10 @@ from vqexport.convert.clustering import METHODS, METRIC
 from vqexport.head.spec import read_head
 from vqexport.source import load_source
 
-from .conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, run_cli, sample_text
 from .models import make_model
 
-TEXT = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("test_*.py")))
+TEXT = sample_text()
 
 
 @pytest.fixture(scope="module")

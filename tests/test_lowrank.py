@@ -26,7 +26,7 @@ from vqexport.head.spec import HeadConfig, make_head, read_head, write_head
 from vqexport.profiles import load_profile
 from vqexport.safetensors_io import read_arrays, save_arrays
 
-from .conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, run_cli, sample_text
 from .models import make_model
 
 RANK, V, D, K = 4, 300, 32, 11
@@ -452,7 +452,7 @@ def test_convert_rank_bad_input(dense_src, tmp_path):
 
 def test_convert_with_rank_fits_the_residual_and_builds(dense_src, tmp_path):
     text = tmp_path / "t.txt"
-    text.write_text("".join(p.read_text() for p in sorted(Path(__file__).parent.glob("test_*.py"))))
+    text.write_text(sample_text())
     res = run_cli("convert", "--from", dense_src, "-k", 16, "--rank", 8, "--distill-text", text, "--steps", 20,
                   "--clustering", "euclidean", "--out", tmp_path / "vq", "--json")
     assert res.exit_code == 0, res.stderr

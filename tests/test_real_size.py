@@ -3,7 +3,6 @@ tied embeddings) goes through convert (K = V/32) -> build --target ort -> verify
 convert --head two-stage (router fitted and a rank-4 tail distilled on text) -> build."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from vqexport.graph_io import load_graph
 from vqexport.head.spec import read_head
 
-from .conftest import run_cli
+from .conftest import run_cli, sample_text
 from .models import hf_config, save_hf
 
 V, D = 151_936, 896
@@ -67,7 +66,7 @@ PROBES = K // 16
 def two_stage(dense, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real_two_stage")
     text = tmp / "text.txt"
-    text.write_text("".join(p.read_text() for p in sorted(Path(__file__).parent.glob("test_*.py")))[:8000])
+    text.write_text(sample_text(8000))
     converted = run_cli("convert", "--from", dense, "--codebook-size", K, "--head", "two-stage", "--rank", 4, "--steps", 2,
                         "--probes", PROBES, "--distill-text", text, "--out", tmp / "ts", "--json")
     assert converted.exit_code == 0, converted.stderr

@@ -23,10 +23,10 @@ from vqexport.head.module import DenseHead, head_logits, head_module
 from vqexport.head.spec import (CONFIG_FILE, WEIGHTS_FILE, make_head, read_artifact_head, read_head, read_head_config,
                                  write_artifact_head, write_head)
 
-from .conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, run_cli, sample_text
 from .models import make_model, random_head
 
-TEXT = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("test_*.py")))
+TEXT = sample_text()
 
 
 def _two_stage(vocab=300, hidden=32, k=20, probes=4, bias=True, rank=0, seed=0, route=False):
