@@ -43,7 +43,10 @@ def _dense_model(path, arch, **extra):
     return path
 
 
-def _oracle(tmp_path, model_dir):
+def _oracle(tmp_path, model_dir, reference=None):
+    """The ort artifact of ``model_dir`` gives transformers' logits of ``reference`` (default: the same directory),
+    prefill with a left-padded row and one decode step."""
+    reference = reference or model_dir
     result = api.build("ort", model=model_dir, out=tmp_path / "art", steps=4)
     assert result.parity.passed
     rng = np.random.default_rng(0)
@@ -52,11 +55,11 @@ def _oracle(tmp_path, model_dir):
     mask[1, :4] = 0  # a left-padded row
     nxt = rng.integers(0, 101, size=(2, 1))
     prefill, decode = artifact_logits(result.out, ids, mask, nxt)
-    ref = transformers_logits(model_dir, ids, mask)
+    ref = transformers_logits(reference, ids, mask)
     keep = mask.astype(bool)
     np.testing.assert_allclose(prefill[keep], ref[keep], atol=1e-4, rtol=0)
     full_mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-    ref_next = transformers_logits(model_dir, np.concatenate([ids, nxt], 1), full_mask)[:, -1]
+    ref_next = transformers_logits(reference, np.concatenate([ids, nxt], 1), full_mask)[:, -1]
     np.testing.assert_allclose(decode, ref_next, atol=1e-4, rtol=0)
     return result, ref
 
@@ -146,13 +149,6 @@ def test_soft_capped_logits_are_the_models_own(tmp_path):
     assert np.abs(uncapped - ref).max() > 0.02  # the cap matters at these logits
 
 
-def test_soft_capped_gemma4_builds(tmp_path):
-    """Gemma 4's released checkpoints soft-cap their logits and give their layers caches of different shapes."""
-    model_dir = _gemma4(tmp_path / "model", final_logit_softcapping=SOFTCAP)
-    result, _ = _oracle(tmp_path, model_dir)
-    assert result.manifest["config"]["logit_softcap"] == SOFTCAP and len(result.manifest["config"]["kv_shapes"]) == 4
-
-
 def test_a_soft_capped_model_has_no_top_k_form(tmp_path):
     """The top-k form's cluster log-probabilities need logits that are cluster score + token terms: one line."""
     model_dir = _dense_model(tmp_path / "model", "gemma2", final_logit_softcapping=SOFTCAP, sliding_window=4)
@@ -226,18 +222,18 @@ def _gemma4(path, layers=6, shared=2, **extra):
 
 
 def test_layers_with_their_own_cache_shapes_and_shared_caches_build(tmp_path):
-    """Gemma 4: one past/present pair per layer that keeps a cache, each of its layer's shape; the artifact gives
-    transformers' logits (prefill and decode), onnxruntime-genai runs the directory unchanged, and its greedy tokens
-    are the PyTorch reference's."""
+    """Gemma 4, soft-capped as its released checkpoints are: one past/present pair per layer that keeps a cache, each
+    of its layer's shape; the artifact gives transformers' logits (prefill and decode), onnxruntime-genai runs the
+    directory unchanged, and its greedy tokens are the PyTorch reference's."""
     import onnx
 
     from vqexport.backends.torch_ref import TorchRunner
     from vqexport.source import load_source
 
-    model_dir = _gemma4(tmp_path / "model")
+    model_dir = _gemma4(tmp_path / "model", final_logit_softcapping=SOFTCAP)
     result, _ = _oracle(tmp_path, model_dir)
     shapes = [[2, 8], [1, 16], [2, 8], [1, 16]]  # layers 4 and 5 share the caches of layers 2 and 3
-    assert result.manifest["config"]["kv_shapes"] == shapes
+    assert result.manifest["config"]["kv_shapes"] == shapes and result.manifest["config"]["logit_softcap"] == SOFTCAP
     graph = onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph
 
     def dims(v):
@@ -351,26 +347,6 @@ def test_a_cache_other_than_the_config_implies_is_refused():
             check_cache(bad, geo, src)
 
 
-def test_gemma3n_builds(tmp_path):
-    """Gemma 3n (the text model of E2B / E4B): per-layer embeddings, AltUp streams, LAuReL, caches shared by its last
-    layers, soft-capped logits, and activation sparsity, whose cutoff takes the normal quantile of the sparsity
-    through erfinv (no ONNX op: vqexport's translation, folded to a constant)."""
-    import onnx
-    import transformers as tf
-
-    config = tf.Gemma3nTextConfig(**GEMMA4, num_hidden_layers=6, num_kv_shared_layers=2,
-                                  layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
-                                  laurel_rank=4, altup_num_inputs=4, final_logit_softcapping=SOFTCAP,
-                                  activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0])
-    model_dir = tmp_path / "model"
-    save_hf(model_dir, config)
-    write_head(model_dir, identity_head(model_dir))
-    result, _ = _oracle(tmp_path, model_dir)
-    assert len(result.manifest["config"]["kv_shapes"]) == 4 and result.manifest["config"]["logit_softcap"] == SOFTCAP
-    ops = {n.op_type for n in onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph.node}
-    assert "Log" not in ops  # erfinv of the constant sparsity was folded away
-
-
 def _as_multimodal(text_dir, out, composite_config, prefix, towers):
     """The text model in ``text_dir`` as a multimodal checkpoint would hold it: ``composite_config`` (its text config
     inside), the language model's weights under ``prefix`` and the ``towers``' weights beside them."""
@@ -387,36 +363,39 @@ def _as_multimodal(text_dir, out, composite_config, prefix, towers):
     return out
 
 
-def test_a_multimodal_gemma3n_checkpoint_builds_from_its_language_model_alone(tmp_path):
-    """Released Gemma 3n checkpoints are multimodal (model type gemma3n): the language model under
-    model.language_model., a vision tower transformers builds with timm (not installed here), an audio tower. The
-    language model is loaded alone, its weights found by name; the towers' weights are left out."""
+def test_gemma3n_builds_from_a_multimodal_checkpoints_language_model(tmp_path):
+    """Gemma 3n (the text model of E2B / E4B): per-layer embeddings, AltUp streams, LAuReL, caches shared by its last
+    layers, soft-capped logits, and activation sparsity, whose cutoff takes the normal quantile of the sparsity
+    through erfinv (no ONNX op: vqexport's translation, folded to a constant). Released checkpoints are multimodal
+    (model type gemma3n): the language model under model.language_model., a vision tower transformers builds with
+    timm (not installed here), an audio tower. The language model is loaded alone, its weights found by name, the
+    towers' weights left out: the artifact gives the text model's logits."""
+    import onnx
     import transformers as tf
 
     from vqexport.source import load_source
     from vqexport.trunk.hf import load_causal_lm
 
-    text = tf.Gemma3nTextConfig(**GEMMA4, num_hidden_layers=4, num_kv_shared_layers=2, laurel_rank=4,
-                                layer_types=["sliding_attention", "full_attention"] * 2,
-                                activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0])
+    text = tf.Gemma3nTextConfig(**GEMMA4, num_hidden_layers=6, num_kv_shared_layers=2,
+                                layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                                laurel_rank=4, altup_num_inputs=4, final_logit_softcapping=SOFTCAP,
+                                activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0])
     text_dir = tmp_path / "text"
     save_hf(text_dir, text)
     write_head(text_dir, identity_head(text_dir))
+    assert type(load_causal_lm(load_source(text_dir))).__name__ == "Gemma3nForCausalLM"
     composite = tf.Gemma3nConfig(text_config=text.to_dict())
     towers = {"model.vision_tower.timm_model.conv_stem.conv.weight": (8, 3, 3, 3),
               "model.audio_tower.subsample_conv_projection.conv_0.conv.weight": (8, 1, 3, 3),
               "model.embed_vision.embedding.weight": (16, 32)}
     model_dir = _as_multimodal(text_dir, tmp_path / "mm", composite, "model.language_model.", towers)
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == "gemma3n"
+    assert type(load_causal_lm(load_source(model_dir))).__name__ == "Gemma3nForCausalLM"
 
-    model = load_causal_lm(load_source(model_dir))
-    assert type(model).__name__ == "Gemma3nForCausalLM"
-    result = api.build("ort", model=model_dir, out=tmp_path / "art", steps=4)
-    assert result.parity.passed
-    ids = np.arange(3, 12).reshape(1, -1)
-    mask = np.ones_like(ids)
-    prefill, _ = artifact_logits(result.out, ids, mask, np.array([[5]]))
-    np.testing.assert_allclose(prefill[0], transformers_logits(text_dir, ids, mask)[0], atol=1e-4, rtol=0)
+    result, _ = _oracle(tmp_path, model_dir, reference=text_dir)
+    assert len(result.manifest["config"]["kv_shapes"]) == 4 and result.manifest["config"]["logit_softcap"] == SOFTCAP
+    ops = {n.op_type for n in onnx.load(str(result.out / "model.onnx"), load_external_data=False).graph.node}
+    assert "Log" not in ops  # erfinv of the constant sparsity was folded away
 
 
 def test_a_multimodal_gemma3_checkpoint_loads_its_language_model_alone(tmp_path, small_tokenizer):
