@@ -131,16 +131,14 @@ def _two_stage_rows(g) -> list[dict]:
         t_rows = {**t, "rows": rows}  # the kernel reads the table as the model stores it
         for n in (1, 8, 128):
             h = torch.randn(n, D, generator=g).cuda()
+            head = (h, t["codebook_t"], t["mapping"], t["bias"], t["members"], rows)  # what both forms take first
             for probes in (K2 // 32, K2 // 16):
                 buf = torch.empty((n, V), device="cuda")
-                kernel = lambda: two_stage_logits(h, t["codebook_t"], t["mapping"], t["bias"], t["members"], rows,  # noqa: E731
-                                                  probes, route_bias=t["route_bias"], out=buf)
-                ops = lambda: two_stage_reference(h, t["codebook_t"], t["mapping"], t["bias"], t["members"], rows,  # noqa: E731
-                                                  probes, route_bias=t["route_bias"])
+                kernel = lambda: two_stage_logits(*head, probes, route_bias=t["route_bias"], out=buf)  # noqa: E731
+                ops = lambda: two_stage_reference(*head, probes, route_bias=t["route_bias"])  # noqa: E731
                 dense = lambda: h.to(dtype) @ rows.t()  # noqa: E731
                 top = route_top(h, t, probes)
-                given = two_stage_logits(h, t["codebook_t"], t["mapping"], t["bias"], t["members"], rows, probes,
-                                         route_bias=t["route_bias"], top=top)
+                given = two_stage_logits(*head, probes, route_bias=t["route_bias"], top=top)
                 kernel()
                 torch.cuda.synchronize()
                 out.append({
