@@ -59,7 +59,7 @@ def test_verify_reruns_parity_on_it(pipeline):
     assert json.loads(r.stdout)["passed"] is True
 
 
-K2 = V // 64  # two-stage: clusters of 64 (half the plain head's clustering work; V and d are what is at stake here)
+K2 = V // 64  # two-stage: clusters of 64, half the k-means work of V/32 (V and d are what is at stake here)
 PROBES = K2 // 16
 
 
