@@ -200,13 +200,13 @@ def _rows_from_codes(model, vocab: int) -> np.ndarray | None:
     codes = _initializer(model, "head.rows_q")  # [K, d, cap] codes, each cluster's rows transposed
     if codes is not None:  # its scales and member ids, [K, cap] each (the int4 form has other scales: not copied)
         scale, ids = _initializer(model, "head.rows_scale"), _initializer(model, "head.members")
-    if codes is not None and scale is not None and ids is not None:
-        K, d, cap = codes.shape
-        rows = np.empty((vocab, d), np.float32)
-        for k in range(0, K, 1024):  # padding repeats a member of its cluster: the same row written twice
-            block = codes[k : k + 1024].transpose(0, 2, 1).astype(np.float32) * scale[k : k + 1024, :, None]
-            rows[ids[k : k + 1024].reshape(-1)] = block.reshape(-1, d)
-        return rows
+        if scale is not None and ids is not None:
+            K, d, cap = codes.shape
+            rows = np.empty((vocab, d), np.float32)
+            for k in range(0, K, 1024):  # padding repeats a member of its cluster: the same row written twice
+                block = codes[k : k + 1024].transpose(0, 2, 1).astype(np.float32) * scale[k : k + 1024, :, None]
+                rows[ids[k : k + 1024].reshape(-1)] = block.reshape(-1, d)
+            return rows
     lookup = next((n for n in model.graph if n.name == EXACT_ROWS and n.op_type == "GatherBlockQuantized"), None)
     return None if lookup is None else dequantized_rows(lookup)
 
